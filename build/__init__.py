@@ -1,0 +1,1 @@
+"""`cmg_build`: exported ONNX graphs -> Triton model repository (cpu, onnxruntime, tensorrt targets)."""
