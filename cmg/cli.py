@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+OWN_PACKAGES = {"cmg", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench"}
+
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("cmg.synth", "synthetic factory data: `cmg data synth --out DIR`"),
@@ -37,8 +39,12 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             continue
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a part not installed on this host (e.g. torch)
-            p.set_defaults(_missing=str(exc))
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] in OWN_PACKAGES:
+                raise
+            # A dependency not installed on this host (e.g. torch on a client machine).
+            p.set_defaults(_missing=f"{exc}; this verb needs it installed")
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             continue
         module.add_arguments(p)
     return parser

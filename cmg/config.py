@@ -72,6 +72,7 @@ class CMLEConfig:
     lam: float = 1.0              # weight of the CMLE term
     embed_dim: int = 64           # D, the global embedding z
     patch_dim: int = 64           # per-patch feature size
+    patch_layer: int = -1         # teacher block whose patch tokens feed the local score (-1: last)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -82,6 +83,7 @@ class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
     coreset: int = 2000           # M, rows of the patch memory bank after greedy coreset
     fpr: float = 0.05             # threshold: this false-positive rate on held-out normals
+    fusion: str = "mean"          # image score from normalised global and local scores: mean | max
 
 
 @dataclass

@@ -58,7 +58,7 @@ class TensorSpec:
         want = ((-1,) if batched else ()) + self.dims
         if array.dtype != self.np_dtype:
             raise ValueError(f"{self.name}: dtype {array.dtype}, expected {self.np_dtype} ({self.dtype})")
-        if array.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want, array.shape)):
+        if array.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want, array.shape, strict=True)):
             shown = ["batch" if w == -1 else str(w) for w in want]
             raise ValueError(f"{self.name}: shape {list(array.shape)}, expected [{', '.join(shown)}]")
 

@@ -1,0 +1,268 @@
+"""The one config.pbtxt generator (all targets, all models) and its validation.
+
+Configs are built as Triton's own `ModelConfig` protobuf (shipped with tritonclient)
+and written with protobuf's text format, then validated by parsing the written file
+back and checking every tensor against the contract and the ONNX graph's own
+inputs/outputs (names, dtypes, dims), so a config Triton would reject or that
+disagrees with the graph fails the build, not the server start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cmg.contract import CMLE_ENCODER, ONNX_ELEM_TYPES, THRESHOLD, Contract, ModelSpec, TensorSpec
+from cmg.errors import CMGError
+
+TARGETS = ("cpu", "onnxruntime", "tensorrt")
+PB_DTYPES = {"UINT8": mc.TYPE_UINT8, "FP32": mc.TYPE_FP32, "BOOL": mc.TYPE_BOOL}
+THRESHOLD_MODEL = "cmg_threshold"  # GPU targets only: fills in THRESHOLD where a request omits it
+FILLED = "THRESHOLD_FILLED"  # its output: THRESHOLD per batch item
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Batching and instance settings (export.json "serving", overridable on the command line)."""
+
+    max_batch: int = 32
+    opt_batch: int = 8
+    queue_delay_us: int = 500
+    instances: int = 1
+    workspace_mb: int = 1024
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Serving:
+        d = d or {}
+        known = {k: int(d[k]) for k in cls.__dataclass_fields__ if k in d}
+        s = cls(**known)
+        if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch or s.instances < 1:
+            raise CMGError(f"serving settings {s}: need max_batch >= 1, 1 <= opt_batch <= max_batch, instances >= 1")
+        return s
+
+
+def _tensor(msg_type, spec: TensorSpec, optional: bool):
+    t = msg_type(name=spec.name, data_type=PB_DTYPES[spec.dtype], dims=list(spec.dims))
+    if optional and msg_type is mc.ModelInput:
+        t.optional = True
+    return t
+
+
+def threshold_optional_in(target: str) -> bool:
+    """Whether the encoder model itself takes THRESHOLD as an optional input.
+
+    cpu: yes (the Python backend feeds it only when sent; the graph default applies
+    otherwise). onnxruntime: Triton's ORT backend refuses optional inputs on batching
+    models; tensorrt: an engine has no input defaults. For those two THRESHOLD is a
+    required encoder input and the `cmg_threshold` step of the ensembles fills in the
+    calibrated default, keeping THRESHOLD optional for clients on every target.
+    """
+    return target == "cpu"
+
+
+def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cpu",
+                 threshold: float | None = None, cpu_threads: int = 0) -> mc.ModelConfig:
+    """ModelConfig for one contract model (ONNX-backed or ensemble) on `target`."""
+    if target not in TARGETS:
+        raise CMGError(f"unknown target {target!r}: expected one of {', '.join(TARGETS)}")
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=serving.max_batch)
+    optional_thr = threshold_optional_in(target)
+    if spec.is_ensemble:
+        cfg.platform = "ensemble"
+        cfg.input.extend(_tensor(mc.ModelInput, t, t.optional) for t in spec.inputs)
+        cfg.output.extend(_tensor(mc.ModelOutput, t, False) for t in spec.outputs)
+        _ensemble_steps(cfg, spec, optional_thr)
+        return cfg
+    for t in spec.inputs:
+        cfg.input.append(_tensor(mc.ModelInput, t, t.optional and optional_thr))
+    cfg.output.extend(_tensor(mc.ModelOutput, t, False) for t in spec.outputs)
+    cfg.dynamic_batching.max_queue_delay_microseconds = serving.queue_delay_us
+    if serving.opt_batch > 1:
+        cfg.dynamic_batching.preferred_batch_size.append(serving.opt_batch)
+    gpu = target == "tensorrt" or (target == "onnxruntime" and kind == "gpu")
+    cfg.instance_group.append(mc.ModelInstanceGroup(
+        count=serving.instances, kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU))
+    if target == "cpu":
+        cfg.backend = "python"
+        cfg.parameters["onnx_file"].string_value = "model.onnx"
+        cfg.parameters["intra_op_threads"].string_value = str(cpu_threads)
+    elif target == "onnxruntime":
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = "model.onnx"
+    else:
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
+        cfg.optimization.cuda.graphs = True
+    return cfg
+
+
+def threshold_model_config(contract: Contract, serving: Serving, threshold: float) -> mc.ModelConfig:
+    """Python-backend step for GPU targets: THRESHOLD as sent, or the calibrated default per item.
+
+    Takes PATCH_SCORES (G x G floats, already produced by the first step) only to learn
+    the batch size, so the host round trip is tiny and the frame never leaves the GPU.
+    """
+    thr = contract.threshold()
+    cfg = mc.ModelConfig(name=THRESHOLD_MODEL, backend="python", max_batch_size=serving.max_batch)
+    cfg.input.append(_tensor(mc.ModelInput, contract.patch_scores(), False))
+    cfg.input.append(_tensor(mc.ModelInput, thr, True))
+    cfg.output.append(mc.ModelOutput(name=FILLED, data_type=PB_DTYPES[thr.dtype], dims=list(thr.dims)))
+    cfg.dynamic_batching.max_queue_delay_microseconds = serving.queue_delay_us
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    cfg.parameters["onnx_file"].string_value = "model.onnx"
+    cfg.parameters["intra_op_threads"].string_value = "1"
+    cfg.parameters["default_threshold"].string_value = repr(float(threshold))
+    return cfg
+
+
+def threshold_graph(contract: Contract, threshold: float):
+    """THRESHOLD_FILLED [B,1] = THRESHOLD if fed, else the calibrated default, batch from PATCH_SCORES.
+
+    Run by the generic model.py (Python backend), which feeds THRESHOLD only when sent.
+    """
+    from onnx import helper
+
+    thr = contract.threshold()
+    nodes = [
+        helper.make_node("Shape", ["PATCH_SCORES"], ["t_shape"], start=0, end=1),
+        helper.make_node("Concat", ["t_shape", "t_one"], ["t_out_shape"], axis=0),
+        helper.make_node("Expand", [THRESHOLD, "t_out_shape"], [FILLED]),
+    ]
+    inputs = [helper.make_tensor_value_info("PATCH_SCORES", ONNX_ELEM_TYPES["FP32"], ["batch", *contract.patch_scores().dims]),
+              helper.make_tensor_value_info(THRESHOLD, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
+    outputs = [helper.make_tensor_value_info(FILLED, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
+    inits = [helper.make_tensor("t_one", 7, [1], [1]),
+             helper.make_tensor(THRESHOLD, ONNX_ELEM_TYPES["FP32"], [1, 1], [float(threshold)])]
+    graph = helper.make_graph(nodes, THRESHOLD_MODEL, inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec, optional_thr: bool) -> None:
+    """first step -> (threshold filler on GPU targets) -> encoder; every tensor keeps its contract name."""
+    first, encoder = spec.steps
+    out_names = {t.name for t in spec.outputs}
+    step = cfg.ensemble_scheduling.step.add(model_name=first, model_version=-1)
+    step.input_map["IMAGE"] = "IMAGE"
+    step.output_map["PATCH_SCORES"] = "PATCH_SCORES"
+    thr_source = THRESHOLD
+    if not optional_thr:
+        fill = cfg.ensemble_scheduling.step.add(model_name=THRESHOLD_MODEL, model_version=-1)
+        fill.input_map["PATCH_SCORES"] = "PATCH_SCORES"
+        fill.input_map[THRESHOLD] = THRESHOLD
+        fill.output_map[FILLED] = FILLED
+        thr_source = FILLED
+    enc = cfg.ensemble_scheduling.step.add(model_name=encoder, model_version=-1)
+    enc.input_map["IMAGE"] = "IMAGE"
+    enc.input_map["PATCH_SCORES"] = "PATCH_SCORES"
+    enc.input_map[THRESHOLD] = thr_source
+    # Ensemble outputs produced by the encoder; PATCH_SCORES already comes from step 1.
+    for name in ("ANOMALY_SCORE", "IS_ANOMALY", "ANOMALY_MAP", "KEEP_MASK"):
+        if name in out_names:
+            enc.output_map[name] = name
+
+
+def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.pbtxt"
+    path.write_text(text_format.MessageToString(cfg))
+    return path
+
+
+def parse_config(path: Path) -> mc.ModelConfig:
+    """Parse config.pbtxt into Triton's ModelConfig; CMGError naming the file on any error."""
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except (text_format.ParseError, OSError) as exc:
+        raise CMGError(f"{path}: not a valid Triton ModelConfig: {exc}") from exc
+
+
+def onnx_io(onnx_path: Path) -> dict[str, dict[str, tuple[int, tuple]]]:
+    """{'inputs'|'outputs': {name: (elem_type, dims without batch)}} from the graph itself.
+
+    Inputs that also have an initializer (overridable defaults) count as inputs.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+
+    def dims(vi) -> tuple:
+        shape = vi.type.tensor_type.shape.dim
+        return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in shape)
+
+    return {
+        "inputs": {i.name: (i.type.tensor_type.elem_type, dims(i)) for i in model.graph.input},
+        "outputs": {o.name: (o.type.tensor_type.elem_type, dims(o)) for o in model.graph.output},
+    }
+
+
+def validate_config(path: Path, spec: ModelSpec, onnx_path: Path | None = None,
+                    extra_inputs: tuple[str, ...] = ()) -> mc.ModelConfig:
+    """Parse `path` and check it against the contract `spec` and (if given) the ONNX graph.
+
+    Raises CMGError naming the file and the tensor on the first mismatch.
+    """
+    cfg = parse_config(path)
+    where = f"{path}"
+    if cfg.name != spec.name:
+        raise CMGError(f"{where}: name {cfg.name!r}, expected {spec.name!r}")
+    if cfg.max_batch_size <= 0:
+        raise CMGError(f"{where}: max_batch_size must be > 0 (all models batch on dim 0)")
+    by_dtype = {v: k for k, v in PB_DTYPES.items()}
+    for kind, got, want in (("input", cfg.input, spec.inputs), ("output", cfg.output, spec.outputs)):
+        got_names = [t.name for t in got]
+        want_names = [t.name for t in want]
+        if sorted(got_names) != sorted(want_names):
+            raise CMGError(f"{where}: {kind}s {got_names}, contract says {want_names}")
+        for t in got:
+            c = next(w for w in want if w.name == t.name)
+            if by_dtype.get(t.data_type) != c.dtype:
+                raise CMGError(f"{where}: {kind} '{t.name}' dtype {mc.DataType.Name(t.data_type)}, contract says TYPE_{c.dtype}")
+            if tuple(t.dims) != c.dims:
+                raise CMGError(f"{where}: {kind} '{t.name}' dims {list(t.dims)}, contract says {list(c.dims)}")
+            if kind == "input" and t.optional and not c.optional:
+                raise CMGError(f"{where}: input '{t.name}' marked optional but the contract requires it")
+    if spec.is_ensemble:
+        if cfg.platform != "ensemble" or not cfg.ensemble_scheduling.step:
+            raise CMGError(f"{where}: ensemble {spec.name} has no ensemble_scheduling steps")
+        models = [s.model_name for s in cfg.ensemble_scheduling.step]
+        if models[0] != spec.steps[0] or models[-1] != spec.steps[-1]:
+            raise CMGError(f"{where}: steps {models}, contract says {list(spec.steps)}")
+        return cfg
+    if not cfg.dynamic_batching.ByteSize() and not cfg.HasField("dynamic_batching"):
+        raise CMGError(f"{where}: dynamic_batching missing")
+    if onnx_path is not None:
+        _check_against_onnx(where, cfg, onnx_path)
+    return cfg
+
+
+def _check_against_onnx(where: str, cfg: mc.ModelConfig, onnx_path: Path) -> None:
+    """Config tensors must be graph tensors with the same dtype and dims ([batch, *dims])."""
+    io = onnx_io(onnx_path)
+    onnx_of = {"UINT8": ONNX_ELEM_TYPES["UINT8"], "FP32": ONNX_ELEM_TYPES["FP32"], "BOOL": ONNX_ELEM_TYPES["BOOL"]}
+    by_dtype = {v: k for k, v in PB_DTYPES.items()}
+    for kind, tensors, graph in (("input", cfg.input, io["inputs"]), ("output", cfg.output, io["outputs"])):
+        for t in tensors:
+            if t.name not in graph:
+                raise CMGError(f"{where}: {kind} '{t.name}' is not a {kind} of {onnx_path.name} "
+                               f"(graph {kind}s: {sorted(graph)})")
+            elem, dims = graph[t.name]
+            if elem != onnx_of[by_dtype[t.data_type]]:
+                raise CMGError(f"{where}: {kind} '{t.name}' is TYPE_{by_dtype[t.data_type]} in the config "
+                               f"but ONNX elem_type {elem} in {onnx_path.name}")
+            if tuple(dims[1:]) != tuple(t.dims) or isinstance(dims[0], int) and dims[0] > 0 and len(dims) > 0:
+                raise CMGError(f"{where}: {kind} '{t.name}' dims [batch, {', '.join(map(str, t.dims))}] in the "
+                               f"config, {list(dims)} in {onnx_path.name} (only the batch dim may be dynamic)")
+        missing = [n for n in graph if n not in {t.name for t in tensors}]
+        if kind == "output" and missing:
+            continue  # extra graph outputs are fine (Triton returns only configured ones)
+        if missing:
+            raise CMGError(f"{where}: graph {kind}s {missing} of {onnx_path.name} are missing from the config")
+
+
+def check_encoder_threshold(spec: ModelSpec) -> None:
+    """The contract keeps THRESHOLD on the encoder; fail early if a contract change dropped it."""
+    if spec.name == CMLE_ENCODER and THRESHOLD not in {t.name for t in spec.inputs}:
+        raise CMGError(f"contract: {CMLE_ENCODER} has no {THRESHOLD} input")

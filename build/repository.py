@@ -1,0 +1,242 @@
+"""`cmg build`: an export folder (RUN/onnx) -> Triton model repository for one target.
+
+Layout written (cpu target):
+  REPO/<model>/config.pbtxt, REPO/<model>/<version>/{model.py, model.onnx}  (cmer_scorer, cmle_encoder, cmer_teacher)
+  REPO/cmg/config.pbtxt, REPO/cmg_exact/config.pbtxt                        (ensembles)
+  REPO/build_report.json
+onnxruntime: model.onnx per model (platform onnxruntime_onnx); tensorrt: model.plan
+(+ the ONNX it came from), REPO/trtexec.sh. Both GPU targets add `cmg_threshold`
+(see build/config.py: threshold_optional_in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
+from cmg.errors import CMGError
+from cmg_build import config as cfgmod
+from cmg_build import opcheck
+
+MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / "model.py"
+DEFAULT_OUT = Path("model_repository")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_export(run: Path) -> tuple[Path, dict]:
+    """RUN/onnx (or RUN itself) with a readable export.json; one-line CMGError otherwise."""
+    run = Path(run)
+    if not run.exists():
+        raise CMGError(f"run folder {run} does not exist")
+    onnx_dir = run / "onnx" if (run / "onnx").is_dir() else run
+    meta_path = onnx_dir / "export.json"
+    if not meta_path.is_file():
+        raise CMGError(f"{meta_path} not found: run `cmg export --run {run}` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        Contract.from_dict(meta["contract"])
+        float(meta["threshold"])
+        models = meta["models"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CMGError(f"{meta_path}: malformed export metadata ({type(exc).__name__}: {exc})") from exc
+    for name in ONNX_MODELS:
+        if name not in models:
+            raise CMGError(f"{meta_path}: model {name!r} missing from 'models'")
+        path = onnx_dir / models[name]["file"]
+        if not path.is_file():
+            raise CMGError(f"{path} not found (listed in {meta_path})")
+        want = models[name].get("sha256")
+        if want and sha256(path) != want:
+            raise CMGError(f"{path}: sha256 differs from {meta_path} (re-run `cmg export`)")
+    return onnx_dir, meta
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {"python": sys.version.split()[0]}
+    for mod in ("onnx", "onnxruntime", "tritonclient", "tensorrt", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            out[mod] = version(mod)
+        except Exception:  # noqa: BLE001 - not installed
+            continue
+    return out
+
+
+def strip_threshold_initializer(src: Path, dst: Path) -> None:
+    """Encoder for GPU targets: THRESHOLD becomes a plain required input (no initializer).
+
+    TensorRT would otherwise fold the initializer into a constant and drop the input;
+    the ensembles' `cmg_threshold` step supplies the default instead.
+    """
+    import onnx
+
+    model = onnx.load(str(src))
+    kept = [t for t in model.graph.initializer if t.name != THRESHOLD]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
+          opt_batch: int | None = None, instances: int | None = None, version: int = 1,
+          cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False) -> dict:
+    """Write the repository; returns the build report. Raises CMGError (after writing
+    configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines."""
+    if target not in cfgmod.TARGETS:
+        raise CMGError(f"unknown target {target!r}: expected one of {', '.join(cfgmod.TARGETS)}")
+    if kind not in ("cpu", "gpu"):
+        raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
+    onnx_dir, meta = find_export(run)
+    contract = Contract.from_dict(meta["contract"])
+    threshold = float(meta["threshold"])
+    serving_d = dict(meta.get("serving") or {})
+    for key, val in (("max_batch", max_batch), ("opt_batch", opt_batch), ("instances", instances)):
+        if val is not None:
+            serving_d[key] = val
+    if max_batch is not None and opt_batch is None:
+        serving_d["opt_batch"] = min(int(serving_d.get("opt_batch", 8)), max_batch)
+    serving = cfgmod.Serving.from_dict(serving_d)
+    if target == "cpu" and not MODEL_PY.is_file():
+        raise CMGError(f"{MODEL_PY} not found (the Python-backend model source; is the project checked out?)")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = contract.models
+    report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
+                    "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
+                    "max_batch": serving.max_batch, "opt_batch": serving.opt_batch,
+                    "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
+                    "models": {}, "files": {}, "trtexec": []}
+
+    # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
+    table = opcheck.load_table()
+    op_problems = {m: opcheck.check_file(onnx_dir / meta["models"][m]["file"], table) for m in ONNX_MODELS}
+    report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
+    if target == "tensorrt" and any(op_problems.values()):
+        lines = [p for ps in op_problems.values() for p in ps]
+        raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
+
+    cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
+    engines: list[tuple[str, Path, Path, dict]] = []
+    for name in ONNX_MODELS:
+        spec = specs[name]
+        model_dir = out / name
+        vdir = model_dir / str(version)
+        if vdir.exists():
+            shutil.rmtree(vdir)
+        vdir.mkdir(parents=True)
+        src = onnx_dir / meta["models"][name]["file"]
+        onnx_dst = vdir / "model.onnx"
+        if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
+            strip_threshold_initializer(src, onnx_dst)
+        else:
+            shutil.copyfile(src, onnx_dst)
+        if target == "cpu":
+            shutil.copyfile(MODEL_PY, vdir / "model.py")
+        cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
+        path = cfgmod.write_config(cfg, model_dir)
+        cfgmod.validate_config(path, spec, onnx_dst)
+        if target == "tensorrt":
+            inputs = {t.name: t.dims for t in spec.inputs}
+            plan = vdir / "model.plan"
+            engines.append((name, onnx_dst, plan, inputs))
+            report["trtexec"].append(
+                _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
+                         os.path.relpath(cache, out)))
+        report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
+
+    if not cfgmod.threshold_optional_in(target):
+        tdir = out / cfgmod.THRESHOLD_MODEL
+        vdir = tdir / str(version)
+        if vdir.exists():
+            shutil.rmtree(vdir)
+        vdir.mkdir(parents=True)
+        import onnx
+
+        onnx.save(cfgmod.threshold_graph(contract, threshold), str(vdir / "model.onnx"))
+        if not MODEL_PY.is_file():
+            raise CMGError(f"{MODEL_PY} not found (needed by {cfgmod.THRESHOLD_MODEL})")
+        shutil.copyfile(MODEL_PY, vdir / "model.py")
+        path = cfgmod.write_config(cfgmod.threshold_model_config(contract, serving, threshold), tdir)
+        cfgmod.parse_config(path)
+        report["models"][cfgmod.THRESHOLD_MODEL] = {"config": str(path.relative_to(out)), "platform": "python"}
+
+    for name in ENSEMBLES:
+        cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
+        path = cfgmod.write_config(cfg, out / name)
+        cfgmod.validate_config(path, specs[name])
+        (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
+        report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
+                                  "steps": [s.model_name for s in cfg.ensemble_scheduling.step]}
+
+    missing = None
+    if target == "tensorrt":
+        script = out / "trtexec.sh"
+        script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
+                          "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
+        script.chmod(0o755)
+        from cmg_build import tensorrt as trtmod
+
+        missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
+        if missing is None:
+            from tqdm import tqdm
+
+            report["engines"] = {}
+            for name, onnx_path, plan, inputs in tqdm(engines, desc="TensorRT engines", unit="engine"):
+                report["engines"][name] = trtmod.build_engine(
+                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache)
+        report["engines_missing"] = missing
+
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "build_report.json"
+                       and "__pycache__" not in p.parts):
+        report["files"][str(path.relative_to(out))] = sha256(path)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    if missing is not None:
+        raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {out / 'trtexec.sh'} are written "
+                       "(run it on a host with TensorRT 10 and a GPU)")
+    return report
+
+
+def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str) -> str:
+    from cmg_build.tensorrt import trtexec_command
+
+    return trtexec_command(str(onnx_rel), str(plan_rel), inputs, serving.max_batch, serving.opt_batch,
+                           serving.workspace_mb, cache_rel)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="training run (with onnx/ from `cmg export`)")
+    parser.add_argument("--target", choices=cfgmod.TARGETS, default="cpu")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="repository folder (default model_repository/)")
+    parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="onnxruntime target: instance kind")
+    parser.add_argument("--max-batch", type=int, default=None)
+    parser.add_argument("--opt-batch", type=int, default=None)
+    parser.add_argument("--instances", type=int, default=None, help="instances per model")
+    parser.add_argument("--version", type=int, default=1, help="model version dir to write")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="cpu target: ONNX Runtime threads per instance (0 = cores // instances)")
+    parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
+    parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
+                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines)
+    print(f"built {report['target']} repository {args.out} "
+          f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
+    return 0

@@ -1,0 +1,169 @@
+"""Loader for MVTec-AD style folders, with optional captions and synthetic metadata.
+
+Layout: `train/good/*`, `test/<kind>/*`, `ground_truth/<kind>/<name>_mask.png`, plus
+optional `captions.jsonl` (`{"file", "caption"}`), `meta.jsonl` (part/clutter masks of
+synthetic scenes) and `synth.json`. Any real MVTec category folder loads too: without
+captions every image gets the product prompt, e.g. "a photo of a hex nut".
+
+Images become frames only through `cmg.frames.load_frame`, so training sees exactly what
+the clients send. numpy/PIL only: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cmg.errors import CMGError
+from cmg.frames import load_frame
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split; `label` is 0 for normal (`good`) and 1 for anomalous."""
+
+    path: Path
+    split: str
+    defect: str
+    label: int
+    caption: str
+    mask_path: Path | None
+    meta: dict | None
+
+
+def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, dict]:
+    """Lines keyed by their `file` (relative to `root`); errors name the file and line."""
+    rows: dict[str, dict] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CMGError(f"{path}:{lineno}: malformed line ({exc.msg})") from exc
+            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
+                raise CMGError(f"{path}:{lineno}: malformed line: expected an object with string "
+                               f"keys {', '.join(required)}")
+            rel = Path(row["file"]).as_posix()
+            if not (root / rel).is_file():
+                raise CMGError(f"{path}:{lineno}: file {rel!r} does not exist under {root}")
+            rows[rel] = row
+    return rows
+
+
+def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A binary mask image resized with NEAREST (interpolation must not invent labels)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L")
+            height, width = size
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.NEAREST)
+            return np.asarray(img) > 127
+    except FileNotFoundError:
+        raise CMGError(f"mask not found: {path}") from None
+    except OSError as exc:
+        raise CMGError(f"unreadable mask {path}: {exc}") from exc
+
+
+class MVTecFolder:
+    """One product line's folder: samples per split, frames, and ground-truth masks."""
+
+    def __init__(self, root: str | Path, prompt: str = "a photo of a {category}",
+                 category: str | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {self.root}")
+        if not (self.root / "train" / "good").is_dir():
+            raise CMGError(f"dataset {self.root}: missing folder {self.root / 'train' / 'good'}")
+        if "{category}" not in prompt:
+            raise CMGError(f"prompt template {prompt!r} has no {{category}} placeholder")
+        synth = self.root / "synth.json"
+        self.info: dict | None = None
+        if synth.is_file():
+            try:
+                self.info = json.loads(synth.read_text())
+            except json.JSONDecodeError as exc:
+                raise CMGError(f"{synth}: not valid JSON ({exc.msg})") from exc
+        self.category = category or (self.info or {}).get("category") or self.root.name
+        self.prompt = prompt.format(category=self.category.replace("_", " "))
+        cap_path = self.root / "captions.jsonl"
+        self.captions: dict[str, str] = {}
+        if cap_path.is_file():
+            self.captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, self.root, ("file", "caption")).items()}
+        meta_path = self.root / "meta.jsonl"
+        self.meta: dict[str, dict] = _read_jsonl(meta_path, self.root, ("file",)) if meta_path.is_file() else {}
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.captions)
+
+    def _images(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def samples(self, split: str) -> list[Sample]:
+        """`train`: train/good; `test`: every test/<kind> folder (sorted, so order is stable)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        base = self.root / split
+        if split == "train":
+            folders = [base / "good"]
+        else:
+            if not base.is_dir():
+                raise CMGError(f"dataset {self.root}: missing folder {base}")
+            folders = sorted(p for p in base.iterdir() if p.is_dir())
+        out: list[Sample] = []
+        for folder in folders:
+            kind = folder.name
+            for path in self._images(folder):
+                rel = path.relative_to(self.root).as_posix()
+                meta = self.meta.get(rel)
+                mask = None
+                if kind != "good":
+                    gt = self.root / "ground_truth" / kind / f"{path.stem}_mask.png"
+                    if meta and meta.get("gt_mask"):
+                        gt = self.root / meta["gt_mask"]
+                    mask = gt if gt.is_file() else None
+                out.append(Sample(path=path, split=split, defect=kind, label=int(kind != "good"),
+                                  caption=self.captions.get(rel, self.prompt), mask_path=mask, meta=meta))
+        if not out:
+            raise CMGError(f"dataset {self.root}: split {split!r} has no images "
+                           f"(looked in {', '.join(str(f) for f in folders) or base})")
+        return out
+
+    def frames(self, samples: list[Sample], size: tuple[int, int], progress: bool = False) -> np.ndarray:
+        """uint8 [N, H, W, 3] frames; `size` is (height, width)."""
+        from tqdm import tqdm
+
+        height, width = size
+        out = np.empty((len(samples), height, width, 3), np.uint8)
+        for i, s in enumerate(tqdm(samples, desc="frames", unit="img", disable=not progress)):
+            out[i] = load_frame(s.path, size)
+        return out
+
+    def gt_mask(self, sample: Sample, size: tuple[int, int]) -> np.ndarray:
+        """bool [H, W] anomaly ground truth; all False for normal images or a missing mask."""
+        if sample.label == 0 or sample.mask_path is None:
+            return np.zeros(size, bool)
+        return _load_mask(sample.mask_path, size)
+
+    def _meta_mask(self, sample: Sample, key: str, size: tuple[int, int]) -> np.ndarray | None:
+        if not sample.meta or not sample.meta.get(key):
+            return None
+        return _load_mask(self.root / sample.meta[key], size)
+
+    def part_mask(self, sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
+        """bool [H, W] product-part pixels (synthetic data only), else None."""
+        return self._meta_mask(sample, "part_mask", size)
+
+    def clutter_mask(self, sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
+        """bool [H, W] irrelevant clutter pixels (synthetic data only), else None."""
+        return self._meta_mask(sample, "clutter_mask", size)

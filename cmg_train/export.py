@@ -1,0 +1,199 @@
+"""`cmg export`: the three ONNX graphs, with everything from UINT8 frame to score inside.
+
+Graphs: cmer_scorer (one-pass CMER), cmle_encoder (mask rule, upsampling, fill, encoder,
+kNN distances to constant memory banks, fusion, threshold), cmer_teacher (the P+1-pass
+occlusion scorer for the exact mode). Batch is the only dynamic dimension. THRESHOLD is
+an input backed by an initializer holding the calibrated value, so ONNX Runtime uses it
+when a request sends none and a line can override it per request without a rebuild.
+Parity against the PyTorch modules is measured here and written to export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from cmg import contract as C
+from cmg.errors import CMGError
+from cmg_train.checkpoint import Run, load_run
+
+OPSET = 17
+PARITY_BATCHES = (1, 7)
+PARITY_TOL = 1e-4
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    # MultiheadAttention's fused inference fast path has no ONNX symbolic.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+                          do_constant_folding=True)
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _declare_shapes(model: onnx.ModelProto, spec: C.ModelSpec) -> None:
+    """Declare every graph input/output as [batch, *contract dims]: the exporter leaves
+    some output dims symbolic, and only the batch may be dynamic (TensorRT, Triton)."""
+    tensors = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        want = tensors[vi.name].dims
+        if len(dims) != len(want) + 1:
+            raise CMGError(f"{spec.name}: {vi.name} has rank {len(dims)}, contract says {len(want) + 1}")
+        dims[0].dim_param = "batch"
+        for d, v in zip(dims[1:], want, strict=True):
+            d.dim_value = v
+
+
+def _add_threshold_default(model: onnx.ModelProto, value: float) -> None:
+    """Make THRESHOLD optional: an initializer of the same name is its default (IR >= 4)."""
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.array([[value]], dtype=np.float32), name=C.THRESHOLD))
+
+
+def _simplify(path: Path, check) -> bool:
+    """Simplify with onnxslim; keep the result only when parity still holds."""
+    try:
+        import onnxslim
+    except ImportError:
+        return False
+    original = path.read_bytes()
+    try:
+        slim = onnxslim.slim(onnx.load(str(path)))
+        onnx.save(slim, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        check()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: keep the unsimplified graph
+        path.write_bytes(original)
+        return False
+
+
+def parity_frames(run: Run, n: int = 7, seed: int = 123) -> np.ndarray:
+    """Frames of the run's product line (normal and defective), from the generator."""
+    from cmg.synth import DEFECTS, render_scene
+
+    rng = np.random.default_rng(seed)
+    kinds = ["good", *DEFECTS]
+    return np.stack([
+        render_scene(rng, run.cfg.data.image_size, run.cfg.data.category, defect=kinds[i % len(kinds)]).image
+        for i in range(n)
+    ])
+
+
+def _ort(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _compare(torch_out, ort_out, names: list[str]) -> dict:
+    report = {}
+    for name, t, o in zip(names, torch_out, ort_out, strict=True):
+        t = t.detach().numpy()
+        if t.dtype in (np.bool_, np.uint8):
+            report[name] = {"mismatches": int((t.astype(np.int64) != o.astype(np.int64)).sum())}
+        else:
+            report[name] = {"max_abs_diff": float(np.abs(t - o).max())}
+    return report
+
+
+def _merge(reports: list[dict]) -> dict:
+    out: dict = {}
+    for rep in reports:
+        for name, vals in rep.items():
+            for k, v in vals.items():
+                out.setdefault(name, {})[k] = max(out.get(name, {}).get(k, 0), v)
+    return out
+
+
+def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
+    run = load_run(run_dir)
+    out = Path(out) if out else run.path / "onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    contract = run.contract
+    frames = parity_frames(run, max(PARITY_BATCHES))
+    ft = torch.from_numpy(frames)
+    scorer, encoder, teacher = run.scorer_graph(), run.detector, run.exact_graph()
+    threshold = float(run.detector.threshold)
+    enc_outputs = [C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.KEEP_MASK, C.EMBEDDING]
+    specs = {
+        C.CMER_SCORER: (scorer, [C.IMAGE], [C.PATCH_SCORES]),
+        C.CMLE_ENCODER: (encoder, [C.IMAGE, C.PATCH_SCORES, C.THRESHOLD], enc_outputs),
+        C.CMER_TEACHER: (teacher, [C.IMAGE], [C.PATCH_SCORES]),
+    }
+
+    def inputs_for(name: str, b: int, with_threshold: bool = False):
+        f = ft[:b]
+        if name != C.CMLE_ENCODER:
+            return (f,), {C.IMAGE: f.numpy()}
+        with torch.no_grad():
+            ps = scorer(f)
+        th = torch.full((b, 1), threshold)
+        feed = {C.IMAGE: f.numpy(), C.PATCH_SCORES: ps.numpy()}
+        if with_threshold:
+            feed[C.THRESHOLD] = th.numpy()
+        return (f, ps, th), feed
+
+    report: dict = {"contract": contract.to_dict(), "threshold": threshold, "opset": OPSET,
+                    "models": {}, "parity": {}, "serving": vars(run.cfg.serving).copy(),
+                    "run": str(run.path)}
+    for name, (module, ins, outs) in specs.items():
+        path = out / f"{name}.onnx"
+        _export(module, inputs_for(name, 2)[0], path, ins, outs)
+        model = onnx.load(str(path))
+        _declare_shapes(model, contract.models[name])
+        if name == C.CMLE_ENCODER:
+            _add_threshold_default(model, threshold)
+        model.producer_name = "cmg-triton"
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+
+        def parity(name=name, module=module, outs=outs, path=path) -> dict:
+            sess = _ort(path)
+            reps = []
+            for b in PARITY_BATCHES:
+                for with_th in ((False, True) if name == C.CMLE_ENCODER else (False,)):
+                    args, feed = inputs_for(name, b, with_th)
+                    with torch.no_grad():
+                        t_out = module(*args)
+                    t_out = t_out if isinstance(t_out, tuple) else (t_out,)
+                    reps.append(_compare(t_out, sess.run(outs, feed), outs))
+            rep = _merge(reps)
+            worst = max((v.get("max_abs_diff", 0.0) for v in rep.values()), default=0.0)
+            if worst > PARITY_TOL:
+                raise CMGError(f"{name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {PARITY_TOL})")
+            return rep
+
+        parity()
+        simplified = _simplify(path, parity)
+        report["parity"][name] = {**parity(), "batches": list(PARITY_BATCHES), "simplified": simplified}
+        report["models"][name] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                  "nodes": len(onnx.load(str(path)).graph.node)}
+    (out / "export.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, type=Path, help="trained run folder (RUN/checkpoint.pt)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/onnx)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = export_run(args.run, args.out)
+    print(json.dumps({"onnx": str(args.out or args.run / "onnx"), "parity": report["parity"]}))
+    return 0

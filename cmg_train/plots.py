@@ -1,0 +1,53 @@
+"""Pictures people look at: ROC curves and test images with keep-masks and anomaly maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+
+def roc_plot(labels: np.ndarray, rows: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, scores in rows.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def mask_grid(frames: np.ndarray, keeps: np.ndarray, maps: np.ndarray, titles: list[str],
+              path: Path, gt: np.ndarray | None = None) -> Path:
+    """One column per image: frame (+ ground truth outline), keep-mask overlay, anomaly map."""
+    n = len(frames)
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
+    vmax = float(np.percentile(maps, 99)) or 1.0
+    h, w = frames.shape[1:3]
+    for i in range(n):
+        axes[0, i].imshow(frames[i])
+        if gt is not None and gt[i].any():
+            axes[0, i].contour(gt[i], levels=[0.5], colors="red", linewidths=0.6)
+        axes[0, i].set_title(titles[i], fontsize=7)
+        axes[1, i].imshow(frames[i])
+        axes[1, i].imshow(keeps[i], cmap="Greens", alpha=0.45, extent=(0, w, h, 0), vmin=0, vmax=1)
+        axes[2, i].imshow(frames[i])
+        axes[2, i].imshow(maps[i], cmap="jet", alpha=0.5, extent=(0, w, h, 0), vmin=0, vmax=vmax)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].text(-0.1, 0.5, "frame", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.1, 0.5, "keep-mask", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[2, 0].text(-0.1, 0.5, "anomaly map", transform=axes[2, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

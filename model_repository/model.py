@@ -1,0 +1,150 @@
+"""Generic Triton Python-backend model: runs the ONNX graph next to it with ONNX Runtime.
+
+`cmg build --target cpu` copies this one file into REPO/<model>/1/model.py for every
+ONNX model (cmer_scorer, cmle_encoder, cmer_teacher). All tensor names, dtypes and
+dims come from the generated config.pbtxt (itself generated from cmg.contract), so
+this file imports nothing from the project and runs in any stub environment that has
+numpy and onnxruntime.
+
+Why a dynamic batch is concatenated and run once: ONNX Runtime's cost per call is
+dominated by fixed overhead for small frames, so one run per batch is what makes
+Triton's dynamic batcher pay off. Requests that omit an optional input (THRESHOLD)
+are run apart from those that send it, so the graph's baked-in default applies to
+exactly the requests that did not override it.
+
+Config parameters (string values):
+  onnx_file         graph file in the version dir (default model.onnx)
+  intra_op_threads  ONNX Runtime threads per instance; 0 = cores // instance count
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _error(message: str, code_name: str = "INVALID_ARG"):
+    """A TritonError with a status code where this backend version supports codes."""
+    code = getattr(pb_utils.TritonError, code_name, None)
+    if code is None:
+        return pb_utils.TritonError(message)
+    return pb_utils.TritonError(message, code)
+
+
+class _Spec:
+    """One config tensor: name, numpy dtype, per-item dims (no batch), optional flag."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.name = cfg["name"]
+        self.triton_dtype = cfg["data_type"].replace("TYPE_", "")
+        self.dtype = np.dtype(pb_utils.triton_string_to_numpy(cfg["data_type"]))
+        self.dims = tuple(int(d) for d in cfg["dims"])
+        self.optional = bool(cfg.get("optional", False))
+
+    def check(self, array: np.ndarray, max_batch: int) -> str | None:
+        """None when `array` fits, else a message naming the tensor."""
+        if array.dtype != self.dtype:
+            return f"input '{self.name}': dtype {array.dtype}, expected {self.triton_dtype}"
+        shape = tuple(array.shape)
+        if len(shape) != len(self.dims) + 1 or any(d != -1 and d != s for d, s in zip(self.dims, shape[1:], strict=True)):
+            want = ", ".join(["batch", *map(str, self.dims)])
+            return f"input '{self.name}': shape {list(shape)}, expected [{want}]"
+        if not 1 <= shape[0] <= max_batch:
+            return f"input '{self.name}': batch {shape[0]}, expected 1..{max_batch}"
+        return None
+
+
+class TritonPythonModel:
+    """Triton calls initialize once per instance, execute per (dynamic) batch, finalize at unload."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        onnx_path = version_dir / (params.get("onnx_file") or "model.onnx")
+        if not onnx_path.is_file():
+            raise pb_utils.TritonModelException(f"{self.name}: ONNX graph {onnx_path} not found")
+        self.max_batch = int(config.get("max_batch_size", 0)) or 1
+        self.inputs = [_Spec(t) for t in config["input"]]
+        self.outputs = [_Spec(t) for t in config["output"]]
+
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        threads = int(params.get("intra_op_threads") or 0)
+        if threads <= 0:
+            threads = max(1, (os.cpu_count() or 1) // instances)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # the THRESHOLD-initializer warning is intended
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_inputs |= {i.name for i in self.session.get_overridable_initializers()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [t.name for t in self.inputs if t.name not in graph_inputs]
+        missing += [t.name for t in self.outputs if t.name not in graph_outputs]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: config tensors {missing} are not in {onnx_path.name}"
+                f" (graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)})"
+            )
+        self.output_names = [t.name for t in self.outputs]
+
+    def _read(self, request) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """The request's inputs as numpy arrays, or an error message naming the bad tensor."""
+        feeds: dict[str, np.ndarray] = {}
+        batch = None
+        for spec in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if tensor is None:
+                if spec.optional:
+                    continue
+                return None, f"input '{spec.name}' is required by {self.name}"
+            array = tensor.as_numpy()
+            problem = spec.check(array, self.max_batch)
+            if problem:
+                return None, f"{self.name}: {problem}"
+            if batch is not None and array.shape[0] != batch:
+                return None, f"{self.name}: input '{spec.name}' has batch {array.shape[0]}, other inputs {batch}"
+            batch = array.shape[0]
+            feeds[spec.name] = array
+        return feeds, None
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        groups: dict[tuple[str, ...], list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            feeds, problem = self._read(request)
+            if problem:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=_error(problem))
+            else:
+                groups.setdefault(tuple(sorted(feeds)), []).append((i, feeds))
+
+        for names, members in groups.items():
+            sizes = [len(next(iter(f.values()))) for _, f in members]
+            batch = {n: np.concatenate([f[n] for _, f in members]) if len(members) > 1 else members[0][1][n]
+                     for n in names}
+            try:
+                results = self.session.run(self.output_names, batch)
+            except Exception as exc:  # noqa: BLE001 - report per request, keep serving
+                err = _error(f"{self.name}: ONNX Runtime failed: {exc}", "INTERNAL")
+                for i, _ in members:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=err)
+                continue
+            offsets = np.cumsum(sizes)[:-1]
+            pieces = [np.split(r, offsets) for r in results]
+            for k, (i, _) in enumerate(members):
+                tensors = [pb_utils.Tensor(spec.name, np.ascontiguousarray(p[k], dtype=spec.dtype))
+                           for spec, p in zip(self.outputs, pieces, strict=True)]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

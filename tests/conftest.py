@@ -1,0 +1,85 @@
+"""Session fixtures: ONE tiny trained run shared by every test that needs models.
+
+Chain: tiny_data (synth) -> tiny_run (train) -> tiny_onnx (export) -> cpu_repo (build) ->
+triton (real tritonserver on free loopback ports). Set CMG_TEST_CACHE=DIR to reuse the
+artifacts across pytest sessions while developing; CI builds them fresh.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    env = os.environ.get("CMG_TEST_CACHE")
+    if env:
+        path = Path(env)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("cmg")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(cache_dir) -> Path:
+    from cmg.synth import synthesize
+
+    out = cache_dir / "data"
+    if not (out / "synth.json").exists():
+        synthesize(out, preset="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cache_dir, tiny_data) -> Path:
+    from cmg.config import load_config, resolve_config
+    from cmg_train.train import train_run
+
+    out = cache_dir / "run"
+    if not (out / "checkpoint.pt").exists():
+        train_run(load_config(resolve_config("tiny")), tiny_data, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run) -> Path:
+    from cmg_train.export import export_run
+
+    out = tiny_run / "onnx"
+    if not (out / "export.json").exists():
+        export_run(tiny_run)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpu_repo(cache_dir, tiny_run, tiny_onnx) -> Path:
+    from cmg_build.repository import build_repository
+
+    out = cache_dir / "repo_cpu"
+    if not (out / "build_report.json").exists():
+        build_repository(tiny_run, "cpu", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def _triton_session(cpu_repo, tmp_path_factory):
+    from cmg.server import TritonServer
+
+    server = TritonServer(cpu_repo, log_file=tmp_path_factory.mktemp("triton") / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def triton(_triton_session):
+    """The shared server, restarted first if an earlier test killed it."""
+    if not _triton_session.is_ready():
+        _triton_session.start()
+    return _triton_session

@@ -1,0 +1,168 @@
+"""`cmg build`: configs for all three targets validated against the contract and the graphs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
+from cmg.errors import CMGError
+from cmg_build import config as cfgmod
+from cmg_build import repository
+from cmg_build.tensorrt import missing_prerequisites
+from cmg_build.toy import write_toy_export
+
+CONTRACT = Contract(32, 32, 4, 8)
+CMG = [sys.executable, "-m", "cmg.cli"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    write_toy_export(run / "onnx", CONTRACT, threshold=0.45)
+    return run
+
+
+def _build(toy_run, tmp_path, target, **kw):
+    return repository.build(toy_run, target, tmp_path / "repo", **kw), tmp_path / "repo"
+
+
+def test_cpu_target_layout_and_report(toy_run, tmp_path):
+    report, repo = _build(toy_run, tmp_path, "cpu", max_batch=8)
+    specs = CONTRACT.models
+    for name in ONNX_MODELS:
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name], repo / name / "1" / "model.onnx")
+        assert cfg.backend == "python" and cfg.max_batch_size == 8
+        assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+        assert (repo / name / "1" / "model.py").read_text() == repository.MODEL_PY.read_text()
+    enc = cfgmod.parse_config(repo / CMLE_ENCODER / "config.pbtxt")
+    assert next(i for i in enc.input if i.name == THRESHOLD).optional
+    for name in ENSEMBLES:
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name])
+        assert cfg.platform == "ensemble" and next(i for i in cfg.input if i.name == THRESHOLD).optional
+    assert not (repo / cfgmod.THRESHOLD_MODEL).exists()
+    on_disk = json.loads((repo / "build_report.json").read_text())
+    assert on_disk["target"] == "cpu" and on_disk["max_batch"] == 8 and on_disk["contract"] == CONTRACT.to_dict()
+    assert on_disk["parity"][CMLE_ENCODER]["batches"] == [1, 7]
+    assert on_disk["versions"]["onnxruntime"] and on_disk["versions"]["tritonclient"]
+    assert on_disk["files"]["cmer_scorer/1/model.onnx"] == repository.sha256(repo / "cmer_scorer/1/model.onnx")
+    assert on_disk["tensorrt_readiness"]["problems"] == {m: [] for m in ONNX_MODELS}
+    assert report["threshold"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_onnxruntime_target(toy_run, tmp_path, kind):
+    _, repo = _build(toy_run, tmp_path, "onnxruntime", kind=kind)
+    want = mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    for name in ONNX_MODELS:
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", CONTRACT.models[name], repo / name / "1/model.onnx")
+        assert cfg.platform == "onnxruntime_onnx" and cfg.instance_group[0].kind == want
+        assert not any(i.optional for i in cfg.input)  # ORT backend refuses optional inputs when batching
+    # The encoder's THRESHOLD is a plain input; the ensemble's cmg_threshold step fills the default.
+    enc = onnx.load(str(repo / CMLE_ENCODER / "1/model.onnx"))
+    assert THRESHOLD not in {t.name for t in enc.graph.initializer}
+    steps = [s.model_name for s in cfgmod.parse_config(repo / "cmg/config.pbtxt").ensemble_scheduling.step]
+    assert steps == ["cmer_scorer", cfgmod.THRESHOLD_MODEL, CMLE_ENCODER]
+    assert cfgmod.parse_config(repo / cfgmod.THRESHOLD_MODEL / "config.pbtxt").backend == "python"
+
+
+def test_threshold_filler_graph(toy_run, tmp_path):
+    _, repo = _build(toy_run, tmp_path, "onnxruntime")
+    sess = ort.InferenceSession(str(repo / cfgmod.THRESHOLD_MODEL / "1/model.onnx"))
+    scores = np.zeros((3, 4, 4), np.float32)
+    (default,) = sess.run(None, {"PATCH_SCORES": scores})
+    assert default.shape == (3, 1) and np.allclose(default, 0.45)
+    sent = np.array([[0.1], [0.2], [0.3]], np.float32)
+    (out,) = sess.run(None, {"PATCH_SCORES": scores, THRESHOLD: sent})
+    assert np.array_equal(out, sent)
+
+
+def test_tensorrt_configs_without_tensorrt(toy_run, tmp_path):
+    if missing_prerequisites() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine-build test covers this host")
+    with pytest.raises(CMGError, match="tensorrt target: .*trtexec.sh"):
+        _build(toy_run, tmp_path, "tensorrt", max_batch=16, opt_batch=4)
+    repo = tmp_path / "repo"
+    for name in ONNX_MODELS:
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", CONTRACT.models[name], repo / name / "1/model.onnx")
+        assert cfg.platform == "tensorrt_plan" and cfg.optimization.cuda.graphs
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    script = (repo / "trtexec.sh").read_text()
+    assert script.count("trtexec --onnx=") == 3 and "--fp16" in script
+    assert "IMAGE:1x32x32x3" in script and "IMAGE:4x32x32x3" in script and "IMAGE:16x32x32x3" in script
+    report = json.loads((repo / "build_report.json").read_text())
+    assert len(report["trtexec"]) == 3 and report["engines_missing"]
+
+
+def test_tensorrt_cli_exits_nonzero_with_message(toy_run, tmp_path):
+    if missing_prerequisites() is None:
+        pytest.skip("TensorRT and a GPU are present")
+    res = subprocess.run([*CMG, "build", "--run", str(toy_run), "--target", "tensorrt", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "cmg build: error: tensorrt target:" in err[0] and "trtexec.sh" in err[0]
+    assert (tmp_path / "r" / "trtexec.sh").is_file()
+
+
+def test_tensorrt_engines_and_parity(toy_run, tmp_path):
+    reason = missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    report, repo = _build(toy_run, tmp_path, "tensorrt", max_batch=8, opt_batch=2)
+    for name in ONNX_MODELS:
+        assert (repo / name / "1" / "model.plan").stat().st_size > 0
+    assert (repo / "trt_timing.cache").stat().st_size > 0
+    from cmg_build.tensorrt import run_engine
+
+    img = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    ref = ort.InferenceSession(str(repo / "cmer_scorer/1/model.onnx")).run(None, {"IMAGE": img})[0]
+    got = run_engine(repo / "cmer_scorer/1/model.plan", {"IMAGE": img})["PATCH_SCORES"]
+    assert np.abs(got - ref).max() < 2e-3  # FP16 engine
+    enc_feeds = {"IMAGE": img, "PATCH_SCORES": ref, THRESHOLD: np.full((3, 1), 0.45, np.float32)}
+    want = ort.InferenceSession(str(repo / "cmle_encoder/1/model.onnx")).run(None, enc_feeds)
+    got = run_engine(repo / "cmle_encoder/1/model.plan", enc_feeds)
+    assert np.abs(got["ANOMALY_SCORE"] - want[0]).max() < 2e-3
+    assert report["engines"][CMLE_ENCODER]["fp16"]
+
+
+def test_config_mismatch_names_the_tensor(toy_run, tmp_path):
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    path = repo / "cmer_scorer" / "config.pbtxt"
+    path.write_text(path.read_text().replace("dims: 32", "dims: 31", 1))
+    with pytest.raises(CMGError, match="input 'IMAGE' dims"):
+        cfgmod.validate_config(path, CONTRACT.models["cmer_scorer"])
+    # Contract right but graph different: a graph built for another frame size.
+    other = tmp_path / "other"
+    write_toy_export(other, Contract(64, 64, 4, 8))
+    good = repo / "cmle_encoder" / "config.pbtxt"
+    with pytest.raises(CMGError, match="'IMAGE' dims .* in cmle_encoder.onnx"):
+        cfgmod.validate_config(good, CONTRACT.models[CMLE_ENCODER], other / "cmle_encoder.onnx")
+    path.write_text("name: 'cmer_scorer' max_batch_size: oops")
+    with pytest.raises(CMGError, match="not a valid Triton ModelConfig"):
+        cfgmod.parse_config(path)
+
+
+@pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash"])
+def test_bad_run_folder_one_line_error(toy_run, tmp_path, case):
+    run = tmp_path / "run"
+    if case == "no_export":
+        (run / "onnx").mkdir(parents=True)
+    elif case == "bad_hash":
+        write_toy_export(run / "onnx", CONTRACT)
+        (run / "onnx" / "cmer_scorer.onnx").write_bytes(b"not onnx")
+    res = subprocess.run([*CMG, "build", "--run", str(run), "--out", str(tmp_path / "repo")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cmg build: error: ")
+    expect = {"no_run": "does not exist", "no_export": "export.json not found", "bad_hash": "sha256 differs"}[case]
+    assert expect in lines[0]

@@ -1,0 +1,168 @@
+"""MVTec-style loader: samples, captions, frames, masks, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmg.dataset import MVTecFolder, Sample
+from cmg.errors import CMGError
+from cmg.frames import FrameError
+from cmg.synth import ANOMALIES, synthesize
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("ds") / "hex", "tiny", seed=1, n_train=8, n_test_good=3,
+                      n_test_per_anomaly=2, progress=False)
+
+
+@pytest.fixture
+def data(source, tmp_path) -> Path:
+    """A private copy each test may break."""
+    return Path(shutil.copytree(source, tmp_path / "hex"))
+
+
+def _captions(root: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    return {r["file"]: r["caption"] for r in rows}
+
+
+def test_samples_labels_captions_and_masks(source):
+    ds = MVTecFolder(source)
+    assert ds.category == "hex_nut" and ds.has_captions
+    caps = _captions(source)
+    train = ds.samples("train")
+    assert [s.path.name for s in train] == [f"{i:03d}.png" for i in range(8)]
+    assert all(s.label == 0 and s.defect == "good" and s.split == "train" and s.mask_path is None for s in train)
+    assert [s.caption for s in train] == [caps[f"train/good/{i:03d}.png"] for i in range(8)]
+    assert all(s.meta and s.meta["attrs"]["category"] == "hex_nut" for s in train)
+    test = ds.samples("test")
+    assert sorted({s.defect for s in test}) == sorted(("good",) + ANOMALIES)
+    assert len(test) == 3 + 2 * len(ANOMALIES)
+    for s in test:
+        assert s.label == int(s.defect != "good")
+        if s.label:
+            assert s.mask_path == source / "ground_truth" / s.defect / f"{s.path.stem}_mask.png"
+        else:
+            assert s.mask_path is None
+    with pytest.raises(ValueError, match="split"):
+        ds.samples("val")
+
+
+def test_frames_are_the_pngs_and_resize_through_frames(source):
+    ds = MVTecFolder(source)
+    samples = ds.samples("test")[:4]
+    frames = ds.frames(samples, (64, 64))
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    for f, s in zip(frames, samples, strict=True):
+        assert (f == np.asarray(Image.open(s.path).convert("RGB"))).all()
+    small = ds.frames(samples, (32, 48), progress=True)
+    assert small.shape == (4, 32, 48, 3)
+    assert ds.frames([], (16, 16)).shape == (0, 16, 16, 3)
+
+
+def test_gt_part_and_clutter_masks(source):
+    ds = MVTecFolder(source)
+    test = ds.samples("test")
+    good = next(s for s in test if s.label == 0)
+    bad = next(s for s in test if s.defect == "hole")
+    assert not ds.gt_mask(good, (64, 64)).any()
+    gt = ds.gt_mask(bad, (64, 64))
+    assert gt.dtype == bool and gt.any()
+    assert (gt == (np.asarray(Image.open(bad.mask_path)) > 127)).all()
+    up = ds.gt_mask(bad, (128, 128))  # NEAREST: every pixel doubles, nothing is invented
+    assert (up == np.kron(gt, np.ones((2, 2), bool))).all()
+    part, clutter = ds.part_mask(bad, (64, 64)), ds.clutter_mask(bad, (64, 64))
+    assert part is not None and clutter is not None
+    assert not (gt & ~part).any() and not (part & clutter).any()
+    assert ds.part_mask(bad, (32, 32)).shape == (32, 32)
+
+
+def test_plain_mvtec_folder_without_captions_or_meta(data, tmp_path):
+    for name in ("captions.jsonl", "meta.jsonl", "synth.json"):
+        (data / name).unlink()
+    plain = Path(shutil.move(str(data), str(tmp_path / "metal_nut")))
+    ds = MVTecFolder(plain)
+    assert ds.category == "metal_nut" and not ds.has_captions
+    s = ds.samples("train")[0]
+    assert s.caption == "a photo of a metal nut" and s.meta is None
+    assert ds.part_mask(s, (64, 64)) is None and ds.clutter_mask(s, (64, 64)) is None
+    assert MVTecFolder(plain, prompt="{category} on a belt", category="gear").samples("train")[0].caption == "gear on a belt"
+    bad = next(s for s in ds.samples("test") if s.label)
+    assert ds.gt_mask(bad, (64, 64)).any()  # MVTec naming found without meta.jsonl
+
+
+def test_captions_absent_uses_prompt_with_category_from_synth_json(data):
+    (data / "captions.jsonl").unlink()
+    ds = MVTecFolder(data)
+    assert {s.caption for s in ds.samples("train")} == {"a photo of a hex nut"}
+
+
+def test_missing_root_and_missing_train_good(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        MVTecFolder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CMGError, match=r"train.good"):
+        MVTecFolder(tmp_path / "empty")
+
+
+def test_empty_splits_name_the_folder(data):
+    for name in ("captions.jsonl", "meta.jsonl"):  # they would (rightly) name the missing images first
+        (data / name).unlink()
+    for p in (data / "train" / "good").iterdir():
+        p.unlink()
+    with pytest.raises(CMGError, match=r"split 'train' .*no images.*train.good"):
+        MVTecFolder(data).samples("train")
+    shutil.rmtree(data / "test")
+    with pytest.raises(CMGError, match="test"):
+        MVTecFolder(data).samples("test")
+    (data / "test" / "good").mkdir(parents=True)
+    with pytest.raises(CMGError, match="no images"):
+        MVTecFolder(data).samples("test")
+
+
+def test_unreadable_image_names_the_path(data):
+    broken = data / "train" / "good" / "003.png"
+    broken.write_bytes(b"not a png")
+    ds = MVTecFolder(data)
+    with pytest.raises(FrameError, match="003.png"):
+        ds.frames(ds.samples("train"), (64, 64))
+
+
+def test_captions_line_naming_a_missing_file(data):
+    lines = (data / "captions.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"file": "train/good/777.png", "caption": "a hex nut"})
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CMGError, match=r"captions.jsonl:3: .*train/good/777.png"):
+        MVTecFolder(data)
+
+
+@pytest.mark.parametrize("line", ['{"file": "train/good/000.png"', '["a", "b"]',
+                                  '{"file": "train/good/000.png"}', '{"file": 3, "caption": "x"}'])
+def test_malformed_captions_line(data, line):
+    lines = (data / "captions.jsonl").read_text().splitlines()
+    lines[4] = line
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CMGError, match=r"captions.jsonl:5: malformed"):
+        MVTecFolder(data)
+
+
+def test_unreadable_mask_names_the_path(data):
+    ds = MVTecFolder(data)
+    bad = next(s for s in ds.samples("test") if s.label)
+    bad.mask_path.write_bytes(b"garbage")
+    with pytest.raises(CMGError, match=bad.mask_path.name):
+        ds.gt_mask(bad, (64, 64))
+
+
+def test_sample_is_a_frozen_record(source):
+    s = MVTecFolder(source).samples("train")[0]
+    assert isinstance(s, Sample)
+    with pytest.raises(AttributeError):
+        s.label = 1  # type: ignore[misc]

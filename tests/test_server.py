@@ -1,0 +1,260 @@
+"""Real tritonserver (nvidia-pytriton binary + Python backend) on a cpu-target repository of toy graphs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
+from cmg.server import TritonServer, find_tritonserver, python_backend_dir
+from cmg_build import repository
+from cmg_build.toy import reference, scorer_graph, write_toy_export
+
+pytestmark = pytest.mark.slow
+CONTRACT = Contract(32, 32, 4, 8)
+THR = 0.45
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    write_toy_export(root / "run" / "onnx", CONTRACT, threshold=THR)
+    repository.build(root / "run", "cpu", root / "repo", max_batch=8, cpu_threads=1)
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def server(toy_repo):
+    srv = TritonServer(toy_repo).start(timeout=180)
+    yield srv
+    srv.cleanup()
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, CONTRACT.height, CONTRACT.width, 3), dtype=np.uint8)
+
+
+def _infer(url: str, model: str, images: np.ndarray, threshold: float | None = None) -> dict[str, np.ndarray]:
+    client = grpcclient.InferenceServerClient(url)
+    inputs = [grpcclient.InferInput(IMAGE, list(images.shape), "UINT8")]
+    inputs[0].set_data_from_numpy(images)
+    if threshold is not None:
+        t = grpcclient.InferInput(THRESHOLD, [len(images), 1], "FP32")
+        t.set_data_from_numpy(np.full((len(images), 1), threshold, np.float32))
+        inputs.append(t)
+    result = client.infer(model, inputs)
+    names = [o.name for o in client.get_model_metadata(model).outputs]
+    return {n: result.as_numpy(n) for n in names}
+
+
+def test_find_tritonserver_env():
+    binary, env = find_tritonserver()
+    assert binary.is_file() and os.access(binary, os.X_OK)
+    assert env["PATH"].split(os.pathsep)[0] == str(VENV_BIN)  # the stub embeds the first python3 on PATH
+    if not shutil.which("tritonserver"):
+        assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
+
+
+def test_python_backend_dir(tmp_path):
+    if shutil.which("tritonserver"):
+        pytest.skip("tritonserver on PATH brings its own backends")
+    backends = python_backend_dir(tmp_path)
+    names = {p.name for p in (backends / "python").iterdir()}
+    assert names == {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+
+
+@pytest.mark.parametrize("model", ENSEMBLES)
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_ensembles_serve_toy_graphs(server, model, threshold):
+    images = _frames(5, seed=1)
+    got = _infer(server.grpc_url, model, images, threshold)
+    want = reference(CONTRACT, images, THR if threshold is None else threshold, exact=model == "cmg_exact")
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype, name
+        np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+
+
+def test_optional_threshold_changes_decision(server):
+    images = _frames(4, seed=2)
+    low = _infer(server.grpc_url, "cmg", images, 0.0)["IS_ANOMALY"]
+    high = _infer(server.grpc_url, "cmg", images, 1.0)["IS_ANOMALY"]
+    assert low.all() and not high.any()
+
+
+def test_concurrent_mixed_requests_are_split_back(server):
+    """Requests with and without THRESHOLD batched together each get their own rows."""
+    jobs = [(_frames(1 + i % 3, seed=10 + i), None if i % 2 else 0.2 + 0.05 * i) for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda j: _infer(server.grpc_url, "cmg", *j), jobs))
+    for (images, thr), got in zip(jobs, results, strict=True):
+        want = reference(CONTRACT, images, THR if thr is None else thr)
+        np.testing.assert_allclose(got["ANOMALY_SCORE"], want["ANOMALY_SCORE"], atol=1e-5)
+        assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])
+
+
+def test_http_agrees_with_grpc(server):
+    images = _frames(2, seed=3)
+    client = httpclient.InferenceServerClient(server.http_url)
+    inp = httpclient.InferInput(IMAGE, list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    scores = client.infer("cmg", [inp]).as_numpy("ANOMALY_SCORE")
+    np.testing.assert_array_equal(scores, _infer(server.grpc_url, "cmg", images)["ANOMALY_SCORE"])
+
+
+@pytest.mark.parametrize("model", ["cmg", CMER_SCORER, "cmle_encoder"])
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_bad_input_is_invalid_arg_naming_the_tensor(server, model, bad):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    if bad == "dtype":
+        arr = np.zeros((1, CONTRACT.height, CONTRACT.width, 3), np.float32)
+    else:
+        arr = np.zeros((1, CONTRACT.height + 1, CONTRACT.width, 3), np.uint8)
+    inp = grpcclient.InferInput(IMAGE, list(arr.shape), "FP32" if bad == "dtype" else "UINT8")
+    inp.set_data_from_numpy(arr)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, [inp])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'IMAGE'" in info.value.message()
+    assert client.is_server_ready()  # still serving afterwards
+    _infer(server.grpc_url, "cmg", _frames(1))
+
+
+def test_metrics_endpoint_counts_requests(server):
+    import urllib.request
+
+    _infer(server.grpc_url, "cmg", _frames(1))
+    text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith('nv_inference_request_success{model="cmg"'))
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+def test_start_failure_reports_log_tail(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('name: "broken" backend: "python" max_batch_size: 1\n'
+                                                 'input [{name: "X" data_type: TYPE_FP32 dims: [1]}]\n'
+                                                 'output [{name: "Y" data_type: TYPE_FP32 dims: [1]}]\n')
+    from cmg.errors import CMGError
+
+    srv = TritonServer(repo)
+    t0 = time.monotonic()
+    with pytest.raises(CMGError, match="tritonserver (exited with code|failed to start)") as info:
+        srv.start(timeout=120)
+    assert "model.py" in str(info.value) and time.monotonic() - t0 < 60
+    assert not srv.is_running()
+    srv.cleanup()
+
+
+def test_explicit_mode_loads_new_version(toy_repo, tmp_path):
+    import onnx
+
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo)
+    images = _frames(2, seed=4)
+    with TritonServer(repo, model_control_mode="explicit", load_models=[CMER_SCORER]) as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        assert client.is_model_ready(CMER_SCORER) and not client.is_model_ready("cmg")
+        v1 = _infer(srv.grpc_url, CMER_SCORER, images)[PATCH_SCORES]
+        np.testing.assert_allclose(v1, reference(CONTRACT, images, THR)[PATCH_SCORES], atol=1e-5)
+        # A new version appears while serving (here: the inverted scorer), then is loaded.
+        v2dir = repo / CMER_SCORER / "2"
+        v2dir.mkdir()
+        shutil.copyfile(repo / CMER_SCORER / "1" / "model.py", v2dir / "model.py")
+        onnx.save(scorer_graph(CONTRACT, CMER_SCORER, invert=True), str(v2dir / "model.onnx"))
+        client.load_model(CMER_SCORER)
+        assert client.is_model_ready(CMER_SCORER, "2")
+        v2 = _infer(srv.grpc_url, CMER_SCORER, images)[PATCH_SCORES]
+        np.testing.assert_allclose(v2, reference(CONTRACT, images, THR, exact=True)[PATCH_SCORES], atol=1e-5)
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def test_cmg_serve_cli_without_activated_venv(toy_repo):
+    """`.venv/bin/cmg serve` with a PATH that lacks the venv: stub still imports onnxruntime; SIGTERM stops it."""
+    from cmg.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
+    cmd = [str(VENV_BIN / "cmg"), "serve", "--repository", str(toy_repo), "--http-port", ports[0],
+           "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.strip().startswith("metrics"):
+                break
+        out = "".join(lines)
+        assert f"grpc    127.0.0.1:{ports[1]}" in out, out
+        got = _infer(f"127.0.0.1:{ports[1]}", "cmg", _frames(1))
+        assert got["ANOMALY_SCORE"].shape == (1, 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not _port_open(f"127.0.0.1:{ports[1]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stop_and_kill(toy_repo):
+    srv = TritonServer(toy_repo).start(timeout=180)
+    assert srv.is_ready()
+    srv.kill()
+    assert not srv.is_running() and not srv.is_ready()
+    srv.start(timeout=180)  # restart on the same ports (the stream tests do this)
+    assert srv.is_ready()
+    srv.stop()
+    assert not srv.is_running() and not _port_open(srv.grpc_url)
+    srv.cleanup()
+
+
+def test_gpu_target_threshold_step_on_real_server(tmp_path):
+    """The onnxruntime/tensorrt ensembles (scorer -> cmg_threshold -> encoder with THRESHOLD
+    required), run here with the ONNX models on the Python backend: same contract results."""
+    from cmg.contract import ONNX_MODELS
+    from cmg_build import config as cfgmod
+
+    root = tmp_path
+    write_toy_export(root / "run" / "onnx", CONTRACT, threshold=THR)
+    repo = root / "repo"
+    repository.build(root / "run", "onnxruntime", repo, max_batch=8)
+    serving = cfgmod.Serving(max_batch=8, opt_batch=4)
+    for name in ONNX_MODELS:  # swap the ORT-backend models for Python-backend ones, THRESHOLD required
+        cfg = cfgmod.model_config(CONTRACT.models[name], "cpu", serving, cpu_threads=1)
+        for t in cfg.input:
+            t.optional = False
+        cfgmod.write_config(cfg, repo / name)
+        shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
+    images = _frames(3, seed=5)
+    with TritonServer(repo) as srv:
+        for thr in (None, 0.9):
+            got = _infer(srv.grpc_url, "cmg", images, thr)
+            want = reference(CONTRACT, images, THR if thr is None else thr)
+            np.testing.assert_allclose(got["ANOMALY_SCORE"], want["ANOMALY_SCORE"], atol=1e-5)
+            assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])

@@ -1,0 +1,170 @@
+"""`cmg stream`: exactly one line per frame, in order, through a server kill and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmg.errors import CMGError
+from cmg_clients.stream import StreamOptions, open_source, parse_synth, read_existing, run_stream
+
+
+def _write_frames(folder: Path, n: int, size: int = 16, seed: int = 0) -> list[Path]:
+    """Tiny PNGs (the client resizes them to the contract's frame)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"f{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(s) for s in out.read_text().splitlines()]
+
+
+# -- no server needed -------------------------------------------------------------------
+def test_read_existing_truncates_torn_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"seq": 0, "frame_id": "a"}\n{"seq": 1, "frame_id": "b"}\n{"seq": 2, "fr')
+    assert read_existing(out) == (2, "b")
+    assert out.read_text().endswith('"b"}\n')
+
+
+def test_read_existing_rejects_foreign_file(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"seq": 0}\n{"seq": 2}\n')
+    with pytest.raises(CMGError, match="seq 2 where 1"):
+        read_existing(out)
+
+
+def test_sources(tmp_path):
+    _write_frames(tmp_path / "d", 3)
+    items, count, fps = open_source(str(tmp_path / "d"))
+    assert count == 3 and fps is None
+    assert [i.frame_id for i in items] == ["f0000.png", "f0001.png", "f0002.png"]
+    items, count, _ = open_source(str(tmp_path / "d" / "f000[12].png"))
+    assert count == 2
+    with pytest.raises(CMGError, match="matches no files"):
+        open_source(str(tmp_path / "*.jpg"))
+    with pytest.raises(CMGError, match="not a folder"):
+        open_source(str(tmp_path / "nothing"))
+    assert parse_synth("synth:tiny?fps=5&seed=3&n=10") == {"preset": "tiny", "fps": 5.0, "seed": 3, "n": 10}
+    with pytest.raises(CMGError, match="unknown parameter"):
+        parse_synth("synth:tiny?speed=3")
+
+
+# -- real server --------------------------------------------------------------------------
+def _opts(triton, source, out, **kw) -> StreamOptions:
+    kw.setdefault("progress", False)
+    return StreamOptions(url=triton.grpc_url, source=str(source), out=out, **kw)
+
+
+def test_stream_unreadable_image_is_an_error_line(triton, tmp_path):
+    paths = _write_frames(tmp_path / "src", 12)
+    paths[5].write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out.jsonl"
+    summary = run_stream(_opts(triton, tmp_path / "src", out, window=4))
+    lines = _lines(out)
+    assert [r["seq"] for r in lines] == list(range(12))
+    assert "error" in lines[5] and "f0005.png" in lines[5]["error"] and "score" not in lines[5]
+    assert all("score" in r and r["latency_ms"] > 0 for i, r in enumerate(lines) if i != 5)
+    assert summary.errors == 1 and summary.results == 11 and summary.aborted is None
+
+
+def test_stream_resume_continues_without_duplicates(triton, tmp_path):
+    _write_frames(tmp_path / "src", 40, seed=1)
+    out = tmp_path / "out.jsonl"
+    first = run_stream(_opts(triton, tmp_path / "src", out, limit=15))
+    assert first.frames == 15
+    head = out.read_text()
+    with pytest.raises(CMGError, match="--resume"):
+        run_stream(_opts(triton, tmp_path / "src", out))
+    with out.open("a") as fh:  # a crash in the middle of a line
+        fh.write('{"seq": 15, "frame_id": "f00')
+    second = run_stream(_opts(triton, tmp_path / "src", out, resume=True))
+    lines = _lines(out)
+    assert out.read_text().startswith(head)
+    assert [r["seq"] for r in lines] == list(range(40))
+    assert [r["frame_id"] for r in lines] == [f"f{i:04d}.png" for i in range(40)]
+    assert second.skipped == 15 and second.frames == 25
+    again = run_stream(_opts(triton, tmp_path / "src", out, resume=True))
+    assert again.frames == 0 and len(_lines(out)) == 40
+    # Resuming from another source is refused rather than mixed in.
+    _write_frames(tmp_path / "other", 41, seed=2)
+    (tmp_path / "other" / "f0039.png").rename(tmp_path / "other" / "x.png")
+    with pytest.raises(CMGError, match="another source"):
+        run_stream(_opts(triton, tmp_path / "other", out, resume=True))
+
+
+def test_stream_survives_server_kill_and_restart(triton, tmp_path):
+    """300 frames; the server is killed mid-stream and restarted on the same ports."""
+    n = 300
+    _write_frames(tmp_path / "src", n, size=8)
+    out = tmp_path / "out.jsonl"
+    cmd = [
+        sys.executable, "-m", "cmg.cli", "stream", "--url", triton.grpc_url, "--source", str(tmp_path / "src"),
+        "--out", str(out), "--window", "16", "--fps", "100", "--timeout", "5", "--no-progress",
+        "--backoff-max", "1", "--max-retries", "200",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not out.exists() or len(out.read_text().splitlines()) < 50) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        written_before_kill = len(out.read_text().splitlines())
+        assert written_before_kill < n, "stream finished before the kill; the test proves nothing"
+        triton.kill()
+        time.sleep(0.5)
+        triton.start()
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    lines = _lines(out)
+    assert len(lines) == n
+    assert [r["seq"] for r in lines] == list(range(n))
+    assert [r["frame_id"] for r in lines] == [f"f{i:04d}.png" for i in range(n)]
+    assert all("score" in r for r in lines), [r for r in lines if "score" not in r][:3]
+    assert summary["retries"] > 0 and summary["reconnects"] > 0, summary
+    assert summary["frames"] == n and summary["p99_ms"] >= summary["p50_ms"] > 0
+
+
+def test_stream_gives_up_cleanly_when_server_stays_away(tmp_path):
+    """Without a server the CLI names it and exits non-zero; nothing half-written."""
+    from cmg.cli import main
+    from cmg.server import free_port
+
+    _write_frames(tmp_path / "src", 3)
+    out = tmp_path / "out.jsonl"
+    rc = main(["stream", "--url", f"127.0.0.1:{free_port()}", "--source", str(tmp_path / "src"),
+               "--out", str(out), "--timeout", "2", "--no-progress"])
+    assert rc == 2 and not out.exists()
+
+
+def test_stream_synthetic_source(triton, tmp_path):
+    pytest.importorskip("cmg.synth")
+    out = tmp_path / "out.jsonl"
+    summary = run_stream(_opts(triton, "synth:tiny?fps=200&seed=1&n=20", out))
+    lines = _lines(out)
+    assert [r["seq"] for r in lines] == list(range(20)) and summary.results == 20
+    assert all(r["source"].startswith("synth:tiny") for r in lines)
+
+
+def test_stream_imports_no_torch():
+    code = "import sys, cmg_clients.stream; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ})
