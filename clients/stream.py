@@ -110,9 +110,8 @@ def _synth_items(spec: str) -> Iterator[SourceItem]:
         from cmg import synth
     except ImportError as exc:
         raise CMGError(f"{spec}: the synthetic generator cmg.synth is not available ({exc})") from exc
-    n = opts["n"] if opts["n"] is not None else 1_000_000_000
     label = f"synth:{opts['preset']}?seed={opts['seed']}"
-    for index, (image, info) in enumerate(synth.stream_frames(opts["preset"], seed=opts["seed"], n=n)):
+    for index, (image, info) in enumerate(synth.stream_frames(opts["preset"], seed=opts["seed"], n=opts["n"])):
         yield SourceItem(f"{index:06d}", label, lambda size, a=image: to_frame(a, size), dict(info))
 
 
@@ -222,6 +221,9 @@ class _Channel:
         self.generation = 0
         self.reconnects = 0
         self._lock = asyncio.Lock()
+        self._old: list = []
+        self._last_reset = float("-inf")
+        self.min_interval_s = 0.25
         self.client = self._make()
 
     def _make(self):
@@ -238,18 +240,24 @@ class _Channel:
         return aio.InferenceServerClient(self.url, channel_args=args)
 
     async def reset(self, generation: int) -> None:
+        # The old channel is not closed here: closing cancels the calls still on it, and
+        # each of those frames would then need telling apart from a real cancellation.
+        # They fail or finish on their own; `close` ends every channel at the end.
         async with self._lock:
-            if generation != self.generation:
-                return
-            old, self.client = self.client, self._make()
+            now = time.monotonic()
+            if generation != self.generation or now - self._last_reset < self.min_interval_s:
+                return  # another frame already reconnected, or did so a moment ago
+            self._last_reset = now
+            self._old.append(self.client)
+            self.client = self._make()
             self.generation += 1
             self.reconnects += 1
-        with contextlib.suppress(Exception):  # the old channel is broken anyway
-            await old.close()
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client.close()
+        for client in [*self._old, self.client]:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._old = []
 
 
 class _Fatal(Exception):
@@ -340,7 +348,11 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
                     deliver(seq, {**base, "error": f"{status}: {exc.message()}"})
                     return
                 reason = f"{status}: {exc.message()}"
-            except Exception as exc:  # noqa: BLE001 - e.g. a channel closed under us by a reset
+            except asyncio.CancelledError:
+                if stopping or _really_cancelled():
+                    raise
+                reason = "call cancelled by the channel"  # grpc.aio: the channel went away under it
+            except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 latency = (time.perf_counter() - t0) * 1000.0
@@ -362,10 +374,16 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
     tasks: set[asyncio.Task] = set()
+    stopping = False
 
     def on_done(task: asyncio.Task) -> None:
         tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            if not stopping:  # a frame that ended without a line would stall the writer forever
+                fatal.append(f"{task.get_name()} was cancelled")
+                window.release()
+            return
+        if task.exception() is not None:
             exc = task.exception()
             fatal.append(str(exc) if isinstance(exc, _Fatal) else f"{type(exc).__name__}: {exc}")
             window.release()  # wake the producer so it sees the failure instead of waiting forever
@@ -382,13 +400,14 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
                 wait = t_begin + (seq - start) / fps - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            task = asyncio.create_task(handle(seq, item))
+            task = asyncio.create_task(handle(seq, item), name=f"frame {seq} ({item.frame_id})")
             tasks.add(task)
             task.add_done_callback(on_done)
             seq += 1
         while tasks and not fatal:
             await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
     finally:
+        stopping = True
         for task in list(tasks):
             task.cancel()
         if tasks:
@@ -404,6 +423,13 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
             summary.p50_ms, summary.p99_ms = float(p50), float(p99)
         if fatal:
             summary.aborted = fatal[0]
+
+
+def _really_cancelled() -> bool:
+    """True when this task itself was cancelled (not a gRPC call cancelled under it)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
 
 
 class _Progress:

@@ -59,11 +59,11 @@ def tiny_onnx(tiny_run) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_repo(cache_dir, tiny_run, tiny_onnx) -> Path:
-    from cmg_build.repository import build_repository
+    from cmg_build.repository import build
 
     out = cache_dir / "repo_cpu"
     if not (out / "build_report.json").exists():
-        build_repository(tiny_run, "cpu", out)
+        build(tiny_run, "cpu", out)
     return out
 
 

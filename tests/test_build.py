@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from toy_graphs import write_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
@@ -18,7 +19,6 @@ from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 from cmg_build import repository
 from cmg_build.tensorrt import missing_prerequisites
-from cmg_build.toy import write_toy_export
 
 CONTRACT = Contract(32, 32, 4, 8)
 CMG = [sys.executable, "-m", "cmg.cli"]

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from toy_graphs import encoder_graph, scorer_graph
 
 from cmg.contract import Contract
 from cmg_build import opcheck
-from cmg_build.toy import encoder_graph, scorer_graph
 
 C = Contract(32, 32, 4, 8)
 

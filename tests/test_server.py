@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from toy_graphs import reference, scorer_graph, write_toy_export
 from tritonclient.utils import InferenceServerException
 
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
 from cmg.server import TritonServer, find_tritonserver, python_backend_dir
 from cmg_build import repository
-from cmg_build.toy import reference, scorer_graph, write_toy_export
 
 pytestmark = pytest.mark.slow
 CONTRACT = Contract(32, 32, 4, 8)

@@ -144,6 +144,37 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     assert summary["frames"] == n and summary["p99_ms"] >= summary["p50_ms"] > 0
 
 
+def test_stream_aborts_when_server_stays_away_then_resumes(triton, tmp_path):
+    """Retries exhausted: the stream stops with every line so far intact; --resume finishes it."""
+    import threading
+
+    n = 60
+    _write_frames(tmp_path / "src", n, seed=3)
+    out = tmp_path / "out.jsonl"
+
+    def kill_soon() -> None:
+        deadline = time.monotonic() + 30
+        while (not out.exists() or len(out.read_text().splitlines()) < 10) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        triton.kill()
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    try:
+        aborted = run_stream(_opts(triton, tmp_path / "src", out, fps=50, window=8, max_retries=2,
+                                   backoff_s=0.05, backoff_max_s=0.1, timeout_s=2))
+    finally:
+        killer.join()
+    assert aborted.aborted and "failed 3 times" in aborted.aborted
+    head = _lines(out)
+    assert 10 <= len(head) < n and [r["seq"] for r in head] == list(range(len(head)))
+    triton.start()
+    done = run_stream(_opts(triton, tmp_path / "src", out, resume=True))
+    lines = _lines(out)
+    assert done.aborted is None and done.skipped == len(head)
+    assert [r["seq"] for r in lines] == list(range(n)) and all("score" in r for r in lines)
+
+
 def test_stream_gives_up_cleanly_when_server_stays_away(tmp_path):
     """Without a server the CLI names it and exits non-zero; nothing half-written."""
     from cmg.cli import main
@@ -168,3 +199,16 @@ def test_stream_synthetic_source(triton, tmp_path):
 def test_stream_imports_no_torch():
     code = "import sys, cmg_clients.stream; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ})
+
+
+def test_stream_video_source(triton, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(7):
+        writer.write(np.full((24, 32, 3), 30 * i, dtype=np.uint8))
+    writer.release()
+    out = tmp_path / "out.jsonl"
+    summary = run_stream(_opts(triton, path, out))
+    lines = _lines(out)
+    assert summary.results == 7 and [r["frame_id"] for r in lines] == [f"line.avi#{i}" for i in range(7)]
