@@ -333,7 +333,9 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
         if opts.threshold is not None:
             inputs.append(grpcclient.InferInput(C.THRESHOLD, [1, 1], "FP32"))
             inputs[1].set_data_from_numpy(np.array([[opts.threshold]], dtype=np.float32))
-        outputs = [grpcclient.InferRequestedOutput(n) for n in (C.ANOMALY_SCORE, C.IS_ANOMALY)]
+        # All ensemble outputs (outputs=None): Triton 2.47-2.51 ensembles fail with "unexpected
+        # deadlock" when a request names only a subset (triton-inference-server/server#7482).
+        outputs = None
         attempt = 0
         while True:
             generation = channel.generation

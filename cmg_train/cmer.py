@@ -91,10 +91,11 @@ class OcclusionTeacher(nn.Module):
         self.register_buffer("bank", F.normalize(caption_bank.detach().float(), dim=-1))
 
     def forward(self, frames: Tensor) -> Tensor:
-        per = self.masks.shape[0]
+        # python ints, so the traced graph has static non-batch dims (TensorRT profiles)
+        per, size, dim = self.grid * self.grid + 1, self.teacher.image_size, int(self.bank.shape[1])
         x = self.teacher.preprocess(frames)
-        copies = (x.unsqueeze(1) * self.masks.unsqueeze(0)).reshape(-1, *x.shape[1:])
-        emb = self.teacher.encode_image(copies).reshape(-1, per, self.bank.shape[1])
+        copies = (x.unsqueeze(1) * self.masks.unsqueeze(0)).reshape(-1, 3, size, size)
+        emb = self.teacher.encode_image(copies).reshape(-1, per, dim)
         best = torch.argmax(emb[:, 0] @ self.bank.T, dim=1)
         text = self.bank[best]                                           # [B,E]
         s = (emb * text.unsqueeze(1)).sum(-1)                            # [B,P+1]
@@ -124,7 +125,7 @@ def keep_mask(scores: Tensor, rule: str = "relative", alpha: float = 0.2, rho: f
             keep = F.max_pool2d(keep.unsqueeze(1), kernel_size=3, stride=1, padding=1).squeeze(1)
         return keep
     if rule == "top_rho":
-        p = scores.shape[1] * scores.shape[2]
+        p = int(scores.shape[1]) * int(scores.shape[2])  # static G*G, also when traced
         k = min(p, max(1, round(rho * p)))
         flat = scores.flatten(1)
         idx = torch.topk(flat, k, dim=1).indices
@@ -139,7 +140,8 @@ def keep_mask_cfg(scores: Tensor, cfg: CMERConfig) -> Tensor:
 
 def upsample_keep(keep: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """[B,G,G] -> [B,1,H,W] by nearest upsampling (each patch covers its pixels exactly)."""
-    return F.interpolate(keep.unsqueeze(1).float(), size=tuple(size), mode="nearest")
+    # python ints: constant Resize sizes in the traced graph (H, W are static in the contract)
+    return F.interpolate(keep.unsqueeze(1).float(), size=(int(size[0]), int(size[1])), mode="nearest")
 
 
 def apply_mask(x: Tensor, keep: Tensor) -> Tensor:

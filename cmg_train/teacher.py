@@ -8,6 +8,7 @@ small one here from synthetic image-caption pairs with open_clip's ClipLoss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +38,24 @@ VOCAB_SIZE = 49408  # open_clip's BPE vocabulary (SimpleTokenizer)
 # everywhere) instead of to losing the caption's content.
 FILL_PROB = 0.5
 FILL_MAX_SHARE = 0.25
+
+
+@contextlib.contextmanager
+def _exportable_attention():
+    """While tracing (ONNX export), keep nn.MultiheadAttention off its fused fast path.
+
+    A frozen teacher in eval mode takes the fast path (aten::_native_multi_head_attention),
+    which torch.onnx cannot export; eager inference keeps the faster kernel.
+    """
+    if not torch.jit.is_tracing():
+        yield
+        return
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 class Preprocess(nn.Module):
@@ -107,7 +126,8 @@ class Teacher(nn.Module):
 
     def encode_image(self, x: Tensor) -> Tensor:
         """Normalised NCHW -> [B, E] L2-normalised image embedding."""
-        return F.normalize(self.clip.encode_image(x), dim=-1)
+        with _exportable_attention():
+            return F.normalize(self.clip.encode_image(x), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], batch_size: int = 256) -> Tensor:
@@ -144,10 +164,11 @@ class Teacher(nn.Module):
         if not batch_first:
             h = h.transpose(0, 1)
         tokens = h
-        for i, blk in enumerate(blocks):
-            h = blk(h)
-            if i == take:
-                tokens = h
+        with _exportable_attention():
+            for i, blk in enumerate(blocks):
+                h = blk(h)
+                if i == take:
+                    tokens = h
         if not batch_first:
             h = h.transpose(0, 1)
             tokens = tokens.transpose(0, 1)
@@ -309,7 +330,7 @@ def train_teacher(cfg: Config, out_dir: Path, progress: bool = True) -> tuple[Te
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    n_eval = 640  # ten held-out batches of 64
+    n_eval = min(640, max(64, tc.scenes // 4 // 64 * 64))  # up to ten held-out batches of 64
     images, captions = _scenes(tc.scenes, size, cfg.seed + 1000, progress, "teacher scenes")
     ev_images, ev_captions = _scenes(n_eval, size, cfg.seed + 2000, progress, "held-out scenes")
     pix = images.reshape(-1, 3).astype(np.float64) / 255.0

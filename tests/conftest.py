@@ -68,18 +68,12 @@ def cpu_repo(cache_dir, tiny_run, tiny_onnx) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _triton_session(cpu_repo, tmp_path_factory):
+def triton(cpu_repo, tmp_path_factory):
+    """The real tritonserver on free loopback ports, shared by the session. A test that
+    kills it restarts it (same ports) before it ends."""
     from cmg.server import TritonServer
 
     server = TritonServer(cpu_repo, log_file=tmp_path_factory.mktemp("triton") / "server.log")
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def triton(_triton_session):
-    """The shared server, restarted first if an earlier test killed it."""
-    if not _triton_session.is_ready():
-        _triton_session.start()
-    return _triton_session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -263,6 +264,8 @@ class KeepGraph(nn.Module):
 
 @pytest.mark.filterwarnings("ignore")
 def test_onnx_export_of_teacher_and_scorer_graphs(tmp_path, vit_teacher):
+    # frozen, as train.py leaves it: eval + no grad puts attention on its fused fast path
+    vit_teacher = copy.deepcopy(vit_teacher).eval().requires_grad_(False)
     bank = vit_teacher.encode_text(["a red hex nut", "a blue washer", "a small gear"])
     scorer = CMERScorer([16, 32, 64], G, S).eval()
     graphs = {

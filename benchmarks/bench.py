@@ -1,0 +1,389 @@
+"""`cmg bench`: latency/throughput/accuracy of the four modes, measured in one run.
+
+Same frames (the test split), same weights (one run folder), one process: the served
+ensembles over gRPC (one-pass `cmg` and P+1-pass `cmg_exact`), PyTorch eager in-process
+and ONNX Runtime in-process. Speed ratios come from key points re-measured `repeats`
+times with the two sides interleaved (A,B then B,A), so machine drift hits both sides;
+medians are reported. Imports no torch at module import (only inside `run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cmg.errors import CMGError
+from cmg_bench.loadgen import Window
+
+FULL_CONCURRENCY = (1, 2, 4, 8, 16, 32)
+FULL_BATCH = (1, 8, 32)
+QUICK_CONCURRENCY = (1, 4)
+QUICK_BATCH = (1, 8)
+ORT_KEY_CONCURRENCY = 8  # Triton overhead is quoted at concurrency 8 (issue 6)
+
+# Goals of issue 6 (the README's performance section): ratio name -> (comparison, value).
+GOALS = {
+    "onepass_vs_exact_throughput": (">=", 10.0),
+    "served_vs_torch_eager_throughput": (">=", 1.5),
+    "served_vs_ort_inprocess_throughput": (">=", 0.85),  # Triton overhead under 15%
+}
+MAX_AUROC_LOSS = 0.01  # one-pass vs exact: under 1 AUROC point
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run sweeps and how long each point is measured."""
+
+    concurrency: tuple[int, ...] = FULL_CONCURRENCY
+    batch: tuple[int, ...] = FULL_BATCH
+    window: Window = Window(warmup_s=1.0, window_s=3.0, min_requests=8, max_window_s=60.0)
+    repeats: int = 3
+    exact_key: tuple[int, int] = (4, 8)  # (concurrency, batch) of the one-pass vs exact pair
+    ort_key: tuple[int, int] = (ORT_KEY_CONCURRENCY, 1)
+    single: tuple[int, int] = (1, 1)  # single-stream latency pairs
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(QUICK_CONCURRENCY, QUICK_BATCH,
+                   Window(warmup_s=0.3, window_s=0.8, min_requests=3, max_window_s=15.0))
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise CMGError(f"expected comma-separated integers, got {text!r}") from exc
+    if not vals or min(vals) < 1:
+        raise CMGError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def machine_info(peak: dict) -> dict:
+    """Core count, CPU model, versions and the measured peak estimate."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("numpy", "onnxruntime", "torch", "tritonclient", "nvidia-pytriton"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[pkg] = version(pkg)
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_count": os.cpu_count(), "cpus_usable": affinity, "cpu_model": model,
+            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
+            "peak_gflops": peak["gflops"], "peak_method": peak["method"],
+            "gpu": Path("/dev/nvidia0").exists()}
+
+
+def load_test_frames(data: Path, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames and labels of the test split (cmg.frames conversion via the dataset)."""
+    from cmg.dataset import MVTecFolder
+
+    ds = MVTecFolder(data)
+    samples = ds.samples("test")
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    if labels.min() == labels.max():
+        raise CMGError(f"test split of {data} has only {'anomalous' if labels[0] else 'normal'} images: "
+                       "AUROC needs both")
+    return ds.frames(samples, (height, width)), labels
+
+
+def resolve_data(run_dir: Path, data: Path | None) -> Path:
+    if data is not None:
+        return data
+    metrics = run_dir / "metrics.json"
+    try:
+        return Path(json.loads(metrics.read_text())["data"])
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
+
+
+def ensure_export(run_dir: Path) -> tuple[Path, dict]:
+    """RUN/onnx and its export.json, exporting first when the run has none."""
+    from cmg_build.repository import find_export
+
+    if not (run_dir / "onnx" / "export.json").is_file():
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise CMGError(f"run folder {run_dir} has no checkpoint.pt (run `cmg train` first)")
+        from cmg_train.export import export_run
+
+        print(f"cmg bench: exporting {run_dir} first (no onnx/export.json)")
+        export_run(run_dir)
+    return find_export(run_dir)
+
+
+# ----------------------------------------------------------------------------- ratios
+
+
+def _ratio_entry(name: str, a: dict, b: dict, metric: str, pairs: list[tuple[dict, dict]]) -> dict:
+    vals = [{"a": pa[metric], "b": pb[metric], "ratio": pa[metric] / pb[metric]} for pa, pb in pairs]
+    entry = {"median": float(np.median([v["ratio"] for v in vals])), "pairs": vals, "metric": metric,
+             "a": a, "b": b}
+    if name in GOALS:
+        op, goal = GOALS[name]
+        entry["goal"] = f"{op} {goal}"
+        entry["met"] = bool(entry["median"] >= goal)
+    return entry
+
+
+def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, int]], progress) -> dict:
+    """Key-point pairs re-measured `repeats` times, sides interleaved (ABBA)."""
+    from cmg_bench.modes import ORT_INPROCESS, SERVED_CMG, SERVED_EXACT, TORCH_EAGER
+
+    plan = {  # pair -> (side A (mode, point), side B)
+        "onepass_vs_exact": ((SERVED_CMG, settings.exact_key), (SERVED_EXACT, settings.exact_key)),
+        "served_vs_torch_eager_best": ((SERVED_CMG, best.get(SERVED_CMG, settings.single)),
+                                       (TORCH_EAGER, best.get(TORCH_EAGER, settings.single))),
+        "served_vs_torch_eager_single": ((SERVED_CMG, settings.single), (TORCH_EAGER, settings.single)),
+        "served_vs_ort_inprocess": ((SERVED_CMG, settings.ort_key), (ORT_INPROCESS, settings.ort_key)),
+    }
+    plan = {k: v for k, v in plan.items() if v[0][0] in modes and v[1][0] in modes}
+    got: dict[str, list[tuple[dict, dict]]] = {k: [] for k in plan}
+    for r in range(settings.repeats):
+        for key, sides in plan.items():
+            order = sides if r % 2 == 0 else sides[::-1]
+            res = {}
+            for mode, (conc, batch) in order:
+                res[mode] = modes[mode].measure(conc, batch, settings.window).to_dict()
+                progress.update(1)
+            got[key].append((res[sides[0][0]], res[sides[1][0]]))
+
+    def side(s):
+        return {"mode": s[0], "concurrency": s[1][0], "batch": s[1][1]}
+
+    ratios: dict[str, dict] = {}
+    specs = [
+        ("onepass_vs_exact_throughput", "onepass_vs_exact", "throughput"),
+        ("onepass_vs_exact_p50_latency", "onepass_vs_exact", "p50_ms"),
+        ("onepass_vs_exact_p99_latency", "onepass_vs_exact", "p99_ms"),
+        ("served_vs_torch_eager_throughput", "served_vs_torch_eager_best", "throughput"),
+        ("served_vs_torch_eager_p50_latency", "served_vs_torch_eager_single", "p50_ms"),
+        ("served_vs_torch_eager_p99_latency", "served_vs_torch_eager_single", "p99_ms"),
+        ("served_vs_ort_inprocess_throughput", "served_vs_ort_inprocess", "throughput"),
+        ("served_vs_ort_inprocess_p50_latency", "served_vs_ort_inprocess", "p50_ms"),
+        ("served_vs_ort_inprocess_p99_latency", "served_vs_ort_inprocess", "p99_ms"),
+    ]
+    for name, key, metric in specs:
+        if key in plan:
+            a, b = plan[key]
+            ratios[name] = _ratio_entry(name, side(a), side(b), metric, got[key])
+    return ratios
+
+
+def ratio_plan_size(settings: Settings, mode_names: list[str]) -> int:
+    pairs = [("served_cmg", "served_cmg_exact"), ("served_cmg", "torch_eager"), ("served_cmg", "torch_eager"),
+             ("served_cmg", "ort_inprocess")]
+    return 2 * settings.repeats * sum(1 for a, b in pairs if a in mode_names and b in mode_names)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, data: Path | None = None,
+          modes_wanted: tuple[str, ...] | None = None, progress: bool = True) -> dict:
+    """Measure every mode and write bench.json, bench.md and the PNGs into `out`."""
+    from sklearn.metrics import roc_auc_score
+    from tqdm import tqdm
+
+    from cmg.contract import CMER_SCORER, CMER_TEACHER, CMLE_ENCODER, Contract
+    from cmg_bench import flops, report
+    from cmg_bench.modes import (
+        MODES,
+        ORT_INPROCESS,
+        SERVED_CMG,
+        SERVED_EXACT,
+        TORCH_EAGER,
+        OrtInProcess,
+        Served,
+    )
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CMGError(f"run folder not found: {run_dir}")
+    wanted = tuple(modes_wanted or MODES)
+    unknown = sorted(set(wanted) - set(MODES))
+    if unknown:
+        raise CMGError(f"unknown mode(s) {unknown}: expected some of {', '.join(MODES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_dir, meta = ensure_export(run_dir)
+    contract = Contract.from_dict(meta["contract"])
+    data = resolve_data(run_dir, data)
+    frames, labels = load_test_frames(data, contract.height, contract.width)
+    instances = int((meta.get("serving") or {}).get("instances", 1))
+
+    peak = flops.matmul_peak_gflops()
+    files = {k: v["file"] for k, v in meta["models"].items()}
+    per_model = {m: flops.count_file(onnx_dir / files[m]) for m in (CMER_SCORER, CMLE_ENCODER, CMER_TEACHER)}
+    enc = per_model[CMLE_ENCODER]["flops"]
+    mode_flops = {SERVED_CMG: per_model[CMER_SCORER]["flops"] + enc,
+                  SERVED_EXACT: per_model[CMER_TEACHER]["flops"] + enc}
+    mode_flops[TORCH_EAGER] = mode_flops[ORT_INPROCESS] = mode_flops[SERVED_CMG]
+
+    server = None
+    loop = asyncio.new_event_loop()
+    modes: dict = {}
+    try:
+        served_url = url
+        build_s = None
+        if url is None and any(m in wanted for m in (SERVED_CMG, SERVED_EXACT)):
+            from cmg.server import TritonServer
+            from cmg_build.repository import build
+
+            t0 = time.perf_counter()
+            repo = out / "repository"
+            build(run_dir, "cpu", repo)
+            server = TritonServer(repo, log_file=out / "tritonserver.log").start()
+            served_url = server.grpc_url
+            build_s = time.perf_counter() - t0
+        for name in wanted:
+            if name in (SERVED_CMG, SERVED_EXACT):
+                modes[name] = Served(name, served_url, frames, loop)
+            elif name == TORCH_EAGER:
+                from cmg_bench.modes import TorchEager
+
+                modes[name] = TorchEager(run_dir, frames)
+            else:
+                modes[name] = OrtInProcess(onnx_dir, files, frames, instances)
+
+        total = len(modes) * len(settings.concurrency) * len(settings.batch) + len(modes)
+        total += ratio_plan_size(settings, list(modes))
+        bar = tqdm(total=total, desc="cmg bench", unit="point", disable=not progress)
+        results: list[dict] = []
+        scores: dict[str, np.ndarray] = {}
+        for name, mode in modes.items():
+            bar.set_postfix_str(f"{name} accuracy")
+            scores[name] = mode.scores(frames)
+            bar.update(1)
+            points = []
+            for batch in settings.batch:
+                for conc in settings.concurrency:
+                    bar.set_postfix_str(f"{name} c{conc} b{batch}")
+                    points.append(mode.measure(conc, batch, settings.window).to_dict())
+                    bar.update(1)
+            best = max(points, key=lambda p: p["throughput"])
+            results.append({"name": name, "auroc": float(roc_auc_score(labels, scores[name])),
+                            "points": points, "flops_per_frame": mode_flops[name],
+                            "best": {"concurrency": best["concurrency"], "batch": best["batch"],
+                                     "throughput": best["throughput"]},
+                            "achieved_gflops": best["throughput"] * mode_flops[name] / 1e9,
+                            "fraction_of_peak": best["throughput"] * mode_flops[name] / 1e9 / peak["gflops"]})
+        best_pts = {r["name"]: (r["best"]["concurrency"], r["best"]["batch"]) for r in results}
+        bar.set_postfix_str("ratios")
+        ratios = measure_ratios(modes, settings, best_pts, bar)
+        bar.close()
+    finally:
+        for mode in modes.values():
+            with contextlib.suppress(Exception):
+                mode.close()
+        loop.close()
+        if server is not None:
+            server.stop()
+
+    parity = {}
+    ref = scores.get(ORT_INPROCESS, scores.get(TORCH_EAGER))
+    for name, s in scores.items():
+        if ref is not None and name != SERVED_EXACT:
+            parity[name] = float(np.abs(s - ref).max())
+    auroc = {r["name"]: r["auroc"] for r in results}
+    accuracy = {}
+    if SERVED_CMG in auroc and SERVED_EXACT in auroc:
+        loss = auroc[SERVED_EXACT] - auroc[SERVED_CMG]
+        accuracy = {"onepass_auroc_loss_vs_exact": loss, "max_loss": MAX_AUROC_LOSS,
+                    "met": bool(loss < MAX_AUROC_LOSS)}
+    result = {
+        "machine": machine_info(peak),
+        "modes": results,
+        "ratios": ratios,
+        "flops": {"per_model": per_model, "per_mode": mode_flops, "counted_ops": list(flops.COUNTED_OPS),
+                  "note": "MatMul/Gemm/Conv multiply-adds x2 per frame at batch 1 (ONNX shape inference)"},
+        "accuracy": {"test_images": int(len(labels)), "anomalous": int(labels.sum()), **accuracy},
+        "parity_max_abs_score_diff": {"reference": ORT_INPROCESS if ORT_INPROCESS in scores else TORCH_EAGER,
+                                      "modes": parity},
+        "settings": {"concurrency": list(settings.concurrency), "batch": list(settings.batch),
+                     "window": asdict(settings.window), "repeats": settings.repeats,
+                     "exact_key": list(settings.exact_key), "ort_key": list(settings.ort_key),
+                     "single": list(settings.single), "ort_intra_op_threads": getattr(
+                         modes.get(ORT_INPROCESS), "threads", None),
+                     "torch_threads": getattr(modes.get(TORCH_EAGER), "threads", None)},
+        "goals": {k: f"{op} {v}" for k, (op, v) in GOALS.items()} | {
+            "onepass_auroc_loss_vs_exact": f"< {MAX_AUROC_LOSS}"},
+        "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
+        "server": {"url": served_url, "started_here": url is None, "build_and_start_s": build_s},
+        "seconds": time.time() - started,
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    report.write_markdown(result, out / "bench.md")
+    report.write_plots(result, out)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="trained run folder (RUN/checkpoint.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for bench.json, bench.md, PNGs")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sweep (concurrency 1,4; batch 1,8; short windows) for smoke checks")
+    parser.add_argument("--url", default=None,
+                        help="gRPC HOST:PORT of a running server with this run's repository "
+                             "(default: build a cpu repository and start one)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (test split); default: the run's training data")
+    parser.add_argument("--concurrency", default=None, help="override: comma-separated concurrency levels")
+    parser.add_argument("--batch", default=None, help="override: comma-separated client batch sizes")
+    parser.add_argument("--window", type=float, default=None, help="override: measurement window, s")
+    parser.add_argument("--warmup", type=float, default=None, help="override: warm-up per point, s")
+    parser.add_argument("--repeats", type=int, default=None, help="override: repeats of the ratio pairs (>= 1)")
+    parser.add_argument("--modes", default=None, help="comma-separated subset of the modes (default all)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    s = Settings.quick() if args.quick else Settings()
+    win = s.window
+    if args.window is not None:
+        if args.window <= 0:
+            raise CMGError(f"--window {args.window}: must be > 0")
+        win = replace(win, window_s=args.window)
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise CMGError(f"--warmup {args.warmup}: must be >= 0")
+        win = replace(win, warmup_s=args.warmup)
+    s = replace(s, window=win)
+    if args.concurrency:
+        s = replace(s, concurrency=parse_ints(args.concurrency))
+    if args.batch:
+        s = replace(s, batch=parse_ints(args.batch))
+    # Key points follow an overridden sweep (a smaller sweep gets cheaper key points).
+    if args.concurrency or args.batch:
+        conc = 4 if 4 in s.concurrency else max(s.concurrency)
+        batch = 8 if 8 in s.batch else max(s.batch)
+        s = replace(s, exact_key=(conc, batch))
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise CMGError(f"--repeats {args.repeats}: must be >= 1")
+        s = replace(s, repeats=args.repeats)
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
+    result = bench(args.run, args.out, settings, url=args.url, data=args.data, modes_wanted=modes)
+    print(f"cmg bench: wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} "
+          f"({result['seconds']:.0f} s, {result['machine']['cpus_usable']} cores)")
+    for name, r in result["ratios"].items():
+        print(f"  {name}: median {r['median']:.3g}" + (f" (goal {r['goal']})" if "goal" in r else ""))
+    return 0

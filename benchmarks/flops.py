@@ -1,0 +1,183 @@
+"""Model FLOPs per frame from the ONNX graphs, and a peak-FLOP/s estimate for this machine.
+
+FLOPs are counted for the operators that carry nearly all the arithmetic (MatMul, Gemm,
+Conv), on shapes made static by fixing the batch dimension to 1 and running ONNX shape
+inference (with data propagation, so Reshape targets computed in-graph resolve). A
+multiply-add counts as 2 FLOPs. Nodes whose shapes stay unknown are listed, never
+silently counted as zero. No well-kept counter for ONNX graphs is installed here, hence
+this small one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+COUNTED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _static_batch(model, batch: int = 1):
+    """A copy of `model` whose graph inputs have a fixed first dimension."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    init_names = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = batch
+    return model
+
+
+def _shapes(model) -> dict[str, tuple[int, ...] | None]:
+    """Every value's shape after inference; None where any dimension is still symbolic."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            out[vi.name] = None
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        out[vi.name] = None if any(d is None for d in dims) else tuple(dims)
+    for init in g.initializer:
+        out[init.name] = tuple(init.dims)
+    return out
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            from onnx import helper
+
+            return helper.get_attribute_value(a)
+    return default
+
+
+def node_flops(node, shapes: dict[str, tuple[int, ...] | None]) -> int | None:
+    """FLOPs of one MatMul/Gemm/Conv node, or None when a needed shape is unknown."""
+    ins = [shapes.get(n) for n in node.input if n]
+    out = shapes.get(node.output[0])
+    if node.op_type == "MatMul":
+        a, b = ins[0], ins[1]
+        if a is None or b is None or out is None:
+            return None
+        k = a[-1] if len(a) > 1 else a[0]
+        # out already carries the broadcast batch dims, M and N.
+        return 2 * int(np.prod(out, dtype=np.int64)) * int(k)
+    if node.op_type == "Gemm":
+        a = ins[0]
+        if a is None or out is None:
+            return None
+        k = a[0] if _attr(node, "transA", 0) else a[1]
+        return 2 * int(np.prod(out, dtype=np.int64)) * int(k)
+    if node.op_type == "Conv":
+        w = ins[1]
+        if w is None or out is None:
+            return None
+        # out [N, Cout, *spatial]; w [Cout, Cin/groups, *kernel]
+        per_output = int(np.prod(w[1:], dtype=np.int64))
+        return 2 * int(np.prod(out, dtype=np.int64)) * per_output
+    return 0
+
+
+def _walk(graph):
+    """All nodes, including those of subgraphs (If/Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.g is not None and a.g.node:
+                yield from _walk(a.g)
+            for sub in a.graphs:
+                yield from _walk(sub)
+
+
+def _runtime_shapes(model, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` observed by running the (static-batch) graph once in ONNX Runtime on
+    zero inputs: the fallback for values whose shapes static inference leaves symbolic
+    (e.g. attention reshapes computed from Shape ops)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in have:
+            model.graph.output.append(helper.make_empty_tensor_value_info(n))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    init = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in sess.get_inputs():
+        if inp.name in init:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(
+            next(i for i in model.graph.input if i.name == inp.name).type.tensor_type.elem_type)
+        feeds[inp.name] = np.zeros([d if isinstance(d, int) else 1 for d in inp.shape], dtype)
+    values = sess.run(names, feeds)
+    return {n: tuple(v.shape) for n, v in zip(names, values, strict=True)}
+
+
+def count_model(model, batch: int = 1) -> dict:
+    """{"flops": total at `batch`, "by_op": {op: flops}, "nodes": n counted, "unresolved": [names],
+    "runtime_shapes": values whose shapes came from one ONNX Runtime pass}."""
+    import onnx
+
+    fixed = _static_batch(model, batch)
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    shapes = _shapes(inferred)
+    missing = sorted({n for node in _walk(inferred.graph) if node.op_type in COUNTED_OPS
+                      for n in (*node.input[:2], node.output[0]) if n and shapes.get(n) is None})
+    if missing:
+        shapes.update(_runtime_shapes(fixed, missing))
+    by_op = dict.fromkeys(COUNTED_OPS, 0)
+    unresolved: list[str] = []
+    counted = 0
+    for node in _walk(inferred.graph):
+        if node.op_type not in COUNTED_OPS:
+            continue
+        f = node_flops(node, shapes)
+        if f is None:
+            unresolved.append(node.name or f"{node.op_type}->{node.output[0]}")
+            continue
+        by_op[node.op_type] += f
+        counted += 1
+    return {"flops": int(sum(by_op.values())), "by_op": by_op, "nodes": counted, "unresolved": unresolved,
+            "runtime_shapes": len(missing), "batch": batch}
+
+
+def count_file(path: str | Path, batch: int = 1) -> dict:
+    """FLOPs of an .onnx file (see count_model)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX graph not found: {path}")
+    return count_model(onnx.load(str(path)), batch)
+
+
+def matmul_peak_gflops(n: int = 1024, seconds: float = 1.0) -> dict:
+    """Best float32 numpy matmul rate (BLAS, all cores): the peak estimate achieved FLOP/s is set
+    against. A measured estimate, not the CPU's datasheet peak."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up (thread pool start, page faults)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    runs = 0
+    while runs < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+    return {"gflops": 2.0 * n**3 / best / 1e9, "method": f"numpy float32 {n}x{n} matmul, best of {runs}",
+            "n": n, "runs": runs}

@@ -1,0 +1,186 @@
+"""The four measured modes, all fed the same uint8 frames and the same trained weights.
+
+- served_cmg:        gRPC to the `cmg` ensemble (one-pass CMER scorer + CMLE encoder)
+- served_cmg_exact:  gRPC to `cmg_exact` (P+1-pass occlusion teacher + the same encoder)
+- torch_eager:       in-process PyTorch: Run.scorer_graph() then Run.detector
+- ort_inprocess:     in-process ONNX Runtime: cmer_scorer.onnx then cmle_encoder.onnx, with
+                     the thread settings the server's Python-backend model.py uses, so the
+                     served/in-process ratio isolates Triton's own overhead.
+
+Each mode measures a (concurrency, batch) point and scores the whole test split (AUROC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cmg import contract as C
+from cmg_bench.loadgen import Point, Window, run_async, run_threads
+
+SERVED_CMG = "served_cmg"
+SERVED_EXACT = "served_cmg_exact"
+TORCH_EAGER = "torch_eager"
+ORT_INPROCESS = "ort_inprocess"
+MODES = (SERVED_CMG, SERVED_EXACT, TORCH_EAGER, ORT_INPROCESS)
+SERVED_MODEL = {SERVED_CMG: C.CMG, SERVED_EXACT: C.CMG_EXACT}
+POOL = 16  # distinct request payloads per batch size, cycled
+
+
+def batches(frames: np.ndarray, batch: int, pool: int = POOL) -> list[np.ndarray]:
+    """Contiguous batches cycling through the frames (wrapping), built once per batch size."""
+    n = len(frames)
+    count = max(1, min(pool, -(-n // batch)))
+    return [np.ascontiguousarray(frames[(k * batch + np.arange(batch)) % n]) for k in range(count)]
+
+
+class Mode:
+    """A way to score frames; `measure` runs one closed-loop point."""
+
+    name = ""
+
+    def measure(self, concurrency: int, batch: int, win: Window) -> Point:
+        raise NotImplementedError
+
+    def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class InProcessMode(Mode):
+    """Threads calling `self.infer(frames)`; concurrency = threads."""
+
+    def infer(self, frames: np.ndarray) -> np.ndarray:
+        """ANOMALY_SCORE [B] for a uint8 batch."""
+        raise NotImplementedError
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self.frames = frames
+
+    def measure(self, concurrency: int, batch: int, win: Window) -> Point:
+        pool = batches(self.frames, batch)
+        return run_threads(lambda i: self.infer(pool[i % len(pool)]), concurrency, batch, win)
+
+    def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
+        return np.concatenate([self.infer(frames[i:i + chunk]) for i in range(0, len(frames), chunk)])
+
+
+class TorchEager(InProcessMode):
+    """PyTorch eager on CPU, the modules the ONNX graphs were exported from."""
+
+    name = TORCH_EAGER
+
+    def __init__(self, run_dir: Path, frames: np.ndarray) -> None:
+        import torch
+
+        from cmg_train.checkpoint import load_run
+
+        super().__init__(frames)
+        self.torch = torch
+        run = load_run(run_dir)
+        self.scorer = run.scorer_graph()
+        self.detector = run.detector
+        self.threshold = run.detector.threshold.detach().clone().reshape(1, 1)
+        self.threads = torch.get_num_threads()
+
+    def infer(self, frames: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(frames)
+            ps = self.scorer(x)
+            score = self.detector(x, ps, self.threshold.expand(x.shape[0], 1))[0]
+        return score.reshape(-1).numpy()
+
+
+def ort_session_options(instances: int = 1):
+    """The session options of model_repository/model.py with intra_op_threads = 0 (the default):
+    cores // instances intra-op threads, one inter-op thread, all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // max(1, instances))
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class OrtInProcess(InProcessMode):
+    """cmer_scorer.onnx then cmle_encoder.onnx in this process (what each Triton step runs)."""
+
+    name = ORT_INPROCESS
+
+    def __init__(self, onnx_dir: Path, files: dict[str, str], frames: np.ndarray, instances: int = 1) -> None:
+        import onnxruntime as ort
+
+        super().__init__(frames)
+        opts = ort_session_options(instances)
+        self.threads = opts.intra_op_num_threads
+        self.scorer = ort.InferenceSession(str(onnx_dir / files[C.CMER_SCORER]), opts,
+                                           providers=["CPUExecutionProvider"])
+        self.encoder = ort.InferenceSession(str(onnx_dir / files[C.CMLE_ENCODER]), opts,
+                                            providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.encoder.get_outputs()]
+
+    def infer(self, frames: np.ndarray) -> np.ndarray:
+        (ps,) = self.scorer.run([C.PATCH_SCORES], {C.IMAGE: frames})
+        out = self.encoder.run(self.outputs, {C.IMAGE: frames, C.PATCH_SCORES: ps})
+        return out[self.outputs.index(C.ANOMALY_SCORE)].reshape(-1)
+
+
+class Served(Mode):
+    """gRPC to an ensemble with tritonclient.grpc.aio: one channel, `concurrency` coroutines."""
+
+    def __init__(self, name: str, url: str, frames: np.ndarray, loop: asyncio.AbstractEventLoop) -> None:
+        import tritonclient.grpc.aio as grpcaio
+
+        self.name = name
+        self.model = SERVED_MODEL[name]
+        self.frames = frames
+        self.loop = loop
+        self._mod = grpcaio
+
+        async def connect():  # the aio channel binds to the loop running when it is made
+            return grpcaio.InferenceServerClient(url)
+
+        self.client = loop.run_until_complete(connect())
+        self._inputs: dict[int, list] = {}
+
+    def _pool(self, batch: int) -> list:
+        if batch not in self._inputs:
+            pool = []
+            for arr in batches(self.frames, batch):
+                inp = self._mod.InferInput(C.IMAGE, list(arr.shape), "UINT8")
+                inp.set_data_from_numpy(arr)
+                pool.append([inp])
+            self._inputs[batch] = pool
+        return self._inputs[batch]
+
+    async def _infer(self, inputs: list):
+        # outputs=None: the server returns every ensemble output, as a line client receives them
+        return await self.client.infer(self.model, inputs)
+
+    def measure(self, concurrency: int, batch: int, win: Window) -> Point:
+        pool = self._pool(batch)
+        return run_async(lambda i: self._infer(pool[i % len(pool)]), concurrency, batch, win, self.loop)
+
+    def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
+        async def go() -> np.ndarray:
+            out = []
+            for i in range(0, len(frames), chunk):
+                arr = np.ascontiguousarray(frames[i:i + chunk])
+                inp = self._mod.InferInput(C.IMAGE, list(arr.shape), "UINT8")
+                inp.set_data_from_numpy(arr)
+                res = await self._infer([inp])
+                out.append(res.as_numpy(C.ANOMALY_SCORE).reshape(-1))
+            return np.concatenate(out)
+
+        return self.loop.run_until_complete(go())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())

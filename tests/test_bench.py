@@ -1,0 +1,130 @@
+"""cmg bench: the FLOP counter on hand-made graphs, the CLI's errors, and the written files'
+structure from a real (smoke-sized) run. Never the speed: the machine is shared."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cmg.cli import main
+from cmg_bench import flops
+from cmg_bench.modes import MODES, batches
+
+
+def _toy_model(dynamic_reshape: bool = False) -> onnx.ModelProto:
+    """[N,3,10,10] -Conv(5x3x3x3)-> [N,5,8,8] -Reshape-> [N,5,64] -MatMul(64x16)-> [N,5,16]
+    -Flatten-> [N,80] -Gemm(80x3, transB)-> [N,3]. Known FLOPs at batch 1:
+    Conv 2*5*8*8*(3*3*3) = 17280, MatMul 2*5*64*16 = 10240, Gemm 2*80*3 = 480."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((5, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "M"),
+        numpy_helper.from_array(rng.standard_normal((3, 80)).astype(np.float32), "G"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"])]
+    if dynamic_reshape:
+        # Shape computed in-graph from a runtime value: static inference cannot always follow it.
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
+        inits.append(numpy_helper.from_array(np.array([5, 64], np.int64), "tail"))
+        nodes += [helper.make_node("Shape", ["r"], ["s"]),
+                  helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+                  helper.make_node("Concat", ["n", "tail"], ["shape"], axis=0)]
+    else:
+        inits.append(numpy_helper.from_array(np.array([-1, 5, 64], np.int64), "shape"))
+    nodes += [helper.make_node("Reshape", ["r", "shape"], ["f"]),
+              helper.make_node("MatMul", ["f", "M"], ["m"], name="matmul"),
+              helper.make_node("Flatten", ["m"], ["fl"], axis=1),
+              helper.make_node("Gemm", ["fl", "G"], ["y"], transB=1, name="gemm")]
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("dynamic_reshape", [False, True])
+def test_flop_counter_known_graph(dynamic_reshape):
+    res = flops.count_model(_toy_model(dynamic_reshape))
+    assert res["by_op"] == {"Conv": 17280, "MatMul": 10240, "Gemm": 480}
+    assert res["flops"] == 17280 + 10240 + 480
+    assert res["nodes"] == 3 and res["unresolved"] == []
+    assert flops.count_model(_toy_model(dynamic_reshape), batch=4)["flops"] == 4 * res["flops"]
+
+
+def test_flop_counter_runtime_fallback(monkeypatch):
+    """Values static inference leaves symbolic get their shapes from one ONNX Runtime pass."""
+    real = flops._shapes
+
+    def forget(model):
+        shapes = real(model)
+        shapes.update(f=None, m=None)
+        return shapes
+
+    monkeypatch.setattr(flops, "_shapes", forget)
+    res = flops.count_model(_toy_model())
+    assert res["runtime_shapes"] == 2
+    assert res["by_op"] == {"Conv": 17280, "MatMul": 10240, "Gemm": 480}
+
+
+def test_flop_counter_file(tmp_path):
+    path = tmp_path / "toy.onnx"
+    onnx.save(_toy_model(), str(path))
+    assert flops.count_file(path)["flops"] == 28000
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        flops.count_file(tmp_path / "missing.onnx")
+
+
+def test_batches_wrap_over_frames():
+    frames = np.arange(5)[:, None, None, None].repeat(2, 1).astype(np.uint8)
+    pool = batches(frames, 3)
+    assert [b[:, 0, 0, 0].tolist() for b in pool] == [[0, 1, 2], [3, 4, 0]]
+    assert all(b.flags["C_CONTIGUOUS"] for b in pool)
+
+
+def test_bench_cli_errors(tmp_path, capsys):
+    assert main(["bench", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["bench", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--batch", "0"]) == 2
+    assert "positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_smoke_structure(tiny_run, tmp_path):
+    """The CLI path (build a cpu repository, start tritonserver, measure all modes) on a
+    smoke-sized sweep; checks what is written, not how fast anything was."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "--run", str(tiny_run), "--out", str(out), "--quick", "--concurrency", "1,2",
+               "--batch", "1,2", "--window", "0.2", "--warmup", "0.05", "--repeats", "3"])
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert {"machine", "modes", "ratios", "flops", "accuracy", "settings"} <= set(data)
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["peak_gflops"] > 0
+    assert [m["name"] for m in data["modes"]] == list(MODES)
+    for mode in data["modes"]:
+        assert 0.0 <= mode["auroc"] <= 1.0
+        assert {(p["concurrency"], p["batch"]) for p in mode["points"]} == {(1, 1), (2, 1), (1, 2), (2, 2)}
+        for p in mode["points"]:
+            assert {"concurrency", "batch", "throughput", "p50_ms", "p90_ms", "p95_ms", "p99_ms"} <= set(p)
+            assert p["requests"] >= 1 and p["p50_ms"] <= p["p90_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        assert mode["flops_per_frame"] > 0
+    exact = next(m for m in data["modes"] if m["name"] == "served_cmg_exact")
+    onepass = next(m for m in data["modes"] if m["name"] == "served_cmg")
+    assert exact["flops_per_frame"] > onepass["flops_per_frame"]  # P+1 teacher passes
+    for name in ("onepass_vs_exact_throughput", "served_vs_torch_eager_throughput",
+                 "served_vs_ort_inprocess_throughput", "onepass_vs_exact_p50_latency",
+                 "served_vs_ort_inprocess_p50_latency"):
+        ratio = data["ratios"][name]
+        assert len(ratio["pairs"]) == 3
+        assert ratio["median"] == pytest.approx(float(np.median([p["ratio"] for p in ratio["pairs"]])))
+    assert data["ratios"]["served_vs_ort_inprocess_throughput"]["a"]["concurrency"] == 8
+    # Same weights, same frames: the served one-pass scores equal in-process ONNX Runtime's.
+    assert data["parity_max_abs_score_diff"]["modes"]["served_cmg"] < 1e-4
+    md = (out / "bench.md").read_text()
+    assert "| Concurrency | Batch | Inferences/Second |" in md and "onepass_vs_exact_throughput" in md
+    for name in (*(f"latency_throughput_{m}.png" for m in MODES), "ratios.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
