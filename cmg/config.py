@@ -72,7 +72,8 @@ class CMLEConfig:
     lam: float = 1.0              # weight of the CMLE term
     embed_dim: int = 64           # D, the global embedding z
     patch_dim: int = 64           # per-patch feature size
-    patch_layer: int = -1         # teacher block whose patch tokens feed the local score (-1: last)
+    patch_source: str = "embedding"  # local features: embedding (teacher patch embedding) | tokens
+    patch_layer: int = -1         # with patch_source tokens: the block whose tokens are used (-1: last)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3

@@ -112,8 +112,9 @@ def keep_mask(scores: Tensor, rule: str = "relative", alpha: float = 0.2, rho: f
     relative: r > alpha * max(r) per image (all kept when max <= 0: nothing is relevant, so
     nothing may be discarded), grown by one patch (3x3 max-pool) when `grow`.
     top_rho: exactly the top round(rho*P) patches (TopK indices scattered into a zero
-    map, so ties at the noise floor cannot inflate it): a fixed fraction, never grown. Only ReduceMax/Greater/MaxPool/TopK-style ops, no python
-    branching on values, so the rule exports into the serving graph.
+    map, so ties at the noise floor cannot inflate it): a fixed fraction, never grown.
+    Only ReduceMax/Greater/MaxPool/TopK/ScatterElements ops, no python branching on
+    values, so the rule exports into the serving graph.
     """
     if scores.ndim != 3:
         raise ValueError(f"keep_mask: scores must be [B,G,G], got {list(scores.shape)}")

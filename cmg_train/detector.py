@@ -21,13 +21,16 @@ class CMGDetector(nn.Module):
     (ANOMALY_SCORE [B,1], IS_ANOMALY [B,1], ANOMALY_MAP [B,G,G], KEEP_MASK uint8 [B,G,G],
     EMBEDDING [B,D])."""
 
-    def __init__(self, cfg: Config, teacher: Teacher, head: CMLEHead, use_mask: bool = True):
+    def __init__(self, cfg: Config, teacher: Teacher, head: CMLEHead | None, use_mask: bool = True):
         super().__init__()
         self.teacher = teacher
         self.head = head
         self.use_mask = use_mask
         self.grid = teacher.grid
         self.cmer_cfg = cfg.cmer
+        if cfg.cmle.patch_source not in ("embedding", "tokens"):
+            raise ValueError(f"cmle.patch_source {cfg.cmle.patch_source!r}: expected embedding or tokens")
+        self.patch_source = cfg.cmle.patch_source
         self.patch_layer = cfg.cmle.patch_layer
         self.k_global = cfg.scoring.k_global
         self.fusion = cfg.scoring.fusion
@@ -48,6 +51,12 @@ class CMGDetector(nn.Module):
         x = self.teacher.preprocess(frames)
         x = apply_mask(x, keep)
         pooled, tokens = self.teacher.visual_features(x, layer=self.patch_layer)
+        if self.patch_source == "embedding":
+            # The teacher's patch embedding, before position embeddings and attention: it is
+            # translation-equivariant like PatchCore's CNN features, so a part's patch matches
+            # normal patches seen at other positions. Transformer tokens carry absolute position,
+            # which made a part that moved score as anomalous (local AUROC below chance).
+            tokens = self.teacher.clip.visual.conv1(x).flatten(2).transpose(1, 2)
         return keep, pooled, tokens
 
     def set_banks(self, global_bank: torch.Tensor, patch_bank: torch.Tensor) -> None:

@@ -66,8 +66,8 @@ def fit_detector(
     """
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        probe = teacher.visual_features(teacher.preprocess(train_frames[:1]), layer=cfg.cmle.patch_layer)
-    head = CMLEHead(probe[0].shape[-1], probe[1].shape[-1], cfg.cmle.embed_dim, cfg.cmle.patch_dim)
+        probe = CMGDetector(cfg, teacher, None, use_mask).features(train_frames[:1], train_scores[:1])
+    head = CMLEHead(probe[1].shape[-1], probe[2].shape[-1], cfg.cmle.embed_dim, cfg.cmle.patch_dim)
     det = CMGDetector(cfg, teacher, head, use_mask=use_mask).eval()
     keep, pooled, tokens = batched(det.features, train_frames, train_scores, progress=progress,
                                    desc="encoder features")
@@ -97,18 +97,6 @@ def fit_detector(
         "head_loss_first_last": [head_metrics["history"][0]["loss"], head_metrics["history"][-1]["loss"]],
     }
     return det, metrics
-
-
-def cmer_report(cfg: Config, ds: MVTecFolder, samples: list, relevance: torch.Tensor,
-                scores: torch.Tensor) -> dict:
-    """Keep-mask quality on held-out images: part recall and clutter removed (needs meta.jsonl)."""
-    size = (cfg.data.image_size, cfg.data.image_size)
-    parts = [ds.part_mask(s, size) for s in samples]
-    clutter = [ds.clutter_mask(s, size) for s in samples]
-    if any(m is None for m in parts + clutter):
-        return {"mask_quality": "skipped: the data has no part/clutter masks (meta.jsonl)"}
-    return cmer.cmer_metrics(relevance, torch.from_numpy(np.stack(parts)), torch.from_numpy(np.stack(clutter)),
-                             cfg.cmer, scores, seed=cfg.seed)
 
 
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
@@ -142,7 +130,7 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     scorer, scorer_metrics = cmer.train_scorer(cfg, teacher, frames[tr], relevance[tr], out, progress)
     scorer.eval().requires_grad_(False)
     (scores,) = batched(cmer.ScorerGraph(teacher.preprocess, scorer), frames)
-    cmer_metrics = cmer_report(cfg, ds, [samples[i] for i in va], relevance[va], scores[va])
+    cmer_metrics = cmer.cmer_report(cfg, ds, [samples[i] for i in va], frames[va], relevance[va], scores[va])
     timings["cmer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
