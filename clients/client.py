@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,9 +357,8 @@ class CMGClient:
             import tritonclient.utils.shared_memory as shm
 
             for name, handle in self._shm_regions:
-                # server gone: the region is still ours to destroy
-                with contextlib.suppress(Exception):
-                    self._client.unregister_system_shared_memory(name)
+                self._unregister(name)
+                # also when the server is gone: the region is still ours to destroy
                 with contextlib.suppress(Exception):
                     shm.destroy_shared_memory_region(handle)
             self._shm_regions = []
@@ -366,6 +367,18 @@ class CMGClient:
             with contextlib.suppress(Exception):
                 client.close()
             self._client = None
+
+    def _unregister(self, name: str, attempts: int = 3) -> None:
+        """Unregister a region; a busy server gets a few tries, a gone one needs none."""
+        for attempt in range(attempts):
+            try:
+                self._client.unregister_system_shared_memory(name)
+                return
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and grpc types
+                if attempt == attempts - 1 or "unavailable" in str(exc).lower():
+                    warnings.warn(f"could not unregister shared memory region {name}: {exc}", stacklevel=3)
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     def __enter__(self) -> CMGClient:
         return self

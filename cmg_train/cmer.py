@@ -379,8 +379,8 @@ def mask_quality(keep: Tensor, part: Tensor, clutter: Tensor, grid: int) -> dict
     kp = upsample_keep(keep, part.shape[-2:]).squeeze(1) > 0.5
     n_part, n_clutter = int(part.sum()), int(clutter.sum())
     return {
-        "part_recall": float((kp & part).sum()) / n_part if n_part else float("nan"),
-        "clutter_removed": float((~kp & clutter).sum()) / n_clutter if n_clutter else float("nan"),
+        "part_recall": float((kp & part).sum()) / n_part if n_part else None,  # no part pixels: undefined (JSON null)
+        "clutter_removed": float((~kp & clutter).sum()) / n_clutter if n_clutter else None,  # clean data: no clutter to remove
         "keep_fraction": float(keep.float().mean()),
     }
 

@@ -87,6 +87,10 @@ def test_ablation_table_on_the_tiny_run(run, tiny_data):
         assert 0.0 <= rows[name]["image_auroc"] <= 1.0
         assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0
         assert set(rows[name]["per_defect"]) == {"scratch", "hole", "stain", "deformation", "wrong_part"}
+        lo, hi = rows[name]["image_auroc_ci95"]
+        assert lo <= rows[name]["image_auroc"] <= hi
+    lo, hi = rows["cmg"]["delta_vs_baseline_ci95"]
+    assert lo <= rows["cmg"]["delta_vs_baseline"] <= hi
     # Same seed, same code path: the run's own configuration (CMG) is reproduced exactly.
     assert rows["cmg"]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-6)
     eval_dir = run.path / "eval"
