@@ -229,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=None, help="instances per model")
     parser.add_argument("--version", type=int, default=1, help="model version dir to write")
     parser.add_argument("--cpu-threads", type=int, default=0,
-                        help="cpu target: ONNX Runtime threads per instance (0 = cores // instances)")
+                        help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
 
