@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import CMERConfig, Config
 from cmg.errors import CMGError
+from cmg_train.runlog import append_jsonl
 
 from .teacher import Preprocess, Teacher
 
@@ -225,11 +225,6 @@ def normalised_target(relevance: Tensor) -> Tensor:
     return torch.where(peak > 0, target, torch.ones_like(target))
 
 
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def keep_iou(a: Tensor, b: Tensor) -> float:
     """Mean per-image IoU of two keep masks [N,G,G] (an image where both keep nothing counts 1)."""
     a, b = a.flatten(1) > 0.5, b.flatten(1) > 0.5
@@ -323,7 +318,7 @@ def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tenso
             step += 1
             value = loss.detach().item()
             losses.append(value)
-            _log(log_path, {"stage": "cmer_scorer", "epoch": epoch, "step": step, "loss": value})
+            append_jsonl(log_path, {"stage": "cmer_scorer", "epoch": epoch, "step": step, "loss": value})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
     bar.close()

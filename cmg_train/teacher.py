@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config, TeacherConfig
 from cmg.errors import CMGError
+from cmg_train.runlog import append_jsonl
 
 VOCAB_SIZE = 49408  # open_clip's BPE vocabulary (SimpleTokenizer)
 # Occlusion augmentation while training from scratch: this share of each batch gets up
@@ -310,11 +310,6 @@ def _random_fill(x: Tensor, grid: int, gen: torch.Generator) -> Tensor:
     return x * F.interpolate(keep, size=x.shape[-2:], mode="nearest")
 
 
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def train_teacher(cfg: Config, out_dir: Path, progress: bool = True) -> tuple[Teacher, dict]:
     """Train a scratch teacher on synthetic scenes of ALL categories (or build an open_clip one).
 
@@ -383,7 +378,7 @@ def train_teacher(cfg: Config, out_dir: Path, progress: bool = True) -> tuple[Te
             value = loss.detach().item()
             losses.append(value)
             ep.append(value)
-            _log(log_path, {"stage": "teacher", "epoch": epoch, "step": step, "loss": value})
+            append_jsonl(log_path, {"stage": "teacher", "epoch": epoch, "step": step, "loss": value})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
         epoch_losses.append(float(np.mean(ep)))

@@ -7,6 +7,7 @@ checkpoint.py), metrics.json, train_log.jsonl and plots.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from cmg_train.checkpoint import save_run
 from cmg_train.cmle import CaptionGraph, CMLEHead, build_caption_graph, train_cmle_head
 from cmg_train.detector import CMGDetector
 from cmg_train.memory_bank import greedy_coreset
+from cmg_train.runlog import append_jsonl
 from cmg_train.teacher import Teacher, train_teacher
 
 
@@ -106,9 +108,7 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
 
-    def log(record: dict) -> None:
-        with log_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    log = functools.partial(append_jsonl, log_path)
 
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
