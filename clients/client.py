@@ -2,7 +2,8 @@
 
 The server is the source of truth for frame size, grid and batch limit: the client reads
 them from the model's metadata and config, so no run folder is needed on the client host.
-Imports no torch (tests check it): it runs on line PCs that only have numpy and Pillow.
+Requests, answers and retry rules come from `cmg_clients.core`. Imports no torch (tests
+check it): it runs on line PCs that only have numpy and Pillow.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,81 +23,39 @@ from PIL import Image
 from cmg import contract as C
 from cmg.contract import Contract
 from cmg.errors import CMGError
-from cmg.frames import load_frame, to_frame
-
-PROTOCOLS = ("grpc", "http")
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-OUTPUTS = (C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.PATCH_SCORES, C.KEEP_MASK)
+from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
+from cmg_clients import core
+from cmg_clients.core import (  # noqa: F401 - re-exported: the client's public names
+    DEFAULT_PORTS,
+    OUTPUTS,
+    PROTOCOLS,
+    Result,
+    RetryPolicy,
+    contract_from_metadata,
+    normalize_url,
+    results_from_arrays,
+)
 
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
 
 
 class InferError(CMGError):
-    """Triton refused a request; `status` keeps Triton's code (e.g. StatusCode.INVALID_ARGUMENT)."""
+    """Triton refused or did not answer a request.
 
-    def __init__(self, message: str, status: str | None = None):
+    `status` keeps Triton's code (e.g. StatusCode.INVALID_ARGUMENT); `kind` is the core's
+    verdict (transient, deadline, permanent), so callers need not parse messages.
+    """
+
+    def __init__(self, message: str, status: str | None = None, kind: str = core.PERMANENT):
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
-
-@dataclass
-class Result:
-    """One frame's answer from the ensemble."""
-
-    score: float
-    is_anomaly: bool
-    anomaly_map: np.ndarray  # FP32 [G, G], zero where the keep-mask discarded the patch
-    patch_scores: np.ndarray  # FP32 [G, G], CMER relevance
-    keep_mask: np.ndarray  # UINT8 [G, G]
-
-    def to_json(self) -> dict[str, Any]:
-        """The scalar part, for JSON lines (maps are kept out: they are per-frame arrays)."""
-        return {"score": self.score, "is_anomaly": self.is_anomaly}
-
-
-def normalize_url(url: str, protocol: str = "grpc") -> str:
-    """`HOST:PORT` as tritonclient wants it; accepts `grpc://`/`http://` prefixes and a bare host."""
-    for prefix in ("grpc://", "http://", "https://"):
-        if url.startswith(prefix):
-            url = url[len(prefix) :]
-    url = url.rstrip("/")
-    if not url:
-        raise CMGError("empty server URL")
-    if ":" not in url:
-        url = f"{url}:{DEFAULT_PORTS[protocol]}"
-    return url
-
-
-def results_from_arrays(outputs: dict[str, np.ndarray]) -> list[Result]:
-    """Split batched output arrays into per-frame Results."""
-    score = outputs[C.ANOMALY_SCORE].reshape(-1)
-    flag = outputs[C.IS_ANOMALY].reshape(-1)
-    return [
-        Result(
-            score=float(score[i]),
-            is_anomaly=bool(flag[i]),
-            anomaly_map=np.array(outputs[C.ANOMALY_MAP][i], dtype=np.float32),
-            patch_scores=np.array(outputs[C.PATCH_SCORES][i], dtype=np.float32),
-            keep_mask=np.array(outputs[C.KEEP_MASK][i], dtype=np.uint8),
-        )
-        for i in range(score.shape[0])
-    ]
-
-
-def _tensor_dims(entries: list[dict], name: str, model: str) -> list[int]:
-    for e in entries:
-        if e["name"] == name:
-            return [int(d) for d in e["shape"]]
-    raise CMGError(f"model '{model}' has no tensor {name}: is it a CMG ensemble?")
-
-
-def contract_from_metadata(metadata: dict, model: str) -> Contract:
-    """H, W from IMAGE and G from ANOMALY_MAP; the ensemble does not expose D (set to 0)."""
-    image = _tensor_dims(metadata["inputs"], C.IMAGE, model)
-    amap = _tensor_dims(metadata["outputs"], C.ANOMALY_MAP, model)
-    if len(image) != 4 or image[-1] != 3 or len(amap) != 3:
-        raise CMGError(f"model '{model}': IMAGE {image} / ANOMALY_MAP {amap} do not match the CMG contract")
-    return Contract(height=image[1], width=image[2], grid=amap[-1], embed_dim=0)
+    @property
+    def server_gone(self) -> bool:
+        """The server did not answer at all (every further request would fail the same way)."""
+        return self.kind in (core.TRANSIENT, core.DEADLINE) and self.status in (
+            None, "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "UNAVAILABLE")
 
 
 class CMGClient:
@@ -105,7 +63,9 @@ class CMGClient:
 
     Batches are split into chunks of the model's max_batch_size. With `shm=True` the
     tensors travel through system shared memory regions registered with the server
-    (same host only) and are unregistered and destroyed on `close()`.
+    (same host only) and are unregistered and destroyed on `close()`. Inference calls
+    that fail transiently (model reloading, server busy) are retried per `retry`; the
+    start-up handshake is not, so a wrong URL fails at once.
     """
 
     def __init__(
@@ -116,13 +76,18 @@ class CMGClient:
         contract: Contract | None = None,
         shm: bool = False,
         timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         if protocol not in PROTOCOLS:
             raise CMGError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.url = normalize_url(url, protocol)
         self.model = model
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = core.positive_seconds(timeout_s, "timeout")
+        self.retry = retry or RetryPolicy(max_retries=0)
+        self.max_pixels = int(max_pixels)
+        self.retries = 0  # transient failures retried so far
         self._shm_regions: list[tuple[str, Any]] = []
         self._shm_layout: dict[str, Any] | None = None
         self._client = self._connect()
@@ -154,8 +119,12 @@ class CMGClient:
         except Exception as exc:  # bad URL syntax
             raise CMGError(f"cannot create a {self.protocol} client for {self.url}: {exc}") from exc
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        """Run a tritonclient call, turning transport failures into messages naming the URL."""
+    def _where(self) -> str:
+        return f"Triton server at {self.url} ({self.protocol})"
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        """Run a tritonclient call; failures become InferErrors that say what happened:
+        a deadline as a deadline, a server that is not there as unreachable."""
         from tritonclient.utils import InferenceServerException
 
         if self.protocol == "grpc":
@@ -163,24 +132,32 @@ class CMGClient:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            status = exc.status()
-            if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):
-                raise InferError(
-                    f"Triton server at {self.url} ({self.protocol}) unreachable during {what}: {exc.message()}",
-                    status,
-                ) from exc
-            raise InferError(f"{what} on model '{self.model}' at {self.url}: {exc.message()}", status) from exc
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            raise InferError(
-                f"Triton server at {self.url} ({self.protocol}) unreachable during {what}: {exc}",
-                "UNAVAILABLE",
-            ) from exc
-        except Exception as exc:  # geventhttpclient raises its own types for refused/timeouts
-            if self.protocol == "http" and type(exc).__module__.startswith(("gevent", "geventhttpclient")):
-                raise InferError(
-                    f"Triton server at {self.url} (http) unreachable during {what}: {exc}", "UNAVAILABLE"
-                ) from exc
+            failure = core.classify(exc)
+            if failure.kind == core.DEADLINE:
+                raise self._deadline(what, failure) from exc
+            if failure.status == "StatusCode.UNAVAILABLE" or (failure.status is None and failure.reconnect):
+                raise InferError(f"{self._where()} unreachable during {what}: {failure.message}",
+                                 failure.status or "UNAVAILABLE", failure.kind) from exc
+            raise InferError(f"{what} on model '{self.model}' at {self.url}: {failure.message}",
+                             failure.status, failure.kind) from exc
+        except Exception as exc:  # noqa: BLE001 - transport errors of grpc, geventhttpclient, sockets
+            failure = core.classify(exc)
+            if failure.kind == core.DEADLINE:
+                raise self._deadline(what, failure) from exc
+            if failure.kind == core.TRANSIENT or self.protocol == "http":
+                hint = "" if self.protocol == "grpc" else " (is it an HTTP port? gRPC is usually :8001, HTTP :8000)"
+                raise InferError(f"{self._where()} unreachable during {what}{hint}: {failure.message}",
+                                 "UNAVAILABLE", core.TRANSIENT) from exc
             raise
+        except BaseException as exc:  # gevent.Timeout derives from BaseException
+            if core.classify(exc).kind == core.DEADLINE:
+                raise self._deadline(what, core.classify(exc)) from exc
+            raise
+
+    def _deadline(self, what: str, failure: core.Failure) -> InferError:
+        return InferError(
+            f"no answer from {self._where()} within the {self.timeout_s:g} s deadline during {what} "
+            f"(--timeout): {failure.message}", failure.status or "DEADLINE_EXCEEDED", core.DEADLINE)
 
     def _check_ready(self) -> None:
         if not self._call("server readiness check", self._client.is_server_ready):
@@ -230,12 +207,12 @@ class CMGClient:
             images = [images]
         out = [self.frame(im) for im in images]
         if not out:
-            return np.zeros((0, *spec.dims), dtype=np.uint8)
+            return np.zeros((0, *spec.dims), dtype=spec.np_dtype)
         return np.stack(out)
 
     def frame(self, image: ImageLike) -> np.ndarray:
         if isinstance(image, (str, Path, bytes)):
-            return load_frame(image, self.size)
+            return load_frame(image, self.size, max_pixels=self.max_pixels)
         return to_frame(image, self.size)
 
     # -- inference --------------------------------------------------------------------
@@ -252,37 +229,37 @@ class CMGClient:
         self, frames: np.ndarray, threshold: float | None = None, batch_size: int | None = None
     ) -> dict[str, np.ndarray]:
         """Raw batched outputs for UINT8 [B, H, W, 3] frames (sent as given: no checks here)."""
+        threshold = core.finite_threshold(threshold)
         step = self.max_batch if not batch_size else max(1, min(int(batch_size), self.max_batch))
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, frames.shape[0], step):
-            parts.append(self._infer_chunk(frames[start : start + step], threshold))
+            parts.append(self._with_retries(frames[start : start + step], threshold))
         if not parts:
-            g = self.contract.grid
-            return {
-                C.ANOMALY_SCORE: np.zeros((0, 1), np.float32),
-                C.IS_ANOMALY: np.zeros((0, 1), bool),
-                C.ANOMALY_MAP: np.zeros((0, g, g), np.float32),
-                C.PATCH_SCORES: np.zeros((0, g, g), np.float32),
-                C.KEEP_MASK: np.zeros((0, g, g), np.uint8),
-            }
+            return core.empty_outputs(self.contract, self.model)
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
+
+    def _with_retries(self, frames: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+        attempt = 0
+        while True:
+            try:
+                return self._infer_chunk(frames, threshold)
+            except InferError as exc:
+                if exc.kind != core.TRANSIENT or exc.server_gone:
+                    raise
+                attempt += 1
+                if self.retry.exhausted(attempt):
+                    raise
+                self.retries += 1
+                time.sleep(self.retry.delay(attempt))
 
     def _infer_chunk(self, frames: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
         mod = self._mod
-        n = frames.shape[0]
-        image = mod.InferInput(C.IMAGE, list(frames.shape), _triton_dtype(frames.dtype))
-        inputs = [image]
-        thr = None
-        if threshold is not None:
-            thr = np.full((n, 1), float(threshold), dtype=np.float32)
-            inputs.append(mod.InferInput(C.THRESHOLD, [n, 1], "FP32"))
-        outputs = [mod.InferRequestedOutput(name) for name in OUTPUTS]
+        inputs = core.build_inputs(mod, frames, threshold, data=not self.use_shm)
+        outputs = core.requested_outputs(mod)
         if not self.use_shm:
-            image.set_data_from_numpy(frames)
-            if thr is not None:
-                inputs[1].set_data_from_numpy(thr)
             result = self._call("inference", self._client.infer, self.model, inputs, outputs=outputs)
-            return {name: result.as_numpy(name) for name in OUTPUTS}
+            return core.decode(result)
+        thr = None if threshold is None else core.threshold_values(frames.shape[0], threshold)
         return self._infer_shm(frames, thr, inputs, outputs)
 
     # -- system shared memory ---------------------------------------------------------
@@ -290,24 +267,19 @@ class CMGClient:
         """One input and one output region sized for a full batch, registered once."""
         import tritonclient.utils.shared_memory as shm
 
-        g, b = self.contract.grid, self.max_batch
+        b = self.max_batch
         spec = self.contract.image()
-        image_bytes = b * int(np.prod(spec.dims))
-        in_layout = {C.IMAGE: (0, image_bytes), C.THRESHOLD: (image_bytes, b * 4)}
-        sizes = {
-            C.ANOMALY_SCORE: (4, (1,), np.float32),
-            C.IS_ANOMALY: (1, (1,), np.bool_),
-            C.ANOMALY_MAP: (4 * g * g, (g, g), np.float32),
-            C.PATCH_SCORES: (4 * g * g, (g, g), np.float32),
-            C.KEEP_MASK: (g * g, (g, g), np.uint8),
-        }
+        image_bytes = b * int(np.prod(spec.dims)) * spec.np_dtype.itemsize
+        thr = core.THRESHOLD
+        thr_bytes = b * int(np.prod(thr.dims)) * thr.np_dtype.itemsize
+        in_layout = {C.IMAGE: (0, image_bytes), C.THRESHOLD: (image_bytes, thr_bytes)}
         out_layout, offset = {}, 0
-        for name in OUTPUTS:
-            per, shape, dtype = sizes[name]
-            out_layout[name] = (offset, per * b, per, shape, dtype)
+        for name, out in core.output_specs(self.contract, self.model).items():
+            per = int(np.prod(out.dims)) * out.np_dtype.itemsize
+            out_layout[name] = (offset, per * b, per, out.dims, out.np_dtype)
             offset += -(-per * b // 64) * 64  # keep each output 64-byte aligned
         tag = f"cmg_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        for kind, nbytes in (("in", image_bytes + b * 4), ("out", offset)):
+        for kind, nbytes in (("in", image_bytes + thr_bytes), ("out", offset)):
             name = f"{tag}_{kind}"
             try:
                 handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
@@ -392,15 +364,6 @@ class CMGClient:
                 self.close()
         except Exception:
             pass
-
-
-def _triton_dtype(dtype: np.dtype) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    name = np_to_triton_dtype(np.dtype(dtype))
-    if name is None:
-        raise CMGError(f"{C.IMAGE}: numpy dtype {dtype} has no Triton equivalent")
-    return name
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cmg_clients.client import Result
+from cmg_clients.core import Result
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -26,6 +27,37 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run"),
     "demo": ("cmg.demo", "the whole chain on the embedded default"),
 }
+
+
+# -- argument types shared by the verbs (argparse turns their errors into exit 2) ---------
+def finite_float(text: str) -> float:
+    """A finite number: NaN or inf as a threshold would silently flag nothing (or everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (timeouts, durations, rates: 0 would fail or spin at once)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
@@ -61,16 +93,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
         return 2
     module = importlib.import_module(args._module)
+    debug = bool(os.environ.get("CMG_DEBUG"))
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print(f"cmg {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except (CMGError, FrameError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("CMG_DEBUG"):
+    except (CMGError, FrameError, OSError, ValueError) as exc:
+        # Bad input or a missing prerequisite: one line naming it (a folder that is a file,
+        # a port with nothing behind it, a malformed file), exit 2.
+        if debug:
             raise
-        print(f"cmg {args.verb}: error: {exc}", file=sys.stderr)
+        details = getattr(exc, "details", None)
+        if details:
+            print(details.rstrip("\n"), file=sys.stderr)
+        print(f"cmg {args.verb}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if debug:
+            raise
+        print(f"cmg {args.verb}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(CMG_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line; an OSError says what failed on which path."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.strerror}: {exc.filename}"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":
