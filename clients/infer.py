@@ -1,7 +1,9 @@
 """`cmg infer`: score image files or folders on a running server; one JSON line per image.
 
-A bad file gets an error line and the rest go on; the exit code says whether any failed,
-so scripts can both read every answer and notice the failures.
+A bad file (unreadable, truncated, not an image, empty, over the pixel limit) gets an
+error line and the rest go on; the exit code says whether any failed, so scripts can
+both read every answer and notice the failures. A server that does not answer at all
+(unreachable, deadline) stops the run with one line and exit 2.
 """
 
 from __future__ import annotations
@@ -12,57 +14,91 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cmg import contract as C
+from cmg.frames import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cmg.cli import finite_float, positive_float, positive_int
+    from cmg_clients import core
+
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
-    parser.add_argument("--url", default=None, help="HOST:PORT (default 127.0.0.1:8001, or :8000 with --http)")
+    parser.add_argument("--url", default=None,
+                        help=f"HOST:PORT (default {core.default_url('grpc')}, or {core.default_url('http')} with --http)")
     parser.add_argument("--http", action="store_true", help="use HTTP instead of gRPC")
     parser.add_argument("--model", default=C.CMG, choices=list(C.ENSEMBLES), help="ensemble to call")
-    parser.add_argument("--batch", type=int, default=None, help="images per request (default: model's max batch)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="images per request (default: model's max batch)")
     parser.add_argument("--shm", action="store_true", help="send tensors through system shared memory")
-    parser.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--overlays", type=Path, default=None, help="write an overlay PNG per flagged image here")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per request (default 30)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries of a request the server answered 'not now' (model reloading, busy); default 3")
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
+
+
+def check_overlay_dir(folder: Path | None) -> None:
+    """Fail before any request when overlays could not be written."""
+    from cmg.errors import CMGError
+
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise CMGError(f"--overlays {folder} is a file, not a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CMGError(f"--overlays {folder}: {parent} is a file, not a folder")
+            break
 
 
 def run(args: argparse.Namespace) -> int:
     from cmg.errors import CMGError
-    from cmg.frames import FrameError
-    from cmg_clients.client import CMGClient, iter_image_paths, results_from_arrays
+    from cmg_clients import core
+    from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
 
-    if args.batch is not None and args.batch < 1:
-        raise CMGError(f"--batch must be >= 1, got {args.batch}")
+    if args.retries < 0:
+        raise CMGError(f"--retries must be >= 0, got {args.retries}")
+    check_overlay_dir(args.overlays)
     protocol = "http" if args.http else "grpc"
-    url = args.url or f"127.0.0.1:{8000 if args.http else 8001}"
+    url = args.url or core.default_url(protocol)
     paths = iter_image_paths(args.inputs)
     if not paths:
         raise CMGError(f"no images found in {' '.join(map(str, args.inputs))}")
     failed = 0
-    with CMGClient(url, protocol, model=args.model, shm=args.shm, timeout_s=args.timeout) as client:
+    retry = core.RetryPolicy(max_retries=args.retries, backoff_s=0.2, backoff_max_s=2.0)
+    with CMGClient(url, protocol, model=args.model, shm=args.shm, timeout_s=args.timeout, retry=retry,
+                   max_pixels=args.max_pixels) as client:
         step = min(args.batch or client.max_batch, client.max_batch)
         for start in range(0, len(paths), step):
             chunk = paths[start : start + step]
             lines: list[dict] = []
-            good: list[tuple[int, object]] = []
+            good: list[tuple[int, np.ndarray]] = []
             for i, p in enumerate(chunk):
                 try:
                     good.append((i, client.frame(p)))
                     lines.append({})
-                except (FrameError, OSError) as exc:
-                    lines.append({"file": str(p), "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - every image problem is this image's error line
+                    lines.append({"file": str(p), "error": _frame_error(exc)})
                     failed += 1
             if good:
-                import numpy as np
-
                 frames = np.stack([f for _, f in good])
                 t0 = time.perf_counter()
                 try:
                     arrays = client.infer_arrays(frames, args.threshold, batch_size=step)
-                    results = results_from_arrays(arrays)
+                except InferError as exc:
+                    if exc.kind != core.PERMANENT:
+                        raise  # not about these images: every further request would fail the same way
+                    for i, _ in good:
+                        lines[i] = {"file": str(chunk[i]), "error": str(exc)}
+                        failed += 1
+                else:
                     latency = (time.perf_counter() - t0) * 1000.0
-                    for (i, frame), res in zip(good, results, strict=True):
+                    for (i, frame), res in zip(good, results_from_arrays(arrays), strict=True):
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
                         if args.overlays is not None and res.is_anomaly:
@@ -70,17 +106,17 @@ def run(args: argparse.Namespace) -> int:
 
                             line["overlay"] = str(save_overlay(frame, res, _overlay_path(args.overlays, chunk[i])))
                         lines[i] = line
-                except CMGError as exc:
-                    if getattr(exc, "status", None) == "UNAVAILABLE" or "unreachable" in str(exc):
-                        raise  # the server is gone: every remaining image would fail the same way
-                    for i, _ in good:
-                        lines[i] = {"file": str(chunk[i]), "error": str(exc)}
-                        failed += 1
             for line in lines:
                 print(json.dumps(line), flush=True)
     if failed:
         print(f"cmg infer: {failed} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _frame_error(exc: BaseException) -> str:
+    from cmg.frames import FrameError
+
+    return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 
 
 def _overlay_path(folder: Path, image: Path) -> Path:

@@ -1,10 +1,14 @@
 """`cmg stream`: the factory-line client. Every frame gets exactly one JSON line, in order.
 
-Async gRPC with a bounded window of frames not yet written; a frame whose request fails
-because the server went away (refused, unavailable, deadline) is retried on a fresh
-channel with exponential backoff, never dropped and never written twice. Lines go out
-through a reorder buffer in sequence order and are flushed one by one, so `--resume`
-can continue after the last line of a crashed or stopped run.
+Async gRPC with a bounded window of frames not yet written. A request that fails for a
+reason outside the frame (server stopping or gone, model unloading or reloading, server
+busy, deadline) is retried within the retry budget (`cmg_clients.core.classify`), on a
+fresh channel when the old one may be dead, never dropped and never written twice; a
+frame that is itself bad (unreadable image, refused input) gets an error line and the
+stream goes on. Lines go out through a reorder buffer in sequence order and are flushed
+one by one, so `--resume` continues after the last line of a crashed or stopped run,
+and `--resume --retry-errors` re-scores the error lines of an earlier run (the file is
+rewritten through a temporary file and an atomic rename: a kill mid-way loses nothing).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import argparse
 import asyncio
 import contextlib
 import glob as globlib
+import itertools
 import json
-import random
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -26,17 +31,10 @@ import numpy as np
 
 from cmg import contract as C
 from cmg.errors import CMGError
+from cmg.frames import DEFAULT_MAX_PIXELS
+from cmg_clients import core
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-# gRPC codes meaning "the server is (temporarily) not there": retry the frame on a new channel.
-RETRYABLE = {
-    "StatusCode.UNAVAILABLE",
-    "StatusCode.DEADLINE_EXCEEDED",
-    "StatusCode.CANCELLED",
-    "StatusCode.ABORTED",
-    "StatusCode.RESOURCE_EXHAUSTED",
-    "StatusCode.UNKNOWN",
-}
 Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
 
 
@@ -51,47 +49,94 @@ class SourceItem:
 
 
 # -- sources ------------------------------------------------------------------------------
-def _file_items(paths: list[Path], root: Path | None) -> Iterator[SourceItem]:
-    from cmg.frames import load_frame
+class Source:
+    """Frames in a fixed order; `items(start)` begins at frame `start` (seq numbers are
+    positions in this order), `pick(seqs)` gives chosen earlier frames again."""
 
-    for p in paths:
-        fid = str(p.relative_to(root)) if root is not None else str(p)
-        yield SourceItem(fid, str(p), lambda size, p=p: load_frame(p, size))
+    count: int | None = None  # None: unknown or endless
+    fps: float | None = None  # the source's own rate, if it has one
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        raise NotImplementedError
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        """(seq, item) for the wanted seqs, in order (generic: read through)."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return
+        todo = iter(wanted)
+        target = next(todo)
+        for seq, item in enumerate(self.items(0)):
+            if seq == target:
+                yield seq, item
+                target = next(todo, None)
+                if target is None:
+                    return
 
 
-def _video_items(path: Path) -> Iterator[SourceItem]:
-    try:
-        import cv2
-    except ImportError as exc:
-        raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
-    from cmg.frames import to_frame
+class FileSource(Source):
+    def __init__(self, paths: list[Path], root: Path | None, max_pixels: int) -> None:
+        self.paths, self.root, self.max_pixels = paths, root, max_pixels
+        self.count = len(paths)
 
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise CMGError(f"cannot open video {path}")
-    try:
-        index = 0
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                return
-            rgb = np.ascontiguousarray(bgr[..., ::-1])
-            yield SourceItem(f"{path.name}#{index}", str(path), lambda size, a=rgb: to_frame(a, size))
-            index += 1
-    finally:
-        cap.release()
+    def _item(self, p: Path) -> SourceItem:
+        from cmg.frames import load_frame
+
+        fid = str(p.relative_to(self.root)) if self.root is not None else str(p)
+        return SourceItem(fid, str(p), lambda size, p=p: load_frame(p, size, max_pixels=self.max_pixels))
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        return (self._item(p) for p in self.paths[start:])
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        return ((s, self._item(self.paths[s])) for s in sorted(set(seqs)) if 0 <= s < len(self.paths))
+
+
+class VideoSource(Source):
+    def __init__(self, path: Path) -> None:
+        try:
+            import cv2
+        except ImportError as exc:
+            raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
+        self.cv2, self.path = cv2, path
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        from cmg.frames import to_frame
+
+        cap = self.cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise CMGError(f"cannot open video {self.path}")
+        try:
+            index = 0
+            while True:
+                if index < start:  # skip without decoding
+                    if not cap.grab():
+                        return
+                    index += 1
+                    continue
+                ok, bgr = cap.read()
+                if not ok:
+                    return
+                rgb = np.ascontiguousarray(bgr[..., ::-1])
+                yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
+                index += 1
+        finally:
+            cap.release()
 
 
 def parse_synth(spec: str) -> dict:
     """`synth:PRESET[?fps=..&seed=..&n=..]` -> {"preset", "fps", "seed", "n"}."""
     body = spec[len("synth:") :]
     preset, _, query = body.partition("?")
-    params = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()} if query else {}
+    try:
+        params = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()} if query else {}
+    except ValueError as exc:
+        raise CMGError(f"{spec}: malformed parameters ({exc})") from exc
     unknown = set(params) - {"fps", "seed", "n"}
     if unknown:
         raise CMGError(f"{spec}: unknown parameter(s) {', '.join(sorted(unknown))} (expected fps, seed, n)")
     try:
-        return {
+        opts = {
             "preset": preset or "tiny",
             "fps": float(params["fps"]) if "fps" in params else None,
             "seed": int(params.get("seed", 0)),
@@ -99,27 +144,47 @@ def parse_synth(spec: str) -> dict:
         }
     except ValueError as exc:
         raise CMGError(f"{spec}: {exc}") from exc
+    if opts["fps"] is not None and not (np.isfinite(opts["fps"]) and opts["fps"] > 0):
+        raise CMGError(f"{spec}: fps must be a finite number > 0")
+    if opts["n"] is not None and opts["n"] < 0:
+        raise CMGError(f"{spec}: n must be >= 0")
+    return opts
 
 
-def _synth_items(spec: str) -> Iterator[SourceItem]:
-    """Frames from the synthetic factory generator (cmg.synth), deterministic for a seed."""
-    from cmg.frames import to_frame
+class SynthSource(Source):
+    """Frames from the synthetic factory generator (cmg.synth), deterministic per index."""
 
-    opts = parse_synth(spec)
-    try:
-        from cmg import synth
-    except ImportError as exc:
-        raise CMGError(f"{spec}: the synthetic generator cmg.synth is not available ({exc})") from exc
-    label = f"synth:{opts['preset']}?seed={opts['seed']}"
-    for index, (image, info) in enumerate(synth.stream_frames(opts["preset"], seed=opts["seed"], n=opts["n"])):
-        yield SourceItem(f"{index:06d}", label, lambda size, a=image: to_frame(a, size), dict(info))
+    def __init__(self, spec: str) -> None:
+        self.opts = parse_synth(spec)
+        try:
+            from cmg import synth
+        except ImportError as exc:
+            raise CMGError(f"{spec}: the synthetic generator cmg.synth is not available ({exc})") from exc
+        if self.opts["preset"] not in synth.PRESETS:
+            raise CMGError(f"{spec}: unknown preset {self.opts['preset']!r} (known: {', '.join(synth.PRESETS)})")
+        self.synth = synth
+        self.count, self.fps = self.opts["n"], self.opts["fps"]
+        self.label = f"synth:{self.opts['preset']}?seed={self.opts['seed']}"
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        from cmg.frames import to_frame
+
+        o = self.opts
+        frames = self.synth.stream_frames(o["preset"], seed=o["seed"], n=o["n"], start=start)
+        for index, (image, info) in enumerate(frames, start):
+            yield SourceItem(f"{index:06d}", self.label, lambda size, a=image: to_frame(a, size), dict(info))
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        for s in sorted(set(seqs)):
+            item = next(self.items(s), None)
+            if item is not None:
+                yield s, item
 
 
-def open_source(spec: str) -> tuple[Iterator[SourceItem], int | None, float | None]:
-    """SRC -> (items, count if known, the source's own fps if it has one)."""
+def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+    """SRC (folder, glob, video file, a single image, synth:PRESET) -> Source."""
     if spec.startswith("synth:"):
-        opts = parse_synth(spec)
-        return _synth_items(spec), opts["n"], opts["fps"]
+        return SynthSource(spec)
     path = Path(spec)
     if path.is_dir():
         from cmg_clients.client import iter_image_paths
@@ -127,31 +192,40 @@ def open_source(spec: str) -> tuple[Iterator[SourceItem], int | None, float | No
         paths = iter_image_paths([path])
         if not paths:
             raise CMGError(f"no images in folder {path}")
-        return _file_items(paths, path), len(paths), None
+        return FileSource(paths, path, max_pixels)
     if path.is_file() and path.suffix.lower() in VIDEO_EXTS:
-        return _video_items(path), None, None
+        return VideoSource(path)
     if any(ch in spec for ch in "*?["):
         paths = [Path(p) for p in sorted(globlib.glob(spec, recursive=True)) if Path(p).is_file()]
         if not paths:
             raise CMGError(f"glob {spec} matches no files")
-        return _file_items(paths, None), len(paths), None
+        return FileSource(paths, None, max_pixels)
     if path.is_file():
-        return _file_items([path], path.parent), 1, None
+        return FileSource([path], path.parent, max_pixels)
     raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
 
 
 # -- output -------------------------------------------------------------------------------
-def read_existing(out: Path) -> tuple[int, str | None]:
-    """Lines already in OUT: (count, last frame_id). Truncates a torn last line (crash mid-write).
+@dataclass
+class Existing:
+    """What OUT already holds: line count, last frame id, and the error lines by seq."""
+
+    count: int = 0
+    last_id: str | None = None
+    errors: dict[int, str | None] = field(default_factory=dict)  # seq -> frame_id
+
+
+def scan_existing(out: Path) -> Existing:
+    """Lines already in OUT. Truncates a torn last line (crash mid-write).
 
     The lines must be seqs 0..n-1 in order, which is what this client writes; anything
     else means OUT came from somewhere else, and continuing would corrupt it.
     """
+    found = Existing()
     if not out.is_file():
-        return 0, None
+        return found
     raw = out.read_bytes()
     keep = raw if raw.endswith(b"\n") or not raw else raw[: raw.rfind(b"\n") + 1]
-    count, last_id = 0, None
     for lineno, line in enumerate(keep.splitlines(), 1):
         if not line.strip():
             continue
@@ -159,12 +233,60 @@ def read_existing(out: Path) -> tuple[int, str | None]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CMGError(f"{out}:{lineno}: not a JSON line ({exc}); cannot resume") from exc
-        if rec.get("seq") != count:
-            raise CMGError(f"{out}:{lineno}: seq {rec.get('seq')} where {count} was expected; cannot resume")
-        count, last_id = count + 1, rec.get("frame_id")
+        if not isinstance(rec, dict) or rec.get("seq") != found.count:
+            seq = rec.get("seq") if isinstance(rec, dict) else None
+            raise CMGError(f"{out}:{lineno}: seq {seq} where {found.count} was expected; cannot resume")
+        if "error" in rec:
+            found.errors[found.count] = rec.get("frame_id")
+        found.count, found.last_id = found.count + 1, rec.get("frame_id")
     if len(keep) != len(raw):
         out.write_bytes(keep)
-    return count, last_id
+    return found
+
+
+def read_existing(out: Path) -> tuple[int, str | None]:
+    """(line count, last frame_id) of OUT; see scan_existing."""
+    found = scan_existing(out)
+    return found.count, found.last_id
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_lines(out: Path, new: dict[int, dict]) -> None:
+    """Rewrite OUT with the lines of `new` (by seq) in place of the old ones, atomically:
+    a temporary file next to OUT, fsync, rename. Killed at any point, OUT is either the
+    old file or the new one."""
+    if not new:
+        return
+    tmp = out.with_name(out.name + ".rewrite.tmp")
+    with out.open("rb") as src, tmp.open("wb") as dst:
+        for seq, line in enumerate(src):
+            if seq in new:
+                dst.write(json.dumps(new[seq]).encode() + b"\n")
+            else:
+                dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def check_out_path(out: Path) -> None:
+    """OUT must be a file we can write (not a folder, not under a file)."""
+    if out.is_dir():
+        raise CMGError(f"--out {out} is a folder; give a file name such as {out / 'stream.jsonl'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CMGError(f"--out {out}: {parent} is a file, not a folder")
+            break
 
 
 # -- the stream ---------------------------------------------------------------------------
@@ -178,21 +300,31 @@ class StreamOptions:
     window: int = 16
     timeout_s: float = 10.0
     resume: bool = False
+    retry_errors: bool = False  # with resume: re-score OUT's error lines
     overwrite: bool = False
     limit: int | None = None
     max_retries: int = 30  # per frame; < 0 means no limit
     backoff_s: float = 0.1
     backoff_max_s: float = 5.0
     threshold: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool | None = None  # None: only on a terminal
+    on_line: Callable[[dict], None] | None = None  # called per written line (bench --soak)
+
+    @property
+    def retry(self) -> core.RetryPolicy:
+        return core.RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
 
 
 @dataclass
 class StreamSummary:
     out: str
-    frames: int = 0  # lines written by this run
+    frames: int = 0  # lines appended by this run
     results: int = 0
-    errors: int = 0
+    errors: int = 0  # error lines appended by this run
+    rescored: int = 0  # earlier error lines re-scored (--retry-errors)
+    fixed: int = 0  # ... of which now have a score
+    errors_in_out: int = 0  # error lines in OUT after this run (the exit status follows it)
     retries: int = 0
     reconnects: int = 0
     skipped: int = 0  # frames already in OUT (resume)
@@ -208,6 +340,8 @@ class StreamSummary:
             f"{self.frames} frames ({self.results} results, {self.errors} errors) in {self.elapsed_s:.1f}s, "
             f"{self.fps:.1f} fps, latency {lat}, {self.retries} retries, {self.reconnects} reconnects"
             + (f", {self.skipped} already in {self.out}" if self.skipped else "")
+            + (f", {self.fixed} of {self.rescored} earlier errors now scored" if self.rescored else "")
+            + (f"; {self.errors_in_out} error lines in {self.out}" if self.errors_in_out else "")
             + (f"; ABORTED: {self.aborted}" if self.aborted else "")
         )
 
@@ -264,167 +398,123 @@ class _Fatal(Exception):
     pass
 
 
-async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+def _frame_error(exc: BaseException) -> str:
+    """One frame's load failure as its error line says it (FrameError already names the file)."""
+    from cmg.frames import FrameError
 
-    from cmg_clients.client import CMGClient, normalize_url
+    return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 
-    url = normalize_url(opts.url, "grpc")
-    # Synchronous handshake: fails fast with a clear message if the server or model is wrong,
-    # and gives the frame size without a run folder.
-    with CMGClient(url, "grpc", model=opts.model, timeout_s=opts.timeout_s) as probe:
-        size = probe.size
 
-    items, count, src_fps = open_source(opts.source)
-    fps = opts.fps if opts.fps is not None else src_fps
-    total = count if opts.limit is None else (min(count, opts.limit) if count is not None else opts.limit)
+class _Scorer:
+    """Scores (seq, item) jobs with a bounded window; hands lines to `sink` in job order."""
 
-    if opts.out.exists() and opts.out.stat().st_size and not (opts.resume or opts.overwrite):
-        raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
-    start, last_id = read_existing(opts.out) if opts.resume else (0, None)
-    summary.skipped = start
-    for seq in range(start):  # skip what OUT already has; check it came from this source
-        item = next(items, None)
-        if item is None:
-            raise CMGError(f"{opts.out} has {start} lines but source {opts.source} has only {seq} frames")
-        if seq == start - 1 and last_id is not None and item.frame_id != last_id:
-            raise CMGError(
-                f"{opts.out}: last line is frame {last_id!r} but the source's frame {seq} is "
-                f"{item.frame_id!r}; it was written from another source"
-            )
+    def __init__(self, opts: StreamOptions, url: str, size: tuple[int, int], summary: StreamSummary):
+        self.opts, self.size, self.summary = opts, size, summary
+        self.channel = _Channel(url, opts.timeout_s)
+        self.latencies: list[float] = []
+        self.fatal: list[str] = []
 
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    out = open(opts.out, "a" if opts.resume else "w", encoding="utf-8")  # noqa: SIM115
-    channel = _Channel(url, opts.timeout_s)
-    window = asyncio.Semaphore(max(1, opts.window))
-    pending: dict[int, dict] = {}
-    next_write = start
-    latencies: list[float] = []
-    fatal: list[str] = []
-    progress = _Progress(total, start, opts.progress)
-    t_begin = time.perf_counter()
+    async def run(self, jobs: Iterable[tuple[int, SourceItem]], sink: Callable[[dict], None],
+                  fps: float | None, progress: _Progress) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
-    def deliver(seq: int, line: dict) -> None:
-        nonlocal next_write
-        pending[seq] = line
-        while next_write in pending:
-            rec = pending.pop(next_write)
-            out.write(json.dumps(rec) + "\n")
-            out.flush()
-            summary.frames += 1
-            if "error" in rec:
-                summary.errors += 1
-            else:
-                summary.results += 1
-            next_write += 1
-            window.release()
-            progress.update(latencies, summary)
+        opts, channel, summary = self.opts, self.channel, self.summary
+        window = asyncio.Semaphore(max(1, opts.window))
+        pending: dict[int, dict] = {}
+        next_write = 0
+        t_begin = time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+        stopping = False
+        outputs = core.requested_outputs(grpcclient)
 
-    async def handle(seq: int, item: SourceItem) -> None:
-        base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
-        try:
-            frame = await asyncio.to_thread(item.load, size)
-        except (ValueError, OSError) as exc:  # FrameError is a ValueError
-            deliver(seq, {**base, "error": str(exc)})
-            return
-        inputs = [grpcclient.InferInput(C.IMAGE, [1, *frame.shape], "UINT8")]
-        inputs[0].set_data_from_numpy(frame[None])
-        if opts.threshold is not None:
-            inputs.append(grpcclient.InferInput(C.THRESHOLD, [1, 1], "FP32"))
-            inputs[1].set_data_from_numpy(np.array([[opts.threshold]], dtype=np.float32))
-        # All ensemble outputs (outputs=None): Triton 2.47-2.51 ensembles fail with "unexpected
-        # deadlock" when a request names only a subset (triton-inference-server/server#7482).
-        outputs = None
-        attempt = 0
-        while True:
-            generation = channel.generation
-            t0 = time.perf_counter()
-            try:
-                res = await channel.client.infer(
-                    opts.model, inputs, outputs=outputs, client_timeout=opts.timeout_s
-                )
-            except InferenceServerException as exc:
-                status = str(exc.status())
-                if status not in RETRYABLE:
-                    deliver(seq, {**base, "error": f"{status}: {exc.message()}"})
-                    return
-                reason = f"{status}: {exc.message()}"
-            except asyncio.CancelledError:
-                if stopping or _really_cancelled():
-                    raise
-                reason = "call cancelled by the channel"  # grpc.aio: the channel went away under it
-            except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
-                reason = f"{type(exc).__name__}: {exc}"
-            else:
-                latency = (time.perf_counter() - t0) * 1000.0
-                latencies.append(latency)
-                deliver(seq, {
-                    **base,
-                    "score": float(res.as_numpy(C.ANOMALY_SCORE).reshape(-1)[0]),
-                    "is_anomaly": bool(res.as_numpy(C.IS_ANOMALY).reshape(-1)[0]),
-                    "latency_ms": round(latency, 3),
-                    "retries": attempt,
-                })
-                return
-            attempt += 1
-            summary.retries += 1
-            if 0 <= opts.max_retries < attempt:
-                raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
-            await channel.reset(generation)
-            delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** (attempt - 1))
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-
-    tasks: set[asyncio.Task] = set()
-    stopping = False
-
-    def on_done(task: asyncio.Task) -> None:
-        tasks.discard(task)
-        if task.cancelled():
-            if not stopping:  # a frame that ended without a line would stall the writer forever
-                fatal.append(f"{task.get_name()} was cancelled")
+        def deliver(k: int, line: dict) -> None:
+            nonlocal next_write
+            pending[k] = line
+            while next_write in pending:
+                sink(pending.pop(next_write))
+                next_write += 1
                 window.release()
-            return
-        if task.exception() is not None:
-            exc = task.exception()
-            fatal.append(str(exc) if isinstance(exc, _Fatal) else f"{type(exc).__name__}: {exc}")
-            window.release()  # wake the producer so it sees the failure instead of waiting forever
+                progress.update(self.latencies, summary)
 
-    try:
-        seq = start
-        for item in items:
-            if fatal or (opts.limit is not None and seq >= opts.limit):
-                break
-            await window.acquire()
-            if fatal:
-                break
-            if fps:
-                wait = t_begin + (seq - start) / fps - time.perf_counter()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            task = asyncio.create_task(handle(seq, item), name=f"frame {seq} ({item.frame_id})")
-            tasks.add(task)
-            task.add_done_callback(on_done)
-            seq += 1
-        while tasks and not fatal:
-            await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        stopping = True
-        for task in list(tasks):
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await channel.close()
-        out.close()
-        progress.close()
-        summary.elapsed_s = time.perf_counter() - t_begin
-        summary.reconnects = channel.reconnects
-        summary.fps = summary.frames / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
-        if latencies:
-            p50, p99 = np.percentile(np.asarray(latencies), [50, 99])
-            summary.p50_ms, summary.p99_ms = float(p50), float(p99)
-        if fatal:
-            summary.aborted = fatal[0]
+        async def handle(k: int, seq: int, item: SourceItem) -> None:
+            base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
+            try:
+                frame = await asyncio.to_thread(item.load, self.size)
+            except Exception as exc:  # noqa: BLE001 - every image problem is this frame's error line
+                deliver(k, {**base, "error": _frame_error(exc)})
+                return
+            inputs = core.build_inputs(grpcclient, frame[None], opts.threshold)
+            attempt = 0
+            while True:
+                generation = channel.generation
+                t0 = time.perf_counter()
+                reconnect = True
+                try:
+                    res = await channel.client.infer(
+                        opts.model, inputs, outputs=outputs, client_timeout=opts.timeout_s
+                    )
+                    arrays = core.decode(res)
+                except InferenceServerException as exc:
+                    failure = core.classify(exc)
+                    if failure.kind == core.PERMANENT:  # about this frame: its error line
+                        deliver(k, {**base, "error": failure.line()})
+                        return
+                    reason, reconnect = failure.line(), failure.reconnect
+                except asyncio.CancelledError:
+                    if stopping or _really_cancelled():
+                        raise
+                    reason = "call cancelled by the channel"  # grpc.aio: the channel went away under it
+                except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    latency = (time.perf_counter() - t0) * 1000.0
+                    self.latencies.append(latency)
+                    deliver(k, {**base, **core.scalars(arrays), "latency_ms": round(latency, 3),
+                                "retries": attempt})
+                    return
+                attempt += 1
+                summary.retries += 1
+                if opts.retry.exhausted(attempt):
+                    raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
+                if reconnect:
+                    await channel.reset(generation)
+                await asyncio.sleep(opts.retry.delay(attempt))
+
+        def on_done(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if task.cancelled():
+                if not stopping:  # a frame that ended without a line would stall the writer forever
+                    self.fatal.append(f"{task.get_name()} was cancelled")
+                    window.release()
+                return
+            exc = task.exception()
+            if exc is not None:
+                self.fatal.append(str(exc) if isinstance(exc, _Fatal) else f"{type(exc).__name__}: {exc}")
+                window.release()  # wake the producer so it sees the failure instead of waiting forever
+
+        try:
+            for k, (seq, item) in enumerate(jobs):
+                if self.fatal:
+                    break
+                await window.acquire()
+                if self.fatal:
+                    break
+                if fps:
+                    wait = t_begin + k / fps - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                task = asyncio.create_task(handle(k, seq, item), name=f"frame {seq} ({item.frame_id})")
+                tasks.add(task)
+                task.add_done_callback(on_done)
+            while tasks and not self.fatal:
+                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            stopping = True
+            for task in list(tasks):
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _really_cancelled() -> bool:
@@ -432,6 +522,103 @@ def _really_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
     return bool(cancelling()) if cancelling is not None else False
+
+
+async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
+    from cmg_clients.client import CMGClient
+
+    url = core.normalize_url(opts.url, "grpc")
+    core.positive_seconds(opts.timeout_s, "--timeout")
+    opts.threshold = core.finite_threshold(opts.threshold)
+    if opts.retry_errors and not opts.resume:
+        raise CMGError("--retry-errors re-scores the error lines of an earlier run: use it with --resume")
+    check_out_path(opts.out)
+    if opts.out.exists() and opts.out.stat().st_size and not (opts.resume or opts.overwrite):
+        raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
+    source = open_source(opts.source, opts.max_pixels)
+    # Synchronous handshake: fails fast with a clear message if the server or model is wrong,
+    # and gives the frame size without a run folder.
+    with CMGClient(url, "grpc", model=opts.model, timeout_s=opts.timeout_s) as probe:
+        size = probe.size
+
+    fps = opts.fps if opts.fps is not None else source.fps
+    total = source.count if opts.limit is None else (
+        min(source.count, opts.limit) if source.count is not None else opts.limit)
+
+    with contextlib.suppress(FileNotFoundError):  # a rewrite killed before its rename
+        opts.out.with_name(opts.out.name + ".rewrite.tmp").unlink()
+    found = scan_existing(opts.out) if opts.resume else Existing()
+    start = found.count
+    summary.skipped = start
+    if start:  # OUT must have come from this source: check its last line's frame
+        item = next(source.items(start - 1), None)
+        if item is None:
+            raise CMGError(f"{opts.out} has {start} lines but source {opts.source} has fewer frames")
+        if found.last_id is not None and item.frame_id != found.last_id:
+            raise CMGError(
+                f"{opts.out}: last line is frame {found.last_id!r} but the source's frame {start - 1} is "
+                f"{item.frame_id!r}; it was written from another source"
+            )
+    redo: list[tuple[int, SourceItem]] = []
+    if opts.retry_errors and found.errors:
+        redo = list(source.pick(found.errors))
+        for seq, item in redo:
+            if found.errors[seq] is not None and item.frame_id != found.errors[seq]:
+                raise CMGError(f"{opts.out}: line {seq} is frame {found.errors[seq]!r} but the source's frame "
+                               f"{seq} is {item.frame_id!r}; it was written from another source")
+
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    scorer = _Scorer(opts, url, size, summary)
+    progress = _Progress(total, start, opts.progress)
+    t_begin = time.perf_counter()
+    out = None
+    try:
+        if redo:
+            redone: dict[int, dict] = {}
+
+            def keep(line: dict) -> None:
+                redone[line["seq"]] = line
+                summary.rescored += 1
+                if "error" not in line:
+                    summary.fixed += 1
+                if opts.on_line:
+                    opts.on_line(line)
+
+            try:
+                await scorer.run(redo, keep, None, _Progress(len(redo), 0, False))
+            finally:  # also when aborted: what was re-scored is kept
+                replace_lines(opts.out, {s: line for s, line in redone.items() if "error" not in line})
+        if not scorer.fatal:
+            out = open(opts.out, "a" if opts.resume else "w", encoding="utf-8")  # noqa: SIM115
+
+            def write(line: dict) -> None:
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                summary.frames += 1
+                if "error" in line:
+                    summary.errors += 1
+                else:
+                    summary.results += 1
+                if opts.on_line:
+                    opts.on_line(line)
+
+            count = max(0, (opts.limit if opts.limit is not None else 1 << 62) - start)
+            jobs = enumerate(itertools.islice(source.items(start), count), start)
+            await scorer.run(jobs, write, fps, progress)
+    finally:
+        await scorer.channel.close()
+        if out is not None:
+            out.close()
+        progress.close()
+        summary.elapsed_s = time.perf_counter() - t_begin
+        summary.reconnects = scorer.channel.reconnects
+        summary.fps = summary.frames / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+        if scorer.latencies:
+            p50, p99 = np.percentile(np.asarray(scorer.latencies), [50, 99])
+            summary.p50_ms, summary.p99_ms = float(p50), float(p99)
+        summary.errors_in_out = len(found.errors) - summary.fixed + summary.errors
+        if scorer.fatal:
+            summary.aborted = scorer.fatal[0]
 
 
 class _Progress:
@@ -476,38 +663,45 @@ def run_stream(opts: StreamOptions) -> StreamSummary:
 
 # -- command line -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC HOST:PORT (default 127.0.0.1:8001)")
+    from cmg.cli import finite_float, positive_float, positive_int
+
+    parser.add_argument("--url", default=core.default_url("grpc"),
+                        help=f"gRPC HOST:PORT (default {core.default_url('grpc')})")
     parser.add_argument("--source", required=True,
                         help="folder, glob, video file (OpenCV) or synth:PRESET[?fps=..&seed=..&n=..]")
     parser.add_argument("--out", required=True, type=Path, help="JSONL output, one line per frame")
     parser.add_argument("--model", default=C.CMG, choices=list(C.ENSEMBLES), help="ensemble to call")
-    parser.add_argument("--fps", type=float, default=None, help="frame rate to send at (default: as fast as possible)")
-    parser.add_argument("--window", type=int, default=16, help="frames in flight, not yet written (default 16)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    parser.add_argument("--fps", type=positive_float, default=None,
+                        help="frame rate to send at (default: as fast as possible)")
+    parser.add_argument("--window", type=positive_int, default=16,
+                        help="frames in flight, not yet written (default 16)")
+    parser.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per request (default 10)")
     parser.add_argument("--resume", action="store_true", help="continue after the last line already in OUT")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="with --resume: re-score the error lines already in OUT (rewritten atomically)")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh if it exists")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many frames in OUT")
     parser.add_argument("--max-retries", type=int, default=30,
                         help="tries per frame while the server is away before giving up (-1: forever)")
-    parser.add_argument("--backoff-max", type=float, default=5.0, help="longest wait between retries (s)")
-    parser.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--backoff-max", type=positive_float, default=5.0,
+                        help="longest wait between retries (s)")
+    parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.window < 1:
-        raise CMGError(f"--window must be >= 1, got {args.window}")
-    if args.fps is not None and args.fps <= 0:
-        raise CMGError(f"--fps must be > 0, got {args.fps}")
     if args.limit is not None and args.limit < 0:
         raise CMGError(f"--limit must be >= 0, got {args.limit}")
     opts = StreamOptions(
         url=args.url, source=args.source, out=args.out, model=args.model, fps=args.fps,
-        window=args.window, timeout_s=args.timeout, resume=args.resume, overwrite=args.overwrite,
-        limit=args.limit, max_retries=args.max_retries, backoff_max_s=args.backoff_max,
-        threshold=args.threshold, progress=False if args.no_progress else None,
+        window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
+        overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
+        backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
+        progress=False if args.no_progress else None,
     )
     summary = run_stream(opts)
     print(f"cmg stream: {summary.line()}", file=sys.stderr)
     print(json.dumps(asdict(summary)))
-    return 1 if summary.aborted else 0
+    return 1 if summary.aborted or summary.errors_in_out else 0

@@ -648,15 +648,17 @@ def random_scenes(n: int, size: int, seed: int, categories: Sequence[str] = CATE
 
 
 def stream_frames(preset: str = "tiny", seed: int = 0, n: int | None = None, category: str = "hex_nut",
-                  anomaly_rate: float = 0.1, clutter: bool = True) -> Iterator[tuple[np.ndarray, dict]]:
+                  anomaly_rate: float = 0.1, clutter: bool = True, start: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
     """A factory line's camera: (frame, info) pairs, mostly good parts, some anomalies.
 
-    Used by the stream client's `synth:` source; `n=None` streams forever.
+    Used by the stream client's `synth:` source; `n=None` streams forever. Frame i depends
+    only on (seed, i), so `start` skips ahead without rendering the frames before it
+    (a resumed stream does not redraw what it already has).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     size = PRESETS[preset].image_size
-    i = 0
+    i = max(0, int(start))
     while n is None or i < n:
         rng = np.random.default_rng([seed, 11, i])
         kind = ANOMALIES[int(rng.integers(len(ANOMALIES)))] if rng.random() < anomaly_rate else "good"

@@ -50,11 +50,12 @@ def test_read_existing_rejects_foreign_file(tmp_path):
 
 def test_sources(tmp_path):
     _write_frames(tmp_path / "d", 3)
-    items, count, fps = open_source(str(tmp_path / "d"))
-    assert count == 3 and fps is None
-    assert [i.frame_id for i in items] == ["f0000.png", "f0001.png", "f0002.png"]
-    items, count, _ = open_source(str(tmp_path / "d" / "f000[12].png"))
-    assert count == 2
+    src = open_source(str(tmp_path / "d"))
+    assert src.count == 3 and src.fps is None
+    assert [i.frame_id for i in src.items()] == ["f0000.png", "f0001.png", "f0002.png"]
+    assert [i.frame_id for i in src.items(1)] == ["f0001.png", "f0002.png"]
+    assert [(s, i.frame_id) for s, i in src.pick([2, 0])] == [(0, "f0000.png"), (2, "f0002.png")]
+    assert open_source(str(tmp_path / "d" / "f000[12].png")).count == 2
     with pytest.raises(CMGError, match="matches no files"):
         open_source(str(tmp_path / "*.jpg"))
     with pytest.raises(CMGError, match="not a folder"):
@@ -62,6 +63,19 @@ def test_sources(tmp_path):
     assert parse_synth("synth:tiny?fps=5&seed=3&n=10") == {"preset": "tiny", "fps": 5.0, "seed": 3, "n": 10}
     with pytest.raises(CMGError, match="unknown parameter"):
         parse_synth("synth:tiny?speed=3")
+
+
+def test_synth_source_skips_and_picks_without_redrawing():
+    """Frame i depends only on (seed, i): a resumed stream starts at i, a re-score picks i."""
+    src = open_source("synth:tiny?n=6&seed=2")
+    full = list(src.items())
+    later = list(src.items(4))
+    assert [i.frame_id for i in later] == ["000004", "000005"]
+    for a, b in zip(full[4:], later, strict=True):
+        np.testing.assert_array_equal(a.load((64, 64)), b.load((64, 64)))
+        assert a.extra == b.extra
+    picked = dict(src.pick([5, 1]))
+    np.testing.assert_array_equal(picked[1].load((64, 64)), full[1].load((64, 64)))
 
 
 # -- real server --------------------------------------------------------------------------
