@@ -51,6 +51,16 @@ def _tensor(msg_type, spec: TensorSpec, optional: bool):
     return t
 
 
+def finite_inputs(spec: ModelSpec) -> str:
+    """Inputs the Python backend must check for NaN/inf: THRESHOLD wherever a model takes it.
+
+    The ensembles pass THRESHOLD on unchecked; on the cpu target the encoder's model.py
+    checks it, on the GPU targets the `cmg_threshold` step does (an ONNX Runtime or
+    TensorRT model cannot refuse a value, so a direct call to their encoder is unchecked).
+    """
+    return ",".join(t.name for t in spec.inputs if t.name == THRESHOLD)
+
+
 def threshold_optional_in(target: str) -> bool:
     """Whether the encoder model itself takes THRESHOLD as an optional input.
 
@@ -89,6 +99,9 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
         cfg.parameters["intra_op_threads"].string_value = str(cpu_threads)
+        finite = finite_inputs(spec)
+        if finite:  # model.py answers INVALID_ARG for a NaN/inf THRESHOLD
+            cfg.parameters["finite_inputs"].string_value = finite
     elif target == "onnxruntime":
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
@@ -115,6 +128,7 @@ def threshold_model_config(contract: Contract, serving: Serving, threshold: floa
     cfg.parameters["onnx_file"].string_value = "model.onnx"
     cfg.parameters["intra_op_threads"].string_value = "1"
     cfg.parameters["default_threshold"].string_value = repr(float(threshold))
+    cfg.parameters["finite_inputs"].string_value = THRESHOLD  # the GPU targets' only value check
     return cfg
 
 

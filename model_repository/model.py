@@ -15,6 +15,8 @@ exactly the requests that did not override it.
 Config parameters (string values):
   onnx_file         graph file in the version dir (default model.onnx)
   intra_op_threads  ONNX Runtime threads per instance; 0 = cores // (instances x 2)
+  finite_inputs     comma-separated inputs whose values must all be finite (THRESHOLD:
+                    a NaN threshold would never flag anything); others answer INVALID_ARG
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class TritonPythonModel:
         self.max_batch = int(config.get("max_batch_size", 0)) or 1
         self.inputs = [_Spec(t) for t in config["input"]]
         self.outputs = [_Spec(t) for t in config["output"]]
+        self.finite = {n.strip() for n in params.get("finite_inputs", "").split(",") if n.strip()}
+        unknown = self.finite - {t.name for t in self.inputs}
+        if unknown:
+            raise pb_utils.TritonModelException(f"{self.name}: finite_inputs {sorted(unknown)} are not inputs")
 
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         threads = int(params.get("intra_op_threads") or 0)
@@ -117,6 +123,9 @@ class TritonPythonModel:
             problem = spec.check(array, self.max_batch)
             if problem:
                 return None, f"{self.name}: {problem}"
+            if spec.name in self.finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = array[~np.isfinite(array)].reshape(-1)[0]
+                return None, f"{self.name}: input '{spec.name}' must be finite, got {bad}"
             if batch is not None and array.shape[0] != batch:
                 return None, f"{self.name}: input '{spec.name}' has batch {array.shape[0]}, other inputs {batch}"
             batch = array.shape[0]
