@@ -167,3 +167,52 @@ class MVTecFolder:
     def clutter_mask(self, sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
         """bool [H, W] irrelevant clutter pixels (synthetic data only), else None."""
         return self._meta_mask(sample, "clutter_mask", size)
+
+
+def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
+                          min_unique_captions: int = 20, min_images: int = 8) -> dict:
+    """Everything `cmg train` needs from the data folder, checked before any training.
+
+    Layout (`train/good` with at least `min_images` images), every training image readable
+    (through the same `cmg.frames` conversion training uses), and, when CMLE is on
+    (`need_captions`), a `captions.jsonl` giving every training image a non-empty caption
+    with at least `min_unique_captions` distinct ones. Raises CMGError naming the first
+    problem; returns counts. (CMLE builds its graph on the training share after the
+    held-out split, so a count just at the minimum can still fall short there.)
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CMGError(f"dataset folder not found: {root}")
+    if not root.is_dir():
+        raise CMGError(f"dataset {root} is a file, not a folder")
+    good = root / "train" / "good"
+    if not good.is_dir():
+        raise CMGError(f"dataset {root}: missing folder {good} (expected the MVTec layout train/good/*.png)")
+    images = sorted(p for p in good.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(images) < min_images:
+        raise CMGError(f"dataset {root}: {good} has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}); "
+                       f"training needs at least {min_images}")
+    for path in images:
+        load_frame(path, (image_size, image_size))  # FrameError names the file
+    summary = {"images": len(images), "captions": 0, "unique_captions": 0}
+    if not need_captions:
+        return summary
+    cap_path = root / "captions.jsonl"
+    hint = "add one caption per training image, or set cmle.enabled: false in the config"
+    if not cap_path.is_file():
+        raise CMGError(f"dataset {root}: no captions.jsonl, which CMLE needs ({hint})")
+    captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, root, ("file", "caption")).items()}
+    rels = [p.relative_to(root).as_posix() for p in images]
+    missing = [r for r in rels if r not in captions]
+    if missing:
+        raise CMGError(f"{cap_path}: {len(missing)} of {len(rels)} training images have no caption "
+                       f"(first: {', '.join(missing[:3])}); {hint}")
+    empty = [r for r in rels if not captions[r].strip()]
+    if empty:
+        raise CMGError(f"{cap_path}: {len(empty)} training images have an empty caption (first: {empty[0]})")
+    unique = len({captions[r] for r in rels})  # as CMLE counts them
+    if unique < min_unique_captions:
+        raise CMGError(f"{cap_path}: only {unique} distinct captions among {len(rels)} training images; "
+                       f"CMLE needs at least {min_unique_captions} ({hint})")
+    summary.update(captions=len(rels), unique_captions=unique)
+    return summary

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
-from cmg.dataset import MVTecFolder
+from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError
 from cmg_train import cmer
 from cmg_train.checkpoint import save_run
@@ -104,6 +104,8 @@ def fit_detector(
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
     """The whole training job; returns metrics (also written to RUN/metrics.json)."""
     t0 = time.perf_counter()
+    check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
+                          min_unique_captions=max(cfg.cmle.min_unique_captions, cfg.cmle.k + 1))
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
@@ -146,7 +148,7 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     caption_bank = teacher.encode_text(unique)
     metrics = {
         "config": cfg.name,
-        "data": str(data),
+        "data": str(Path(data).resolve()),
         "images": {"train": len(tr), "val": len(va)},
         "teacher": teacher_metrics,
         "cmer": {**scorer_metrics, **cmer_metrics},
