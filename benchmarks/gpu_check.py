@@ -65,6 +65,7 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int) -> dic
 
 
 def check_trt(repo: Path, iterations: int, warmup: int) -> dict:
+    from cmg import contract as C
     from cmg.contract import CMER_SCORER, CMER_TEACHER, CMLE_ENCODER, Contract
     from cmg_build.tensorrt import run_engine
 
@@ -84,10 +85,10 @@ def check_trt(repo: Path, iterations: int, warmup: int) -> dict:
         for batch in BATCHES:
             if batch > int(report["max_batch"]):
                 continue
-            feeds = {"IMAGE": rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)}
+            feeds = {C.IMAGE: rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)}
             if name == CMLE_ENCODER:
-                feeds["PATCH_SCORES"] = rng.random((batch, c.grid, c.grid), dtype=np.float32)
-                feeds["THRESHOLD"] = np.full((batch, 1), report["threshold"], np.float32)
+                feeds[C.PATCH_SCORES] = rng.random((batch, c.grid, c.grid), dtype=np.float32)
+                feeds[C.THRESHOLD] = np.full((batch, 1), report["threshold"], np.float32)
             times = []
             for i in range(warmup + iterations):
                 t = time.perf_counter()

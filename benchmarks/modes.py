@@ -20,6 +20,7 @@ import numpy as np
 
 from cmg import contract as C
 from cmg_bench.loadgen import Point, Window, run_async, run_threads
+from cmg_clients import core
 
 SERVED_CMG = "served_cmg"
 SERVED_EXACT = "served_cmg_exact"
@@ -134,36 +135,46 @@ class OrtInProcess(InProcessMode):
 
 
 class Served(Mode):
-    """gRPC to an ensemble with tritonclient.grpc.aio: one channel, `concurrency` coroutines."""
+    """gRPC to an ensemble with tritonclient.grpc.aio: one channel, `concurrency` coroutines.
 
-    def __init__(self, name: str, url: str, frames: np.ndarray, loop: asyncio.AbstractEventLoop) -> None:
+    Requests are built and read by the client core (all ensemble outputs, as a line
+    client receives them); a synchronous handshake first names a wrong URL or model.
+    """
+
+    def __init__(self, name: str, url: str, frames: np.ndarray, loop: asyncio.AbstractEventLoop,
+                 timeout_s: float = 30.0) -> None:
+        import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as grpcaio
+
+        from cmg_clients.client import CMGClient
 
         self.name = name
         self.model = SERVED_MODEL[name]
+        with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:
+            self.url = probe.url
+            if probe.size != tuple(frames.shape[1:3]):
+                from cmg.errors import CMGError
+
+                raise CMGError(f"model '{self.model}' at {probe.url} takes {probe.size[0]} x {probe.size[1]} "
+                               f"frames, this run's are {frames.shape[1]} x {frames.shape[2]}: another run?")
         self.frames = frames
         self.loop = loop
-        self._mod = grpcaio
+        self._mod = grpcclient
+        self._outputs = core.requested_outputs(grpcclient)
 
         async def connect():  # the aio channel binds to the loop running when it is made
-            return grpcaio.InferenceServerClient(url)
+            return grpcaio.InferenceServerClient(self.url)
 
         self.client = loop.run_until_complete(connect())
         self._inputs: dict[int, list] = {}
 
     def _pool(self, batch: int) -> list:
         if batch not in self._inputs:
-            pool = []
-            for arr in batches(self.frames, batch):
-                inp = self._mod.InferInput(C.IMAGE, list(arr.shape), "UINT8")
-                inp.set_data_from_numpy(arr)
-                pool.append([inp])
-            self._inputs[batch] = pool
+            self._inputs[batch] = [core.build_inputs(self._mod, arr) for arr in batches(self.frames, batch)]
         return self._inputs[batch]
 
     async def _infer(self, inputs: list):
-        # outputs=None: the server returns every ensemble output, as a line client receives them
-        return await self.client.infer(self.model, inputs)
+        return await self.client.infer(self.model, inputs, outputs=self._outputs)
 
     def measure(self, concurrency: int, batch: int, win: Window) -> Point:
         pool = self._pool(batch)
@@ -173,11 +184,8 @@ class Served(Mode):
         async def go() -> np.ndarray:
             out = []
             for i in range(0, len(frames), chunk):
-                arr = np.ascontiguousarray(frames[i:i + chunk])
-                inp = self._mod.InferInput(C.IMAGE, list(arr.shape), "UINT8")
-                inp.set_data_from_numpy(arr)
-                res = await self._infer([inp])
-                out.append(res.as_numpy(C.ANOMALY_SCORE).reshape(-1))
+                res = await self._infer(core.build_inputs(self._mod, frames[i:i + chunk]))
+                out.append(core.decode(res)[C.ANOMALY_SCORE].reshape(-1))
             return np.concatenate(out)
 
         return self.loop.run_until_complete(go())

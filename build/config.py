@@ -15,13 +15,14 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from cmg import contract as C
 from cmg.contract import CMLE_ENCODER, ONNX_ELEM_TYPES, THRESHOLD, Contract, ModelSpec, TensorSpec
 from cmg.errors import CMGError
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
 PB_DTYPES = {"UINT8": mc.TYPE_UINT8, "FP32": mc.TYPE_FP32, "BOOL": mc.TYPE_BOOL}
 THRESHOLD_MODEL = "cmg_threshold"  # GPU targets only: fills in THRESHOLD where a request omits it
-FILLED = "THRESHOLD_FILLED"  # its output: THRESHOLD per batch item
+FILLED = C.THRESHOLD_FILLED  # its output: THRESHOLD per batch item
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,11 @@ def threshold_graph(contract: Contract, threshold: float):
 
     thr = contract.threshold()
     nodes = [
-        helper.make_node("Shape", ["PATCH_SCORES"], ["t_shape"], start=0, end=1),
+        helper.make_node("Shape", [C.PATCH_SCORES], ["t_shape"], start=0, end=1),
         helper.make_node("Concat", ["t_shape", "t_one"], ["t_out_shape"], axis=0),
         helper.make_node("Expand", [THRESHOLD, "t_out_shape"], [FILLED]),
     ]
-    inputs = [helper.make_tensor_value_info("PATCH_SCORES", ONNX_ELEM_TYPES["FP32"], ["batch", *contract.patch_scores().dims]),
+    inputs = [helper.make_tensor_value_info(C.PATCH_SCORES, ONNX_ELEM_TYPES["FP32"], ["batch", *contract.patch_scores().dims]),
               helper.make_tensor_value_info(THRESHOLD, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
     outputs = [helper.make_tensor_value_info(FILLED, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
     inits = [helper.make_tensor("t_one", 7, [1], [1]),
@@ -159,21 +160,21 @@ def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec, optional_thr: bool) ->
     first, encoder = spec.steps
     out_names = {t.name for t in spec.outputs}
     step = cfg.ensemble_scheduling.step.add(model_name=first, model_version=-1)
-    step.input_map["IMAGE"] = "IMAGE"
-    step.output_map["PATCH_SCORES"] = "PATCH_SCORES"
+    step.input_map[C.IMAGE] = C.IMAGE
+    step.output_map[C.PATCH_SCORES] = C.PATCH_SCORES
     thr_source = THRESHOLD
     if not optional_thr:
         fill = cfg.ensemble_scheduling.step.add(model_name=THRESHOLD_MODEL, model_version=-1)
-        fill.input_map["PATCH_SCORES"] = "PATCH_SCORES"
+        fill.input_map[C.PATCH_SCORES] = C.PATCH_SCORES
         fill.input_map[THRESHOLD] = THRESHOLD
         fill.output_map[FILLED] = FILLED
         thr_source = FILLED
     enc = cfg.ensemble_scheduling.step.add(model_name=encoder, model_version=-1)
-    enc.input_map["IMAGE"] = "IMAGE"
-    enc.input_map["PATCH_SCORES"] = "PATCH_SCORES"
+    enc.input_map[C.IMAGE] = C.IMAGE
+    enc.input_map[C.PATCH_SCORES] = C.PATCH_SCORES
     enc.input_map[THRESHOLD] = thr_source
     # Ensemble outputs produced by the encoder; PATCH_SCORES already comes from step 1.
-    for name in ("ANOMALY_SCORE", "IS_ANOMALY", "ANOMALY_MAP", "KEEP_MASK"):
+    for name in (C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.KEEP_MASK):
         if name in out_names:
             enc.output_map[name] = name
 

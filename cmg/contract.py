@@ -29,6 +29,7 @@ IS_ANOMALY = "IS_ANOMALY"
 ANOMALY_MAP = "ANOMALY_MAP"
 KEEP_MASK = "KEEP_MASK"
 EMBEDDING = "EMBEDDING"
+THRESHOLD_FILLED = "THRESHOLD_FILLED"  # GPU targets: THRESHOLD as sent or the default (cmg_threshold)
 
 # Triton datatype string -> numpy dtype.
 NUMPY_DTYPES: dict[str, np.dtype] = {
