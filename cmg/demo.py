@@ -68,7 +68,9 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
                                            overwrite=True, progress=progress))
         timings["stream_s"] = time.perf_counter() - t
     if summary.aborted:
-        raise RuntimeError(f"stream aborted: {summary.aborted}")
+        from cmg.errors import CMGError
+
+        raise CMGError(f"stream aborted: {summary.aborted}")
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     ok = [r for r in lines if "error" not in r]
@@ -108,5 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmg.errors import CMGError
+
+    if args.workdir.exists() and not args.workdir.is_dir():
+        raise CMGError(f"--workdir {args.workdir} is a file, not a folder")
     demo(args.workdir, args.config, args.seed, args.fresh, progress=not args.no_progress)
     return 0

@@ -139,6 +139,14 @@ def cuda_memory_pool_bytes(repository: Path, in_flight: int = 8) -> int | None:
     return max(64 << 20, 2 * per_item * max_batch * in_flight)
 
 
+def _log_message(line: str) -> str:
+    """A glog line without its `I1127 23:45:34.648978 9179 file.cc:12] ` prefix and quotes."""
+    head, sep, rest = line.partition("] ")
+    if sep and head[:1] in "IWE" and head[1:5].isdigit():
+        return rest.strip().strip('"')
+    return line.strip()
+
+
 class TritonServer:
     """A tritonserver child process on loopback ports; waits for readiness, stops cleanly."""
 
@@ -155,6 +163,7 @@ class TritonServer:
         address: str = LOOPBACK,
         cuda_pool_bytes: int | None = None,
         verbose: int = 0,
+        require_models: bool = True,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
@@ -170,6 +179,7 @@ class TritonServer:
         self.address = address
         self.cuda_pool_bytes = cuda_pool_bytes
         self.verbose = verbose
+        self.require_models = require_models
         self._work = Path(tempfile.mkdtemp(prefix="cmg-triton-"))
         self.log_file = Path(log_file) if log_file else self._work / "tritonserver.log"
         self._proc: subprocess.Popen | None = None
@@ -246,21 +256,70 @@ class TritonServer:
     # Log lines after which a starting server never becomes ready (a Python stub that
     # fails to preinitialize leaves tritonserver waiting instead of exiting).
     FATAL_MARKERS = ("Failed to preinitialize Python stub", "failed to load all models")
+    # Error lines that say nothing about the models (every CPU-only start logs them).
+    NOISE = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")
 
-    def _fatal_log_line(self) -> str | None:
+    def _this_start_log(self) -> str:
         try:
             with open(self.log_file, "rb") as f:
                 f.seek(self._log_start)
-                text = f.read().decode(errors="replace")
+                return f.read().decode(errors="replace")
         except OSError:
-            return None
-        for line in text.splitlines():
+            return ""
+
+    def _fatal_log_line(self) -> str | None:
+        for line in self._this_start_log().splitlines():
             if any(m in line for m in self.FATAL_MARKERS):
-                return line.strip()
+                return _log_message(line)
         return None
 
+    def model_error_lines(self, limit: int = 12) -> list[str]:
+        """The server's own error lines of this start that name a model (what failed and why)."""
+        out = []
+        for line in self._this_start_log().splitlines():
+            severity_error = len(line) > 5 and line[0] == "E" and line[1:5].isdigit()
+            if not (severity_error or "failed to load" in line or "UNAVAILABLE:" in line):
+                continue
+            if any(n in line for n in self.NOISE) or ("model" not in line.lower() and not severity_error):
+                continue
+            message = _log_message(line) if severity_error else line.strip(" |")
+            if message not in out:
+                out.append(message)
+        return out[:limit]
+
+    def _start_error(self, what: str) -> CMGError:
+        """CMGError naming the failing model (from the server's log) and where the log is."""
+        lines = self.model_error_lines()
+        first = lines[0] if lines else (self._fatal_log_line() or "see the log")
+        return CMGError(f"{what}: {first} (log {self.log_file})",
+                        details="\n".join(lines) if len(lines) > 1 else (None if lines else self.log_tail()))
+
+    def model_states(self) -> list[dict]:
+        """The repository index: [{'name', 'version', 'state', 'reason'}] over HTTP."""
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=10.0)
+        try:
+            return list(client.get_model_repository_index())
+        finally:
+            client.close()
+
+    def _check_models(self) -> None:
+        """A server with nothing to serve is a failed start, not a ready one."""
+        try:
+            index = self.model_states()
+        except Exception as exc:  # noqa: BLE001 - the server went away between the checks
+            raise self._start_error(f"tritonserver on {self.repository} stopped answering ({exc})") from exc
+        if not index:
+            raise CMGError(f"no models in {self.repository}: a model repository has one folder per model "
+                           "with a config.pbtxt (`cmg build --run RUN --out REPO` writes one)")
+        if self.model_control_mode != "explicit" and not any(m.get("state") == "READY" for m in index):
+            found = ", ".join(f"{m.get('name')} {m.get('state', '?')}" for m in index)
+            raise self._start_error(f"no model of {self.repository} loaded (found {found})")
+
     def start(self, timeout: float = 120) -> TritonServer:
-        """Launch and wait until ready; CMGError with the log tail when it dies or times out."""
+        """Launch and wait until ready with at least one model; CMGError naming the failing
+        model (the server's own log lines) when it dies, refuses its models or times out."""
         if self.is_running():
             return self
         cmd = self.command()
@@ -279,22 +338,25 @@ class TritonServer:
             if self._proc.poll() is not None:
                 rc = self._proc.returncode
                 self._close_log()
-                raise CMGError(
-                    f"tritonserver exited with code {rc} while starting on {self.repository} "
-                    f"(log {self.log_file}):\n{self.log_tail()}"
-                )
-            if self.is_ready():
-                return self
-            fatal = self._fatal_log_line()
+                raise self._start_error(f"tritonserver exited with code {rc} while starting on {self.repository}")
+            ready = self.is_ready()
+            fatal = self._fatal_log_line()  # also after "ready": a failure may be logged just before
             if fatal:
-                tail = self.log_tail()
+                error = self._start_error(f"tritonserver failed to start on {self.repository}")
                 self.stop(timeout=10)
-                raise CMGError(f"tritonserver failed to start on {self.repository}: {fatal} "
-                               f"(log {self.log_file}):\n{tail}")
+                raise error
+            if ready:
+                try:
+                    if self.require_models:
+                        self._check_models()
+                except CMGError:
+                    self.stop(timeout=10)
+                    raise
+                return self
             time.sleep(0.25)
-        tail = self.log_tail()
+        error = self._start_error(f"tritonserver not ready after {timeout:.0f}s on {self.repository}")
         self.stop()
-        raise CMGError(f"tritonserver not ready after {timeout:.0f}s (log {self.log_file}):\n{tail}")
+        raise error
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM, wait, then SIGKILL the process group if it hangs."""
@@ -341,9 +403,19 @@ class TritonServer:
             self._log_handle.close()
             self._log_handle = None
 
-    def cleanup(self) -> None:
-        """Stop and remove the work dir (assembled backends; the log unless placed elsewhere)."""
+    def cleanup(self, keep_log: bool = False) -> None:
+        """Stop and remove the work dir (assembled backends); with `keep_log` a log that
+        lives there stays (a failed start's evidence), everything else goes."""
         self.stop()
+        log_inside = self._work in self.log_file.parents
+        if keep_log and log_inside and self._work.is_dir():
+            for path in self._work.iterdir():
+                if path != self.log_file:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+            return
         shutil.rmtree(self._work, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
@@ -362,6 +434,8 @@ class TritonServer:
 
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cmg.cli import positive_float
+
     parser.add_argument("--repository", type=Path, required=True, help="Triton model repository (cmg build --out)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
@@ -371,12 +445,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-model", action="append", default=[], metavar="M",
                         help="model to load at start in explicit mode (repeatable)")
     parser.add_argument("--log-file", type=Path, default=None)
-    parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
+    parser.add_argument("--timeout", type=positive_float, default=180, help="seconds to wait for readiness")
     parser.add_argument("--in-flight", type=int, default=8,
                         help="in-flight requests the CUDA memory pool is sized for (GPU hosts)")
 
 
+def check_repository(repository: Path) -> None:
+    """Refuse what is plainly not a model repository before starting a server on it."""
+    repository = Path(repository)
+    if not repository.exists():
+        raise CMGError(f"model repository {repository} does not exist")
+    if not repository.is_dir():
+        raise CMGError(f"model repository {repository} is a file, not a folder")
+    if (repository / "checkpoint.pt").is_file() or (repository / "onnx" / "export.json").is_file():
+        raise CMGError(f"{repository} is a training run, not a model repository: "
+                       f"`cmg build --run {repository} --out REPO`, then `cmg serve --repository REPO`")
+    if not any(p.is_dir() for p in repository.iterdir()):
+        raise CMGError(f"no models in {repository}: a model repository has one folder per model "
+                       "(`cmg build --run RUN --out REPO` writes one)")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_repository(args.repository)
     pool = cuda_memory_pool_bytes(args.repository, args.in_flight) if gpu_present() else None
     server = TritonServer(
         args.repository, args.http_port, args.grpc_port, args.metrics_port,
@@ -390,17 +480,19 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    failed = True
     try:
         server.start(timeout=args.timeout)
         print(f"tritonserver ready on {server.repository} (log {server.log_file})", flush=True)
         print(f"  grpc    {server.grpc_url}\n  http    {server.http_url}\n  metrics {server.metrics_url}", flush=True)
         while not stop.is_set():
             if not server.is_running():
-                raise CMGError(f"tritonserver exited unexpectedly:\n{server.log_tail()}")
+                raise CMGError(f"tritonserver exited unexpectedly (log {server.log_file})",
+                               details=server.log_tail())
             stop.wait(0.5)
         print("stopping tritonserver", flush=True)
+        failed = False
     finally:
-        server.stop()
-        if args.log_file is None:
-            shutil.rmtree(server._work, ignore_errors=True)
+        # The backends folder always goes; a failed server's log stays where it was.
+        server.cleanup(keep_log=failed)
     return 0

@@ -76,4 +76,4 @@ def triton(cpu_repo, tmp_path_factory):
     server = TritonServer(cpu_repo, log_file=tmp_path_factory.mktemp("triton") / "server.log")
     server.start()
     yield server
-    server.stop()
+    server.cleanup()
