@@ -343,6 +343,8 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cmg.cli import positive_float
+
     parser.add_argument("--run", type=Path, required=True, help="trained run folder (RUN/checkpoint.pt)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for bench.json, bench.md, PNGs")
     parser.add_argument("--quick", action="store_true",
@@ -358,6 +360,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=None, help="override: warm-up per point, s")
     parser.add_argument("--repeats", type=int, default=None, help="override: repeats of the ratio pairs (>= 1)")
     parser.add_argument("--modes", default=None, help="comma-separated subset of the modes (default all)")
+    parser.add_argument("--soak", type=positive_float, default=None, metavar="MINUTES",
+                        help="instead of the sweep: stream at --soak-load x measured capacity for MINUTES; "
+                             "frames, errors, p50/p99 per minute, RSS of tritonserver and its stubs (soak.*)")
+    parser.add_argument("--soak-load", type=positive_float, default=0.8,
+                        help="share of the measured capacity the soak streams at (default 0.8)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -389,6 +396,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise CMGError(f"--out {args.out} is a file, not a folder")
+    if args.soak is not None:
+        from cmg_bench.soak import soak
+
+        res = soak(args.run, args.out, args.soak, url=args.url, data=args.data, load=args.soak_load)
+        print(f"cmg bench --soak: {res['frames']} frames, {res['errors']} errors at {res['achieved_fps']:.1f} fps "
+              f"(target {res['target_fps']:.1f}, {res['load']:.0%} of {res['capacity']['throughput']:.1f}); "
+              f"p50 {res['p50_ms'] or 0:.1f} ms, p99 {res['p99_ms'] or 0:.1f} ms; "
+              f"wrote {args.out / 'soak.json'}, soak.md, soak.png")
+        return 1 if res["errors"] or res["aborted"] else 0
     settings = settings_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     result = bench(args.run, args.out, settings, url=args.url, data=args.data, modes_wanted=modes)

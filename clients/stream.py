@@ -181,6 +181,23 @@ class SynthSource(Source):
                 yield s, item
 
 
+class ArraySource(Source):
+    """Frames already in memory (UINT8 [N, H, W, 3] at the model's size), cycled `count`
+    times over; `cmg bench --soak` streams the test split this way without decoding files."""
+
+    def __init__(self, frames: np.ndarray, count: int, label: str = "memory") -> None:
+        if frames.ndim != 4 or not len(frames):
+            raise CMGError(f"ArraySource needs frames [N, H, W, 3], got shape {list(frames.shape)}")
+        self.frames, self.count, self.label = frames, int(count), label
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        from cmg.frames import to_frame
+
+        n = len(self.frames)
+        for i in range(start, self.count):
+            yield SourceItem(f"{i:07d}", self.label, lambda size, a=self.frames[i % n]: to_frame(a, size))
+
+
 def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """SRC (folder, glob, video file, a single image, synth:PRESET) -> Source."""
     if spec.startswith("synth:"):
@@ -310,6 +327,7 @@ class StreamOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool | None = None  # None: only on a terminal
     on_line: Callable[[dict], None] | None = None  # called per written line (bench --soak)
+    frames: Source | None = None  # a ready source instead of `source` (bench --soak)
 
     @property
     def retry(self) -> core.RetryPolicy:
@@ -535,7 +553,7 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
     check_out_path(opts.out)
     if opts.out.exists() and opts.out.stat().st_size and not (opts.resume or opts.overwrite):
         raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
-    source = open_source(opts.source, opts.max_pixels)
+    source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels)
     # Synchronous handshake: fails fast with a clear message if the server or model is wrong,
     # and gives the frame size without a run folder.
     with CMGClient(url, "grpc", model=opts.model, timeout_s=opts.timeout_s) as probe:
