@@ -258,3 +258,139 @@ def test_gpu_target_threshold_step_on_real_server(tmp_path):
             want = reference(CONTRACT, images, THR if thr is None else thr)
             np.testing.assert_allclose(got["ANOMALY_SCORE"], want["ANOMALY_SCORE"], atol=1e-5)
             assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])
+        # A NaN threshold is refused by the cmg_threshold step (it runs before the encoder).
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("cmg", _raw_inputs(grpcclient, images, np.full((3, 1), np.nan, np.float32)))
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "cmg_threshold: input 'THRESHOLD' must be finite" in info.value.message()
+
+
+# -- non-finite THRESHOLD: INVALID_ARG from the server itself --------------------------------
+def _raw_inputs(mod, images: np.ndarray, threshold: np.ndarray, patch_scores: bool = False) -> list:
+    """Built by hand on purpose: the client core refuses a non-finite threshold before sending."""
+    img = mod.InferInput(IMAGE, list(images.shape), "UINT8")
+    img.set_data_from_numpy(images)
+    thr = mod.InferInput(THRESHOLD, list(threshold.shape), "FP32")
+    thr.set_data_from_numpy(threshold)
+    inputs = [img, thr]
+    if patch_scores:
+        ps = mod.InferInput(PATCH_SCORES, [len(images), CONTRACT.grid, CONTRACT.grid], "FP32")
+        ps.set_data_from_numpy(np.zeros((len(images), CONTRACT.grid, CONTRACT.grid), np.float32))
+        inputs.append(ps)
+    return inputs
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model", [*ENSEMBLES, "cmle_encoder"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_threshold_is_invalid_arg(server, protocol, model, value):
+    mod, url = (grpcclient, server.grpc_url) if protocol == "grpc" else (httpclient, server.http_url)
+    client = mod.InferenceServerClient(url)
+    thr = np.array([[0.5], [value]], np.float32)  # one bad item spoils the request
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, _raw_inputs(mod, _frames(2), thr, patch_scores=model == "cmle_encoder"))
+    assert info.value.status() == ("StatusCode.INVALID_ARGUMENT" if protocol == "grpc" else "400")
+    assert "'THRESHOLD' must be finite" in info.value.message()
+    # the same request with finite values is answered
+    client.infer(model, _raw_inputs(mod, _frames(2), np.array([[0.5], [1e30]], np.float32),
+                                    patch_scores=model == "cmle_encoder"))
+
+
+def test_non_finite_threshold_fails_only_its_own_request(server):
+    """Good and NaN requests batched together by Triton: only the NaN one is refused."""
+    def one(i: int):
+        thr = np.full((1, 1), np.nan if i % 3 == 0 else 0.4, np.float32)
+        try:
+            grpcclient.InferenceServerClient(server.grpc_url).infer("cmg", _raw_inputs(grpcclient, _frames(1, i), thr))
+            return "ok"
+        except InferenceServerException as exc:
+            return exc.status()
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(one, range(12)))
+    assert got == ["StatusCode.INVALID_ARGUMENT" if i % 3 == 0 else "ok" for i in range(12)]
+
+
+def test_request_without_image_is_refused_as_invalid(server):
+    """Known limit: Triton 2.51 counts inputs only when a model has an optional one, so an
+    ensemble request carrying THRESHOLD alone reaches the scheduler and gets its 'unexpected
+    deadlock' wording. It is still INVALID_ARGUMENT, answered at once (no hang)."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    thr = grpcclient.InferInput(THRESHOLD, [1, 1], "FP32")
+    thr.set_data_from_numpy(np.full((1, 1), 0.5, np.float32))
+    for inputs, needle in (([thr], "deadlock"), ([], "missing required input(s) ['IMAGE']")):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("cmg", inputs, client_timeout=30)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and needle in info.value.message()
+
+
+# -- start-up failures, empty repositories, temporary folders --------------------------------
+def test_start_failure_names_the_model_and_keeps_the_log(tmp_path):
+    from cmg.errors import CMGError
+
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('name: "broken" backend: "python" max_batch_size: 1\n'
+                                                 'input [{name: "X" data_type: TYPE_FP32 dims: [1]}]\n'
+                                                 'output [{name: "Y" data_type: TYPE_FP32 dims: [1]}]\n')
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    res = subprocess.run([str(VENV_BIN / "cmg"), "serve", "--repository", str(repo), "--http-port",
+                          str(_free()), "--grpc-port", str(_free()), "--metrics-port", str(_free())],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("cmg serve: error: tritonserver") and "broken/1/model.py" in last, res.stderr
+    log = Path(last.rsplit("(log ", 1)[1].rstrip(")"))
+    assert log.is_file() and "broken" in log.read_text(), "the log the message names must still be there"
+    assert log.parent.name.startswith("cmg-triton-") and log.parent.parent == tmp_path / "tmp"
+    assert [p.name for p in log.parent.iterdir()] == [log.name], "only the log stays, not the backends"
+    # The library says the same, without the CLI.
+    srv = TritonServer(repo)
+    with pytest.raises(CMGError, match="broken/1/model.py"):
+        srv.start(timeout=120)
+    srv.cleanup()
+
+
+def _free() -> int:
+    from cmg.server import free_port
+
+    return free_port()
+
+
+def test_repository_without_models_is_not_ready(tmp_path):
+    from cmg.errors import CMGError
+
+    (tmp_path / "repo").mkdir()
+    srv = TritonServer(tmp_path / "repo")
+    with pytest.raises(CMGError, match="no models in"):
+        srv.start(timeout=120)
+    assert not srv.is_running()
+    srv.cleanup()
+
+
+def test_serve_with_log_file_removes_its_temporary_folder(toy_repo, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    ports = [str(_free()) for _ in range(3)]
+    cmd = [str(VENV_BIN / "cmg"), "serve", "--repository", str(toy_repo), "--http-port", ports[0],
+           "--grpc-port", ports[1], "--metrics-port", ports[2], "--log-file", str(tmp_path / "server.log")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line or line.strip().startswith("metrics"):
+                break
+        assert any(p.name.startswith("cmg-triton-") for p in tmp.iterdir()), "the backends folder is made"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [p.name for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]  # (tritonserver writes .ses)
+    assert not left, f"left behind: {left}"
+    assert (tmp_path / "server.log").stat().st_size > 0

@@ -1,0 +1,264 @@
+"""The bad-input matrix: every verb x every bad input -> exit 2 and one line naming the
+problem, never a traceback (CMG_DEBUG=1 keeps it). In-process through `cmg.cli.main`, so
+torch is imported once for the whole matrix; the cases that need a server or the trained
+run are marked slow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmg.cli import main
+from cmg.errors import CMGError
+from cmg.server import free_port
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """main(argv) as the console script runs it: (exit status, stdout, stderr)."""
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_exit_2(verb: str, rc: int, err: str, needle: str) -> None:
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"cmg {verb}"), err
+    assert needle.lower() in last.lower(), (needle, last)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    img = root / "ok.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    (root / "a_file").write_text("x")
+    (root / "empty").mkdir()
+    (root / "folder").mkdir()
+    (root / "foreign.jsonl").write_text('{"seq": 5}\n')
+    (root / "has_lines.jsonl").write_text('{"seq": 0, "frame_id": "ok.png"}\n')
+    run = root / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    return {"root": root, "img": img, "file": root / "a_file", "empty": root / "empty",
+            "folder": root / "folder", "foreign": root / "foreign.jsonl", "has_lines": root / "has_lines.jsonl",
+            "run": run}
+
+
+def _dead() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+# (verb, argv builder, needle in the last line). Builders take the `files` dict.
+Case = tuple[str, Callable[[dict], list[str]], str]
+CASES: list[Case] = [
+    # infer
+    ("infer", lambda f: ["--threshold", "nan", str(f["img"])], "finite"),
+    ("infer", lambda f: ["--threshold", "inf", str(f["img"])], "finite"),
+    ("infer", lambda f: ["--threshold=-inf", str(f["img"])], "finite"),
+    ("infer", lambda f: ["--timeout", "0", str(f["img"])], "> 0"),
+    ("infer", lambda f: ["--timeout=-3", str(f["img"])], "> 0"),
+    ("infer", lambda f: ["--batch", "0", str(f["img"])], ">= 1"),
+    ("infer", lambda f: ["--max-pixels", "0", str(f["img"])], ">= 1"),
+    ("infer", lambda f: ["--retries=-1", str(f["img"])], "--retries"),
+    ("infer", lambda f: ["--overlays", str(f["file"]), str(f["img"])], "is a file"),
+    ("infer", lambda f: ["--overlays", str(f["file"] / "sub"), str(f["img"])], "is a file"),
+    ("infer", lambda f: ["--url", _dead(), "--timeout", "3", str(f["img"])], "unreachable"),
+    ("infer", lambda f: ["--http", "--url", _dead(), "--timeout", "3", str(f["img"])], "unreachable"),
+    ("infer", lambda f: ["--url", "127.0.0.1:notaport", str(f["img"])], "HOST:PORT"),
+    ("infer", lambda f: [str(f["empty"])], "no images found"),
+    # stream
+    ("stream", lambda f: ["--source", str(f["folder"]), "--out", str(f["root"] / "o1.jsonl"),
+                          "--threshold", "nan"], "finite"),
+    ("stream", lambda f: ["--source", str(f["folder"]), "--out", str(f["root"] / "o1.jsonl"),
+                          "--timeout", "0"], "> 0"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["folder"]), "--overwrite"], "is a folder"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["file"] / "o.jsonl")], "is a file"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o2.jsonl"), "--window", "0"],
+     ">= 1"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o2.jsonl"), "--fps", "0"], "> 0"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o2.jsonl"),
+                          "--backoff-max", "nan"], "finite"),
+    ("stream", lambda f: ["--source", str(f["root"] / "nothing"), "--out", str(f["root"] / "o3.jsonl")],
+     "not a folder"),
+    ("stream", lambda f: ["--source", "synth:huge", "--out", str(f["root"] / "o3.jsonl")], "unknown preset"),
+    ("stream", lambda f: ["--source", "synth:tiny?n=-1", "--out", str(f["root"] / "o3.jsonl")], "n must be"),
+    ("stream", lambda f: ["--source", "synth:tiny?fps=0", "--out", str(f["root"] / "o3.jsonl")], "fps must be"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o3.jsonl"), "--retry-errors"],
+     "--resume"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["has_lines"])], "--resume"),
+    ("stream", lambda f: ["--url", _dead(), "--source", str(f["root"]), "--out", str(f["root"] / "o4.jsonl"),
+                          "--timeout", "3"], "unreachable"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o5.jsonl"), "--limit=-1"],
+     "--limit"),
+    # serve (checks before any server starts)
+    ("serve", lambda f: ["--repository", str(f["root"] / "nothing")], "does not exist"),
+    ("serve", lambda f: ["--repository", str(f["file"])], "is a file"),
+    ("serve", lambda f: ["--repository", str(f["empty"])], "no models"),
+    ("serve", lambda f: ["--repository", str(f["run"])], "training run"),
+    ("serve", lambda f: ["--repository", str(f["empty"]), "--timeout", "0"], "> 0"),
+    # demo
+    ("demo", lambda f: ["--workdir", str(f["file"])], "is a file"),
+    # bench
+    ("bench", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "b")], "run folder not found"),
+    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["file"])], "is a file"),
+    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "0"], "> 0"),
+    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "nan"], "finite"),
+    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--batch", "0"], "positive"),
+    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "1",
+                         "--soak-load", "1.5"], "share of capacity"),
+    # the torch verbs
+    ("eval", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
+    ("export", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
+    ("build", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "r")], "does not exist"),
+    ("data", lambda f: ["synth", "--out", str(f["root"] / "d"), "--preset", "huge"], "huge"),
+    ("train", lambda f: ["--config", "nosuchconfig", "--data", str(f["root"]), "--out", str(f["root"] / "t")],
+     "config file not found"),
+]
+
+
+@pytest.mark.parametrize(("verb", "build", "needle"), CASES,
+                         ids=[f"{v}-{i}-{n.replace(' ', '_')}" for i, (v, _, n) in enumerate(CASES)])
+def test_bad_input_one_line_exit_2(verb, build, needle, files, capsys):
+    rc, _, err = run_cli([verb, *build(files)], capsys)
+    assert_one_line_exit_2(verb, rc, err, needle)
+
+
+def test_cmg_debug_keeps_the_traceback(files, monkeypatch, capsys):
+    monkeypatch.setenv("CMG_DEBUG", "1")
+    with pytest.raises(CMGError, match="is a file"):
+        main(["infer", "--overlays", str(files["file"]), str(files["img"])])
+
+
+def test_a_bug_is_one_line_and_exit_1(files, monkeypatch, capsys):
+    """An unexpected exception (a bug, not bad input) is still one line, exit 1."""
+    from cmg_clients import infer
+
+    def broken(_args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(infer, "run", broken)
+    rc, _, err = run_cli(["infer", str(files["img"])], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("cmg infer: internal error: KeyError")
+
+
+def test_console_script_exit_status(files):
+    """The real process: exit status 2, one stderr line."""
+    res = subprocess.run([sys.executable, "-m", "cmg.cli", "stream", "--source", str(files["root"]),
+                          "--out", str(files["folder"]), "--overwrite"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "is a folder" in res.stderr
+
+
+# -- cmg train: every problem of the data folder, before any training ----------------------
+@pytest.fixture(scope="module")
+def good_data(tmp_path_factory) -> Path:
+    from cmg.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("train_data") / "hex", "tiny", seed=2, n_train=30, n_test_good=2,
+                      n_test_per_anomaly=1, progress=False)
+
+
+def _rewrite_captions(root: Path, fn) -> None:
+    rows = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fn(rows)))
+
+
+BREAKS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "missing folder": (lambda d: d / "nothing", "dataset folder not found"),
+    "a file": (lambda d: (d / "synth.json"), "is a file"),
+    "no train/good": (lambda d: (shutil.rmtree(d / "train"), d)[1], "missing folder"),
+    "too few images": (lambda d: ([p.unlink() for p in sorted((d / "train" / "good").glob("*.png"))[3:]], d)[1],
+                       "at least 8"),
+    "unreadable image": (lambda d: ((d / "train" / "good" / "004.png").write_bytes(b"\x89PNG broken"), d)[1],
+                         "004.png"),
+    "truncated image": (lambda d: ((d / "train" / "good" / "005.png").write_bytes(
+        (d / "train" / "good" / "005.png").read_bytes()[:60]), d)[1], "005.png"),
+    "no captions.jsonl": (lambda d: ((d / "captions.jsonl").unlink(), d)[1], "no captions.jsonl"),
+    "caption missing": (lambda d: (_rewrite_captions(d, lambda rows: [r for r in rows
+                                                                      if r["file"] != "train/good/007.png"]), d)[1],
+                        "have no caption"),
+    "empty caption": (lambda d: (_rewrite_captions(d, lambda rows: [{**r, "caption": " "} if
+                                                                    r["file"] == "train/good/001.png" else r
+                                                                    for r in rows]), d)[1], "empty caption"),
+    "few unique captions": (lambda d: (_rewrite_captions(d, lambda rows: [{**r, "caption": f"part {i % 3}"}
+                                                                          for i, r in enumerate(rows)]), d)[1],
+                            "only 3 distinct captions"),
+    "malformed captions": (lambda d: ((d / "captions.jsonl").write_text("{not json\n"), d)[1], "malformed"),
+}
+
+
+def test_good_data_passes_the_check(good_data):
+    """The baseline the breaks start from: without it every failure below proves nothing."""
+    from cmg.dataset import check_training_folder
+
+    summary = check_training_folder(good_data, 64, min_unique_captions=20)
+    assert summary["images"] == 30 and summary["unique_captions"] >= 20
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_train_checks_the_data_folder_first(name, good_data, tmp_path, capsys):
+    data = Path(shutil.copytree(good_data, tmp_path / "data"))
+    broken, needle = BREAKS[name]
+    target = broken(data)
+    out = tmp_path / "run"
+    rc, _, err = run_cli(["train", "--config", "tiny", "--data", str(target), "--out", str(out),
+                          "--no-progress"], capsys)
+    assert_one_line_exit_2("train", rc, err, needle)
+    assert not out.exists(), "training started before the data folder was checked"
+
+
+def test_cmle_off_needs_no_captions(good_data, tmp_path):
+    from cmg.dataset import check_training_folder
+
+    data = Path(shutil.copytree(good_data, tmp_path / "data"))
+    (data / "captions.jsonl").unlink()
+    assert check_training_folder(data, 64, need_captions=False)["images"] == 30
+
+
+# -- cases that need the real server or the trained run -------------------------------------
+@pytest.mark.slow
+def test_infer_http_against_the_grpc_port(triton, files, capsys):
+    rc, _, err = run_cli(["infer", "--http", "--url", triton.grpc_url, "--timeout", "5", str(files["img"])], capsys)
+    assert_one_line_exit_2("infer", rc, err, "HTTP port")
+
+
+@pytest.mark.slow
+def test_infer_client_deadline_is_a_deadline(files, capsys):
+    """A port that accepts and never answers: the client's deadline, not 'unreachable'."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        for extra in ([], ["--http"]):
+            rc, _, err = run_cli(["infer", "--url", url, "--timeout", "1", *extra, str(files["img"])], capsys)
+            assert_one_line_exit_2("infer", rc, err, "within the 1 s deadline")
+            assert "unreachable" not in err
+
+
+@pytest.mark.slow
+def test_bench_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, capsys):
+    rc, _, err = run_cli(["bench", "--quick", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
+                          "--url", _dead(), "--modes", "served_cmg"], capsys)
+    assert_one_line_exit_2("bench", rc, err, "unreachable")
+
+
+@pytest.mark.slow
+def test_bench_soak_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, capsys):
+    rc, _, err = run_cli(["bench", "--soak", "0.1", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
+                          "--url", _dead()], capsys)
+    assert_one_line_exit_2("bench", rc, err, "unreachable")

@@ -1,0 +1,142 @@
+"""The client core (clients/core.py): names from the contract, request building with the real
+tritonclient modules, the retry rules on real InferenceServerExceptions, and the rule that
+no tensor name is spelled out anywhere but cmg/contract.py."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from cmg import contract as C
+from cmg.contract import Contract
+from cmg.errors import CMGError
+from cmg_clients import core
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_names_come_from_the_contract():
+    spec = Contract(64, 64, 8, 16).models
+    assert tuple(t.name for t in spec[C.CMG].outputs) == core.OUTPUTS
+    for model in C.ENSEMBLES:  # both ensembles share one interface, so one core serves both
+        assert [(t.name, t.dtype) for t in spec[model].inputs] == [(core.IMAGE.name, core.IMAGE.dtype),
+                                                                   (core.THRESHOLD.name, core.THRESHOLD.dtype)]
+        assert tuple(t.name for t in spec[model].outputs) == core.OUTPUTS
+    assert core.THRESHOLD.optional
+
+
+@pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
+@pytest.mark.parametrize("threshold", [None, 0.25])
+def test_build_inputs_and_outputs(mod, threshold):
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    inputs = core.build_inputs(mod, frames, threshold)
+    assert [i.name() for i in inputs] == ([C.IMAGE] if threshold is None else [C.IMAGE, C.THRESHOLD])
+    assert inputs[0].datatype() == core.IMAGE.dtype and inputs[0].shape() == [3, 16, 16, 3]
+    if threshold is not None:
+        assert inputs[1].datatype() == core.THRESHOLD.dtype and inputs[1].shape() == [3, 1]
+    # Every ensemble output, always: Triton 2.51 deadlocks on a subset (server#7482).
+    assert [o.name() for o in core.requested_outputs(mod)] == list(core.OUTPUTS)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "x"])
+def test_non_finite_threshold_never_leaves_the_client(bad):
+    with pytest.raises(CMGError, match="threshold"):
+        core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.uint8), bad)
+
+
+def test_frames_must_be_uint8():
+    with pytest.raises(CMGError, match="UINT8"):
+        core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.float32))
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_timeouts_must_be_positive(value):
+    with pytest.raises(CMGError, match="> 0"):
+        core.positive_seconds(value)
+
+
+def test_urls():
+    assert core.normalize_url("grpc://127.0.0.1:9001/") == "127.0.0.1:9001"
+    assert core.normalize_url("localhost", "http") == f"localhost:{core.DEFAULT_PORTS['http']}"
+    assert core.default_url("grpc").endswith(f":{core.DEFAULT_PORTS['grpc']}")
+    for bad in ("", "host:port", "host:0", "host:70000", ":8001"):
+        with pytest.raises(CMGError):
+            core.normalize_url(bad)
+
+
+# What Triton 2.51 answered in this project's fault runs (graceful stop, SIGINT, unload,
+# reload, kill), and what a bad request gets. `kind` is what the stream does with it.
+ANSWERS = [
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'cmg' has no available versions", core.TRANSIENT),
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'cmg' is not found", core.TRANSIENT),
+    ("StatusCode.UNAVAILABLE", "in ensemble 'cmg', Server is stopping, scheduler for model has stopped "
+                               "accepting new inference requests", core.TRANSIENT),
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN", core.TRANSIENT),
+    ("StatusCode.RESOURCE_EXHAUSTED", "Exceeds maximum queue size", core.TRANSIENT),
+    ("StatusCode.INTERNAL", "Failed to process the request(s) for model instance 'cmle_encoder_0_0', "
+                            "message: Stub process 'cmle_encoder_0_0' is not healthy.", core.TRANSIENT),
+    ("StatusCode.CANCELLED", "Locally cancelled by application!", core.TRANSIENT),
+    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", core.DEADLINE),
+    ("503", "Server is stopping", core.TRANSIENT),
+    ("429", "Exceeds maximum queue size", core.TRANSIENT),
+    ("StatusCode.INVALID_ARGUMENT", "in ensemble 'cmg', cmle_encoder: input 'THRESHOLD' must be finite, got nan",
+     core.PERMANENT),
+    ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'IMAGE' for model 'cmg'", core.PERMANENT),
+    ("StatusCode.INTERNAL", "cmle_encoder: ONNX Runtime failed: bad input", core.PERMANENT),
+    ("400", "in ensemble 'cmg', cmle_encoder: input 'THRESHOLD' must be finite, got nan", core.PERMANENT),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "kind"), ANSWERS, ids=[f"{s}-{k}-{i}" for i, (s, _, k) in
+                                                                      enumerate(ANSWERS)])
+def test_retry_rules(status, message, kind):
+    failure = core.classify(InferenceServerException(msg=message, status=status))
+    assert failure.kind == kind and failure.status == status and failure.message == message
+
+
+@pytest.mark.parametrize(("exc", "kind"), [(ConnectionRefusedError("refused"), core.TRANSIENT),
+                                           (TimeoutError("timed out"), core.DEADLINE),
+                                           (KeyError("bug"), core.PERMANENT)])
+def test_retry_rules_for_transport_errors(exc, kind):
+    assert core.classify(exc).kind == kind
+
+
+def test_retry_policy():
+    policy = core.RetryPolicy(max_retries=3, backoff_s=0.1, backoff_max_s=0.5)
+    assert not policy.exhausted(3) and policy.exhausted(4)
+    assert not core.RetryPolicy(max_retries=-1).exhausted(10**6)
+    for attempt in range(1, 10):
+        assert 0.05 / 2 <= policy.delay(attempt) <= 0.5
+    assert policy.delay(1) <= 0.1 and policy.delay(9) >= 0.25
+
+
+TENSOR_NAMES = {v for k, v in vars(C).items() if k.isupper() and isinstance(v, str) and k not in
+                ("CMER_SCORER", "CMLE_ENCODER", "CMER_TEACHER", "CMG", "CMG_EXACT")}
+
+
+def test_no_tensor_name_literals_outside_the_contract():
+    """Tensor names are spelled once (cmg/contract.py); everything else imports them."""
+    assert {"IMAGE", "THRESHOLD", "ANOMALY_SCORE", "PATCH_SCORES"} <= TENSOR_NAMES
+    found = []
+    for folder in ("cmg", "clients", "benchmarks", "build", "model_repository", "cmg_train"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "cmg" / "contract.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in TENSOR_NAMES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert not found, found
+
+
+def test_no_triton_dtype_literals_in_clients():
+    pattern = re.compile(r"[\"'](UINT8|FP32|BOOL)[\"']")
+    found = [f"{p.relative_to(ROOT)}" for folder in ("clients", "benchmarks") for p in (ROOT / folder).rglob("*.py")
+             if pattern.search(p.read_text())]
+    assert not found, found
