@@ -16,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# Tests that use these train a model or talk to a server started for them: marked slow
+# here too, so `-m "not slow"` is quick even where a test forgot its marker.
+SLOW_FIXTURES = {"tiny_run", "tiny_onnx", "cpu_repo", "triton"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     env = os.environ.get("CMG_TEST_CACHE")
@@ -43,7 +54,14 @@ def tiny_run(cache_dir, tiny_data) -> Path:
 
     out = cache_dir / "run"
     if not (out / "checkpoint.pt").exists():
-        train_run(load_config(resolve_config("tiny")), tiny_data, out, progress=False)
+        # Trained from the cache folder with a *relative* data path, as a user would type it:
+        # the run must still work from any other directory (test_train checks it).
+        here = Path.cwd()
+        os.chdir(cache_dir)
+        try:
+            train_run(load_config(resolve_config("tiny")), Path(tiny_data.name), out, progress=False)
+        finally:
+            os.chdir(here)
     return out
 
 

@@ -128,3 +128,27 @@ def test_bench_smoke_structure(tiny_run, tmp_path):
     assert "| Concurrency | Batch | Inferences/Second |" in md and "onepass_vs_exact_throughput" in md
     for name in (*(f"latency_throughput_{m}.png" for m in MODES), "ratios.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.slow
+def test_soak_short(tiny_run, tmp_path, capsys):
+    """`cmg bench --soak 0.2`: 12 s at 80% of measured capacity through the stream client;
+    what is written, not how fast (the machine is shared)."""
+    out = tmp_path / "soak"
+    rc = main(["bench", "--soak", "0.2", "--run", str(tiny_run), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "soak.json").read_text())
+    assert data["load"] == 0.8 and data["target_fps"] == pytest.approx(0.8 * data["capacity"]["throughput"])
+    assert data["frames"] == data["planned_frames"] == round(data["target_fps"] * 12) > 0
+    assert data["errors"] == 0 and data["aborted"] is None
+    lines = (out / "soak.jsonl").read_text().splitlines()
+    assert len(lines) == data["frames"]
+    assert sum(m["frames"] for m in data["per_minute"]) == data["frames"]
+    assert all(m["p50_ms"] <= m["p99_ms"] for m in data["per_minute"])
+    procs = set(data["rss_start_mib"])
+    assert {"tritonserver", "cmer_scorer stub", "cmle_encoder stub"} <= procs, procs
+    assert set(data["rss_end_mib"]) == procs and all(v > 1 for v in data["rss_end_mib"].values())
+    assert len(data["rss_samples"]) >= 3
+    assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "soak.md").read_text()
+    assert "| tritonserver |" in md and "| minute | frames | errors | p50 ms | p99 ms |" in md

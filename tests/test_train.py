@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,33 @@ def test_ablation_table_on_the_tiny_run(run, tiny_data):
     for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):
         assert (eval_dir / f).stat().st_size > 0
     assert np.isfinite([rows[n]["image_auroc"] for n in ("teacher_knn", "pyod_ecod")]).all()
+
+
+def test_run_is_usable_from_any_directory(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """The tiny run was trained with a relative data path (conftest); it is stored resolved,
+    so eval and bench find the data from anywhere."""
+    from cmg_bench.bench import resolve_data
+
+    monkeypatch.chdir(tmp_path)
+    stored = Path(json.loads((tiny_run / "metrics.json").read_text())["data"])
+    assert stored.is_absolute() and stored == tiny_data.resolve()
+    assert resolve_data(tiny_run, None) == stored and (stored / "train" / "good").is_dir()
+
+
+def test_older_runs_relative_data_path_is_found(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """A run written before paths were stored resolved: its relative path is tried against the
+    run folder's parents; one that resolves nowhere names --data."""
+    import shutil
+
+    from cmg_bench.bench import resolve_data
+
+    run = tmp_path / "proj" / "runs" / "old"
+    run.mkdir(parents=True)
+    shutil.copytree(tiny_data, tmp_path / "proj" / "data")
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "data": "data"}))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data(run, None) == tmp_path / "proj" / "data"
+    (run / "metrics.json").write_text(json.dumps({**metrics, "data": "elsewhere"}))
+    with pytest.raises(CMGError, match="pass --data"):
+        resolve_data(run, None)
