@@ -10,6 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from cmg import contract as C
 from cmg.dataset import MVTecFolder
+from cmg_clients import core
 from cmg_train.checkpoint import load_run
 
 
@@ -23,9 +24,7 @@ def frames(tiny_data):
 def test_served_scores_equal_pytorch(triton, tiny_run, frames, model):
     run = load_run(tiny_run)
     client = grpcclient.InferenceServerClient(triton.grpc_url)
-    inp = grpcclient.InferInput(C.IMAGE, list(frames.shape), "UINT8")
-    inp.set_data_from_numpy(frames)
-    res = client.infer(model, [inp])
+    res = client.infer(model, core.build_inputs(grpcclient, frames), outputs=core.requested_outputs(grpcclient))
     ft = torch.from_numpy(frames)
     with torch.no_grad():
         ps = run.scorer_graph()(ft) if model == C.CMG else run.exact_graph()(ft)
@@ -40,11 +39,9 @@ def test_served_scores_equal_pytorch(triton, tiny_run, frames, model):
 
 def test_threshold_override_through_the_ensemble(triton, frames):
     client = grpcclient.InferenceServerClient(triton.grpc_url)
-    inp = grpcclient.InferInput(C.IMAGE, list(frames.shape), "UINT8")
-    inp.set_data_from_numpy(frames)
     flags = {}
     for value in (-1e9, 1e9):
-        th = grpcclient.InferInput(C.THRESHOLD, [len(frames), 1], "FP32")
-        th.set_data_from_numpy(np.full((len(frames), 1), value, np.float32))
-        flags[value] = client.infer(C.CMG, [inp, th]).as_numpy(C.IS_ANOMALY)
+        res = client.infer(C.CMG, core.build_inputs(grpcclient, frames, value),
+                           outputs=core.requested_outputs(grpcclient))
+        flags[value] = core.decode(res)[C.IS_ANOMALY]
     assert flags[-1e9].all() and not flags[1e9].any()

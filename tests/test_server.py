@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
 from cmg.server import TritonServer, find_tritonserver, python_backend_dir
 from cmg_build import repository
+from cmg_clients import core
 
 pytestmark = pytest.mark.slow
 CONTRACT = Contract(32, 32, 4, 8)
@@ -49,13 +50,13 @@ def _frames(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _infer(url: str, model: str, images: np.ndarray, threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Ensembles through the client core (as every client sends them); a composing model by hand."""
     client = grpcclient.InferenceServerClient(url)
+    if model in ENSEMBLES:
+        return core.decode(client.infer(model, core.build_inputs(grpcclient, images, threshold),
+                                        outputs=core.requested_outputs(grpcclient)))
     inputs = [grpcclient.InferInput(IMAGE, list(images.shape), "UINT8")]
     inputs[0].set_data_from_numpy(images)
-    if threshold is not None:
-        t = grpcclient.InferInput(THRESHOLD, [len(images), 1], "FP32")
-        t.set_data_from_numpy(np.full((len(images), 1), threshold, np.float32))
-        inputs.append(t)
     result = client.infer(model, inputs)
     names = [o.name for o in client.get_model_metadata(model).outputs]
     return {n: result.as_numpy(n) for n in names}
