@@ -302,7 +302,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
                 mode.close()
         loop.close()
         if server is not None:
-            server.stop()
+            server.cleanup()
 
     parity = {}
     ref = scores.get(ORT_INPROCESS, scores.get(TORCH_EAGER))

@@ -4,6 +4,7 @@ structure from a real (smoke-sized) run. Never the speed: the machine is shared.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,14 +94,30 @@ def test_bench_cli_errors(tmp_path, capsys):
     assert "positive integers" in capsys.readouterr().err
 
 
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """tempfile's folder for this test only: what a started server leaves behind shows."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith("cmg-triton-")]
+
+
 @pytest.mark.slow
-def test_bench_smoke_structure(tiny_run, tmp_path):
+def test_bench_smoke_structure(tiny_run, tmp_path, private_tmp):
     """The CLI path (build a cpu repository, start tritonserver, measure all modes) on a
     smoke-sized sweep; checks what is written, not how fast anything was."""
     out = tmp_path / "bench"
     rc = main(["bench", "--run", str(tiny_run), "--out", str(out), "--quick", "--concurrency", "1,2",
                "--batch", "1,2", "--window", "0.2", "--warmup", "0.05", "--repeats", "3"])
     assert rc == 0
+    assert not _leftovers(private_tmp), "the server's temporary folder was left behind"
     data = json.loads((out / "bench.json").read_text())
     assert {"machine", "modes", "ratios", "flops", "accuracy", "settings"} <= set(data)
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["peak_gflops"] > 0
@@ -131,12 +148,13 @@ def test_bench_smoke_structure(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_soak_short(tiny_run, tmp_path, capsys):
+def test_soak_short(tiny_run, tmp_path, capsys, private_tmp):
     """`cmg bench --soak 0.2`: 12 s at 80% of measured capacity through the stream client;
     what is written, not how fast (the machine is shared)."""
     out = tmp_path / "soak"
     rc = main(["bench", "--soak", "0.2", "--run", str(tiny_run), "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
+    assert not _leftovers(private_tmp), "the server's temporary folder was left behind"
     data = json.loads((out / "soak.json").read_text())
     assert data["load"] == 0.8 and data["target_fps"] == pytest.approx(0.8 * data["capacity"]["throughput"])
     assert data["frames"] == data["planned_frames"] == round(data["target_fps"] * 12) > 0
