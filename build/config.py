@@ -16,11 +16,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cmg import contract as C
-from cmg.contract import CMLE_ENCODER, ONNX_ELEM_TYPES, THRESHOLD, Contract, ModelSpec, TensorSpec
+from cmg.contract import ONNX_ELEM_TYPES, THRESHOLD, Contract, ModelSpec, TensorSpec
 from cmg.errors import CMGError
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
-PB_DTYPES = {"UINT8": mc.TYPE_UINT8, "FP32": mc.TYPE_FP32, "BOOL": mc.TYPE_BOOL}
+PB_DTYPES = {name: getattr(mc, f"TYPE_{name}") for name in C.NUMPY_DTYPES}  # from the contract's dtypes
 THRESHOLD_MODEL = "cmg_threshold"  # GPU targets only: fills in THRESHOLD where a request omits it
 FILLED = C.THRESHOLD_FILLED  # its output: THRESHOLD per batch item
 
@@ -146,11 +146,13 @@ def threshold_graph(contract: Contract, threshold: float):
         helper.make_node("Concat", ["t_shape", "t_one"], ["t_out_shape"], axis=0),
         helper.make_node("Expand", [THRESHOLD, "t_out_shape"], [FILLED]),
     ]
-    inputs = [helper.make_tensor_value_info(C.PATCH_SCORES, ONNX_ELEM_TYPES["FP32"], ["batch", *contract.patch_scores().dims]),
-              helper.make_tensor_value_info(THRESHOLD, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
-    outputs = [helper.make_tensor_value_info(FILLED, ONNX_ELEM_TYPES["FP32"], ["batch", *thr.dims])]
+    ps = contract.patch_scores()
+    thr_elem = ONNX_ELEM_TYPES[thr.dtype]
+    inputs = [helper.make_tensor_value_info(ps.name, ONNX_ELEM_TYPES[ps.dtype], ["batch", *ps.dims]),
+              helper.make_tensor_value_info(THRESHOLD, thr_elem, ["batch", *thr.dims])]
+    outputs = [helper.make_tensor_value_info(FILLED, thr_elem, ["batch", *thr.dims])]
     inits = [helper.make_tensor("t_one", 7, [1], [1]),
-             helper.make_tensor(THRESHOLD, ONNX_ELEM_TYPES["FP32"], [1, 1], [float(threshold)])]
+             helper.make_tensor(THRESHOLD, thr_elem, [1, 1], [float(threshold)])]
     graph = helper.make_graph(nodes, THRESHOLD_MODEL, inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -256,7 +258,7 @@ def validate_config(path: Path, spec: ModelSpec, onnx_path: Path | None = None,
 def _check_against_onnx(where: str, cfg: mc.ModelConfig, onnx_path: Path) -> None:
     """Config tensors must be graph tensors with the same dtype and dims ([batch, *dims])."""
     io = onnx_io(onnx_path)
-    onnx_of = {"UINT8": ONNX_ELEM_TYPES["UINT8"], "FP32": ONNX_ELEM_TYPES["FP32"], "BOOL": ONNX_ELEM_TYPES["BOOL"]}
+    onnx_of = ONNX_ELEM_TYPES
     by_dtype = {v: k for k, v in PB_DTYPES.items()}
     for kind, tensors, graph in (("input", cfg.input, io["inputs"]), ("output", cfg.output, io["outputs"])):
         for t in tensors:
@@ -276,8 +278,3 @@ def _check_against_onnx(where: str, cfg: mc.ModelConfig, onnx_path: Path) -> Non
         if missing:
             raise CMGError(f"{where}: graph {kind}s {missing} of {onnx_path.name} are missing from the config")
 
-
-def check_encoder_threshold(spec: ModelSpec) -> None:
-    """The contract keeps THRESHOLD on the encoder; fail early if a contract change dropped it."""
-    if spec.name == CMLE_ENCODER and THRESHOLD not in {t.name for t in spec.inputs}:
-        raise CMGError(f"contract: {CMLE_ENCODER} has no {THRESHOLD} input")

@@ -24,7 +24,15 @@ from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 from cmg_build import opcheck
 
-MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / "model.py"
+
+def _model_py() -> Path:
+    """The generic Python-backend model, shipped as package `cmg_model_repository`."""
+    from importlib.resources import files
+
+    return Path(str(files("cmg_model_repository") / "model.py"))
+
+
+MODEL_PY = _model_py()
 DEFAULT_OUT = Path("model_repository")
 
 

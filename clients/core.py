@@ -189,12 +189,14 @@ def _tensor_dims(entries: list[dict], name: str, model: str) -> list[int]:
 
 
 def contract_from_metadata(metadata: dict, model: str) -> Contract:
-    """H, W from IMAGE and G from ANOMALY_MAP; the ensemble does not expose D (set to 0)."""
+    """H, W from IMAGE, G from KEEP_MASK, M from ANOMALY_MAP; the ensemble does not expose D (0)."""
     image = _tensor_dims(metadata["inputs"], C.IMAGE, model)
     amap = _tensor_dims(metadata["outputs"], C.ANOMALY_MAP, model)
-    if len(image) != 4 or image[-1] != 3 or len(amap) != 3:
-        raise CMGError(f"model '{model}': {C.IMAGE} {image} / {C.ANOMALY_MAP} {amap} do not match the CMG contract")
-    return Contract(height=image[1], width=image[2], grid=amap[-1], embed_dim=0)
+    keep = _tensor_dims(metadata["outputs"], C.KEEP_MASK, model)
+    if len(image) != 4 or image[-1] != 3 or len(amap) != 3 or len(keep) != 3:
+        raise CMGError(f"model '{model}': {C.IMAGE} {image} / {C.ANOMALY_MAP} {amap} / {C.KEEP_MASK} {keep} "
+                       "do not match the CMG contract")
+    return Contract(height=image[1], width=image[2], grid=keep[-1], embed_dim=0, map_size=amap[-1])
 
 
 # -- failures and retries ---------------------------------------------------------------

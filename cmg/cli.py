@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-OWN_PACKAGES = {"cmg", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench"}
+OWN_PACKAGES = {"cmg", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cmg_configs", "cmg_model_repository"}
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {

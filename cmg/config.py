@@ -15,45 +15,41 @@ import yaml
 
 @dataclass
 class DataConfig:
-    preset: str = "tiny"          # synthetic preset used by `cmg demo` and tests
     image_size: int = 64          # frames are image_size x image_size UINT8 RGB
-    category: str = "hex_nut"     # product line of the synthetic preset
     val_fraction: float = 0.15    # held-out normals: score normalisation and threshold
+    preset: str = "tiny"          # synthetic preset of `cmg demo` and the tests (sample data only)
+    category: str = "hex_nut"     # product line of that preset
 
 
 @dataclass
 class TeacherConfig:
-    source: str = "scratch"       # scratch (trained here) | open_clip (arch + pretrained/checkpoint)
+    source: str = "scratch"       # scratch (image side trained here, MiniLM text frozen) | open_clip
     arch: str | None = None       # open_clip architecture name, e.g. ViT-B-32
     pretrained: str | None = None # open_clip pretrained tag, e.g. laion2b_s34b_b79k
     checkpoint: str | None = None # local weights file for `arch`
-    embed_dim: int = 64
-    width: int = 64
-    layers: int = 2
-    heads: int = 4
-    patch_size: int = 8
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    context_length: int = 32
-    scenes: int = 6000            # synthetic scenes (all categories) for training from scratch
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 1e-3
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 96])  # scratch image tower
+    downsample: int = 1           # scratch image tower: average-pool frames by this factor first
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    shift: int = 4                # augmentation: max shift in pixels (captions name positions)
+    brightness: float = 0.1       # augmentation: max relative brightness change
+    fill_prob: float = 0.6        # occlusion practice: share of images with filled patches
+    fill_max_share: float = 0.3   # ... and at most this share of their patches
 
 
 @dataclass
 class ScorerConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
-    epochs: int = 30
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
-    extra_scenes: int = 0         # extra teacher-labelled scenes beyond the training images
 
 
 @dataclass
 class CMERConfig:
     enabled: bool = True
+    grid: int = 8                 # G: the CMER patch grid, G x G patches (the one source of G)
     rule: str = "relative"        # relative (alpha * max, grown) | top_rho
     alpha: float = 0.2
     rho: float = 0.4
@@ -63,17 +59,27 @@ class CMERConfig:
 
 
 @dataclass
+class LocalConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # widths at 1/2, 1/4, 1/8
+    steps: int = 2000
+    batch_size: int = 32
+    crop: int = 64                # training crops (pixels); the served model sees whole frames
+    lr: float = 3e-3
+    anomaly_prob: float = 0.5     # share of training crops given a synthetic anomaly
+    shapes: int = 3000            # synthetic anomaly shapes drawn once per run
+    placement: str = "uniform"    # uniform: practise anywhere | keep: inside the CMER keep-mask
+    pool: int = 5                 # local image score: max of the pool x pool mean-filtered map
+
+
+@dataclass
 class CMLEConfig:
     enabled: bool = True
-    text_encoder: str = "minilm"  # minilm (offline sentence encoder) | teacher (teacher's text tower)
+    text_encoder: str = "minilm"  # caption embeddings: minilm (offline sentence encoder) | teacher
     k: int = 5                    # caption neighbours in the LLE graph
     reg: float = 1e-3             # LLE regulariser, relative to the local Gram trace
     min_unique_captions: int = 20
     lam: float = 1.0              # weight of the CMLE term
     embed_dim: int = 64           # D, the global embedding z
-    patch_dim: int = 64           # per-patch feature size
-    patch_source: str = "embedding"  # local features: embedding (teacher patch embedding) | tokens
-    patch_layer: int = -1         # with patch_source tokens: the block whose tokens are used (-1: last)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -82,9 +88,9 @@ class CMLEConfig:
 @dataclass
 class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
-    coreset: int = 2000           # M, rows of the patch memory bank after greedy coreset
     fpr: float = 0.05             # threshold: this false-positive rate on held-out normals
-    fusion: str = "mean"          # image score from normalised global and local scores: mean | max
+    fusion: str = "max"           # image score from the normalised global and local scores: max | mean | local
+    map_size: int = 32            # ANOMALY_MAP is map_size x map_size
 
 
 @dataclass
@@ -103,14 +109,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cmer: CMERConfig = field(default_factory=CMERConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     cmle: CMLEConfig = field(default_factory=CMLEConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
     def grid(self) -> int:
-        """G: the CMER grid equals the teacher's ViT patch grid, so patch features align."""
-        return self.data.image_size // self.teacher.patch_size
+        """G, the CMER grid: one source (cmer.grid) for the scorer, the teacher's occlusion
+        queries, the keep-mask and the contract."""
+        return self.cmer.grid
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,11 +143,20 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = _build(Config, values, "")
-    if cfg.data.image_size % cfg.teacher.patch_size:
-        raise ValueError(
-            f"config: data.image_size {cfg.data.image_size} is not a multiple of "
-            f"teacher.patch_size {cfg.teacher.patch_size}"
-        )
+    size, grid = cfg.data.image_size, cfg.cmer.grid
+    if size % grid:
+        raise ValueError(f"config: data.image_size {size} is not a multiple of cmer.grid {grid}")
+    if size % 8:
+        raise ValueError(f"config: data.image_size {size} must be a multiple of 8 (local model strides)")
+    if (size // 2) % cfg.scoring.map_size:
+        raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide image_size / 2 "
+                         f"= {size // 2}")
+    if cfg.local.placement not in ("keep", "uniform"):
+        raise ValueError(f"config: local.placement {cfg.local.placement!r}: expected keep or uniform")
+    if cfg.scoring.fusion not in ("mean", "max", "local"):
+        raise ValueError(f"config: scoring.fusion {cfg.scoring.fusion!r}: expected mean, max or local")
+    if cfg.cmle.text_encoder not in ("minilm", "teacher"):
+        raise ValueError(f"config: cmle.text_encoder {cfg.cmle.text_encoder!r}: expected minilm or teacher")
     return cfg
 
 
@@ -155,7 +172,11 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(values)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def config_dir() -> Path:
+    """The shipped configs (package `cmg_configs`, i.e. the repository's configs/ folder)."""
+    from importlib.resources import files
+
+    return Path(str(files("cmg_configs")))
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
@@ -163,4 +184,8 @@ def resolve_config(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
-    return CONFIG_DIR / f"{name_or_path}.yaml"
+    path = config_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in config_dir().glob("*.yaml"))
+        raise FileNotFoundError(f"config {name_or_path!r} not found (shipped: {', '.join(known)}; or give a YAML path)")
+    return path

@@ -31,6 +31,9 @@ KEEP_MASK = "KEEP_MASK"
 EMBEDDING = "EMBEDDING"
 THRESHOLD_FILLED = "THRESHOLD_FILLED"  # GPU targets: THRESHOLD as sent or the default (cmg_threshold)
 
+# Output order of the cmle_encoder graph (cmg_train.detector.DetectorOutput follows it).
+ENCODER_OUTPUTS = (ANOMALY_SCORE, IS_ANOMALY, ANOMALY_MAP, KEEP_MASK, EMBEDDING)
+
 # Triton datatype string -> numpy dtype.
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "UINT8": np.dtype(np.uint8),
@@ -86,12 +89,18 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Contract:
-    """All models for one trained run: H x W frames, G x G patch grid, D-dim embedding."""
+    """All models for one trained run: H x W frames, G x G patch grid, D-dim embedding,
+    M x M anomaly map (M defaults to G)."""
 
     height: int
     width: int
     grid: int
     embed_dim: int
+    map_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.map_size:
+            object.__setattr__(self, "map_size", self.grid)
 
     def image(self) -> TensorSpec:
         return TensorSpec(IMAGE, "UINT8", (self.height, self.width, 3))
@@ -103,11 +112,10 @@ class Contract:
         return TensorSpec(THRESHOLD, "FP32", (1,), optional=True)
 
     def _scores(self) -> tuple[TensorSpec, ...]:
-        g = self.grid
         return (
             TensorSpec(ANOMALY_SCORE, "FP32", (1,)),
             TensorSpec(IS_ANOMALY, "BOOL", (1,)),
-            TensorSpec(ANOMALY_MAP, "FP32", (g, g)),
+            TensorSpec(ANOMALY_MAP, "FP32", (self.map_size, self.map_size)),
         )
 
     @property
@@ -132,8 +140,10 @@ class Contract:
         }
 
     def to_dict(self) -> dict[str, int]:
-        return {"height": self.height, "width": self.width, "grid": self.grid, "embed_dim": self.embed_dim}
+        return {"height": self.height, "width": self.width, "grid": self.grid, "embed_dim": self.embed_dim,
+                "map_size": self.map_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> Contract:
-        return cls(int(d["height"]), int(d["width"]), int(d["grid"]), int(d["embed_dim"]))
+        return cls(int(d["height"]), int(d["width"]), int(d["grid"]), int(d["embed_dim"]),
+                   int(d.get("map_size", 0)))

@@ -120,7 +120,7 @@ def cuda_memory_pool_bytes(repository: Path, in_flight: int = 8) -> int | None:
     pool must hold them so they never fall back to pinned host memory. Doubled for
     headroom, at least 64 MiB. None when the repository has no build report.
     """
-    from cmg.contract import NUMPY_DTYPES, Contract
+    from cmg.contract import CMG, NUMPY_DTYPES, Contract
 
     report = repository / "build_report.json"
     if not report.is_file():
@@ -129,7 +129,7 @@ def cuda_memory_pool_bytes(repository: Path, in_flight: int = 8) -> int | None:
     contract = Contract.from_dict(data["contract"])
     max_batch = int(data.get("max_batch", 32))
     per_item = 0
-    for name in ("cmer_scorer", "cmle_encoder"):
+    for name in contract.models[CMG].steps:
         spec = contract.models[name]
         for t in spec.inputs + spec.outputs:
             n = 1

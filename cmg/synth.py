@@ -103,7 +103,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(image_size=64, n_train=600, n_test_good=60, n_test_per_anomaly=15),
+    "tiny": Preset(image_size=64, n_train=300, n_test_good=60, n_test_per_anomaly=15),
     "small": Preset(image_size=128, n_train=600, n_test_good=100, n_test_per_anomaly=20),
 }
 

@@ -1,7 +1,9 @@
 """RUN/checkpoint.pt: everything needed to rebuild the served modules, nothing else.
 
-Loading uses module constructors and state dicts only (no training code paths, no
-network), so export, evaluation and benchmarks start from the same file.
+One convention for every part: `{"config": ..., "state_dict": ...}` plus the few
+constructor arguments a part needs (its `*_state` / `*_from_state` pair). Loading uses
+module constructors and state dicts only (no training code, no network), so export,
+evaluation and benchmarks start from the same file.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import yaml
 from cmg.config import Config, config_from_dict
 from cmg.contract import Contract
 from cmg.errors import CMGError
-from cmg_train.cmer import (
+from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
     ScorerGraph,
     scorer_from_state,
     scorer_state,
 )
-from cmg_train.cmle import CMLEHead
+from cmg_train.cmle.model import head_from_state, head_state
 from cmg_train.detector import CMGDetector
-from cmg_train.teacher import Teacher, teacher_from_state, teacher_state
+from cmg_train.local.model import local_from_state, local_state
+from cmg_train.teacher.model import Teacher, teacher_from_state, teacher_state
 
-FORMAT = "cmg-run/1"
+FORMAT = "cmg-run/2"
 
 
 @dataclass
@@ -45,33 +48,48 @@ class Run:
     @property
     def contract(self) -> Contract:
         s = self.cfg.data.image_size
-        return Contract(s, s, self.cfg.grid, self.cfg.cmle.embed_dim)
+        return Contract(s, s, self.cfg.grid, self.cfg.cmle.embed_dim, self.cfg.scoring.map_size)
 
     def scorer_graph(self) -> ScorerGraph:
         return ScorerGraph(self.teacher.preprocess, self.scorer).eval()
 
     def exact_graph(self) -> OcclusionTeacher:
-        return OcclusionTeacher(self.teacher, self.caption_bank).eval()
+        return OcclusionTeacher(self.teacher, self.caption_bank, self.cfg.grid).eval()
+
+    @property
+    def data(self) -> Path:
+        """The training folder, as stored resolved by `cmg train`."""
+        return Path(self.metrics["data"])
+
+
+def detector_state(det: CMGDetector) -> dict:
+    return {
+        "use_mask": det.use_mask,
+        "local": local_state(det.local),
+        "head": head_state(det.head),
+        "global_bank": det.global_knn.bank_t.t().contiguous(),
+        "stats": det.stats.clone(),
+        "threshold": det.threshold.clone(),
+    }
+
+
+def detector_from_state(cfg: Config, teacher: Teacher, state: dict) -> CMGDetector:
+    det = CMGDetector(cfg, teacher, local_from_state(state["local"]), head_from_state(state["head"]),
+                      use_mask=state["use_mask"])
+    det.set_bank(state["global_bank"])
+    det.stats.copy_(state["stats"])
+    det.threshold.copy_(state["threshold"])
+    return det.eval().requires_grad_(False)
 
 
 def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: CMGDetector,
              caption_bank: torch.Tensor, captions: list[str], metrics: dict) -> Path:
-    head = det.head
     state = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "teacher": teacher_state(teacher),
         "scorer": scorer_state(scorer),
-        "detector": {
-            "use_mask": det.use_mask,
-            "embed_in": head.proj.in_features,
-            "token_in": head.patch_proj.in_features,
-            "head": head.state_dict(),
-            "global_bank": det.global_knn.bank_t.t().contiguous(),
-            "patch_bank": det.patch_knn.bank_t.t().contiguous(),
-            "stats": det.stats.clone(),
-            "threshold": det.threshold.clone(),
-        },
+        "detector": detector_state(det),
         "caption_bank": caption_bank.detach().cpu(),
         "captions": list(captions),
         "metrics": metrics,
@@ -95,16 +113,9 @@ def load_run(run_dir: str | Path) -> Run:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise CMGError(f"unreadable checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CMGError(f"{path} is not a {FORMAT} checkpoint")
+        raise CMGError(f"{path} is not a {FORMAT} checkpoint (retrain it with this version)")
     cfg = config_from_dict(state["config"])
     teacher = teacher_from_state(state["teacher"]).eval().requires_grad_(False)
-    scorer = scorer_from_state(state["scorer"])
-    d = state["detector"]
-    head = CMLEHead(d["embed_in"], d["token_in"], cfg.cmle.embed_dim, cfg.cmle.patch_dim)
-    head.load_state_dict(d["head"])
-    det = CMGDetector(cfg, teacher, head, use_mask=d["use_mask"])
-    det.set_banks(d["global_bank"], d["patch_bank"])
-    det.stats.copy_(d["stats"])
-    det.threshold.copy_(d["threshold"])
-    return Run(run_dir, cfg, teacher, scorer.eval().requires_grad_(False), det.eval().requires_grad_(False),
-               state["caption_bank"], state["captions"], state["metrics"])
+    scorer = scorer_from_state(state["scorer"]).requires_grad_(False)
+    det = detector_from_state(cfg, teacher, state["detector"])
+    return Run(run_dir, cfg, teacher, scorer, det, state["caption_bank"], state["captions"], state["metrics"])

@@ -1,86 +1,106 @@
 """The CMLE encoder with its scoring: one module from UINT8 frame + patch scores to scores.
 
-This module *is* the `cmle_encoder` graph: training-time evaluation and the ONNX export
-run the same code, so the served scores are the evaluated ones (parity tested).
+This module *is* the `cmle_encoder` graph: training-time evaluation and the ONNX export run
+the same code, so the served scores are the evaluated ones (parity tested). Steps:
+1. CMER keep-mask from PATCH_SCORES (relative rule + growth), or keep-all without CMER;
+2. local: the local model's per-pixel anomaly probabilities on the whole frame, mean-
+   filtered, zero where the keep-mask discarded the pixels (clutter off the product cannot
+   raise an alarm); its maximum is the local score;
+3. global: the teacher's embedding of the masked frame (discarded pixels filled with the
+   mean) through the CMLE head -> z, and the mean distance to its k nearest normal z;
+4. both z-normalised on held-out normals and fused; IS_ANOMALY = score > THRESHOLD.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from cmg.config import Config
-from cmg_train.cmer import apply_mask, keep_mask_cfg
-from cmg_train.cmle import CMLEHead
+from cmg_train.cmer.model import apply_mask, keep_mask_cfg, upsample_keep
+from cmg_train.cmle.model import CMLEHead
+from cmg_train.local.model import LocalNet
 from cmg_train.memory_bank import KNNDistance
-from cmg_train.teacher import Teacher
+from cmg_train.teacher.model import Teacher
+
+
+class DetectorOutput(NamedTuple):
+    """The cmle_encoder outputs, in the contract's order (cmg.contract.ENCODER_OUTPUTS)."""
+
+    anomaly_score: Tensor  # [B,1]
+    is_anomaly: Tensor     # [B,1] bool
+    anomaly_map: Tensor    # [B,M,M]
+    keep_mask: Tensor      # [B,G,G] uint8
+    embedding: Tensor      # [B,D]
+
+
+class RawScores(NamedTuple):
+    """Before normalisation and fusion (what calibration and the ablation read)."""
+
+    global_score: Tensor  # [B]
+    local_score: Tensor   # [B]
+    local_map: Tensor     # [B,1,H/2,W/2] gated, filtered
+    keep: Tensor          # [B,G,G] float
+    z: Tensor             # [B,D]
 
 
 class CMGDetector(nn.Module):
-    """frames uint8 [B,H,W,3], patch scores [B,G,G], threshold [B,1] ->
-    (ANOMALY_SCORE [B,1], IS_ANOMALY [B,1], ANOMALY_MAP [B,G,G], KEEP_MASK uint8 [B,G,G],
-    EMBEDDING [B,D])."""
+    """frames uint8 [B,H,W,3], patch scores [B,G,G], threshold [B,1] -> DetectorOutput."""
 
-    def __init__(self, cfg: Config, teacher: Teacher, head: CMLEHead | None, use_mask: bool = True):
+    def __init__(self, cfg: Config, teacher: Teacher, local: LocalNet, head: CMLEHead, use_mask: bool = True):
         super().__init__()
-        self.teacher = teacher
-        self.head = head
-        self.use_mask = use_mask
-        self.grid = teacher.grid
+        self.teacher, self.local, self.head = teacher, local, head
+        self.use_mask = bool(use_mask)
         self.cmer_cfg = cfg.cmer
-        if cfg.cmle.patch_source not in ("embedding", "tokens"):
-            raise ValueError(f"cmle.patch_source {cfg.cmle.patch_source!r}: expected embedding or tokens")
-        self.patch_source = cfg.cmle.patch_source
-        self.patch_layer = cfg.cmle.patch_layer
-        self.k_global = cfg.scoring.k_global
+        self.pool = int(cfg.local.pool)
+        self.map_size = int(cfg.scoring.map_size)
         self.fusion = cfg.scoring.fusion
+        self.k_global = int(cfg.scoring.k_global)
         self.global_knn: KNNDistance | None = None
-        self.patch_knn: KNNDistance | None = None
-        # Normalisation of both scores on held-out normals, and the calibrated threshold.
+        # Normalisation of both scores on held-out normals (g mean, g std, l mean, l std),
+        # and the calibrated threshold (the default of the THRESHOLD input).
         self.register_buffer("stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("threshold", torch.tensor(0.0))
 
-    def keep(self, patch_scores: torch.Tensor) -> torch.Tensor:
+    def keep(self, patch_scores: Tensor) -> Tensor:
         if not self.use_mask:
             return torch.ones_like(patch_scores)
         return keep_mask_cfg(patch_scores, self.cmer_cfg)
 
-    def features(self, frames: torch.Tensor, patch_scores: torch.Tensor):
-        """(keep [B,G,G], pooled teacher embedding [B,E], patch tokens [B,P,W]): the frozen part."""
-        keep = self.keep(patch_scores)
-        x = self.teacher.preprocess(frames)
-        x = apply_mask(x, keep)
-        pooled, tokens = self.teacher.visual_features(x, layer=self.patch_layer)
-        if self.patch_source == "embedding":
-            # The teacher's patch embedding, before position embeddings and attention: it is
-            # translation-equivariant like PatchCore's CNN features, so a part's patch matches
-            # normal patches seen at other positions. Transformer tokens carry absolute position,
-            # which made a part that moved score as anomalous (local AUROC below chance).
-            tokens = self.teacher.clip.visual.conv1(x).flatten(2).transpose(1, 2)
-        return keep, pooled, tokens
+    def embed(self, x: Tensor, keep: Tensor) -> Tensor:
+        """The CMLE head's input: the teacher embedding of the masked, normalised frame."""
+        return self.teacher.encode_image(apply_mask(x, keep))
 
-    def set_banks(self, global_bank: torch.Tensor, patch_bank: torch.Tensor) -> None:
+    def local_map(self, x: Tensor, keep: Tensor) -> Tensor:
+        p = torch.sigmoid(self.local(x))
+        p = F.avg_pool2d(p, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        return p * upsample_keep(keep, p.shape[-2:])
+
+    def set_bank(self, global_bank: Tensor) -> None:
         self.global_knn = KNNDistance(global_bank, self.k_global)
-        self.patch_knn = KNNDistance(patch_bank, 1)
 
-    def raw_scores(self, keep, pooled, tokens):
-        """(global kNN score [B], local map [B,G,G] zero outside the keep-mask, embedding z)."""
-        z, patches = self.head(pooled, tokens)
-        g = self.global_knn(z)
-        local = self.patch_knn(patches).view(-1, self.grid, self.grid) * keep
-        return g, local, z
+    def raw(self, frames: Tensor, patch_scores: Tensor) -> RawScores:
+        x = self.teacher.preprocess(frames)
+        keep = self.keep(patch_scores)
+        z = self.head(self.embed(x, keep))
+        amap = self.local_map(x, keep)
+        return RawScores(self.global_knn(z), amap.flatten(1).amax(1), amap, keep, z)
 
-    def fuse(self, g: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        lmax = local.flatten(1).max(1).values
+    def fuse(self, g: Tensor, lmax: Tensor) -> Tensor:
         gn = (g - self.stats[0]) / self.stats[1]
         ln = (lmax - self.stats[2]) / self.stats[3]
+        if self.fusion == "local":
+            return ln
         if self.fusion == "max":
             return torch.maximum(gn, ln)
         return 0.5 * (gn + ln)
 
-    def forward(self, frames: torch.Tensor, patch_scores: torch.Tensor, threshold: torch.Tensor):
-        keep, pooled, tokens = self.features(frames, patch_scores)
-        g, local, z = self.raw_scores(keep, pooled, tokens)
-        score = self.fuse(g, local).unsqueeze(-1)
-        is_anomaly = score > threshold
-        return score, is_anomaly, local, keep.to(torch.uint8), z
+    def forward(self, frames: Tensor, patch_scores: Tensor, threshold: Tensor) -> DetectorOutput:
+        r = self.raw(frames, patch_scores)
+        score = self.fuse(r.global_score, r.local_score).unsqueeze(-1)
+        k = int(r.local_map.shape[-1]) // self.map_size
+        amap = F.avg_pool2d(r.local_map, k).squeeze(1) if k > 1 else r.local_map.squeeze(1)
+        return DetectorOutput(score, score > threshold, amap, r.keep.to(torch.uint8), r.z)

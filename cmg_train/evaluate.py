@@ -1,9 +1,13 @@
-"""`cmg eval`: image and pixel AUROC, per-defect AUROC, and the paper's ablation table.
+"""`cmg eval`: image and pixel AUROC, per-defect AUROC, the paper's ablation table, and the
+same over several training seeds (medians, spreads, pooled paired intervals).
 
-Ablation rows share the run's teacher (the encoder backbone), CMER scorer, seed, data and
-training budget; they differ only in whether the keep-mask is applied (CMER) and in the
-CMLE weight lambda. Reference rows: kNN on the teacher's image embeddings, and a pyod
-detector on the same embeddings.
+Ablation rows share the run's teacher, CMER scorer, seed, data and training budget:
+- baseline: no keep-mask, lambda 0, a local model that practised anywhere (image-only);
+- cmer: the keep-mask at scoring time, and a local model that practised where it keeps;
+- cmle: the CMLE loss alone; cmg: both (the trained run); cmg_exact: CMG scored with the
+  paper's P+1-pass occlusion teacher instead of the one-pass scorer;
+- diagnostic rows: CMG's local score alone and its global (CMLE kNN) score alone;
+- reference rows: kNN on the teacher's image embeddings, and pyod's ECOD on them.
 """
 
 from __future__ import annotations
@@ -21,35 +25,43 @@ from tqdm.auto import tqdm
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
 from cmg_train.checkpoint import Run, load_run
-from cmg_train.cmle import build_caption_graph
+from cmg_train.cmer.model import keep_mask_cfg
+from cmg_train.cmer.report import defect_coverage
+from cmg_train.cmle.fit import build_caption_graph
 from cmg_train.detector import CMGDetector
+from cmg_train.local.fit import train_local
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.plots import mask_grid, roc_plot
-from cmg_train.train import batched, fit_detector, split_train_val
+from cmg_train.train import (
+    batched,
+    caption_embedder,
+    fit_detector,
+    split_train_val,
+)
 
-# name -> (use_mask, use CMLE)
+# name -> (keep-mask at scoring, CMLE loss, local model practised inside the keep-mask)
 ABLATION = {"baseline": (False, False), "cmer": (True, False), "cmle": (False, True), "cmg": (True, True)}
+SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "teacher_knn", "pyod_ecod")
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
 
 
-def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray | None = None,
-                    n: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of the AUROC (or, with `reference`, of AUROC(scores) - AUROC(reference)
-    on the same resampled images: a paired bootstrap). One seed and ~200 test images leave
-    differences of a few points within noise; the table says so instead of hiding it."""
+def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray | None]],
+                     n: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of mean_s [AUROC(a_s) - AUROC(b_s)] (or of mean_s AUROC(a_s) when b is None)
+    over test images resampled together for every seed s: one seed and ~200 test images leave
+    differences of a few points within noise; the tables say so instead of hiding it."""
     rng = np.random.default_rng(seed)
     stats = []
     for _ in range(n):
         idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() == labels[idx].max():
+        y = labels[idx]
+        if y.min() == y.max():
             continue
-        v = roc_auc_score(labels[idx], scores[idx])
-        if reference is not None:
-            v -= roc_auc_score(labels[idx], reference[idx])
-        stats.append(v)
+        vals = [roc_auc_score(y, a[idx]) - (roc_auc_score(y, b[idx]) if b is not None else 0.0) for a, b in pairs]
+        stats.append(float(np.mean(vals)))
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return [float(lo), float(hi)]
 
@@ -59,16 +71,16 @@ def image_metrics(labels: np.ndarray, defects: list[str], scores: np.ndarray) ->
     good = np.array([d == "good" for d in defects])
     for kind in sorted(set(defects) - {"good"}):
         sel = good | np.array([d == kind for d in defects])
-        per[kind] = _auroc(labels[sel], scores[sel])
-    return {"image_auroc": _auroc(labels, scores), "image_auroc_ci95": bootstrap_auroc(labels, scores),
+        per[kind] = auroc(labels[sel], scores[sel])
+    return {"image_auroc": auroc(labels, scores), "image_auroc_ci95": paired_bootstrap(labels, [(scores, None)]),
             "per_defect": per}
 
 
 def pixel_auroc(maps: np.ndarray, gt: np.ndarray) -> float | None:
-    """Anomaly maps [N,G,G] upsampled bilinearly to the ground-truth masks [N,H,W]."""
+    """Anomaly maps [N,M,M] upsampled bilinearly to the ground-truth masks [N,H,W]."""
     up = F.interpolate(torch.from_numpy(maps)[:, None].float(), size=gt.shape[1:], mode="bilinear",
                        align_corners=False)[:, 0].numpy()
-    return _auroc(gt.reshape(-1).astype(np.int64), up.reshape(-1))
+    return auroc(gt.reshape(-1).astype(np.int64), up.reshape(-1))
 
 
 class TestSet:
@@ -81,91 +93,129 @@ class TestSet:
         self.labels = np.array([s.label for s in self.samples])
         self.defects = [s.defect for s in self.samples]
         self.gt = np.stack([ds.gt_mask(s, (size, size)) for s in self.samples])
+        if self.labels.min() == self.labels.max():
+            raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC")
 
 
 def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.Tensor) -> dict:
-    th = torch.zeros(frames.shape[0], 1)
-    score, _, amap, keep, _ = batched(det, frames, patch_scores, th)
-    return {"scores": score[:, 0].numpy(), "maps": amap.numpy(), "keeps": keep.numpy()}
+    out = batched(det, frames, patch_scores, torch.zeros(frames.shape[0], 1))
+    return {"scores": out[0][:, 0].numpy(), "maps": out[2].numpy(), "keeps": out[3].numpy()}
 
 
-def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True) -> dict:
+def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None) -> dict:
+    """Score the test split of `data` with the run (and, with `ablation`, every row)."""
     cfg = run.cfg
-    size = cfg.data.image_size
-    test = TestSet(data, size, progress)
+    test = test or TestSet(data, cfg.data.image_size, progress)
     (test_ps,) = batched(run.scorer_graph(), test.frames)
-    results: dict[str, dict] = {}
     rows: list[dict] = []
+    scores: dict[str, np.ndarray] = {}
 
-    def add_row(name: str, scores: np.ndarray, maps: np.ndarray | None, extra: dict | None = None):
-        row = {"name": name, **image_metrics(test.labels, test.defects, scores),
-               "pixel_auroc": pixel_auroc(maps, test.gt) if maps is not None else None, **(extra or {})}
-        rows.append(row)
-        results[name] = {"scores": scores}
+    def add_row(name: str, s: np.ndarray, maps: np.ndarray | None, extra: dict | None = None) -> None:
+        rows.append({"name": name, **image_metrics(test.labels, test.defects, s),
+                     "pixel_auroc": pixel_auroc(maps, test.gt) if maps is not None else None, **(extra or {})})
+        scores[name] = s
 
     out = score_detector(run.detector, test.frames, test_ps)
-    add_row("run", out["scores"], out["maps"])
     shown = out
+    cover = {"scorer": defect_coverage(keep_mask_cfg(test_ps, cfg.cmer), test.gt)}
+    add_row("run", out["scores"], out["maps"])
     if ablation:
-        ds = MVTecFolder(data)
-        samples = ds.samples("train")
-        frames = torch.from_numpy(ds.frames(samples, (size, size), progress=progress))
-        captions = [s.caption for s in samples]
-        tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
-        (ps,) = batched(run.scorer_graph(), frames)
-        try:
-            graph = build_caption_graph([captions[i] for i in tr], cfg.cmle)
-        except CMGError as exc:
-            graph, note = None, str(exc)
-        else:
-            note = None
-        for name, (use_mask, use_cmle) in tqdm(ABLATION.items(), desc="ablation", disable=not progress):
-            if use_cmle and graph is None:
-                rows.append({"name": name, "skipped": note})
-                continue
-            det, m = fit_detector(cfg, run.teacher, frames[tr], ps[tr], frames[va], ps[va],
-                                  graph if use_cmle else None, use_mask, cfg.cmle.lam if use_cmle else 0.0,
-                                  progress=False)
-            o = score_detector(det, test.frames, test_ps)
-            add_row(name, o["scores"], o["maps"], {"kept_fraction_train": m["kept_fraction_train"]})
-            if name == "cmg":
-                shown = o
-                (exact_ps,) = batched(run.exact_graph(), test.frames, batch_size=8, progress=progress,
-                                      desc="exact-mode relevance")
-                oe = score_detector(det, test.frames, exact_ps)
-                add_row("cmg_exact", oe["scores"], oe["maps"])
-        # Reference rows on the teacher's image embeddings (no mask).
-        emb = lambda f: run.teacher.encode_image(run.teacher.preprocess(f))  # noqa: E731
-        (train_emb,) = batched(emb, frames[tr])
-        (test_emb,) = batched(emb, test.frames)
-        knn = KNNDistance(train_emb, cfg.scoring.k_global)
-        with torch.no_grad():
-            add_row("teacher_knn", knn(test_emb).numpy(), None)
-        from pyod.models.ecod import ECOD
-
-        ecod = ECOD().fit(train_emb.numpy())
-        add_row("pyod_ecod", ecod.decision_function(test_emb.numpy()), None)
-
-    if "baseline" in results:
-        base = results["baseline"]["scores"]
-        for row in rows:
-            if row["name"] in results and row["name"] != "baseline":
-                d = _auroc(test.labels, results[row["name"]]["scores"]) - _auroc(test.labels, base)
-                row["delta_vs_baseline"] = d
-                row["delta_vs_baseline_ci95"] = bootstrap_auroc(test.labels, results[row["name"]]["scores"], base)
+        shown = _ablation_rows(run, test, test_ps, add_row, cover, progress)
+    for row in rows:
+        if "baseline" in scores and row["name"] != "baseline":
+            row["delta_vs_baseline"] = auroc(test.labels, scores[row["name"]]) - auroc(test.labels, scores["baseline"])
+            row["delta_vs_baseline_ci95"] = paired_bootstrap(test.labels, [(scores[row["name"]], scores["baseline"])])
     eval_dir = run.path / "eval"
     eval_dir.mkdir(exist_ok=True)
-    report = {"rows": rows, "data": str(data), "seed": cfg.seed, "config": cfg.name,
-              "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum())}
+    report = {"rows": rows, "data": str(Path(data).resolve()), "seed": cfg.seed, "config": cfg.name,
+              "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
+              "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
+              "labels": test.labels.tolist(), "defects": test.defects}
     stem = "ablation" if ablation else "eval"
     (eval_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (eval_dir / f"{stem}.md").write_text(markdown_table(report))
-    roc_plot(test.labels, {k: v["scores"] for k, v in results.items()}, eval_dir / f"{stem}_roc.png",
-             f"{cfg.name}: image-level ROC")
+    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]))
+    roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC")
     pick = _showcase(test.defects)
     mask_grid(test.frames.numpy()[pick], shown["keeps"][pick], shown["maps"][pick],
               [test.defects[i] for i in pick], eval_dir / f"{stem}_masks.png", gt=test.gt[pick])
     return report
+
+
+def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cover: dict, progress: bool) -> dict:
+    cfg = run.cfg
+    size = cfg.data.image_size
+    ds = MVTecFolder(run.data)
+    samples = ds.samples("train")
+    frames = torch.from_numpy(ds.frames(samples, (size, size), progress=progress))
+    captions = [s.caption for s in samples]
+    tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+    (ps,) = batched(run.scorer_graph(), frames)
+    try:
+        graph = build_caption_graph([captions[i] for i in tr.tolist()], cfg.cmle, caption_embedder(cfg, run.teacher))
+        note = None
+    except CMGError as exc:
+        graph, note = None, str(exc)
+    locals_ = {True: run.detector.local}
+    if cfg.local.placement == "keep":  # the image-only rows get a local model that practised anywhere
+        locals_[False], _ = train_local(cfg, run.teacher.preprocess, frames[tr], None, progress)
+    else:
+        locals_[False] = run.detector.local
+    (exact_ps,) = batched(run.exact_graph(), test.frames, batch_size=8, progress=progress,
+                          desc="exact-mode relevance")
+    cover["teacher"] = defect_coverage(keep_mask_cfg(exact_ps, cfg.cmer), test.gt)
+    shown: dict = {}
+    for name, (use_mask, use_cmle) in tqdm(ABLATION.items(), desc="ablation", disable=not progress):
+        if use_cmle and graph is None:
+            add_row(name + " (skipped)", np.zeros(len(test.labels)), None, {"skipped": note})
+            continue
+        det, _ = fit_detector(cfg, run.teacher, locals_[use_mask], frames[tr], ps[tr], frames[va], ps[va],
+                              graph if use_cmle else None, use_mask, cfg.cmle.lam if use_cmle else 0.0,
+                              progress=False)
+        o = score_detector(det, test.frames, test_ps)
+        add_row(name, o["scores"], o["maps"])
+        if name == "cmg":
+            shown = o
+            oe = score_detector(det, test.frames, exact_ps)
+            add_row("cmg_exact", oe["scores"], oe["maps"])
+            g, lmax = batched(lambda f, s: det.raw(f, s)[:2], test.frames, test_ps)
+            add_row("cmg_local_only", lmax.numpy(), o["maps"])
+            add_row("cmg_global_only", g.numpy(), None)
+    emb = lambda f: run.teacher(f)  # noqa: E731
+    (train_emb,) = batched(emb, frames[tr])
+    (test_emb,) = batched(emb, test.frames)
+    with torch.no_grad():
+        add_row("teacher_knn", KNNDistance(train_emb, cfg.scoring.k_global)(test_emb).numpy(), None)
+    from pyod.models.ecod import ECOD
+
+    ecod = ECOD().fit(train_emb.numpy())
+    add_row("pyod_ecod", ecod.decision_function(test_emb.numpy()), None)
+    return shown
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """Rows over training seeds: median and [min, max] of each metric, and the gain of each row
+    over the baseline with a paired 95% interval pooled over seeds (the same resampled test
+    images for every seed)."""
+    labels = np.array(reports[0]["labels"])
+    names = [r["name"] for r in reports[0]["rows"] if "skipped" not in r]
+    out_rows = []
+    for name in names:
+        per_seed = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
+        row: dict = {"name": name, "seeds": len(per_seed)}
+        for key in ("image_auroc", "pixel_auroc"):
+            vals = [r[key] for r in per_seed if r.get(key) is not None]
+            if vals:
+                row[key] = float(np.median(vals))
+                row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
+        row["per_defect"] = {k: float(np.median([r["per_defect"][k] for r in per_seed]))
+                             for k in per_seed[0]["per_defect"]}
+        if name != "baseline" and all("baseline" in rep["scores"] for rep in reports):
+            pairs = [(np.array(rep["scores"][name]), np.array(rep["scores"]["baseline"])) for rep in reports]
+            row["gain_vs_baseline"] = float(np.median([auroc(labels, a) - auroc(labels, b) for a, b in pairs]))
+            row["gain_vs_baseline_ci95"] = paired_bootstrap(labels, pairs)
+        out_rows.append(row)
+    return {"rows": out_rows, "seeds": [rep["seed"] for rep in reports], "data": reports[0]["data"],
+            "config": reports[0]["config"], "test_images": reports[0]["test_images"]}
 
 
 def _showcase(defects: list[str]) -> list[int]:
@@ -178,33 +228,54 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def markdown_table(report: dict) -> str:
-    kinds = sorted({k for r in report["rows"] for k in r.get("per_defect", {})})
-    head = "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | " + " | ".join(kinds) + " |"
-    lines = [head, "|" + "---|" * (4 + len(kinds))]
-    for r in report["rows"]:
+def markdown_table(rows: list[dict]) -> str:
+    """One table for a single run (with 95% intervals) or for seeds (medians, ranges, pooled gain)."""
+    kinds = sorted({k for r in rows for k in r.get("per_defect", {})})
+    seeded = any("seeds" in r for r in rows)
+    head = ("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) | pixel AUROC | "
+            if seeded else "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | ")
+    lines = [head + " | ".join(kinds) + " |", "|" + "---|" * (4 + len(kinds))]
+    for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['name']} | skipped: {r['skipped']} |")
             continue
         per = [_fmt(r["per_defect"].get(k)) for k in kinds]
-        ci = r.get("image_auroc_ci95")
-        auroc = _fmt(r["image_auroc"]) + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
-        d, dci = r.get("delta_vs_baseline"), r.get("delta_vs_baseline_ci95")
+        if seeded:
+            rng = r.get("image_auroc_range")
+            auc = _fmt(r.get("image_auroc")) + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+            d, dci = r.get("gain_vs_baseline"), r.get("gain_vs_baseline_ci95")
+        else:
+            ci = r.get("image_auroc_ci95")
+            auc = _fmt(r.get("image_auroc")) + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+            d, dci = r.get("delta_vs_baseline"), r.get("delta_vs_baseline_ci95")
         delta = f"{d:+.3f} ({dci[0]:+.2f} to {dci[1]:+.2f})" if d is not None else "-"
-        lines.append(f"| {r['name']} | {auroc} | {delta} | {_fmt(r['pixel_auroc'])} | " + " | ".join(per) + " |")
+        lines.append(f"| {r['name']} | {auc} | {delta} | {_fmt(r.get('pixel_auroc'))} | " + " | ".join(per) + " |")
     return "\n".join(lines) + "\n"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, action="append",
+                   help="trained run folder; repeat for several training seeds (medians over seeds)")
     p.add_argument("--data", type=Path, default=None, help="MVTec-style folder (default: the training data)")
     p.add_argument("--ablation", action="store_true", help="baseline / +CMER / +CMLE / CMG + reference rows")
+    p.add_argument("--out", type=Path, default=None, help="with several runs: where the seeds table goes")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    r = load_run(args.run)
-    data = args.data or Path(r.metrics["data"])
-    report = evaluate(r, data, args.ablation, progress=not args.no_progress)
-    print(markdown_table(report), end="")
+    runs = [load_run(path) for path in args.run]
+    data = args.data or runs[0].data
+    if not Path(data).is_dir():
+        raise CMGError(f"dataset folder not found: {data}")
+    test = TestSet(data, runs[0].cfg.data.image_size, not args.no_progress)
+    reports = [evaluate(r, data, args.ablation, not args.no_progress, test) for r in runs]
+    if len(reports) == 1:
+        print(markdown_table(reports[0]["rows"]), end="")
+        return 0
+    agg = aggregate(reports)
+    out = args.out or runs[0].path.parent / "eval_seeds"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(agg, indent=2))
+    (out / "seeds.md").write_text(markdown_table(agg["rows"]))
+    print(markdown_table(agg["rows"]), end="")
     return 0

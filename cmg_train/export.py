@@ -81,16 +81,21 @@ def _simplify(path: Path, check) -> bool:
         return False
 
 
-def parity_frames(run: Run, n: int = 7, seed: int = 123) -> np.ndarray:
-    """Frames of the run's product line (normal and defective), from the generator."""
-    from cmg.synth import DEFECTS, render_scene
+def parity_frames(run: Run, n: int = 7) -> np.ndarray:
+    """Frames from the run's own data folder: test images (normal and defective) where the
+    folder has them, else training images. Never generated: parity is checked on the kind
+    of frames the line will send."""
+    from cmg.dataset import MVTecFolder
 
-    rng = np.random.default_rng(seed)
-    kinds = ["good", *DEFECTS]
-    return np.stack([
-        render_scene(rng, run.cfg.data.image_size, run.cfg.data.category, defect=kinds[i % len(kinds)]).image
-        for i in range(n)
-    ])
+    ds = MVTecFolder(run.data)
+    try:
+        samples = ds.samples("test")
+    except CMGError:
+        samples = ds.samples("train")
+    pick = np.linspace(0, len(samples) - 1, num=min(n, len(samples))).round().astype(int)
+    frames = ds.frames([samples[i] for i in pick], (run.cfg.data.image_size,) * 2)
+    reps = -(-n // len(frames))
+    return np.concatenate([frames] * reps)[:n]
 
 
 def _ort(path: Path):
@@ -130,12 +135,9 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
     ft = torch.from_numpy(frames)
     scorer, encoder, teacher = run.scorer_graph(), run.detector, run.exact_graph()
     threshold = float(run.detector.threshold)
-    enc_outputs = [C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.KEEP_MASK, C.EMBEDDING]
-    specs = {
-        C.CMER_SCORER: (scorer, [C.IMAGE], [C.PATCH_SCORES]),
-        C.CMLE_ENCODER: (encoder, [C.IMAGE, C.PATCH_SCORES, C.THRESHOLD], enc_outputs),
-        C.CMER_TEACHER: (teacher, [C.IMAGE], [C.PATCH_SCORES]),
-    }
+    modules = {C.CMER_SCORER: scorer, C.CMLE_ENCODER: encoder, C.CMER_TEACHER: teacher}
+    specs = {name: (module, [t.name for t in contract.models[name].inputs],
+                    [t.name for t in contract.models[name].outputs]) for name, module in modules.items()}
 
     def inputs_for(name: str, b: int, with_threshold: bool = False):
         f = ft[:b]

@@ -1,7 +1,11 @@
-"""`cmg train`: teacher -> CMER relevance + scorer -> CMLE encoder -> memory banks -> threshold.
+"""`cmg train`: everything learns from the folder given, in this order:
+
+teacher (image side vs frozen text) -> CMER occlusion relevance + one-pass scorer ->
+local anomaly model (synthetic anomalies on the normal images, practised where CMER keeps)
+-> CMLE caption graph + head -> global memory bank -> score normalisation + threshold.
 
 Everything lands in RUN/: checkpoint.pt (loadable without these code paths, see
-checkpoint.py), metrics.json, train_log.jsonl and plots.
+checkpoint.py), metrics.json, train_log.jsonl.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
-from cmg.errors import CMGError
-from cmg_train import cmer
 from cmg_train.checkpoint import save_run
-from cmg_train.cmle import CaptionGraph, CMLEHead, build_caption_graph, train_cmle_head
+from cmg_train.cmer.fit import occlusion_relevance, train_scorer
+from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg, upsample_keep
+from cmg_train.cmer.report import cmer_metrics, speed_ratio
+from cmg_train.cmle.fit import CaptionGraph, build_caption_graph, check_captions, train_cmle_head
+from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector
-from cmg_train.memory_bank import greedy_coreset
+from cmg_train.local.fit import synthetic_check, train_local
+from cmg_train.local.model import LocalNet
 from cmg_train.runlog import append_jsonl
-from cmg_train.teacher import Teacher, train_teacher
+from cmg_train.teacher.fit import train_teacher
+from cmg_train.teacher.model import Teacher
 
 
-def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 128, progress: bool = False,
+def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 64, progress: bool = False,
             desc: str = "") -> tuple:
     """Run `fn` over aligned tensors in chunks without grad; concatenate each output."""
     outs: list[tuple] = []
@@ -37,121 +45,130 @@ def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 128, progres
     with torch.no_grad():
         for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
             res = fn(*(t[i:i + batch_size] for t in tensors))
-            outs.append(res if isinstance(res, tuple) else (res,))
+            outs.append(tuple(res) if isinstance(res, tuple) else (res,))
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
-def split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic held-out normals (score normalisation and threshold calibration)."""
+def split_train_val(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic held-out normals (teacher retrieval, score normalisation, threshold)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(2, int(round(n * fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return torch.from_numpy(np.sort(perm[n_val:])), torch.from_numpy(np.sort(perm[:n_val]))
 
 
-def fit_detector(
-    cfg: Config,
-    teacher: Teacher,
-    train_frames: torch.Tensor,
-    train_scores: torch.Tensor,
-    val_frames: torch.Tensor,
-    val_scores: torch.Tensor,
-    graph: CaptionGraph | None,
-    use_mask: bool,
-    lam: float,
-    progress: bool = True,
-    log: Callable[[dict], None] | None = None,
-) -> tuple[CMGDetector, dict]:
-    """Train the CMLE head on frozen teacher features, fill the memory banks, calibrate.
+def caption_embedder(cfg: Config, teacher: Teacher):
+    """CMLE's text encoder: the offline MiniLM (default) or the teacher's text side."""
+    if cfg.cmle.text_encoder == "teacher":
+        return lambda texts: teacher.encode_text(texts).cpu().numpy()
+    return None  # build_caption_graph's default: MiniLM
 
-    One code path for the trained run and every ablation row: they differ only in
-    `use_mask` (CMER) and `lam` (CMLE).
+
+def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet, train_frames: torch.Tensor,
+                 train_scores: torch.Tensor, val_frames: torch.Tensor, val_scores: torch.Tensor,
+                 graph: CaptionGraph | None, use_mask: bool, lam: float, progress: bool = True,
+                 log: Callable[[dict], None] | None = None) -> tuple[CMGDetector, dict]:
+    """Train the CMLE head on the teacher's embeddings of masked images, fill the global
+    memory bank, normalise both scores and calibrate the threshold on held-out normals.
+
+    One code path for the trained run and every ablation row: they differ in `use_mask`
+    (CMER), `lam` (CMLE) and which local model they get.
     """
     torch.manual_seed(cfg.seed)
-    with torch.no_grad():
-        probe = CMGDetector(cfg, teacher, None, use_mask).features(train_frames[:1], train_scores[:1])
-    head = CMLEHead(probe[1].shape[-1], probe[2].shape[-1], cfg.cmle.embed_dim, cfg.cmle.patch_dim)
-    det = CMGDetector(cfg, teacher, head, use_mask=use_mask).eval()
-    keep, pooled, tokens = batched(det.features, train_frames, train_scores, progress=progress,
-                                   desc="encoder features")
+    head = CMLEHead(teacher.embed_dim, cfg.cmle.embed_dim)
+    det = CMGDetector(cfg, teacher, local, head, use_mask=use_mask).eval()
+    embed = lambda f, s: det.embed(teacher.preprocess(f), det.keep(s))  # noqa: E731
+    (pooled,) = batched(embed, train_frames, train_scores, progress=progress, desc="encoder features")
     head_metrics = train_cmle_head(head, pooled, graph, cfg.cmle, lam, cfg.seed, progress, log)
     with torch.no_grad():
-        z, patches = head(pooled, tokens)
-    kept = patches[keep.flatten(1) > 0.5]
-    if kept.shape[0] == 0:
-        raise CMGError("no patch was kept on any training image: check the CMER keep-mask settings")
-    rows = greedy_coreset(kept, cfg.scoring.coreset, cfg.seed, progress)
-    det.set_banks(z, kept[rows])
-    g, local, _ = batched(lambda f, s: det.raw_scores(*det.features(f, s)), val_frames, val_scores)
-    lmax = local.flatten(1).max(1).values
+        det.set_bank(head(pooled))
+    g, lmax = batched(lambda f, s: det.raw(f, s)[:2], val_frames, val_scores)
     det.stats.copy_(torch.stack([g.mean(), g.std().clamp_min(1e-6), lmax.mean(), lmax.std().clamp_min(1e-6)]))
-    fused = det.fuse(g, local)
+    fused = det.fuse(g, lmax)
     det.threshold.fill_(float(torch.quantile(fused, 1.0 - cfg.scoring.fpr)))
     metrics = {
         "use_mask": use_mask,
         "lambda": lam,
-        "kept_fraction_train": float(keep.mean()),
-        "patch_features": int(kept.shape[0]),
-        "patch_bank": int(rows.numel()),
-        "global_bank": int(z.shape[0]),
+        "global_bank": int(pooled.shape[0]),
         "threshold": float(det.threshold),
         "val_false_positive_rate": float((fused > det.threshold).float().mean()),
-        "head": {k: v for k, v in head_metrics.items() if k != "history"},
-        "head_loss_first_last": [head_metrics["history"][0]["loss"], head_metrics["history"][-1]["loss"]],
+        "head": head_metrics,
     }
     return det, metrics
+
+
+def practice_regions(cfg: Config, relevance: torch.Tensor) -> torch.Tensor | None:
+    """Pixel keep-masks [N,1,H,W] where the local model practises (CMER placement), or None."""
+    if cfg.local.placement != "keep" or not cfg.cmer.enabled:
+        return None
+    size = cfg.data.image_size
+    return upsample_keep(keep_mask_cfg(relevance, cfg.cmer), (size, size))
 
 
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
     """The whole training job; returns metrics (also written to RUN/metrics.json)."""
     t0 = time.perf_counter()
+    data = Path(data).resolve()
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
                           min_unique_captions=max(cfg.cmle.min_unique_captions, cfg.cmle.k + 1))
+    ds = MVTecFolder(data)
+    samples = ds.samples("train")
+    captions = [s.caption for s in samples]
+    if cfg.cmle.enabled:
+        check_captions(captions, cfg.cmle)  # before minutes of training, not after
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
-
     log = functools.partial(append_jsonl, log_path)
-
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
-    ds = MVTecFolder(data)
-    samples = ds.samples("train")
     frames = torch.from_numpy(ds.frames(samples, size, progress=progress))
-    captions = [s.caption for s in samples]
     tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    teacher, teacher_metrics = train_teacher(cfg, out, progress)
-    teacher.eval().requires_grad_(False)
+    teacher, teacher_metrics = train_teacher(cfg, frames, captions, tr, va, progress, log)
     timings["teacher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     text = teacher.encode_text(captions)
-    relevance = cmer.occlusion_relevance(teacher, frames, text, cfg.cmer.occlusion_batch, progress)
-    scorer, scorer_metrics = cmer.train_scorer(cfg, teacher, frames[tr], relevance[tr], out, progress)
-    scorer.eval().requires_grad_(False)
-    (scores,) = batched(cmer.ScorerGraph(teacher.preprocess, scorer), frames)
-    cmer_metrics = cmer.cmer_report(cfg, ds, [samples[i] for i in va], frames[va], relevance[va], scores[va])
+    relevance = occlusion_relevance(teacher, frames, text, cfg.grid, cfg.cmer.occlusion_batch, progress)
+    scorer, scorer_metrics = train_scorer(cfg, teacher, frames[tr], relevance[tr], progress, log)
+    one_pass = ScorerGraph(teacher.preprocess, scorer).eval()
+    (scores,) = batched(one_pass, frames)
+    parts = _part_clutter(ds, [samples[i] for i in va.tolist()], size)
+    unique = sorted(set(captions))
+    caption_bank = teacher.encode_text(unique)
+    exact = OcclusionTeacher(teacher, caption_bank, cfg.grid).eval()
+    cmer_m = {**scorer_metrics, **cmer_metrics(relevance[va], cfg.cmer, *parts, scorer_scores=scores[va],
+                                                seed=cfg.seed),
+              **speed_ratio(exact, one_pass, frames[va[:8]])}
     timings["cmer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    graph = build_caption_graph([captions[i] for i in tr], cfg.cmle) if cfg.cmle.enabled else None
+    local, local_metrics = train_local(cfg, teacher.preprocess, frames[tr], practice_regions(cfg, relevance[tr]),
+                                       progress, log)
+    local_metrics["synthetic_val"] = synthetic_check(local, teacher.preprocess, frames[va], cfg.seed,
+                                                     cfg.local.pool, practice_regions(cfg, relevance[va]))
+    timings["local_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    graph = None
+    if cfg.cmle.enabled:
+        graph = build_caption_graph([captions[i] for i in tr.tolist()], cfg.cmle, caption_embedder(cfg, teacher))
     det, det_metrics = fit_detector(
-        cfg, teacher, frames[tr], scores[tr], frames[va], scores[va], graph,
-        use_mask=cfg.cmer.enabled, lam=cfg.cmle.lam if graph is not None else 0.0,
-        progress=progress, log=log,
+        cfg, teacher, local, frames[tr], scores[tr], frames[va], scores[va], graph,
+        use_mask=cfg.cmer.enabled, lam=cfg.cmle.lam if graph is not None else 0.0, progress=progress, log=log,
     )
     timings["cmle_s"] = time.perf_counter() - t
 
-    unique = sorted(set(captions))
-    caption_bank = teacher.encode_text(unique)
     metrics = {
         "config": cfg.name,
-        "data": str(Path(data).resolve()),
+        "seed": cfg.seed,
+        "data": str(data),
         "images": {"train": len(tr), "val": len(va)},
         "teacher": teacher_metrics,
-        "cmer": {**scorer_metrics, **cmer_metrics},
+        "cmer": cmer_m,
+        "local": local_metrics,
         "cmle": {"graph": graph.summary() if graph else None, **det_metrics},
         "timings": {**timings, "total_s": time.perf_counter() - t0},
     }
@@ -160,9 +177,21 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     return metrics
 
 
+def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tuple:
+    """Part and clutter pixel masks of the synthetic generator's folders, else (None, None)."""
+    parts, clutters = [], []
+    for s in samples:
+        p, c = ds.part_mask(s, size), ds.clutter_mask(s, size)
+        if p is None or c is None:
+            return None, None
+        parts.append(p)
+        clutters.append(c)
+    return (np.stack(parts), np.stack(clutters)) if parts else (None, None)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
-    p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (see `cmg data synth`)")
+    p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--no-progress", action="store_true")

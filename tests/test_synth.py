@@ -49,7 +49,7 @@ def tiny(tmp_path_factory) -> Path:
 def test_tiny_layout_counts_and_index_files(tiny):
     info = json.loads((tiny / "synth.json").read_text())
     assert info["preset"] == "tiny" and info["image_size"] == 64 and info["category"] == "hex_nut"
-    want = {"train/good": 600, "test/good": 60, **{f"test/{a}": 15 for a in ANOMALIES}}
+    want = {"train/good": 300, "test/good": 60, **{f"test/{a}": 15 for a in ANOMALIES}}
     assert info["counts"] == want
     for key, n in want.items():
         files = sorted((tiny / key).glob("*.png"))

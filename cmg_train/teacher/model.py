@@ -1,0 +1,201 @@
+"""The teacher: an image side and a text side in one embedding space, s(x, t) = cos.
+
+CMER reads it through occlusion (how much does hiding a patch lower the similarity of
+the image with its caption?), CMLE's global branch embeds masked images with its image
+side. Two sources:
+- `scratch` (offline default): the text side is a real pretrained sentence encoder
+  (MiniLM, frozen); the image side is a small CNN trained here from scratch on the user's
+  image-caption pairs against it (teacher/fit.py). Coordinate channels let it see where
+  things are, which captions talk about.
+- `open_clip`: any open_clip CLIP with pretrained weights (tag or local file), as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmg.config import TeacherConfig
+from cmg.errors import CMGError
+from cmg_train.preprocess import Preprocess
+from cmg_train.text import MINILM_DIM, minilm_embeddings
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    """The one conv block of the project's small CNNs (teacher, scorer, local model)."""
+    pad = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def coord_channels(x: Tensor) -> Tensor:
+    """x [B,C,H,W] -> [B,C+2,H,W] with y and x coordinates in [-1, 1] (CoordConv).
+
+    Built from static sizes (H, W are fixed by the contract), so the graph exports with
+    constant tensors.
+    """
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, int(h)).view(1, 1, int(h), 1).expand(1, 1, int(h), int(w))
+    xs = torch.linspace(-1.0, 1.0, int(w)).view(1, 1, 1, int(w)).expand(1, 1, int(h), int(w))
+    coords = torch.cat([ys, xs], dim=1).to(x.dtype).to(x.device)
+    return torch.cat([x, coords.expand(b, -1, -1, -1)], dim=1)
+
+
+class ImageTower(nn.Module):
+    """Normalised NCHW -> [B, embed_dim] (not normalised): a stride-2 CNN, mean-pooled.
+
+    `downsample` > 1 average-pools the frame first: what captions describe (part, material,
+    pose, position, background) is visible at a fraction of the resolution, and the P+1
+    occlusion passes of CMER cost the square of it less.
+    """
+
+    def __init__(self, channels: Sequence[int], embed_dim: int, downsample: int = 1):
+        super().__init__()
+        self.downsample = int(downsample)
+        layers: list[nn.Module] = []
+        cin = 5  # RGB + 2 coordinate channels
+        for i, cout in enumerate(channels):
+            layers.append(conv_bn_relu(cin, cout, stride=2))
+            if i:  # one extra block per stage after the stem
+                layers.append(conv_bn_relu(cout, cout))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(cin, 2 * embed_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(2 * embed_dim, embed_dim))
+        self.width = cin
+
+    def pooled(self, x: Tensor) -> Tensor:
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
+        return self.features(coord_channels(x)).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pooled(x))
+
+
+class Teacher(nn.Module):
+    """Image side (trainable module), text side (a function of captions), preprocessing."""
+
+    def __init__(self, cfg: TeacherConfig, image_size: int, preprocess: Preprocess, visual: nn.Module,
+                 encode_text: Callable[[list[str]], Tensor], embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = int(image_size)
+        self.preprocess = preprocess
+        self.visual = visual
+        self._encode_text = encode_text
+        self.embed_dim = int(embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.preprocess.scale.device
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        """Normalised NCHW -> [B, E] L2-normalised image embedding."""
+        return F.normalize(self.visual(x), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> [N, E] L2-normalised text embeddings (frozen text side, no grad)."""
+        if not captions:
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return F.normalize(self._encode_text(list(captions)).float(), dim=-1).to(self.device)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """uint8 NHWC frames -> image embeddings."""
+        return self.encode_image(self.preprocess(frames))
+
+
+def _minilm_text(captions: list[str]) -> Tensor:
+    return torch.from_numpy(minilm_embeddings(captions))
+
+
+def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
+    import open_clip
+
+    if not cfg.arch:
+        raise CMGError("teacher: source open_clip needs teacher.arch (e.g. ViT-B-32)")
+    weights = None
+    if load_weights:
+        weights = cfg.checkpoint or cfg.pretrained
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+            raise CMGError(f"teacher checkpoint not found: {cfg.checkpoint}")
+    try:
+        model = open_clip.create_model(cfg.arch, pretrained=weights, force_image_size=image_size)
+    except RuntimeError as exc:  # unknown tag, missing cache without network, ...
+        raise CMGError(f"teacher: cannot create open_clip {cfg.arch} ({weights}): {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(cfg.arch)
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+
+    def encode_text(captions: list[str], batch: int = 256) -> Tensor:
+        device = next(model.parameters()).device
+        return torch.cat([model.encode_text(tokenizer(captions[i:i + batch]).to(device))
+                          for i in range(0, len(captions), batch)])
+
+    return model, encode_text, mean, std
+
+
+def build_teacher(cfg: TeacherConfig, image_size: int, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None, load_weights: bool = True) -> Teacher:
+    """An untrained scratch teacher, or an open_clip one with its weights; no training."""
+    if cfg.source == "scratch":
+        visual = ImageTower(cfg.channels, MINILM_DIM, cfg.downsample)
+        pp = Preprocess(mean or (0.5, 0.5, 0.5), std or (0.25, 0.25, 0.25))
+        return Teacher(cfg, image_size, pp, visual, _minilm_text, MINILM_DIM).eval()
+    if cfg.source == "open_clip":
+        model, encode_text, m, s = _open_clip(cfg, image_size, load_weights)
+        model.requires_grad_(False)
+        teacher = Teacher(cfg, image_size, Preprocess(mean or m, std or s), model.visual, encode_text,
+                          int(model.visual.output_dim))
+        teacher.clip = model  # keeps the text tower (and its device moves) with the teacher
+        return teacher.eval()
+    raise CMGError(f"teacher: unknown source {cfg.source!r} (scratch | open_clip)")
+
+
+def teacher_state(teacher: Teacher) -> dict:
+    """The checkpoint convention: config + state dict (+ what the constructor needs)."""
+    return {
+        "config": dataclasses.asdict(teacher.cfg),
+        "image_size": teacher.image_size,
+        "mean": teacher.preprocess.mean,
+        "std": teacher.preprocess.std,
+        "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
+    }
+
+
+def teacher_from_state(state: dict) -> Teacher:
+    """Inverse of teacher_state: the architecture from the config, then the saved weights."""
+    try:
+        cfg = TeacherConfig(**state["config"])
+        teacher = build_teacher(cfg, int(state["image_size"]), state["mean"], state["std"],
+                                load_weights=False)
+        teacher.load_state_dict(state["state_dict"])
+    except KeyError as exc:
+        raise CMGError(f"teacher state: missing key {exc}") from exc
+    return teacher.eval()
+
+
+@torch.no_grad()
+def retrieval_top1(teacher: Teacher, frames: Tensor, text: Tensor, batch: int = 32) -> float:
+    """Image -> caption top-1 within groups of `batch` held-out pairs (chance: 1/batch).
+
+    Identical captions count as hits (the model cannot tell them apart).
+    """
+    teacher.eval()
+    hits = total = 0
+    for i in range(0, len(frames), batch):
+        img = teacher(frames[i:i + batch].to(teacher.device))
+        txt = text[i:i + batch].to(teacher.device)
+        best = (img @ txt.T).argmax(dim=1)
+        same = (txt[best] * txt).sum(-1) > 1 - 1e-6
+        hits += int(same.sum())
+        total += len(img)
+    return hits / total if total else float("nan")
+

@@ -1,0 +1,1 @@
+"""The run configurations (YAML), shipped as package data `cmg_configs`."""

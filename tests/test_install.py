@@ -1,0 +1,49 @@
+"""A plain (non-editable) install works away from the source tree.
+
+`cmg build` needs the Python-backend model.py and `cmg train` the shipped configs: both
+travel as package data. This test installs the project with pip (not editable) into a
+temporary venv that borrows only the dependencies of the development venv, then runs
+`cmg demo` from an unrelated directory. It fails if anything reaches back into the
+checkout (a path computed from __file__ of the source tree, a config read from ./configs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_plain_install_runs_the_demo_from_another_directory(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True).stdout.strip())
+    # Dependencies only: a .pth line adds the dev venv's site-packages to sys.path, but the
+    # .pth files inside it (the editable install's finder) are not processed from there.
+    deps = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
+    (purelib / "cmg_test_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ""}
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+                   check=True, env=env, cwd=tmp_path)
+    where = subprocess.run([str(py), "-c", "import cmg, cmg_build, cmg_configs; print(cmg.__file__)"],
+                           check=True, capture_output=True, text=True, env=env, cwd=tmp_path).stdout.strip()
+    assert Path(where).is_relative_to(venv), f"cmg imported from {where}, not from the plain install"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([str(py), "-m", "cmg.cli", "demo", "--workdir", "demo", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((elsewhere / "demo" / "demo_report.json").read_text())
+    assert report["frames"] > 0 and report["errors"] == 0
+    assert (elsewhere / "demo" / "repo" / "cmle_encoder" / "1" / "model.py").is_file()
