@@ -13,7 +13,6 @@ Each mode measures a (concurrency, batch) point and scores the whole test split 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +98,11 @@ class TorchEager(InProcessMode):
 
 
 def ort_session_options(instances: int = 1):
-    """The session options of model_repository/model.py with intra_op_threads = 0 (the default):
-    cores // instances intra-op threads, one inter-op thread, all graph optimisations."""
-    import onnxruntime as ort
+    """The served models' thread rule (model_repository/model.py `session_options`) for two
+    graphs run one after the other in this process (stages = 1)."""
+    from cmg_model_repository.model import session_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // max(1, instances))
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
+    return session_options(0, instances, stages=1)
 
 
 class OrtInProcess(InProcessMode):

@@ -150,7 +150,7 @@ class Result:
 
     score: float
     is_anomaly: bool
-    anomaly_map: np.ndarray  # FP32 [G, G], zero where the keep-mask discarded the patch
+    anomaly_map: np.ndarray  # FP32 [M, M], zero where the keep-mask discarded the pixels
     patch_scores: np.ndarray  # FP32 [G, G], CMER relevance
     keep_mask: np.ndarray  # UINT8 [G, G]
 

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -34,10 +33,18 @@ LOOPBACK = "127.0.0.1"
 
 
 def _pytriton_root() -> Path | None:
-    """site-packages/pytriton/tritonserver of the installed nvidia-pytriton wheel, if any."""
-    site = Path(sysconfig.get_paths()["purelib"])
-    root = site / "pytriton" / "tritonserver"
-    return root if (root / "bin" / "tritonserver").is_file() else None
+    """pytriton/tritonserver of the importable nvidia-pytriton wheel, if any (wherever it is
+    installed: this venv, --user, a .pth path)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        root = Path(location) / "tritonserver"
+        if (root / "bin" / "tritonserver").is_file():
+            return root
+    return None
 
 
 def _stub_env(env: dict[str, str]) -> dict[str, str]:

@@ -48,21 +48,31 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
 
 
+def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of every row of [R, N] labels/scores at once (Mann-Whitney with tied ranks);
+    NaN for a row with one class. The same value as sklearn's roc_auc_score per row."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    pos = labels.sum(1)
+    neg = labels.shape[1] - pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * labels).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
+
+
 def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray | None]],
                      n: int = 1000, seed: int = 0) -> list[float]:
     """95% interval of mean_s [AUROC(a_s) - AUROC(b_s)] (or of mean_s AUROC(a_s) when b is None)
     over test images resampled together for every seed s: one seed and ~200 test images leave
     differences of a few points within noise; the tables say so instead of hiding it."""
     rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        idx = rng.integers(0, len(labels), len(labels))
-        y = labels[idx]
-        if y.min() == y.max():
-            continue
-        vals = [roc_auc_score(y, a[idx]) - (roc_auc_score(y, b[idx]) if b is not None else 0.0) for a, b in pairs]
-        stats.append(float(np.mean(vals)))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
+    idx = rng.integers(0, len(labels), (n, len(labels)))
+    y = labels[idx]
+    vals = np.zeros(n)
+    for a, b in pairs:
+        vals += _auroc_rows(y, a[idx]) - (_auroc_rows(y, b[idx]) if b is not None else 0.0)
+    vals = vals[np.isfinite(vals)] / len(pairs)
+    lo, hi = np.percentile(vals, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
@@ -177,7 +187,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
             shown = o
             oe = score_detector(det, test.frames, exact_ps)
             add_row("cmg_exact", oe["scores"], oe["maps"])
-            g, lmax = batched(lambda f, s: det.raw(f, s)[:2], test.frames, test_ps)
+            g, lmax = batched(lambda f, s, d=det: d.raw(f, s)[:2], test.frames, test_ps)
             add_row("cmg_local_only", lmax.numpy(), o["maps"])
             add_row("cmg_global_only", g.numpy(), None)
     emb = lambda f: run.teacher(f)  # noqa: E731
@@ -190,6 +200,15 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
     ecod = ECOD().fit(train_emb.numpy())
     add_row("pyod_ecod", ecod.decision_function(test_emb.numpy()), None)
     return shown
+
+
+def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
+    """RUN/eval/{ablation,eval}.json when it scored the same data after the checkpoint was written."""
+    path = run.path / "eval" / ("ablation.json" if ablation else "eval.json")
+    if not path.is_file() or path.stat().st_mtime < (run.path / "checkpoint.pt").stat().st_mtime:
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("data") == str(Path(data).resolve()) else None
 
 
 def aggregate(reports: list[dict]) -> dict:
@@ -259,6 +278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="MVTec-style folder (default: the training data)")
     p.add_argument("--ablation", action="store_true", help="baseline / +CMER / +CMLE / CMG + reference rows")
     p.add_argument("--out", type=Path, default=None, help="with several runs: where the seeds table goes")
+    p.add_argument("--recompute", action="store_true",
+                   help="score again even where RUN/eval holds a report of the same data newer than the checkpoint")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -267,8 +288,14 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or runs[0].data
     if not Path(data).is_dir():
         raise CMGError(f"dataset folder not found: {data}")
-    test = TestSet(data, runs[0].cfg.data.image_size, not args.no_progress)
-    reports = [evaluate(r, data, args.ablation, not args.no_progress, test) for r in runs]
+    test: TestSet | None = None
+    reports = []
+    for r in runs:
+        report = None if args.recompute else cached_report(r, data, args.ablation)
+        if report is None:
+            test = test or TestSet(data, r.cfg.data.image_size, not args.no_progress)
+            report = evaluate(r, data, args.ablation, not args.no_progress, test)
+        reports.append(report)
     if len(reports) == 1:
         print(markdown_table(reports[0]["rows"]), end="")
         return 0

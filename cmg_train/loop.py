@@ -57,7 +57,7 @@ def fit(
         losses.append(value)
         if step % log_every == 0 or step == steps - 1:
             record = {"stage": desc, "step": step, "loss": value,
-                      **{k: float(v) for k, v in extras.items()}}
+                      **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in extras.items()}}
             history.append(record)
             if log:
                 log(record)

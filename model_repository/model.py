@@ -27,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside a Triton stub (the bench reuses session_options)
+    pb_utils = None
 
 
 def _error(message: str, code_name: str = "INVALID_ARG"):
@@ -39,6 +43,25 @@ def _error(message: str, code_name: str = "INVALID_ARG"):
 
 
 PIPELINE_STAGES = 2  # models of one ensemble that run concurrently (scorer/teacher, encoder)
+
+
+def session_options(intra_op_threads: int = 0, instances: int = 1,
+                    stages: int = PIPELINE_STAGES) -> ort.SessionOptions:
+    """The ONE ONNX Runtime thread rule (served models here, in-process ORT in the bench).
+
+    intra_op_threads <= 0: cores // (instances x stages). An ensemble keeps `stages` models
+    busy at once (scorer on one frame while the encoder runs the previous one), so each gets
+    that share of the cores; a full share oversubscribed 2 cores and cost 30-65% of served
+    throughput. In-process ORT runs its two graphs one after the other: stages = 1.
+    """
+    threads = intra_op_threads if intra_op_threads > 0 else \
+        max(1, (os.cpu_count() or 1) // (max(1, instances) * max(1, stages)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the THRESHOLD-initializer warning is intended
+    return options
 
 
 class _Spec:
@@ -84,17 +107,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: finite_inputs {sorted(unknown)} are not inputs")
 
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-        threads = int(params.get("intra_op_threads") or 0)
-        if threads <= 0:
-            # An ensemble keeps two of these models busy at once (scorer on one frame while
-            # the encoder runs the previous one), so each gets half of its share of the
-            # cores; a full share oversubscribed 2 cores and cost 30-65% of served throughput.
-            threads = max(1, (os.cpu_count() or 1) // (instances * PIPELINE_STAGES))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # the THRESHOLD-initializer warning is intended
+        options = session_options(int(params.get("intra_op_threads") or 0), instances)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
         graph_inputs = {i.name for i in self.session.get_inputs()}

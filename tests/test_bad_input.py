@@ -126,7 +126,9 @@ CASES: list[Case] = [
     ("build", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "r")], "does not exist"),
     ("data", lambda f: ["synth", "--out", str(f["root"] / "d"), "--preset", "huge"], "huge"),
     ("train", lambda f: ["--config", "nosuchconfig", "--data", str(f["root"]), "--out", str(f["root"] / "t")],
-     "config file not found"),
+     "config 'nosuchconfig' not found (shipped:"),
+    ("train", lambda f: ["--config", str(f["root"] / "x.yaml"), "--data", str(f["root"]), "--out",
+                         str(f["root"] / "t")], "config file not found"),
 ]
 
 

@@ -14,7 +14,15 @@ import pytest
 from toy_graphs import write_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
-from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
+from cmg.contract import (
+    ANOMALY_MAP,
+    CMLE_ENCODER,
+    ENSEMBLES,
+    KEEP_MASK,
+    ONNX_MODELS,
+    THRESHOLD,
+    Contract,
+)
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 from cmg_build import repository
@@ -132,6 +140,26 @@ def test_tensorrt_engines_and_parity(toy_run, tmp_path):
     got = run_engine(repo / "cmle_encoder/1/model.plan", enc_feeds)
     assert np.abs(got["ANOMALY_SCORE"] - want[0]).max() < 2e-3
     assert report["engines"][CMLE_ENCODER]["fp16"]
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnxruntime"])
+def test_anomaly_map_on_its_own_size(tmp_path, target):
+    """ANOMALY_MAP [M, M] with M != G (as the tiny run serves): configs carry [M, M] for the map
+    and [G, G] for the keep-mask and patch scores, and validate against the graphs."""
+    contract = Contract(32, 32, 4, 8, map_size=8)
+    run = tmp_path / "run"
+    write_toy_export(run / "onnx", contract, threshold=0.45)
+    _, repo = _build(run, tmp_path, target)
+    specs = contract.models
+    for name in ONNX_MODELS:
+        cfgmod.validate_config(repo / name / "config.pbtxt", specs[name], repo / name / "1" / "model.onnx")
+    for name in (CMLE_ENCODER, *ENSEMBLES):
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name])
+        dims = {t.name: list(t.dims) for t in cfg.output}
+        assert dims[ANOMALY_MAP] == [8, 8] and dims[KEEP_MASK] == [4, 4], name
+    assert json.loads((repo / "build_report.json").read_text())["contract"]["map_size"] == 8
+    with pytest.raises(CMGError, match=ANOMALY_MAP):  # a [G, G]-map contract does not fit these graphs
+        cfgmod.validate_config(repo / CMLE_ENCODER / "config.pbtxt", CONTRACT.models[CMLE_ENCODER])
 
 
 def test_config_mismatch_names_the_tensor(toy_run, tmp_path):

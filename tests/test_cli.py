@@ -24,7 +24,10 @@ def test_every_verb_has_help(verb, capsys):
     "args, message",
     [
         (["train", "--data", "/nonexistent/data", "--out", "/tmp/x"], "/nonexistent/data"),
-        (["train", "--config", "nosuchconfig", "--data", ".", "--out", "/tmp/x"], "config file not found"),
+        (["train", "--config", "nosuchconfig", "--data", ".", "--out", "/tmp/x"],
+         "config 'nosuchconfig' not found (shipped: "),
+        (["train", "--config", "/nonexistent/x.yaml", "--data", ".", "--out", "/tmp/x"],
+         "config file not found: /nonexistent/x.yaml"),
         (["eval", "--run", "/nonexistent/run"], "run folder not found"),
         (["build", "--run", "/nonexistent/run", "--target", "cpu", "--out", "/tmp/x"], "/nonexistent/run"),
         (["data", "synth", "--out", "/tmp/x", "--preset", "huge"], "huge"),

@@ -77,16 +77,22 @@ def grpc_client(triton):
         yield client
 
 
-def test_client_learns_contract_from_server(grpc_client):
+def test_client_learns_contract_from_server(grpc_client, cpu_repo):
+    """G from KEEP_MASK, M from ANOMALY_MAP: the tiny run serves a [16, 16] map on an 8 x 8 grid."""
     c = grpc_client.contract
-    assert c.height > 0 and c.width > 0 and c.grid > 0
+    served = C.Contract.from_dict(json.loads((cpu_repo / "build_report.json").read_text())["contract"])
+    assert (c.height, c.width, c.grid, c.map_size) == (served.height, served.width, served.grid, served.map_size)
+    assert c.map_size != c.grid
     assert grpc_client.max_batch >= 1
     res = grpc_client.infer(_frames(grpc_client, 1))[0]
-    assert res.anomaly_map.shape == (c.grid, c.grid) and res.anomaly_map.dtype == np.float32
+    assert res.anomaly_map.shape == (c.map_size, c.map_size) and res.anomaly_map.dtype == np.float32
     assert res.keep_mask.shape == (c.grid, c.grid) and res.keep_mask.dtype == np.uint8
+    assert res.patch_scores.shape == (c.grid, c.grid)
     assert np.isfinite(res.score)
     # The anomaly map is zero wherever the keep-mask discarded the patch.
-    assert np.all(res.anomaly_map[res.keep_mask == 0] == 0)
+    r = c.map_size // c.grid
+    keep = res.keep_mask.repeat(r, axis=0).repeat(r, axis=1)
+    assert np.all(res.anomaly_map[keep == 0] == 0)
 
 
 def test_model_not_ready_is_named(triton):

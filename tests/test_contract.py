@@ -1,4 +1,5 @@
-"""The tensor contract: names and shapes per DESIGN.md section 2, and torch-free imports."""
+"""The tensor contract: names and shapes per DESIGN.md section 2 (ANOMALY_MAP on its own
+M x M size), the encoder output order, and torch-free imports."""
 
 from __future__ import annotations
 
@@ -71,3 +72,29 @@ def test_tensor_check_names_the_tensor():
     with pytest.raises(ValueError, match="IMAGE: shape"):
         spec.check(np.zeros((4, 4, 3), np.uint8))
     assert {k: v.name for k, v in c.NUMPY_DTYPES.items()} == {"UINT8": "uint8", "FP32": "float32", "BOOL": "bool"}
+
+
+def test_anomaly_map_has_its_own_size():
+    """ANOMALY_MAP is [M, M]; KEEP_MASK and PATCH_SCORES stay on the CMER grid [G, G]."""
+    k = Contract(64, 64, grid=8, embed_dim=32, map_size=16)
+    for model in (c.CMLE_ENCODER, c.CMG, c.CMG_EXACT):
+        spec = k.models[model]
+        assert spec.output(c.ANOMALY_MAP).dims == (16, 16)
+        assert spec.output(c.KEEP_MASK).dims == (8, 8)
+    assert k.models[c.CMG].output(c.PATCH_SCORES).dims == (8, 8)
+    assert k.models[c.CMLE_ENCODER].input(c.PATCH_SCORES).dims == (8, 8)
+    assert Contract.from_dict(k.to_dict()) == k and k.to_dict()["map_size"] == 16
+
+
+def test_map_size_defaults_to_the_grid():
+    """Older export.json files have no map_size: their maps were [G, G]."""
+    assert Contract(64, 64, 8, 32).map_size == 8
+    old = {"height": 64, "width": 64, "grid": 4, "embed_dim": 32}
+    assert Contract.from_dict(old) == Contract(64, 64, 4, 32, 4)
+
+
+def test_encoder_output_order_is_the_contract_order():
+    """The ONNX export names the detector's outputs positionally with this order."""
+    k = Contract(64, 64, 8, 32, 16)
+    assert tuple(t.name for t in k.models[c.CMLE_ENCODER].outputs) == c.ENCODER_OUTPUTS
+    assert len(set(c.ENCODER_OUTPUTS)) == 5

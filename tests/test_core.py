@@ -32,6 +32,26 @@ def test_names_come_from_the_contract():
     assert core.THRESHOLD.optional
 
 
+def _metadata(c: Contract) -> dict:
+    """Triton's model metadata for the `cmg` ensemble of contract `c` (batch as -1)."""
+    spec = c.models[C.CMG]
+    entry = lambda t: {"name": t.name, "datatype": t.dtype, "shape": [-1, *t.dims]}  # noqa: E731
+    return {"inputs": [entry(t) for t in spec.inputs], "outputs": [entry(t) for t in spec.outputs]}
+
+
+@pytest.mark.parametrize("map_size", [8, 16, 32])
+def test_contract_from_metadata_reads_grid_and_map_size_apart(map_size):
+    """ANOMALY_MAP is [M, M] and KEEP_MASK [G, G]: a client that took G from the map would
+    upsample the keep-mask wrongly whenever M != G (tiny: M = 16, G = 8)."""
+    served = Contract(64, 48, 8, 16, map_size)
+    got = core.contract_from_metadata(_metadata(served), C.CMG)
+    assert (got.height, got.width, got.grid, got.map_size, got.embed_dim) == (64, 48, 8, map_size, 0)
+    bad = _metadata(served)
+    bad["outputs"] = [o for o in bad["outputs"] if o["name"] != C.KEEP_MASK]
+    with pytest.raises(CMGError, match=C.KEEP_MASK):
+        core.contract_from_metadata(bad, C.CMG)
+
+
 @pytest.mark.parametrize("mod", [grpcclient, httpclient], ids=["grpc", "http"])
 @pytest.mark.parametrize("threshold", [None, 0.25])
 def test_build_inputs_and_outputs(mod, threshold):

@@ -1,9 +1,12 @@
-"""The exported graphs: parity, static shapes, optional THRESHOLD, kNN as MatMul + TopK,
-TensorRT readiness."""
+"""The exported graphs: parity on the run's own frames, static shapes of the contract (ANOMALY_MAP
+[M, M], KEEP_MASK [G, G]), optional THRESHOLD, kNN as MatMul + TopK, TensorRT readiness."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -11,7 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from cmg import contract as C
+from cmg.dataset import MVTecFolder
 from cmg_build.opcheck import check_file
+from cmg_train.checkpoint import load_run
+from cmg_train.export import PARITY_BATCHES, parity_frames
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +25,30 @@ def report(tiny_onnx):
     return json.loads((tiny_onnx / "export.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return load_run(tiny_run)
+
+
 def test_parity_with_pytorch(report):
     assert report["parity"].keys() == {C.CMER_SCORER, C.CMLE_ENCODER, C.CMER_TEACHER}
     for name, rep in report["parity"].items():
-        assert rep["batches"] == [1, 7]
-        for tensor, vals in rep.items():
-            if isinstance(vals, dict) and "max_abs_diff" in vals:
-                assert vals["max_abs_diff"] <= 1e-4, (name, tensor)
-            if isinstance(vals, dict) and "mismatches" in vals:
-                assert vals["mismatches"] == 0, (name, tensor)
+        assert rep["batches"] == list(PARITY_BATCHES) == [1, 7]
+        tensors = {k: v for k, v in rep.items() if isinstance(v, dict)}
+        want = [t.name for t in C.Contract.from_dict(report["contract"]).models[name].outputs]
+        assert sorted(tensors) == sorted(want), name  # every output compared
+        for tensor, vals in tensors.items():
+            assert vals.get("max_abs_diff", 0.0) <= 1e-4, (name, tensor)
+            assert vals.get("mismatches", 0) == 0, (name, tensor)
+
+
+def test_report_describes_the_run(report, run, tiny_onnx):
+    assert C.Contract.from_dict(report["contract"]) == run.contract
+    assert report["contract"]["map_size"] == run.cfg.scoring.map_size
+    assert report["threshold"] == pytest.approx(float(run.detector.threshold))
+    for name, model in report["models"].items():
+        data = (tiny_onnx / model["file"]).read_bytes()
+        assert model["sha256"] == hashlib.sha256(data).hexdigest(), name
 
 
 @pytest.mark.parametrize("name", C.ONNX_MODELS)
@@ -37,6 +58,7 @@ def test_graph_interface_is_the_contract_with_only_batch_dynamic(tiny_onnx, repo
     model = onnx.load(str(path))
     spec = C.Contract.from_dict(report["contract"]).models[name]
     got = {vi.name: vi for vi in list(model.graph.input) + list(model.graph.output)}
+    assert [o.name for o in model.graph.output] == [t.name for t in spec.outputs]
     for t in spec.inputs + spec.outputs:
         tt = got[t.name].type.tensor_type
         assert tt.elem_type == C.ONNX_ELEM_TYPES[t.dtype], t.name
@@ -46,12 +68,29 @@ def test_graph_interface_is_the_contract_with_only_batch_dynamic(tiny_onnx, repo
     assert check_file(path) == []  # TensorRT 10 parser: supported ops, restrictions, static dims
 
 
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_encoder_outputs_have_the_contract_shapes(tiny_onnx, run):
+    """The tiny run's map is [16, 16] while the keep-mask is [8, 8]; zero outside the mask."""
+    c = run.contract
+    frames = np.random.default_rng(1).integers(0, 255, (2, c.height, c.width, 3), dtype=np.uint8)
+    (ps,) = _session(tiny_onnx / "cmer_scorer.onnx").run(None, {C.IMAGE: frames})
+    out = dict(zip(C.ENCODER_OUTPUTS, _session(tiny_onnx / "cmle_encoder.onnx").run(
+        list(C.ENCODER_OUTPUTS), {C.IMAGE: frames, C.PATCH_SCORES: ps}), strict=True))
+    assert out[C.ANOMALY_MAP].shape == (2, c.map_size, c.map_size)
+    assert out[C.KEEP_MASK].shape == (2, c.grid, c.grid)
+    r = c.map_size // c.grid
+    keep = out[C.KEEP_MASK].repeat(r, axis=1).repeat(r, axis=2)
+    assert np.all(out[C.ANOMALY_MAP][keep == 0] == 0)
+
+
 def test_threshold_is_optional_and_overrides(tiny_onnx, report):
-    sess = ort.InferenceSession(str(tiny_onnx / "cmle_encoder.onnx"), providers=["CPUExecutionProvider"])
+    sess = _session(tiny_onnx / "cmle_encoder.onnx")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
-    scorer = ort.InferenceSession(str(tiny_onnx / "cmer_scorer.onnx"), providers=["CPUExecutionProvider"])
-    ps = scorer.run(None, {C.IMAGE: frames})[0]
+    ps = _session(tiny_onnx / "cmer_scorer.onnx").run(None, {C.IMAGE: frames})[0]
     score, flag = sess.run([C.ANOMALY_SCORE, C.IS_ANOMALY], {C.IMAGE: frames, C.PATCH_SCORES: ps})
     np.testing.assert_array_equal(flag, score > report["threshold"])
     low = np.full((3, 1), -1e9, np.float32)
@@ -60,16 +99,49 @@ def test_threshold_is_optional_and_overrides(tiny_onnx, report):
     assert not sess.run([C.IS_ANOMALY], {C.IMAGE: frames, C.PATCH_SCORES: ps, C.THRESHOLD: high})[0].any()
 
 
-def test_memory_bank_distances_are_matmul_plus_topk(tiny_onnx):
-    """No [batch, M, D] broadcast: each bank constant feeds a MatMul, and TopK picks neighbours."""
+def test_memory_bank_distances_are_matmul_plus_topk(tiny_onnx, run):
+    """No [batch, M, D] broadcast: the bank constant feeds a MatMul, and TopK picks neighbours."""
     model = onnx.load(str(tiny_onnx / "cmle_encoder.onnx"))
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for i in node.input:
             consumers.setdefault(i, set()).add(node.op_type)
-    banks = [init for init in model.graph.initializer if len(init.dims) == 2 and min(init.dims) >= 32
-             and max(init.dims) >= 500]
-    assert banks, "memory banks not found as constants"
-    for init in banks:
-        assert consumers.get(init.name) == {"MatMul"}, (init.name, consumers.get(init.name))
-    assert sum(n.op_type == "TopK" for n in model.graph.node) >= 2
+    n_bank = run.metrics["cmle"]["global_bank"]
+    want = sorted([run.cfg.cmle.embed_dim, n_bank])
+    banks = [init for init in model.graph.initializer if sorted(init.dims) == want]
+    assert len(banks) == 1, "global memory bank not found as a [D, N] constant"
+    assert consumers.get(banks[0].name) == {"MatMul"}, consumers.get(banks[0].name)
+    assert sum(n.op_type == "TopK" for n in model.graph.node) >= 1
+
+
+def _frame_keys(frames: np.ndarray) -> set[bytes]:
+    return {f.tobytes() for f in frames}
+
+
+def test_parity_frames_come_from_the_runs_test_split(run, tiny_data, monkeypatch):
+    """Parity is checked on the line's kind of frames (normal and defective), never generated."""
+    import cmg.synth
+
+    for name in ("synthesize", "render_scene", "random_scenes", "stream_frames"):
+        monkeypatch.setattr(cmg.synth, name, lambda *a, **k: pytest.fail("parity frames were generated"))
+    frames = parity_frames(run, 7)
+    ds = MVTecFolder(tiny_data)
+    samples = ds.samples("test")
+    assert frames.shape == (7, 64, 64, 3) and frames.dtype == np.uint8
+    test_frames = ds.frames(samples, (64, 64))
+    assert _frame_keys(frames) <= _frame_keys(test_frames)
+    kinds = {samples[i].defect for i, f in enumerate(test_frames) if f.tobytes() in _frame_keys(frames)}
+    assert "good" in kinds and len(kinds) >= 3
+
+
+def test_parity_frames_fall_back_to_training_images(run, tiny_data, tmp_path):
+    folder = tmp_path / "line"
+    (folder / "train" / "good").mkdir(parents=True)
+    for src in sorted((tiny_data / "train" / "good").iterdir())[:3]:
+        shutil.copy(src, folder / "train" / "good" / src.name)
+    frames = parity_frames(SimpleNamespace(data=folder, cfg=run.cfg), 7)
+    train = MVTecFolder(folder).frames(MVTecFolder(folder).samples("train"), (64, 64))
+    assert frames.shape == (7, 64, 64, 3)
+    np.testing.assert_array_equal(frames[:3], train)
+    np.testing.assert_array_equal(frames[3:6], train)  # repeated up to n
+    np.testing.assert_array_equal(frames[6], train[0])

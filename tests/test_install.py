@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -20,6 +21,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Not part of a source distribution: environments, caches, run outputs, setuptools' leftovers.
+SKIP = {".git", ".venv", "runs", "out", "data", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def _source_copy(dest: Path) -> Path:
+    """The checkout's sources in a fresh folder. pip builds a local project in place, and
+    setuptools' default build folder `build/` is this project's cmg_build package: building
+    the checkout itself would leave build/lib (copies of every module) inside it."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = {n for n in names if n in SKIP or n.endswith(".egg-info")}
+        if Path(folder) == ROOT / "build":
+            out |= {n for n in names if n == "lib" or n.startswith("bdist.")}
+        return out
+
+    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+    return dest
 
 
 @pytest.mark.slow
@@ -34,8 +52,10 @@ def test_plain_install_runs_the_demo_from_another_directory(tmp_path):
     deps = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
     (purelib / "cmg_test_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ""}
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+    src = _source_copy(tmp_path / "src")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
                    check=True, env=env, cwd=tmp_path)
+    shutil.rmtree(src)  # nothing may reach back into the sources either
     where = subprocess.run([str(py), "-c", "import cmg, cmg_build, cmg_configs; print(cmg.__file__)"],
                            check=True, capture_output=True, text=True, env=env, cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(venv), f"cmg imported from {where}, not from the plain install"

@@ -1,4 +1,5 @@
-"""The tiny trained run: metrics, checkpoint round trip, one-line errors for bad runs."""
+"""`cmg train`: the helpers (split, batching, practice regions), then the tiny trained run:
+every stage in metrics.json, checkpoint round trip, contract, one-line errors for bad runs."""
 
 from __future__ import annotations
 
@@ -7,13 +8,62 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+import yaml
 
+from cmg.config import Config, config_dir
+from cmg.contract import CMLE_ENCODER
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
-from cmg_train.checkpoint import load_run
+from cmg_train.checkpoint import FORMAT, load_run
+from cmg_train.cmer.model import keep_mask_cfg, upsample_keep
+from cmg_train.detector import DetectorOutput
+from cmg_train.train import batched, practice_regions, split_train_val
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, fraction, n_val", [(600, 0.15, 90), (10, 0.15, 2), (7, 0.5, 4)])
+def test_split_is_disjoint_sorted_and_seeded(n, fraction, n_val):
+    tr, va = split_train_val(n, fraction, seed=0)
+    assert len(va) == n_val and len(tr) == n - n_val
+    assert sorted(torch.cat([tr, va]).tolist()) == list(range(n))
+    assert torch.equal(tr, tr.sort().values) and torch.equal(va, va.sort().values)
+    again = split_train_val(n, fraction, seed=0)
+    assert torch.equal(again[0], tr) and torch.equal(again[1], va)
+    assert not torch.equal(split_train_val(n, fraction, seed=1)[1], va)
+
+
+def test_batched_concatenates_every_output_in_order():
+    x, y = torch.arange(10.0), torch.arange(10.0) * 2
+    calls: list[int] = []
+
+    def fn(a, b):
+        calls.append(len(a))
+        return a + b, a * b
+
+    s, p = batched(fn, x, y, batch_size=4)
+    assert calls == [4, 4, 2]
+    assert torch.equal(s, x + y) and torch.equal(p, x * y)
+    (only,) = batched(lambda a: a.requires_grad_(False) * 3, x, batch_size=3)
+    assert torch.equal(only, x * 3)
+
+
+def test_practice_regions_follow_cmer_placement():
+    cfg = Config()
+    cfg.data.image_size, cfg.cmer.grid, cfg.local.placement = 32, 4, "keep"
+    rel = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    regions = practice_regions(cfg, rel)
+    assert regions.shape == (3, 1, 32, 32)
+    assert torch.equal(regions, upsample_keep(keep_mask_cfg(rel, cfg.cmer), (32, 32)))
+    cfg.local.placement = "uniform"
+    assert practice_regions(cfg, rel) is None
+    cfg.local.placement, cfg.cmer.enabled = "keep", False
+    assert practice_regions(cfg, rel) is None  # no CMER: nothing to practise inside
+
+
+# -- the tiny run ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -21,50 +71,83 @@ def run(tiny_run):
     return load_run(tiny_run)
 
 
-def test_metrics_report_every_stage(tiny_run):
-    m = json.loads((tiny_run / "metrics.json").read_text())
-    assert 0.0 <= m["teacher"]["retrieval_top1"] <= 1.0
-    assert m["cmer"]["loss_last"] < m["cmer"]["loss_first"]  # distillation lowered its loss
-    for who in ("teacher", "scorer"):
-        q = m["cmer"][who]["relative"]
-        assert 0.0 <= q["part_recall"] <= 1.0 and 0.0 <= q["clutter_removed"] <= 1.0
-    assert 0.0 <= m["cmer"]["keep_iou"] <= 1.0 and m["cmer"]["speed_ratio"] > 1.0
-    assert m["cmle"]["graph"]["unique_captions"] >= 20
-    assert m["cmle"]["patch_bank"] <= 2000 and m["cmle"]["patch_bank"] <= m["cmle"]["patch_features"]
-    lines = (tiny_run / "train_log.jsonl").read_text().splitlines()
-    assert {json.loads(line)["stage"].split("_")[0] for line in lines} >= {"teacher", "cmle"}
+@pytest.fixture(scope="module")
+def metrics(tiny_run) -> dict:
+    return json.loads((tiny_run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_frames(run, tiny_data) -> torch.Tensor:
+    ds = MVTecFolder(tiny_data)
+    return torch.from_numpy(ds.frames(ds.samples("test")[::10], (run.cfg.data.image_size,) * 2))
+
+
+def test_metrics_report_every_stage(metrics, run):
+    t = metrics["teacher"]
+    assert t["source"] == "scratch" and t["retrieval_top1"] > t["retrieval_chance"]
+    c = metrics["cmer"]
+    assert c["loss_last"] < c["loss_first"]  # distillation lowered its loss
+    a, b = c["keep_fraction_teacher"], c["keep_fraction_scorer"]
+    chance = a * b / (a + b - a * b)  # expected IoU of independent random masks keeping as much
+    assert chance < c["keep_iou"] <= 1 and c["speed_ratio"] > 1.0
+    for who in ("teacher", "scorer"):  # the synthetic folder has part masks: masks beat chance
+        q = c[who]
+        assert q["relative"]["part_recall"] > q["random"]["part_recall"]
+        assert q["random"]["keep_fraction"] == pytest.approx(q["relative"]["keep_fraction"])
+    loc = metrics["local"]
+    assert loc["loss_last"] < loc["loss_first"] and loc["placement"] == run.cfg.local.placement
+    assert loc["synthetic_val"]["pixel_auroc"] > 0.6
+    m = metrics["cmle"]
+    assert m["graph"]["unique_captions"] >= run.cfg.cmle.min_unique_captions
+    assert m["threshold"] == pytest.approx(float(run.detector.threshold))
+    n_val = metrics["images"]["val"]
+    assert abs(m["val_false_positive_rate"] - run.cfg.scoring.fpr) <= 2 / n_val
+    assert m["global_bank"] == metrics["images"]["train"] and m["head"]["loss_last"] < m["head"]["loss_first"]
+    assert set(metrics["timings"]) == {"teacher_s", "cmer_s", "local_s", "cmle_s", "total_s"}
+
+
+def test_train_log_has_a_line_per_logged_step_of_every_stage(tiny_run):
+    lines = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
+    stages = {r["stage"].split(" ")[0] for r in lines}
+    assert stages == {"teacher", "cmer", "local", "cmle"}
+    assert all(set(r) >= {"stage", "step", "loss"} for r in lines)
     assert (tiny_run / "config.yaml").is_file()
 
 
-def test_checkpoint_round_trip_reproduces_scores(run, tiny_data):
-    ds = MVTecFolder(tiny_data)
-    samples = ds.samples("test")[::10]
-    frames = torch.from_numpy(ds.frames(samples, (run.cfg.data.image_size,) * 2))
+def test_contract_follows_the_config(run):
+    tiny = yaml.safe_load((config_dir() / "tiny.yaml").read_text())
+    c = run.contract
+    assert c.grid == run.cfg.cmer.grid == tiny["cmer"]["grid"]
+    assert c.map_size == tiny["scoring"]["map_size"] != c.grid  # the tiny run exercises M != G
+    assert (c.height, c.width, c.embed_dim) == (64, 64, run.cfg.cmle.embed_dim)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(run, test_frames):
     again = load_run(run.path)
+    th = torch.zeros(len(test_frames), 1)
     with torch.no_grad():
-        th = torch.zeros(len(frames), 1)
-        a = run.detector(frames, run.scorer_graph()(frames), th)
-        b = again.detector(frames, again.scorer_graph()(frames), th)
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y)
-    assert float(again.detector.threshold) == pytest.approx(json.loads(
-        (run.path / "metrics.json").read_text())["cmle"]["threshold"])
-    assert run.contract.grid == 8 and run.contract.height == 64
+        a = run.detector(test_frames, run.scorer_graph()(test_frames), th)
+        b = again.detector(test_frames, again.scorer_graph()(test_frames), th)
+        ea, eb = run.exact_graph()(test_frames[:2]), again.exact_graph()(test_frames[:2])
+    assert isinstance(b, DetectorOutput)
+    for name, x, y in zip(DetectorOutput._fields, a, b, strict=True):
+        assert torch.equal(x, y), name
+    assert torch.equal(ea, eb)
+    assert again.captions == run.captions and torch.equal(again.caption_bank, run.caption_bank)
 
 
-def test_detector_outputs_follow_the_contract(run, tiny_data):
-    ds = MVTecFolder(tiny_data)
-    frames = torch.from_numpy(ds.frames(ds.samples("test")[:3], (64, 64)))
-    specs = run.contract.models["cmle_encoder"].outputs
+def test_detector_outputs_follow_the_contract(run, test_frames):
+    specs = run.contract.models[CMLE_ENCODER].outputs
     with torch.no_grad():
-        outs = run.detector(frames, run.scorer_graph()(frames), torch.zeros(3, 1))
-    for spec, out in zip(specs, outs, strict=True):
-        spec.check(out.numpy())
-    keep = outs[3].numpy().astype(bool)
-    assert (outs[2].numpy()[~keep] == 0).all()  # anomaly map is zero where the keep-mask discarded
+        out = run.detector(test_frames, run.scorer_graph()(test_frames), torch.zeros(len(test_frames), 1))
+    for spec, tensor in zip(specs, out, strict=True):
+        spec.check(tensor.numpy())
+    m = run.contract.map_size
+    keep = upsample_keep(out.keep_mask.float(), (m, m)).squeeze(1)
+    assert torch.all(out.anomaly_map[keep == 0] == 0)  # zero where the keep-mask discarded
 
 
-def test_missing_run_is_a_one_line_error(tmp_path):
+def test_missing_or_foreign_run_is_a_one_line_error(tmp_path):
     with pytest.raises(CMGError, match="run folder not found"):
         load_run(tmp_path / "nope")
     with pytest.raises(CMGError, match="no checkpoint"):
@@ -72,32 +155,13 @@ def test_missing_run_is_a_one_line_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(CMGError, match="unreadable checkpoint"):
         load_run(tmp_path)
+    torch.save({"format": "cmg-run/1"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CMGError, match=f"not a {FORMAT} checkpoint"):
+        load_run(tmp_path)
     res = subprocess.run([sys.executable, "-m", "cmg.cli", "export", "--run", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "run folder not found" in res.stderr
-
-
-def test_ablation_table_on_the_tiny_run(run, tiny_data):
-    from cmg_train.evaluate import evaluate
-
-    report = evaluate(run, tiny_data, ablation=True, progress=False)
-    rows = {r["name"]: r for r in report["rows"]}
-    assert {"baseline", "cmer", "cmle", "cmg", "cmg_exact", "teacher_knn", "pyod_ecod"} <= set(rows)
-    for name in ("baseline", "cmer", "cmle", "cmg"):
-        assert 0.0 <= rows[name]["image_auroc"] <= 1.0
-        assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0
-        assert set(rows[name]["per_defect"]) == {"scratch", "hole", "stain", "deformation", "wrong_part"}
-        lo, hi = rows[name]["image_auroc_ci95"]
-        assert lo <= rows[name]["image_auroc"] <= hi
-    lo, hi = rows["cmg"]["delta_vs_baseline_ci95"]
-    assert lo <= rows["cmg"]["delta_vs_baseline"] <= hi
-    # Same seed, same code path: the run's own configuration (CMG) is reproduced exactly.
-    assert rows["cmg"]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-6)
-    eval_dir = run.path / "eval"
-    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):
-        assert (eval_dir / f).stat().st_size > 0
-    assert np.isfinite([rows[n]["image_auroc"] for n in ("teacher_knn", "pyod_ecod")]).all()
 
 
 def test_run_is_usable_from_any_directory(tiny_run, tiny_data, tmp_path, monkeypatch):
@@ -109,6 +173,7 @@ def test_run_is_usable_from_any_directory(tiny_run, tiny_data, tmp_path, monkeyp
     stored = Path(json.loads((tiny_run / "metrics.json").read_text())["data"])
     assert stored.is_absolute() and stored == tiny_data.resolve()
     assert resolve_data(tiny_run, None) == stored and (stored / "train" / "good").is_dir()
+    assert load_run(tiny_run).data == stored
 
 
 def test_older_runs_relative_data_path_is_found(tiny_run, tiny_data, tmp_path, monkeypatch):

@@ -76,17 +76,30 @@ def scorer_graph(c: Contract, name: str = CMER_SCORER, invert: bool = False):
 
 
 def encoder_graph(c: Contract, threshold: float, seed: int = 0):
-    """Toy encoder: keep = PATCH_SCORES > 0.3, map = scores*keep, score = max(map), embed = W @ rgb mean."""
+    """Toy encoder: keep = PATCH_SCORES > 0.3, map = scores*keep (each patch repeated to M x M),
+    score = max(map), embed = W @ rgb mean."""
     from onnx import helper
 
     spec = c.models[CMLE_ENCODER]
-    g, d = c.grid, c.embed_dim
+    g, m, d = c.grid, c.map_size, c.embed_dim
+    if m % g:
+        raise ValueError(f"toy encoder: map_size {m} must be a multiple of grid {g}")
+    r = m // g
     w = np.random.default_rng(seed).standard_normal((3, d)).astype(np.float32)
+    patch_map = "e_patch_map" if r > 1 else ANOMALY_MAP
     nodes = [
         helper.make_node("Greater", [PATCH_SCORES, "e_level"], ["e_keep_b"]),
         helper.make_node("Cast", ["e_keep_b"], [KEEP_MASK], to=2),
         helper.make_node("Cast", ["e_keep_b"], ["e_keep_f"], to=1),
-        helper.make_node("Mul", [PATCH_SCORES, "e_keep_f"], [ANOMALY_MAP]),
+        helper.make_node("Mul", [PATCH_SCORES, "e_keep_f"], [patch_map]),
+    ]
+    if r > 1:  # nearest upsampling G -> M: [B,G,1,G,1] broadcast to [B,G,r,G,r]
+        nodes += [
+            helper.make_node("Reshape", [patch_map, "e_split"], ["e_cells"]),
+            helper.make_node("Expand", ["e_cells", "e_rep"], ["e_rep_cells"]),
+            helper.make_node("Reshape", ["e_rep_cells", "e_map_shape"], [ANOMALY_MAP]),
+        ]
+    nodes += [
         helper.make_node("Reshape", [ANOMALY_MAP, "e_flat"], ["e_map_flat"]),
         helper.make_node("ReduceMax", ["e_map_flat"], [ANOMALY_SCORE], axes=[1], keepdims=1),
         helper.make_node("Greater", [ANOMALY_SCORE, THRESHOLD], [IS_ANOMALY]),
@@ -96,11 +109,15 @@ def encoder_graph(c: Contract, threshold: float, seed: int = 0):
     ]
     inits = [
         helper.make_tensor("e_level", 1, [], [KEEP_LEVEL]),
-        helper.make_tensor("e_flat", 7, [2], [-1, g * g]),
+        helper.make_tensor("e_flat", 7, [2], [-1, m * m]),
         helper.make_tensor("e_w", 1, [3, d], w.ravel().tolist()),
         # Overridable default: THRESHOLD is also a graph input (IR >= 4).
         helper.make_tensor(THRESHOLD, 1, [1, 1], [float(threshold)]),
     ]
+    if r > 1:
+        inits += [helper.make_tensor("e_split", 7, [5], [-1, g, 1, g, 1]),
+                  helper.make_tensor("e_rep", 7, [5], [1, g, r, g, r]),
+                  helper.make_tensor("e_map_shape", 7, [3], [-1, m, m])]
     graph = helper.make_graph(nodes, CMLE_ENCODER, [_value_info(t) for t in spec.inputs],
                               [_value_info(t) for t in spec.outputs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", TOY_OPSET)]), w
@@ -113,7 +130,8 @@ def reference(c: Contract, images: np.ndarray, threshold: float, exact: bool = F
     tiles = gray.reshape(len(images), g, c.height // g, g, c.width // g).mean(axis=(2, 4)) / 255.0
     scores = (1.0 - tiles) if exact else tiles
     keep = scores > KEEP_LEVEL
-    amap = scores * keep
+    r = c.map_size // g
+    amap = (scores * keep).repeat(r, axis=1).repeat(r, axis=2)
     score = amap.reshape(len(images), -1).max(axis=1, keepdims=True)
     return {PATCH_SCORES: scores.astype(np.float32), KEEP_MASK: keep.astype(np.uint8),
             ANOMALY_MAP: amap.astype(np.float32), ANOMALY_SCORE: score.astype(np.float32),

@@ -99,7 +99,7 @@ def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tenso
     stats = fit(scorer.parameters(), sc.steps, sc.lr, step_fn, desc="cmer scorer", progress=progress, log=log)
     scorer.eval().requires_grad_(False)
     with torch.no_grad():
-        pred = scorer(x_all[val_idx])
+        pred = torch.sigmoid(scorer(x_all[val_idx]))  # as ScorerGraph serves it
     t_keep, s_keep = keep_mask_cfg(relevance[val_idx], cfg.cmer), keep_mask_cfg(pred, cfg.cmer)
     metrics = {
         "loss_first": stats["loss_first"],

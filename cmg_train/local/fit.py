@@ -101,7 +101,10 @@ def synthetic_check(net: LocalNet, preprocess: Preprocess, frames: Tensor, seed:
     p = F.avg_pool2d(p, pool, 1, pool // 2, count_include_pad=False)
     labels = torch.cat([torch.zeros(len(images)), (mask.flatten(1).amax(1) > 0).float()])
     gt = F.adaptive_max_pool2d(torch.cat([torch.zeros_like(mask), mask]), p.shape[-2:])
-    out = {"pixel_auroc": float(roc_auc_score(gt.flatten().numpy() > 0.5, p.flatten().numpy()))}
+    positive = gt.flatten().numpy() > 0.5
+    out: dict = {"pixel_auroc": None, "image_auroc": None}  # None: no synthetic anomaly survived
+    if 0 < positive.sum() < positive.size:
+        out["pixel_auroc"] = float(roc_auc_score(positive, p.flatten().numpy()))
     if 0 < labels.sum() < len(labels):
         out["image_auroc"] = float(roc_auc_score(labels.numpy(), p.flatten(1).amax(1).numpy()))
     return out

@@ -1,0 +1,224 @@
+"""`cmg eval`: AUROCs on hand-made scores, the paired bootstrap, the aggregate over seeds,
+the markdown tables, and the ablation table on the tiny run."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from cmg_train import evaluate as ev
+from cmg_train.evaluate import (
+    ABLATION,
+    aggregate,
+    auroc,
+    image_metrics,
+    markdown_table,
+    paired_bootstrap,
+    pixel_auroc,
+)
+
+N_BOOT = 100  # resamples: each costs one sklearn AUROC (~4 ms) per pair; the default is 1000
+
+
+
+@pytest.fixture
+def fast_bootstrap(monkeypatch):
+    """Functions that call paired_bootstrap with its default n get N_BOOT resamples."""
+    monkeypatch.setattr(ev, "paired_bootstrap", functools.partial(paired_bootstrap, n=N_BOOT))
+
+
+# -- AUROCs ----------------------------------------------------------------------------
+
+
+def test_auroc_needs_both_classes():
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auroc(np.zeros(4), np.arange(4.0)) is None
+    assert auroc(np.ones(4), np.arange(4.0)) is None
+
+
+def test_image_metrics_per_defect_kind_against_the_good_images(fast_bootstrap):
+    labels = np.array([0, 0, 1, 1])
+    defects = ["good", "good", "hole", "scratch"]
+    m = image_metrics(labels, defects, np.array([0.1, 0.2, 0.9, 0.15]))
+    assert m["image_auroc"] == 0.75
+    assert m["per_defect"] == {"hole": 1.0, "scratch": 0.5}
+    lo, hi = m["image_auroc_ci95"]
+    assert lo <= 0.75 <= hi
+
+
+def test_pixel_auroc_upsamples_the_map_to_the_masks():
+    gt = np.zeros((2, 4, 4), bool)
+    gt[:, :2, :2] = True  # the top-left quadrant is defective
+    maps = np.zeros((2, 2, 2), np.float32)
+    maps[:, 0, 0] = 1.0   # bilinear 2 -> 4 keeps every quadrant pixel above every other
+    assert pixel_auroc(maps, gt) == 1.0
+    assert pixel_auroc(1.0 - maps, gt) == 0.0
+    assert pixel_auroc(maps, np.zeros_like(gt)) is None
+
+
+# -- paired bootstrap ------------------------------------------------------------------
+
+LABELS = np.array([0] * 60 + [1] * 60)
+
+
+def _scores(quality: float, seed: int) -> np.ndarray:
+    """Scores separating the classes by `quality` standard deviations."""
+    return LABELS * quality + np.random.default_rng(seed).normal(size=LABELS.size)
+
+
+def test_bootstrap_interval_contains_a_clear_difference_and_excludes_zero():
+    good, weak = _scores(3.0, 0), _scores(0.0, 1)
+    diff = auroc(LABELS, good) - auroc(LABELS, weak)
+    lo, hi = paired_bootstrap(LABELS, [(good, weak)], n=N_BOOT)
+    assert diff > 0.3 and lo < diff < hi
+    assert lo > 0
+
+
+def test_bootstrap_interval_contains_zero_when_there_is_no_difference():
+    a, b = _scores(0.5, 2), _scores(0.5, 3)
+    lo, hi = paired_bootstrap(LABELS, [(a, b)], n=N_BOOT)
+    assert lo < 0 < hi
+    assert paired_bootstrap(LABELS, [(a, a)], n=N_BOOT) == [0.0, 0.0]  # paired: identical rows never differ
+
+
+def test_bootstrap_of_a_single_row_is_an_auroc_interval_and_seeded():
+    s = _scores(1.0, 4)
+    lo, hi = paired_bootstrap(LABELS, [(s, None)], n=N_BOOT, seed=7)
+    assert lo < auroc(LABELS, s) < hi and hi <= 1.0
+    assert paired_bootstrap(LABELS, [(s, None)], n=N_BOOT, seed=7) == [lo, hi]
+    assert paired_bootstrap(LABELS, [(s, None)], n=N_BOOT, seed=8) != [lo, hi]
+
+
+def test_bootstrap_pools_pairs_over_seeds():
+    """The pooled statistic is the mean gain over seeds on the same resampled images."""
+    good, weak = _scores(3.0, 0), _scores(0.0, 1)
+    alone = paired_bootstrap(LABELS, [(good, weak)], n=N_BOOT)
+    pooled = paired_bootstrap(LABELS, [(good, weak), (weak, weak)], n=N_BOOT)
+    np.testing.assert_allclose(pooled, np.array(alone) / 2, atol=1e-9)
+
+
+# -- aggregate over seeds --------------------------------------------------------------
+
+N = 20
+SEED_LABELS = [0] * N + [1] * N
+
+
+def _with_bottom_anomalies(k: int) -> list[float]:
+    """Perfect scores, except k anomalies scored below every normal: AUROC = 1 - k / N."""
+    s = list(range(2 * N))
+    for i in range(k):
+        s[N + i] = -1 - i
+    return [float(v) for v in s]
+
+
+def _report(seed: int, k: int, pixel: float | None, scratch: float) -> dict:
+    base_auc = 1 - k / N
+    rows = [
+        {"name": "baseline", "image_auroc": base_auc, "pixel_auroc": None, "per_defect": {"scratch": 0.5}},
+        {"name": "cmle (skipped)", "skipped": "too few captions"},
+        {"name": "cmg", "image_auroc": 1.0, "pixel_auroc": pixel, "per_defect": {"scratch": scratch}},
+    ]
+    return {"rows": rows, "seed": seed, "data": "/data", "config": "tiny", "test_images": 2 * N,
+            "labels": SEED_LABELS,
+            "scores": {"baseline": _with_bottom_anomalies(k), "cmg": [float(v) for v in range(2 * N)]}}
+
+
+@pytest.fixture(scope="module")
+def seeds() -> dict:
+    reports = [_report(0, 2, 0.8, 0.5), _report(1, 5, None, 0.6), _report(2, 8, 0.7, 0.9)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "paired_bootstrap", functools.partial(paired_bootstrap, n=N_BOOT))
+        return aggregate(reports)
+
+
+def test_aggregate_medians_and_ranges(seeds):
+    rows = {r["name"]: r for r in seeds["rows"]}
+    assert list(rows) == ["baseline", "cmg"]  # skipped rows are left out
+    assert rows["baseline"]["image_auroc"] == pytest.approx(0.75)
+    assert rows["baseline"]["image_auroc_range"] == pytest.approx([0.6, 0.9])
+    assert "pixel_auroc" not in rows["baseline"] and "gain_vs_baseline" not in rows["baseline"]
+    assert rows["cmg"]["pixel_auroc"] == pytest.approx(0.75)  # median of the seeds that have one
+    assert rows["cmg"]["pixel_auroc_range"] == pytest.approx([0.7, 0.8])
+    assert rows["cmg"]["per_defect"] == {"scratch": pytest.approx(0.6)}
+    assert rows["cmg"]["seeds"] == 3
+    assert (seeds["seeds"], seeds["config"], seeds["test_images"]) == ([0, 1, 2], "tiny", 2 * N)
+
+
+def test_aggregate_gain_is_paired_over_seeds(seeds):
+    cmg = next(r for r in seeds["rows"] if r["name"] == "cmg")
+    assert cmg["gain_vs_baseline"] == pytest.approx(0.25)  # median of 0.1, 0.25, 0.4
+    lo, hi = cmg["gain_vs_baseline_ci95"]
+    assert 0 < lo < 0.25 < hi  # pooled mean gain on the full set is also 0.25
+
+
+# -- tables ----------------------------------------------------------------------------
+
+
+def test_single_run_table():
+    rows = [
+        {"name": "run", "image_auroc": 0.8, "image_auroc_ci95": [0.7, 0.9], "pixel_auroc": None,
+         "per_defect": {"hole": 0.75, "scratch": None}},
+        {"name": "cmg", "image_auroc": 0.85, "image_auroc_ci95": [0.75, 0.95], "pixel_auroc": 0.6,
+         "per_defect": {"hole": 0.8, "scratch": 0.9}, "delta_vs_baseline": 0.05,
+         "delta_vs_baseline_ci95": [-0.01, 0.1]},
+        {"name": "cmle (skipped)", "skipped": "too few captions"},
+    ]
+    assert markdown_table(rows).splitlines() == [
+        "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | hole | scratch |",
+        "|---|---|---|---|---|---|",
+        "| run | 0.800 (0.70-0.90) | - | - | 0.750 | - |",
+        "| cmg | 0.850 (0.75-0.95) | +0.050 (-0.01 to +0.10) | 0.600 | 0.800 | 0.900 |",
+        "| cmle (skipped) | skipped: too few captions |",
+    ]
+
+
+def test_seeds_table(seeds):
+    lines = markdown_table(seeds["rows"]).splitlines()
+    assert lines[0].startswith("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) |")
+    assert lines[2] == "| baseline | 0.750 (0.60-0.90) | - | - | 0.500 |"
+    assert lines[3].startswith("| cmg | 1.000 (1.00-1.00) | +0.250 (+")
+    assert lines[3].endswith("| 0.750 | 0.600 |")
+
+
+# -- the tiny run ----------------------------------------------------------------------
+
+TINY_DEFECTS = {"scratch", "hole", "stain", "deformation", "wrong_part"}
+
+
+def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
+    from cmg_train.checkpoint import load_run
+    from cmg_train.cmer.model import keep_mask_cfg
+    from cmg_train.cmer.report import defect_coverage
+    from cmg_train.evaluate import TestSet, evaluate
+    from cmg_train.train import batched
+
+    run = load_run(tiny_run)
+    report = evaluate(run, tiny_data, ablation=True, progress=False)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) >= {"run", *ABLATION, "cmg_exact", "teacher_knn", "pyod_ecod"}  # + diagnostic rows
+    assert report["test_images"] == 135 and report["anomalies"] == 75
+    for name in ("run", *ABLATION, "cmg_exact"):
+        assert set(rows[name]["per_defect"]) == TINY_DEFECTS
+        lo, hi = rows[name]["image_auroc_ci95"]
+        assert lo <= rows[name]["image_auroc"] <= hi
+        assert rows[name]["pixel_auroc"] is not None  # every detector row has anomaly maps
+    for name in ("teacher_knn", "pyod_ecod"):
+        assert rows[name]["pixel_auroc"] is None and np.isfinite(rows[name]["image_auroc"])
+    d, (lo, hi) = rows["cmg"]["delta_vs_baseline"], rows["cmg"]["delta_vs_baseline_ci95"]
+    assert lo <= d <= hi
+    assert d == pytest.approx(rows["cmg"]["image_auroc"] - rows["baseline"]["image_auroc"])
+    # Same seed, same code path: the run's own configuration (CMG) is reproduced exactly.
+    assert rows["cmg"]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-6)
+    assert report["scores"]["cmg"] == pytest.approx(report["scores"]["run"], abs=1e-5)
+    cover = report["keep_mask_on_test"]
+    assert set(cover) == {"scorer", "teacher"}
+    test = TestSet(tiny_data, run.cfg.data.image_size, progress=False)
+    (ps,) = batched(run.scorer_graph(), test.frames)
+    assert cover["scorer"] == defect_coverage(keep_mask_cfg(ps, run.cfg.cmer), test.gt)
+    assert 0 < cover["teacher"]["defect_pixels_kept"] <= 1
+    eval_dir = run.path / "eval"
+    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):
+        assert (eval_dir / f).stat().st_size > 0
+    assert (eval_dir / "ablation.md").read_text() == markdown_table(report["rows"])
