@@ -43,17 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_overlay_dir(folder: Path | None) -> None:
     """Fail before any request when overlays could not be written."""
-    from cmg.errors import CMGError
+    from cmg.errors import CMGError, check_parent_folders
 
     if folder is None:
         return
     if folder.exists() and not folder.is_dir():
         raise CMGError(f"--overlays {folder} is a file, not a folder")
-    for parent in folder.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CMGError(f"--overlays {folder}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(folder, "--overlays")
 
 
 def run(args: argparse.Namespace) -> int:

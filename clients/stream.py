@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from cmg import contract as C
-from cmg.errors import CMGError
+from cmg.errors import CMGError, check_parent_folders
 from cmg.frames import DEFAULT_MAX_PIXELS
 from cmg_clients import core
 
@@ -299,11 +299,7 @@ def check_out_path(out: Path) -> None:
     """OUT must be a file we can write (not a folder, not under a file)."""
     if out.is_dir():
         raise CMGError(f"--out {out} is a folder; give a file name such as {out / 'stream.jsonl'}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CMGError(f"--out {out}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(out, "--out")
 
 
 # -- the stream ---------------------------------------------------------------------------

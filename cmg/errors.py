@@ -13,3 +13,15 @@ class CMGError(RuntimeError):
     def __init__(self, message: str, details: str | None = None) -> None:
         super().__init__(message)
         self.details = details
+
+
+def check_parent_folders(path, flag: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder (else `flag path` could never
+    be created): one line naming the file in the way, before any work starts."""
+    from pathlib import Path
+
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CMGError(f"{flag} {path}: {parent} is a file, not a folder")
+            return

@@ -144,12 +144,18 @@ def test_metrics_endpoint_counts_requests(server):
     assert float(line.rsplit(" ", 1)[1]) >= 1
 
 
-def test_start_failure_reports_log_tail(tmp_path):
+def _broken_repo(tmp_path: Path) -> Path:
+    """A repository whose only model has no model.py: tritonserver fails to load it."""
     repo = tmp_path / "repo"
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "config.pbtxt").write_text('name: "broken" backend: "python" max_batch_size: 1\n'
                                                  'input [{name: "X" data_type: TYPE_FP32 dims: [1]}]\n'
                                                  'output [{name: "Y" data_type: TYPE_FP32 dims: [1]}]\n')
+    return repo
+
+
+def test_start_failure_reports_log_tail(tmp_path):
+    repo = _broken_repo(tmp_path)
     from cmg.errors import CMGError
 
     srv = TritonServer(repo)
@@ -330,11 +336,7 @@ def test_request_without_image_is_refused_as_invalid(server):
 def test_start_failure_names_the_model_and_keeps_the_log(tmp_path):
     from cmg.errors import CMGError
 
-    repo = tmp_path / "repo"
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "config.pbtxt").write_text('name: "broken" backend: "python" max_batch_size: 1\n'
-                                                 'input [{name: "X" data_type: TYPE_FP32 dims: [1]}]\n'
-                                                 'output [{name: "Y" data_type: TYPE_FP32 dims: [1]}]\n')
+    repo = _broken_repo(tmp_path)
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     res = subprocess.run([str(VENV_BIN / "cmg"), "serve", "--repository", str(repo), "--http-port",
