@@ -259,3 +259,12 @@ def test_train_local_is_seeded_and_records_keep_placement():
     assert ma["placement"] == "keep"
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+
+
+def test_synthesize_stays_in_the_unit_range():
+    """Every fill (the grainy flat colour too) stays a valid image: the model never sees values above 1."""
+    x = torch.ones(16, 3, 32, 32)  # bright frames: a fill above 1 would show at once
+    shapes = anomalies.draw_shapes(anomalies.random_shapes(16, 32, gen(0)), 16, gen(0))
+    for seed in range(8):
+        out, _ = anomalies.synthesize(x, shapes, gen(seed), prob=1.0)
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0

@@ -21,6 +21,30 @@ from cmg_train.cmer.model import keep_mask_cfg, upsample_keep
 from cmg_train.detector import DetectorOutput
 from cmg_train.train import batched, practice_regions, split_train_val
 
+# -- what training may learn from -----------------------------------------------------
+
+
+def test_nothing_in_training_or_build_imports_the_generator():
+    """Every model learns from the user's folder: no module under cmg_train/ or build/ imports
+    `cmg.synth` (the demo's generator), directly or by `from cmg import synth`."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("cmg_train", "build"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                if any(n == "cmg.synth" or n.startswith("cmg.synth.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert (root / "cmg_train" / "train.py").is_file()  # the scan saw the training code
+    assert offenders == []
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ def synthesize(x: Tensor, shapes: Tensor, gen: torch.Generator, prob: float = 0.
     seamless = (gaussian_blur(x, 2.0) + detail * (src - gaussian_blur(src, 2.0))).clamp(0, 1)
     gain = 1 + 1.2 * (_u(gen, b, 3, 1, 1) - 0.6)
     recolour = (x * gain + 0.3 * (_u(gen, b, 3, 1, 1) - 0.5)).clamp(0, 1)
-    solid = _u(gen, b, 3, 1, 1).expand_as(x) * (0.85 + 0.3 * _u(gen, b, 1, h, w))  # flat colour, grainy
+    solid = (_u(gen, b, 3, 1, 1).expand_as(x) * (0.85 + 0.3 * _u(gen, b, 1, h, w))).clamp(0, 1)  # flat colour, grainy
     fill = _pick(torch.randint(0, 4, (b,), generator=gen), [paste, seamless, recolour, solid])
     beta = 0.6 * _u(gen, b, 1, 1, 1)
     fill = (1 - beta) * fill + beta * x
