@@ -258,7 +258,6 @@ def validate_config(path: Path, spec: ModelSpec, onnx_path: Path | None = None,
 def _check_against_onnx(where: str, cfg: mc.ModelConfig, onnx_path: Path) -> None:
     """Config tensors must be graph tensors with the same dtype and dims ([batch, *dims])."""
     io = onnx_io(onnx_path)
-    onnx_of = ONNX_ELEM_TYPES
     by_dtype = {v: k for k, v in PB_DTYPES.items()}
     for kind, tensors, graph in (("input", cfg.input, io["inputs"]), ("output", cfg.output, io["outputs"])):
         for t in tensors:
@@ -266,7 +265,7 @@ def _check_against_onnx(where: str, cfg: mc.ModelConfig, onnx_path: Path) -> Non
                 raise CMGError(f"{where}: {kind} '{t.name}' is not a {kind} of {onnx_path.name} "
                                f"(graph {kind}s: {sorted(graph)})")
             elem, dims = graph[t.name]
-            if elem != onnx_of[by_dtype[t.data_type]]:
+            if elem != ONNX_ELEM_TYPES[by_dtype[t.data_type]]:
                 raise CMGError(f"{where}: {kind} '{t.name}' is TYPE_{by_dtype[t.data_type]} in the config "
                                f"but ONNX elem_type {elem} in {onnx_path.name}")
             if tuple(dims[1:]) != tuple(t.dims) or isinstance(dims[0], int) and dims[0] > 0 and len(dims) > 0:

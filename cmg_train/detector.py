@@ -98,9 +98,12 @@ class CMGDetector(nn.Module):
             return torch.maximum(gn, ln)
         return 0.5 * (gn + ln)
 
-    def forward(self, frames: Tensor, patch_scores: Tensor, threshold: Tensor) -> DetectorOutput:
-        r = self.raw(frames, patch_scores)
+    def outputs(self, r: RawScores, threshold: Tensor) -> DetectorOutput:
+        """The served outputs from raw scores (evaluation keeps both without a second pass)."""
         score = self.fuse(r.global_score, r.local_score).unsqueeze(-1)
         k = int(r.local_map.shape[-1]) // self.map_size
         amap = F.avg_pool2d(r.local_map, k).squeeze(1) if k > 1 else r.local_map.squeeze(1)
         return DetectorOutput(score, score > threshold, amap, r.keep.to(torch.uint8), r.z)
+
+    def forward(self, frames: Tensor, patch_scores: Tensor, threshold: Tensor) -> DetectorOutput:
+        return self.outputs(self.raw(frames, patch_scores), threshold)

@@ -28,7 +28,7 @@ from cmg_train.checkpoint import Run, load_run
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage
 from cmg_train.cmle.fit import build_caption_graph
-from cmg_train.detector import CMGDetector
+from cmg_train.detector import CMGDetector, RawScores
 from cmg_train.local.fit import train_local
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.plots import mask_grid, roc_plot
@@ -108,8 +108,12 @@ class TestSet:
 
 
 def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.Tensor) -> dict:
-    out = batched(det, frames, patch_scores, torch.zeros(frames.shape[0], 1))
-    return {"scores": out[0][:, 0].numpy(), "maps": out[2].numpy(), "keeps": out[3].numpy()}
+    """Fused scores, maps and keep-masks, and the two scores before fusion, from one pass."""
+    raw = RawScores(*batched(det.raw, frames, patch_scores))
+    with torch.no_grad():
+        out = det.outputs(raw, torch.zeros(frames.shape[0], 1))
+    return {"scores": out.anomaly_score[:, 0].numpy(), "maps": out.anomaly_map.numpy(),
+            "keeps": out.keep_mask.numpy(), "global": raw.global_score.numpy(), "local": raw.local_score.numpy()}
 
 
 def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None) -> dict:
@@ -187,9 +191,8 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
             shown = o
             oe = score_detector(det, test.frames, exact_ps)
             add_row("cmg_exact", oe["scores"], oe["maps"])
-            g, lmax = batched(lambda f, s, d=det: d.raw(f, s)[:2], test.frames, test_ps)
-            add_row("cmg_local_only", lmax.numpy(), o["maps"])
-            add_row("cmg_global_only", g.numpy(), None)
+            add_row("cmg_local_only", o["local"], o["maps"])
+            add_row("cmg_global_only", o["global"], None)
     emb = lambda f: run.teacher(f)  # noqa: E731
     (train_emb,) = batched(emb, frames[tr])
     (test_emb,) = batched(emb, test.frames)

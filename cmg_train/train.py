@@ -27,7 +27,13 @@ from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
 from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg, upsample_keep
 from cmg_train.cmer.report import cmer_metrics, speed_ratio
-from cmg_train.cmle.fit import CaptionGraph, build_caption_graph, check_captions, train_cmle_head
+from cmg_train.cmle.fit import (
+    CaptionGraph,
+    build_caption_graph,
+    check_captions,
+    train_cmle_head,
+    unique_captions_needed,
+)
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector
 from cmg_train.local.fit import synthetic_check, train_local
@@ -109,12 +115,16 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     t0 = time.perf_counter()
     data = Path(data).resolve()
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
-                          min_unique_captions=max(cfg.cmle.min_unique_captions, cfg.cmle.k + 1))
+                          min_unique_captions=unique_captions_needed(cfg.cmle))
     ds = MVTecFolder(data)
     samples = ds.samples("train")
     captions = [s.caption for s in samples]
+    tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+    tr_captions = [captions[i] for i in tr.tolist()]
     if cfg.cmle.enabled:
-        check_captions(captions, cfg.cmle)  # before minutes of training, not after
+        # The folder check counted every training image; CMLE learns from the split without the
+        # held-out normals, which can have fewer: fail on it now, not after minutes of training.
+        check_captions(tr_captions, cfg.cmle)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
@@ -122,7 +132,6 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
     frames = torch.from_numpy(ds.frames(samples, size, progress=progress))
-    tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -154,7 +163,7 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     t = time.perf_counter()
     graph = None
     if cfg.cmle.enabled:
-        graph = build_caption_graph([captions[i] for i in tr.tolist()], cfg.cmle, caption_embedder(cfg, teacher))
+        graph = build_caption_graph(tr_captions, cfg.cmle, caption_embedder(cfg, teacher))
     det, det_metrics = fit_detector(
         cfg, teacher, local, frames[tr], scores[tr], frames[va], scores[va], graph,
         use_mask=cfg.cmer.enabled, lam=cfg.cmle.lam if graph is not None else 0.0, progress=progress, log=log,

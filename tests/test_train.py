@@ -45,6 +45,31 @@ def test_nothing_in_training_or_build_imports_the_generator():
     assert offenders == []
 
 
+def test_too_few_captions_in_the_training_split_fail_before_training(tiny_data, tmp_path):
+    """The folder has enough distinct captions, but one of them only on held-out normals: the
+    split CMLE learns from has one too few, and `cmg train` says so before it trains anything."""
+    import shutil
+
+    from cmg.config import load_config, resolve_config
+    from cmg_train.cmle.fit import unique_captions_needed
+    from cmg_train.train import train_run
+
+    cfg = load_config(resolve_config("tiny"))
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    samples = MVTecFolder(data).samples("train")
+    tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+    need = unique_captions_needed(cfg.cmle)
+    caption = {int(i): f"part {int(n) % (need - 1)}" for n, i in enumerate(tr)}
+    caption.update({int(i): f"part {need - 1}" for i in va})  # the last distinct caption: held out only
+    rows = [{"file": s.path.relative_to(data).as_posix(), "caption": caption[i]} for i, s in enumerate(samples)]
+    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with pytest.raises(CMGError, match=f"CMLE: only {need - 1} unique captions among {len(tr)} images"):
+        train_run(cfg, data, out, progress=False)
+    assert not out.exists()  # nothing trained, nothing written
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 

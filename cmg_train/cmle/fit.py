@@ -75,10 +75,15 @@ class CaptionGraph:
         }
 
 
+def unique_captions_needed(cfg: CMLEConfig) -> int:
+    """The fewest distinct captions CMLE accepts: the configured minimum, and k neighbours + 1."""
+    return max(cfg.min_unique_captions, cfg.k + 1)
+
+
 def check_captions(image_captions: Sequence[str], cfg: CMLEConfig) -> None:
     """Too few unique captions is an error, never a silently degenerate W."""
     unique = len(set(image_captions))
-    need = max(cfg.min_unique_captions, cfg.k + 1)
+    need = unique_captions_needed(cfg)
     if unique < need:
         raise CMGError(
             f"CMLE: only {unique} unique captions among {len(image_captions)} images (minimum {need}); "
