@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from cmg.config import Config
 from cmg_train.cmer.model import apply_mask, keep_mask_cfg, upsample_keep
 from cmg_train.cmle.model import CMLEHead
-from cmg_train.local.model import LocalNet
+from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.teacher.model import Teacher
 
@@ -75,8 +75,7 @@ class CMGDetector(nn.Module):
         return self.teacher.encode_image(apply_mask(x, keep))
 
     def local_map(self, x: Tensor, keep: Tensor) -> Tensor:
-        p = torch.sigmoid(self.local(x))
-        p = F.avg_pool2d(p, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        p = anomaly_probability(self.local, x, self.pool)
         return p * upsample_keep(keep, p.shape[-2:])
 
     def set_bank(self, global_bank: Tensor) -> None:

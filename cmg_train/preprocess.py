@@ -41,6 +41,11 @@ class Preprocess(nn.Module):
         x = frames.to(torch.float32).permute(0, 3, 1, 2)
         return x * self.scale + self.shift
 
+    @staticmethod
+    def to_unit(frames: Tensor) -> Tensor:
+        """uint8 [B,H,W,3] -> float NCHW in [0, 1]: what training-time augmentations work on."""
+        return torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0
+
     def from_unit(self, x: Tensor) -> Tensor:
         """Images already as float NCHW in [0, 1] (training-time augmentations) -> normalised."""
         return x * (255.0 * self.scale) + self.shift

@@ -15,7 +15,8 @@ from torch import nn
 
 from cmg.config import CMERConfig, Config, TeacherConfig
 from cmg.errors import CMGError
-from cmg_train.cmer.fit import dihedral, normalised_target, occlusion_relevance, train_scorer
+from cmg_train.augment import dihedral
+from cmg_train.cmer.fit import normalised_target, occlusion_relevance, train_scorer
 from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
@@ -280,12 +281,12 @@ def test_dihedral_moves_image_and_map_together():
     x = upsample_keep(y, (16, 16)).repeat(1, 3, 1, 1)
     seen = set()
     for _ in range(60):
-        x2, y2 = dihedral(x, y, gen)
+        x2, y2 = dihedral(gen, x, y)
         assert torch.equal(x2, upsample_keep(y2, (16, 16)).repeat(1, 3, 1, 1))
         seen.add(tuple(y2[0].flatten().tolist()))
     assert len(seen) == 8  # all rotations and flips occur
-    a = dihedral(x, y, torch.Generator().manual_seed(5))
-    b = dihedral(x, y, torch.Generator().manual_seed(5))
+    a = dihedral(torch.Generator().manual_seed(5), x, y)
+    b = dihedral(torch.Generator().manual_seed(5), x, y)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config
 from cmg.errors import CMGError
+from cmg_train.augment import dihedral
 from cmg_train.cmer.model import CMERScorer, keep_mask_cfg, occlusion_masks
 from cmg_train.cmer.report import keep_iou
 from cmg_train.loop import fit
@@ -52,15 +53,6 @@ def normalised_target(relevance: Tensor) -> Tensor:
     return torch.where(peak > 0, target, torch.ones_like(target))
 
 
-def dihedral(x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The same random rotation by 90 degrees and flip of images [B,C,H,W] and maps [B,G,G]."""
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x, y = torch.rot90(x, k, (-2, -1)), torch.rot90(y, k, (-2, -1))
-    if torch.rand(1, generator=gen) < 0.5:
-        x, y = x.flip(-1), y.flip(-1)
-    return x, y
-
-
 def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tensor, progress: bool = True,
                  log=None) -> tuple[CMERScorer, dict]:
     """Distil the occlusion maps into a one-pass scorer.
@@ -91,7 +83,7 @@ def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tenso
 
     def step_fn(step: int):
         idx = tr_idx[torch.randint(len(tr_idx), (batch,), generator=gen)]
-        x, y = dihedral(x_all[idx], target[idx], gen)
+        x, y = dihedral(gen, x_all[idx], target[idx])
         logits = scorer(x)
         return F.binary_cross_entropy_with_logits(logits, y, weight=1.0 + 4.0 * y)
 

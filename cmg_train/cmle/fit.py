@@ -116,7 +116,7 @@ def train_cmle_head(head: CMLEHead, pooled: torch.Tensor, graph: CaptionGraph | 
         center = F.normalize(z0.mean(0), dim=0)
         std_floor = 0.5 * z0.std(0)
     use_cmle = graph is not None and lam > 0
-    by_caption = graph.images_by_caption() if use_cmle else None
+    by_caption = graph.images_by_caption() if graph is not None else None
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, math.ceil(n / batch))
     perm: list[torch.Tensor] = []
@@ -147,7 +147,7 @@ def train_cmle_head(head: CMLEHead, pooled: torch.Tensor, graph: CaptionGraph | 
         out = {"loss_first": stats["loss_first"], "loss_last": stats["loss_last"],
                "final_std": float(z.std(0).mean())}
         if graph is not None:
-            zc = torch.stack([z[torch.from_numpy(ix)].mean(0) for ix in graph.images_by_caption()])
-            recon = (torch.from_numpy(graph.weights).unsqueeze(-1) * zc[torch.from_numpy(graph.neighbours)]).sum(1)
-            out["cmle_residual"] = float(((zc - recon) ** 2).sum(-1).mean())
+            zc = torch.stack([z[torch.from_numpy(ix)].mean(0) for ix in by_caption])
+            out["cmle_residual"] = float(cmle_loss(zc, zc[torch.from_numpy(graph.neighbours)],
+                                                   torch.from_numpy(graph.weights)))
     return out

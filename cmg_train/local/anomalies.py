@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cmg_train.augment import dihedral
+
 
 def _u(gen: torch.Generator, *shape: int) -> Tensor:
     return torch.rand(*shape, generator=gen)
@@ -127,10 +129,8 @@ def random_shapes(n: int, size: int, gen: torch.Generator, chunk: int = 256) -> 
 
 def draw_shapes(bank: Tensor, b: int, gen: torch.Generator) -> Tensor:
     """b shapes from a bank, each under a random rotation by 90 degrees and flip."""
-    m = bank[torch.randint(len(bank), (b,), generator=gen)].float()
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    m = torch.rot90(m, k, (2, 3))
-    return m.flip(3) if bool(torch.rand(1, generator=gen) < 0.5) else m
+    (m,) = dihedral(gen, bank[torch.randint(len(bank), (b,), generator=gen)].float())
+    return m
 
 
 def synthesize(x: Tensor, shapes: Tensor, gen: torch.Generator, prob: float = 0.5,

@@ -14,8 +14,9 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from cmg.config import Config
+from cmg_train.augment import dihedral
 from cmg_train.local import anomalies
-from cmg_train.local.model import LocalNet
+from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.loop import fit
 from cmg_train.preprocess import Preprocess
 
@@ -44,12 +45,6 @@ def segmentation_loss(logits: Tensor, mask: Tensor, pos_weight: float = 4.0) -> 
     return bce + dice
 
 
-def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x = torch.rot90(x, k, (2, 3))
-    return x.flip(3) if bool(torch.rand(1, generator=gen) < 0.5) else x
-
-
 def train_local(cfg: Config, preprocess: Preprocess, frames: Tensor, allowed: Tensor | None = None,
                 progress: bool = True, log=None) -> tuple[LocalNet, dict]:
     """frames uint8 [N,H,W,3] normal training images; allowed [N,1,H,W] float keep-masks (or None:
@@ -57,7 +52,7 @@ def train_local(cfg: Config, preprocess: Preprocess, frames: Tensor, allowed: Te
     lc = cfg.local
     torch.manual_seed(cfg.seed + 11)
     gen = torch.Generator().manual_seed(cfg.seed + 11)
-    images = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0
+    images = Preprocess.to_unit(frames)
     h = images.shape[-1]
     crop = min(lc.crop, h)
     stack = images if allowed is None else torch.cat([images, allowed.float()], 1)
@@ -67,7 +62,7 @@ def train_local(cfg: Config, preprocess: Preprocess, frames: Tensor, allowed: Te
 
     def step_fn(step: int):
         idx = torch.randint(len(stack), (batch,), generator=gen)
-        x = _augment(stack[idx], gen)
+        (x,) = dihedral(gen, stack[idx])
         centres = None if allowed is None else x[:, 3].flatten(1)
         x = _crops(x, crop, centres, gen)
         where = None if allowed is None else x[:, 3:]
@@ -93,12 +88,11 @@ def synthetic_check(net: LocalNet, preprocess: Preprocess, frames: Tensor, seed:
     (It measures the training task, not real defects: read it as an upper bound.)
     """
     gen = torch.Generator().manual_seed(seed + 99)
-    images = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255.0
+    images = Preprocess.to_unit(frames)
     shapes = anomalies.random_shapes(len(images), images.shape[-1], gen)
     xa, mask = anomalies.synthesize(images, shapes.float(), gen, prob=1.0, allowed=allowed)
     both = torch.cat([images, xa])
-    p = torch.sigmoid(net(preprocess.from_unit(both)))
-    p = F.avg_pool2d(p, pool, 1, pool // 2, count_include_pad=False)
+    p = anomaly_probability(net, preprocess.from_unit(both), pool)
     labels = torch.cat([torch.zeros(len(images)), (mask.flatten(1).amax(1) > 0).float()])
     gt = F.adaptive_max_pool2d(torch.cat([torch.zeros_like(mask), mask]), p.shape[-2:])
     positive = gt.flatten().numpy() > 0.5

@@ -44,6 +44,13 @@ class LocalNet(nn.Module):
         return self.out(self.u1(self._up(self.u2(self._up(c, b)), a)))
 
 
+def anomaly_probability(net: nn.Module, x: Tensor, pool: int) -> Tensor:
+    """Per-pixel anomaly probability [B,1,H/2,W/2] of a local model's logits, mean-filtered over
+    pool x pool: the map whose maximum is the local score (served graph and synthetic check)."""
+    p = torch.sigmoid(net(x))
+    return F.avg_pool2d(p, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
 def local_state(net: LocalNet) -> dict:
     return {"channels": net.channels, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
