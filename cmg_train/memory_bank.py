@@ -1,4 +1,4 @@
-"""Memory banks of normal features and their kNN distances.
+"""The memory bank of normal embeddings and its kNN distance.
 
 The distance is |a|^2 + |b|^2 - 2ab: one MatMul and one TopK. The same module runs in
 training, evaluation and inside the exported ONNX graph; broadcasting a [batch, M, D]
@@ -10,32 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-
-def greedy_coreset(features: torch.Tensor, m: int, seed: int = 0, progress: bool = False,
-                   project_dim: int = 128) -> torch.Tensor:
-    """Indices of at most m rows chosen by greedy k-centre selection (PatchCore's coreset).
-
-    Distances are computed on a fixed random projection when the features are wider than
-    `project_dim` (Johnson-Lindenstrauss), which keeps selection O(N * project_dim) per step.
-    """
-    n = features.shape[0]
-    if n <= m:
-        return torch.arange(n)
-    gen = torch.Generator().manual_seed(seed)
-    x = features.float()
-    if x.shape[1] > project_dim:
-        proj = torch.randn(x.shape[1], project_dim, generator=gen) / project_dim**0.5
-        x = x @ proj
-    start = int(torch.randint(n, (1,), generator=gen))
-    chosen = [start]
-    min_d = ((x - x[start]) ** 2).sum(1)
-    for _ in tqdm(range(m - 1), desc="coreset", disable=not progress, leave=False):
-        nxt = int(torch.argmax(min_d))
-        chosen.append(nxt)
-        min_d = torch.minimum(min_d, ((x - x[nxt]) ** 2).sum(1))
-    return torch.tensor(chosen)
 
 
 class KNNDistance(nn.Module):
