@@ -11,7 +11,13 @@ from tqdm.auto import tqdm
 from cmg.config import Config
 from cmg.errors import CMGError
 from cmg_train.augment import dihedral
-from cmg_train.cmer.model import CMERScorer, keep_mask_cfg, occlusion_masks
+from cmg_train.cmer.model import (
+    CMERScorer,
+    keep_mask_cfg,
+    occluded_embeddings,
+    occlusion_masks,
+    relevance_maps,
+)
 from cmg_train.cmer.report import keep_iou
 from cmg_train.loop import fit
 from cmg_train.teacher.model import Teacher
@@ -38,11 +44,9 @@ def occlusion_relevance(teacher: Teacher, frames: Tensor, text_emb: Tensor, grid
     out = []
     for i in tqdm(range(0, len(frames), chunk), desc="occlusion relevance", disable=not progress,
                   leave=False):
-        x = teacher.preprocess(frames[i:i + chunk].to(device))             # [b,3,H,W]
-        copies = (x.unsqueeze(1) * masks.unsqueeze(0)).flatten(0, 1)     # [b*(P+1),3,H,W]
-        emb = teacher.encode_image(copies).view(x.shape[0], per, -1)     # [b,P+1,E]
-        s = (emb * text_emb[i:i + chunk].unsqueeze(1)).sum(-1)           # [b,P+1]
-        out.append((s[:, :1] - s[:, 1:]).view(-1, grid, grid).cpu())
+        x = teacher.preprocess(frames[i:i + chunk].to(device))
+        emb = occluded_embeddings(teacher, x, masks, per, int(text_emb.shape[1]))
+        out.append(relevance_maps(emb, text_emb[i:i + chunk], grid).cpu())
     return torch.cat(out) if out else torch.zeros(0, grid, grid)
 
 

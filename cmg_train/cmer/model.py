@@ -96,15 +96,25 @@ class OcclusionTeacher(nn.Module):
         self.register_buffer("bank", F.normalize(caption_bank.detach().float(), dim=-1))
 
     def forward(self, frames: Tensor) -> Tensor:
-        # python ints, so the traced graph has static non-batch dims (TensorRT profiles)
-        per, size, dim = self.grid * self.grid + 1, self.teacher.image_size, int(self.bank.shape[1])
-        x = self.teacher.preprocess(frames)
-        copies = (x.unsqueeze(1) * self.masks.unsqueeze(0)).reshape(-1, 3, size, size)
-        emb = self.teacher.encode_image(copies).reshape(-1, per, dim)
+        emb = occluded_embeddings(self.teacher, self.teacher.preprocess(frames), self.masks,
+                                  self.grid * self.grid + 1, int(self.bank.shape[1]))
         best = torch.argmax(emb[:, 0] @ self.bank.T, dim=1)
-        text = self.bank[best]                                           # [B,E]
-        s = (emb * text.unsqueeze(1)).sum(-1)                            # [B,P+1]
-        return (s[:, :1] - s[:, 1:]).reshape(-1, self.grid, self.grid)
+        return relevance_maps(emb, self.bank[best], self.grid)
+
+
+def occluded_embeddings(teacher: Teacher, x: Tensor, masks: Tensor, per: int, dim: int) -> Tensor:
+    """Teacher embeddings [B,per,dim] of normalised frames x [B,3,H,W] under each of the `per`
+    masks [per,1,H,W] (the first keeps everything): the P+1 passes of occlusion relevance.
+    Sizes are python ints, so a traced graph has static non-batch dims (TensorRT profiles)."""
+    size = teacher.image_size
+    copies = (x.unsqueeze(1) * masks.unsqueeze(0)).reshape(-1, 3, size, size)
+    return teacher.encode_image(copies).reshape(-1, per, dim)
+
+
+def relevance_maps(emb: Tensor, text: Tensor, grid: int) -> Tensor:
+    """r_i = s(x) - s(x with patch i filled), s = embedding . text [B,E]: maps [B,G,G]."""
+    s = (emb * text.unsqueeze(1)).sum(-1)                                # [B,P+1]
+    return (s[:, :1] - s[:, 1:]).reshape(-1, grid, grid)
 
 
 # --------------------------------------------------------------------------- the scorer
