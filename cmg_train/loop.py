@@ -29,8 +29,8 @@ def fit(
 ) -> dict:
     """Run `steps` optimiser steps; `step_fn(step)` returns the loss (or (loss, extras)).
 
-    Returns {"loss_first", "loss_last", "steps", "history"} with losses averaged over the
-    first and last tenth of the run (a single step is noise).
+    Returns {"loss_first", "loss_last", "steps"} with losses averaged over the first and last
+    tenth of the run (a single step is noise); every `log_every` steps a record goes to `log`.
     """
     params = [p for p in params if p.requires_grad]
     if steps < 1:
@@ -38,7 +38,6 @@ def fit(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses: list[float] = []
-    history: list[dict] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         out = step_fn(step)
@@ -58,10 +57,9 @@ def fit(
         if step % log_every == 0 or step == steps - 1:
             record = {"stage": desc, "step": step, "loss": value,
                       **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in extras.items()}}
-            history.append(record)
             if log:
                 log(record)
             bar.set_postfix(loss=f"{value:.3f}")
     tenth = max(1, steps // 10)
     return {"loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
-            "steps": steps, "history": history}
+            "steps": steps}
