@@ -17,6 +17,7 @@ OWN_PACKAGES = {"cmg", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cm
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("cmg.synth", "synthetic factory data: `cmg data synth --out DIR`"),
+    "captions": ("cmg_train.captions", "captions.jsonl for a folder without one: open_clip CoCa, or a name template"),
     "train": ("cmg_train.train", "train teacher, CMER scorer, CMLE encoder, memory banks, threshold"),
     "eval": ("cmg_train.evaluate", "AUROC (image and pixel level) and the ablation table"),
     "export": ("cmg_train.export", "ONNX graphs with in-graph masking and scoring, plus parity report"),

@@ -78,7 +78,7 @@ class MVTecFolder:
     """One product line's folder: samples per split, frames, and ground-truth masks."""
 
     def __init__(self, root: str | Path, prompt: str = "a photo of a {category}",
-                 category: str | None = None) -> None:
+                 category: str | None = None, captions: bool = True) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
@@ -97,7 +97,7 @@ class MVTecFolder:
         self.prompt = prompt.format(category=self.category.replace("_", " "))
         cap_path = self.root / "captions.jsonl"
         self.captions: dict[str, str] = {}
-        if cap_path.is_file():
+        if captions and cap_path.is_file():  # captions=False: `cmg captions --force` replaces the file
             self.captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, self.root, ("file", "caption")).items()}
         meta_path = self.root / "meta.jsonl"
         self.meta: dict[str, dict] = _read_jsonl(meta_path, self.root, ("file",)) if meta_path.is_file() else {}
@@ -169,6 +169,13 @@ class MVTecFolder:
         return self._meta_mask(sample, "clutter_mask", size)
 
 
+def training_images(root: str | Path) -> list[Path]:
+    """The images of `root/train/good`, sorted: what `cmg train` learns from and `cmg
+    captions` captions (without reading a captions.jsonl that may be about to be replaced)."""
+    good = Path(root) / "train" / "good"
+    return sorted(p for p in good.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
                           min_unique_captions: int = 20, min_images: int = 8) -> dict:
     """Everything `cmg train` needs from the data folder, checked before any training.
@@ -188,7 +195,7 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     good = root / "train" / "good"
     if not good.is_dir():
         raise CMGError(f"dataset {root}: missing folder {good} (expected the MVTec layout train/good/*.png)")
-    images = sorted(p for p in good.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = training_images(root)
     if len(images) < min_images:
         raise CMGError(f"dataset {root}: {good} has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}); "
                        f"training needs at least {min_images}")

@@ -154,6 +154,15 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
     report: dict = {"contract": contract.to_dict(), "threshold": threshold, "opset": OPSET,
                     "models": {}, "parity": {}, "serving": vars(run.cfg.serving).copy(),
                     "run": str(run.path)}
+    reference: dict[tuple, tuple] = {}  # PyTorch outputs, computed once: parity runs up to three times
+
+    def torch_outputs(name: str, module: torch.nn.Module, args: tuple, key: tuple) -> tuple:
+        if key not in reference:
+            with torch.no_grad():
+                t_out = module(*args)
+            reference[key] = t_out if isinstance(t_out, tuple) else (t_out,)
+        return reference[key]
+
     for name, (module, ins, outs) in specs.items():
         path = out / f"{name}.onnx"
         _export(module, inputs_for(name, 2)[0], path, ins, outs)
@@ -169,9 +178,7 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
             for b in PARITY_BATCHES:
                 for with_th in (fed if name == C.CMLE_ENCODER else (False,)):
                     args, feed = inputs_for(name, b, with_th)
-                    with torch.no_grad():
-                        t_out = module(*args)
-                    t_out = t_out if isinstance(t_out, tuple) else (t_out,)
+                    t_out = torch_outputs(name, module, args, (name, b, with_th))
                     reps.append(_compare(t_out, sess.run(outs, feed), outs))
             rep = _merge(reps)
             worst = max((v.get("max_abs_diff", 0.0) for v in rep.values()), default=0.0)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
+from cmg.errors import CMGError
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
 from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg, upsample_keep
@@ -40,7 +41,7 @@ from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
 from cmg_train.runlog import append_jsonl
 from cmg_train.teacher.fit import train_teacher
-from cmg_train.teacher.model import Teacher
+from cmg_train.teacher.model import Teacher, teacher_weights
 
 
 def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 64, progress: bool = False,
@@ -203,6 +204,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--teacher-weights", type=Path, default=None, metavar="FILE",
+                   help="local open_clip checkpoint for the config's teacher.arch (sets teacher.checkpoint; "
+                        "open_clip configs such as vit-b32 only)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -210,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config(args.config))
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.teacher_weights is not None:
+        if cfg.teacher.source != "open_clip":
+            raise CMGError(f"--teacher-weights: config {cfg.name!r} trains its teacher from scratch "
+                           f"(teacher.source {cfg.teacher.source}); use an open_clip config such as vit-b32")
+        cfg.teacher.checkpoint = str(args.teacher_weights.resolve())
+    if cfg.teacher.source == "open_clip":
+        teacher_weights(cfg.teacher)  # a missing or absent weights file stops here, before the data is read
     metrics = train_run(cfg, args.data, args.out, progress=not args.no_progress)
     print(json.dumps({"run": str(args.out), "threshold": metrics["cmle"]["threshold"],
                       "total_s": round(metrics["timings"]["total_s"], 1)}))

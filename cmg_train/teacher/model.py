@@ -12,7 +12,9 @@ side. Two sources:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -115,20 +117,70 @@ def _minilm_text(captions: list[str]) -> Tensor:
     return torch.from_numpy(minilm_embeddings(captions))
 
 
-def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
-    import open_clip
+def open_clip_error(what: str, weights: str | None, arch: str, exc: BaseException) -> CMGError:
+    """One line for weights open_clip could not load. A file that fits another architecture
+    (state-dict mismatch) reads differently from one that is no checkpoint at all (truncated,
+    another format), and a pretrained tag that cannot be fetched differently again."""
+    text = " ".join(str(exc).split())
+    if not (weights and Path(weights).is_file()):
+        return CMGError(f"{what}: cannot create open_clip {arch} ({weights}): {text[:200]}")
+    if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in text:
+        detail = ", ".join(what for what, there in (
+            (f"{text.count('size mismatch for')} tensor(s) of another shape", "size mismatch for" in text),
+            ("keys missing", "Missing key(s)" in text),
+            ("unexpected keys", "Unexpected key(s)" in text)) if there)
+        return CMGError(f"{what} weights {weights}: not an open_clip {arch} checkpoint ({detail or text[:160]}); "
+                        f"is it the file of another architecture?")
+    reason = text.split(". ")[0][:160]
+    return CMGError(f"{what} weights {weights}: not an open_clip weights file (truncated, or not a state "
+                    f"dict saved with torch.save or safetensors): {type(exc).__name__}: {reason}")
 
+
+def teacher_weights(cfg: TeacherConfig) -> str:
+    """What open_clip loads: the local file (checked here, so a typo is one clear line) or the
+    pretrained tag the user asked for (downloaded once into open_clip's cache). Neither is an
+    error: a teacher of random weights would train and serve silently useless models."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        if not path.exists():
+            raise CMGError(f"teacher weights not found: {path}")
+        if not path.is_file():
+            raise CMGError(f"teacher weights {path}: not a file")
+        return str(path)
+    if cfg.pretrained:
+        return cfg.pretrained
+    raise CMGError(f"teacher: open_clip {cfg.arch} needs weights: give --teacher-weights FILE (a local "
+                   "open_clip checkpoint, or set teacher.checkpoint), or teacher.pretrained TAG to let "
+                   "open_clip download it once")
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """Silence open_clip's log warnings (it logs through the root logger) while `on`."""
+    before = logging.root.manager.disable
+    if on:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
     if not cfg.arch:
         raise CMGError("teacher: source open_clip needs teacher.arch (e.g. ViT-B-32)")
-    weights = None
-    if load_weights:
-        weights = cfg.checkpoint or cfg.pretrained
-        if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-            raise CMGError(f"teacher checkpoint not found: {cfg.checkpoint}")
+    weights = teacher_weights(cfg) if load_weights else None
+    import open_clip
+
+    if ":" not in cfg.arch and cfg.arch not in open_clip.list_models():  # hf-hub:, local-dir: schemas pass
+        raise CMGError(f"teacher: unknown open_clip architecture {cfg.arch!r} (e.g. ViT-B-32, ViT-B-16)")
     try:
-        model = open_clip.create_model(cfg.arch, pretrained=weights, force_image_size=image_size)
-    except RuntimeError as exc:  # unknown tag, missing cache without network, ...
-        raise CMGError(f"teacher: cannot create open_clip {cfg.arch} ({weights}): {exc}") from exc
+        # open_clip's own loading: a file goes through open_clip.load_checkpoint (state-dict
+        # conversions, position-embedding resize), exactly as a user's downloaded file would.
+        with _quiet(not load_weights):  # weights follow from the run's state dict: "initialized randomly" misleads
+            model = open_clip.create_model(cfg.arch, pretrained=weights, force_image_size=image_size)
+    except Exception as exc:  # noqa: BLE001 - torch.load, pickle, zip and safetensors all raise their own
+        raise open_clip_error("teacher", weights, cfg.arch, exc) from exc
     tokenizer = open_clip.get_tokenizer(cfg.arch)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
