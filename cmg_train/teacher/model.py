@@ -125,7 +125,7 @@ def open_clip_error(what: str, weights: str | None, arch: str, exc: BaseExceptio
     if not (weights and Path(weights).is_file()):
         return CMGError(f"{what}: cannot create open_clip {arch} ({weights}): {text[:200]}")
     if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in text:
-        detail = ", ".join(what for what, there in (
+        detail = ", ".join(label for label, there in (
             (f"{text.count('size mismatch for')} tensor(s) of another shape", "size mismatch for" in text),
             ("keys missing", "Missing key(s)" in text),
             ("unexpected keys", "Unexpected key(s)" in text)) if there)
