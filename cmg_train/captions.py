@@ -76,9 +76,10 @@ def load_captioner(arch: str, weights: str):
     return model.eval()
 
 
-def coca_captions(model, frames: np.ndarray, arch: str = COCA_ARCH, seq_len: int = 20, min_len: int = 3,
+def coca_captions(model, images: Sequence[Path], arch: str = COCA_ARCH, seq_len: int = 20, min_len: int = 3,
                   batch: int = 8, progress: bool = True) -> list[str]:
-    """uint8 [N,H,W,3] frames -> one caption each, greedy decoding through CoCa's own forward
+    """Image files -> one caption each (read a batch at a time at the model's input size),
+    greedy decoding through CoCa's own forward
     (image encoded once, the text decoder fed the tokens so far), decoded with open_clip's
     tokenizer. Not `model.generate`: open_clip 3.3 imports transformers' BeamSearchScorer
     for it, which transformers 5 (needed by sentence-transformers 6 here) no longer has
@@ -93,10 +94,12 @@ def coca_captions(model, frames: np.ndarray, arch: str = COCA_ARCH, seq_len: int
     sot, eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     preprocess = Preprocess(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD))
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, tuple | list) else size)
     out: list[str] = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(frames), batch), desc="captions", unit="batch", disable=not progress):
-            x = preprocess(torch.from_numpy(frames[i:i + batch]))
+        for i in tqdm(range(0, len(images), batch), desc="captions", unit="batch", disable=not progress):
+            x = preprocess(torch.from_numpy(np.stack([load_frame(p, (size, size)) for p in images[i:i + batch]])))
             latent, embs = model._encode_image(x)
             tokens = torch.full((len(x), 1), sot, dtype=torch.long)
             done = torch.zeros(len(x), dtype=torch.bool)
@@ -153,10 +156,7 @@ def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH
     if model is None and weights:
         model = load_captioner(arch, weights)
     if model is not None:
-        size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple)
-                   else model.visual.image_size)
-        frames = np.stack([load_frame(p, (size, size)) for p in paths])
-        captions = coca_captions(model, frames, arch, seq_len, batch=batch, progress=progress)
+        captions = coca_captions(model, paths, arch, seq_len, batch=batch, progress=progress)
         fallback = template_captions(paths, category, template)
         empty = [i for i, c in enumerate(captions) if not c]
         for i in empty:  # a caption must not be empty; say how many were filled
