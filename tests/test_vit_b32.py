@@ -4,14 +4,14 @@ The weights file is written here from a randomly initialised open_clip model (to
 its state dict, the layout of open_clip's released `open_clip_pytorch_model.bin`), so the
 loading code is open_clip's own and nothing is downloaded. The slow test takes the full
 224 px ViT-B-32 from that file through training, export, the TensorRT op check, the cpu
-build, the real tritonserver and one frame over gRPC; its config shrinks only step counts
-and the CMER grid (each grid cell costs one more ViT pass per image).
+build, the real tritonserver and one frame over gRPC; its config (`cmg_bench.vit_b32.ci_config`,
+also behind the README's vit-b32 speed figures) shrinks only step counts and the CMER grid
+(each grid cell costs one more ViT pass per image).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from pathlib import Path
@@ -25,19 +25,8 @@ from cmg import contract as C
 from cmg.cli import main
 from cmg.config import TeacherConfig, resolve_config
 from cmg.errors import CMGError
+from cmg_bench.vit_b32 import ARCH, ci_config, random_open_clip_weights, sample_folder
 from cmg_train.teacher.model import build_teacher
-
-ARCH = "ViT-B-32"
-
-
-def open_clip_weights(arch: str, path: Path, seed: int = 0) -> Path:
-    """A checkpoint as open_clip saves and loads it: torch.save(model.state_dict())."""
-    import open_clip
-
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the model is random
-    torch.manual_seed(seed)
-    torch.save(open_clip.create_model(arch, pretrained=None).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def bad_weights(tmp_path_factory) -> dict[str, Path]:
     """Files a user could pass by mistake: another architecture's weights, the same cut
     short, a text file, a pickle that is no state dict."""
     d = tmp_path_factory.mktemp("bad_weights")
-    other = open_clip_weights("RN50", d / "rn50.pt")
+    other = random_open_clip_weights(d / "rn50.pt", "RN50")
     data = other.read_bytes()
     (d / "truncated.pt").write_bytes(data[: len(data) // 3])
     (d / "notes.txt").write_text("laion2b_s34b_b79k\n")
@@ -88,7 +77,7 @@ def test_cli_bad_weights_exit_2_with_one_line(tiny_data_small, request, tmp_path
     if any("{other}" in a for a in args):
         args = [a.format(other=request.getfixturevalue("bad_weights")["other"]) for a in args]
     args = [a.format(d=tmp_path) for a in args]
-    config = vit_test_config(tmp_path / "vit.yaml")  # vit-b32 with a CMLE minimum the 12 images meet
+    config = ci_config(tmp_path / "vit.yaml")  # vit-b32 with a CMLE minimum the 12 images meet
     rc = main(["train", "--config", str(config), "--data", str(tiny_data_small), "--out", str(tmp_path / "run"),
                "--no-progress", *args])
     err = capsys.readouterr().err.strip().splitlines()
@@ -105,26 +94,7 @@ def test_teacher_weights_refused_for_a_scratch_config(tiny_data_small, tmp_path,
 
 @pytest.fixture(scope="module")
 def tiny_data_small(tmp_path_factory) -> Path:
-    """Twelve normal images with captions and a few test images (128 px, served at 224)."""
-    from cmg.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("vit_data") / "data", preset="small", n_train=12,
-                      n_test_good=1, n_test_per_anomaly=1, progress=False)
-
-
-def vit_test_config(path: Path) -> Path:
-    """vit-b32 as shipped (224 px, ViT-B-32, serving), with CI step counts: 2x2 CMER grid
-    (5 teacher passes per image instead of 50), a few scorer/local/CMLE steps, a CMLE
-    minimum the 9 training captions meet."""
-    cfg = yaml.safe_load(resolve_config("vit-b32").read_text())
-    cfg["data"]["val_fraction"] = 0.25
-    cfg["cmer"].update(grid=2, occlusion_batch=64)
-    cfg["cmer"]["scorer"].update(steps=5, batch_size=8)
-    cfg["local"].update(steps=30, batch_size=4, shapes=20)
-    cfg["cmle"].update(epochs=1, min_unique_captions=6)
-    cfg["serving"].update(max_batch=4, opt_batch=1)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return sample_folder(tmp_path_factory.mktemp("vit_data") / "data")
 
 
 @pytest.mark.slow
@@ -138,11 +108,11 @@ def test_vit_b32_from_a_weights_file_trains_exports_builds_and_serves(tiny_data_
 
     times: dict[str, float] = {}
     t = time.perf_counter()
-    weights = open_clip_weights(ARCH, tmp_path / "open_clip_pytorch_model.bin")
+    weights = random_open_clip_weights(tmp_path / "open_clip_pytorch_model.bin")
     times["weights"] = time.perf_counter() - t
     run, repo = tmp_path / "run", tmp_path / "repo"
     steps = {
-        "train": ["train", "--config", str(vit_test_config(tmp_path / "vit.yaml")), "--data", str(tiny_data_small),
+        "train": ["train", "--config", str(ci_config(tmp_path / "vit.yaml")), "--data", str(tiny_data_small),
                   "--out", str(run), "--teacher-weights", str(weights), "--no-progress"],
         "export": ["export", "--run", str(run)],
         "build": ["build", "--run", str(run), "--target", "cpu", "--out", str(repo)],
