@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -161,3 +162,5 @@ def test_vit_b32_from_a_weights_file_trains_exports_builds_and_serves(tiny_data_
     np.testing.assert_allclose(served[C.ANOMALY_SCORE], score, atol=1e-5)
     assert bool(served[C.IS_ANOMALY][0, 0]) == bool(score[0, 0] > report["threshold"])
     print("vit-b32 path timings (s):", json.dumps({k: round(v, 1) for k, v in times.items()}))
+    for big in (weights, run, repo):  # ~2.5 GB of ViT weights, graphs and copies: not for pytest's kept temp dirs
+        shutil.rmtree(big) if big.is_dir() else big.unlink()
