@@ -511,7 +511,7 @@ class _Scorer:
                 if opts.retry.exhausted(attempt):
                     raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
                 await pool.failed(server, generation, reconnect)
-                if not pool.another_up(server):  # another server is up: send it there at once
+                if not pool.another_up(server):  # with another server up, the frame goes there at once
                     await asyncio.sleep(opts.retry.delay(attempt))
 
         def on_done(task: asyncio.Task) -> None:
