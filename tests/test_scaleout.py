@@ -229,3 +229,15 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path):
         assert [x.get("model_version") for x in _lines(check)] == ["2", "2", "2"]
     finally:
         server.cleanup()
+
+
+@pytest.mark.slow
+def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
+    from cmg_bench.servers import compare_servers
+
+    res = compare_servers(tiny_run, tmp_path / "b", sources=2, per_source=12, repeats=1)
+    assert [t["servers"] for t in res["tries"]] == [1, 2]
+    assert all(t["frames"] == 24 for t in res["tries"])
+    assert len(res["tries"][1]["per_server"]) == 2 and all(res["tries"][1]["per_server"].values())
+    assert res["ratio_two_over_one"] > 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} >= {"servers.json", "servers.md", "servers.png"}
