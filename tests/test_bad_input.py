@@ -109,6 +109,8 @@ CASES: list[Case] = [
     ("stream", lambda f: ["--source", "synth:tiny", "--source", "b=synth:tiny", "--out", str(f["file"])], "is a file"),
     ("stream", lambda f: ["--url", _dead(), "--url", _dead(), "--source", "synth:tiny", "--source", "b=synth:tiny",
                           "--out", str(f["root"] / "m"), "--timeout", "3"], "no server answers"),
+    ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--k8s", str(f["root"] / "k"),
+                         "--replicas", "0"], "--replicas"),
     # deploy
     ("deploy", lambda f: ["--run", str(f["run"]), "--repository", str(f["empty"]), "--url", _dead()],
      "build_report.json not found"),
