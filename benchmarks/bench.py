@@ -363,6 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak", type=positive_float, default=None, metavar="MINUTES",
                         help="instead of the sweep: stream at --soak-load x measured capacity for MINUTES; "
                              "frames, errors, p50/p99 per minute, RSS of tritonserver and its stubs (soak.*)")
+    parser.add_argument("--servers", action="store_true",
+                        help="instead of the sweep: the same multi-camera stream against 1 and 2 local servers "
+                             "(servers.*; on one machine this shows the cost of a second server, not a gain)")
     parser.add_argument("--soak-load", type=positive_float, default=0.8,
                         help="share of the measured capacity the soak streams at (default 0.8)")
 
@@ -407,6 +410,14 @@ def run(args: argparse.Namespace) -> int:
               f"p50 {res['p50_ms'] or 0:.1f} ms, p99 {res['p99_ms'] or 0:.1f} ms; "
               f"wrote {args.out / 'soak.json'}, soak.md, soak.png")
         return 1 if res["errors"] or res["aborted"] else 0
+    if args.servers:
+        from cmg_bench.servers import compare_servers
+
+        res = compare_servers(args.run, args.out, per_source=60 if args.quick else 200,
+                              repeats=2 if args.quick else 3, data=args.data)
+        print(f"cmg bench --servers: 1 server {res['fps_one']:.1f} frames/s, 2 servers {res['fps_two']:.1f} "
+              f"(two/one {res['ratio_two_over_one']:.2f}); wrote {args.out / 'servers.json'}, servers.md, servers.png")
+        return 0
     settings = settings_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     result = bench(args.run, args.out, settings, url=args.url, data=args.data, modes_wanted=modes)

@@ -240,11 +240,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
+    parser.add_argument("--k8s", type=Path, default=None, metavar="DIR",
+                        help="also write Kubernetes manifests (official Triton image, N replicas, HPA) into DIR")
+    parser.add_argument("--replicas", type=int, default=2, help="--k8s: Triton replicas (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
                    args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines)
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
+    if args.k8s is not None:
+        from cmg_build import k8s
+
+        gpus = 1 if report["kind"] == "gpu" else 0
+        paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, gpus=gpus))
+        print(f"Kubernetes manifests: {', '.join(map(str, paths))} (put {args.out} on the volume "
+              f"'{k8s.K8sOptions.claim}')")
     return 0

@@ -144,6 +144,13 @@ def decode(result: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
+def model_version(result: Any) -> str | None:
+    """The version of the model that answered, as Triton's response names it (gRPC and HTTP)."""
+    response = result.get_response()
+    version = response.get("model_version") if isinstance(response, dict) else response.model_version
+    return str(version) if version not in (None, "") else None
+
+
 @dataclass
 class Result:
     """One frame's answer from the ensemble."""

@@ -20,6 +20,7 @@ import glob as globlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,7 @@ from cmg import contract as C
 from cmg.errors import CMGError, check_parent_folders
 from cmg.frames import DEFAULT_MAX_PIXELS
 from cmg_clients import core
+from cmg_clients.servers import ServerPool
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
@@ -419,12 +421,24 @@ def _frame_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 
 
+def scored_line(base: dict, arrays: dict[str, np.ndarray], result: object, latency_ms: float, retries: int,
+                server: str | None = None) -> dict:
+    """The one place a frame's scored line is made (callbacks see it through `on_line`):
+    the frame's fields, score and flag, the model version that answered (Triton's
+    response names it), latency, retries, and with several servers the one that answered."""
+    line = {**base, **core.scalars(arrays), "model_version": core.model_version(result),
+            "latency_ms": round(latency_ms, 3), "retries": retries}
+    if server is not None:
+        line["server"] = server
+    return line
+
+
 class _Scorer:
     """Scores (seq, item) jobs with a bounded window; hands lines to `sink` in job order."""
 
-    def __init__(self, opts: StreamOptions, url: str, size: tuple[int, int], summary: StreamSummary):
+    def __init__(self, opts: StreamOptions, pool: ServerPool, size: tuple[int, int], summary: StreamSummary):
         self.opts, self.size, self.summary = opts, size, summary
-        self.channel = _Channel(url, opts.timeout_s)
+        self.pool = pool
         self.latencies: list[float] = []
         self.fatal: list[str] = []
 
@@ -433,7 +447,7 @@ class _Scorer:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        opts, channel, summary = self.opts, self.channel, self.summary
+        opts, pool, summary = self.opts, self.pool, self.summary
         window = asyncio.Semaphore(max(1, opts.window))
         pending: dict[int, dict] = {}
         next_write = 0
@@ -460,12 +474,15 @@ class _Scorer:
                 return
             inputs = core.build_inputs(grpcclient, frame[None], opts.threshold)
             attempt = 0
+            server = None
             while True:
-                generation = channel.generation
+                server = pool.pick(avoid=server)
+                generation = server.channel.generation
                 t0 = time.perf_counter()
                 reconnect = True
+                server.in_flight += 1
                 try:
-                    res = await channel.client.infer(
+                    res = await server.channel.client.infer(
                         opts.model, inputs, outputs=outputs, client_timeout=opts.timeout_s
                     )
                     arrays = core.decode(res)
@@ -484,16 +501,18 @@ class _Scorer:
                 else:
                     latency = (time.perf_counter() - t0) * 1000.0
                     self.latencies.append(latency)
-                    deliver(k, {**base, **core.scalars(arrays), "latency_ms": round(latency, 3),
-                                "retries": attempt})
+                    server.frames += 1
+                    deliver(k, scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None))
                     return
+                finally:
+                    server.in_flight -= 1
                 attempt += 1
                 summary.retries += 1
                 if opts.retry.exhausted(attempt):
                     raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
-                if reconnect:
-                    await channel.reset(generation)
-                await asyncio.sleep(opts.retry.delay(attempt))
+                await pool.failed(server, generation, reconnect)
+                if not pool.another_up(server):  # with another server up, the frame goes there at once
+                    await asyncio.sleep(opts.retry.delay(attempt))
 
         def on_done(task: asyncio.Task) -> None:
             tasks.discard(task)
@@ -538,9 +557,11 @@ def _really_cancelled() -> bool:
     return bool(cancelling()) if cancelling is not None else False
 
 
-async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
-    from cmg_clients.client import CMGClient
-
+async def _stream(opts: StreamOptions, summary: StreamSummary, pool: ServerPool | None = None,
+                  size: tuple[int, int] | None = None) -> None:
+    """One source into one file. `pool` (with the frame `size` from its handshake) is
+    shared when several sources stream at once; by default a pool of `opts.url` alone."""
+    own_pool = pool is None
     url = core.normalize_url(opts.url, "grpc")
     core.positive_seconds(opts.timeout_s, "--timeout")
     opts.threshold = core.finite_threshold(opts.threshold)
@@ -550,11 +571,25 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
     if opts.out.exists() and opts.out.stat().st_size and not (opts.resume or opts.overwrite):
         raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
     source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels)
-    # Synchronous handshake: fails fast with a clear message if the server or model is wrong,
-    # and gives the frame size without a run folder.
-    with CMGClient(url, "grpc", model=opts.model, timeout_s=opts.timeout_s) as probe:
-        size = probe.size
+    if own_pool:
+        # Synchronous handshake: fails fast with a clear message if the server or model is
+        # wrong, and gives the frame size without a run folder.
+        pool = ServerPool([url], opts.model, opts.timeout_s)
+        try:
+            size = pool.handshake()
+        except BaseException:
+            await pool.close()
+            raise
+    try:
+        await _stream_into(opts, summary, source, pool, size)
+    finally:
+        if own_pool:
+            await pool.close()
+        summary.reconnects = pool.reconnects
 
+
+async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Source, pool: ServerPool,
+                       size: tuple[int, int]) -> None:
     fps = opts.fps if opts.fps is not None else source.fps
     total = source.count if opts.limit is None else (
         min(source.count, opts.limit) if source.count is not None else opts.limit)
@@ -582,7 +617,7 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
                                f"{seq} is {item.frame_id!r}; it was written from another source")
 
     opts.out.parent.mkdir(parents=True, exist_ok=True)
-    scorer = _Scorer(opts, url, size, summary)
+    scorer = _Scorer(opts, pool, size, summary)
     progress = _Progress(total, start, opts.progress)
     t_begin = time.perf_counter()
     out = None
@@ -620,12 +655,10 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
             jobs = enumerate(itertools.islice(source.items(start), count), start)
             await scorer.run(jobs, write, fps, progress)
     finally:
-        await scorer.channel.close()
         if out is not None:
             out.close()
         progress.close()
         summary.elapsed_s = time.perf_counter() - t_begin
-        summary.reconnects = scorer.channel.reconnects
         summary.fps = summary.frames / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
         if scorer.latencies:
             p50, p99 = np.percentile(np.asarray(scorer.latencies), [50, 99])
@@ -675,15 +708,79 @@ def run_stream(opts: StreamOptions) -> StreamSummary:
     return summary
 
 
+# -- several sources, several servers -----------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def source_name(spec: str) -> tuple[str, str]:
+    """`NAME=SRC` -> (NAME, SRC); otherwise a file-name-safe name made from SRC itself
+    (a folder's or video's name, a synth spec with its seed)."""
+    name, sep, rest = spec.partition("=")
+    if sep and _NAME.fullmatch(name) and rest and not Path(spec).exists():
+        return name, rest
+    if spec.startswith("synth:"):
+        o = parse_synth(spec)
+        base = f"synth_{o['preset']}_seed{o['seed']}"
+    else:
+        path = Path(spec.rstrip("/"))
+        base = path.stem if path.suffix.lower() in VIDEO_EXTS else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_.") or "source", spec
+
+
+def plan_sources(specs: list[str], out_dir: Path) -> list[tuple[str, str, Path]]:
+    """(name, SRC, DIR/name.jsonl) per source; two sources may not share a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CMGError(f"--out {out_dir} is a file: with several --source it is a folder (one NAME.jsonl per source)")
+    check_parent_folders(out_dir / "x.jsonl", "--out")
+    plan, seen = [], {}
+    for spec in specs:
+        name, src = source_name(spec)
+        if name in seen:
+            raise CMGError(f"sources {seen[name]!r} and {spec!r} would both write {name}.jsonl: "
+                           f"name them, e.g. --source cam1={src}")
+        seen[name] = spec
+        plan.append((name, src, out_dir / f"{name}.jsonl"))
+    return plan
+
+
+async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSummary]]) -> dict[str, dict]:
+    """Every source at once, each with its own window, ordering and resume, over one pool."""
+    first = jobs[0][0]
+    core.positive_seconds(first.timeout_s, "--timeout")
+    for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
+        if opts.frames is None:
+            opts.frames = open_source(opts.source, opts.max_pixels)
+    pool = ServerPool(urls, first.model, first.timeout_s)
+    try:
+        size = pool.handshake()
+        pool.start_probes()
+        await asyncio.gather(*(_stream(opts, summary, pool, size) for opts, summary in jobs))
+    finally:
+        await pool.close()
+    return pool.stats()
+
+
+def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[StreamSummary], dict[str, dict]]:
+    """Several sources (each its own StreamOptions and file) over the servers at `urls`;
+    returns each source's summary and what each server did."""
+    jobs = [(opts, StreamSummary(out=str(opts.out))) for opts in options]
+    stats = asyncio.run(_stream_all(urls, jobs))
+    return [summary for _, summary in jobs], stats
+
+
 # -- command line -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from cmg.cli import finite_float, positive_float, positive_int
 
-    parser.add_argument("--url", default=core.default_url("grpc"),
-                        help=f"gRPC HOST:PORT (default {core.default_url('grpc')})")
-    parser.add_argument("--source", required=True,
-                        help="folder, glob, video file (OpenCV) or synth:PRESET[?fps=..&seed=..&n=..]")
-    parser.add_argument("--out", required=True, type=Path, help="JSONL output, one line per frame")
+    parser.add_argument("--url", action="append", default=None,
+                        help=f"gRPC HOST:PORT (default {core.default_url('grpc')}); repeat for several servers: "
+                        "each frame goes to the one with the fewest frames in flight, a failed one's frames "
+                        "to the others")
+    parser.add_argument("--source", action="append", required=True,
+                        help="folder, glob, video file (OpenCV) or synth:PRESET[?fps=..&seed=..&n=..]; "
+                        "repeat for several cameras, optionally as NAME=SRC")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="JSONL output, one line per frame; with several --source a folder (NAME.jsonl each)")
     parser.add_argument("--model", default=C.CMG, choices=list(C.ENSEMBLES), help="ensemble to call")
     parser.add_argument("--fps", type=positive_float, default=None,
                         help="frame rate to send at (default: as fast as possible)")
@@ -708,14 +805,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise CMGError(f"--limit must be >= 0, got {args.limit}")
-    opts = StreamOptions(
-        url=args.url, source=args.source, out=args.out, model=args.model, fps=args.fps,
-        window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
-        overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
-        backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
-        progress=False if args.no_progress else None,
-    )
-    summary = run_stream(opts)
-    print(f"cmg stream: {summary.line()}", file=sys.stderr)
-    print(json.dumps(asdict(summary)))
-    return 1 if summary.aborted or summary.errors_in_out else 0
+    urls = args.url or [core.default_url("grpc")]
+
+    def options(source: str, out: Path, progress: bool | None) -> StreamOptions:
+        return StreamOptions(
+            url=urls[0], source=source, out=out, model=args.model, fps=args.fps,
+            window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
+            overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
+            backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
+            progress=False if args.no_progress else progress,
+        )
+
+    if len(args.source) == 1 and len(urls) == 1:
+        summary = run_stream(options(source_name(args.source[0])[1], args.out, None))
+        print(f"cmg stream: {summary.line()}", file=sys.stderr)
+        print(json.dumps(asdict(summary)))
+        return 1 if summary.aborted or summary.errors_in_out else 0
+    if len(args.source) == 1:  # one camera, several servers: OUT stays a file
+        plan = [(None, source_name(args.source[0])[1], args.out)]
+    else:
+        plan = plan_sources(args.source, args.out)
+    summaries, servers = run_streams(urls, [options(src, out, False) for _, src, out in plan])
+    for (name, _, _), summary in zip(plan, summaries, strict=True):
+        print(f"cmg stream{' ' + name if name else ''}: {summary.line()}", file=sys.stderr)
+    for url, stat in servers.items():
+        print(f"  server {url}: {stat['frames']} frames, marked down {stat['failures']} times", file=sys.stderr)
+    print(json.dumps({"sources": {str(out): asdict(s) for (_, _, out), s in zip(plan, summaries, strict=True)},
+                      "servers": servers}))
+    return 1 if any(s.aborted or s.errors_in_out for s in summaries) else 0

@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("cmg_train.export", "ONNX graphs with in-graph masking and scoring, plus parity report"),
     "build": ("cmg_build.repository", "Triton model repository for the cpu, onnxruntime or tensorrt target"),
     "serve": ("cmg.server", "start the real tritonserver on a repository"),
+    "deploy": ("cmg_build.deploy", "a retrained run as the next model version of a live server, no downtime"),
     "infer": ("cmg_clients.infer", "score images over gRPC (or HTTP); one JSON line per image"),
     "stream": ("cmg_clients.stream", "factory-stream client: bounded window, retries, exactly-once JSONL"),
     "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run"),

@@ -232,6 +232,11 @@ class TritonServer:
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         cmd += [f"--load-model={m}" for m in self.load_models]
+        if self.model_control_mode == "explicit":
+            # A version that failed to load (a refused `cmg deploy`) would keep a strict server
+            # "not ready" for good although every loaded model serves; clients check the
+            # readiness of the model they call, which stays exact.
+            cmd.append("--strict-readiness=false")
         if self.cuda_pool_bytes and gpu_present():
             cmd.append(f"--cuda-memory-pool-byte-size=0:{self.cuda_pool_bytes}")
         return cmd + self.extra_args

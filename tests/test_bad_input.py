@@ -104,6 +104,16 @@ CASES: list[Case] = [
                           "--timeout", "3"], "unreachable"),
     ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o5.jsonl"), "--limit=-1"],
      "--limit"),
+    ("stream", lambda f: ["--source", "a=synth:tiny", "--source", "a=synth:tiny?n=2", "--out", str(f["root"] / "m")],
+     "would both write"),
+    ("stream", lambda f: ["--source", "synth:tiny", "--source", "b=synth:tiny", "--out", str(f["file"])], "is a file"),
+    ("stream", lambda f: ["--url", _dead(), "--url", _dead(), "--source", "synth:tiny", "--source", "b=synth:tiny",
+                          "--out", str(f["root"] / "m"), "--timeout", "3"], "no server answers"),
+    ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--k8s", str(f["root"] / "k"),
+                         "--replicas", "0"], "--replicas"),
+    # deploy
+    ("deploy", lambda f: ["--run", str(f["run"]), "--repository", str(f["empty"]), "--url", _dead()],
+     "build_report.json not found"),
     # serve (checks before any server starts)
     ("serve", lambda f: ["--repository", str(f["root"] / "nothing")], "does not exist"),
     ("serve", lambda f: ["--repository", str(f["file"])], "is a file"),

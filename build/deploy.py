@@ -1,0 +1,206 @@
+"""`cmg deploy`: a retrained run becomes the next version of a live repository, without downtime.
+
+The server must run with `--model-control-mode explicit` (POLL mode unloads before it
+loads: triton-inference-server/server#5711). Loading an ensemble in explicit mode also
+re-reads its composing models from the repository, so every step goes through the files:
+
+  1. stage: the run is built (same target and serving settings) into a temporary folder
+     and its version folders are copied in as version NEW; the composing models' configs
+     keep {OLD, NEW} loaded (`version_policy: specific`) and the ensembles pin their steps
+     to OLD; loading the ensembles loads NEW beside OLD, which keeps serving;
+  2. check: a real inference on every composing model at version NEW;
+  3. switch: the ensembles get version NEW with their steps pinned to NEW and are loaded
+     (Triton swaps a reloaded model only once the new one is ready); one inference must
+     be answered by ensemble version NEW;
+  4. retire: the configs as built (latest version only, steps on the latest) are written
+     back and the ensembles loaded once more: OLD versions unload.
+
+A load that fails at stage or switch restores the configs, removes version NEW and loads
+again, so OLD keeps serving; the command exits 2 with the server's reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cmg.errors import CMGError
+from cmg_build import config as cfgmod
+
+
+def _client(url: str):
+    import tritonclient.grpc as grpcclient
+
+    from cmg_clients import core
+
+    return grpcclient.InferenceServerClient(core.normalize_url(url, "grpc"))
+
+
+def _reason(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    return str(message() if callable(message) else exc)
+
+
+def _index(client) -> list:
+    return list(client.get_model_repository_index().models)
+
+
+def _versions(repo: Path, name: str) -> list[int]:
+    folder = repo / name
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
+    """One real request to `name` at `version` with a frame of the contract; the answering version."""
+    import tritonclient.grpc as grpcclient
+
+    from cmg_clients import core
+
+    if cfg.platform == "ensemble":
+        inputs, outputs = core.build_inputs(grpcclient, frame), core.requested_outputs(grpcclient)
+    else:  # a step: zeros of each required input's shape (what matters is that it answers)
+        inputs = []
+        for t in cfg.input:
+            if t.optional:
+                continue
+            dtype = cfgmod.mc.DataType.Name(t.data_type)[len("TYPE_"):]
+            from tritonclient.utils import triton_to_np_dtype
+
+            data = np.zeros((1, *t.dims), dtype=triton_to_np_dtype(dtype))
+            inp = grpcclient.InferInput(t.name, list(data.shape), dtype)
+            inp.set_data_from_numpy(data)
+            inputs.append(inp)
+        outputs = None
+    result = client.infer(name, inputs, model_version=str(version), outputs=outputs)
+    return str(result.get_response().model_version)
+
+
+def deploy(run: Path, repository: Path, url: str) -> dict:
+    """Stage, check, switch, retire (module docstring); returns what was done."""
+    from cmg_build.repository import build
+
+    repo = Path(repository)
+    report_path = repo / "build_report.json"
+    if not report_path.is_file():
+        raise CMGError(f"{report_path} not found: --repository must be a folder written by `cmg build`")
+    built = json.loads(report_path.read_text())
+    client = _client(url)
+    try:
+        live = {m.name: m for m in _index(client) if m.state == "READY"}
+    except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
+        raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
+    configs = {name: cfgmod.parse_config(repo / name / "config.pbtxt")
+               for name in built["models"] if (repo / name / "config.pbtxt").is_file()}
+    ensembles = [n for n in configs if configs[n].platform == "ensemble" and n in live]
+    if not ensembles:
+        raise CMGError(f"no ensemble of {repo} is loaded on {url}: start it with "
+                       f"`cmg serve --repository {repo} --model-control-mode explicit --load-model cmg`")
+    steps = sorted({s.model_name for e in ensembles for s in configs[e].ensemble_scheduling.step})
+    old = max(int(live[e].version) for e in ensembles)
+    new = max(v for name in configs for v in _versions(repo, name)) + 1
+
+    originals = {name: (repo / name / "config.pbtxt").read_text() for name in configs}
+    serving = built.get("serving", {})
+    with tempfile.TemporaryDirectory(prefix="cmg-deploy-") as tmp:
+        staged = Path(tmp) / "repo"
+        build(run, built["target"], staged, built.get("kind", "cpu"), serving.get("max_batch"),
+              serving.get("opt_batch"), serving.get("instances"), version=new)
+        for name in configs:
+            if (staged / name / "config.pbtxt").read_text() != originals[name]:
+                raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
+                               "(a different contract or settings): build a new repository for it")
+        for name in configs:
+            shutil.copytree(staged / name / str(new), repo / name / str(new))
+
+    def write(name: str, cfg) -> None:
+        cfgmod.write_config(cfg, repo / name)
+
+    def load_all() -> None:
+        for e in ensembles:
+            client.load_model(e)
+
+    def failed_versions() -> list[str]:
+        return [f"{m.name} version {m.version}: {m.reason}" for m in _index(client)
+                if m.name in steps + ensembles and m.version == str(new) and m.state != "READY"]
+
+    def roll_back(reason: str) -> CMGError:
+        for name, text in originals.items():
+            (repo / name / "config.pbtxt").write_text(text)
+        for name in configs:
+            shutil.rmtree(repo / name / str(new), ignore_errors=True)
+        try:
+            load_all()
+        except Exception as exc:  # noqa: BLE001 - the old version's own state decides
+            reason += f" (reload of version {old} after it: {_reason(exc)})"
+        return CMGError(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
+
+    # 1. stage
+    for name in steps:
+        cfg = cfgmod.parse_config(repo / name / "config.pbtxt")
+        cfg.version_policy.specific.versions[:] = [old, new]
+        write(name, cfg)
+    for e in ensembles:
+        cfg = cfgmod.parse_config(repo / e / "config.pbtxt")
+        cfg.version_policy.specific.versions[:] = [old]
+        for step in cfg.ensemble_scheduling.step:
+            step.model_version = old
+        write(e, cfg)
+    try:
+        load_all()
+    except Exception as exc:  # noqa: BLE001 - the server's reason is the message
+        raise roll_back(_reason(exc)) from exc
+    if failed_versions():
+        raise roll_back("; ".join(failed_versions()))
+    # 2. check every step at NEW
+    from cmg_clients.client import CMGClient
+
+    with CMGClient(url, "grpc", model=ensembles[0], timeout_s=30) as probe:
+        frame = np.zeros((1, *probe.size, 3), dtype=np.uint8)
+    for name in steps:
+        try:
+            _infer(client, name, new, configs[name], frame)
+        except Exception as exc:  # noqa: BLE001
+            raise roll_back(f"{name} version {new} does not answer: {_reason(exc)}") from exc
+    # 3. switch
+    for e in ensembles:
+        cfg = cfgmod.parse_config(repo / e / "config.pbtxt")
+        cfg.version_policy.specific.versions[:] = [new]
+        for step in cfg.ensemble_scheduling.step:
+            step.model_version = new
+        write(e, cfg)
+    try:
+        load_all()
+        answered = [_infer(client, e, new, configs[e], frame) for e in ensembles]
+    except Exception as exc:  # noqa: BLE001
+        raise roll_back(_reason(exc)) from exc
+    if failed_versions() or any(v != str(new) for v in answered):
+        raise roll_back("; ".join(failed_versions()) or f"answered by versions {answered}")
+    # 4. retire
+    for name, text in originals.items():
+        (repo / name / "config.pbtxt").write_text(text)
+    load_all()
+    state = {(m.name, m.version): m.state for m in _index(client)}
+    client.close()
+    return {"run": str(run), "repository": str(repo), "url": url, "old_version": old, "new_version": new,
+            "ensembles": ensembles, "steps": steps,
+            "old_state": {n: state.get((n, str(old)), "") for n in steps + ensembles}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="retrained run (with onnx/ from `cmg export`)")
+    parser.add_argument("--repository", type=Path, required=True, help="the repository the live server serves")
+    parser.add_argument("--url", required=True, help="gRPC HOST:PORT of that server (explicit model control)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = deploy(args.run, args.repository, args.url)
+    print(f"deployed {args.run} as version {result['new_version']} of {', '.join(result['ensembles'])}; "
+          f"version {result['old_version']} retired", file=sys.stderr)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,126 @@
+"""Kubernetes manifests for N replicas of the official Triton image on a built repository.
+
+`cmg build ... --k8s DIR` writes `DIR/triton.yaml` (Deployment, Service, HorizontalPodAutoscaler)
+and `DIR/prometheus-adapter-rules.yaml` (the rule that turns Triton's queue-time counters
+into the per-pod metric the autoscaler reads). The repository comes from a volume (a
+PersistentVolumeClaim holding what `cmg build` wrote; any volume type works the same):
+the official image already has the ONNX Runtime and TensorRT backends, so the
+`onnxruntime` and `tensorrt` targets serve there as built; the `cpu` target's Python
+backend would also need ONNX Runtime installed in the image.
+
+Checked against the Kubernetes API schemas offline (`kubernetes-validate`, tests);
+no cluster has run them here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmg.server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version served here
+QUEUE_METRIC = "triton_queue_time_us"  # per pod, from the adapter rule below
+
+
+@dataclass
+class K8sOptions:
+    name: str = "cmg-triton"
+    replicas: int = 2
+    max_replicas: int = 8
+    image: str = TRITON_IMAGE
+    claim: str = "cmg-model-repository"  # PVC holding the built repository
+    gpus: int = 0
+    queue_time_us: int = 20000  # scale out above this average queue time per request
+
+
+def manifests(opts: K8sOptions) -> list[dict]:
+    """Deployment, Service and HorizontalPodAutoscaler (autoscaling/v2, Pods metric)."""
+    labels = {"app.kubernetes.io/name": opts.name}
+    ports = [("http", DEFAULT_HTTP_PORT), ("grpc", DEFAULT_GRPC_PORT), ("metrics", DEFAULT_METRICS_PORT)]
+    resources: dict = {"requests": {"cpu": "2", "memory": "4Gi"}}
+    if opts.gpus:
+        resources["limits"] = {"nvidia.com/gpu": opts.gpus}
+    probe = {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    container = {
+        "name": "tritonserver",
+        "image": opts.image,
+        "args": ["tritonserver", "--model-repository=/models", "--model-control-mode=none",
+                 f"--http-port={DEFAULT_HTTP_PORT}", f"--grpc-port={DEFAULT_GRPC_PORT}",
+                 f"--metrics-port={DEFAULT_METRICS_PORT}", "--exit-timeout-secs=30"],
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, **probe},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, **probe},
+        "startupProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5,
+                         "failureThreshold": 60},
+        "resources": resources,
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": opts.name, "labels": labels},
+        "spec": {
+            "replicas": opts.replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {
+                    "prometheus.io/scrape": "true", "prometheus.io/port": str(DEFAULT_METRICS_PORT),
+                    "prometheus.io/path": "/metrics"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 40,
+                    "containers": [container],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": opts.claim,
+                                                                            "readOnly": True}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": opts.name, "labels": labels},
+        "spec": {"selector": labels, "ports": [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"}
+                                               for n, p in ports]},
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": opts.name, "labels": labels},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": opts.name},
+            "minReplicas": opts.replicas, "maxReplicas": max(opts.replicas, opts.max_replicas),
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": QUEUE_METRIC},
+                "target": {"type": "AverageValue", "averageValue": str(opts.queue_time_us)}}}],
+        },
+    }
+    return [deployment, service, hpa]
+
+
+def adapter_rules(namespace: str = "monitoring") -> dict:
+    """prometheus-adapter ConfigMap: average queue time per request over the last minute, per pod
+    (Triton's counters `nv_inference_queue_duration_us` and `nv_inference_request_success`)."""
+    query = ("sum(rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>) / "
+             "clamp_min(sum(rate(nv_inference_request_success{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>), 1e-9)")
+    rules = (
+        "rules:\n"
+        "- seriesQuery: 'nv_inference_queue_duration_us{namespace!=\"\",pod!=\"\"}'\n"
+        "  resources:\n    overrides:\n      namespace: {resource: namespace}\n      pod: {resource: pod}\n"
+        f"  name:\n    matches: nv_inference_queue_duration_us\n    as: {QUEUE_METRIC}\n"
+        f"  metricsQuery: '{query}'\n"
+    )
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "prometheus-adapter", "namespace": namespace},
+            "data": {"config.yaml": rules}}
+
+
+def write(out: Path, opts: K8sOptions) -> list[Path]:
+    """DIR/triton.yaml and DIR/prometheus-adapter-rules.yaml."""
+    import yaml
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = out / "triton.yaml"
+    main.write_text(yaml.safe_dump_all(manifests(opts), sort_keys=False))
+    rules = out / "prometheus-adapter-rules.yaml"
+    rules.write_text(yaml.safe_dump(adapter_rules(), sort_keys=False))
+    return [main, rules]

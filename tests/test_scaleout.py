@@ -1,0 +1,243 @@
+"""Several cameras over several real tritonservers, and a model update under a running stream.
+
+3 sources x 2 servers with one server SIGKILLed mid-stream (and started again on its
+ports): every frame of every source once, in order, no error line, and the restarted
+server takes frames again after its probe. A `cmg deploy` mid-stream: no error line,
+versions 1 then 2 in the lines, version 1 unloaded at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cmg import contract as C
+from cmg.errors import CMGError
+from cmg.server import TritonServer, free_port
+from cmg_clients.servers import ServerPool
+from cmg_clients.stream import (
+    Source,
+    SourceItem,
+    StreamOptions,
+    open_source,
+    plan_sources,
+    run_streams,
+    source_name,
+)
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(s) for s in out.read_text().splitlines() if s.strip()]
+
+
+def _count(out: Path) -> int:
+    return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
+# -- no server needed -------------------------------------------------------------------
+def test_source_names_and_plan(tmp_path):
+    assert source_name("cam1=synth:tiny?n=3") == ("cam1", "synth:tiny?n=3")
+    assert source_name("synth:tiny?n=3&seed=4") == ("synth_tiny_seed4", "synth:tiny?n=3&seed=4")
+    assert source_name("/data/line2/") == ("line2", "/data/line2/")
+    assert source_name("/videos/cam.mp4") == ("cam", "/videos/cam.mp4")
+    plan = plan_sources(["a=synth:tiny", "b=synth:tiny"], tmp_path / "o")
+    assert [(n, p.name) for n, _, p in plan] == [("a", "a.jsonl"), ("b", "b.jsonl")]
+    with pytest.raises(CMGError, match="would both write"):
+        plan_sources(["synth:tiny", "synth:tiny?fps=3"], tmp_path / "o")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CMGError, match="is a file"):
+        plan_sources(["a=synth:tiny", "b=synth:tiny"], tmp_path / "f")
+
+
+def test_pool_picks_least_in_flight_and_avoids_down_servers():
+    import asyncio
+
+    async def check() -> None:
+        pool = ServerPool(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], C.CMG, 1.0)
+        try:
+            a, b, c = pool.servers
+            a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
+            assert pool.pick() is b
+            b.up = False
+            assert pool.pick() is c and pool.pick(avoid=c) is a
+            a.up = c.up = False
+            assert pool.pick() is b  # none up: the least busy, its failure counts as a retry
+        finally:
+            await pool.close()
+
+    asyncio.run(check())
+    with pytest.raises(CMGError, match="given twice"):
+        ServerPool(["127.0.0.1:5", "grpc://127.0.0.1:5"], C.CMG, 1.0)
+
+
+# -- real servers -----------------------------------------------------------------------
+def _unloadable_run(run: Path, dst: Path) -> Path:
+    """A copy of `run` whose scorer graph asks for an ONNX opset no runtime has: `cmg build`
+    copies it as it is (the cpu target does not run the graph), the server's load fails."""
+    import hashlib
+
+    import onnx
+
+    shutil.copytree(run / "onnx", dst / "onnx")
+    (dst / "metrics.json").write_text((run / "metrics.json").read_text())
+    meta = json.loads((dst / "onnx" / "export.json").read_text())
+    path = dst / "onnx" / meta["models"][C.CMER_SCORER]["file"]
+    model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 999
+    onnx.save(model, str(path))
+    meta["models"][C.CMER_SCORER]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (dst / "onnx" / "export.json").write_text(json.dumps(meta))
+    return dst
+
+
+def _server(repo: Path, log: Path, ports: list[int] | None = None, **kw) -> TritonServer:
+    ports = ports or [free_port() for _ in range(3)]
+    return TritonServer(repo, *ports, log_file=log, **kw)
+
+
+class _Gated(Source):
+    """Frames of `inner`; from frame `gate` on, a frame is read only once `event` is set, so
+    the last frames are sent after the deploy however long it takes (frames before keep
+    flowing during it). The wait is in the frame's load, which runs in a worker thread."""
+
+    def __init__(self, inner: Source, gate: int, event: threading.Event) -> None:
+        self.inner, self.gate, self.event, self.count = inner, gate, event, inner.count
+
+    def items(self, start: int = 0):
+        for seq, item in enumerate(self.inner.items(start), start):
+            if seq < self.gate:
+                yield item
+                continue
+
+            def load(size, item=item):
+                assert self.event.wait(300), "deploy never finished"
+                return item.load(size)
+
+            yield SourceItem(item.frame_id, item.source, load, item.extra)
+
+
+def _stream_in_thread(urls: list[str], options: list[StreamOptions]) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            result["summaries"], result["servers"] = run_streams(urls, options)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_three_sources_two_servers_one_killed(cpu_repo, tmp_path):
+    n = 90
+    a = _server(cpu_repo, tmp_path / "a.log").start()
+    b = _server(cpu_repo, tmp_path / "b.log").start()
+    try:
+        plan = plan_sources([f"cam{i}=synth:tiny?n={n}&seed={i}" for i in range(3)], tmp_path / "out")
+        options = [StreamOptions(url=a.grpc_url, source=src, out=out, fps=6, window=4, timeout_s=5,
+                                 backoff_max_s=1, max_retries=60, progress=False) for _, src, out in plan]
+        thread, result = _stream_in_thread([a.grpc_url, b.grpc_url], options)
+        outs = [out for _, _, out in plan]
+        _wait(lambda: sum(_count(o) for o in outs) >= 15 or "error" in result, 120, "stream did not start")
+        b.kill()  # SIGKILL to the server's process group
+        killed_at = [_count(o) for o in outs]
+        b.start(timeout=180)  # same ports: the pool's probe finds it again
+        back_at = [_count(o) for o in outs]
+        thread.join(timeout=300)
+        assert not thread.is_alive() and "error" not in result, result
+    finally:
+        a.cleanup()
+        b.cleanup()
+    for out, k, r in zip(outs, killed_at, back_at, strict=True):
+        lines = _lines(out)
+        assert [x["seq"] for x in lines] == list(range(n)), f"{out.name}: order or duplicates"
+        assert len({x["frame_id"] for x in lines}) == n
+        assert not [x for x in lines if "error" in x], out.name
+        assert {x["model_version"] for x in lines} == {"1"}
+        assert k < n and r < n, "the stream ended before the fault"
+    servers = result["servers"]
+    assert servers[b.grpc_url]["failures"] >= 1, servers
+    after_return = [x["server"] for o, r in zip(outs, back_at, strict=True) for x in _lines(o)[r + 2:]]
+    assert b.grpc_url in after_return, "the restarted server never got frames again"
+    assert sum(s.retries for s in result["summaries"]) > 0, "no frame was ever re-sent"
+
+
+@pytest.mark.slow
+def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path):
+    from cmg_build.deploy import deploy
+
+    repo = tmp_path / "repo"
+    shutil.copytree(cpu_repo, repo)
+    server = _server(repo, tmp_path / "s.log", model_control_mode="explicit", load_models=[C.CMG]).start()
+    try:
+        n = 100
+        out = tmp_path / "s.jsonl"
+        deployed = threading.Event()
+        source = _Gated(open_source(f"synth:tiny?n={n}&seed=9"), gate=80, event=deployed)
+        opts = StreamOptions(url=server.grpc_url, source="gated", out=out, fps=10, window=4, timeout_s=5,
+                             backoff_max_s=1, max_retries=60, progress=False, frames=source)
+        thread, result = _stream_in_thread([server.grpc_url], [opts])
+        _wait(lambda: _count(out) >= 10 or "error" in result, 120, "stream did not start")
+        try:
+            done = deploy(tiny_run, repo, server.grpc_url)
+        finally:
+            deployed.set()
+        assert _count(out) < n - 10, "the stream ended before the deploy"
+        assert (done["old_version"], done["new_version"]) == (1, 2)
+        thread.join(timeout=300)
+        assert not thread.is_alive() and "error" not in result, result
+        lines = _lines(out)
+        assert [x["seq"] for x in lines] == list(range(n)) and not [x for x in lines if "error" in x]
+        versions = [x["model_version"] for x in lines]
+        assert versions[0] == "1" and versions[-1] == "2", versions
+        assert versions == sorted(versions), "a frame went back to version 1 after version 2"
+
+        def old_gone() -> bool:
+            index = server.model_states()
+            return not [m for m in index if m.get("version") == "1" and m.get("state") not in ("UNAVAILABLE", None)]
+
+        _wait(old_gone, 60, "version 1 still loaded")
+        assert {m["name"] for m in server.model_states() if m.get("version") == "2" and m.get("state") == "READY"} \
+            >= {C.CMG, C.CMER_SCORER, C.CMLE_ENCODER}
+
+        # A run the server cannot load: the old version keeps serving, the repository is as before.
+        configs = {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+        with pytest.raises(CMGError, match="failed, version 2 still serves: .*cmer_scorer") as info:
+            deploy(_unloadable_run(tiny_run, tmp_path / "bad_run"), repo, server.grpc_url)
+        assert "opset" in str(info.value).lower() or "onnx" in str(info.value).lower(), info.value
+        assert not list(repo.glob("*/3")) and configs == {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+        check = tmp_path / "after.jsonl"
+        run_streams([server.grpc_url], [StreamOptions(url=server.grpc_url, source="synth:tiny?n=3", out=check,
+                                                      progress=False)])
+        assert [x.get("model_version") for x in _lines(check)] == ["2", "2", "2"]
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.slow
+def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
+    from cmg_bench.servers import compare_servers
+
+    res = compare_servers(tiny_run, tmp_path / "b", sources=2, per_source=12, repeats=1)
+    assert [t["servers"] for t in res["tries"]] == [1, 2]
+    assert all(t["frames"] == 24 for t in res["tries"])
+    assert len(res["tries"][1]["per_server"]) == 2 and all(res["tries"][1]["per_server"].values())
+    assert res["ratio_two_over_one"] > 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} >= {"servers.json", "servers.md", "servers.png"}
