@@ -554,6 +554,8 @@ async def _stream(opts: StreamOptions, summary: StreamSummary) -> None:
     # and gives the frame size without a run folder.
     with CMGClient(url, "grpc", model=opts.model, timeout_s=opts.timeout_s) as probe:
         size = probe.size
+        if opts.threshold is None:  # GPU targets require one: the calibrated default from the config
+            opts.threshold = probe.default_threshold
 
     fps = opts.fps if opts.fps is not None else source.fps
     total = source.count if opts.limit is None else (
