@@ -342,10 +342,35 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     return result
 
 
+def bench_engines(repo: Path, out: Path, batches: tuple[int, ...], iterations: int = 200) -> int:
+    """The engine chain alone, plain enqueues vs CUDA graphs, in one run (engines.json)."""
+    from cmg_build.engine_runner import open_repository
+    from cmg_build.tensorrt import missing_prerequisites
+
+    missing = missing_prerequisites()
+    if missing:
+        raise CMGError(f"--engines needs TensorRT and a GPU: {missing}")
+    result: dict = {"repository": str(Path(repo).resolve()), "modes": {}}
+    for label, graphs in (("enqueue", False), ("cuda_graphs", True)):
+        with open_repository(repo, cuda_graphs=graphs) as chain:
+            result["modes"][label] = chain.time(batches, iterations=iterations)
+    result["ratios"] = {f"cuda_graphs_vs_enqueue_b{a['batch']}": a["p50_ms"] / b["p50_ms"]
+                        for a, b in zip(result["modes"]["enqueue"], result["modes"]["cuda_graphs"], strict=True)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").write_text(json.dumps(result, indent=2))
+    for label, rows in result["modes"].items():
+        for r in rows:
+            print(f"{label} b{r['batch']}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+                  f"{r['frames_per_s']:.0f} frames/s")
+    print(f"cmg bench --engines: wrote {out / 'engines.json'}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from cmg.cli import positive_float
 
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (RUN/checkpoint.pt)")
+    parser.add_argument("--run", type=Path, default=None, help="trained run folder (RUN/checkpoint.pt); "
+                        "required except with --engines")
     parser.add_argument("--out", type=Path, required=True, help="output folder for bench.json, bench.md, PNGs")
     parser.add_argument("--quick", action="store_true",
                         help="reduced sweep (concurrency 1,4; batch 1,8; short windows) for smoke checks")
@@ -366,6 +391,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", action="store_true",
                         help="instead of the sweep: the same multi-camera stream against 1 and 2 local servers "
                              "(servers.*; on one machine this shows the cost of a second server, not a gain)")
+    parser.add_argument("--engines", type=Path, default=None, metavar="REPO",
+                        help="instead of the sweep: time a tensorrt-target repository's engine chain without "
+                             "Triton (build/engine_runner.py: buffers once, one stream, CUDA graphs on and off), "
+                             "p50/p99 per --batch size (engines.json); needs TensorRT 10 and a GPU")
     parser.add_argument("--soak-load", type=positive_float, default=0.8,
                         help="share of the measured capacity the soak streams at (default 0.8)")
 
@@ -401,6 +430,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CMGError(f"--out {args.out} is a file, not a folder")
+    if args.engines is not None:
+        return bench_engines(args.engines, args.out, parse_ints(args.batch) if args.batch else (1, 8, 32))
+    if args.run is None:
+        raise CMGError("--run RUN is required (a trained run folder), except with --engines REPO")
     if args.soak is not None:
         from cmg_bench.soak import soak
 

@@ -1,11 +1,13 @@
 """GPU checks run by benchmarks/gpu_check.sh (also usable on their own).
 
-`torch`: the PyTorch path on a device (scorer graph + detector from RUN/checkpoint.pt,
-moved to CUDA), timed at batch 1/8/32 with CUDA synchronisation; medians.
-`trt`: the TensorRT engines of a `cmg build --target tensorrt` repository, run through
-cmg_build.tensorrt.run_engine at batch 1/8/32; that call allocates device buffers and
-copies inputs/outputs each time, so its latency includes transfers (stated in the output).
+`torch`: the PyTorch path of the served one-pass graphs (scorer graph + detector from
+RUN/checkpoint.pt) at batch 1/8/32: fp32, fp16 autocast and CUDA graphs
+(torch.cuda.CUDAGraph, static input buffer, warm-up on a side stream before capture) on
+the device, plus the fp32 CPU baseline in the same run; p50/p99 per call and frames/s.
+`trt`: the TensorRT engine chain of a `cmg build --target tensorrt` repository through
+cmg_build.engine_runner (buffers once, one stream, plain enqueue and CUDA graphs).
 Results go to OUT/<check>.json; a failure exits non-zero with the reason.
+Works with torch 2.11 (the GPU machine's) and 2.14 (the project's pin).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,82 +25,114 @@ BATCHES = (1, 8, 32)
 
 
 def _stats(times_s: list[float], batch: int) -> dict:
-    ms = np.array(times_s) * 1e3
-    med = float(np.median(ms))
-    return {"batch": batch, "iterations": len(ms), "median_ms": med, "p90_ms": float(np.percentile(ms, 90)),
-            "min_ms": float(ms.min()), "throughput_fps": batch / med * 1e3}
+    from cmg_build.engine_runner import latency_stats
+
+    return latency_stats(times_s, batch)
 
 
-def check_torch(run_dir: Path, device: str, iterations: int, warmup: int) -> dict:
+def _time(fn: Callable, x, batch: int, iterations: int, warmup: int, sync: Callable[[], None]) -> dict:
+    times = []
+    for i in range(warmup + iterations):
+        sync()
+        t = time.perf_counter()
+        fn(x)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return _stats(times, batch)
+
+
+def _cuda_graphed(fn: Callable, example):
+    """fn captured as a CUDA graph over a static input buffer (replay copies the new frames in)."""
+    import torch
+
+    static = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: lazy allocations and cuDNN choices happen outside the capture
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+
+    def replay(x):
+        static.copy_(x)
+        graph.replay()
+        return out
+
+    return replay
+
+
+def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
+                batches: tuple[int, ...] = BATCHES) -> dict:
     import torch
 
     from cmg_train.checkpoint import load_run
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__}: CUDA not available (torch.version.cuda={torch.version.cuda})")
     run = load_run(run_dir)
-    scorer = run.scorer_graph().to(device)
-    det = run.detector.to(device)
     c = run.contract
-    threshold = det.threshold.detach().reshape(1, 1)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    rows = []
     rng = np.random.default_rng(0)
-    for batch in BATCHES:
-        frames = torch.from_numpy(rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)).to(device)
-        thr = threshold.expand(batch, 1)
-        times = []
-        with torch.inference_mode():
-            for i in range(warmup + iterations):
-                sync()
-                t = time.perf_counter()
-                det(frames, scorer(frames), thr)
-                sync()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-        rows.append(_stats(times, batch))
-        print(f"torch {device} batch {batch}: median {rows[-1]['median_ms']:.3f} ms "
-              f"({rows[-1]['throughput_fps']:.0f} frames/s)")
-    info = {"device": device, "torch": torch.__version__, "what": "scorer_graph + detector, uint8 frames on device"}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return {**info, "results": rows}
+    result: dict = {"device": device, "torch": torch.__version__, "run": str(run_dir),
+                    "what": "scorer_graph + detector (the one-pass served graphs), uint8 frames already on the device; "
+                            "p50/p99 per call", "modes": {}, "skipped": {}}
+    if cuda:
+        result["gpu"] = torch.cuda.get_device_name(0)
 
+    def pipeline(dev: str):
+        scorer = run.scorer_graph().to(dev).eval()
+        det = run.detector.to(dev).eval()
+        thr = det.threshold.detach().reshape(1, 1)
+        return lambda x: det(x, scorer(x), thr.expand(x.shape[0], 1))
 
-def check_trt(repo: Path, iterations: int, warmup: int) -> dict:
-    from cmg import contract as C
-    from cmg.contract import CMER_SCORER, CMER_TEACHER, CMLE_ENCODER, Contract
-    from cmg_build.tensorrt import run_engine
+    def frames(batch: int, dev: str):
+        return torch.from_numpy(rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)).to(dev)
 
-    report = json.loads((repo / "build_report.json").read_text())
-    if report.get("engines_missing"):
-        raise RuntimeError(f"{repo}: engines were not built: {report['engines_missing']}")
-    c = Contract.from_dict(report["contract"])
-    rng = np.random.default_rng(0)
-    out: dict = {"tensorrt": next(iter(report.get("engines", {}).values()), {}).get("tensorrt"),
-                 "what": "run_engine wall time per call, including device allocation and H2D/D2H copies",
-                 "models": {}}
-    for name in (CMER_SCORER, CMLE_ENCODER, CMER_TEACHER):
-        plan = repo / name / "1" / "model.plan"
-        if not plan.is_file():
-            raise FileNotFoundError(f"engine {plan} not found")
+    def sweep(label: str, dev: str, wrap: Callable | None = None, autocast: bool = False) -> None:
+        fn = pipeline(dev)
+        sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
         rows = []
-        for batch in BATCHES:
-            if batch > int(report["max_batch"]):
-                continue
-            feeds = {C.IMAGE: rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)}
-            if name == CMLE_ENCODER:
-                feeds[C.PATCH_SCORES] = rng.random((batch, c.grid, c.grid), dtype=np.float32)
-                feeds[C.THRESHOLD] = np.full((batch, 1), report["threshold"], np.float32)
-            times = []
-            for i in range(warmup + iterations):
-                t = time.perf_counter()
-                run_engine(plan, feeds)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-            rows.append(_stats(times, batch))
-            print(f"tensorrt {name} batch {batch}: median {rows[-1]['median_ms']:.3f} ms")
-        out["models"][name] = rows
+        for batch in batches:
+            x = frames(batch, dev)
+            with torch.inference_mode(), torch.autocast(dev.split(":")[0], dtype=torch.float16, enabled=autocast):
+                call = wrap(fn, x) if wrap else fn
+                rows.append(_time(call, x, batch, iterations, warmup, sync))
+            print(f"torch {label} batch {batch}: p50 {rows[-1]['p50_ms']:.3f} ms, p99 {rows[-1]['p99_ms']:.3f} ms "
+                  f"({rows[-1]['frames_per_s']:.0f} frames/s)", flush=True)
+        result["modes"][label] = rows
+
+    sweep("cpu_fp32", "cpu")  # the baseline, same run
+    if cuda:
+        sweep("cuda_fp32", device)
+        sweep("cuda_fp16_autocast", device, autocast=True)
+        try:
+            sweep("cuda_graphs_fp32", device, wrap=_cuda_graphed)
+        except RuntimeError as exc:  # capture refused (an op that syncs): recorded, not fatal
+            result["skipped"]["cuda_graphs_fp32"] = f"{type(exc).__name__}: {exc}"
+    else:
+        for label in ("cuda_fp32", "cuda_fp16_autocast", "cuda_graphs_fp32"):
+            result["skipped"][label] = f"device {device} is not CUDA"
+    base = {r["batch"]: r["frames_per_s"] for r in result["modes"]["cpu_fp32"]}
+    result["ratios_vs_cpu_fp32"] = {f"{label}_b{r['batch']}": r["frames_per_s"] / base[r["batch"]]
+                                    for label, rows in result["modes"].items() if label != "cpu_fp32" for r in rows}
+    return result
+
+
+def check_trt(repo: Path, iterations: int, warmup: int, batches: tuple[int, ...] = BATCHES) -> dict:
+    """The engine chain via the standalone runner: plain enqueues, then CUDA graphs."""
+    from cmg_build.engine_runner import open_repository
+
+    out: dict = {"repository": str(repo), "what": "engine_runner: pinned host in/out, one stream, "
+                 "scorer -> encoder on the device; p50/p99 per call", "modes": {}}
+    for label, graphs in (("enqueue", False), ("cuda_graphs", True)):
+        with open_repository(repo, cuda_graphs=graphs) as chain:
+            out["modes"][label] = chain.time(batches, iterations=iterations, warmup=warmup)
+        for r in out["modes"][label]:
+            print(f"tensorrt {label} batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms")
     return out
 
 
@@ -110,17 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="torch: device (cuda, cuda:1, cpu for a dry run)")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     args = p.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.check == "torch":
             if args.run is None:
                 raise ValueError("torch check needs --run")
-            result = check_torch(args.run, args.device, args.iterations, args.warmup)
+            result = check_torch(args.run, args.device, args.iterations, args.warmup, batches)
         else:
             if args.repo is None:
                 raise ValueError("trt check needs --repo")
-            result = check_trt(args.repo, args.iterations, args.warmup)
+            result = check_trt(args.repo, args.iterations, args.warmup, batches)
     except Exception as exc:  # noqa: BLE001 - one line for the shell script's step report
         print(f"gpu_check {args.check}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

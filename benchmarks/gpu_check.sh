@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine, with or without TensorRT (< 5 minutes with a trained run).
+# GPU check for a lent CUDA machine: < 5 minutes on a bare one, trains nothing, no network.
 #
-#   benchmarks/gpu_check.sh [RUN]        RUN: trained run folder (or $CMG_RUN)
+#   benchmarks/gpu_prepare.sh [RUN]     # HERE, once: wheels + a small trained run into gpu_carry/ (<= 64 MiB)
+#   benchmarks/gpu_check.sh [RUN]       # THERE (device tool: carry ["gpu_carry"]); RUN default gpu_carry/run
 #
-# Without RUN it synthesizes tiny data and trains the tiny config first (slower: minutes).
-# Steps: environment (venv), nvidia-smi, torch CUDA timing (scorer + detector, batch 1/8/32,
-# medians), and where `tensorrt` imports: `cmg build --target tensorrt` + engine latency.
-# Everything goes into $OUT (default ./gpu_check_out): one log per step, steps.txt with each
-# step's status and time, *.json results. Exits non-zero when any step failed; a step that
-# cannot run (TensorRT absent) is recorded as SKIPPED with the reason, never left out.
+# Steps: environment (a venv over the machine's own torch, installing only the wheels in
+# gpu_carry/wheels, no index), nvidia-smi, the PyTorch CUDA path of the served graphs at
+# batch 1/8/32 (fp32, fp16 autocast, CUDA graphs; CPU fp32 baseline in the same run), and
+# where `tensorrt` imports: `cmg build --target tensorrt` + the standalone engine runner.
+# At most 8 files go into $OUT (default ./gpu_check_out): steps.txt, gpu_check.log,
+# torch.json, trt.json. Exits non-zero when a step failed; a step that cannot run
+# (TensorRT absent) is recorded as SKIPPED with the reason, never left out.
+# CMG_GPU_CHECK_DEVICE=cpu runs the same script on a CPU-only host (the test suite does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export ROOT
-export VENV=${VENV:-$ROOT/.venv}
+CARRY=${CMG_GPU_CARRY:-$ROOT/gpu_carry}
+DEVICE=${CMG_GPU_CHECK_DEVICE:-cuda}
+ITERS=${CMG_GPU_CHECK_ITERS:-50}
+BATCHES=${CMG_GPU_CHECK_BATCHES:-1,8,32}
+export ROOT OUT CARRY
 STEPS=$OUT/steps.txt
+LOG=$OUT/gpu_check.log
 : > "$STEPS"
+: > "$LOG"
 failed=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -28,23 +36,22 @@ step() {
   shift 2
   local t0 rc
   t0=$(date +%s)
-  echo "== $name: $*"
+  echo "== $name: $*" | tee -a "$LOG"
   set +e
   if declare -F "$1" > /dev/null; then  # a shell function: timeout needs a program to run
-    timeout "$limit" bash -c "$(declare -f "$1"); set -euo pipefail; $*" > "$OUT/$name.log" 2>&1
+    timeout "$limit" bash -c "$(declare -f "$1"); set -euo pipefail; $*" >> "$LOG" 2>&1
   else
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >> "$LOG" 2>&1
   fi
   rc=$?
   set -e
   local dt=$(( $(date +%s) - t0 ))
   if [ "$rc" -eq 0 ]; then
     echo "$name ok ${dt}s" | tee -a "$STEPS"
-    tail -n 5 "$OUT/$name.log"
   else
-    [ "$rc" -eq 124 ] && echo "(timed out after ${limit}s)" >> "$OUT/$name.log"
-    echo "$name FAILED rc=$rc ${dt}s (log $OUT/$name.log)" | tee -a "$STEPS"
-    tail -n 20 "$OUT/$name.log" >&2
+    [ "$rc" -eq 124 ] && echo "(timed out after ${limit}s)" >> "$LOG"
+    echo "$name FAILED rc=$rc ${dt}s (log $LOG)" | tee -a "$STEPS"
+    tail -n 20 "$LOG" >&2
     failed=1
   fi
   return "$rc"
@@ -55,15 +62,18 @@ skip() {
 }
 
 setup_venv() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q -e "$ROOT"
+  if [ -d "$CARRY/wheels" ]; then
+    # Bare machine: a venv that sees the machine's torch/numpy/onnx, plus the carried wheels only.
+    [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV"
+    "$VENV/bin/python" -m pip install -q --no-index --no-deps --find-links "$CARRY/wheels" "$CARRY"/wheels/*.whl
   fi
   "$VENV/bin/python" -c "import cmg, cmg_train, cmg_bench, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 }
+export VENV=${VENV:-$ROOT/.venv}
+[ -d "$CARRY/wheels" ] && export VENV=$ROOT/.gpu_venv
 
-if ! step env 240 setup_venv; then
-  echo "gpu_check: no usable environment; see $OUT/env.log" >&2
+if ! step env 120 setup_venv; then
+  echo "gpu_check: no usable environment; see $LOG" >&2
   exit 1
 fi
 PY=$VENV/bin/python
@@ -75,29 +85,26 @@ else
   skip nvidia_smi "nvidia-smi not on PATH"
 fi
 
-RUN=${1:-${CMG_RUN:-}}
-if [ -z "$RUN" ]; then
-  RUN=$OUT/run
-  if [ ! -f "$RUN/checkpoint.pt" ]; then
-    step synth 120 "$CMG" data synth --out "$OUT/data" --preset tiny || exit 1
-    step train 600 "$CMG" train --config tiny --data "$OUT/data" --out "$RUN" || exit 1
-  fi
+RUN=${1:-${CMG_RUN:-$CARRY/run}}
+if [ ! -f "$RUN/checkpoint.pt" ]; then
+  echo "gpu_check: no trained run at $RUN (this check trains nothing: run benchmarks/gpu_prepare.sh here first)" | tee -a "$STEPS" >&2
+  exit 1
 fi
 RUN=$(cd "$RUN" && pwd)
 
-step torch_cuda 180 "$PY" -m cmg_bench.gpu_check torch --run "$RUN" --out "$OUT" --device cuda || true
+step torch 180 "$PY" -m cmg_bench.gpu_check torch --run "$RUN" --out "$OUT" --device "$DEVICE" \
+  --iterations "$ITERS" --batches "$BATCHES" || true
 
 if "$PY" -c "import tensorrt" > /dev/null 2>&1; then
-  if [ ! -f "$RUN/onnx/export.json" ]; then
-    step export 300 "$CMG" export --run "$RUN" || true
-  fi
-  if step trt_build 600 "$CMG" build --run "$RUN" --target tensorrt --out "$OUT/repo_tensorrt"; then
-    step trt_engines 180 "$PY" -m cmg_bench.gpu_check trt --repo "$OUT/repo_tensorrt" --out "$OUT" || true
+  REPO=$ROOT/.gpu_repo_tensorrt  # engines stay outside $OUT: only results come back
+  if step trt_build 240 "$CMG" build --run "$RUN" --target tensorrt --out "$REPO"; then
+    step trt_engines 120 "$PY" -m cmg_bench.gpu_check trt --repo "$REPO" --out "$OUT" \
+      --iterations "$ITERS" --batches "$BATCHES" || true
   else
-    skip trt_engines "engine build failed (see $OUT/trt_build.log)"
+    skip trt_engines "engine build failed (see $LOG)"
   fi
 else
-  skip trt_build "tensorrt does not import in $VENV ($("$PY" -c 'import tensorrt' 2>&1 | tail -n 1))"
+  skip trt_build "tensorrt does not import ($("$PY" -c 'import tensorrt' 2>&1 | tail -n 1))"
 fi
 
 echo "== summary ($OUT)"

@@ -146,6 +146,7 @@ class Served(Mode):
         self.model = SERVED_MODEL[name]
         with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:
             self.url = probe.url
+            self.threshold = probe.default_threshold  # None on the cpu target (optional there)
             if probe.size != tuple(frames.shape[1:3]):
                 from cmg.errors import CMGError
 
@@ -164,7 +165,7 @@ class Served(Mode):
 
     def _pool(self, batch: int) -> list:
         if batch not in self._inputs:
-            self._inputs[batch] = [core.build_inputs(self._mod, arr) for arr in batches(self.frames, batch)]
+            self._inputs[batch] = [core.build_inputs(self._mod, arr, self.threshold) for arr in batches(self.frames, batch)]
         return self._inputs[batch]
 
     async def _infer(self, inputs: list):
@@ -178,7 +179,7 @@ class Served(Mode):
         async def go() -> np.ndarray:
             out = []
             for i in range(0, len(frames), chunk):
-                res = await self._infer(core.build_inputs(self._mod, frames[i:i + chunk]))
+                res = await self._infer(core.build_inputs(self._mod, frames[i:i + chunk], self.threshold))
                 out.append(core.decode(res)[C.ANOMALY_SCORE].reshape(-1))
             return np.concatenate(out)
 

@@ -16,13 +16,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cmg import contract as C
-from cmg.contract import ONNX_ELEM_TYPES, THRESHOLD, Contract, ModelSpec, TensorSpec
+from cmg.contract import ONNX_ELEM_TYPES, THRESHOLD, ModelSpec, TensorSpec
 from cmg.errors import CMGError
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
 PB_DTYPES = {name: getattr(mc, f"TYPE_{name}") for name in C.NUMPY_DTYPES}  # from the contract's dtypes
-THRESHOLD_MODEL = "cmg_threshold"  # GPU targets only: fills in THRESHOLD where a request omits it
-FILLED = C.THRESHOLD_FILLED  # its output: THRESHOLD per batch item
+DEFAULT_THRESHOLD = "default_threshold"  # ensemble config parameter: the calibrated threshold
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,9 @@ def finite_inputs(spec: ModelSpec) -> str:
     """Inputs the Python backend must check for NaN/inf: THRESHOLD wherever a model takes it.
 
     The ensembles pass THRESHOLD on unchecked; on the cpu target the encoder's model.py
-    checks it, on the GPU targets the `cmg_threshold` step does (an ONNX Runtime or
-    TensorRT model cannot refuse a value, so a direct call to their encoder is unchecked).
+    checks it. On the GPU targets every step is an engine, which cannot refuse a value:
+    the client library refuses a non-finite THRESHOLD before sending, and a raw request
+    with NaN gets IS_ANOMALY false (score > NaN), documented in the README.
     """
     return ",".join(t.name for t in spec.inputs if t.name == THRESHOLD)
 
@@ -68,8 +68,10 @@ def threshold_optional_in(target: str) -> bool:
     cpu: yes (the Python backend feeds it only when sent; the graph default applies
     otherwise). onnxruntime: Triton's ORT backend refuses optional inputs on batching
     models; tensorrt: an engine has no input defaults. For those two THRESHOLD is a
-    required encoder input and the `cmg_threshold` step of the ensembles fills in the
-    calibrated default, keeping THRESHOLD optional for clients on every target.
+    required input of the encoder and of the ensembles, so every step stays on the GPU
+    (no Python step between the engines); the calibrated default travels in the
+    ensemble's config parameter `default_threshold`, which the client library reads and
+    sends when the caller gives no threshold (a raw client does the same, see README).
     """
     return target == "cpu"
 
@@ -83,9 +85,11 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
     optional_thr = threshold_optional_in(target)
     if spec.is_ensemble:
         cfg.platform = "ensemble"
-        cfg.input.extend(_tensor(mc.ModelInput, t, t.optional) for t in spec.inputs)
+        cfg.input.extend(_tensor(mc.ModelInput, t, t.optional and optional_thr) for t in spec.inputs)
         cfg.output.extend(_tensor(mc.ModelOutput, t, False) for t in spec.outputs)
-        _ensemble_steps(cfg, spec, optional_thr)
+        _ensemble_steps(cfg, spec)
+        if threshold is not None and not optional_thr:  # GPU targets: THRESHOLD is required
+            cfg.parameters[DEFAULT_THRESHOLD].string_value = repr(float(threshold))
         return cfg
     for t in spec.inputs:
         cfg.input.append(_tensor(mc.ModelInput, t, t.optional and optional_thr))
@@ -113,72 +117,27 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
     return cfg
 
 
-def threshold_model_config(contract: Contract, serving: Serving, threshold: float) -> mc.ModelConfig:
-    """Python-backend step for GPU targets: THRESHOLD as sent, or the calibrated default per item.
-
-    Takes PATCH_SCORES (G x G floats, already produced by the first step) only to learn
-    the batch size, so the host round trip is tiny and the frame never leaves the GPU.
-    """
-    thr = contract.threshold()
-    cfg = mc.ModelConfig(name=THRESHOLD_MODEL, backend="python", max_batch_size=serving.max_batch)
-    cfg.input.append(_tensor(mc.ModelInput, contract.patch_scores(), False))
-    cfg.input.append(_tensor(mc.ModelInput, thr, True))
-    cfg.output.append(mc.ModelOutput(name=FILLED, data_type=PB_DTYPES[thr.dtype], dims=list(thr.dims)))
-    cfg.dynamic_batching.max_queue_delay_microseconds = serving.queue_delay_us
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
-    cfg.parameters["onnx_file"].string_value = "model.onnx"
-    cfg.parameters["intra_op_threads"].string_value = "1"
-    cfg.parameters["default_threshold"].string_value = repr(float(threshold))
-    cfg.parameters["finite_inputs"].string_value = THRESHOLD  # the GPU targets' only value check
-    return cfg
-
-
-def threshold_graph(contract: Contract, threshold: float):
-    """THRESHOLD_FILLED [B,1] = THRESHOLD if fed, else the calibrated default, batch from PATCH_SCORES.
-
-    Run by the generic model.py (Python backend), which feeds THRESHOLD only when sent.
-    """
-    from onnx import helper
-
-    thr = contract.threshold()
-    nodes = [
-        helper.make_node("Shape", [C.PATCH_SCORES], ["t_shape"], start=0, end=1),
-        helper.make_node("Concat", ["t_shape", "t_one"], ["t_out_shape"], axis=0),
-        helper.make_node("Expand", [THRESHOLD, "t_out_shape"], [FILLED]),
-    ]
-    ps = contract.patch_scores()
-    thr_elem = ONNX_ELEM_TYPES[thr.dtype]
-    inputs = [helper.make_tensor_value_info(ps.name, ONNX_ELEM_TYPES[ps.dtype], ["batch", *ps.dims]),
-              helper.make_tensor_value_info(THRESHOLD, thr_elem, ["batch", *thr.dims])]
-    outputs = [helper.make_tensor_value_info(FILLED, thr_elem, ["batch", *thr.dims])]
-    inits = [helper.make_tensor("t_one", 7, [1], [1]),
-             helper.make_tensor(THRESHOLD, thr_elem, [1, 1], [float(threshold)])]
-    graph = helper.make_graph(nodes, THRESHOLD_MODEL, inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec, optional_thr: bool) -> None:
-    """first step -> (threshold filler on GPU targets) -> encoder; every tensor keeps its contract name."""
+def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec) -> None:
+    """first step -> encoder, both engines on GPU targets; every tensor keeps its contract name."""
     first, encoder = spec.steps
     out_names = {t.name for t in spec.outputs}
     step = cfg.ensemble_scheduling.step.add(model_name=first, model_version=-1)
     step.input_map[C.IMAGE] = C.IMAGE
     step.output_map[C.PATCH_SCORES] = C.PATCH_SCORES
-    thr_source = THRESHOLD
-    if not optional_thr:
-        fill = cfg.ensemble_scheduling.step.add(model_name=THRESHOLD_MODEL, model_version=-1)
-        fill.input_map[C.PATCH_SCORES] = C.PATCH_SCORES
-        fill.input_map[THRESHOLD] = THRESHOLD
-        fill.output_map[FILLED] = FILLED
-        thr_source = FILLED
     enc = cfg.ensemble_scheduling.step.add(model_name=encoder, model_version=-1)
     enc.input_map[C.IMAGE] = C.IMAGE
     enc.input_map[C.PATCH_SCORES] = C.PATCH_SCORES
-    enc.input_map[THRESHOLD] = thr_source
+    enc.input_map[THRESHOLD] = THRESHOLD
     # Ensemble outputs produced by the encoder; PATCH_SCORES already comes from step 1.
     for name in (C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.KEEP_MASK):
         if name in out_names:
             enc.output_map[name] = name
+
+
+def default_threshold(cfg: mc.ModelConfig) -> float | None:
+    """The calibrated threshold an ensemble's config carries (None when it carries none)."""
+    param = cfg.parameters.get(DEFAULT_THRESHOLD)
+    return float(param.string_value) if param is not None and param.string_value else None
 
 
 def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:
@@ -188,12 +147,21 @@ def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:
     return path
 
 
+def parse_text(text: str, where: str = "config") -> mc.ModelConfig:
+    """Parse config.pbtxt text into Triton's ModelConfig; CMGError naming `where` on any error."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise CMGError(f"{where}: not a valid Triton ModelConfig: {exc}") from exc
+
+
 def parse_config(path: Path) -> mc.ModelConfig:
     """Parse config.pbtxt into Triton's ModelConfig; CMGError naming the file on any error."""
     try:
-        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
-    except (text_format.ParseError, OSError) as exc:
+        text = Path(path).read_text()
+    except OSError as exc:
         raise CMGError(f"{path}: not a valid Triton ModelConfig: {exc}") from exc
+    return parse_text(text, str(path))
 
 
 def onnx_io(onnx_path: Path) -> dict[str, dict[str, tuple[int, tuple]]]:

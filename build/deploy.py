@@ -56,14 +56,23 @@ def _versions(repo: Path, name: str) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
+def _without_threshold(text: str) -> str:
+    """A config's text without the ensemble's calibrated-threshold parameter (compared apart)."""
+    cfg = cfgmod.parse_text(text)
+    if cfgmod.DEFAULT_THRESHOLD in cfg.parameters:
+        del cfg.parameters[cfgmod.DEFAULT_THRESHOLD]
+    return str(cfg)
+
+
 def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     """One real request to `name` at `version` with a frame of the contract; the answering version."""
     import tritonclient.grpc as grpcclient
 
     from cmg_clients import core
 
-    if cfg.platform == "ensemble":
-        inputs, outputs = core.build_inputs(grpcclient, frame), core.requested_outputs(grpcclient)
+    if cfg.platform == "ensemble":  # GPU targets require THRESHOLD: their config's default
+        inputs = core.build_inputs(grpcclient, frame, cfgmod.default_threshold(cfg))
+        outputs = core.requested_outputs(grpcclient)
     else:  # a step: zeros of each required input's shape (what matters is that it answers)
         inputs = []
         for t in cfg.input:
@@ -111,8 +120,10 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         staged = Path(tmp) / "repo"
         build(run, built["target"], staged, built.get("kind", "cpu"), serving.get("max_batch"),
               serving.get("opt_batch"), serving.get("instances"), version=new)
+        staged_texts = {name: (staged / name / "config.pbtxt").read_text() for name in configs}
         for name in configs:
-            if (staged / name / "config.pbtxt").read_text() != originals[name]:
+            # The calibrated threshold (GPU targets' ensembles) belongs to the run: it may differ.
+            if _without_threshold(staged_texts[name]) != _without_threshold(originals[name]):
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
                                "(a different contract or settings): build a new repository for it")
         for name in configs:
@@ -167,9 +178,12 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
             _infer(client, name, new, configs[name], frame)
         except Exception as exc:  # noqa: BLE001
             raise roll_back(f"{name} version {new} does not answer: {_reason(exc)}") from exc
-    # 3. switch
+    # 3. switch (with the new run's calibrated threshold where the ensemble carries one)
     for e in ensembles:
         cfg = cfgmod.parse_config(repo / e / "config.pbtxt")
+        new_thr = cfgmod.default_threshold(cfgmod.parse_text(staged_texts[e]))
+        if new_thr is not None:
+            cfg.parameters[cfgmod.DEFAULT_THRESHOLD].string_value = repr(new_thr)
         cfg.version_policy.specific.versions[:] = [new]
         for step in cfg.ensemble_scheduling.step:
             step.model_version = new
@@ -181,8 +195,8 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         raise roll_back(_reason(exc)) from exc
     if failed_versions() or any(v != str(new) for v in answered):
         raise roll_back("; ".join(failed_versions()) or f"answered by versions {answered}")
-    # 4. retire
-    for name, text in originals.items():
+    # 4. retire (the new run's configs: the same as the old but for the threshold)
+    for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
     load_all()
     state = {(m.name, m.version): m.state for m in _index(client)}

@@ -5,8 +5,9 @@ Layout written (cpu target):
   REPO/cmg/config.pbtxt, REPO/cmg_exact/config.pbtxt                        (ensembles)
   REPO/build_report.json
 onnxruntime: model.onnx per model (platform onnxruntime_onnx); tensorrt: model.plan
-(+ the ONNX it came from), REPO/trtexec.sh. Both GPU targets add `cmg_threshold`
-(see build/config.py: threshold_optional_in).
+(+ the ONNX it came from), REPO/trtexec.sh. On both GPU targets every ensemble step is an ONNX Runtime model or an
+engine (THRESHOLD required, its default in the ensemble's config; see build/config.py:
+threshold_optional_in).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
     """Encoder for GPU targets: THRESHOLD becomes a plain required input (no initializer).
 
     TensorRT would otherwise fold the initializer into a constant and drop the input;
-    the ensembles' `cmg_threshold` step supplies the default instead.
+    the client supplies the default from the ensemble's `default_threshold` parameter.
     """
     import onnx
 
@@ -167,22 +168,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                 _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
                          os.path.relpath(cache, out)))
         report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
-
-    if not cfgmod.threshold_optional_in(target):
-        tdir = out / cfgmod.THRESHOLD_MODEL
-        vdir = tdir / str(version)
-        if vdir.exists():
-            shutil.rmtree(vdir)
-        vdir.mkdir(parents=True)
-        import onnx
-
-        onnx.save(cfgmod.threshold_graph(contract, threshold), str(vdir / "model.onnx"))
-        if not MODEL_PY.is_file():
-            raise CMGError(f"{MODEL_PY} not found (needed by {cfgmod.THRESHOLD_MODEL})")
-        shutil.copyfile(MODEL_PY, vdir / "model.py")
-        path = cfgmod.write_config(cfgmod.threshold_model_config(contract, serving, threshold), tdir)
-        cfgmod.parse_config(path)
-        report["models"][cfgmod.THRESHOLD_MODEL] = {"config": str(path.relative_to(out)), "platform": "python"}
 
     for name in ENSEMBLES:
         cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)

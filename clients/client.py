@@ -96,6 +96,8 @@ class CMGClient:
             metadata, config = self._read_model()
             self.contract = contract or contract_from_metadata(metadata, model)
             self.max_batch = max(1, int(config.get("max_batch_size", 1) or 1))
+            # GPU targets: THRESHOLD is required (engines have no defaults); send the calibrated one.
+            self.default_threshold = core.threshold_to_send(config)
             self.use_shm = shm
             if shm:
                 self._setup_shm()
@@ -230,6 +232,8 @@ class CMGClient:
     ) -> dict[str, np.ndarray]:
         """Raw batched outputs for UINT8 [B, H, W, 3] frames (sent as given: no checks here)."""
         threshold = core.finite_threshold(threshold)
+        if threshold is None:
+            threshold = self.default_threshold
         step = self.max_batch if not batch_size else max(1, min(int(batch_size), self.max_batch))
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, frames.shape[0], step):

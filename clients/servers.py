@@ -47,6 +47,7 @@ class ServerPool:
             raise CMGError(f"--url given twice: {', '.join(normalized)}")
         self.model, self.timeout_s, self.probe_s = model, timeout_s, probe_s
         self.servers = [Server(u, _Channel(u, timeout_s)) for u in normalized]
+        self.default_threshold: float | None = None  # from the ensemble config (GPU targets only)
 
     @property
     def multi(self) -> bool:
@@ -109,6 +110,8 @@ class ServerPool:
             try:
                 with CMGClient(server.url, "grpc", model=self.model, timeout_s=self.timeout_s) as probe:
                     got = probe.size
+                    if self.default_threshold is None:  # GPU targets: sent when the caller gives none
+                        self.default_threshold = probe.default_threshold
             except CMGError as exc:
                 if not self.multi:
                     raise

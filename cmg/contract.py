@@ -29,7 +29,6 @@ IS_ANOMALY = "IS_ANOMALY"
 ANOMALY_MAP = "ANOMALY_MAP"
 KEEP_MASK = "KEEP_MASK"
 EMBEDDING = "EMBEDDING"
-THRESHOLD_FILLED = "THRESHOLD_FILLED"  # GPU targets: THRESHOLD as sent or the default (cmg_threshold)
 
 # Output order of the cmle_encoder graph (cmg_train.detector.DetectorOutput follows it).
 ENCODER_OUTPUTS = (ANOMALY_SCORE, IS_ANOMALY, ANOMALY_MAP, KEEP_MASK, EMBEDDING)

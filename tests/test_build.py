@@ -56,7 +56,8 @@ def test_cpu_target_layout_and_report(toy_run, tmp_path):
     for name in ENSEMBLES:
         cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name])
         assert cfg.platform == "ensemble" and next(i for i in cfg.input if i.name == THRESHOLD).optional
-    assert not (repo / cfgmod.THRESHOLD_MODEL).exists()
+    # cpu: the encoder graph holds the default; the ensemble carries none (THRESHOLD optional).
+    assert cfgmod.default_threshold(cfgmod.parse_config(repo / "cmg" / "config.pbtxt")) is None
     on_disk = json.loads((repo / "build_report.json").read_text())
     assert on_disk["target"] == "cpu" and on_disk["max_batch"] == 8 and on_disk["contract"] == CONTRACT.to_dict()
     assert on_disk["parity"][CMLE_ENCODER]["batches"] == [1, 7]
@@ -74,23 +75,19 @@ def test_onnxruntime_target(toy_run, tmp_path, kind):
         cfg = cfgmod.validate_config(repo / name / "config.pbtxt", CONTRACT.models[name], repo / name / "1/model.onnx")
         assert cfg.platform == "onnxruntime_onnx" and cfg.instance_group[0].kind == want
         assert not any(i.optional for i in cfg.input)  # ORT backend refuses optional inputs when batching
-    # The encoder's THRESHOLD is a plain input; the ensemble's cmg_threshold step fills the default.
+    # Every step is an ORT model (no Python step, no host hop); THRESHOLD is required end to end
+    # and the calibrated default travels in the ensembles' config for clients to send.
     enc = onnx.load(str(repo / CMLE_ENCODER / "1/model.onnx"))
     assert THRESHOLD not in {t.name for t in enc.graph.initializer}
-    steps = [s.model_name for s in cfgmod.parse_config(repo / "cmg/config.pbtxt").ensemble_scheduling.step]
-    assert steps == ["cmer_scorer", cfgmod.THRESHOLD_MODEL, CMLE_ENCODER]
-    assert cfgmod.parse_config(repo / cfgmod.THRESHOLD_MODEL / "config.pbtxt").backend == "python"
-
-
-def test_threshold_filler_graph(toy_run, tmp_path):
-    _, repo = _build(toy_run, tmp_path, "onnxruntime")
-    sess = ort.InferenceSession(str(repo / cfgmod.THRESHOLD_MODEL / "1/model.onnx"))
-    scores = np.zeros((3, 4, 4), np.float32)
-    (default,) = sess.run(None, {"PATCH_SCORES": scores})
-    assert default.shape == (3, 1) and np.allclose(default, 0.45)
-    sent = np.array([[0.1], [0.2], [0.3]], np.float32)
-    (out,) = sess.run(None, {"PATCH_SCORES": scores, THRESHOLD: sent})
-    assert np.array_equal(out, sent)
+    assert sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()) == sorted(CONTRACT.models)
+    for name in ENSEMBLES:
+        ens = cfgmod.parse_config(repo / name / "config.pbtxt")
+        assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models[name].steps)
+        assert not next(i for i in ens.input if i.name == THRESHOLD).optional
+        assert cfgmod.default_threshold(ens) == pytest.approx(0.45)
+        for step in ens.ensemble_scheduling.step:
+            backend = cfgmod.parse_config(repo / step.model_name / "config.pbtxt")
+            assert backend.platform == "onnxruntime_onnx" and not backend.backend
 
 
 def test_tensorrt_configs_without_tensorrt(toy_run, tmp_path):

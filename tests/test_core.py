@@ -71,6 +71,19 @@ def test_non_finite_threshold_never_leaves_the_client(bad):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.uint8), bad)
 
 
+def test_threshold_to_send_follows_the_ensemble_config():
+    """cpu target: THRESHOLD optional, nothing to send; GPU targets: required, the config's default."""
+    optional = {"name": "cmg", "input": [{"name": C.THRESHOLD, "optional": True}],
+                "parameters": {"default_threshold": {"string_value": "0.45"}}}
+    assert core.threshold_to_send(optional) is None
+    required = {**optional, "input": [{"name": C.THRESHOLD}]}
+    assert core.threshold_to_send(required) == pytest.approx(0.45)
+    with pytest.raises(CMGError, match="no default_threshold"):
+        core.threshold_to_send({**required, "parameters": {}})
+    with pytest.raises(CMGError, match="not a finite number"):
+        core.threshold_to_send({**required, "parameters": {"default_threshold": {"string_value": "nan"}}})
+
+
 def test_frames_must_be_uint8():
     with pytest.raises(CMGError, match="UINT8"):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.float32))

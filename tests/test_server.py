@@ -241,16 +241,24 @@ def test_stop_and_kill(toy_repo):
     srv.cleanup()
 
 
-def test_gpu_target_threshold_step_on_real_server(tmp_path):
-    """The onnxruntime/tensorrt ensembles (scorer -> cmg_threshold -> encoder with THRESHOLD
-    required), run here with the ONNX models on the Python backend: same contract results."""
+def test_gpu_target_ensemble_has_no_python_step_and_clients_send_the_default(tmp_path):
+    """The onnxruntime/tensorrt ensembles are scorer -> encoder only, THRESHOLD required; run here
+    with the two ONNX models on the Python backend (this server has no ORT/TensorRT backend):
+    the client library fills in the config's calibrated default, a raw request without
+    THRESHOLD is refused by Triton itself, an explicit THRESHOLD is used as sent."""
     from cmg.contract import ONNX_MODELS
+    from cmg.errors import CMGError
     from cmg_build import config as cfgmod
+    from cmg_clients.client import CMGClient
 
     root = tmp_path
     write_toy_export(root / "run" / "onnx", CONTRACT, threshold=THR)
     repo = root / "repo"
     repository.build(root / "run", "onnxruntime", repo, max_batch=8)
+    ens = cfgmod.parse_config(repo / "cmg" / "config.pbtxt")
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models["cmg"].steps)
+    assert not next(t for t in ens.input if t.name == THRESHOLD).optional
+    assert cfgmod.default_threshold(ens) == pytest.approx(THR)
     serving = cfgmod.Serving(max_batch=8, opt_batch=4)
     for name in ONNX_MODELS:  # swap the ORT-backend models for Python-backend ones, THRESHOLD required
         cfg = cfgmod.model_config(CONTRACT.models[name], "cpu", serving, cpu_threads=1)
@@ -260,17 +268,20 @@ def test_gpu_target_threshold_step_on_real_server(tmp_path):
         shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
     images = _frames(3, seed=5)
     with TritonServer(repo) as srv:
-        for thr in (None, 0.9):
-            got = _infer(srv.grpc_url, "cmg", images, thr)
-            want = reference(CONTRACT, images, THR if thr is None else thr)
-            np.testing.assert_allclose(got["ANOMALY_SCORE"], want["ANOMALY_SCORE"], atol=1e-5)
-            assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])
-        # A NaN threshold is refused by the cmg_threshold step (it runs before the encoder).
-        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        with CMGClient(srv.grpc_url, "grpc") as client:
+            assert client.default_threshold == pytest.approx(THR)
+            for thr in (None, 0.9):
+                got = client.infer_arrays(images, thr)
+                want = reference(CONTRACT, images, THR if thr is None else thr)
+                np.testing.assert_allclose(got["ANOMALY_SCORE"], want["ANOMALY_SCORE"], atol=1e-5)
+                assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])
+            with pytest.raises(CMGError, match="not a finite number"):
+                client.infer_arrays(images, float("nan"))
+        raw = grpcclient.InferenceServerClient(srv.grpc_url)
         with pytest.raises(InferenceServerException) as info:
-            client.infer("cmg", _raw_inputs(grpcclient, images, np.full((3, 1), np.nan, np.float32)))
+            raw.infer("cmg", core.build_inputs(grpcclient, images))  # no THRESHOLD
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "cmg_threshold: input 'THRESHOLD' must be finite" in info.value.message()
+        assert THRESHOLD in info.value.message()
 
 
 # -- non-finite THRESHOLD: INVALID_ARG from the server itself --------------------------------
