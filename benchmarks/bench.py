@@ -365,6 +365,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "frames, errors, p50/p99 per minute, RSS of tritonserver and its stubs (soak.*)")
     parser.add_argument("--soak-load", type=positive_float, default=0.8,
                         help="share of the measured capacity the soak streams at (default 0.8)")
+    parser.add_argument("--dashboard-cost", action="store_true",
+                        help="instead of the sweep: stream --frames frames without and with `cmg stream "
+                             "--dashboard` (a page watching), --repeats interleaved pairs; ratio of frames/s")
+    parser.add_argument("--frames", type=int, default=1000, help="frames per run of --dashboard-cost (default 1000)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -407,6 +411,16 @@ def run(args: argparse.Namespace) -> int:
               f"p50 {res['p50_ms'] or 0:.1f} ms, p99 {res['p99_ms'] or 0:.1f} ms; "
               f"wrote {args.out / 'soak.json'}, soak.md, soak.png")
         return 1 if res["errors"] or res["aborted"] else 0
+    if args.dashboard_cost:
+        from cmg_bench.dashboard_cost import dashboard_cost
+
+        res = dashboard_cost(args.run, args.out, url=args.url, data=args.data, frames=args.frames,
+                             repeats=args.repeats or 3)
+        pairs = ", ".join(f"{r['ratio']:.3f}" for r in res["pairs"])
+        print(f"cmg bench --dashboard-cost: stream with/without the dashboard, median ratio "
+              f"{res['ratio_median']:.3f} (pairs {pairs}; goal >= {res['goal']}); wrote "
+              f"{args.out / 'dashboard_cost.json'}, dashboard_cost.md")
+        return 0
     settings = settings_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     result = bench(args.run, args.out, settings, url=args.url, data=args.data, modes_wanted=modes)
