@@ -104,6 +104,8 @@ CASES: list[Case] = [
                           "--timeout", "3"], "unreachable"),
     ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o5.jsonl"), "--limit=-1"],
      "--limit"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o6.jsonl"),
+                          "--dashboard", "no-port"], "--dashboard"),
     # serve (checks before any server starts)
     ("serve", lambda f: ["--repository", str(f["root"] / "nothing")], "does not exist"),
     ("serve", lambda f: ["--repository", str(f["file"])], "is a file"),

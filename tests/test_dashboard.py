@@ -179,8 +179,33 @@ def test_metrics_from_real_triton(triton):
     with CMGClient(triton.grpc_url, "grpc") as client:
         client.infer(np.zeros((1, *client.size, 3), np.uint8))
     rows = {r["model"]: r for r in reader.read()["models"]}
-    assert rows[C.CMG]["success"] >= 1 and rows[C.CMG]["req_per_s"] is not None
-    assert C.CMG in {r["model"] for r in first["models"]} or rows[C.CMG]["success"] == 1
+    before = {r["model"]: r["success"] for r in first["models"]}.get(C.CMG, 0.0)
+    assert rows[C.CMG]["success"] >= before + 1 and rows[C.CMG]["failure"] == 0
+    assert {C.CMER_SCORER, C.CMLE_ENCODER} <= set(rows)  # the ensemble's steps have their own rows
+
+
+def test_stream_feeds_the_dashboard_state(triton, tmp_path):
+    """The observer hook: every scored frame reaches the state, the slider's THRESHOLD is
+    what the next requests send, and each line records it."""
+    from cmg_clients.stream import run_stream
+
+    out = tmp_path / "o.jsonl"
+    opts = StreamOptions(url=triton.grpc_url, source="synth:tiny?n=30&seed=1", out=out, window=4, progress=False)
+    state = DashboardState([opts.source_name], keep=5)
+    opts.observer = state
+    first = run_stream(opts)
+    assert first.results == 30 and state.cameras[0].results == 30
+    assert all("threshold" not in r for r in _lines(out))  # nothing set: the calibrated one, unrecorded
+    state.set_threshold(0, -1e6)  # below every score: every frame flagged
+    opts.overwrite = True
+    run_stream(opts)
+    lines = _lines(out)
+    assert len(lines) == 30 and all(r["threshold"] == -1e6 and r["is_anomaly"] for r in lines)
+    snap = state.snapshot()["cameras"][0]
+    assert snap["frames"] == 60 and [f["seq"] for f in snap["flagged"]] == [29, 28, 27, 26, 25]
+    item = state.flagged(snap["flagged"][0]["id"])
+    assert item.frame.shape[-1] == 3 and item.result.keep_mask.ndim == 2 and item.threshold == -1e6
+    assert _has_overlay(item.png("thumb"))
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -249,7 +274,8 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
         slider = tile.find_element(By.CSS_SELECTOR, ".slider")
         wait.until(lambda d: slider.is_enabled())
         slider.send_keys(Keys.HOME)
-        wanted = float(slider.get_attribute("min"))
+        wanted = float(slider.get_property("value"))
+        assert wanted == pytest.approx(float(slider.get_attribute("min")), abs=1e-3)
         wait.until(lambda d: tile.get_attribute("data-threshold") not in (None, ""))
         assert float(tile.get_attribute("data-threshold")) == pytest.approx(wanted, abs=1e-3)
         sent = wait.until(lambda d: [r for r in _lines(out) if "threshold" in r][:5] or None)
