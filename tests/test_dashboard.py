@@ -3,6 +3,7 @@ stream's flagged frames; a real headless Chromium sees it work against a real se
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -202,7 +203,8 @@ def test_stream_feeds_the_dashboard_state(triton, tmp_path):
     lines = _lines(out)
     assert len(lines) == 30 and all(r["threshold"] == -1e6 and r["is_anomaly"] for r in lines)
     snap = state.snapshot()["cameras"][0]
-    assert snap["frames"] == 60 and [f["seq"] for f in snap["flagged"]] == [29, 28, 27, 26, 25]
+    kept = [f["seq"] for f in snap["flagged"]]  # the 5 answered last (answers come in any order)
+    assert snap["frames"] == 60 and len(set(kept)) == 5 and min(kept) >= 30 - 5 - 4  # window 4
     item = state.flagged(snap["flagged"][0]["id"])
     assert item.frame.shape[-1] == 3 and item.result.keep_mask.ndim == 2 and item.threshold == -1e6
     assert _has_overlay(item.png("thumb"))
@@ -227,6 +229,7 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
         pytest.skip("chromium/chromedriver not found (./dev test installs Debian's chromium and "
                     "chromium-driver when run as root with apt)")
     webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -240,7 +243,7 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000"):
+                "--window-size=1400,900"):
         options.add_argument(arg)
     driver = None
     try:
@@ -286,6 +289,9 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
         assert sum(r["is_anomaly"] for r in later) >= 0.9 * len(later)  # below the scores seen: flagged
         assert sent[0]["seq"] > 0 and "threshold" not in _lines(out)[0]  # before the change: calibrated
         time.sleep(1.2)  # one more push, so the screenshot shows the lowered threshold
+        with contextlib.suppress(TimeoutException):  # thumbnails still loading only make a worse picture
+            WebDriverWait(driver, 5, poll_frequency=0.2).until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('img.thumb')].every((i) => i.complete && i.naturalWidth)"))
         shot = os.environ.get("CMG_SCREENSHOT")
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
         if shot:

@@ -17,7 +17,7 @@
       width: Math.max(300, chartEl.clientWidth || 520), height: 180,
       title: "latency per second, last minute (ms)",
       series: [{}, {label: "p50", stroke: "#2a7", width: 2}, {label: "p99", stroke: "#d53", width: 2}],
-      axes: [{}, {size: 50}],
+      axes: [{space: 70}, {size: 50}],
     }, [[], [], []], chartEl);
     t = {el, plot, thumbIds: "", sliderReady: false};
     tiles.set(cam.index, t);
