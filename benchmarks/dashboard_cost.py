@@ -32,12 +32,14 @@ class PageWatcher(threading.Thread):
         self.snapshots = 0
         self.thumbs = 0
         self.seen: set[int] = set()
+        self.connected = threading.Event()  # the page is open before the stream starts
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.request("GET", "/events")
             resp = conn.getresponse()
+            self.connected.set()
             while True:
                 line = resp.fp.readline()
                 if not line or line.startswith(b"event: end"):
@@ -78,6 +80,7 @@ def _one(url: str, frames: np.ndarray, count: int, out: Path, window: int, metri
     with Dashboard(DashboardState([opts.source_name]), metrics_url=metrics_url, announce=False) as board:
         watcher = PageWatcher(board.port)
         watcher.start()
+        watcher.connected.wait(10)
         opts.observer = board.state
         summary = run_stream(opts)
     watcher.join(timeout=5)

@@ -48,8 +48,9 @@ def _get(port: int, path: str, method: str = "GET", body: bytes | None = None,
         conn.close()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def board():
+    """One page for this module's request tests (they leave its state as they found it)."""
     state = DashboardState(["cam-a"], keep=2)
     frame = np.zeros((16, 16, 3), np.uint8)
     for seq in range(3):  # three flagged frames, two kept: id 1 is gone
@@ -332,3 +333,16 @@ def _has_overlay(png: bytes) -> bool:
     a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     green = (a[..., 1] > 180) & (a[..., 0] < 90) & (a[..., 2] < 90)
     return bool(green.any())
+
+
+def test_bench_dashboard_cost_smoke(tiny_run, tiny_onnx, triton, tmp_path):
+    """`cmg bench --dashboard-cost` runs both sides against a real server and reports their ratio
+    (the figure itself is measured by the bench, never asserted here)."""
+    from cmg_bench.dashboard_cost import dashboard_cost
+
+    res = dashboard_cost(tiny_run, tmp_path, url=triton.grpc_url, frames=40, repeats=1)
+    pair = res["pairs"][0]
+    assert pair["without"]["frames"] == pair["with"]["frames"] == 40
+    assert pair["with"]["snapshots"] >= 1 and res["ratio_median"] > 0
+    assert res["metrics_url"].endswith(":8002")  # --url given: the default metrics port beside it
+    assert "Median ratio" in (tmp_path / "dashboard_cost.md").read_text()
