@@ -397,6 +397,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "p50/p99 per --batch size (engines.json); needs TensorRT 10 and a GPU")
     parser.add_argument("--soak-load", type=positive_float, default=0.8,
                         help="share of the measured capacity the soak streams at (default 0.8)")
+    parser.add_argument("--dashboard-cost", action="store_true",
+                        help="instead of the sweep: stream --frames frames without and with `cmg stream "
+                             "--dashboard` (a page watching), --repeats interleaved pairs; ratio of frames/s")
+    parser.add_argument("--frames", type=int, default=1000, help="frames per run of --dashboard-cost (default 1000)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -450,6 +454,16 @@ def run(args: argparse.Namespace) -> int:
                               repeats=2 if args.quick else 3, data=args.data)
         print(f"cmg bench --servers: 1 server {res['fps_one']:.1f} frames/s, 2 servers {res['fps_two']:.1f} "
               f"(two/one {res['ratio_two_over_one']:.2f}); wrote {args.out / 'servers.json'}, servers.md, servers.png")
+        return 0
+    if args.dashboard_cost:
+        from cmg_bench.dashboard_cost import dashboard_cost
+
+        res = dashboard_cost(args.run, args.out, url=args.url, data=args.data, frames=args.frames,
+                             repeats=args.repeats or 3)
+        pairs = ", ".join(f"{r['ratio']:.3f}" for r in res["pairs"])
+        print(f"cmg bench --dashboard-cost: stream with/without the dashboard, median ratio "
+              f"{res['ratio_median']:.3f} (pairs {pairs}; goal >= {res['goal']}); wrote "
+              f"{args.out / 'dashboard_cost.json'}, dashboard_cost.md")
         return 0
     settings = settings_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -305,6 +306,20 @@ def check_out_path(out: Path) -> None:
 
 
 # -- the stream ---------------------------------------------------------------------------
+class StreamObserver(Protocol):
+    """What watches a running stream (the dashboard). Called on the stream's event loop,
+    so every method must return at once (keep references, render later elsewhere)."""
+
+    def threshold(self, source: str, default: float | None) -> float | None:
+        """THRESHOLD to send with the next request of `source` (None: the server's calibrated one)."""
+
+    def on_frame(self, source: str, line: dict, frame: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """A scored frame: its output line (latency_ms, threshold sent), the UINT8 frame, every output."""
+
+    def on_error(self, source: str, line: dict) -> None:
+        """A frame that got an error line."""
+
+
 @dataclass
 class StreamOptions:
     url: str
@@ -326,6 +341,17 @@ class StreamOptions:
     progress: bool | None = None  # None: only on a terminal
     on_line: Callable[[dict], None] | None = None  # called per written line (bench --soak)
     frames: Source | None = None  # a ready source instead of `source` (bench --soak)
+    observer: StreamObserver | None = None  # sees every scored frame; may set THRESHOLD (--dashboard)
+    dashboard: str | None = None  # [HOST:]PORT to serve the live page on while streaming
+    metrics_url: str | None = None  # Triton's Prometheus endpoint for the page (default: URL's host:8002)
+    name: str | None = None  # the camera's NAME (from NAME=SRC) when several sources stream
+
+    @property
+    def source_name(self) -> str:
+        """The camera's name on the page and in the observer's calls."""
+        if self.name:
+            return self.name
+        return getattr(self.frames, "label", self.source) if self.frames is not None else self.source
 
     @property
     def retry(self) -> core.RetryPolicy:
@@ -465,14 +491,24 @@ class _Scorer:
                 window.release()
                 progress.update(self.latencies, summary)
 
+        observer, name = opts.observer, opts.source_name
+
+        def failed(k: int, line: dict) -> None:
+            if observer is not None:
+                observer.on_error(name, line)
+            deliver(k, line)
+
         async def handle(k: int, seq: int, item: SourceItem) -> None:
             base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
             try:
                 frame = await asyncio.to_thread(item.load, self.size)
             except Exception as exc:  # noqa: BLE001 - every image problem is this frame's error line
-                deliver(k, {**base, "error": _frame_error(exc)})
+                failed(k, {**base, "error": _frame_error(exc)})
                 return
-            inputs = core.build_inputs(grpcclient, frame[None], opts.threshold)
+            threshold = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
+            if threshold is not None:  # the THRESHOLD this frame was scored with, in its line
+                base["threshold"] = threshold
+            inputs = core.build_inputs(grpcclient, frame[None], threshold)
             attempt = 0
             server = None
             while True:
@@ -489,7 +525,7 @@ class _Scorer:
                 except InferenceServerException as exc:
                     failure = core.classify(exc)
                     if failure.kind == core.PERMANENT:  # about this frame: its error line
-                        deliver(k, {**base, "error": failure.line()})
+                        failed(k, {**base, "error": failure.line()})
                         return
                     reason, reconnect = failure.line(), failure.reconnect
                 except asyncio.CancelledError:
@@ -502,7 +538,10 @@ class _Scorer:
                     latency = (time.perf_counter() - t0) * 1000.0
                     self.latencies.append(latency)
                     server.frames += 1
-                    deliver(k, scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None))
+                    line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None)
+                    if observer is not None:
+                        observer.on_frame(name, line, frame, arrays)
+                    deliver(k, line)
                     return
                 finally:
                     server.in_flight -= 1
@@ -704,9 +743,18 @@ class _Progress:
 
 
 def run_stream(opts: StreamOptions) -> StreamSummary:
-    """Stream SRC into OUT; returns the summary (also when aborted: OUT holds every line so far)."""
+    """Stream SRC into OUT; returns the summary (also when aborted: OUT holds every line so far).
+
+    With `opts.dashboard` the live page (cmg_clients.dashboard) is served while it streams."""
     summary = StreamSummary(out=str(opts.out))
-    asyncio.run(_stream(opts, summary))
+    if opts.dashboard is None:
+        asyncio.run(_stream(opts, summary))
+        return summary
+    from cmg_clients.dashboard.app import Dashboard
+
+    with Dashboard.for_stream(opts) as board:
+        opts.observer = board.state
+        asyncio.run(_stream(opts, summary))
     return summary
 
 
@@ -766,7 +814,14 @@ def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[Str
     """Several sources (each its own StreamOptions and file) over the servers at `urls`;
     returns each source's summary and what each server did."""
     jobs = [(opts, StreamSummary(out=str(opts.out))) for opts in options]
-    stats = asyncio.run(_stream_all(urls, jobs))
+    if not options or options[0].dashboard is None:
+        return [summary for _, summary in jobs], asyncio.run(_stream_all(urls, jobs))
+    from cmg_clients.dashboard.app import Dashboard
+
+    with Dashboard.for_stream(options[0], names=[o.source_name for o in options]) as board:
+        for opts in options:  # one page, a tile per camera
+            opts.observer = board.state
+        stats = asyncio.run(_stream_all(urls, jobs))
     return [summary for _, summary in jobs], stats
 
 
@@ -802,6 +857,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dashboard", default=None, metavar="[HOST:]PORT",
+                        help="serve the live line page while streaming (host default 127.0.0.1)")
+    parser.add_argument("--metrics-url", default=None, metavar="HOST:PORT",
+                        help="Triton's Prometheus metrics for the page (default: --url's host, port 8002)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -809,13 +868,14 @@ def run(args: argparse.Namespace) -> int:
         raise CMGError(f"--limit must be >= 0, got {args.limit}")
     urls = args.url or [core.default_url("grpc")]
 
-    def options(source: str, out: Path, progress: bool | None) -> StreamOptions:
+    def options(source: str, out: Path, progress: bool | None, name: str | None = None) -> StreamOptions:
         return StreamOptions(
             url=urls[0], source=source, out=out, model=args.model, fps=args.fps,
             window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
             overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
             backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
-            progress=False if args.no_progress else progress,
+            progress=False if args.no_progress else progress, dashboard=args.dashboard,
+            metrics_url=args.metrics_url, name=name,
         )
 
     if len(args.source) == 1 and len(urls) == 1:
@@ -827,7 +887,7 @@ def run(args: argparse.Namespace) -> int:
         plan = [(None, source_name(args.source[0])[1], args.out)]
     else:
         plan = plan_sources(args.source, args.out)
-    summaries, servers = run_streams(urls, [options(src, out, False) for _, src, out in plan])
+    summaries, servers = run_streams(urls, [options(src, out, False, name) for name, src, out in plan])
     for (name, _, _), summary in zip(plan, summaries, strict=True):
         print(f"cmg stream{' ' + name if name else ''}: {summary.line()}", file=sys.stderr)
     for url, stat in servers.items():

@@ -114,6 +114,8 @@ CASES: list[Case] = [
     # deploy
     ("deploy", lambda f: ["--run", str(f["run"]), "--repository", str(f["empty"]), "--url", _dead()],
      "build_report.json not found"),
+    ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o6.jsonl"),
+                          "--dashboard", "no-port"], "--dashboard"),
     # serve (checks before any server starts)
     ("serve", lambda f: ["--repository", str(f["root"] / "nothing")], "does not exist"),
     ("serve", lambda f: ["--repository", str(f["file"])], "is a file"),

@@ -1,0 +1,1 @@
+"""`cmg stream --dashboard`: the live line page (Starlette app, per-camera state, assets)."""

@@ -1,0 +1,228 @@
+"""The live line page: a Starlette app served by uvicorn in a thread beside the stream.
+
+It serves exactly: `/` (the page), `/static/<name>` for the few assets shipped in this
+package (read into memory at start, looked up by name: no request path ever reaches the
+file system), `/events` (server-sent events, one JSON snapshot a second), the overlays of
+the flagged frames the running stream holds (`/frames/<id>/thumb.png|full.png`), and
+`POST /cameras/<index>/threshold` (the slider). Anything else is 404. It binds
+127.0.0.1 unless told otherwise; bound to loopback it also refuses requests whose Host
+header is not a loopback name (DNS rebinding), and the slider takes only JSON bodies (a
+cross-site form post cannot send one without a CORS preflight, which is not answered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cmg.errors import CMGError
+from cmg.server import DEFAULT_METRICS_PORT, LOOPBACK
+from cmg_clients import core
+from cmg_clients.dashboard.metrics import MetricsReader
+from cmg_clients.dashboard.state import DashboardState
+
+ASSETS = {  # name -> media type: the only files the page may load
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
+}
+PAGE = "index.html"
+PUSH_INTERVAL_S = 1.0
+METRICS_INTERVAL_S = 2.0
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+def _load_assets() -> dict[str, bytes]:
+    folder = resources.files("cmg_clients.dashboard") / "static"
+    return {name: (folder / name).read_bytes() for name in [PAGE, *ASSETS]}
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`[HOST:]PORT` -> (host, port); host defaults to loopback, port 0 lets the OS pick."""
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]") if sep else LOOPBACK
+    if not port.isdigit() or not 0 <= int(port) < 65536 or (sep and not host):
+        raise CMGError(f"--dashboard {text!r}: expected [HOST:]PORT with a port in 0..65535")
+    return host, int(port)
+
+
+def default_metrics_url(grpc_url: str) -> str:
+    """Triton's metrics endpoint beside a gRPC URL: same host, the default metrics port."""
+    host = core.normalize_url(grpc_url, "grpc").rpartition(":")[0]
+    return f"{host}:{DEFAULT_METRICS_PORT}"
+
+
+def create_app(state: DashboardState, metrics_url: str | None = None, loopback_only: bool = True) -> Starlette:
+    """The ASGI app over `state`; with `metrics_url` it reads Triton's metrics every 2 s."""
+    assets = _load_assets()
+
+    def _headers(media: str) -> dict[str, str]:
+        return {**SECURITY_HEADERS, "Content-Type": media}
+
+    async def page(request: Request) -> Response:
+        return Response(assets[PAGE], headers=_headers("text/html; charset=utf-8"))
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in ASSETS:
+            return PlainTextResponse("not found", status_code=404)
+        return Response(assets[name], headers=_headers(ASSETS[name]))
+
+    def frame_png(request: Request) -> Response:  # sync: Starlette runs it in a worker thread
+        item = state.flagged(request.path_params["frame_no"])
+        kind = request.path_params["kind"]
+        if item is None or kind not in ("thumb", "full"):
+            return PlainTextResponse("no such frame (only the running stream's last flagged frames)", 404)
+        return Response(item.png(kind), headers=_headers("image/png"))
+
+    async def threshold(request: Request) -> Response:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return PlainTextResponse("send JSON: {\"value\": number or null}", status_code=415)
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict) or "value" not in body:
+                raise ValueError("expected {\"value\": number or null}")
+            now = state.set_threshold(request.path_params["index"], body["value"])
+        except KeyError:
+            return PlainTextResponse("no such camera", status_code=404)
+        except (ValueError, CMGError) as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        return JSONResponse({"index": request.path_params["index"], "threshold": now})
+
+    async def events(request: Request) -> Response:
+        async def push():
+            yield "retry: 1000\n\n"
+            while not state.closed.is_set():
+                yield f"data: {json.dumps(state.snapshot())}\n\n"
+                for _ in range(int(PUSH_INTERVAL_S / 0.1)):
+                    if state.closed.is_set():
+                        break
+                    await asyncio.sleep(0.1)
+            yield "event: end\ndata: {}\n\n"
+
+        return StreamingResponse(push(), headers={**SECURITY_HEADERS, "Content-Type": "text/event-stream",
+                                                  "X-Accel-Buffering": "no"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        task = None
+        if metrics_url:
+            reader = MetricsReader(metrics_url)
+
+            async def poll() -> None:
+                while not state.closed.is_set():
+                    state.set_metrics(await asyncio.to_thread(reader.read))
+                    await asyncio.sleep(METRICS_INTERVAL_S)
+
+            task = asyncio.create_task(poll())
+        else:
+            state.set_metrics({"url": None, "error": "no metrics endpoint given", "models": []})
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    routes = [
+        Route("/", page),
+        Route("/static/{name}", asset),
+        Route("/events", events),
+        Route("/frames/{frame_no:int}/{kind}.png", frame_png),
+        Route("/cameras/{index:int}/threshold", threshold, methods=["POST"]),
+    ]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])] \
+        if loopback_only else []
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class Dashboard:
+    """The page served by uvicorn in a daemon thread while the caller streams (a context manager)."""
+
+    def __init__(self, state: DashboardState, host: str = LOOPBACK, port: int = 0,
+                 metrics_url: str | None = None, announce: bool = True) -> None:
+        self.state, self.host, self.port, self.metrics_url = state, host, port, metrics_url
+        self.announce = announce
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_stream(cls, opts, names: list[str] | None = None) -> Dashboard:
+        """From `cmg stream`'s options: `--dashboard [HOST:]PORT`, `--metrics-url` (default beside --url);
+        `names`: every camera of a multi-source stream (default: this one)."""
+        host, port = parse_address(opts.dashboard)
+        metrics = opts.metrics_url or default_metrics_url(opts.url)
+        return cls(DashboardState(names or [opts.source_name]), host, port, metrics)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout_s: float = 10.0) -> Dashboard:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise CMGError(f"--dashboard {self.host}:{self.port}: cannot listen there ({exc.strerror or exc})") from exc
+        sock.listen(64)
+        self.port = sock.getsockname()[1]
+        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=3)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="cmg-dashboard", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise CMGError(f"the dashboard did not start on {self.url}")
+            time.sleep(0.02)
+        if self.announce:
+            print(f"cmg stream: dashboard on {self.url}", file=sys.stderr, flush=True)
+        return self
+
+    def stop(self) -> None:
+        self.state.closed.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Dashboard:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,81 @@
+"""Triton's own metrics for the page, read from its Prometheus endpoint (`--metrics-port`,
+8002 by default, see cmg.server) and parsed with prometheus_client's parser.
+
+Per model: successes, failures, inferences and executions (counters since the server
+started) and, between two reads, the rate and the mean queue / compute time per request.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# Triton counter -> the name the page uses.
+COUNTERS = {
+    "nv_inference_request_success": "success",
+    "nv_inference_request_failure": "failure",
+    "nv_inference_count": "inferences",
+    "nv_inference_exec_count": "executions",
+    "nv_inference_queue_duration_us": "queue_us",
+    "nv_inference_compute_infer_duration_us": "compute_us",
+    "nv_inference_request_duration_us": "request_us",
+}
+
+
+def parse(text: str) -> dict[str, dict[str, float]]:
+    """Prometheus text -> {model: {success, failure, inferences, ...}} summed over versions."""
+    models: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # The parser names counter samples `<family>_total` or by the family name itself.
+            name = sample.name[:-6] if sample.name.endswith("_total") else sample.name
+            key = COUNTERS.get(name)
+            model = sample.labels.get("model")
+            if key is None or model is None:
+                continue
+            row = models.setdefault(model, dict.fromkeys(COUNTERS.values(), 0.0))
+            row[key] += float(sample.value)
+    return models
+
+
+def fetch(url: str, timeout_s: float = 2.0) -> str:
+    """The metrics page of `url` (HOST:PORT or http://HOST:PORT[/metrics])."""
+    if not url.startswith(("http://", "https://")):
+        url = f"http://{url}"
+    if not url.rstrip("/").endswith("/metrics"):
+        url = url.rstrip("/") + "/metrics"
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the operator's own server
+        return resp.read().decode("utf-8", errors="replace")
+
+
+class MetricsReader:
+    """Reads the endpoint and derives per-interval figures from two consecutive reads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._last: tuple[float, dict[str, dict[str, float]]] | None = None
+
+    def read(self) -> dict:
+        """{'url', 'error', 'models': [{model, success, failure, inferences, executions,
+        req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise."""
+        try:
+            now, models = time.monotonic(), parse(fetch(self.url))
+        except Exception as exc:  # noqa: BLE001 - the page says why; the stream goes on
+            return {"url": self.url, "error": f"{type(exc).__name__}: {exc}", "models": []}
+        rows = []
+        for model, row in sorted(models.items()):
+            out = {"model": model, **{k: row[k] for k in ("success", "failure", "inferences", "executions")},
+                   "req_per_s": None, "queue_ms": None, "compute_ms": None}
+            prev = self._last[1].get(model) if self._last else None
+            if prev is not None:
+                dt = now - self._last[0]
+                done = row["success"] - prev["success"]
+                out["req_per_s"] = done / dt if dt > 0 else None
+                if done > 0:
+                    out["queue_ms"] = (row["queue_us"] - prev["queue_us"]) / done / 1000.0
+                    out["compute_ms"] = (row["compute_us"] - prev["compute_us"]) / done / 1000.0
+            rows.append(out)
+        self._last = (now, models)
+        return {"url": self.url, "error": None, "models": rows}

@@ -1,0 +1,202 @@
+"""What the page shows, kept as frames arrive: per camera counts, the last minute of
+latencies, the last N flagged frames (frame and maps kept, overlays drawn only when a
+browser asks), the threshold the slider set, and Triton's own metrics.
+
+The stream calls `on_frame`/`on_error`/`threshold` on its event loop (cmg_clients.stream's
+StreamObserver), the web server reads `snapshot` from its own thread: one lock, held for
+appends and copies only, so the stream never waits on the page.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cmg import contract as C
+from cmg.errors import CMGError
+from cmg_clients import core
+
+WINDOW_S = 60.0  # latency and anomaly rate over the last minute
+FPS_WINDOW_S = 5.0  # live frame rate over the last seconds
+THUMB_PX = 160
+
+
+@dataclass
+class Flagged:
+    """A flagged frame kept for the page: the frame, its maps, and its line's facts."""
+
+    id: int
+    camera: int
+    seq: int
+    frame_id: str
+    score: float
+    threshold: float | None
+    latency_ms: float
+    frame: np.ndarray
+    result: core.Result
+    _png: dict[str, bytes] = field(default_factory=dict)
+
+    def info(self) -> dict:
+        return {"id": self.id, "seq": self.seq, "frame_id": self.frame_id, "score": self.score,
+                "threshold": self.threshold, "latency_ms": self.latency_ms}
+
+    def png(self, kind: str) -> bytes:
+        """Overlay (anomaly map inside the keep-mask, keep-mask outline) as PNG: `full` or `thumb`.
+        Drawn once per kind, on first request, by the one overlay code (cmg_clients.overlay)."""
+        if kind not in self._png:
+            from PIL import Image
+
+            from cmg_clients.overlay import overlay_image
+
+            img = overlay_image(self.frame, self.result)
+            if kind == "thumb":
+                img.thumbnail((THUMB_PX, THUMB_PX), Image.BILINEAR)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            self._png[kind] = buf.getvalue()
+        return self._png[kind]
+
+
+class Camera:
+    """One source's live figures."""
+
+    def __init__(self, index: int, name: str, keep: int) -> None:
+        self.index, self.name = index, name
+        self.frames = self.results = self.errors = self.anomalies = 0
+        self.recent: deque[tuple[float, float | None, bool]] = deque()  # (t, latency ms | None, flagged)
+        self.scores: deque[float] = deque(maxlen=2000)  # for the slider's range
+        self.flagged: deque[Flagged] = deque(maxlen=keep)
+        self.threshold: float | None = None  # None: what the stream would send without the page
+        self.last_threshold: float | None = None  # what the last scored frame was sent with
+        self.last_error: str | None = None
+
+    def add(self, now: float, latency: float | None, flagged: bool) -> None:
+        self.recent.append((now, latency, flagged))
+        while self.recent and self.recent[0][0] < now - WINDOW_S:
+            self.recent.popleft()
+
+    def snapshot(self, now: float) -> dict:
+        recent = [r for r in self.recent if r[0] >= now - WINDOW_S]
+        lat = np.array([r[1] for r in recent if r[1] is not None], dtype=np.float64)
+        last_fps = sum(1 for r in recent if r[0] >= now - FPS_WINDOW_S)
+        span = min(FPS_WINDOW_S, now - recent[0][0]) if recent else 0.0
+        scored = [r for r in recent if r[1] is not None]
+        # Per-second p50/p99 for the chart: x = whole seconds, oldest first.
+        buckets: dict[int, list[float]] = {}
+        for t, v, _ in scored:
+            buckets.setdefault(int(t), []).append(v)
+        xs = sorted(buckets)
+        p50 = [float(np.percentile(buckets[x], 50)) for x in xs]
+        p99 = [float(np.percentile(buckets[x], 99)) for x in xs]
+        scores = np.array(self.scores) if self.scores else np.zeros(0)
+        return {
+            "index": self.index, "name": self.name, "frames": self.frames, "results": self.results,
+            "errors": self.errors, "anomalies": self.anomalies, "last_error": self.last_error,
+            "fps": last_fps / span if span > 0.5 else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+            "anomaly_rate": sum(1 for r in scored if r[2]) / len(scored) if scored else None,
+            "anomaly_rate_all": self.anomalies / self.results if self.results else None,
+            "chart": {"t": xs, "p50": p50, "p99": p99},
+            "threshold": self.threshold, "last_threshold": self.last_threshold,
+            "score_range": [float(scores.min()), float(scores.max())] if scores.size else None,
+            "flagged": [f.info() for f in reversed(self.flagged)],  # newest first
+        }
+
+
+class DashboardState:
+    """The stream's observer and the page's data, shared between two threads under one lock."""
+
+    def __init__(self, sources: list[str], keep: int = 12) -> None:
+        if not sources:
+            raise CMGError("the dashboard needs at least one source")
+        self._lock = threading.Lock()
+        self.cameras = [Camera(i, name, keep) for i, name in enumerate(sources)]
+        self._by_name = {c.name: c for c in self.cameras}
+        self._flagged: dict[int, Flagged] = {}
+        self._next_id = 1
+        self.metrics: dict = {"url": None, "error": "not read yet", "models": []}
+        self.closed = threading.Event()
+        self.started = time.time()
+
+    def _camera(self, source: str) -> Camera:
+        cam = self._by_name.get(source)
+        if cam is None:  # a source named only once it streams
+            cam = Camera(len(self.cameras), source, self.cameras[0].flagged.maxlen or 12)
+            self.cameras.append(cam)
+            self._by_name[source] = cam
+        return cam
+
+    # -- the stream's side (StreamObserver) -------------------------------------------
+    def threshold(self, source: str, default: float | None) -> float | None:
+        cam = self._by_name.get(source)
+        value = cam.threshold if cam is not None else None
+        return default if value is None else value
+
+    def on_frame(self, source: str, line: dict, frame: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        now = time.time()
+        flagged = bool(line.get("is_anomaly"))
+        with self._lock:
+            cam = self._camera(source)
+            cam.frames += 1
+            cam.results += 1
+            cam.scores.append(float(line["score"]))
+            cam.last_threshold = line.get("threshold")
+            cam.add(now, float(line["latency_ms"]), flagged)
+            if not flagged:
+                return
+            cam.anomalies += 1
+            item = Flagged(
+                id=self._next_id, camera=cam.index, seq=int(line["seq"]), frame_id=str(line["frame_id"]),
+                score=float(line["score"]), threshold=line.get("threshold"), latency_ms=float(line["latency_ms"]),
+                frame=frame, result=core.Result(
+                    score=float(line["score"]), is_anomaly=True,
+                    anomaly_map=np.array(outputs[C.ANOMALY_MAP][0], dtype=np.float32),
+                    patch_scores=np.array(outputs[C.PATCH_SCORES][0], dtype=np.float32),
+                    keep_mask=np.array(outputs[C.KEEP_MASK][0], dtype=np.uint8)),
+            )
+            self._next_id += 1
+            if len(cam.flagged) == cam.flagged.maxlen:
+                self._flagged.pop(cam.flagged[0].id, None)
+            cam.flagged.append(item)
+            self._flagged[item.id] = item
+
+    def on_error(self, source: str, line: dict) -> None:
+        with self._lock:
+            cam = self._camera(source)
+            cam.frames += 1
+            cam.errors += 1
+            cam.last_error = str(line.get("error"))
+            cam.add(time.time(), None, False)
+
+    # -- the page's side ---------------------------------------------------------------
+    def snapshot(self) -> dict:
+        now = time.time()
+        with self._lock:
+            cameras = [c.snapshot(now) for c in self.cameras]
+            metrics = dict(self.metrics)
+        return {"t": now, "uptime_s": now - self.started, "cameras": cameras, "metrics": metrics}
+
+    def flagged(self, frame_no: int) -> Flagged | None:
+        with self._lock:
+            return self._flagged.get(frame_no)
+
+    def set_threshold(self, index: int, value: float | None) -> float | None:
+        """The slider: THRESHOLD for camera `index` from its next request on (None: back to the default)."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise CMGError(f"threshold {value!r} is not a finite number")
+        with self._lock:
+            if not 0 <= index < len(self.cameras):
+                raise KeyError(index)
+            self.cameras[index].threshold = None if value is None else float(value)
+            return self.cameras[index].threshold
+
+    def set_metrics(self, metrics: dict) -> None:
+        with self._lock:
+            self.metrics = metrics
