@@ -11,12 +11,18 @@ def _f(x, digits: int = 1) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
+    gemm = m["peak"]["measured_gemm"]
     lines = [
         "# cmg bench",
         "",
         f"Machine: {m['cpus_usable']} usable of {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}), "
         f"{m['platform']}, Python {m['python']}; GPU: {'yes' if m['gpu'] else 'no'}.",
-        f"Peak estimate: {m['peak_gflops']:.1f} GFLOP/s ({m['peak_method']}; measured here, not a datasheet figure).",
+        f"Peak (the bound every share below is taken of): {m['peak_gflops']:.1f} GFLOP/s, {m['peak_method']}.",
+        f"Measured next to it: {gemm['gflops']:.1f} GFLOP/s, {gemm['method']}"
+        + (f" ({m['peak']['gemm_of_theoretical'] * 100:.0f}% of the theoretical figure)."
+           if m['peak'].get('gemm_of_theoretical') else "."),
+        "Threads (ONNX Runtime intra-op per session, from the built repository's config.pbtxt; torch "
+        "intra-op): " + ", ".join(f"{k} {v}" for k, v in result.get("threads", {}).items()) + ".",
         f"Run: `{result['run']}`; test split of `{result['data']}` ({result['accuracy']['test_images']} images, "
         f"{result['accuracy']['anomalous']} anomalous).",
         f"Windows: warm-up {result['settings']['window']['warmup_s']} s, measurement "
@@ -37,17 +43,22 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"b{b['batch']} | {r['median']:.3g} | {pairs} | {r.get('goal', '')} | "
                      f"{'' if 'met' not in r else ('yes' if r['met'] else 'NO')} |")
     acc = result["accuracy"]
+    if "int8_auroc_delta" in acc:
+        lines += ["", f"int8 image AUROC delta (fp32 minus int8, ONNX Runtime in-process): "
+                      f"{acc['int8_auroc_delta']:+.4f} (goal |delta| <= {acc['int8_max_delta']}; "
+                      f"{'met' if acc['int8_met'] else 'NOT met'})."]
     if "onepass_auroc_loss_vs_exact" in acc:
         lines += ["", f"One-pass AUROC loss vs exact: {acc['onepass_auroc_loss_vs_exact'] * 100:.2f} points "
                       f"(goal < {acc['max_loss'] * 100:.0f}; {'met' if acc['met'] else 'NOT met'})."]
     lines += ["", "## Accuracy next to speed", "",
-              "| mode | image AUROC | best throughput (infer/s) | at c, b | MFLOP/frame | achieved GFLOP/s | of peak |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| mode | image AUROC | best throughput (infer/s) | at c, b | MFLOP/frame | achieved GFLOP/s | of peak "
+              "| of measured GEMM |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in result["modes"]:
         best = mode["best"]
         lines.append(f"| {mode['name']} | {mode['auroc']:.4f} | {best['throughput']:.1f} | c{best['concurrency']} "
                      f"b{best['batch']} | {mode['flops_per_frame'] / 1e6:.1f} | {mode['achieved_gflops']:.2f} | "
-                     f"{mode['fraction_of_peak'] * 100:.1f}% |")
+                     f"{mode['fraction_of_peak'] * 100:.1f}% | {mode['fraction_of_measured_gemm'] * 100:.1f}% |")
     par = result["parity_max_abs_score_diff"]
     lines += ["", f"Score parity (max |score - {par['reference']}|): "
               + ", ".join(f"{k} {v:.2g}" for k, v in par["modes"].items()) + "."]

@@ -99,7 +99,10 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
     if target == "cpu":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
-        cfg.parameters["intra_op_threads"].string_value = str(cpu_threads)
+        from cmg_model_repository.model import resolve_threads
+
+        # Written resolved (not 0): the one place the server and the bench read thread counts from.
+        cfg.parameters["intra_op_threads"].string_value = str(resolve_threads(cpu_threads, serving.instances))
         finite = finite_inputs(spec)
         if finite:  # model.py answers INVALID_ARG for a NaN/inf THRESHOLD
             cfg.parameters["finite_inputs"].string_value = finite
@@ -179,6 +182,20 @@ def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec, optional_thr: bool) ->
     for name in (C.ANOMALY_SCORE, C.IS_ANOMALY, C.ANOMALY_MAP, C.KEEP_MASK):
         if name in out_names:
             enc.output_map[name] = name
+
+
+def intra_op_threads(model_dir: Path) -> int:
+    """ONNX Runtime threads per instance that a built cpu-target model's config.pbtxt sets
+    (what its model.py uses; the bench's in-process modes read the same number)."""
+    path = Path(model_dir) / "config.pbtxt"
+    cfg = parse_config(path)
+    try:
+        threads = int(cfg.parameters["intra_op_threads"].string_value)
+    except (KeyError, ValueError) as exc:
+        raise CMGError(f"{path}: no integer parameter intra_op_threads (a cpu-target repository?)") from exc
+    if threads < 1:
+        raise CMGError(f"{path}: intra_op_threads {threads}; rebuild with `cmg build` (it writes the resolved count)")
+    return threads
 
 
 def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:

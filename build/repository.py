@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
@@ -102,9 +103,15 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
 
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
-          cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False) -> dict:
+          cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
+          precision: str = "fp32") -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
-    configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines."""
+    configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
+    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py)."""
+    from cmg_build.quantize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise CMGError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if target not in cfgmod.TARGETS:
         raise CMGError(f"unknown target {target!r}: expected one of {', '.join(cfgmod.TARGETS)}")
     if kind not in ("cpu", "gpu"):
@@ -131,16 +138,27 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                     "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
                     "models": {}, "files": {}, "trtexec": []}
 
+    sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
+    scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
+    report["precision"] = {"precision": precision}
+    if precision == "int8":
+        from cmg_build.quantize import QUANTIZED, quantize_graphs
+
+        int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
+        report["precision"] = quantize_graphs(run, sources, int8, contract)
+        sources.update(int8)
+
     # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
     table = opcheck.load_table()
-    op_problems = {m: opcheck.check_file(onnx_dir / meta["models"][m]["file"], table) for m in ONNX_MODELS}
+    op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
     report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
     if target == "tensorrt" and any(op_problems.values()):
         lines = [p for ps in op_problems.values() for p in ps]
         raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
 
     cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
-    engines: list[tuple[str, Path, Path, dict]] = []
+    engines: list[tuple[str, Path, Path, dict, bool]] = []
+    int8_models = set(report["precision"].get("models", ()))
     for name in ONNX_MODELS:
         spec = specs[name]
         model_dir = out / name
@@ -148,7 +166,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if vdir.exists():
             shutil.rmtree(vdir)
         vdir.mkdir(parents=True)
-        src = onnx_dir / meta["models"][name]["file"]
+        src = sources[name]
         onnx_dst = vdir / "model.onnx"
         if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
             strip_threshold_initializer(src, onnx_dst)
@@ -162,10 +180,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if target == "tensorrt":
             inputs = {t.name: t.dims for t in spec.inputs}
             plan = vdir / "model.plan"
-            engines.append((name, onnx_dst, plan, inputs))
+            engines.append((name, onnx_dst, plan, inputs, name in int8_models))
             report["trtexec"].append(
                 _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
-                         os.path.relpath(cache, out)))
+                         os.path.relpath(cache, out), name in int8_models))
         report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
     if not cfgmod.threshold_optional_in(target):
@@ -184,6 +202,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         cfgmod.parse_config(path)
         report["models"][cfgmod.THRESHOLD_MODEL] = {"config": str(path.relative_to(out)), "platform": "python"}
 
+    scratch.cleanup()
     for name in ENSEMBLES:
         cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
         path = cfgmod.write_config(cfg, out / name)
@@ -205,9 +224,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
             from tqdm import tqdm
 
             report["engines"] = {}
-            for name, onnx_path, plan, inputs in tqdm(engines, desc="TensorRT engines", unit="engine"):
+            for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
                 report["engines"][name] = trtmod.build_engine(
-                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache)
+                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
+                    int8=int8)
         report["engines_missing"] = missing
 
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "build_report.json"
@@ -220,11 +240,12 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     return report
 
 
-def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str) -> str:
+def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str,
+             int8: bool = False) -> str:
     from cmg_build.tensorrt import trtexec_command
 
     return trtexec_command(str(onnx_rel), str(plan_rel), inputs, serving.max_batch, serving.opt_batch,
-                           serving.workspace_mb, cache_rel)
+                           serving.workspace_mb, cache_rel, int8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,14 +258,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=None, help="instances per model")
     parser.add_argument("--version", type=int, default=1, help="model version dir to write")
     parser.add_argument("--cpu-threads", type=int, default=0,
-                        help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once)")
+                        help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once; written resolved "
+                             "into config.pbtxt)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: scorer and encoder as static Q/DQ int8 graphs calibrated on the run's "
+                             "normal training images (cpu target: ONNX Runtime; tensorrt: explicit quantization)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
 
 
 def run(args: argparse.Namespace) -> int:
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
-                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines)
+                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
+                   args.precision)
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
     return 0
