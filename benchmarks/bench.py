@@ -285,7 +285,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
             if name in (SERVED_CMG, SERVED_EXACT):
                 modes[name] = Served(name, served_url, frames, loop)
                 first = CMER_SCORER if name == SERVED_CMG else CMER_TEACHER
-                threads[name] = max(repo_threads[first], repo_threads[CMLE_ENCODER])
+                threads[name] = max(repo_threads[first], repo_threads[CMLE_ENCODER])  # per ensemble step
             elif name == TORCH_EAGER:
                 from cmg_bench.modes import TorchEager
 
@@ -316,7 +316,8 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
                             "best": {"concurrency": best["concurrency"], "batch": best["batch"],
                                      "throughput": best["throughput"]},
                             "achieved_gflops": best["throughput"] * mode_flops[name] / 1e9,
-                            "fraction_of_peak": best["throughput"] * mode_flops[name] / 1e9 / peak["gflops"],
+                            "fraction_of_peak": best["throughput"] * mode_flops[name] / 1e9
+                            / (peak["int8_gops"] if name == ORT_INT8 else peak["gflops"]),
                             "fraction_of_measured_gemm": best["throughput"] * mode_flops[name] / 1e9
                             / peak["measured_gemm"]["gflops"]})
         best_pts = {r["name"]: (r["best"]["concurrency"], r["best"]["batch"]) for r in results}

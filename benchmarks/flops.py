@@ -200,6 +200,9 @@ def theoretical_peak_gflops(cores: int) -> dict:
     out = {"cores": cores, "ghz": ghz, "isa": isa, "flops_per_cycle_per_core": per_cycle, "fma_units": FMA_UNITS,
            "vnni": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
     out["gflops"] = None if ghz is None else cores * ghz * per_cycle
+    # int8 multiply-adds per float32 FMA slot: 4 with VNNI (vpdpbusd), 2 without (the
+    # vpmaddubsw + vpmaddwd pair ONNX Runtime's MLAS uses on AVX2/AVX-512 without VNNI).
+    out["int8_factor"] = 4 if out["vnni"] else 2
     out["method"] = (f"{cores} cores x {ghz or 0:.3f} GHz x {per_cycle} float32 FLOP/cycle ({isa}: {lanes} lanes "
                      f"x 2 per FMA x {FMA_UNITS} FMA units per core, assumed)")
     return out
@@ -245,5 +248,8 @@ def peak_gflops(cores: int, threads: int | None = None) -> dict:
         bound, method = theo["gflops"], f"theoretical: {theo['method']}"
     else:
         bound, method = gemm["gflops"], f"measured GEMM (above the theoretical figure): {gemm['method']}"
-    return {"gflops": bound, "method": method, "theoretical": theo, "measured_gemm": gemm,
+    int8_method = (f"{theo['int8_factor']}x the float32 bound (int8 multiply-adds per FMA slot, "
+                   f"{'VNNI' if theo['vnni'] else 'no VNNI: vpmaddubsw + vpmaddwd'})")
+    return {"gflops": bound, "method": method, "int8_gops": bound * theo["int8_factor"], "int8_method": int8_method,
+            "theoretical": theo, "measured_gemm": gemm,
             "gemm_of_theoretical": None if theo["gflops"] is None else gemm["gflops"] / theo["gflops"]}

@@ -21,6 +21,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Measured next to it: {gemm['gflops']:.1f} GFLOP/s, {gemm['method']}"
         + (f" ({m['peak']['gemm_of_theoretical'] * 100:.0f}% of the theoretical figure)."
            if m['peak'].get('gemm_of_theoretical') else "."),
+        f"ort_int8's share is of the int8 bound, {m['peak']['int8_gops']:.1f} GOP/s: {m['peak']['int8_method']}.",
         "Threads (ONNX Runtime intra-op per session, from the built repository's config.pbtxt; torch "
         "intra-op): " + ", ".join(f"{k} {v}" for k, v in result.get("threads", {}).items()) + ".",
         f"Run: `{result['run']}`; test split of `{result['data']}` ({result['accuracy']['test_images']} images, "

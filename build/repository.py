@@ -3,6 +3,8 @@
 Layout written (cpu target):
   REPO/<model>/config.pbtxt, REPO/<model>/<version>/{model.py, model.onnx}  (cmer_scorer, cmle_encoder, cmer_teacher)
   REPO/cmg/config.pbtxt, REPO/cmg_exact/config.pbtxt                        (ensembles)
+  (--cpu-cmg fused: REPO/cmg/1/{model.py, model.onnx}, one scorer+encoder graph; build/fuse.py)
+  --precision int8: cmer_scorer and cmle_encoder graphs are Q/DQ int8 (build/quantize.py)
   REPO/build_report.json
 onnxruntime: model.onnx per model (platform onnxruntime_onnx); tensorrt: model.plan
 (+ the ONNX it came from), REPO/trtexec.sh. Both GPU targets add `cmg_threshold`
@@ -20,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
+from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 from cmg_build import opcheck
@@ -35,6 +37,7 @@ def _model_py() -> Path:
 
 MODEL_PY = _model_py()
 DEFAULT_OUT = Path("model_repository")
+CPU_CMG = ("fused", "ensemble")  # how the cpu target serves `cmg` (build/fuse.py)
 
 
 def sha256(path: Path) -> str:
@@ -104,16 +107,20 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
-          precision: str = "fp32") -> dict:
+          precision: str = "fp32", cpu_cmg: str = "ensemble") -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
     configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
-    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py)."""
+    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py).
+    cpu_cmg (cpu target): "fused" serves `cmg` as one graph in one Python-backend model
+    (build/fuse.py), "ensemble" as the two-step ensemble of the other targets."""
     from cmg_build.quantize import PRECISIONS
 
     if precision not in PRECISIONS:
         raise CMGError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if target not in cfgmod.TARGETS:
         raise CMGError(f"unknown target {target!r}: expected one of {', '.join(cfgmod.TARGETS)}")
+    if cpu_cmg not in CPU_CMG:
+        raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
     onnx_dir, meta = find_export(run)
@@ -203,7 +210,12 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         report["models"][cfgmod.THRESHOLD_MODEL] = {"config": str(path.relative_to(out)), "platform": "python"}
 
     scratch.cleanup()
+    fused = target == "cpu" and cpu_cmg == "fused"
+    if fused:
+        report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
     for name in ENSEMBLES:
+        if fused and name == CMG:
+            continue
         cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
         path = cfgmod.write_config(cfg, out / name)
         cfgmod.validate_config(path, specs[name])
@@ -240,6 +252,32 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     return report
 
 
+def _fused_cmg(out: Path, version: int, spec, serving: cfgmod.Serving, kind: str, threshold: float,
+               cpu_threads: int) -> dict:
+    """REPO/cmg as one Python-backend model on the fused scorer+encoder graph (the repository's
+    own graphs, so int8 when they are); one graph, no pipeline: cores // instances threads."""
+    import dataclasses
+
+    import onnx
+
+    from cmg_build.fuse import fuse
+    from cmg_model_repository.model import resolve_threads
+
+    fused = dataclasses.replace(spec, steps=())
+    vdir = out / CMG / str(version)
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    graphs = [out / m / str(version) / "model.onnx" for m in spec.steps]
+    onnx.save(fuse(*graphs, spec), str(vdir / "model.onnx"))
+    shutil.copyfile(MODEL_PY, vdir / "model.py")
+    threads = resolve_threads(cpu_threads, serving.instances, stages=1)
+    cfg = cfgmod.model_config(fused, "cpu", serving, kind, threshold, threads)
+    path = cfgmod.write_config(cfg, out / CMG)
+    cfgmod.validate_config(path, fused, vdir / "model.onnx")
+    return {"config": str(path.relative_to(out)), "platform": "python", "fused": list(spec.steps)}
+
+
 def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str,
              int8: bool = False) -> str:
     from cmg_build.tensorrt import trtexec_command
@@ -263,6 +301,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                         help="int8: scorer and encoder as static Q/DQ int8 graphs calibrated on the run's "
                              "normal training images (cpu target: ONNX Runtime; tensorrt: explicit quantization)")
+    parser.add_argument("--cpu-cmg", choices=CPU_CMG, default="ensemble",
+                        help="cpu target: `cmg` as the two-step ensemble (default) or as one fused scorer+encoder "
+                             "graph in one Python-backend model (one stub hop per frame; not measurably faster "
+                             "on 2 cores, see README Performance)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
 
@@ -270,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
                    args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
-                   args.precision)
+                   args.precision, args.cpu_cmg)
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
     return 0
