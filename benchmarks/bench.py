@@ -371,6 +371,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     report.write_markdown(result, out / "bench.md")
+    report.write_readme_section(result, out / "readme_performance.md")  # the README's tables
     report.write_plots(result, out)
     return result
 

@@ -134,3 +134,56 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _point(mode: dict, conc: int, batch: int) -> dict | None:
+    return next((p for p in mode["points"] if p["concurrency"] == conc and p["batch"] == batch), None)
+
+
+def write_readme_section(result: dict, path: Path) -> None:
+    """The README's Performance tables, generated from bench.json fields only (paste as is),
+    so the README always says what a bench run measured."""
+    m = result["machine"]
+    peak = m["peak"]
+    ort_c = result["settings"]["ort_key"]
+    lines = [
+        f"Machine: {m['cpus_usable']} of {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}); "
+        f"ONNX Runtime intra-op threads per session (from the built repository's config.pbtxt, every mode): "
+        + ", ".join(f"{k} {v}" for k, v in result["threads"].items()) + ".",
+        f"Peak (the bound of every share): {m['peak_gflops']:.1f} GFLOP/s float32, {m['peak_method']}; "
+        f"measured ONNX Runtime GEMM {peak['measured_gemm']['gflops']:.1f} GFLOP/s "
+        f"({peak['measured_gemm']['method']}); int8 bound {peak['int8_gops']:.1f} GOP/s ({peak['int8_method']}).",
+        "",
+        f"| mode | image AUROC | c1 b1: infer/s, p50 / p99 ms | c{ort_c[0]} b{ort_c[1]}: infer/s, p50 / p99 ms "
+        "| best infer/s (at c, b) | MFLOP/frame | share of peak (of measured GEMM) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(p: dict | None) -> str:
+        return "-" if p is None else f"{p['throughput']:.0f}, {p['p50_ms']:.1f} / {p['p99_ms']:.1f}"
+
+    for mode in result["modes"]:
+        best = mode["best"]
+        lines.append(f"| `{mode['name']}` | {mode['auroc']:.3f} | {cell(_point(mode, 1, 1))} | "
+                     f"{cell(_point(mode, *ort_c))} | {best['throughput']:.0f} (c{best['concurrency']} "
+                     f"b{best['batch']}) | {mode['flops_per_frame'] / 1e6:.1f} | {mode['fraction_of_peak'] * 100:.0f}% "
+                     f"({mode['fraction_of_measured_gemm'] * 100:.0f}%) |")
+    lines += ["", "| ratio (A / B) | A | B | median (pairs) | goal | met |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["ratios"].items():
+        if "goal" not in r:
+            continue
+        a, b = r["a"], r["b"]
+        pairs = ", ".join(f"{p['ratio']:.2f}" for p in r["pairs"])
+        lines.append(f"| {name} | {a['mode']} c{a['concurrency']} b{a['batch']} | {b['mode']} c{b['concurrency']} "
+                     f"b{b['batch']} | {r['median']:.2f} ({pairs}) | {r['goal']} | {'yes' if r['met'] else '**no**'} |")
+    acc = result["accuracy"]
+    if "onepass_auroc_loss_vs_exact" in acc:
+        lines.append(f"| onepass_auroc_loss_vs_exact | | | {acc['onepass_auroc_loss_vs_exact']:.4f} | "
+                     f"< {acc['max_loss']} | {'yes' if acc['met'] else '**no**'} |")
+    if "int8_auroc_delta" in acc:
+        lines.append(f"| int8_auroc_delta (fp32 minus int8) | | | {acc['int8_auroc_delta']:+.4f} | "
+                     f"abs <= {acc['int8_max_delta']} | {'yes' if acc['int8_met'] else '**no**'} |")
+    par = result["parity_max_abs_score_diff"]
+    lines += ["", f"Score parity, max |score - {par['reference']}|: "
+              + ", ".join(f"{k} {v:.2g}" for k, v in par["modes"].items()) + ".", ""]
+    path.write_text("\n".join(lines))
