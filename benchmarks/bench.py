@@ -1,8 +1,12 @@
-"""`cmg bench`: latency/throughput/accuracy of the four modes, measured in one run.
+"""`cmg bench`: latency/throughput/accuracy of the five modes, measured in one run.
 
 Same frames (the test split), same weights (one run folder), one process: the served
-ensembles over gRPC (one-pass `cmg` and P+1-pass `cmg_exact`), PyTorch eager in-process
-and ONNX Runtime in-process. Speed ratios come from key points re-measured `repeats`
+ensembles over gRPC (one-pass `cmg` and P+1-pass `cmg_exact`), PyTorch eager in-process,
+ONNX Runtime in-process on the fp32 graphs and on the int8 Q/DQ graphs of
+`cmg build --precision int8`. Every mode runs with the intra-op thread count the built
+cpu repository's config.pbtxt sets (recorded as bench.json "threads"). Achieved FLOP/s are
+set against the CPU's theoretical float32 peak (flops.peak_gflops), with a measured ONNX
+Runtime GEMM reported next to it. Speed ratios come from key points re-measured `repeats`
 times with the two sides interleaved (A,B then B,A), so machine drift hits both sides;
 medians are reported. Imports no torch at module import (only inside `run`).
 """
@@ -35,8 +39,10 @@ GOALS = {
     "onepass_vs_exact_throughput": (">=", 10.0),
     "served_vs_torch_eager_throughput": (">=", 1.5),
     "served_vs_ort_inprocess_throughput": (">=", 0.85),  # Triton overhead under 15%
+    "int8_vs_fp32_throughput": (">=", 1.5),  # issue 13
 }
 MAX_AUROC_LOSS = 0.01  # one-pass vs exact: under 1 AUROC point
+MAX_INT8_AUROC_DELTA = 0.01  # fp32 minus int8 image AUROC
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 
 def machine_info(peak: dict) -> dict:
-    """Core count, CPU model, versions and the measured peak estimate."""
+    """Core count, CPU model, versions and the peak that bounds every mode (with its method)."""
     from importlib.metadata import PackageNotFoundError, version
 
     model = ""
@@ -84,7 +90,7 @@ def machine_info(peak: dict) -> dict:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu_count": os.cpu_count(), "cpus_usable": affinity, "cpu_model": model,
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "peak_gflops": peak["gflops"], "peak_method": peak["method"],
+            "peak_gflops": peak["gflops"], "peak_method": peak["method"], "peak": peak,
             "gpu": Path("/dev/nvidia0").exists()}
 
 
@@ -151,7 +157,7 @@ def _ratio_entry(name: str, a: dict, b: dict, metric: str, pairs: list[tuple[dic
 
 def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, int]], progress) -> dict:
     """Key-point pairs re-measured `repeats` times, sides interleaved (ABBA)."""
-    from cmg_bench.modes import ORT_INPROCESS, SERVED_CMG, SERVED_EXACT, TORCH_EAGER
+    from cmg_bench.modes import ORT_INPROCESS, ORT_INT8, SERVED_CMG, SERVED_EXACT, TORCH_EAGER
 
     plan = {  # pair -> (side A (mode, point), side B)
         "onepass_vs_exact": ((SERVED_CMG, settings.exact_key), (SERVED_EXACT, settings.exact_key)),
@@ -159,6 +165,8 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
                                        (TORCH_EAGER, best.get(TORCH_EAGER, settings.single))),
         "served_vs_torch_eager_single": ((SERVED_CMG, settings.single), (TORCH_EAGER, settings.single)),
         "served_vs_ort_inprocess": ((SERVED_CMG, settings.ort_key), (ORT_INPROCESS, settings.ort_key)),
+        # int8 vs fp32: same graphs' runtime, same threads, at the batched key point (kernels dominate)
+        "int8_vs_fp32": ((ORT_INT8, settings.exact_key), (ORT_INPROCESS, settings.exact_key)),
     }
     plan = {k: v for k, v in plan.items() if v[0][0] in modes and v[1][0] in modes}
     got: dict[str, list[tuple[dict, dict]]] = {k: [] for k in plan}
@@ -185,6 +193,7 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
         ("served_vs_ort_inprocess_throughput", "served_vs_ort_inprocess", "throughput"),
         ("served_vs_ort_inprocess_p50_latency", "served_vs_ort_inprocess", "p50_ms"),
         ("served_vs_ort_inprocess_p99_latency", "served_vs_ort_inprocess", "p99_ms"),
+        ("int8_vs_fp32_throughput", "int8_vs_fp32", "throughput"),
     ]
     for name, key, metric in specs:
         if key in plan:
@@ -195,7 +204,7 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
 
 def ratio_plan_size(settings: Settings, mode_names: list[str]) -> int:
     pairs = [("served_cmg", "served_cmg_exact"), ("served_cmg", "torch_eager"), ("served_cmg", "torch_eager"),
-             ("served_cmg", "ort_inprocess")]
+             ("served_cmg", "ort_inprocess"), ("ort_int8", "ort_inprocess")]
     return 2 * settings.repeats * sum(1 for a, b in pairs if a in mode_names and b in mode_names)
 
 
@@ -213,12 +222,15 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     from cmg_bench.modes import (
         MODES,
         ORT_INPROCESS,
+        ORT_INT8,
         SERVED_CMG,
         SERVED_EXACT,
         TORCH_EAGER,
         OrtInProcess,
         Served,
     )
+    from cmg_build.config import intra_op_threads
+    from cmg_build.repository import build
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -234,41 +246,54 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     contract = Contract.from_dict(meta["contract"])
     data = resolve_data(run_dir, data)
     frames, labels = load_test_frames(data, contract.height, contract.width)
-    instances = int((meta.get("serving") or {}).get("instances", 1))
 
-    peak = flops.matmul_peak_gflops()
+    # The one source of thread counts: the built cpu repository (served here, or the same
+    # build as the --url server's when it was built with the same settings on this machine).
+    repo = out / "repository"
+    t0 = time.perf_counter()
+    build(run_dir, "cpu", repo)
+    build_s = time.perf_counter() - t0
+    repo_threads = {m: intra_op_threads(repo / m) for m in (CMER_SCORER, CMLE_ENCODER, CMER_TEACHER)}
+    repo_int8 = out / "repository_int8"
+    if ORT_INT8 in wanted:
+        build(run_dir, "cpu", repo_int8, precision="int8")
+    stages = 2  # an ensemble's two steps run at once, each with its own intra-op threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    peak = flops.peak_gflops(cores, threads=min(cores, stages * repo_threads[CMER_SCORER]))
     files = {k: v["file"] for k, v in meta["models"].items()}
     per_model = {m: flops.count_file(onnx_dir / files[m]) for m in (CMER_SCORER, CMLE_ENCODER, CMER_TEACHER)}
     enc = per_model[CMLE_ENCODER]["flops"]
     mode_flops = {SERVED_CMG: per_model[CMER_SCORER]["flops"] + enc,
                   SERVED_EXACT: per_model[CMER_TEACHER]["flops"] + enc}
-    mode_flops[TORCH_EAGER] = mode_flops[ORT_INPROCESS] = mode_flops[SERVED_CMG]
+    # int8 does the same multiply-adds (counted on the fp32 graphs), in int8
+    mode_flops[TORCH_EAGER] = mode_flops[ORT_INPROCESS] = mode_flops[ORT_INT8] = mode_flops[SERVED_CMG]
 
     server = None
     loop = asyncio.new_event_loop()
     modes: dict = {}
     try:
         served_url = url
-        build_s = None
         if url is None and any(m in wanted for m in (SERVED_CMG, SERVED_EXACT)):
             from cmg.server import TritonServer
-            from cmg_build.repository import build
 
             t0 = time.perf_counter()
-            repo = out / "repository"
-            build(run_dir, "cpu", repo)
             server = TritonServer(repo, log_file=out / "tritonserver.log").start()
             served_url = server.grpc_url
-            build_s = time.perf_counter() - t0
+            build_s += time.perf_counter() - t0
+        threads: dict[str, int] = {}
         for name in wanted:
             if name in (SERVED_CMG, SERVED_EXACT):
                 modes[name] = Served(name, served_url, frames, loop)
+                first = CMER_SCORER if name == SERVED_CMG else CMER_TEACHER
+                threads[name] = max(repo_threads[first], repo_threads[CMLE_ENCODER])  # per ensemble step
             elif name == TORCH_EAGER:
                 from cmg_bench.modes import TorchEager
 
-                modes[name] = TorchEager(run_dir, frames)
+                modes[name] = TorchEager(run_dir, frames, repo_threads[CMER_SCORER])
+                threads[name] = modes[name].threads
             else:
-                modes[name] = OrtInProcess(onnx_dir, files, frames, instances)
+                modes[name] = OrtInProcess(repo if name == ORT_INPROCESS else repo_int8, frames, name)
+                threads[name] = modes[name].threads
 
         total = len(modes) * len(settings.concurrency) * len(settings.batch) + len(modes)
         total += ratio_plan_size(settings, list(modes))
@@ -291,7 +316,10 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
                             "best": {"concurrency": best["concurrency"], "batch": best["batch"],
                                      "throughput": best["throughput"]},
                             "achieved_gflops": best["throughput"] * mode_flops[name] / 1e9,
-                            "fraction_of_peak": best["throughput"] * mode_flops[name] / 1e9 / peak["gflops"]})
+                            "fraction_of_peak": best["throughput"] * mode_flops[name] / 1e9
+                            / (peak["int8_gops"] if name == ORT_INT8 else peak["gflops"]),
+                            "fraction_of_measured_gemm": best["throughput"] * mode_flops[name] / 1e9
+                            / peak["measured_gemm"]["gflops"]})
         best_pts = {r["name"]: (r["best"]["concurrency"], r["best"]["batch"]) for r in results}
         bar.set_postfix_str("ratios")
         ratios = measure_ratios(modes, settings, best_pts, bar)
@@ -315,6 +343,10 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         loss = auroc[SERVED_EXACT] - auroc[SERVED_CMG]
         accuracy = {"onepass_auroc_loss_vs_exact": loss, "max_loss": MAX_AUROC_LOSS,
                     "met": bool(loss < MAX_AUROC_LOSS)}
+    if ORT_INT8 in auroc and ORT_INPROCESS in auroc:
+        delta = auroc[ORT_INPROCESS] - auroc[ORT_INT8]
+        accuracy |= {"int8_auroc_delta": delta, "int8_max_delta": MAX_INT8_AUROC_DELTA,
+                     "int8_met": bool(abs(delta) <= MAX_INT8_AUROC_DELTA)}
     result = {
         "machine": machine_info(peak),
         "modes": results,
@@ -327,17 +359,19 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         "settings": {"concurrency": list(settings.concurrency), "batch": list(settings.batch),
                      "window": asdict(settings.window), "repeats": settings.repeats,
                      "exact_key": list(settings.exact_key), "ort_key": list(settings.ort_key),
-                     "single": list(settings.single), "ort_intra_op_threads": getattr(
-                         modes.get(ORT_INPROCESS), "threads", None),
-                     "torch_threads": getattr(modes.get(TORCH_EAGER), "threads", None)},
+                     "single": list(settings.single), "repository_intra_op_threads": repo_threads},
+        "threads": threads,
         "goals": {k: f"{op} {v}" for k, (op, v) in GOALS.items()} | {
-            "onepass_auroc_loss_vs_exact": f"< {MAX_AUROC_LOSS}"},
+            "onepass_auroc_loss_vs_exact": f"< {MAX_AUROC_LOSS}",
+            "int8_auroc_delta": f"|delta| <= {MAX_INT8_AUROC_DELTA}"},
         "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
-        "server": {"url": served_url, "started_here": url is None, "build_and_start_s": build_s},
+        "server": {"url": served_url, "started_here": url is None, "build_and_start_s": build_s,
+                   "repository": str(repo)},
         "seconds": time.time() - started,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     report.write_markdown(result, out / "bench.md")
+    report.write_readme_section(result, out / "readme_performance.md")  # the README's tables
     report.write_plots(result, out)
     return result
 

@@ -1,4 +1,4 @@
-"""Model FLOPs per frame from the ONNX graphs, and a peak-FLOP/s estimate for this machine.
+"""Model FLOPs per frame from the ONNX graphs, and the peak FLOP/s that bounds them on this machine.
 
 FLOPs are counted for the operators that carry nearly all the arithmetic (MatMul, Gemm,
 Conv), on shapes made static by fixing the batch dimension to 1 and running ONNX shape
@@ -10,6 +10,7 @@ this small one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -164,20 +165,91 @@ def count_file(path: str | Path, batch: int = 1) -> dict:
     return count_model(onnx.load(str(path)), batch)
 
 
-def matmul_peak_gflops(n: int = 1024, seconds: float = 1.0) -> dict:
-    """Best float32 numpy matmul rate (BLAS, all cores): the peak estimate achieved FLOP/s is set
-    against. A measured estimate, not the CPU's datasheet peak."""
+FMA_UNITS = 2  # assumed FMA pipes per core: Intel since Haswell (Skylake-SP Gold/Platinum), AMD Zen 2-4
+
+
+def _cpuinfo() -> tuple[set[str], float | None]:
+    """CPU flags and the highest frequency the kernel reports (cpufreq max, else cpuinfo MHz), GHz."""
+    flags: set[str] = set()
+    mhz: list[float] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(val.split())
+            elif key.strip() == "cpu MHz":
+                mhz.append(float(val))
+    except (OSError, ValueError):
+        pass
+    ghz = max(mhz) / 1e3 if mhz else None
+    with contextlib.suppress(OSError, ValueError):
+        ghz = max(ghz or 0.0, int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6)
+    return flags, ghz
+
+
+def theoretical_peak_gflops(cores: int) -> dict:
+    """float32 datasheet-style peak: cores x GHz x lanes x 2 (multiply-add) x FMA_UNITS.
+
+    Lanes from the flags: 16 with avx512f, 8 with avx2/avx, 4 with SSE; without the fma flag
+    a multiply and an add issue separately (same count, FMA_UNITS = one mul + one add pipe).
+    The unit count per core is an assumption (not readable from flags), stated in `method`."""
+    flags, ghz = _cpuinfo()
+    lanes = 16 if "avx512f" in flags else 8 if ({"avx2", "avx"} & flags) else 4
+    per_cycle = lanes * 2 * FMA_UNITS
+    isa = "avx512f" if lanes == 16 else ("avx2+fma" if "fma" in flags else "avx") if lanes == 8 else "sse"
+    out = {"cores": cores, "ghz": ghz, "isa": isa, "flops_per_cycle_per_core": per_cycle, "fma_units": FMA_UNITS,
+           "vnni": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
+    out["gflops"] = None if ghz is None else cores * ghz * per_cycle
+    # int8 multiply-adds per float32 FMA slot: 4 with VNNI (vpdpbusd), 2 without (the
+    # vpmaddubsw + vpmaddwd pair ONNX Runtime's MLAS uses on AVX2/AVX-512 without VNNI).
+    out["int8_factor"] = 4 if out["vnni"] else 2
+    out["method"] = (f"{cores} cores x {ghz or 0:.3f} GHz x {per_cycle} float32 FLOP/cycle ({isa}: {lanes} lanes "
+                     f"x 2 per FMA x {FMA_UNITS} FMA units per core, assumed)")
+    return out
+
+
+def ort_gemm_gflops(threads: int, n: int = 1024, runs: int = 10) -> dict:
+    """Best of `runs` float32 n x n MatMuls in ONNX Runtime (the runtime the served graphs use;
+    MLAS GEMM) at `threads` intra-op threads. numpy is the wrong yardstick here: its BLAS may be
+    slowed on purpose (OPENBLAS_CORETYPE)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b  # warm-up (thread pool start, page faults)
+    feeds = {x: rng.standard_normal((n, n), dtype=np.float32) for x in "ab"}
+    sess.run(None, feeds)  # warm-up (thread pool start, page faults)
     best = float("inf")
-    deadline = time.perf_counter() + seconds
-    runs = 0
-    while runs < 3 or time.perf_counter() < deadline:
+    for _ in range(runs):
         t0 = time.perf_counter()
-        a @ b
+        sess.run(None, feeds)
         best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return {"gflops": 2.0 * n**3 / best / 1e9, "method": f"numpy float32 {n}x{n} matmul, best of {runs}",
-            "n": n, "runs": runs}
+    return {"gflops": 2.0 * n**3 / best / 1e9, "threads": threads, "n": n, "runs": runs,
+            "method": f"ONNX Runtime float32 {n}x{n} MatMul at {threads} intra-op threads, best of {runs}"}
+
+
+def peak_gflops(cores: int, threads: int | None = None) -> dict:
+    """The figure every mode's achieved FLOP/s is divided by, with its method.
+
+    Bound: the theoretical peak of the `cores` the bench uses; a measured ONNX Runtime GEMM
+    (at `threads`, default `cores`) is reported next to it and replaces it only if it were
+    higher (a frequency above the reported one), so a share of peak never exceeds 1 when the
+    FLOP counts are right."""
+    theo = theoretical_peak_gflops(cores)
+    gemm = ort_gemm_gflops(threads or cores)
+    if theo["gflops"] is not None and theo["gflops"] >= gemm["gflops"]:
+        bound, method = theo["gflops"], f"theoretical: {theo['method']}"
+    else:
+        bound, method = gemm["gflops"], f"measured GEMM (above the theoretical figure): {gemm['method']}"
+    int8_method = (f"{theo['int8_factor']}x the float32 bound (int8 multiply-adds per FMA slot, "
+                   f"{'VNNI' if theo['vnni'] else 'no VNNI: vpmaddubsw + vpmaddwd'})")
+    return {"gflops": bound, "method": method, "int8_gops": bound * theo["int8_factor"], "int8_method": int8_method,
+            "theoretical": theo, "measured_gemm": gemm,
+            "gemm_of_theoretical": None if theo["gflops"] is None else gemm["gflops"] / theo["gflops"]}

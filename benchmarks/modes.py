@@ -3,9 +3,13 @@
 - served_cmg:        gRPC to the `cmg` ensemble (one-pass CMER scorer + CMLE encoder)
 - served_cmg_exact:  gRPC to `cmg_exact` (P+1-pass occlusion teacher + the same encoder)
 - torch_eager:       in-process PyTorch: Run.scorer_graph() then Run.detector
-- ort_inprocess:     in-process ONNX Runtime: cmer_scorer.onnx then cmle_encoder.onnx, with
-                     the thread settings the server's Python-backend model.py uses, so the
-                     served/in-process ratio isolates Triton's own overhead.
+- ort_inprocess:     in-process ONNX Runtime: the built cpu repository's cmer_scorer then
+                     cmle_encoder graphs, with the intra-op threads their config.pbtxt gives
+                     the served models, so the served/in-process ratio isolates Triton's overhead.
+- ort_int8:          the same, on the graphs of `cmg build --precision int8` (Q/DQ).
+
+Thread counts come from one place, the built repository's config.pbtxt (`intra_op_threads`);
+torch_eager is set to the same intra-op count.
 
 Each mode measures a (concurrency, batch) point and scores the whole test split (AUROC).
 """
@@ -25,7 +29,8 @@ SERVED_CMG = "served_cmg"
 SERVED_EXACT = "served_cmg_exact"
 TORCH_EAGER = "torch_eager"
 ORT_INPROCESS = "ort_inprocess"
-MODES = (SERVED_CMG, SERVED_EXACT, TORCH_EAGER, ORT_INPROCESS)
+ORT_INT8 = "ort_int8"
+MODES = (SERVED_CMG, SERVED_EXACT, TORCH_EAGER, ORT_INPROCESS, ORT_INT8)
 SERVED_MODEL = {SERVED_CMG: C.CMG, SERVED_EXACT: C.CMG_EXACT}
 POOL = 16  # distinct request payloads per batch size, cycled
 
@@ -75,13 +80,15 @@ class TorchEager(InProcessMode):
 
     name = TORCH_EAGER
 
-    def __init__(self, run_dir: Path, frames: np.ndarray) -> None:
+    def __init__(self, run_dir: Path, frames: np.ndarray, threads: int | None = None) -> None:
         import torch
 
         from cmg_train.checkpoint import load_run
 
         super().__init__(frames)
         self.torch = torch
+        if threads:  # the served models' intra-op count (equal threads across modes)
+            torch.set_num_threads(threads)
         run = load_run(run_dir)
         self.scorer = run.scorer_graph()
         self.detector = run.detector
@@ -97,29 +104,39 @@ class TorchEager(InProcessMode):
         return score.reshape(-1).numpy()
 
 
-def ort_session_options(instances: int = 1):
-    """The served models' thread rule (model_repository/model.py `session_options`) for two
-    graphs run one after the other in this process (stages = 1)."""
-    from cmg_model_repository.model import session_options
+def repo_graph(repo: Path, model: str) -> tuple[Path, int]:
+    """A built cpu repository's graph for `model` and the intra-op thread count its
+    config.pbtxt gives it (what the served model.py runs with)."""
+    import json
 
-    return session_options(0, instances, stages=1)
+    from cmg_build.config import intra_op_threads
+
+    version = json.loads((repo / "build_report.json").read_text()).get("version", 1)
+    return repo / model / str(version) / "model.onnx", intra_op_threads(repo / model)
 
 
 class OrtInProcess(InProcessMode):
-    """cmer_scorer.onnx then cmle_encoder.onnx in this process (what each Triton step runs)."""
+    """cmer_scorer then cmle_encoder of a built cpu repository, in this process: the same
+    graph files (fp32 or int8 Q/DQ) and the same thread counts the served models use, so
+    the served/in-process ratio isolates Triton's own overhead."""
 
     name = ORT_INPROCESS
 
-    def __init__(self, onnx_dir: Path, files: dict[str, str], frames: np.ndarray, instances: int = 1) -> None:
+    def __init__(self, repo: Path, frames: np.ndarray, name: str = ORT_INPROCESS) -> None:
         import onnxruntime as ort
 
+        from cmg_model_repository.model import session_options
+
         super().__init__(frames)
-        opts = ort_session_options(instances)
-        self.threads = opts.intra_op_num_threads
-        self.scorer = ort.InferenceSession(str(onnx_dir / files[C.CMER_SCORER]), opts,
-                                           providers=["CPUExecutionProvider"])
-        self.encoder = ort.InferenceSession(str(onnx_dir / files[C.CMLE_ENCODER]), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.name = name
+        sessions = {}
+        threads = {}
+        for model in (C.CMER_SCORER, C.CMLE_ENCODER):
+            path, threads[model] = repo_graph(Path(repo), model)
+            sessions[model] = ort.InferenceSession(str(path), session_options(threads[model]),
+                                                   providers=["CPUExecutionProvider"])
+        self.scorer, self.encoder = sessions[C.CMER_SCORER], sessions[C.CMLE_ENCODER]
+        self.threads = max(threads.values())
         self.outputs = [o.name for o in self.encoder.get_outputs()]
 
     def infer(self, frames: np.ndarray) -> np.ndarray:

@@ -11,12 +11,19 @@ def _f(x, digits: int = 1) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
+    gemm = m["peak"]["measured_gemm"]
     lines = [
         "# cmg bench",
         "",
         f"Machine: {m['cpus_usable']} usable of {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}), "
         f"{m['platform']}, Python {m['python']}; GPU: {'yes' if m['gpu'] else 'no'}.",
-        f"Peak estimate: {m['peak_gflops']:.1f} GFLOP/s ({m['peak_method']}; measured here, not a datasheet figure).",
+        f"Peak (the bound every share below is taken of): {m['peak_gflops']:.1f} GFLOP/s, {m['peak_method']}.",
+        f"Measured next to it: {gemm['gflops']:.1f} GFLOP/s, {gemm['method']}"
+        + (f" ({m['peak']['gemm_of_theoretical'] * 100:.0f}% of the theoretical figure)."
+           if m['peak'].get('gemm_of_theoretical') else "."),
+        f"ort_int8's share is of the int8 bound, {m['peak']['int8_gops']:.1f} GOP/s: {m['peak']['int8_method']}.",
+        "Threads (ONNX Runtime intra-op per session, from the built repository's config.pbtxt; torch "
+        "intra-op): " + ", ".join(f"{k} {v}" for k, v in result.get("threads", {}).items()) + ".",
         f"Run: `{result['run']}`; test split of `{result['data']}` ({result['accuracy']['test_images']} images, "
         f"{result['accuracy']['anomalous']} anomalous).",
         f"Windows: warm-up {result['settings']['window']['warmup_s']} s, measurement "
@@ -37,17 +44,22 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"b{b['batch']} | {r['median']:.3g} | {pairs} | {r.get('goal', '')} | "
                      f"{'' if 'met' not in r else ('yes' if r['met'] else 'NO')} |")
     acc = result["accuracy"]
+    if "int8_auroc_delta" in acc:
+        lines += ["", f"int8 image AUROC delta (fp32 minus int8, ONNX Runtime in-process): "
+                      f"{acc['int8_auroc_delta']:+.4f} (goal |delta| <= {acc['int8_max_delta']}; "
+                      f"{'met' if acc['int8_met'] else 'NOT met'})."]
     if "onepass_auroc_loss_vs_exact" in acc:
         lines += ["", f"One-pass AUROC loss vs exact: {acc['onepass_auroc_loss_vs_exact'] * 100:.2f} points "
                       f"(goal < {acc['max_loss'] * 100:.0f}; {'met' if acc['met'] else 'NOT met'})."]
     lines += ["", "## Accuracy next to speed", "",
-              "| mode | image AUROC | best throughput (infer/s) | at c, b | MFLOP/frame | achieved GFLOP/s | of peak |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| mode | image AUROC | best throughput (infer/s) | at c, b | MFLOP/frame | achieved GFLOP/s | of peak "
+              "| of measured GEMM |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in result["modes"]:
         best = mode["best"]
         lines.append(f"| {mode['name']} | {mode['auroc']:.4f} | {best['throughput']:.1f} | c{best['concurrency']} "
                      f"b{best['batch']} | {mode['flops_per_frame'] / 1e6:.1f} | {mode['achieved_gflops']:.2f} | "
-                     f"{mode['fraction_of_peak'] * 100:.1f}% |")
+                     f"{mode['fraction_of_peak'] * 100:.1f}% | {mode['fraction_of_measured_gemm'] * 100:.1f}% |")
     par = result["parity_max_abs_score_diff"]
     lines += ["", f"Score parity (max |score - {par['reference']}|): "
               + ", ".join(f"{k} {v:.2g}" for k, v in par["modes"].items()) + "."]
@@ -122,3 +134,56 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _point(mode: dict, conc: int, batch: int) -> dict | None:
+    return next((p for p in mode["points"] if p["concurrency"] == conc and p["batch"] == batch), None)
+
+
+def write_readme_section(result: dict, path: Path) -> None:
+    """The README's Performance tables, generated from bench.json fields only (paste as is),
+    so the README always says what a bench run measured."""
+    m = result["machine"]
+    peak = m["peak"]
+    ort_c = result["settings"]["ort_key"]
+    lines = [
+        f"Machine: {m['cpus_usable']} of {m['cpu_count']} CPU cores ({m['cpu_model'] or 'unknown CPU'}); "
+        f"ONNX Runtime intra-op threads per session (from the built repository's config.pbtxt, every mode): "
+        + ", ".join(f"{k} {v}" for k, v in result["threads"].items()) + ".",
+        f"Peak (the bound of every share): {m['peak_gflops']:.1f} GFLOP/s float32, {m['peak_method']}; "
+        f"measured ONNX Runtime GEMM {peak['measured_gemm']['gflops']:.1f} GFLOP/s "
+        f"({peak['measured_gemm']['method']}); int8 bound {peak['int8_gops']:.1f} GOP/s ({peak['int8_method']}).",
+        "",
+        f"| mode | image AUROC | c1 b1: infer/s, p50 / p99 ms | c{ort_c[0]} b{ort_c[1]}: infer/s, p50 / p99 ms "
+        "| best infer/s (at c, b) | MFLOP/frame | share of peak (of measured GEMM) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(p: dict | None) -> str:
+        return "-" if p is None else f"{p['throughput']:.0f}, {p['p50_ms']:.1f} / {p['p99_ms']:.1f}"
+
+    for mode in result["modes"]:
+        best = mode["best"]
+        lines.append(f"| `{mode['name']}` | {mode['auroc']:.3f} | {cell(_point(mode, 1, 1))} | "
+                     f"{cell(_point(mode, *ort_c))} | {best['throughput']:.0f} (c{best['concurrency']} "
+                     f"b{best['batch']}) | {mode['flops_per_frame'] / 1e6:.1f} | {mode['fraction_of_peak'] * 100:.0f}% "
+                     f"({mode['fraction_of_measured_gemm'] * 100:.0f}%) |")
+    lines += ["", "| ratio (A / B) | A | B | median (pairs) | goal | met |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["ratios"].items():
+        if "goal" not in r:
+            continue
+        a, b = r["a"], r["b"]
+        pairs = ", ".join(f"{p['ratio']:.2f}" for p in r["pairs"])
+        lines.append(f"| {name} | {a['mode']} c{a['concurrency']} b{a['batch']} | {b['mode']} c{b['concurrency']} "
+                     f"b{b['batch']} | {r['median']:.2f} ({pairs}) | {r['goal']} | {'yes' if r['met'] else '**no**'} |")
+    acc = result["accuracy"]
+    if "onepass_auroc_loss_vs_exact" in acc:
+        lines.append(f"| onepass_auroc_loss_vs_exact | | | {acc['onepass_auroc_loss_vs_exact']:.4f} | "
+                     f"< {acc['max_loss']} | {'yes' if acc['met'] else '**no**'} |")
+    if "int8_auroc_delta" in acc:
+        lines.append(f"| int8_auroc_delta (fp32 minus int8) | | | {acc['int8_auroc_delta']:+.4f} | "
+                     f"abs <= {acc['int8_max_delta']} | {'yes' if acc['int8_met'] else '**no**'} |")
+    par = result["parity_max_abs_score_diff"]
+    lines += ["", f"Score parity, max |score - {par['reference']}|: "
+              + ", ".join(f"{k} {v:.2g}" for k, v in par["modes"].items()) + ".", ""]
+    path.write_text("\n".join(lines))

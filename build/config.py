@@ -103,7 +103,10 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
     if target == "cpu":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
-        cfg.parameters["intra_op_threads"].string_value = str(cpu_threads)
+        from cmg_model_repository.model import resolve_threads
+
+        # Written resolved (not 0): the one place the server and the bench read thread counts from.
+        cfg.parameters["intra_op_threads"].string_value = str(resolve_threads(cpu_threads, serving.instances))
         finite = finite_inputs(spec)
         if finite:  # model.py answers INVALID_ARG for a NaN/inf THRESHOLD
             cfg.parameters["finite_inputs"].string_value = finite
@@ -138,6 +141,20 @@ def default_threshold(cfg: mc.ModelConfig) -> float | None:
     """The calibrated threshold an ensemble's config carries (None when it carries none)."""
     param = cfg.parameters.get(DEFAULT_THRESHOLD)
     return float(param.string_value) if param is not None and param.string_value else None
+
+
+def intra_op_threads(model_dir: Path) -> int:
+    """ONNX Runtime threads per instance that a built cpu-target model's config.pbtxt sets
+    (what its model.py uses; the bench's in-process modes read the same number)."""
+    path = Path(model_dir) / "config.pbtxt"
+    cfg = parse_config(path)
+    try:
+        threads = int(cfg.parameters["intra_op_threads"].string_value)
+    except (KeyError, ValueError) as exc:
+        raise CMGError(f"{path}: no integer parameter intra_op_threads (a cpu-target repository?)") from exc
+    if threads < 1:
+        raise CMGError(f"{path}: intra_op_threads {threads}; rebuild with `cmg build` (it writes the resolved count)")
+    return threads
 
 
 def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:

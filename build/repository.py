@@ -3,6 +3,8 @@
 Layout written (cpu target):
   REPO/<model>/config.pbtxt, REPO/<model>/<version>/{model.py, model.onnx}  (cmer_scorer, cmle_encoder, cmer_teacher)
   REPO/cmg/config.pbtxt, REPO/cmg_exact/config.pbtxt                        (ensembles)
+  (--cpu-cmg fused: REPO/cmg/1/{model.py, model.onnx}, one scorer+encoder graph; build/fuse.py)
+  --precision int8: cmer_scorer and cmle_encoder graphs are Q/DQ int8 (build/quantize.py)
   REPO/build_report.json
 onnxruntime: model.onnx per model (platform onnxruntime_onnx); tensorrt: model.plan
 (+ the ONNX it came from), REPO/trtexec.sh. On both GPU targets every ensemble step is an ONNX Runtime model or an
@@ -18,9 +20,10 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from cmg.contract import CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
+from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 from cmg_build import opcheck
@@ -35,6 +38,7 @@ def _model_py() -> Path:
 
 MODEL_PY = _model_py()
 DEFAULT_OUT = Path("model_repository")
+CPU_CMG = ("fused", "ensemble")  # how the cpu target serves `cmg` (build/fuse.py)
 
 
 def sha256(path: Path) -> str:
@@ -103,11 +107,21 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
 
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
-          cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False) -> dict:
+          cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
+          precision: str = "fp32", cpu_cmg: str = "ensemble") -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
-    configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines."""
+    configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
+    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py).
+    cpu_cmg (cpu target): "fused" serves `cmg` as one graph in one Python-backend model
+    (build/fuse.py), "ensemble" as the two-step ensemble of the other targets."""
+    from cmg_build.quantize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise CMGError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if target not in cfgmod.TARGETS:
         raise CMGError(f"unknown target {target!r}: expected one of {', '.join(cfgmod.TARGETS)}")
+    if cpu_cmg not in CPU_CMG:
+        raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
     onnx_dir, meta = find_export(run)
@@ -132,16 +146,27 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                     "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
                     "models": {}, "files": {}, "trtexec": []}
 
+    sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
+    scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
+    report["precision"] = {"precision": precision}
+    if precision == "int8":
+        from cmg_build.quantize import QUANTIZED, quantize_graphs
+
+        int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
+        report["precision"] = quantize_graphs(run, sources, int8, contract)
+        sources.update(int8)
+
     # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
     table = opcheck.load_table()
-    op_problems = {m: opcheck.check_file(onnx_dir / meta["models"][m]["file"], table) for m in ONNX_MODELS}
+    op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
     report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
     if target == "tensorrt" and any(op_problems.values()):
         lines = [p for ps in op_problems.values() for p in ps]
         raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
 
     cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
-    engines: list[tuple[str, Path, Path, dict]] = []
+    engines: list[tuple[str, Path, Path, dict, bool]] = []
+    int8_models = set(report["precision"].get("models", ()))
     for name in ONNX_MODELS:
         spec = specs[name]
         model_dir = out / name
@@ -149,7 +174,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if vdir.exists():
             shutil.rmtree(vdir)
         vdir.mkdir(parents=True)
-        src = onnx_dir / meta["models"][name]["file"]
+        src = sources[name]
         onnx_dst = vdir / "model.onnx"
         if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
             strip_threshold_initializer(src, onnx_dst)
@@ -163,13 +188,19 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if target == "tensorrt":
             inputs = {t.name: t.dims for t in spec.inputs}
             plan = vdir / "model.plan"
-            engines.append((name, onnx_dst, plan, inputs))
+            engines.append((name, onnx_dst, plan, inputs, name in int8_models))
             report["trtexec"].append(
                 _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
-                         os.path.relpath(cache, out)))
+                         os.path.relpath(cache, out), name in int8_models))
         report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
+    scratch.cleanup()
+    fused = target == "cpu" and cpu_cmg == "fused"
+    if fused:
+        report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
     for name in ENSEMBLES:
+        if fused and name == CMG:
+            continue
         cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
         path = cfgmod.write_config(cfg, out / name)
         cfgmod.validate_config(path, specs[name])
@@ -190,9 +221,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
             from tqdm import tqdm
 
             report["engines"] = {}
-            for name, onnx_path, plan, inputs in tqdm(engines, desc="TensorRT engines", unit="engine"):
+            for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
                 report["engines"][name] = trtmod.build_engine(
-                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache)
+                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
+                    int8=int8)
         report["engines_missing"] = missing
 
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "build_report.json"
@@ -205,11 +237,38 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     return report
 
 
-def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str) -> str:
+def _fused_cmg(out: Path, version: int, spec, serving: cfgmod.Serving, kind: str, threshold: float,
+               cpu_threads: int) -> dict:
+    """REPO/cmg as one Python-backend model on the fused scorer+encoder graph (the repository's
+    own graphs, so int8 when they are); one graph, no pipeline: cores // instances threads."""
+    import dataclasses
+
+    import onnx
+
+    from cmg_build.fuse import fuse
+    from cmg_model_repository.model import resolve_threads
+
+    fused = dataclasses.replace(spec, steps=())
+    vdir = out / CMG / str(version)
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    graphs = [out / m / str(version) / "model.onnx" for m in spec.steps]
+    onnx.save(fuse(*graphs, spec), str(vdir / "model.onnx"))
+    shutil.copyfile(MODEL_PY, vdir / "model.py")
+    threads = resolve_threads(cpu_threads, serving.instances, stages=1)
+    cfg = cfgmod.model_config(fused, "cpu", serving, kind, threshold, threads)
+    path = cfgmod.write_config(cfg, out / CMG)
+    cfgmod.validate_config(path, fused, vdir / "model.onnx")
+    return {"config": str(path.relative_to(out)), "platform": "python", "fused": list(spec.steps)}
+
+
+def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str,
+             int8: bool = False) -> str:
     from cmg_build.tensorrt import trtexec_command
 
     return trtexec_command(str(onnx_rel), str(plan_rel), inputs, serving.max_batch, serving.opt_batch,
-                           serving.workspace_mb, cache_rel)
+                           serving.workspace_mb, cache_rel, int8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +281,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=None, help="instances per model")
     parser.add_argument("--version", type=int, default=1, help="model version dir to write")
     parser.add_argument("--cpu-threads", type=int, default=0,
-                        help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once)")
+                        help="cpu target: ONNX Runtime threads per instance (0 = cores // (instances x 2): two ensemble steps run at once; written resolved "
+                             "into config.pbtxt)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: scorer and encoder as static Q/DQ int8 graphs calibrated on the run's "
+                             "normal training images (cpu target: ONNX Runtime; tensorrt: explicit quantization)")
+    parser.add_argument("--cpu-cmg", choices=CPU_CMG, default="ensemble",
+                        help="cpu target: `cmg` as the two-step ensemble (default) or as one fused scorer+encoder "
+                             "graph in one Python-backend model (one stub hop per frame; not measurably faster "
+                             "on 2 cores, see README Performance)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
     parser.add_argument("--k8s", type=Path, default=None, metavar="DIR",
@@ -234,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
-                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines)
+                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
+                   args.precision, args.cpu_cmg)
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
     if args.k8s is not None:

@@ -18,12 +18,15 @@ def shapes_arg(inputs: dict[str, tuple[int, ...]], batch: int) -> str:
 
 
 def trtexec_command(onnx_path: str, plan_path: str, inputs: dict[str, tuple[int, ...]],
-                    max_batch: int, opt_batch: int, workspace_mb: int, timing_cache: str) -> str:
+                    max_batch: int, opt_batch: int, workspace_mb: int, timing_cache: str,
+                    int8: bool = False) -> str:
+    """int8: the graph carries Q/DQ nodes (`cmg build --precision int8`); --int8 lets TensorRT
+    run them as int8 layers (explicit quantization; no calibrator), --fp16 covers the rest."""
     args = [
         "trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", "--fp16",
         f"--minShapes={shapes_arg(inputs, 1)}", f"--optShapes={shapes_arg(inputs, opt_batch)}",
         f"--maxShapes={shapes_arg(inputs, max_batch)}", f"--memPoolSize=workspace:{workspace_mb}M",
-        f"--timingCacheFile={timing_cache}", "--skipInference",
+        f"--timingCacheFile={timing_cache}", "--skipInference", *(["--int8"] if int8 else []),
     ]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -41,8 +44,9 @@ def missing_prerequisites() -> str | None:
 
 def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, ...]],
                  max_batch: int, opt_batch: int, workspace_mb: int, timing_cache: Path,
-                 fp16: bool = True) -> dict:
-    """Parse ONNX, FP16, profile min 1 / opt / max batch, workspace limit, timing cache in and out."""
+                 fp16: bool = True, int8: bool = False) -> dict:
+    """Parse ONNX, FP16, profile min 1 / opt / max batch, workspace limit, timing cache in and out.
+    int8: explicit quantization of a Q/DQ graph (the INT8 flag, scales from the graph, no calibrator)."""
     import tensorrt as trt
 
     if int(trt.__version__.split(".")[0]) != 10:
@@ -58,6 +62,8 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
+        config.set_flag(trt.BuilderFlag.INT8)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -73,7 +79,7 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, 
     plan_path.write_bytes(bytes(serialized))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"tensorrt": trt.__version__, "fp16": fp16, "timing_cache_reused": bool(cache_bytes)}
+    return {"tensorrt": trt.__version__, "fp16": fp16, "int8": int8, "timing_cache_reused": bool(cache_bytes)}
 
 
 def run_engine(plan_path: Path, feeds: dict) -> dict:

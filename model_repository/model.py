@@ -14,7 +14,8 @@ exactly the requests that did not override it.
 
 Config parameters (string values):
   onnx_file         graph file in the version dir (default model.onnx)
-  intra_op_threads  ONNX Runtime threads per instance; 0 = cores // (instances x 2)
+  intra_op_threads  ONNX Runtime threads per instance, written resolved by `cmg build`
+                    (the bench's in-process modes read the same number); 0 = resolve_threads
   finite_inputs     comma-separated inputs whose values must all be finite (THRESHOLD:
                     a NaN threshold would never flag anything); others answer INVALID_ARG
 """
@@ -45,19 +46,25 @@ def _error(message: str, code_name: str = "INVALID_ARG"):
 PIPELINE_STAGES = 2  # models of one ensemble that run concurrently (scorer/teacher, encoder)
 
 
+def resolve_threads(intra_op_threads: int = 0, instances: int = 1, stages: int = PIPELINE_STAGES) -> int:
+    """The ONE ONNX Runtime thread rule: `intra_op_threads` when > 0, else
+    usable cores // (instances x stages). An ensemble keeps `stages` models busy at once
+    (scorer on one frame while the encoder runs the previous one), so each gets that share
+    of the cores; a full share oversubscribed 2 cores and cost 30-65% of served throughput.
+    `cmg build` writes the resolved number into config.pbtxt, so the server and the bench's
+    in-process modes use the same count."""
+    if intra_op_threads > 0:
+        return intra_op_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (max(1, instances) * max(1, stages)))
+
+
 def session_options(intra_op_threads: int = 0, instances: int = 1,
                     stages: int = PIPELINE_STAGES) -> ort.SessionOptions:
-    """The ONE ONNX Runtime thread rule (served models here, in-process ORT in the bench).
-
-    intra_op_threads <= 0: cores // (instances x stages). An ensemble keeps `stages` models
-    busy at once (scorer on one frame while the encoder runs the previous one), so each gets
-    that share of the cores; a full share oversubscribed 2 cores and cost 30-65% of served
-    throughput. In-process ORT runs its two graphs one after the other: stages = 1.
-    """
-    threads = intra_op_threads if intra_op_threads > 0 else \
-        max(1, (os.cpu_count() or 1) // (max(1, instances) * max(1, stages)))
+    """ONNX Runtime options for one served (or benchmarked in-process) graph: resolve_threads
+    intra-op threads, one inter-op thread (the graphs are chains), every graph optimisation."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = resolve_threads(intra_op_threads, instances, stages)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the THRESHOLD-initializer warning is intended

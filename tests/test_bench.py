@@ -139,6 +139,18 @@ def test_bench_smoke_structure(tiny_run, tmp_path, private_tmp):
         assert len(ratio["pairs"]) == 3
         assert ratio["median"] == pytest.approx(float(np.median([p["ratio"] for p in ratio["pairs"]])))
     assert data["ratios"]["served_vs_ort_inprocess_throughput"]["a"]["concurrency"] == 8
+    # One source of threads: every mode runs the repository's intra-op count (issue 13).
+    repo_threads = data["settings"]["repository_intra_op_threads"]
+    assert set(data["threads"]) == set(MODES) and set(data["threads"].values()) == {repo_threads["cmer_scorer"]}
+    # A peak that bounds: stated method, theoretical figure, measured GEMM next to it, shares <= 1.
+    peak = data["machine"]["peak"]
+    assert data["machine"]["peak_method"] and peak["measured_gemm"]["gflops"] <= data["machine"]["peak_gflops"]
+    assert all(0 < m["fraction_of_peak"] <= 1.0 for m in data["modes"])
+    # int8: its ratio and its AUROC delta (fp32 minus int8) are recorded.
+    int8 = data["ratios"]["int8_vs_fp32_throughput"]
+    assert int8["a"]["mode"] == "ort_int8" and int8["b"]["mode"] == "ort_inprocess" and int8["goal"] == ">= 1.5"
+    aurocs = {m["name"]: m["auroc"] for m in data["modes"]}
+    assert data["accuracy"]["int8_auroc_delta"] == pytest.approx(aurocs["ort_inprocess"] - aurocs["ort_int8"])
     # Same weights, same frames: the served one-pass scores equal in-process ONNX Runtime's.
     assert data["parity_max_abs_score_diff"]["modes"]["served_cmg"] < 1e-4
     md = (out / "bench.md").read_text()

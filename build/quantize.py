@@ -1,0 +1,89 @@
+"""`cmg build --precision int8`: the scorer and encoder graphs as static Q/DQ int8 ONNX.
+
+ONNX Runtime's `quantize_static` (QuantFormat.QDQ) inserts QuantizeLinear/DequantizeLinear
+pairs around the arithmetic-heavy ops (Conv, MatMul, Gemm), with scales calibrated
+(MinMax) on the run's normal training images, read through the project's one frame
+conversion (`MVTecFolder.frames`, the same uint8 frames clients send). The encoder's
+PATCH_SCORES input comes from the fp32 scorer on the same frames, as in serving.
+
+One graph serves both targets: the cpu target runs it in ONNX Runtime, and the tensorrt
+target hands the same Q/DQ graph to TensorRT 10 (explicit quantization). Hence the
+TensorRT-compatible settings: int8 activations and weights, both symmetric (zero point 0),
+weights per output channel. The occlusion teacher (`cmer_teacher`, the exact mode's P+1
+passes) stays float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cmg import contract as C
+from cmg.errors import CMGError
+
+PRECISIONS = ("fp32", "int8")
+QUANTIZED = (C.CMER_SCORER, C.CMLE_ENCODER)
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+CALIBRATION_IMAGES = 64  # evenly spread over the training normals
+CHUNK = 8  # frames per calibration batch
+
+
+def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """uint8 [N, H, W, 3] normal training frames of the run's data (at most `limit`, evenly spread)."""
+    from cmg.dataset import MVTecFolder
+    from cmg_bench.bench import resolve_data
+
+    data = resolve_data(Path(run), None)
+    samples = [s for s in MVTecFolder(data).samples("train") if s.label == 0]
+    if not samples:
+        raise CMGError(f"{data}: no normal training images to calibrate int8 scales on")
+    pick = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
+    return MVTecFolder(data).frames([samples[i] for i in pick], (contract.height, contract.width))
+
+
+class _Feeds:
+    """A CalibrationDataReader over precomputed feed dicts (defined lazily: imports ORT)."""
+
+    @staticmethod
+    def make(feeds: list[dict[str, np.ndarray]]):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(feeds)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self._it, None)
+
+        return Reader()
+
+
+def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Static Q/DQ quantization of `src` into `dst`, calibrated on `feeds`; checked by onnx.checker."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(dst), _Feeds.make(feeds), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=list(OP_TYPES), calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    onnx.checker.check_model(onnx.load(str(dst)))
+
+
+def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], contract: C.Contract,
+                    limit: int = CALIBRATION_IMAGES) -> dict:
+    """Quantize the fp32 `graphs[m]` (scorer, encoder) into `out[m]`; returns what was done."""
+    import onnxruntime as ort
+
+    frames = calibration_frames(run, contract, limit)
+    chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
+    scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), providers=["CPUExecutionProvider"])
+    patch_scores = [scorer.run([C.PATCH_SCORES], {C.IMAGE: x})[0] for x in chunks]
+    feeds = {C.CMER_SCORER: [{C.IMAGE: x} for x in chunks],
+             C.CMLE_ENCODER: [{C.IMAGE: x, C.PATCH_SCORES: ps} for x, ps in zip(chunks, patch_scores, strict=True)]}
+    for name in QUANTIZED:
+        quantize_file(graphs[name], out[name], feeds[name])
+    return {"precision": "int8", "format": "QDQ", "models": list(QUANTIZED), "op_types": list(OP_TYPES),
+            "calibration_images": len(frames), "calibration": "MinMax on normal training frames",
+            "activations": "int8 symmetric", "weights": "int8 symmetric per channel"}

@@ -1,0 +1,154 @@
+"""Issue 13 plumbing: thread counts from one place, a peak that bounds, int8 Q/DQ builds,
+the fused cpu `cmg`. Never a timing assertion (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from toy_graphs import write_toy_export
+
+from cmg import contract as C
+from cmg.errors import CMGError
+from cmg_bench import flops
+from cmg_bench.modes import OrtInProcess
+from cmg_build import config as cfgmod
+from cmg_build import opcheck, repository
+from cmg_build.quantize import QUANTIZED
+from cmg_build.tensorrt import trtexec_command
+from cmg_model_repository.model import resolve_threads
+
+CONTRACT = C.Contract(32, 32, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    write_toy_export(run / "onnx", CONTRACT, threshold=0.45)
+    return run
+
+
+def _frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_config_carries_resolved_threads_and_inprocess_reads_them(toy_run, tmp_path):
+    repository.build(toy_run, "cpu", tmp_path / "auto")
+    want = resolve_threads(0, 1)
+    assert want >= 1
+    for name in C.ONNX_MODELS:
+        assert cfgmod.intra_op_threads(tmp_path / "auto" / name) == want
+    repository.build(toy_run, "cpu", tmp_path / "three", cpu_threads=3)
+    assert {cfgmod.intra_op_threads(tmp_path / "three" / m) for m in C.ONNX_MODELS} == {3}
+    mode = OrtInProcess(tmp_path / "three", _frames(4))
+    assert mode.threads == 3
+    assert mode.scores(_frames(4)).shape == (4,)
+    with pytest.raises(CMGError, match="intra_op_threads"):
+        cfgmod.intra_op_threads(tmp_path / "three" / C.CMG)  # an ensemble has no thread count
+
+
+def test_thread_rule():
+    assert resolve_threads(5, 4) == 5
+    cores = resolve_threads(0, 1, stages=1)
+    assert resolve_threads(0, 1) == max(1, cores // 2) and resolve_threads(0, 10 * cores) == 1
+
+
+def test_peak_bounds_the_measured_gemm():
+    peak = flops.peak_gflops(1)
+    gemm = peak["measured_gemm"]
+    assert gemm["gflops"] > 0 and gemm["threads"] == 1 and "ONNX Runtime" in gemm["method"]
+    assert peak["gflops"] >= gemm["gflops"]  # the bound: a share of it is <= 1 for correct FLOP counts
+    theo = peak["theoretical"]
+    assert theo["fma_units"] == flops.FMA_UNITS and "assumed" in theo["method"]
+    assert theo["isa"] in ("avx512f", "avx2+fma", "avx", "sse")
+    assert peak["method"].startswith(("theoretical", "measured GEMM"))
+    assert peak["int8_gops"] == pytest.approx(peak["gflops"] * theo["int8_factor"])
+
+
+def test_fused_cmg_equals_the_two_steps(toy_run, tmp_path):
+    report = repository.build(toy_run, "cpu", tmp_path / "repo", cpu_cmg="fused")
+    repo = tmp_path / "repo"
+    assert report["models"][C.CMG]["fused"] == [C.CMER_SCORER, C.CMLE_ENCODER]
+    spec = C.Contract.from_dict(report["contract"]).models[C.CMG]
+    import dataclasses
+
+    cfg = cfgmod.validate_config(repo / C.CMG / "config.pbtxt", dataclasses.replace(spec, steps=()),
+                                 repo / C.CMG / "1" / "model.onnx")
+    assert cfg.backend == "python" and cfgmod.intra_op_threads(repo / C.CMG) == resolve_threads(0, 1, stages=1)
+    assert next(i for i in cfg.input if i.name == C.THRESHOLD).optional
+    fused = ort.InferenceSession(str(repo / C.CMG / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    scorer = ort.InferenceSession(str(repo / C.CMER_SCORER / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(str(repo / C.CMLE_ENCODER / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = _frames(3)
+    for thr in (None, np.full((3, 1), 0.1, np.float32)):
+        feeds = {C.IMAGE: x} | ({} if thr is None else {C.THRESHOLD: thr})
+        got = dict(zip([o.name for o in fused.get_outputs()], fused.run(None, feeds), strict=True))
+        (ps,) = scorer.run([C.PATCH_SCORES], {C.IMAGE: x})
+        enc = dict(zip([o.name for o in encoder.get_outputs()],
+                       encoder.run(None, feeds | {C.PATCH_SCORES: ps}), strict=True))
+        assert sorted(got) == sorted(t.name for t in spec.outputs)
+        for name, value in got.items():
+            np.testing.assert_array_equal(value, ps if name == C.PATCH_SCORES else enc[name])
+    with pytest.raises(CMGError, match="--cpu-cmg"):
+        repository.build(toy_run, "cpu", tmp_path / "bad", cpu_cmg="both")
+
+
+def test_precision_checked_and_trtexec_int8_flag(toy_run, tmp_path):
+    with pytest.raises(CMGError, match="--precision 'int4'"):
+        repository.build(toy_run, "cpu", tmp_path / "repo", precision="int4")
+    inputs = {C.IMAGE: (32, 32, 3)}
+    assert "--int8" in trtexec_command("m.onnx", "m.plan", inputs, 8, 4, 256, "c", int8=True).split()
+    assert "--int8" not in trtexec_command("m.onnx", "m.plan", inputs, 8, 4, 256, "c").split()
+
+
+@pytest.mark.slow
+def test_int8_build_is_valid_qdq_and_serves(tiny_run, tiny_onnx, cpu_repo, tmp_path):
+    """`cmg build --precision int8` on the session's tiny run: Q/DQ graphs that pass onnx.checker
+    and the TensorRT 10 op check, the same graphs in the tensorrt target (with --int8), and a
+    real tritonserver scoring them over gRPC."""
+    from cmg.server import TritonServer
+    from cmg_clients.client import CMGClient
+
+    repo = tmp_path / "int8"
+    report = repository.build(tiny_run, "cpu", repo, precision="int8")
+    prec = report["precision"]
+    assert prec["precision"] == "int8" and prec["format"] == "QDQ" and prec["calibration_images"] > 0
+    table = opcheck.load_table()
+    for name in C.ONNX_MODELS:
+        path = repo / name / "1" / "model.onnx"
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert (ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0) == (name in QUANTIZED), name
+        assert opcheck.check_file(path, table) == [], name
+    assert report["tensorrt_readiness"]["problems"] == {m: [] for m in C.ONNX_MODELS}
+
+    with pytest.raises(CMGError, match="skipped"):
+        repository.build(tiny_run, "tensorrt", tmp_path / "trt", precision="int8", skip_engines=True)
+    trt_report = json.loads((tmp_path / "trt" / "build_report.json").read_text())
+    for line, name in zip(trt_report["trtexec"], C.ONNX_MODELS, strict=True):
+        assert ("--int8" in line.split()) == (name in QUANTIZED), line
+    # Same Q/DQ graph on both targets (the tensorrt encoder only loses THRESHOLD's default).
+    assert (repo / C.CMER_SCORER / "1" / "model.onnx").read_bytes() == \
+        (tmp_path / "trt" / C.CMER_SCORER / "1" / "model.onnx").read_bytes()
+
+    meta = json.loads((tiny_onnx / "export.json").read_text())
+    contract = C.Contract.from_dict(meta["contract"])
+    frames = _frames(4, contract.height)
+    fp32 = OrtInProcess(cpu_repo, frames).scores(frames)
+    server = TritonServer(repo, log_file=tmp_path / "server.log").start()
+    try:
+        with CMGClient(server.grpc_url) as client:
+            out = client.infer_arrays(frames)
+    finally:
+        server.cleanup()
+    score = out[C.ANOMALY_SCORE].reshape(-1)
+    assert score.shape == (4,) and np.isfinite(score).all()
+    np.testing.assert_array_equal(out[C.IS_ANOMALY].reshape(-1), score > meta["threshold"])
+    np.testing.assert_allclose(score, OrtInProcess(repo, frames).scores(frames), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(score, fp32)  # the int8 graphs really ran
