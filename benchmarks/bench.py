@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.contract import Contract
 from cmg.errors import CMGError
 from cmg_bench.loadgen import Window
 
@@ -139,6 +140,28 @@ def ensure_export(run_dir: Path) -> tuple[Path, dict]:
         print(f"cmg bench: exporting {run_dir} first (no onnx/export.json)")
         export_run(run_dir)
     return find_export(run_dir)
+
+
+def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, np.ndarray, np.ndarray]:
+    """The checks every bench verb starts with: the run folder exists, OUT is made, the run is
+    exported (first if needed); returns its contract and the test split's frames and labels."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CMGError(f"run folder not found: {run_dir}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _, meta = ensure_export(run_dir)
+    contract = Contract.from_dict(meta["contract"])
+    frames, labels = load_test_frames(resolve_data(run_dir, data), contract.height, contract.width)
+    return contract, frames, labels
+
+
+def start_local_server(run_dir: Path, out: Path):
+    """A cpu repository of the run in OUT/repository and a real tritonserver on it (caller stops it)."""
+    from cmg.server import TritonServer
+    from cmg_build.repository import build
+
+    build(Path(run_dir), "cpu", Path(out) / "repository")
+    return TritonServer(Path(out) / "repository", log_file=Path(out) / "tritonserver.log").start()
 
 
 # ----------------------------------------------------------------------------- ratios

@@ -95,28 +95,18 @@ def _summary(summary) -> dict:
 def dashboard_cost(run_dir: Path, out: Path, url: str | None = None, data: Path | None = None,
                    frames: int = 1000, repeats: int = 3, window: int = 16) -> dict:
     """Stream `frames` frames without and with the dashboard, `repeats` interleaved pairs."""
-    from cmg.contract import Contract
-    from cmg_bench.bench import ensure_export, load_test_frames, resolve_data
+    from cmg_bench.bench import run_frames, start_local_server
     from cmg_clients.dashboard.app import default_metrics_url
 
     if frames < 1 or repeats < 1:
         raise CMGError(f"--frames {frames} / --repeats {repeats}: both must be >= 1")
     run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise CMGError(f"run folder not found: {run_dir}")
-    out.mkdir(parents=True, exist_ok=True)
-    _, meta = ensure_export(run_dir)
-    contract = Contract.from_dict(meta["contract"])
-    test_frames, _ = load_test_frames(resolve_data(run_dir, data), contract.height, contract.width)
+    _, test_frames, _ = run_frames(run_dir, out, data)
     started = time.time()
     server = None
     try:
         if url is None:
-            from cmg.server import TritonServer
-            from cmg_build.repository import build
-
-            build(run_dir, "cpu", out / "repository")
-            server = TritonServer(out / "repository", log_file=out / "tritonserver.log").start()
+            server = start_local_server(run_dir, out)
             url, metrics_url = server.grpc_url, server.metrics_url
         else:
             metrics_url = default_metrics_url(url)

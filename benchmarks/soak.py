@@ -133,8 +133,7 @@ def measure_capacity(url: str, frames: np.ndarray, concurrency: int, win: Window
 def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data: Path | None = None,
          load: float = DEFAULT_LOAD, window: int = 16, progress: bool = True) -> dict:
     """Stream for `minutes` at `load` x measured capacity; write soak.{json,md,png,jsonl}."""
-    from cmg.contract import Contract
-    from cmg_bench.bench import ensure_export, load_test_frames, resolve_data
+    from cmg_bench.bench import run_frames, start_local_server
     from cmg_clients.stream import ArraySource, StreamOptions, run_stream
 
     if not (minutes > 0 and np.isfinite(minutes)):
@@ -142,22 +141,13 @@ def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data:
     if not 0 < load <= 1:
         raise CMGError(f"--soak-load {load}: expected a share of capacity in (0, 1]")
     run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise CMGError(f"run folder not found: {run_dir}")
-    out.mkdir(parents=True, exist_ok=True)
-    _, meta = ensure_export(run_dir)
-    contract = Contract.from_dict(meta["contract"])
-    frames, _ = load_test_frames(resolve_data(run_dir, data), contract.height, contract.width)
+    _, frames, _ = run_frames(run_dir, out, data)
 
     started = time.time()
     server = None
     try:
         if url is None:
-            from cmg.server import TritonServer
-            from cmg_build.repository import build
-
-            build(run_dir, "cpu", out / "repository")
-            server = TritonServer(out / "repository", log_file=out / "tritonserver.log").start()
+            server = start_local_server(run_dir, out)
             url = server.grpc_url
         duration = minutes * 60.0
         short = duration < 120  # a smoke soak gets a short capacity measurement

@@ -132,6 +132,14 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     def write(name: str, cfg) -> None:
         cfgmod.write_config(cfg, repo / name)
 
+    def pinned(ensemble: str, version: int):
+        """The ensemble's config serving only `version`, with every step pinned to it."""
+        cfg = cfgmod.parse_config(repo / ensemble / "config.pbtxt")
+        cfg.version_policy.specific.versions[:] = [version]
+        for step in cfg.ensemble_scheduling.step:
+            step.model_version = version
+        return cfg
+
     def load_all() -> None:
         for e in ensembles:
             client.load_model(e)
@@ -157,11 +165,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         cfg.version_policy.specific.versions[:] = [old, new]
         write(name, cfg)
     for e in ensembles:
-        cfg = cfgmod.parse_config(repo / e / "config.pbtxt")
-        cfg.version_policy.specific.versions[:] = [old]
-        for step in cfg.ensemble_scheduling.step:
-            step.model_version = old
-        write(e, cfg)
+        write(e, pinned(e, old))
     try:
         load_all()
     except Exception as exc:  # noqa: BLE001 - the server's reason is the message
@@ -180,13 +184,10 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
             raise roll_back(f"{name} version {new} does not answer: {_reason(exc)}") from exc
     # 3. switch (with the new run's calibrated threshold where the ensemble carries one)
     for e in ensembles:
-        cfg = cfgmod.parse_config(repo / e / "config.pbtxt")
+        cfg = pinned(e, new)
         new_thr = cfgmod.default_threshold(cfgmod.parse_text(staged_texts[e]))
         if new_thr is not None:
             cfg.parameters[cfgmod.DEFAULT_THRESHOLD].string_value = repr(new_thr)
-        cfg.version_policy.specific.versions[:] = [new]
-        for step in cfg.ensemble_scheduling.step:
-            step.model_version = new
         write(e, cfg)
     try:
         load_all()
