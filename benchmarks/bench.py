@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cmg.contract import Contract
+from cmg.dataset import resolve_data
 from cmg.errors import CMGError
 from cmg_bench.loadgen import Window
 
@@ -106,26 +107,6 @@ def load_test_frames(data: Path, height: int, width: int) -> tuple[np.ndarray, n
         raise CMGError(f"test split of {data} has only {'anomalous' if labels[0] else 'normal'} images: "
                        "AUROC needs both")
     return ds.frames(samples, (height, width)), labels
-
-
-def resolve_data(run_dir: Path, data: Path | None) -> Path:
-    """--data, else the run's training data. Runs store it resolved; an older run's relative
-    path is tried against the working directory and the run folder's parents."""
-    if data is not None:
-        return Path(data)
-    metrics = run_dir / "metrics.json"
-    try:
-        stored = Path(json.loads(metrics.read_text())["data"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
-    if stored.is_absolute():
-        return stored
-    run_abs = run_dir.resolve()
-    for base in (Path.cwd(), run_abs, *run_abs.parents):
-        if (base / stored / "train").is_dir():
-            return base / stored
-    raise CMGError(f"{metrics} names the data folder {stored} relative to where `cmg train` ran; "
-                   "pass --data")
 
 
 def ensure_export(run_dir: Path) -> tuple[Path, dict]:

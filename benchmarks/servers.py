@@ -48,16 +48,12 @@ def _one_try(urls: list[str], frames: np.ndarray, sources: int, per_source: int,
 def compare_servers(run_dir: Path, out: Path, sources: int = 3, per_source: int = 200, repeats: int = 3,
                     window: int = 8, data: Path | None = None) -> dict:
     """Interleaved 1-server / 2-server tries of the same load; writes servers.{json,md,png}."""
-    from cmg.contract import Contract
     from cmg.server import TritonServer
-    from cmg_bench.bench import ensure_export, load_test_frames, resolve_data
+    from cmg_bench.bench import run_frames
     from cmg_build.repository import build
 
     run_dir, out = Path(run_dir), Path(out)
-    _, meta = ensure_export(run_dir)
-    contract = Contract.from_dict(meta["contract"])
-    frames, _ = load_test_frames(resolve_data(run_dir, data), contract.height, contract.width)
-    out.mkdir(parents=True, exist_ok=True)
+    _, frames, _ = run_frames(run_dir, out, data)
     repo = out / "repository"
     build(run_dir, "cpu", repo)
     servers = [TritonServer(repo, log_file=out / f"tritonserver{i}.log") for i in range(2)]

@@ -31,8 +31,7 @@ CHUNK = 8  # frames per calibration batch
 
 def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
     """uint8 [N, H, W, 3] normal training frames of the run's data (at most `limit`, evenly spread)."""
-    from cmg.dataset import MVTecFolder
-    from cmg_bench.bench import resolve_data
+    from cmg.dataset import MVTecFolder, resolve_data
 
     data = resolve_data(Path(run), None)
     samples = [s for s in MVTecFolder(data).samples("train") if s.label == 0]

@@ -223,3 +223,23 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
                        f"CMLE needs at least {min_unique_captions} ({hint})")
     summary.update(captions=len(rels), unique_captions=unique)
     return summary
+
+
+def resolve_data(run_dir: Path, data: Path | None) -> Path:
+    """The data folder a run used: --data, else the run's training data. Runs store it resolved; an older run's relative
+    path is tried against the working directory and the run folder's parents."""
+    if data is not None:
+        return Path(data)
+    metrics = run_dir / "metrics.json"
+    try:
+        stored = Path(json.loads(metrics.read_text())["data"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
+    if stored.is_absolute():
+        return stored
+    run_abs = run_dir.resolve()
+    for base in (Path.cwd(), run_abs, *run_abs.parents):
+        if (base / stored / "train").is_dir():
+            return base / stored
+    raise CMGError(f"{metrics} names the data folder {stored} relative to where `cmg train` ran; "
+                   "pass --data")
