@@ -34,28 +34,26 @@ def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION
     from cmg.dataset import MVTecFolder, resolve_data
 
     data = resolve_data(Path(run), None)
-    samples = [s for s in MVTecFolder(data).samples("train") if s.label == 0]
+    folder = MVTecFolder(data)
+    samples = [s for s in folder.samples("train") if s.label == 0]
     if not samples:
         raise CMGError(f"{data}: no normal training images to calibrate int8 scales on")
     pick = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
-    return MVTecFolder(data).frames([samples[i] for i in pick], (contract.height, contract.width))
+    return folder.frames([samples[i] for i in pick], (contract.height, contract.width))
 
 
-class _Feeds:
-    """A CalibrationDataReader over precomputed feed dicts (defined lazily: imports ORT)."""
+def _reader(feeds: list[dict[str, np.ndarray]]):
+    """ONNX Runtime's CalibrationDataReader over precomputed feed dicts (ORT imported lazily)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    @staticmethod
-    def make(feeds: list[dict[str, np.ndarray]]):
-        from onnxruntime.quantization import CalibrationDataReader
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._it = iter(feeds)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
 
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self._it, None)
-
-        return Reader()
+    return Reader()
 
 
 def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -63,7 +61,7 @@ def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> N
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(str(src), str(dst), _Feeds.make(feeds), quant_format=QuantFormat.QDQ,
+    quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=list(OP_TYPES), calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
