@@ -221,7 +221,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
 
-    from cmg.contract import CMER_SCORER, CMER_TEACHER, CMLE_ENCODER, Contract
+    from cmg.contract import CMER_SCORER, CMER_TEACHER, CMG, CMLE_ENCODER, Contract
     from cmg_bench import flops, report
     from cmg_bench.modes import (
         MODES,
@@ -232,6 +232,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         TORCH_EAGER,
         OrtInProcess,
         Served,
+        served_graphs,
     )
     from cmg_build.config import intra_op_threads
     from cmg_build.repository import build
@@ -261,9 +262,10 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     repo_int8 = out / "repository_int8"
     if ORT_INT8 in wanted:
         build(run_dir, "cpu", repo_int8, precision="int8")
-    stages = 2  # an ensemble's two steps run at once, each with its own intra-op threads
+    served = served_graphs(repo)  # what `cmg` runs on: the fused graph, or the two steps at once
+    served_threads = repo_threads[CMG] = max(t for _, t in served)  # every cmg-like mode runs this count
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    peak = flops.peak_gflops(cores, threads=min(cores, stages * repo_threads[CMER_SCORER]))
+    peak = flops.peak_gflops(cores, threads=min(cores, sum(t for _, t in served)))
     files = {k: v["file"] for k, v in meta["models"].items()}
     per_model = {m: flops.count_file(onnx_dir / files[m]) for m in (CMER_SCORER, CMLE_ENCODER, CMER_TEACHER)}
     enc = per_model[CMLE_ENCODER]["flops"]
@@ -288,12 +290,12 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         for name in wanted:
             if name in (SERVED_CMG, SERVED_EXACT):
                 modes[name] = Served(name, served_url, frames, loop)
-                first = CMER_SCORER if name == SERVED_CMG else CMER_TEACHER
-                threads[name] = max(repo_threads[first], repo_threads[CMLE_ENCODER])  # per ensemble step
+                threads[name] = (served_threads if name == SERVED_CMG  # per graph session
+                                 else max(repo_threads[CMER_TEACHER], repo_threads[CMLE_ENCODER]))
             elif name == TORCH_EAGER:
                 from cmg_bench.modes import TorchEager
 
-                modes[name] = TorchEager(run_dir, frames, repo_threads[CMER_SCORER])
+                modes[name] = TorchEager(run_dir, frames, served_threads)
                 threads[name] = modes[name].threads
             else:
                 modes[name] = OrtInProcess(repo if name == ORT_INPROCESS else repo_int8, frames, name)
@@ -439,6 +441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of the sweep: stream --frames frames without and with `cmg stream "
                              "--dashboard` (a page watching), --repeats interleaved pairs; ratio of frames/s")
     parser.add_argument("--frames", type=int, default=1000, help="frames per run of --dashboard-cost (default 1000)")
+    parser.add_argument("--fused-vs-ensemble", action="store_true",
+                        help="instead of the sweep: served `cmg` as the fused graph (the cpu default) against the "
+                             "two-step ensemble, interleaved pairs at c1 b1, c8 b1, c4 b8 (cpu_cmg.*)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -502,6 +507,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"cmg bench --dashboard-cost: stream with/without the dashboard, median ratio "
               f"{res['ratio_median']:.3f} (pairs {pairs}; goal >= {res['goal']}); wrote "
               f"{args.out / 'dashboard_cost.json'}, dashboard_cost.md")
+        return 0
+    if args.fused_vs_ensemble:
+        from cmg_bench.cpu_cmg import compare_cpu_cmg
+
+        quick = Settings.quick().window if args.quick else Settings().window
+        res = compare_cpu_cmg(args.run, args.out, repeats=args.repeats or (2 if args.quick else 5), window=quick,
+                              data=args.data)
+        ratios = ", ".join(f"c{r['concurrency']} b{r['batch']} {r['throughput_median']:.2f}" for r in res["points"])
+        print(f"cmg bench --fused-vs-ensemble: fused/ensemble frames/s {ratios}; wrote {args.out / 'cpu_cmg.json'}, "
+              "cpu_cmg.md, cpu_cmg.png")
         return 0
     settings = settings_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None

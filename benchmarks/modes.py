@@ -3,9 +3,10 @@
 - served_cmg:        gRPC to the `cmg` ensemble (one-pass CMER scorer + CMLE encoder)
 - served_cmg_exact:  gRPC to `cmg_exact` (P+1-pass occlusion teacher + the same encoder)
 - torch_eager:       in-process PyTorch: Run.scorer_graph() then Run.detector
-- ort_inprocess:     in-process ONNX Runtime: the built cpu repository's cmer_scorer then
-                     cmle_encoder graphs, with the intra-op threads their config.pbtxt gives
-                     the served models, so the served/in-process ratio isolates Triton's overhead.
+- ort_inprocess:     in-process ONNX Runtime: the graph(s) the built cpu repository serves `cmg`
+                     with (the fused scorer+encoder graph by default), with the intra-op threads
+                     their config.pbtxt gives the served model, so the served/in-process ratio
+                     isolates Triton's overhead.
 - ort_int8:          the same, on the graphs of `cmg build --precision int8` (Q/DQ).
 
 Thread counts come from one place, the built repository's config.pbtxt (`intra_op_threads`);
@@ -104,21 +105,26 @@ class TorchEager(InProcessMode):
         return score.reshape(-1).numpy()
 
 
-def repo_graph(repo: Path, model: str) -> tuple[Path, int]:
-    """A built cpu repository's graph for `model` and the intra-op thread count its
-    config.pbtxt gives it (what the served model.py runs with)."""
+def served_graphs(repo: Path, model: str = C.CMG) -> list[tuple[Path, int]]:
+    """The graph files a built cpu repository serves `model` with, and the intra-op thread
+    count each config.pbtxt gives them (what the served model.py runs with): the fused graph
+    itself (`cmg build` default) or the ensemble's steps in order (`--cpu-cmg ensemble`)."""
     import json
 
     from cmg_build.config import intra_op_threads
 
-    version = json.loads((repo / "build_report.json").read_text()).get("version", 1)
-    return repo / model / str(version) / "model.onnx", intra_op_threads(repo / model)
+    repo = Path(repo)
+    report = json.loads((repo / "build_report.json").read_text())
+    version = report.get("version", 1)
+    entry = report["models"].get(model, {})
+    names = [model] if entry.get("fused") else list(entry["steps"])
+    return [(repo / name / str(version) / "model.onnx", intra_op_threads(repo / name)) for name in names]
 
 
 class OrtInProcess(InProcessMode):
-    """cmer_scorer then cmle_encoder of a built cpu repository, in this process: the same
-    graph files (fp32 or int8 Q/DQ) and the same thread counts the served models use, so
-    the served/in-process ratio isolates Triton's own overhead."""
+    """The graphs a built cpu repository serves `cmg` with (the fused graph, or cmer_scorer then
+    cmle_encoder), in this process: the same files (fp32 or int8 Q/DQ) and the same thread
+    counts the served model(s) use, so the served/in-process ratio isolates Triton's overhead."""
 
     name = ORT_INPROCESS
 
@@ -129,20 +135,18 @@ class OrtInProcess(InProcessMode):
 
         super().__init__(frames)
         self.name = name
-        sessions = {}
-        threads = {}
-        for model in (C.CMER_SCORER, C.CMLE_ENCODER):
-            path, threads[model] = repo_graph(Path(repo), model)
-            sessions[model] = ort.InferenceSession(str(path), session_options(threads[model]),
-                                                   providers=["CPUExecutionProvider"])
-        self.scorer, self.encoder = sessions[C.CMER_SCORER], sessions[C.CMLE_ENCODER]
-        self.threads = max(threads.values())
-        self.outputs = [o.name for o in self.encoder.get_outputs()]
+        graphs = served_graphs(Path(repo))
+        self.sessions = [ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+                         for path, threads in graphs]
+        self.threads = max(threads for _, threads in graphs)
+        self.graphs = [str(path) for path, _ in graphs]
 
     def infer(self, frames: np.ndarray) -> np.ndarray:
-        (ps,) = self.scorer.run([C.PATCH_SCORES], {C.IMAGE: frames})
-        out = self.encoder.run(self.outputs, {C.IMAGE: frames, C.PATCH_SCORES: ps})
-        return out[self.outputs.index(C.ANOMALY_SCORE)].reshape(-1)
+        feeds = {C.IMAGE: frames}
+        for session in self.sessions[:-1]:  # the scorer when the steps are separate
+            (feeds[C.PATCH_SCORES],) = session.run([C.PATCH_SCORES], {C.IMAGE: frames})
+        (score,) = self.sessions[-1].run([C.ANOMALY_SCORE], feeds)
+        return score.reshape(-1)
 
 
 class Served(Mode):

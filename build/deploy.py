@@ -15,6 +15,10 @@ re-reads its composing models from the repository, so every step goes through th
   4. retire: the configs as built (latest version only, steps on the latest) are written
      back and the ensembles loaded once more: OLD versions unload.
 
+The cpu target's fused `cmg` (one Python-backend model, build/fuse.py) is an entry like an
+ensemble: at stage it is pinned to OLD while the graphs it fuses (cmer_scorer, cmle_encoder)
+are loaded at NEW and checked; at switch it is reloaded at NEW.
+
 A load that fails at stage or switch restores the configs, removes version NEW and loads
 again, so OLD keeps serving; the command exits 2 with the server's reason.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
 
@@ -106,11 +111,13 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
     configs = {name: cfgmod.parse_config(repo / name / "config.pbtxt")
                for name in built["models"] if (repo / name / "config.pbtxt").is_file()}
-    ensembles = [n for n in configs if configs[n].platform == "ensemble" and n in live]
+    # The models clients call: ensembles, and the cpu target's fused cmg (a plain model).
+    ensembles = [n for n in ENSEMBLES if n in configs and n in live]
     if not ensembles:
         raise CMGError(f"no ensemble of {repo} is loaded on {url}: start it with "
                        f"`cmg serve --repository {repo} --model-control-mode explicit --load-model cmg`")
-    steps = sorted({s.model_name for e in ensembles for s in configs[e].ensemble_scheduling.step})
+    fused_steps = sorted({m for e in ensembles for m in built["models"][e].get("fused", ())})
+    steps = sorted({s.model_name for e in ensembles for s in configs[e].ensemble_scheduling.step} | set(fused_steps))
     old = max(int(live[e].version) for e in ensembles)
     new = max(v for name in configs for v in _versions(repo, name)) + 1
 
@@ -118,8 +125,9 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     serving = built.get("serving", {})
     with tempfile.TemporaryDirectory(prefix="cmg-deploy-") as tmp:
         staged = Path(tmp) / "repo"
+        cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
         build(run, built["target"], staged, built.get("kind", "cpu"), serving.get("max_batch"),
-              serving.get("opt_batch"), serving.get("instances"), version=new)
+              serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg)
         staged_texts = {name: (staged / name / "config.pbtxt").read_text() for name in configs}
         for name in configs:
             # The calibrated threshold (GPU targets' ensembles) belongs to the run: it may differ.
@@ -141,6 +149,8 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         return cfg
 
     def load_all() -> None:
+        for name in fused_steps:  # no ensemble loads them: loaded by name to be checked at NEW
+            client.load_model(name)
         for e in ensembles:
             client.load_model(e)
 

@@ -141,7 +141,8 @@ def test_bench_smoke_structure(tiny_run, tmp_path, private_tmp):
     assert data["ratios"]["served_vs_ort_inprocess_throughput"]["a"]["concurrency"] == 8
     # One source of threads: every mode runs the repository's intra-op count (issue 13).
     repo_threads = data["settings"]["repository_intra_op_threads"]
-    assert set(data["threads"]) == set(MODES) and set(data["threads"].values()) == {repo_threads["cmer_scorer"]}
+    assert set(data["threads"]) == set(MODES) and data["threads"].pop("served_cmg_exact") == repo_threads["cmer_teacher"]
+    assert set(data["threads"].values()) == {repo_threads["cmg"]}  # the graph(s) `cmg` is served with
     # A peak that bounds: stated method, theoretical figure, measured GEMM next to it, shares <= 1.
     peak = data["machine"]["peak"]
     assert data["machine"]["peak_method"] and peak["measured_gemm"]["gflops"] <= data["machine"]["peak_gflops"]

@@ -43,6 +43,14 @@ def _build(toy_run, tmp_path, target, **kw):
     return repository.build(toy_run, target, tmp_path / "repo", **kw), tmp_path / "repo"
 
 
+def _as_built(spec, report: dict):
+    """The contract spec a built model is checked against: the cpu target's fused `cmg` is a
+    plain model (no steps) with the ensemble's inputs and outputs."""
+    import dataclasses
+
+    return dataclasses.replace(spec, steps=()) if report["models"][spec.name].get("fused") else spec
+
+
 def test_cpu_target_layout_and_report(toy_run, tmp_path):
     report, repo = _build(toy_run, tmp_path, "cpu", max_batch=8)
     specs = CONTRACT.models
@@ -54,8 +62,11 @@ def test_cpu_target_layout_and_report(toy_run, tmp_path):
     enc = cfgmod.parse_config(repo / CMLE_ENCODER / "config.pbtxt")
     assert next(i for i in enc.input if i.name == THRESHOLD).optional
     for name in ENSEMBLES:
-        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name])
-        assert cfg.platform == "ensemble" and next(i for i in cfg.input if i.name == THRESHOLD).optional
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", _as_built(specs[name], report))
+        assert next(i for i in cfg.input if i.name == THRESHOLD).optional
+    # cpu: `cmg` is the fused graph in the Python backend, `cmg_exact` an ensemble.
+    assert cfgmod.parse_config(repo / "cmg" / "config.pbtxt").backend == "python"
+    assert cfgmod.parse_config(repo / "cmg_exact" / "config.pbtxt").platform == "ensemble"
     # cpu: the encoder graph holds the default; the ensemble carries none (THRESHOLD optional).
     assert cfgmod.default_threshold(cfgmod.parse_config(repo / "cmg" / "config.pbtxt")) is None
     on_disk = json.loads((repo / "build_report.json").read_text())
@@ -146,12 +157,12 @@ def test_anomaly_map_on_its_own_size(tmp_path, target):
     contract = Contract(32, 32, 4, 8, map_size=8)
     run = tmp_path / "run"
     write_toy_export(run / "onnx", contract, threshold=0.45)
-    _, repo = _build(run, tmp_path, target)
+    report, repo = _build(run, tmp_path, target)
     specs = contract.models
     for name in ONNX_MODELS:
         cfgmod.validate_config(repo / name / "config.pbtxt", specs[name], repo / name / "1" / "model.onnx")
     for name in (CMLE_ENCODER, *ENSEMBLES):
-        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", specs[name])
+        cfg = cfgmod.validate_config(repo / name / "config.pbtxt", _as_built(specs[name], report))
         dims = {t.name: list(t.dims) for t in cfg.output}
         assert dims[ANOMALY_MAP] == [8, 8] and dims[KEEP_MASK] == [4, 4], name
     assert json.loads((repo / "build_report.json").read_text())["contract"]["map_size"] == 8

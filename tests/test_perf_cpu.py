@@ -43,13 +43,18 @@ def test_config_carries_resolved_threads_and_inprocess_reads_them(toy_run, tmp_p
     assert want >= 1
     for name in C.ONNX_MODELS:
         assert cfgmod.intra_op_threads(tmp_path / "auto" / name) == want
+    assert cfgmod.intra_op_threads(tmp_path / "auto" / C.CMG) == resolve_threads(0, 1, stages=1)  # fused: one graph
     repository.build(toy_run, "cpu", tmp_path / "three", cpu_threads=3)
-    assert {cfgmod.intra_op_threads(tmp_path / "three" / m) for m in C.ONNX_MODELS} == {3}
+    assert {cfgmod.intra_op_threads(tmp_path / "three" / m) for m in (*C.ONNX_MODELS, C.CMG)} == {3}
+    # In-process ONNX Runtime runs what the repository serves `cmg` with, at its thread count.
     mode = OrtInProcess(tmp_path / "three", _frames(4))
-    assert mode.threads == 3
-    assert mode.scores(_frames(4)).shape == (4,)
+    assert mode.threads == 3 and mode.graphs == [str(tmp_path / "three" / C.CMG / "1" / "model.onnx")]
+    repository.build(toy_run, "cpu", tmp_path / "ens", cpu_threads=2, cpu_cmg="ensemble")
+    steps = OrtInProcess(tmp_path / "ens", _frames(4))
+    assert steps.threads == 2 and [Path(g).parent.parent.name for g in steps.graphs] == [C.CMER_SCORER, C.CMLE_ENCODER]
+    np.testing.assert_allclose(mode.scores(_frames(4)), steps.scores(_frames(4)), atol=1e-5)
     with pytest.raises(CMGError, match="intra_op_threads"):
-        cfgmod.intra_op_threads(tmp_path / "three" / C.CMG)  # an ensemble has no thread count
+        cfgmod.intra_op_threads(tmp_path / "three" / C.CMG_EXACT)  # an ensemble has no thread count
 
 
 def test_thread_rule():
@@ -71,9 +76,9 @@ def test_peak_bounds_the_measured_gemm():
 
 
 def test_fused_cmg_equals_the_two_steps(toy_run, tmp_path):
-    report = repository.build(toy_run, "cpu", tmp_path / "repo", cpu_cmg="fused")
+    report = repository.build(toy_run, "cpu", tmp_path / "repo")  # the cpu target's default
     repo = tmp_path / "repo"
-    assert report["models"][C.CMG]["fused"] == [C.CMER_SCORER, C.CMLE_ENCODER]
+    assert report["cpu_cmg"] == "fused" and report["models"][C.CMG]["fused"] == [C.CMER_SCORER, C.CMLE_ENCODER]
     spec = C.Contract.from_dict(report["contract"]).models[C.CMG]
     import dataclasses
 
@@ -152,3 +157,23 @@ def test_int8_build_is_valid_qdq_and_serves(tiny_run, tiny_onnx, cpu_repo, tmp_p
     np.testing.assert_array_equal(out[C.IS_ANOMALY].reshape(-1), score > meta["threshold"])
     np.testing.assert_allclose(score, OrtInProcess(repo, frames).scores(frames), rtol=1e-5, atol=1e-5)
     assert not np.array_equal(score, fp32)  # the int8 graphs really ran
+
+
+@pytest.mark.slow
+def test_fused_vs_ensemble_bench(tiny_run, tiny_onnx, tmp_path):
+    """`cmg bench --fused-vs-ensemble`: both variants served and measured in pairs (no timing assertion)."""
+    from cmg.cli import main
+
+    out = tmp_path / "ab"
+    assert main(["bench", "--fused-vs-ensemble", "--run", str(tiny_run), "--out", str(out), "--quick",
+                 "--repeats", "1"]) == 0
+    data = json.loads((out / "cpu_cmg.json").read_text())
+    assert [(p["concurrency"], p["batch"]) for p in data["points"]] == [(1, 1), (8, 1), (4, 8)]
+    for point in data["points"]:
+        (pair,) = point["pairs"]
+        assert pair["ensemble_fps"] > 0 and pair["fused_fps"] > 0
+        assert point["throughput_median"] == pytest.approx(pair["fused_fps"] / pair["ensemble_fps"])
+    built = {v: json.loads((out / f"repository_{v}" / "build_report.json").read_text()) for v in ("fused", "ensemble")}
+    assert built["fused"]["models"][C.CMG].get("fused") and built["ensemble"]["models"][C.CMG]["platform"] == "ensemble"
+    assert "fused/ensemble frames/s" in (out / "cpu_cmg.md").read_text()
+    assert (out / "cpu_cmg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
