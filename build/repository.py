@@ -155,7 +155,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         from cmg_build.quantize import QUANTIZED, quantize_graphs
 
         int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
-        report["precision"] = quantize_graphs(run, sources, int8, contract)
+        report["precision"] = quantize_graphs(run, sources, int8, contract, target=target)
         sources.update(int8)
 
     # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
@@ -289,7 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resolved into config.pbtxt)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                         help="int8: scorer and encoder as static Q/DQ int8 graphs calibrated on the run's "
-                             "normal training images (cpu target: ONNX Runtime; tensorrt: explicit quantization)")
+                             "normal training images (cpu/onnxruntime: ONNX Runtime's uint8-activation recipe with "
+                             "7-bit weights; tensorrt: symmetric int8 for explicit quantization; build/quantize.py)")
     parser.add_argument("--cpu-cmg", choices=CPU_CMG, default=CPU_CMG[0],
                         help="cpu target: `cmg` as one fused scorer+encoder graph in one Python-backend model "
                              "(default: one stub hop per frame, 1.4-1.6x the ensemble's frames/s on 2 cores, "
