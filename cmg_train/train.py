@@ -25,6 +25,7 @@ from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError
 from cmg_train.checkpoint import save_run
+from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
 from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg, upsample_keep
 from cmg_train.cmer.report import cmer_metrics, speed_ratio
@@ -121,6 +122,10 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     samples = ds.samples("train")
     captions = [s.caption for s in samples]
     tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+    if len(tr) < MIN_SCORER_IMAGES:  # the folder check counted all images; fail now, not after the teacher
+        raise CMGError(f"{data}/train/good: {len(samples)} images, {len(va)} of them held out "
+                       f"(data.val_fraction {cfg.data.val_fraction}) leave {len(tr)} to train on; the CMER scorer "
+                       f"needs at least {MIN_SCORER_IMAGES}: add normal images or lower data.val_fraction")
     tr_captions = [captions[i] for i in tr.tolist()]
     if cfg.cmle.enabled:
         # The folder check counted every training image; CMLE learns from the split without the

@@ -282,3 +282,25 @@ def test_bench_soak_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, cap
     rc, _, err = run_cli(["bench", "--soak", "0.1", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
                           "--url", _dead()], capsys)
     assert_one_line_exit_2("bench", rc, err, "unreachable")
+
+
+def test_train_counts_the_scorer_images_after_the_held_out_split(good_data, tmp_path):
+    """10 normals pass the folder check (>= 8), but val_fraction 0.3 leaves 7 for the CMER
+    scorer: refused before any training, naming the numbers and the setting."""
+    import dataclasses
+
+    from cmg.config import load_config, resolve_config
+    from cmg_train.train import train_run
+
+    data = Path(shutil.copytree(good_data, tmp_path / "data"))
+    (data / "captions.jsonl").unlink()
+    (data / "meta.jsonl").unlink()  # part masks are optional
+    for path in sorted((data / "train" / "good").iterdir())[10:]:
+        path.unlink()
+    cfg = load_config(resolve_config("tiny"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=0.3),
+                              cmle=dataclasses.replace(cfg.cmle, enabled=False))
+    out = tmp_path / "run"
+    with pytest.raises(CMGError, match=r"10 images, 3 of them held out .*leave 7 .*needs at least 8"):
+        train_run(cfg, data, out, progress=False)
+    assert not out.exists()

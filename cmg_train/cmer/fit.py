@@ -57,6 +57,9 @@ def normalised_target(relevance: Tensor) -> Tensor:
     return torch.where(peak > 0, target, torch.ones_like(target))
 
 
+MIN_IMAGES = 8  # the scorer holds out max(4, 15%) of what it gets to judge keep-mask IoU
+
+
 def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tensor, progress: bool = True,
                  log=None) -> tuple[CMERScorer, dict]:
     """Distil the occlusion maps into a one-pass scorer.
@@ -72,8 +75,8 @@ def train_scorer(cfg: Config, teacher: Teacher, frames: Tensor, relevance: Tenso
     relevance = torch.as_tensor(relevance).float()
     if len(frames) != len(relevance):
         raise ValueError(f"train_scorer: {len(frames)} frames but {len(relevance)} relevance maps")
-    if len(frames) < 8:
-        raise CMGError(f"train_scorer: need at least 8 images, got {len(frames)}")
+    if len(frames) < MIN_IMAGES:
+        raise CMGError(f"train_scorer: need at least {MIN_IMAGES} images, got {len(frames)}")
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     order = torch.randperm(len(frames), generator=gen)
     n_val = max(4, int(round(0.15 * len(frames))))
