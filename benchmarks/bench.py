@@ -136,13 +136,16 @@ def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, n
     return contract, frames, labels
 
 
-def start_local_server(run_dir: Path, out: Path):
-    """A cpu repository of the run in OUT/repository and a real tritonserver on it (caller stops it)."""
+def start_local_server(run_dir: Path, out: Path, cpu_cmg: str | None = None):
+    """A cpu repository of the run in OUT/repository and a real tritonserver on it (caller stops it).
+    With `cpu_cmg` (fused or ensemble) that build setting, in OUT/repository_CPU_CMG."""
     from cmg.server import TritonServer
-    from cmg_build.repository import build
+    from cmg_build.repository import CPU_CMG, build
 
-    build(Path(run_dir), "cpu", Path(out) / "repository")
-    return TritonServer(Path(out) / "repository", log_file=Path(out) / "tritonserver.log").start()
+    suffix = f"_{cpu_cmg}" if cpu_cmg else ""
+    repo = Path(out) / f"repository{suffix}"
+    build(Path(run_dir), "cpu", repo, cpu_cmg=cpu_cmg or CPU_CMG[0])
+    return TritonServer(repo, log_file=Path(out) / f"tritonserver{suffix}.log").start()
 
 
 # ----------------------------------------------------------------------------- ratios

@@ -27,23 +27,18 @@ VARIANTS = ("ensemble", "fused")
 def compare_cpu_cmg(run_dir: Path, out: Path, points: tuple[tuple[int, int], ...] = POINTS, repeats: int = 5,
                     window: Window | None = None, data: Path | None = None) -> dict:
     """Interleaved fused/ensemble pairs per point; writes cpu_cmg.{json,md,png}."""
-    from cmg.server import TritonServer
-    from cmg_bench.bench import run_frames
+    from cmg_bench.bench import run_frames, start_local_server
     from cmg_bench.modes import SERVED_CMG, Served
-    from cmg_build.repository import build
 
     run_dir, out, window = Path(run_dir), Path(out), window or Window()
     _, frames, _ = run_frames(run_dir, out, data)
-    servers = {}
-    for variant in VARIANTS:
-        build(run_dir, "cpu", out / f"repository_{variant}", cpu_cmg=variant)
-        servers[variant] = TritonServer(out / f"repository_{variant}", log_file=out / f"tritonserver_{variant}.log")
+    servers: dict = {}
     loop = asyncio.new_event_loop()
     modes: dict = {}
     rows = []
     try:
-        for server in servers.values():
-            server.start()
+        for variant in VARIANTS:
+            servers[variant] = start_local_server(run_dir, out, cpu_cmg=variant)
         modes = {v: Served(SERVED_CMG, s.grpc_url, frames, loop) for v, s in servers.items()}
         bar = tqdm(total=len(points) * repeats, desc="cmg bench --fused-vs-ensemble", unit="pair")
         for conc, batch in points:
