@@ -22,13 +22,25 @@ class DataConfig:
 
 
 @dataclass
+class BackboneConfig:
+    """The frozen ImageNet backbone a package ships (cmg_train/backbone.py): features of the
+    local memory bank and of the backbone teacher's image side."""
+
+    variant: str = "efficientnet_lite0"   # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
+    upsample: int = 2             # frames are resized to upsample x image_size before the backbone
+    taps: list[int] | None = None # block outputs used as patch features (None: last at stride 8 and 16)
+
+
+@dataclass
 class TeacherConfig:
-    source: str = "scratch"       # scratch (image side trained here, MiniLM text frozen) | open_clip
+    source: str = "backbone"      # backbone (frozen pretrained image features + projection trained
+                                  # here, MiniLM text frozen) | scratch (small CNN trained here) | open_clip
     arch: str | None = None       # open_clip architecture name, e.g. ViT-B-32
     pretrained: str | None = None # open_clip pretrained tag, e.g. laion2b_s34b_b79k
     checkpoint: str | None = None # local weights file for `arch`
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 96])  # scratch image tower
-    downsample: int = 1           # scratch image tower: average-pool frames by this factor first
+    downsample: int = 1           # image tower (backbone or scratch): average-pool frames by this factor first
+    hidden: int = 512             # backbone teacher: width of the projection MLP
     steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
@@ -60,6 +72,12 @@ class CMERConfig:
 
 @dataclass
 class LocalConfig:
+    model: str = "bank"           # bank: kNN to a coreset of normal backbone patch features (PatchCore)
+                                  # | unet: a U-Net trained here on synthetic anomalies
+    bank_size: int = 10000        # bank: greedy-coreset rows kept of all training patches
+    k: int = 1                    # bank: neighbours averaged for a patch's distance
+    score: str = "max_minus_p90"  # image local score: max of the kept map | max_minus_p90 (minus the
+                                  # map's 90th percentile: a whole part slightly off is not a defect)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # widths at 1/2, 1/4, 1/8
     steps: int = 2000
     batch_size: int = 32
@@ -111,6 +129,7 @@ class Config:
     cmer: CMERConfig = field(default_factory=CMERConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     cmle: CMLEConfig = field(default_factory=CMLEConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
 
@@ -119,6 +138,13 @@ class Config:
         """G, the CMER grid: one source (cmer.grid) for the scorer, the teacher's occlusion
         queries, the keep-mask and the contract."""
         return self.cmer.grid
+
+    @property
+    def local_map_side(self) -> int:
+        """Side of the local anomaly map: stride 8 of the upsampled frame (bank), or H/2 (unet)."""
+        if self.local.model == "bank":
+            return self.data.image_size * self.backbone.upsample // 8
+        return self.data.image_size // 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,11 +174,16 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         raise ValueError(f"config: data.image_size {size} is not a multiple of cmer.grid {grid}")
     if size % 8:
         raise ValueError(f"config: data.image_size {size} must be a multiple of 8 (local model strides)")
-    if (size // 2) % cfg.scoring.map_size:
-        raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide image_size / 2 "
-                         f"= {size // 2}")
+    side = cfg.local_map_side
+    if side % cfg.scoring.map_size:
+        raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide the local map's side "
+                         f"{side} (local.model {cfg.local.model})")
     if cfg.local.placement not in ("keep", "uniform"):
         raise ValueError(f"config: local.placement {cfg.local.placement!r}: expected keep or uniform")
+    if cfg.local.model not in ("bank", "unet"):
+        raise ValueError(f"config: local.model {cfg.local.model!r}: expected bank or unet")
+    if cfg.local.score not in ("max", "max_minus_p90"):
+        raise ValueError(f"config: local.score {cfg.local.score!r}: expected max or max_minus_p90")
     if cfg.scoring.fusion not in ("mean", "max", "local"):
         raise ValueError(f"config: scoring.fusion {cfg.scoring.fusion!r}: expected mean, max or local")
     if cfg.cmle.text_encoder not in ("minilm", "teacher"):

@@ -3,9 +3,10 @@
 This module *is* the `cmle_encoder` graph: training-time evaluation and the ONNX export run
 the same code, so the served scores are the evaluated ones (parity tested). Steps:
 1. CMER keep-mask from PATCH_SCORES (relative rule + growth), or keep-all without CMER;
-2. local: the local model's per-pixel anomaly probabilities on the whole frame, mean-
-   filtered, zero where the keep-mask discarded the pixels (clutter off the product cannot
-   raise an alarm); its maximum is the local score;
+2. local: the local model's map on the whole frame (default: each patch's distance to the
+   normal patch bank; or the U-Net's mean-filtered anomaly probability), zero where the
+   keep-mask discarded the pixels (clutter off the product cannot raise an alarm); its
+   maximum (minus the map's 90th percentile, `local.score`) is the local score;
 3. global: the teacher's embedding of the masked frame (discarded pixels filled with the
    mean) through the CMLE head -> z, and the mean distance to its k nearest normal z;
 4. both z-normalised on held-out normals and fused; IS_ANOMALY = score > THRESHOLD.
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from cmg.config import Config
 from cmg_train.cmer.model import apply_mask, keep_mask_cfg, upsample_keep
 from cmg_train.cmle.model import CMLEHead
+from cmg_train.local.bank import PatchBank
 from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.teacher.model import Teacher
@@ -50,12 +52,14 @@ class RawScores(NamedTuple):
 class CMGDetector(nn.Module):
     """frames uint8 [B,H,W,3], patch scores [B,G,G], threshold [B,1] -> DetectorOutput."""
 
-    def __init__(self, cfg: Config, teacher: Teacher, local: LocalNet, head: CMLEHead, use_mask: bool = True):
+    def __init__(self, cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, head: CMLEHead,
+                 use_mask: bool = True):
         super().__init__()
         self.teacher, self.local, self.head = teacher, local, head
         self.use_mask = bool(use_mask)
         self.cmer_cfg = cfg.cmer
         self.pool = int(cfg.local.pool)
+        self.local_score = cfg.local.score
         self.map_size = int(cfg.scoring.map_size)
         self.fusion = cfg.scoring.fusion
         self.k_global = int(cfg.scoring.k_global)
@@ -74,9 +78,21 @@ class CMGDetector(nn.Module):
         """The CMLE head's input: the teacher embedding of the masked, normalised frame."""
         return self.teacher.encode_image(apply_mask(x, keep))
 
-    def local_map(self, x: Tensor, keep: Tensor) -> Tensor:
-        p = anomaly_probability(self.local, x, self.pool)
-        return p * upsample_keep(keep, p.shape[-2:])
+    def local_map(self, frames: Tensor, x: Tensor) -> Tensor:
+        """The local model's ungated map [B,1,h,w] (the bank reads frames, the U-Net x)."""
+        if isinstance(self.local, PatchBank):
+            return self.local(frames)
+        return anomaly_probability(self.local, x, self.pool)
+
+    def local_scores(self, amap: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated map and the image's local score from the ungated map [B,1,h,w]."""
+        gated = amap * upsample_keep(keep, amap.shape[-2:])
+        peak = gated.flatten(1).amax(1)
+        if self.local_score == "max_minus_p90":
+            flat = amap.flatten(1)
+            k = max(1, int(flat.shape[1]) // 10)  # static: the 90th percentile is the k-th largest
+            peak = peak - torch.topk(flat, k, dim=1).values[:, -1]
+        return gated, peak
 
     def set_bank(self, global_bank: Tensor) -> None:
         self.global_knn = KNNDistance(global_bank, self.k_global)
@@ -85,8 +101,8 @@ class CMGDetector(nn.Module):
         x = self.teacher.preprocess(frames)
         keep = self.keep(patch_scores)
         z = self.head(self.embed(x, keep))
-        amap = self.local_map(x, keep)
-        return RawScores(self.global_knn(z), amap.flatten(1).amax(1), amap, keep, z)
+        amap, local = self.local_scores(self.local_map(frames, x), keep)
+        return RawScores(self.global_knn(z), local, amap, keep, z)
 
     def fuse(self, g: Tensor, lmax: Tensor) -> Tensor:
         gn = (g - self.stats[0]) / self.stats[1]

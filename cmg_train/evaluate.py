@@ -29,6 +29,7 @@ from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage
 from cmg_train.cmle.fit import build_caption_graph
 from cmg_train.detector import CMGDetector, RawScores
+from cmg_train.local.bank import PatchBank
 from cmg_train.local.fit import train_local
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.plots import mask_grid, roc_plot
@@ -41,7 +42,7 @@ from cmg_train.train import (
 
 # name -> (keep-mask at scoring, CMLE loss, local model practised inside the keep-mask)
 ABLATION = {"baseline": (False, False), "cmer": (True, False), "cmle": (False, True), "cmg": (True, True)}
-SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "teacher_knn", "pyod_ecod")
+SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "patchcore", "teacher_knn", "pyod_ecod")
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -170,7 +171,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
     except CMGError as exc:
         graph, note = None, str(exc)
     locals_ = {True: run.detector.local}
-    if cfg.local.placement == "keep":  # the image-only rows get a local model that practised anywhere
+    if cfg.local.model == "unet" and cfg.local.placement == "keep":  # the image-only rows get a local model that practised anywhere
         locals_[False], _ = train_local(cfg, run.teacher.preprocess, frames[tr], None, progress)
     else:
         locals_[False] = run.detector.local
@@ -193,6 +194,10 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
             add_row("cmg_exact", oe["scores"], oe["maps"])
             add_row("cmg_local_only", o["local"], o["maps"])
             add_row("cmg_global_only", o["global"], None)
+    # PatchCore reference: the same backbone and bank, whole frame, no mask, no head, map maximum.
+    if isinstance(run.detector.local, PatchBank):
+        (pc,) = batched(run.detector.local, test.frames)
+        add_row("patchcore", pc.flatten(1).amax(1).numpy(), pc.squeeze(1).numpy())
     emb = lambda f: run.teacher(f)  # noqa: E731
     (train_emb,) = batched(emb, frames[tr])
     (test_emb,) = batched(emb, test.frames)

@@ -28,3 +28,35 @@ class KNNDistance(nn.Module):
         d2 = (x**2).sum(-1, keepdim=True) + self.bank_sq - 2.0 * torch.matmul(x, self.bank_t)
         nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
         return torch.sqrt(torch.clamp(nearest, min=0.0)).mean(-1)
+
+
+def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 32,
+                   progress: bool = False) -> torch.Tensor:
+    """Indices of m rows of x [N, D] chosen by greedy k-center (PatchCore's coreset).
+
+    Why not a random subsample: the rare normal patches (an unusual material, a pose seen
+    twice) are exactly what a random subsample drops and what then lights up as false
+    alarms; k-center keeps the rows farthest from everything chosen so far. Distances are
+    taken on a random Johnson-Lindenstrauss projection to `proj_dim` dimensions (the
+    selection is memory-bound: one pass over N rows per chosen row).
+    """
+    from tqdm.auto import tqdm
+
+    n, d = x.shape
+    if m >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    x = x.float()
+    p = x @ (torch.randn(d, proj_dim, generator=gen) / proj_dim ** 0.5) if d > proj_dim else x
+    sq = (p ** 2).sum(1)
+    first = int(torch.randint(n, (1,), generator=gen))
+    chosen = [first]
+    dist = (sq - 2.0 * (p @ p[first]) + sq[first]).clamp_min(0)
+    step = torch.empty_like(dist)
+    for _ in tqdm(range(m - 1), desc="coreset", disable=not progress, leave=False, mininterval=1.0):
+        i = int(torch.argmax(dist))
+        chosen.append(i)
+        torch.mv(p, p[i], out=step)
+        step.mul_(-2.0).add_(sq).add_(sq[i])
+        dist.clamp_max_(step)  # in place (torch.minimum(out=) is several times slower here)
+    return torch.tensor(chosen)

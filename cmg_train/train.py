@@ -1,8 +1,8 @@
 """`cmg train`: everything learns from the folder given, in this order:
 
-teacher (image side vs frozen text) -> CMER occlusion relevance + one-pass scorer ->
-local anomaly model (synthetic anomalies on the normal images, practised where CMER keeps)
--> CMLE caption graph + head -> global memory bank -> score normalisation + threshold.
+teacher (projection over the frozen backbone vs frozen text) -> CMER occlusion relevance +
+one-pass scorer -> local anomaly model (patch memory bank on the frozen backbone, or a U-Net
+on synthetic anomalies) -> CMLE caption graph + head -> global memory bank -> score normalisation + threshold.
 
 Everything lands in RUN/: checkpoint.pt (loadable without these code paths, see
 checkpoint.py), metrics.json, train_log.jsonl.
@@ -38,6 +38,7 @@ from cmg_train.cmle.fit import (
 )
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector
+from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
 from cmg_train.runlog import append_jsonl
@@ -71,7 +72,7 @@ def caption_embedder(cfg: Config, teacher: Teacher):
     return None  # build_caption_graph's default: MiniLM
 
 
-def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet, train_frames: torch.Tensor,
+def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, train_frames: torch.Tensor,
                  train_scores: torch.Tensor, val_frames: torch.Tensor, val_scores: torch.Tensor,
                  graph: CaptionGraph | None, use_mask: bool, lam: float, progress: bool = True,
                  log: Callable[[dict], None] | None = None) -> tuple[CMGDetector, dict]:
@@ -110,6 +111,19 @@ def practice_regions(cfg: Config, relevance: torch.Tensor) -> torch.Tensor | Non
         return None
     size = cfg.data.image_size
     return upsample_keep(keep_mask_cfg(relevance, cfg.cmer), (size, size))
+
+
+def fit_local(cfg: Config, teacher: Teacher, frames: torch.Tensor, relevance: torch.Tensor, tr: torch.Tensor,
+              va: torch.Tensor, progress: bool = True, log=None) -> tuple[LocalNet | PatchBank, dict]:
+    """The local model of `local.model`: the patch bank fitted on the training normals, or the
+    U-Net trained on synthetic anomalies (and checked on held-out ones)."""
+    if cfg.local.model == "bank":
+        return fit_patch_bank(cfg, frames[tr], progress)
+    local, metrics = train_local(cfg, teacher.preprocess, frames[tr], practice_regions(cfg, relevance[tr]),
+                                 progress, log)
+    metrics["synthetic_val"] = synthetic_check(local, teacher.preprocess, frames[va], cfg.seed,
+                                               cfg.local.pool, practice_regions(cfg, relevance[va]))
+    return local, metrics
 
 
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
@@ -160,10 +174,7 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
     timings["cmer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    local, local_metrics = train_local(cfg, teacher.preprocess, frames[tr], practice_regions(cfg, relevance[tr]),
-                                       progress, log)
-    local_metrics["synthetic_val"] = synthetic_check(local, teacher.preprocess, frames[va], cfg.seed,
-                                                     cfg.local.pool, practice_regions(cfg, relevance[va]))
+    local, local_metrics = fit_local(cfg, teacher, frames, relevance, tr, va, progress, log)
     timings["local_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

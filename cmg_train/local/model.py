@@ -1,4 +1,4 @@
-"""The local anomaly model: a small U-Net from normalised pixels to per-pixel anomaly logits.
+"""The local anomaly model, `unet` kind (the default `bank` kind is local/bank.py): a small U-Net from normalised pixels to per-pixel anomaly logits.
 
 Learned from scratch on the user's normal images (local/fit.py): it segments synthetic
 anomalies pasted onto them, so it has to learn what normal surfaces, edges and textures of
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmg_train.local.bank import PatchBank, bank_from_state, bank_state
 from cmg_train.teacher.model import conv_bn_relu
 
 
@@ -51,11 +52,17 @@ def anomaly_probability(net: nn.Module, x: Tensor, pool: int) -> Tensor:
     return F.avg_pool2d(p, pool, stride=1, padding=pool // 2, count_include_pad=False)
 
 
-def local_state(net: LocalNet) -> dict:
-    return {"channels": net.channels, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+def local_state(net: LocalNet | PatchBank) -> dict:
+    """The checkpoint convention for either local model (`kind` tells which)."""
+    if isinstance(net, PatchBank):
+        return bank_state(net)
+    return {"kind": "unet", "channels": net.channels,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
-def local_from_state(state: dict) -> LocalNet:
+def local_from_state(state: dict) -> LocalNet | PatchBank:
+    if state.get("kind") == "bank":
+        return bank_from_state(state)
     net = LocalNet(state["channels"])
     net.load_state_dict(state["state_dict"])
     return net.eval()

@@ -1,4 +1,5 @@
-"""Training the offline teacher's image side on the user's image-caption pairs.
+"""Training the offline teacher's image side (the projection over the frozen backbone, or the
+scratch CNN) on the user's image-caption pairs.
 
 The text side is frozen (a pretrained sentence encoder), so the image tower learns to
 land each image next to its own caption (open_clip's ClipLoss over the batch). The
@@ -40,7 +41,7 @@ def train_teacher(cfg: Config, frames: Tensor, captions: list[str], train_idx: T
     tc = cfg.teacher
     size = cfg.data.image_size
     frames = torch.as_tensor(frames)
-    if tc.source != "scratch":
+    if tc.source == "open_clip":
         teacher = build_teacher(tc, size)
         text = teacher.encode_text([captions[i] for i in val_idx.tolist()])
         return teacher, {"source": tc.source, "retrieval_top1": retrieval_top1(teacher, frames[val_idx], text)}
@@ -48,7 +49,7 @@ def train_teacher(cfg: Config, frames: Tensor, captions: list[str], train_idx: T
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pp = Preprocess.fit(frames[train_idx])
-    teacher = build_teacher(tc, size, pp.mean, pp.std)
+    teacher = build_teacher(tc, size, pp.mean, pp.std, backbone=cfg.backbone)
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     text_bank = teacher.encode_text(unique)
@@ -78,13 +79,14 @@ def train_teacher(cfg: Config, frames: Tensor, captions: list[str], train_idx: T
             logit_scale.clamp_(0, math.log(100))
 
     teacher.train()
-    stats = fit(list(teacher.visual.parameters()) + [logit_scale], tc.steps, tc.lr,
+    trainable = [p for p in teacher.visual.parameters() if p.requires_grad]  # a backbone stays frozen
+    stats = fit(trainable + [logit_scale], tc.steps, tc.lr,
                 step_fn, desc="teacher", progress=progress, log=log, weight_decay=0.05,
                 after_step=clamp_scale)
     teacher.eval().requires_grad_(False)
     val_text = text[val_idx]
     metrics = {
-        "source": "scratch",
+        "source": tc.source,
         "retrieval_top1": retrieval_top1(teacher, frames[val_idx], val_text),
         "retrieval_top1_train": retrieval_top1(teacher, frames[train_idx[:len(val_idx)]],
                                                text[train_idx[:len(val_idx)]]),

@@ -2,11 +2,14 @@
 
 CMER reads it through occlusion (how much does hiding a patch lower the similarity of
 the image with its caption?), CMLE's global branch embeds masked images with its image
-side. Two sources:
-- `scratch` (offline default): the text side is a real pretrained sentence encoder
-  (MiniLM, frozen); the image side is a small CNN trained here from scratch on the user's
-  image-caption pairs against it (teacher/fit.py). Coordinate channels let it see where
-  things are, which captions talk about.
+side. Three sources:
+- `backbone` (offline default): the text side is a real pretrained sentence encoder
+  (MiniLM, frozen); the image side is the frozen ImageNet backbone (cmg_train/backbone.py)
+  with a projection trained here on the user's image-caption pairs against it
+  (teacher/fit.py). Its features are pooled on a coarse grid, so the projection can see
+  where things are, which captions talk about.
+- `scratch`: the same, with a small CNN (coordinate channels) trained from scratch as the
+  image side; kept for comparison (it cannot tell defects from 200 images).
 - `open_clip`: any open_clip CLIP with pretrained weights (tag or local file), as is.
 """
 
@@ -22,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmg.config import TeacherConfig
+from cmg.config import BackboneConfig, TeacherConfig
 from cmg.errors import CMGError
+from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, default_taps
 from cmg_train.preprocess import Preprocess
 from cmg_train.text import MINILM_DIM, minilm_embeddings
 
@@ -75,6 +79,47 @@ class ImageTower(nn.Module):
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)
         return self.features(coord_channels(x)).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pooled(x))
+
+
+class BackboneTower(nn.Module):
+    """Normalised NCHW -> [B, embed_dim]: frozen pretrained backbone, its deepest tap pooled to a
+    4 x 4 grid (position survives: captions name it), then a trained two-layer projection.
+
+    Input is normalised with the teacher's (dataset) statistics, so CMER's fill value 0 is the
+    dataset mean; one per-channel multiply-add converts it to the backbone's own scaling.
+    """
+
+    GRID = 4
+
+    def __init__(self, backbone: BackboneConfig, image_size: int, embed_dim: int, hidden: int,
+                 mean: Sequence[float], std: Sequence[float], downsample: int = 1, load_weights: bool = True):
+        super().__init__()
+        taps = backbone.taps or default_taps(backbone.variant)
+        self.downsample = int(downsample)
+        self.backbone = EfficientNetLite(backbone.variant, image_size // self.downsample, [max(taps)])
+        if load_weights:
+            self.backbone.load_package_weights()
+        self.backbone.requires_grad_(False)
+        scale = torch.tensor(std) / torch.tensor(LITE_STD)
+        shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
+        self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+        width = self.backbone.channels[-1] * self.GRID * self.GRID
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
+
+    def train(self, mode: bool = True) -> BackboneTower:
+        super().train(mode)
+        self.backbone.eval()  # frozen: its batch-norm statistics are ImageNet's, never the batch's
+        return self
+
+    def pooled(self, x: Tensor) -> Tensor:
+        if self.downsample > 1:  # what captions describe is visible at a fraction of the resolution
+            x = F.avg_pool2d(x, self.downsample)
+        (f,) = self.backbone(x * self.scale + self.shift)
+        return F.adaptive_avg_pool2d(f, self.GRID).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pooled(x))
@@ -195,8 +240,14 @@ def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
 
 
 def build_teacher(cfg: TeacherConfig, image_size: int, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, load_weights: bool = True) -> Teacher:
-    """An untrained scratch teacher, or an open_clip one with its weights; no training."""
+                  std: Sequence[float] | None = None, load_weights: bool = True,
+                  backbone: BackboneConfig | None = None) -> Teacher:
+    """An untrained backbone or scratch teacher, or an open_clip one with its weights; no training."""
+    if cfg.source == "backbone":
+        pp = Preprocess(mean or (0.5, 0.5, 0.5), std or (0.25, 0.25, 0.25))
+        visual = BackboneTower(backbone or BackboneConfig(), image_size, MINILM_DIM, cfg.hidden, pp.mean, pp.std,
+                               cfg.downsample, load_weights)
+        return Teacher(cfg, image_size, pp, visual, _minilm_text, MINILM_DIM).eval()
     if cfg.source == "scratch":
         visual = ImageTower(cfg.channels, MINILM_DIM, cfg.downsample)
         pp = Preprocess(mean or (0.5, 0.5, 0.5), std or (0.25, 0.25, 0.25))
@@ -208,13 +259,15 @@ def build_teacher(cfg: TeacherConfig, image_size: int, mean: Sequence[float] | N
                           int(model.visual.output_dim))
         teacher.clip = model  # keeps the text tower (and its device moves) with the teacher
         return teacher.eval()
-    raise CMGError(f"teacher: unknown source {cfg.source!r} (scratch | open_clip)")
+    raise CMGError(f"teacher: unknown source {cfg.source!r} (backbone | scratch | open_clip)")
 
 
 def teacher_state(teacher: Teacher) -> dict:
     """The checkpoint convention: config + state dict (+ what the constructor needs)."""
+    backbone = getattr(teacher.visual, "backbone", None)
     return {
         "config": dataclasses.asdict(teacher.cfg),
+        "backbone": {"variant": backbone.variant, "taps": list(backbone.taps)} if backbone is not None else None,
         "image_size": teacher.image_size,
         "mean": teacher.preprocess.mean,
         "std": teacher.preprocess.std,
@@ -226,8 +279,9 @@ def teacher_from_state(state: dict) -> Teacher:
     """Inverse of teacher_state: the architecture from the config, then the saved weights."""
     try:
         cfg = TeacherConfig(**state["config"])
+        bb = state.get("backbone")
         teacher = build_teacher(cfg, int(state["image_size"]), state["mean"], state["std"],
-                                load_weights=False)
+                                load_weights=False, backbone=BackboneConfig(**bb) if bb else None)
         teacher.load_state_dict(state["state_dict"])
     except KeyError as exc:
         raise CMGError(f"teacher state: missing key {exc}") from exc

@@ -1,0 +1,98 @@
+"""The local anomaly model by default: a memory bank of normal patch features (PatchCore).
+
+Patch features are the frozen pretrained backbone's stride-8 and stride-16 block outputs,
+each averaged over its 3 x 3 neighbourhood (a patch sees its surroundings), the coarser
+one upsampled to the finer grid, concatenated. The bank is a greedy coreset of every
+training patch; a patch's anomaly is its distance to the nearest bank rows (one MatMul +
+TopK, cmg_train/memory_bank.py). Nothing here is trained: it is fitted in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cmg.config import Config
+from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, default_taps
+from cmg_train.memory_bank import KNNDistance, greedy_coreset
+from cmg_train.preprocess import Preprocess
+
+
+class PatchFeatures(nn.Module):
+    """uint8 frames [B,H,W,3] -> patch features [B,C,h,w], h = upsample * H / 8."""
+
+    def __init__(self, variant: str, image_size: int, upsample: int, taps: list[int] | None,
+                 load_weights: bool = True):
+        super().__init__()
+        self.image_size, self.upsample = int(image_size), int(upsample)
+        self.size = self.image_size * self.upsample
+        self.preprocess = Preprocess(LITE_MEAN, LITE_STD)
+        self.backbone = EfficientNetLite(variant, self.size, taps or default_taps(variant))
+        if load_weights:
+            self.backbone.load_package_weights()
+        self.backbone.requires_grad_(False).eval()
+        self.dim = sum(self.backbone.channels)
+        self.side = self.size // self.backbone.tap_strides[0]
+
+    def forward(self, frames: Tensor) -> Tensor:
+        x = self.preprocess(frames)
+        if self.upsample != 1:  # python ints: a constant Resize in the exported graph
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        parts = []
+        for f in self.backbone(x):
+            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+            if int(f.shape[-1]) != self.side:
+                f = F.interpolate(f, size=(self.side, self.side), mode="bilinear", align_corners=False)
+            parts.append(f)
+        return torch.cat(parts, 1)
+
+
+class PatchBank(nn.Module):
+    """uint8 frames -> per-patch distance to the normal bank [B,1,h,w] (the local anomaly map)."""
+
+    def __init__(self, features: PatchFeatures, bank: Tensor, k: int = 1):
+        super().__init__()
+        self.features = features
+        self.knn = KNNDistance(bank, k)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        f = self.features(frames)
+        b, c, h, w = f.shape
+        d = self.knn(f.flatten(2).transpose(1, 2))  # [B, h*w]
+        return d.reshape(b, 1, int(h), int(w))
+
+    def train(self, mode: bool = True) -> PatchBank:
+        return super().train(False)  # frozen backbone and a constant bank: always eval
+
+
+def bank_state(net: PatchBank) -> dict:
+    f = net.features
+    return {"kind": "bank", "variant": f.backbone.variant, "image_size": f.image_size, "upsample": f.upsample,
+            "taps": list(f.backbone.taps), "k": net.knn.k,
+            "bank": net.knn.bank_t.t().contiguous(),
+            "state_dict": {k: v.detach().cpu() for k, v in f.state_dict().items()}}
+
+
+def bank_from_state(state: dict) -> PatchBank:
+    features = PatchFeatures(state["variant"], state["image_size"], state["upsample"], state["taps"],
+                             load_weights=False)
+    features.load_state_dict(state["state_dict"])
+    return PatchBank(features, state["bank"], state["k"]).eval()
+
+
+@torch.no_grad()
+def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32) -> tuple[PatchBank, dict]:
+    """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics."""
+    bb = cfg.backbone
+    features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, bb.taps).eval()
+    rows = []
+    for i in tqdm(range(0, len(frames), batch), desc="patch features", disable=not progress, leave=False):
+        f = features(torch.as_tensor(frames[i:i + batch]))
+        rows.append(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
+    flat = torch.cat(rows)
+    idx = greedy_coreset(flat, cfg.local.bank_size, seed=cfg.seed, progress=progress)
+    net = PatchBank(features, flat[idx], cfg.local.k).eval()
+    return net, {"model": "bank", "backbone": bb.variant, "patches": int(flat.shape[0]),
+                 "bank_rows": int(len(idx)), "feature_dim": int(flat.shape[1]), "map_side": features.side}
