@@ -827,7 +827,7 @@ def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[Str
 
 # -- command line -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import finite_float, positive_float, positive_int
+    from cmg.cli import positive_float, positive_int, threshold_float
 
     parser.add_argument("--url", action="append", default=None,
                         help=f"gRPC HOST:PORT (default {core.default_url('grpc')}); repeat for several servers: "
@@ -853,7 +853,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tries per frame while the server is away before giving up (-1: forever)")
     parser.add_argument("--backoff-max", type=positive_float, default=5.0,
                         help="longest wait between retries (s)")
-    parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

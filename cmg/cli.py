@@ -43,6 +43,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def threshold_float(text: str) -> float:
+    """`--threshold`: finite in FP32, the dtype the graphs compare it in (cmg.contract.threshold_value)."""
+    from cmg.contract import threshold_value
+
+    try:
+        return threshold_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (timeouts, durations, rates: 0 would fail or spin at once)."""
     value = finite_float(text)

@@ -69,6 +69,8 @@ CASES: list[Case] = [
     ("infer", lambda f: ["--threshold", "nan", str(f["img"])], "finite"),
     ("infer", lambda f: ["--threshold", "inf", str(f["img"])], "finite"),
     ("infer", lambda f: ["--threshold=-inf", str(f["img"])], "finite"),
+    ("infer", lambda f: ["--threshold", "1e39", str(f["img"])], "finite number in FP32"),  # finite in float64 only
+    ("infer", lambda f: ["--threshold=-1e39", str(f["img"])], "finite number in FP32"),
     ("infer", lambda f: ["--timeout", "0", str(f["img"])], "> 0"),
     ("infer", lambda f: ["--timeout=-3", str(f["img"])], "> 0"),
     ("infer", lambda f: ["--batch", "0", str(f["img"])], ">= 1"),
@@ -83,6 +85,8 @@ CASES: list[Case] = [
     # stream
     ("stream", lambda f: ["--source", str(f["folder"]), "--out", str(f["root"] / "o1.jsonl"),
                           "--threshold", "nan"], "finite"),
+    ("stream", lambda f: ["--source", str(f["folder"]), "--out", str(f["root"] / "o1.jsonl"),
+                          "--threshold", "1e39"], "finite number in FP32"),
     ("stream", lambda f: ["--source", str(f["folder"]), "--out", str(f["root"] / "o1.jsonl"),
                           "--timeout", "0"], "> 0"),
     ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["folder"]), "--overwrite"], "is a folder"),
