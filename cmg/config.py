@@ -142,6 +142,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
+    """Validate the whole mapping (types, ranges, choices: cmg.config_check), then build."""
+    from cmg.config_check import check_section
+
+    check_section(Config, values)
     cfg = _build(Config, values, "")
     size, grid = cfg.data.image_size, cfg.cmer.grid
     if size % grid:
@@ -151,12 +155,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if (size // 2) % cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide image_size / 2 "
                          f"= {size // 2}")
-    if cfg.local.placement not in ("keep", "uniform"):
-        raise ValueError(f"config: local.placement {cfg.local.placement!r}: expected keep or uniform")
-    if cfg.scoring.fusion not in ("mean", "max", "local"):
-        raise ValueError(f"config: scoring.fusion {cfg.scoring.fusion!r}: expected mean, max or local")
-    if cfg.cmle.text_encoder not in ("minilm", "teacher"):
-        raise ValueError(f"config: cmle.text_encoder {cfg.cmle.text_encoder!r}: expected minilm or teacher")
     return cfg
 
 
@@ -166,10 +164,15 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"config {path}: not valid YAML ({exc})") from exc
-    return config_from_dict(values)
+    if values is None:  # an empty file must not silently train the defaults
+        raise ValueError(f"config {path} is empty: copy a shipped config (configs/tiny.yaml) and edit it")
+    try:
+        return config_from_dict(values)
+    except ValueError as exc:
+        raise ValueError(f"config {path}: {exc}") from None
 
 
 def config_dir() -> Path:
