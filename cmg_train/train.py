@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
-from cmg.errors import CMGError
+from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
@@ -40,7 +40,7 @@ from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
-from cmg_train.runlog import append_jsonl
+from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
 from cmg_train.teacher.model import Teacher, teacher_weights
 
@@ -113,7 +113,33 @@ def practice_regions(cfg: Config, relevance: torch.Tensor) -> torch.Tensor | Non
 
 
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
-    """The whole training job; returns metrics (also written to RUN/metrics.json)."""
+    """The whole training job; returns metrics (also written to RUN/metrics.json).
+
+    RUN changes only when training succeeds (`run_folder`): a failed run keeps an existing
+    run's files and log and leaves no new folder; a successful one removes the run's stale
+    RUN/onnx (exported from the checkpoint it replaces). `progress=False` also silences
+    the libraries' own bars ("Loading weights")."""
+    if not progress:
+        quiet_library_progress()
+    with run_folder(Path(out)) as log_path:
+        return _train_run(cfg, data, Path(out), progress, log_path)
+
+
+def quiet_library_progress() -> None:
+    """transformers and huggingface_hub draw their own bars when MiniLM loads."""
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Path) -> dict:
     t0 = time.perf_counter()
     data = Path(data).resolve()
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
@@ -131,9 +157,6 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
         # The folder check counted every training image; CMLE learns from the split without the
         # held-out normals, which can have fewer: fail on it now, not after minutes of training.
         check_captions(tr_captions, cfg.cmle)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    log_path.write_text("")
     log = functools.partial(append_jsonl, log_path)
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
@@ -188,7 +211,8 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
         "timings": {**timings, "total_s": time.perf_counter() - t0},
     }
     save_run(out, cfg, teacher, scorer, det, caption_bank, unique, metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    with naming(out / "metrics.json"):
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return metrics
 
 
