@@ -72,6 +72,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (0 often means "the default", e.g. --cpu-threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def retries_int(text: str) -> int:
+    """A retry budget: an integer >= 0, or -1 for "without limit" (-2 is a typo, not forever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit; got {text!r}")
+    return value
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """All verbs are listed; only `chosen`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="cmg", description=__doc__.splitlines()[0])
