@@ -72,6 +72,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_int(text: str) -> int:
+    """A TCP port, 1..65535 (tritonserver took 99999 and listened on a random port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, got {text!r}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (0 often means "the default", e.g. --cpu-threads)."""
     try:
@@ -116,7 +127,18 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C is: every `finally` runs (servers
+    stopped, temporary folders removed) instead of the process vanishing mid-way."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from cmg.errors import CMGError
     from cmg.frames import FrameError
 
@@ -128,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     debug = bool(os.environ.get("CMG_DEBUG"))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
         return int(module.run(args) or 0)
+    except Terminated:
+        print(f"cmg {args.verb}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"cmg {args.verb}: interrupted", file=sys.stderr)
         return 130
@@ -149,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmg {args.verb}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(CMG_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # `cmg serve` installs its own (a graceful stop); main() in a test returns
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (tests call main() elsewhere)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _one_line(exc: BaseException) -> str:
