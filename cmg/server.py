@@ -163,13 +163,23 @@ def sweep_stale_work_dirs() -> list[Path]:
     return removed
 
 
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn of the server (runs in the child, before exec): SIGTERM when the parent
-    dies (Linux prctl PR_SET_PDEATHSIG, through ctypes); exit if it already has."""
-    import ctypes
+def _prctl():
+    """libc's prctl, looked up in the parent: the child between fork and exec must not import
+    or load anything (another thread may hold the import lock at fork time)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
 
-    with contextlib.suppress(Exception):  # not Linux: the atexit and signal paths remain
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """preexec_fn of the server (runs in the child, before exec): SIGTERM when the parent
+    dies (Linux prctl PR_SET_PDEATHSIG); exit at once if the parent has already died."""
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -462,12 +472,12 @@ class TritonServer:
         # and kill() can end the server together with its Python stubs. The death signal
         # follows the thread that forks: only the main thread (which lives as long as the
         # process) sets it; a server started from another thread relies on the atexit hook.
-        parent = os.getpid()
+        parent, prctl = os.getpid(), _prctl()
         main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
             cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
             cwd=self._work, start_new_session=True,
-            preexec_fn=(lambda: _die_with_parent(parent)) if main and sys.platform == "linux" else None,
+            preexec_fn=(lambda: _die_with_parent(parent, prctl)) if main and prctl is not None else None,
         )
         _LIVE.add(self)
         try:
