@@ -150,7 +150,9 @@ def _owner_alive(text: str) -> bool:
 def sweep_stale_work_dirs() -> list[Path]:
     """Remove work folders whose owning process has died (a SIGKILLed `cmg serve` or bench
     could not remove its own). Only folders with an owner file, i.e. made by this code."""
-    removed = []
+    removed: list[Path] = []
+    if not Path("/proc/self/stat").exists():  # no way to tell a live owner from a dead one
+        return removed
     for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
         owner = folder / OWNER_FILE
         try:
@@ -198,7 +200,8 @@ def check_port(port: int, address: str, flag: str) -> None:
     port was silently replaced by a random one for gRPC."""
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise CMGError(f"{flag} {port}: a port is a number in 1..65535")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in (address or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is fine
         try:
             s.bind((address or "0.0.0.0", port))
