@@ -229,10 +229,12 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cmg.cli import nonnegative_int
+
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="override the config's seed")
     p.add_argument("--teacher-weights", type=Path, default=None, metavar="FILE",
                    help="local open_clip checkpoint for the config's teacher.arch (sets teacher.checkpoint; "
                         "open_clip configs such as vit-b32 only)")
