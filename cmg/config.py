@@ -171,8 +171,10 @@ def load_config(path: str | Path) -> Config:
         raise ValueError(f"config {path} is empty: copy a shipped config (configs/tiny.yaml) and edit it")
     try:
         return config_from_dict(values)
-    except ValueError as exc:
-        raise ValueError(f"config {path}: {exc}") from None
+    except ValueError as exc:  # name the file once: "config PATH: data: unknown key(s) ..."
+        text = str(exc)
+        text = text[len("config: "):] if text.startswith("config: ") else text.removeprefix("config ")
+        raise ValueError(f"config {path}: {text}") from None
 
 
 def config_dir() -> Path:
