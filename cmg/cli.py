@@ -153,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
         return int(module.run(args) or 0)
-    except Terminated:
-        print(f"cmg {args.verb}: terminated (SIGTERM)", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # Frames in flight were dropped on purpose: their coroutines' "never awaited" warnings
+        # at exit would bury the one line below.
+        import warnings
+
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        if isinstance(exc, Terminated):
+            print(f"cmg {args.verb}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print(f"cmg {args.verb}: interrupted", file=sys.stderr)
         return 130
     except (CMGError, FrameError, OSError, ValueError) as exc:
