@@ -568,7 +568,8 @@ class TritonServer:
         self._cleaned = True
         _LIVE.discard(self)
         log_inside = self._work in self.log_file.parents
-        if keep_log and log_inside and self._work.is_dir():
+        has_log = self.log_file.is_file() and self.log_file.stat().st_size > 0
+        if keep_log and log_inside and has_log and self._work.is_dir():
             for path in self._work.iterdir():  # the owner file goes too: a sweep leaves the log be
                 if path != self.log_file:
                     if path.is_dir() and not path.is_symlink():

@@ -539,9 +539,14 @@ def test_sigterm_to_bench_soak_stops_its_server_and_removes_its_folder(tiny_run,
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
 
 
-def test_port_taken_is_named_in_the_last_line(toy_repo, capsys):
-    """Checked before launching: one line naming the port, exit 2 (no misleading CUDA line)."""
+def test_port_taken_is_named_in_the_last_line(toy_repo, tmp_path, monkeypatch, capsys):
+    """Checked before launching: one line naming the port, exit 2 (no misleading CUDA line),
+    and no temporary folder left (there is no log to keep)."""
+    import tempfile
+
     from cmg.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -552,6 +557,7 @@ def test_port_taken_is_named_in_the_last_line(toy_repo, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("cmg serve: error: --grpc-port"), err
     assert f"port {port}" in err[-1] and "already in use" in err[-1]
+    assert not list(tmp_path.glob("cmg-triton-*"))
 
 
 def test_port_taken_after_the_check_is_named_from_the_server_log(toy_repo, monkeypatch):
