@@ -127,7 +127,7 @@ def test_bad_files(tmp_path: Path):
     ("seed: -1", "seed: expected a value >= 0, got -1"),
     ("data: {val_fraction: 0}", "data.val_fraction: expected a value > 0 and < 1, got 0"),
     ("cmer: {scorer: {steps: 2.5}}", "cmer.scorer.steps: expected an integer, got 2.5"),
-    ("- 1\n- 2", "config: expected a mapping of keys"),
+    ("- 1\n- 2", "c.yaml: expected a mapping of keys, got a list"),
 ])
 def test_config_is_validated_whole_with_one_line_naming_the_key(yaml_text, message, tmp_path):
     path = tmp_path / "c.yaml"
