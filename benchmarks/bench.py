@@ -111,14 +111,23 @@ def load_test_frames(data: Path, height: int, width: int) -> tuple[np.ndarray, n
 
 def ensure_export(run_dir: Path) -> tuple[Path, dict]:
     """RUN/onnx and its export.json, exporting first when the run has none."""
-    from cmg_build.repository import find_export
+    from cmg_build.repository import find_export, sha256
 
-    if not (run_dir / "onnx" / "export.json").is_file():
+    meta_path = run_dir / "onnx" / "export.json"
+    why = "no onnx/export.json" if not meta_path.is_file() else None
+    if why is None and (run_dir / "checkpoint.pt").is_file():
+        try:
+            recorded = json.loads(meta_path.read_text()).get("checkpoint_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != sha256(run_dir / "checkpoint.pt"):
+            why = "onnx/ was exported from another checkpoint"
+    if why is not None:
         if not (run_dir / "checkpoint.pt").is_file():
             raise CMGError(f"run folder {run_dir} has no checkpoint.pt (run `cmg train` first)")
         from cmg_train.export import export_run
 
-        print(f"cmg bench: exporting {run_dir} first (no onnx/export.json)")
+        print(f"cmg bench: exporting {run_dir} first ({why})")
         export_run(run_dir)
     return find_export(run_dir)
 

@@ -75,7 +75,27 @@ def find_export(run: Path) -> tuple[Path, dict]:
         want = models[name].get("sha256")
         if want and sha256(path) != want:
             raise CMGError(f"{path}: sha256 differs from {meta_path} (re-run `cmg export`)")
+    check_export_matches_checkpoint(onnx_dir, meta, meta_path)
     return onnx_dir, meta
+
+
+def check_export_matches_checkpoint(onnx_dir: Path, meta: dict, meta_path: Path) -> None:
+    """The export must come from the checkpoint beside it: `cmg train` into an existing run
+    used to leave the old onnx/, and build served the old model (exit 0). export.json
+    records the checkpoint's sha256; a run folder with a checkpoint.pt must match it. An
+    export folder on its own (no checkpoint next to it, e.g. copied) is taken as it is."""
+    checkpoint = next((c for c in (onnx_dir.parent / "checkpoint.pt", onnx_dir / "checkpoint.pt") if c.is_file()),
+                      None)
+    if checkpoint is None:
+        return
+    run = checkpoint.parent
+    want = meta.get("checkpoint_sha256")
+    if not want:
+        raise CMGError(f"{meta_path} does not say which checkpoint it was exported from (an older export): "
+                       f"re-run `cmg export --run {run}`")
+    if sha256(checkpoint) != want:
+        raise CMGError(f"{onnx_dir} was exported from another checkpoint than {checkpoint} "
+                       f"(sha256 {want[:12]}... in export.json): re-run `cmg export --run {run}`")
 
 
 def versions() -> dict[str, str]:
@@ -275,15 +295,17 @@ def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Servi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cmg.cli import nonnegative_int, positive_int
+
     parser.add_argument("--run", type=Path, required=True, help="training run (with onnx/ from `cmg export`)")
     parser.add_argument("--target", choices=cfgmod.TARGETS, default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="repository folder (default model_repository/)")
     parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="onnxruntime target: instance kind")
-    parser.add_argument("--max-batch", type=int, default=None)
-    parser.add_argument("--opt-batch", type=int, default=None)
-    parser.add_argument("--instances", type=int, default=None, help="instances per model")
-    parser.add_argument("--version", type=int, default=1, help="model version dir to write")
-    parser.add_argument("--cpu-threads", type=int, default=0,
+    parser.add_argument("--max-batch", type=positive_int, default=None)
+    parser.add_argument("--opt-batch", type=positive_int, default=None)
+    parser.add_argument("--instances", type=positive_int, default=None, help="instances per model")
+    parser.add_argument("--version", type=positive_int, default=1, help="model version dir to write")
+    parser.add_argument("--cpu-threads", type=nonnegative_int, default=0,
                         help="cpu target: ONNX Runtime threads per instance (0 = cores // instances for the fused "
                              "cmg, cores // (instances x 2) for ensemble steps, two of which run at once; written "
                              "resolved into config.pbtxt)")

@@ -60,16 +60,14 @@ def normalize_url(url: str, protocol: str = "grpc") -> str:
 
 
 def finite_threshold(value: float | None) -> float | None:
-    """A threshold must be a finite number: NaN would never flag, inf would flag nothing or all."""
+    """None (the server's calibrated threshold) or a number finite in FP32
+    (`cmg.contract.threshold_value`, the one check); CMGError otherwise."""
     if value is None:
         return None
     try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise CMGError(f"threshold {value!r} is not a number") from exc
-    if not math.isfinite(number):
-        raise CMGError(f"threshold {value!r} is not a finite number")
-    return number
+        return C.threshold_value(value)
+    except ValueError as exc:
+        raise CMGError(str(exc)) from None
 
 
 def positive_seconds(value: float, what: str = "timeout") -> float:

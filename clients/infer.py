@@ -21,7 +21,7 @@ from cmg.frames import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import finite_float, positive_float, positive_int
+    from cmg.cli import positive_float, positive_int, threshold_float
     from cmg_clients import core
 
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per request (default: model's max batch)")
     parser.add_argument("--shm", action="store_true", help="send tensors through system shared memory")
-    parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--overlays", type=Path, default=None, help="write an overlay PNG per flagged image here")
     parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--retries", type=int, default=3,

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from cmg import contract as C
-from cmg.errors import CMGError, check_parent_folders
+from cmg.errors import CMGError, check_parent_folders, naming
 from cmg.frames import DEFAULT_MAX_PIXELS
 from cmg_clients import core
 from cmg_clients.servers import ServerPool
@@ -232,6 +232,7 @@ class Existing:
 
     count: int = 0
     last_id: str | None = None
+    last_source: str | None = None  # the `source` its last line names (resume checks it)
     errors: dict[int, str | None] = field(default_factory=dict)  # seq -> frame_id
 
 
@@ -258,7 +259,7 @@ def scan_existing(out: Path) -> Existing:
             raise CMGError(f"{out}:{lineno}: seq {seq} where {found.count} was expected; cannot resume")
         if "error" in rec:
             found.errors[found.count] = rec.get("frame_id")
-        found.count, found.last_id = found.count + 1, rec.get("frame_id")
+        found.count, found.last_id, found.last_source = found.count + 1, rec.get("frame_id"), rec.get("source")
     if len(keep) != len(raw):
         out.write_bytes(keep)
     return found
@@ -296,6 +297,97 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
         os.fsync(dst.fileno())
     os.replace(tmp, out)
     _fsync_dir(out.parent)
+
+
+class OutputLock:
+    """One writer per output file: an OS lock (fcntl.flock) on a sibling lock file, held
+    for the stream's life.
+
+    Why a sibling (`.OUT.lock`) and not OUT itself: `--retry-errors` replaces OUT by a
+    rename, and a lock on the old inode would not stop a writer that opens the new one.
+    The holder writes its pid into the lock file so a refused stream can name it. The
+    kernel drops the lock when the holder dies however it dies (SIGKILL too), so a stale
+    lock file never blocks anyone. OUT that is not a regular file (/dev/full, a FIFO) has
+    its lock under the temporary folder, keyed by OUT's resolved path.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        if out.exists() and not out.is_file():
+            import hashlib
+            import tempfile
+
+            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+            folder = Path(tempfile.gettempdir()) / "cmg-locks"
+            folder.mkdir(exist_ok=True)
+            self.path = folder / f"{key}.lock"
+        else:
+            self.path = out.with_name(f".{out.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise CMGError naming the holder's pid; never waits."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
+                               f"{self.path}): one writer per file; wait for it to end or choose another --out") from None
+            try:  # the holder before us may have removed the file between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file while still holding it, then let go."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _looks_like_stream_output(out: Path) -> bool:
+    """True when OUT's first line is a line this client writes (JSON with seq 0)."""
+    try:
+        with out.open("rb") as fh:
+            first = fh.readline(1 << 20)
+        rec = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("seq") == 0
+
+
+def same_source(recorded: object, now: str) -> bool:
+    """A line's `source` against the source's now: equal, or the same file by path (a
+    folder given as `cam1` then `./cam1/` is the same source)."""
+    if recorded == now:
+        return True
+    if not isinstance(recorded, str) or now.startswith("synth:") or recorded.startswith("synth:"):
+        return False
+    try:
+        return Path(recorded).resolve() == Path(now).resolve()
+    except OSError:
+        return False
 
 
 def check_out_path(out: Path) -> None:
@@ -448,12 +540,16 @@ def _frame_error(exc: BaseException) -> str:
 
 
 def scored_line(base: dict, arrays: dict[str, np.ndarray], result: object, latency_ms: float, retries: int,
-                server: str | None = None) -> dict:
+                server: str | None = None, attempt_ms: float | None = None) -> dict:
     """The one place a frame's scored line is made (callbacks see it through `on_line`):
     the frame's fields, score and flag, the model version that answered (Triton's
-    response names it), latency, retries, and with several servers the one that answered."""
+    response names it), latency, retries, and with several servers the one that answered.
+
+    `latency_ms` runs from the frame's first send to its result, retries and backoff
+    included (what the line waited); `attempt_ms` is the last attempt alone (the server)."""
     line = {**base, **core.scalars(arrays), "model_version": core.model_version(result),
-            "latency_ms": round(latency_ms, 3), "retries": retries}
+            "latency_ms": round(latency_ms, 3),
+            "attempt_ms": round(latency_ms if attempt_ms is None else attempt_ms, 3), "retries": retries}
     if server is not None:
         line["server"] = server
     return line
@@ -511,6 +607,7 @@ class _Scorer:
             inputs = core.build_inputs(grpcclient, frame[None], threshold)
             attempt = 0
             server = None
+            t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
             while True:
                 server = pool.pick(avoid=server)
                 generation = server.channel.generation
@@ -535,10 +632,12 @@ class _Scorer:
                 except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
                     reason = f"{type(exc).__name__}: {exc}"
                 else:
-                    latency = (time.perf_counter() - t0) * 1000.0
-                    self.latencies.append(latency)
+                    now = time.perf_counter()
+                    latency = (now - t_first) * 1000.0
+                    self.latencies.append(latency)  # the summary's percentiles: first send to result
                     server.frames += 1
-                    line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None)
+                    line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None,
+                                       attempt_ms=(now - t0) * 1000.0)
                     if observer is not None:
                         observer.on_frame(name, line, frame, arrays)
                     deliver(k, line)
@@ -606,8 +705,19 @@ async def _stream(opts: StreamOptions, summary: StreamSummary, pool: ServerPool 
     opts.threshold = core.finite_threshold(opts.threshold)
     if opts.retry_errors and not opts.resume:
         raise CMGError("--retry-errors re-scores the error lines of an earlier run: use it with --resume")
+    if opts.resume and opts.overwrite:
+        raise CMGError("--resume continues OUT and --overwrite starts it afresh: give one of them")
     check_out_path(opts.out)
+    with OutputLock(opts.out):  # before OUT is read: a second writer or resume stops here, exit 2
+        await _stream_locked(opts, summary, pool, size, own_pool, url)
+
+
+async def _stream_locked(opts: StreamOptions, summary: StreamSummary, pool: ServerPool | None,
+                         size: tuple[int, int] | None, own_pool: bool, url: str) -> None:
     if opts.out.exists() and opts.out.stat().st_size and not (opts.resume or opts.overwrite):
+        if not _looks_like_stream_output(opts.out):
+            raise CMGError(f"--out {opts.out} exists and is not a cmg stream output (its first line is not a "
+                           "JSON line with seq 0): choose another file, or --overwrite to replace it")
         raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
     source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels)
     if own_pool:
@@ -649,6 +759,9 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
                 f"{opts.out}: last line is frame {found.last_id!r} but the source's frame {start - 1} is "
                 f"{item.frame_id!r}; it was written from another source"
             )
+        if found.last_source is not None and not same_source(found.last_source, item.source):
+            raise CMGError(f"{opts.out}: its lines come from source {found.last_source!r}, not {item.source!r}; "
+                           "resume with the source that wrote it, or choose another --out")
     redo: list[tuple[int, SourceItem]] = []
     if opts.retry_errors and found.errors:
         redo = list(source.pick(found.errors))
@@ -682,8 +795,9 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
             out = open(opts.out, "a" if opts.resume else "w", encoding="utf-8")  # noqa: SIM115
 
             def write(line: dict) -> None:
-                out.write(json.dumps(line) + "\n")
-                out.flush()
+                with naming(opts.out):  # e.g. [Errno 28] on a full disk: say which file
+                    out.write(json.dumps(line) + "\n")
+                    out.flush()
                 summary.frames += 1
                 if "error" in line:
                     summary.errors += 1
@@ -697,7 +811,8 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
             await scorer.run(jobs, write, fps, progress)
     finally:
         if out is not None:
-            out.close()
+            with naming(opts.out):  # what a full disk refused is flushed again here, and fails again
+                out.close()
         progress.close()
         summary.elapsed_s = time.perf_counter() - t_begin
         summary.fps = summary.frames / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
@@ -827,7 +942,7 @@ def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[Str
 
 # -- command line -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import finite_float, positive_float, positive_int
+    from cmg.cli import positive_float, positive_int, retries_int, threshold_float
 
     parser.add_argument("--url", action="append", default=None,
                         help=f"gRPC HOST:PORT (default {core.default_url('grpc')}); repeat for several servers: "
@@ -849,11 +964,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --resume: re-score the error lines already in OUT (rewritten atomically)")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh if it exists")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many frames in OUT")
-    parser.add_argument("--max-retries", type=int, default=30,
+    parser.add_argument("--max-retries", type=retries_int, default=30,
                         help="tries per frame while the server is away before giving up (-1: forever)")
     parser.add_argument("--backoff-max", type=positive_float, default=5.0,
                         help="longest wait between retries (s)")
-    parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
+    parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

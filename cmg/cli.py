@@ -43,6 +43,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def threshold_float(text: str) -> float:
+    """`--threshold`: finite in FP32, the dtype the graphs compare it in (cmg.contract.threshold_value)."""
+    from cmg.contract import threshold_value
+
+    try:
+        return threshold_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (timeouts, durations, rates: 0 would fail or spin at once)."""
     value = finite_float(text)
@@ -59,6 +69,39 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def port_int(text: str) -> int:
+    """A TCP port, 1..65535 (tritonserver took 99999 and listened on a random port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (0 often means "the default", e.g. --cpu-threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def retries_int(text: str) -> int:
+    """A retry budget: an integer >= 0, or -1 for "without limit" (-2 is a typo, not forever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit; got {text!r}")
     return value
 
 
@@ -84,7 +127,18 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C is: every `finally` runs (servers
+    stopped, temporary folders removed) instead of the process vanishing mid-way."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from cmg.errors import CMGError
     from cmg.frames import FrameError
 
@@ -96,9 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     debug = bool(os.environ.get("CMG_DEBUG"))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # Frames in flight were dropped on purpose: their coroutines' "never awaited" warnings
+        # at exit would bury the one line below.
+        import warnings
+
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        if isinstance(exc, Terminated):
+            print(f"cmg {args.verb}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print(f"cmg {args.verb}: interrupted", file=sys.stderr)
         return 130
     except (CMGError, FrameError, OSError, ValueError) as exc:
@@ -117,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmg {args.verb}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(CMG_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # `cmg serve` installs its own (a graceful stop); main() in a test returns
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (tests call main() elsewhere)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _one_line(exc: BaseException) -> str:

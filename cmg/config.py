@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from cmg.config_check import check_section
+
 
 @dataclass
 class DataConfig:
@@ -168,6 +170,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
+    """Validate the whole mapping (types, ranges, choices: cmg.config_check), then build."""
+    check_section(Config, values)
     cfg = _build(Config, values, "")
     size, grid = cfg.data.image_size, cfg.cmer.grid
     if size % grid:
@@ -178,16 +182,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if side % cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide the local map's side "
                          f"{side} (local.model {cfg.local.model})")
-    if cfg.local.placement not in ("keep", "uniform"):
-        raise ValueError(f"config: local.placement {cfg.local.placement!r}: expected keep or uniform")
-    if cfg.local.model not in ("bank", "unet"):
-        raise ValueError(f"config: local.model {cfg.local.model!r}: expected bank or unet")
-    if cfg.local.score not in ("max", "max_minus_p90"):
-        raise ValueError(f"config: local.score {cfg.local.score!r}: expected max or max_minus_p90")
-    if cfg.scoring.fusion not in ("mean", "max", "local"):
-        raise ValueError(f"config: scoring.fusion {cfg.scoring.fusion!r}: expected mean, max or local")
-    if cfg.cmle.text_encoder not in ("minilm", "teacher"):
-        raise ValueError(f"config: cmle.text_encoder {cfg.cmle.text_encoder!r}: expected minilm or teacher")
     return cfg
 
 
@@ -197,10 +191,17 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"config {path}: not valid YAML ({exc})") from exc
-    return config_from_dict(values)
+    if values is None:  # an empty file must not silently train the defaults
+        raise ValueError(f"config {path} is empty: copy a shipped config (configs/tiny.yaml) and edit it")
+    try:
+        return config_from_dict(values)
+    except ValueError as exc:  # name the file once: "config PATH: data: unknown key(s) ..."
+        text = str(exc)
+        text = text[len("config: "):] if text.startswith("config: ") else text.removeprefix("config ")
+        raise ValueError(f"config {path}: {text}") from None
 
 
 def config_dir() -> Path:

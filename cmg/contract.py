@@ -28,6 +28,27 @@ ANOMALY_SCORE = "ANOMALY_SCORE"
 IS_ANOMALY = "IS_ANOMALY"
 ANOMALY_MAP = "ANOMALY_MAP"
 KEEP_MASK = "KEEP_MASK"
+
+
+def threshold_value(value: object) -> float:
+    """THRESHOLD as the FP32 the graphs compare with: the one check every entry shares
+    (CLI `--threshold`, the dashboard's slider endpoint, the client library).
+
+    A number that is finite as float64 but not as FP32 (1e39) becomes inf on the wire and
+    every frame an error; NaN never flags and inf flags nothing or all. Strings of numbers
+    are accepted (command line, config parameters); bools and other types are not.
+    Raises ValueError with one line naming the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, np.floating, np.integer)):
+        raise ValueError(f"threshold {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"threshold {value!r} is not a number") from None
+    if not np.isfinite(number) or abs(number) > float(np.finfo(np.float32).max):
+        raise ValueError(f"threshold {value!r} is not a finite number in FP32 "
+                         f"(|value| <= {float(np.finfo(np.float32).max):.4g})")
+    return number
 EMBEDDING = "EMBEDDING"
 
 # Output order of the cmle_encoder graph (cmg_train.detector.DetectorOutput follows it).

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from cmg.errors import CMGError
-from cmg.frames import load_frame
+from cmg.frames import load_frame, to_rgb8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
@@ -63,7 +63,7 @@ def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A binary mask image resized with NEAREST (interpolation must not invent labels)."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L")
+            img = to_rgb8(img, f"mask {path}").convert("L")  # the frames' conversion (16-bit masks too)
             height, width = size
             if img.size != (width, height):
                 img = img.resize((width, height), Image.NEAREST)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class CMGError(RuntimeError):
     """Bad input or a missing prerequisite; the message says what and where.
@@ -25,3 +28,15 @@ def check_parent_folders(path, flag: str) -> None:
             if not parent.is_dir():
                 raise CMGError(f"{flag} {path}: {parent} is a file, not a folder")
             return
+
+
+@contextlib.contextmanager
+def naming(path: object) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write failing with `[Errno 28] No space
+    left on device` names none) with `path` as its file, so the one-line error says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc

@@ -25,28 +25,89 @@ class FrameError(ValueError):
     """An image could not be turned into a frame; the message names the source."""
 
 
-def to_frame(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Convert a PIL image or an HWC/HW array to UINT8 RGB of `size` = (height, width)."""
+# Pillow modes holding one 16-bit channel (camera mono PNG/TIFF): scaled by 255/65535.
+_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255) -> np.ndarray:
+    """Scale an array of any numeric dtype to UINT8 by the dtype's range, never by clipping.
+
+    uint8 as is; bool 0/255; uint16 by 255/65535 (x / 257, rounded: 16-bit cameras);
+    other integers must lie within 0..`wide_ints` (255 for arrays: as is; 65535 for
+    Pillow's 32-bit mode I, which holds 16-bit camera data: / 257) and are refused
+    otherwise; floats (mode F) must be finite and within 0..1 (x 255) or 0..255 (as is).
+    Anything else is refused: a frame silently saturated to 255 (the old I;16 path) scores
+    as a plausible normal image.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 65535 if arr.dtype == np.uint16 else wide_ints
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > top:
+            raise FrameError(f"{what}: {arr.dtype} pixel values {lo}..{hi} are outside 0..{top}; "
+                             "save the image with 8 or 16 bits per channel")
+        if top == 255:
+            return arr.astype(np.uint8)
+        return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise FrameError(f"{what}: floating-point pixels include NaN or inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:
+            raise FrameError(f"{what}: floating-point pixels {lo:g}..{hi:g} are outside 0..1 and 0..255")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return np.rint(arr.astype(np.float64) * scale).astype(np.uint8)
+    raise FrameError(f"{what}: pixels of dtype {arr.dtype} are not an image")
+
+
+def to_rgb8(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """Any image (PIL in any mode, or an HW/HWx1/HWx3/HWx4 array) -> 8-bit RGB PIL image.
+
+    The one conversion: frames (`to_frame`, hence training, infer, stream, bench) and the
+    ground-truth masks all go through it, so an image reads the same everywhere. 16-bit
+    and float pixels are scaled by their type's range (`_array_to_uint8`); alpha is
+    dropped (LA, RGBA, PA, palette with transparency: the stored colours, not composited);
+    CMYK and YCbCr use Pillow's conversions; a mode Pillow cannot turn into RGB is a
+    FrameError naming it.
+    """
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim >= 2 and (arr.shape[0] == 0 or arr.shape[1] == 0):
-            raise FrameError(f"array of shape {list(image.shape)} is an empty image")
+            raise FrameError(f"{what}: array of shape {list(image.shape)} is an empty image")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+            raise FrameError(f"{what}: array of shape {list(image.shape)} is not an HxW, HxWx1, HxWx3 "
+                             "or HxWx4 image")
+        arr = _array_to_uint8(np.asarray(arr[..., :3] if arr.ndim == 3 else arr), what)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-            raise FrameError(f"array of shape {list(image.shape)} is not an HxW, HxWx1, HxWx3 or HxWx4 image")
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        arr = arr[..., :3]
-        if arr.dtype != np.uint8:
-            if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
-                arr = arr * 255.0
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(arr))
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _MODES_16 or mode in ("I", "F"):
+        arr = _array_to_uint8(np.asarray(image), f"{what} (mode {mode})", wide_ints=65535)
+        return Image.fromarray(np.repeat(arr[..., None], 3, axis=-1), "RGB")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # the palette's colours; transparency becomes alpha, then dropped
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise FrameError(f"{what}: image mode {mode} cannot be converted to RGB ({exc})") from exc
+
+
+def to_frame(image: Image.Image | np.ndarray, size: tuple[int, int], what: str = "image") -> np.ndarray:
+    """Convert a PIL image or an HWC/HW array to UINT8 RGB of `size` = (height, width)."""
+    if not isinstance(image, np.ndarray) and (image.width == 0 or image.height == 0):
+        raise FrameError(f"{what}: size {image.width} x {image.height} is empty")
     height, width = size
-    if image.width == 0 or image.height == 0:
-        raise FrameError(f"image of size {image.width} x {image.height} is empty")
-    image = image.convert("RGB")
+    image = to_rgb8(image, what)
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()
@@ -80,7 +141,7 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
             if width == 0 or height == 0:
                 raise FrameError(f"image {name} is empty ({width} x {height})")
             img.load()
-            return to_frame(img, size)
+            return to_frame(img, size, f"image {name}")
     except FrameError:
         raise
     except Image.DecompressionBombError as exc:

@@ -11,7 +11,9 @@ enough). Imports no torch.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from cmg.errors import CMGError
@@ -107,6 +110,110 @@ def python_backend_dir(work_dir: Path) -> Path | None:
     return target.parent
 
 
+# -- no orphaned servers ------------------------------------------------------------------
+# A tritonserver must not outlive the command that started it, however that command ends:
+# - normal exit, an exception, Ctrl-C, SIGTERM (cmg.cli turns SIGTERM into
+#   KeyboardInterrupt so `finally` blocks run): the caller's cleanup(), and an atexit hook
+#   for any server still registered here (e.g. interrupted while it was starting);
+# - SIGKILL of the parent (nothing of it runs): Linux's PR_SET_PDEATHSIG, set in the child
+#   before exec, sends the server SIGTERM when its parent dies; it stops its Python stubs
+#   and exits (--exit-timeout-secs 10). Its work folder is removed by the next server
+#   started here (`sweep_stale_work_dirs`: the folder names its owner's pid).
+# The server runs in its own process group (start_new_session), so the caller's terminal
+# signals reach it once, and stop()/kill() end the server with its stubs.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+WORK_PREFIX = "cmg-triton-"
+OWNER_FILE = "owner"
+PR_SET_PDEATHSIG = 1
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a pid reused by
+    another process apart from the one that wrote an owner file."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _owner_alive(text: str) -> bool:
+    try:
+        pid_s, _, started = text.strip().partition(" ")
+        pid = int(pid_s)
+    except ValueError:
+        return True  # unreadable: not ours to judge
+    now = _process_start_time(pid)
+    return now is not None and (not started or now == started)
+
+
+def sweep_stale_work_dirs() -> list[Path]:
+    """Remove work folders whose owning process has died (a SIGKILLed `cmg serve` or bench
+    could not remove its own). Only folders with an owner file, i.e. made by this code."""
+    removed: list[Path] = []
+    if not Path("/proc/self/stat").exists():  # no way to tell a live owner from a dead one
+        return removed
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        owner = folder / OWNER_FILE
+        try:
+            text = owner.read_text()
+        except OSError:
+            continue
+        if not _owner_alive(text):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _prctl():
+    """libc's prctl, looked up in the parent: the child between fork and exec must not import
+    or load anything (another thread may hold the import lock at fork time)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """preexec_fn of the server (runs in the child, before exec): SIGTERM when the parent
+    dies (Linux prctl PR_SET_PDEATHSIG); exit at once if the parent has already died."""
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@atexit.register
+def _stop_live_servers() -> None:
+    """Last resort at interpreter exit: every server started here and not cleaned up goes."""
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.cleanup()
+
+
+def check_port(port: int, address: str, flag: str) -> None:
+    """Refuse a port out of range or already taken before tritonserver is launched: its own
+    message for a taken port comes lines above a misleading last one, and an out-of-range
+    port was silently replaced by a random one for gRPC."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise CMGError(f"{flag} {port}: a port is a number in 1..65535")
+    family = socket.AF_INET6 if ":" in (address or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is fine
+        try:
+            s.bind((address or "0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CMGError(f"{flag} {port}: port {port} on {address} is already in use (another server? "
+                               f"choose another port with {flag})") from None
+            if exc.errno == errno.EACCES:
+                raise CMGError(f"{flag} {port}: binding port {port} needs privileges; use a port >= 1024") from None
+            raise CMGError(f"{flag} {port}: cannot bind {address}:{port} ({exc.strerror})") from None
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -187,7 +294,11 @@ class TritonServer:
         self.cuda_pool_bytes = cuda_pool_bytes
         self.verbose = verbose
         self.require_models = require_models
-        self._work = Path(tempfile.mkdtemp(prefix="cmg-triton-"))
+        sweep_stale_work_dirs()
+        self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+        started = _process_start_time(os.getpid()) or ""
+        (self._work / OWNER_FILE).write_text(f"{os.getpid()} {started}\n")
+        self._cleaned = False
         self.log_file = Path(log_file) if log_file else self._work / "tritonserver.log"
         self._proc: subprocess.Popen | None = None
         self._log_handle = None
@@ -212,6 +323,11 @@ class TritonServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def work_dir(self) -> Path:
+        """The temporary folder (assembled backends, default log); removed by cleanup()."""
+        return self._work
 
     def command(self) -> list[str]:
         binary, _ = find_tritonserver()
@@ -299,8 +415,21 @@ class TritonServer:
                 out.append(message)
         return out[:limit]
 
+    def port_error_line(self) -> str | None:
+        """The server's own line saying an endpoint could not bind (port taken between our
+        check and its start), e.g. `failed to start GRPC service: ... already in use`."""
+        for line in self._this_start_log().splitlines():
+            low = line.lower()
+            if "failed to start" in low and "service" in low:
+                return _log_message(line).strip()
+        return None
+
     def _start_error(self, what: str) -> CMGError:
-        """CMGError naming the failing model (from the server's log) and where the log is."""
+        """CMGError naming the failing model (from the server's log) and where the log is;
+        a port the server could not bind wins (later lines about models are its consequence)."""
+        port = self.port_error_line()
+        if port:
+            return CMGError(f"{what}: {port} (log {self.log_file})")
         lines = self.model_error_lines()
         first = lines[0] if lines else (self._fatal_log_line() or "see the log")
         return CMGError(f"{what}: {first} (log {self.log_file})",
@@ -334,17 +463,34 @@ class TritonServer:
         model (the server's own log lines) when it dies, refuses its models or times out."""
         if self.is_running():
             return self
+        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
+            check_port(port, self.address, flag)
         cmd = self.command()
         _, env = find_tritonserver()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - lives as long as the process
         self._log_start = self._log_handle.tell()  # scan only this start's lines for fatal errors
         # Own session: signals to the caller's terminal do not reach the server twice,
-        # and kill() can end the server together with its Python stubs.
+        # and kill() can end the server together with its Python stubs. The death signal
+        # follows the thread that forks: only the main thread (which lives as long as the
+        # process) sets it; a server started from another thread relies on the atexit hook.
+        parent, prctl = os.getpid(), _prctl()
+        main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
             cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
             cwd=self._work, start_new_session=True,
+            preexec_fn=(lambda: _die_with_parent(parent, prctl)) if main and prctl is not None else None,
         )
+        _LIVE.add(self)
+        try:
+            return self._wait_ready(timeout)
+        except BaseException:  # Ctrl-C or SIGTERM while starting: the server goes too
+            if self.is_running():
+                self.stop(timeout=10)
+            raise
+
+    def _wait_ready(self, timeout: float) -> TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -419,9 +565,12 @@ class TritonServer:
         """Stop and remove the work dir (assembled backends); with `keep_log` a log that
         lives there stays (a failed start's evidence), everything else goes."""
         self.stop()
+        self._cleaned = True
+        _LIVE.discard(self)
         log_inside = self._work in self.log_file.parents
-        if keep_log and log_inside and self._work.is_dir():
-            for path in self._work.iterdir():
+        has_log = self.log_file.is_file() and self.log_file.stat().st_size > 0
+        if keep_log and log_inside and has_log and self._work.is_dir():
+            for path in self._work.iterdir():  # the owner file goes too: a sweep leaves the log be
                 if path != self.log_file:
                     if path.is_dir() and not path.is_symlink():
                         shutil.rmtree(path, ignore_errors=True)
@@ -440,18 +589,20 @@ class TritonServer:
         try:
             if self.is_running():
                 self.kill()
+            if not self._cleaned:
+                shutil.rmtree(self._work, ignore_errors=True)
         except Exception:  # noqa: BLE001
             pass
 
 
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import positive_float
+    from cmg.cli import port_int, positive_float
 
     parser.add_argument("--repository", type=Path, required=True, help="Triton model repository (cmg build --out)")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
-    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    parser.add_argument("--http-port", type=port_int, default=DEFAULT_HTTP_PORT)
+    parser.add_argument("--grpc-port", type=port_int, default=DEFAULT_GRPC_PORT)
+    parser.add_argument("--metrics-port", type=port_int, default=DEFAULT_METRICS_PORT)
     parser.add_argument("--address", default=LOOPBACK, help="bind address (default loopback only)")
     parser.add_argument("--model-control-mode", choices=("none", "explicit", "poll"), default="none")
     parser.add_argument("--load-model", action="append", default=[], metavar="M",
@@ -495,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
     failed = True
     try:
         server.start(timeout=args.timeout)
-        print(f"tritonserver ready on {server.repository} (log {server.log_file})", flush=True)
+        print(f"tritonserver ready on {server.repository} (pid {server.pid}, log {server.log_file})", flush=True)
         print(f"  grpc    {server.grpc_url}\n  http    {server.http_url}\n  metrics {server.metrics_url}", flush=True)
         while not stop.is_set():
             if not server.is_running():

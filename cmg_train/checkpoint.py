@@ -8,6 +8,7 @@ evaluation and benchmarks start from the same file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 
 from cmg.config import Config, config_from_dict
 from cmg.contract import Contract
-from cmg.errors import CMGError
+from cmg.errors import CMGError, naming
 from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
@@ -95,7 +96,13 @@ def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: 
         "metrics": metrics,
     }
     path = out / "checkpoint.pt"
-    torch.save(state, path)
+    tmp = out / f".checkpoint.pt.tmp-{os.getpid()}"  # a kill or full disk mid-save leaves the old file
+    try:
+        with naming(path):
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
-from cmg.errors import CMGError
+from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
@@ -41,7 +41,7 @@ from cmg_train.detector import CMGDetector
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
-from cmg_train.runlog import append_jsonl
+from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
 from cmg_train.teacher.model import Teacher, teacher_weights
 
@@ -127,7 +127,33 @@ def fit_local(cfg: Config, teacher: Teacher, frames: torch.Tensor, relevance: to
 
 
 def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict:
-    """The whole training job; returns metrics (also written to RUN/metrics.json)."""
+    """The whole training job; returns metrics (also written to RUN/metrics.json).
+
+    RUN changes only when training succeeds (`run_folder`): a failed run keeps an existing
+    run's files and log and leaves no new folder; a successful one removes the run's stale
+    RUN/onnx (exported from the checkpoint it replaces). `progress=False` also silences
+    the libraries' own bars ("Loading weights")."""
+    if not progress:
+        quiet_library_progress()
+    with run_folder(Path(out)) as log_path:
+        return _train_run(cfg, data, Path(out), progress, log_path)
+
+
+def quiet_library_progress() -> None:
+    """transformers and huggingface_hub draw their own bars when MiniLM loads."""
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Path) -> dict:
     t0 = time.perf_counter()
     data = Path(data).resolve()
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
@@ -145,9 +171,6 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
         # The folder check counted every training image; CMLE learns from the split without the
         # held-out normals, which can have fewer: fail on it now, not after minutes of training.
         check_captions(tr_captions, cfg.cmle)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    log_path.write_text("")
     log = functools.partial(append_jsonl, log_path)
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
@@ -199,7 +222,8 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
         "timings": {**timings, "total_s": time.perf_counter() - t0},
     }
     save_run(out, cfg, teacher, scorer, det, caption_bank, unique, metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    with naming(out / "metrics.json"):
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return metrics
 
 
@@ -216,10 +240,12 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cmg.cli import nonnegative_int
+
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="override the config's seed")
     p.add_argument("--teacher-weights", type=Path, default=None, metavar="FILE",
                    help="local open_clip checkpoint for the config's teacher.arch (sets teacher.checkpoint; "
                         "open_clip configs such as vit-b32 only)")

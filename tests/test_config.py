@@ -80,9 +80,9 @@ def test_unknown_keys_are_errors(values, where):
     ({"data": {"image_size": 60}}, "not a multiple of cmer.grid 8"),
     ({"data": {"image_size": 36}, "cmer": {"grid": 4}, "scoring": {"map_size": 2}}, "multiple of 8"),
     ({"scoring": {"map_size": 12}}, r"map_size 12 must divide image_size / 2 = 32"),
-    ({"local": {"placement": "everywhere"}}, "expected keep or uniform"),
-    ({"scoring": {"fusion": "sum"}}, "expected mean, max or local"),
-    ({"cmle": {"text_encoder": "bert"}}, "expected minilm or teacher"),
+    ({"local": {"placement": "everywhere"}}, "expected one of keep, uniform"),
+    ({"scoring": {"fusion": "sum"}}, "expected one of mean, max, local"),
+    ({"cmle": {"text_encoder": "bert"}}, "expected one of minilm, teacher"),
     ({"data": 3}, "mapping"),
 ])
 def test_inconsistent_values_are_errors(values, message):
@@ -102,6 +102,72 @@ def test_bad_files(tmp_path: Path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
         load_config(bad)
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert load_config(empty) == Config()  # an empty file is all defaults
+    for text in ("", "# only a comment\n"):  # an empty file must not silently train the defaults
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ValueError, match=r"empty\.yaml is empty"):
+            load_config(empty)
+
+
+# The issue's cases (and neighbours): one line naming the key, before any work.
+@pytest.mark.parametrize("yaml_text, message", [
+    ("teacher: {steps: five}", "teacher.steps: expected an integer, got 'five'"),
+    ("local: {batch_size: -8}", "local.batch_size: expected a value >= 1, got -8"),
+    ("teacher: {channels: 16}", "teacher.channels: expected a list such as [16, 32], got 16"),
+    ("cmer: {scorer: {channels: [16, x]}}", "cmer.scorer.channels[1]: expected an integer, got 'x'"),
+    ("local: {channels: []}", "local.channels: expected a non-empty list"),
+    ("scoring: {fpr: 1.5}", "scoring.fpr: expected a value > 0 and < 1, got 1.5"),
+    ("data: {image_size: -64}", "data.image_size: expected a value >= 8, got -64"),
+    ("teacher: {lr: 1e-3}", "teacher.lr: expected a number, got '1e-3' (YAML reads 1e-3 as text"),
+    ("teacher: {lr: .nan}", "teacher.lr: expected a number, got nan"),
+    ("cmer: {grow: 'yes'}", "cmer.grow: expected true or false, got 'yes'"),
+    ("cmer: {enabled: 1}", "cmer.enabled: expected true or false, got 1"),
+    ("teacher: {arch: 32}", "teacher.arch: expected a string, got 32"),
+    ("teacher: {source: clip}", "teacher.source: expected one of scratch, open_clip, got 'clip'"),
+    ("seed: -1", "seed: expected a value >= 0, got -1"),
+    ("data: {val_fraction: 0}", "data.val_fraction: expected a value > 0 and < 1, got 0"),
+    ("cmer: {scorer: {steps: 2.5}}", "cmer.scorer.steps: expected an integer, got 2.5"),
+    ("- 1\n- 2", "c.yaml: expected a mapping of keys, got a list"),
+])
+def test_config_is_validated_whole_with_one_line_naming_the_key(yaml_text, message, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text + "\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(f"config {path}: ") and message in text and "\n" not in text, text
+
+
+def test_config_cli_error_is_exit_2_before_any_work(tmp_path, capsys):
+    """`cmg train` with a bad config stops with one line before reading the data (which here
+    does not even exist): nothing trains for 36 s first."""
+    from cmg.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("scoring: {fpr: 1.5}\n")
+    rc = main(["train", "--config", str(path), "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "scoring.fpr" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_validation_is_driven_by_the_dataclasses():
+    """A key added to a config dataclass is type-checked with no new code; every name in
+    the range table is a real key (a renamed key must not leave a dead rule behind)."""
+    import dataclasses
+
+    from cmg.config_check import check_range_table, check_section
+
+    @dataclasses.dataclass
+    class Extra:
+        new_steps: int = 3
+        sizes: list[int] = dataclasses.field(default_factory=lambda: [1])
+        batch_size: int = 2
+
+    with pytest.raises(ValueError, match="x.new_steps: expected an integer, got 'many'"):
+        check_section(Extra, {"new_steps": "many"}, "x")
+    with pytest.raises(ValueError, match=r"x.sizes\[0\]: expected an integer"):
+        check_section(Extra, {"sizes": ["a"]}, "x")
+    with pytest.raises(ValueError, match="x.batch_size: expected a value >= 1"):  # by name, any section
+        check_section(Extra, {"batch_size": 0}, "x")
+    assert check_range_table() == []

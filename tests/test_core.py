@@ -65,10 +65,20 @@ def test_build_inputs_and_outputs(mod, threshold):
     assert [o.name() for o in core.requested_outputs(mod)] == list(core.OUTPUTS)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "x", 1e39, -1e39, "4e38", True])
 def test_non_finite_threshold_never_leaves_the_client(bad):
+    """Not finite in FP32 (1e39 is finite as float64, inf on the wire): refused before sending."""
     with pytest.raises(CMGError, match="threshold"):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.uint8), bad)
+    with pytest.raises(CMGError, match="threshold"):
+        core.threshold_to_send({"name": "cmg", "input": [{"name": C.THRESHOLD}],
+                                "parameters": {"default_threshold": {"string_value": str(bad)}}})
+
+
+def test_fp32_limits_of_the_threshold_check():
+    big = float(np.finfo(np.float32).max)
+    assert core.finite_threshold(big) == big and core.finite_threshold(-big) == -big
+    assert core.finite_threshold("0.25") == 0.25 and core.finite_threshold(np.float32(2)) == 2.0
 
 
 def test_threshold_to_send_follows_the_ensemble_config():

@@ -113,7 +113,7 @@ def test_threshold_endpoint(board):
     assert board.state.threshold("cam-a", None) == 1.25
     assert board.state.threshold("unknown", 0.5) == 0.5
     assert _get(board.port, "/cameras/7/threshold", "POST", b'{"value": 1}', post)[0] == 404
-    for bad in (b'{"value": NaN}', b'{"value": "1"}', b'{"value": true}', b"[]", b"{", b'{"v": 1}'):
+    for bad in (b'{"value": NaN}', b'{"value": 1e39}', b'{"value": -1e39}', b'{"value": "1"}', b'{"value": true}', b"[]", b"{", b'{"v": 1}'):
         assert _get(board.port, "/cameras/0/threshold", "POST", bad, post)[0] == 400, bad
     # A cross-site form post cannot set it (no JSON content type without a CORS preflight).
     form = {"Content-Type": "application/x-www-form-urlencoded"}

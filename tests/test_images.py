@@ -138,3 +138,94 @@ def test_stream_pixel_limit_flag(triton, tmp_path, capsys):
                "--max-pixels", "100"])
     big, small = [json.loads(s) for s in out.read_text().splitlines()]
     assert rc == 1 and "over the limit of 100" in big["error"] and "score" in small
+
+
+# -- every camera format: pixel values, not just shapes (issue 25) --------------------------
+def _saved(img: Image.Image, fmt: str, path: Path) -> Path:
+    img.save(path, fmt)
+    return path
+
+
+RAMP16 = np.array([[0, 257, 32896], [65535, 1000, 51400]], dtype=np.uint16)  # x / 257 -> 0, 1, 128, 255, 4, 200
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16bit_grayscale_is_scaled_not_saturated(mode, tmp_path):
+    """A mono camera's 16-bit PNG/TIFF becomes x/257, not all-255 (Pillow's own `convert`)."""
+    if mode == "I;16":
+        img = Image.fromarray(RAMP16)
+    elif mode == "I;16B":
+        img = Image.fromarray(RAMP16.astype(">u2"))
+    else:
+        img = Image.fromarray(RAMP16.astype(np.int32))
+    assert img.mode == mode
+    path = _saved(img, "TIFF" if mode != "I;16" else "PNG", tmp_path / f"f.{'png' if mode == 'I;16' else 'tif'}")
+    with Image.open(path) as check:
+        assert check.mode == mode  # the file really is that mode
+    frame = load_frame(path, (2, 3))
+    want = np.rint(RAMP16 / 257.0).astype(np.uint8)
+    assert frame.dtype == np.uint8 and frame.shape == (2, 3, 3)
+    np.testing.assert_array_equal(frame, np.repeat(want[..., None], 3, axis=-1))
+
+
+def test_float_and_out_of_range_modes(tmp_path):
+    """F: 0..1 scaled by 255, 0..255 as is; anything else refused with one line naming it."""
+    unit = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    frame = load_frame(_saved(Image.fromarray(unit), "TIFF", tmp_path / "unit.tif"), (1, 3))
+    np.testing.assert_array_equal(frame[..., 0], [[0, 128, 255]])
+    wide = np.array([[0.0, 100.0, 255.0]], dtype=np.float32)
+    np.testing.assert_array_equal(load_frame(_saved(Image.fromarray(wide), "TIFF", tmp_path / "w.tif"), (1, 3))[..., 1],
+                                  [[0, 100, 255]])
+    for name, arr in (("neg", np.array([[-5.0, 1.0]], np.float32)), ("big", np.array([[0.0, 900.0]], np.float32)),
+                      ("nan", np.array([[np.nan, 1.0]], np.float32)),
+                      ("i32", np.array([[0, 70000]], np.int32))):
+        path = _saved(Image.fromarray(arr), "TIFF", tmp_path / f"{name}.tif")
+        with pytest.raises(FrameError, match=rf"{name}\.tif.*mode (F|I)") as info:
+            load_frame(path, (1, 2))
+        assert "\n" not in str(info.value)
+
+
+def test_la_p_cmyk_rgba_and_jpeg_are_converted_correctly(tmp_path):
+    la = Image.fromarray(np.array([[[10, 0], [200, 255]]], dtype=np.uint8), "LA")
+    np.testing.assert_array_equal(load_frame(_saved(la, "PNG", tmp_path / "la.png"), (1, 2)),
+                                  [[[10, 10, 10], [200, 200, 200]]])  # alpha dropped, the grey kept
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 255, 0, 0, 0, 90, 200] + [0] * 759)
+    p.putdata([2, 1])
+    np.testing.assert_array_equal(load_frame(_saved(p, "PNG", tmp_path / "p.png"), (1, 2)),
+                                  [[[0, 90, 200], [255, 0, 0]]])  # the palette's colours
+    cmyk = Image.new("CMYK", (2, 2), (10, 20, 30, 40))
+    frame = load_frame(_saved(cmyk, "TIFF", tmp_path / "c.tif"), (2, 2))
+    want = [round((255 - c) * (255 - 40) / 255) for c in (10, 20, 30)]
+    assert np.abs(frame.astype(int) - want).max() <= 1
+    rgba = Image.fromarray(np.full((2, 2, 4), (30, 60, 90, 0), dtype=np.uint8), "RGBA")
+    np.testing.assert_array_equal(load_frame(_saved(rgba, "PNG", tmp_path / "a.png"), (2, 2))[0, 0], [30, 60, 90])
+    rgb = Image.new("RGB", (16, 16), (200, 40, 120))
+    frame = load_frame(_saved(rgb, "JPEG", tmp_path / "x.jpg"), (16, 16))
+    assert np.abs(frame.astype(int) - [200, 40, 120]).max() <= 3  # lossy, but the colour is kept
+    gray = Image.new("L", (16, 16), 77)
+    assert np.abs(load_frame(_saved(gray, "JPEG", tmp_path / "g.jpg"), (16, 16)).astype(int) - 77).max() <= 1
+    cmyk_jpeg = load_frame(_saved(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG", tmp_path / "c.jpg"), (16, 16))
+    assert cmyk_jpeg.min() >= 250  # CMYK 0,0,0,0 is white
+
+
+def test_unconvertible_mode_is_refused_in_one_line():
+    from cmg.frames import to_frame
+
+    la_premultiplied = Image.new("La", (2, 2))  # Pillow has no La -> RGB conversion
+    with pytest.raises(FrameError, match="mode La cannot be converted") as info:
+        to_frame(la_premultiplied, (2, 2))
+    assert "\n" not in str(info.value)
+    with pytest.raises(FrameError, match="complex128 are not an image"):
+        to_frame(np.zeros((2, 2), np.complex128), (2, 2))
+
+
+def test_training_masks_and_frames_share_the_conversion(tmp_path):
+    """A 16-bit ground-truth mask (0 / 65535) is read through the same conversion."""
+    from cmg.dataset import _load_mask
+
+    mask = np.zeros((4, 4), np.uint16)
+    mask[1:3, 1:3] = 65535
+    mask[0, 0] = 100  # 100 / 257 -> 0: below the mask's half level
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(_load_mask(tmp_path / "m.png", (4, 4)), mask > 32768)

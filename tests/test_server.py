@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -411,3 +412,168 @@ def test_serve_with_log_file_removes_its_temporary_folder(toy_repo, tmp_path):
     left = [p.name for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]  # (tritonserver writes .ses)
     assert not left, f"left behind: {left}"
     assert (tmp_path / "server.log").stat().st_size > 0
+
+
+# -- no orphaned servers, ports (issue 25) -----------------------------------------------
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`: a server and its stubs, found by
+    group, never by name (other tests run servers of their own)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and int(stat[2]) == pgid and stat[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _children(pid: int) -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and (s := _proc_stat(int(e.name))) and int(s[1]) == pid and s[0] != "Z"]
+
+
+def _wait_gone(pgid: int, timeout: float = 45) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _serve(repo: Path, ports: list[str], env: dict) -> tuple[subprocess.Popen, int]:
+    """`cmg serve` until ready; (process, tritonserver pid from its ready line)."""
+    cmd = [str(VENV_BIN / "cmg"), "serve", "--repository", str(repo), "--http-port", ports[0],
+           "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip().startswith("metrics"):
+            break
+    text = "".join(lines)
+    assert "ready" in text, text
+    return proc, int(text.split("(pid ", 1)[1].split(",", 1)[0])
+
+
+def test_sigkilled_serve_leaves_no_server_and_its_folder_goes(toy_repo, tmp_path):
+    """SIGKILL of `cmg serve` (nothing of it runs): tritonserver and its stubs stop (parent-death
+    signal), the next `cmg serve` on the same ports starts and removes the dead one's folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    ports = [str(_free()) for _ in range(3)]
+    first, server_pid = _serve(toy_repo, ports, env)
+    try:
+        assert server_pid in _group_members(server_pid)
+        work = [p for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
+        assert len(work) == 1
+        first.kill()
+        first.wait(timeout=30)
+        assert _wait_gone(server_pid) == [], "tritonserver outlived a SIGKILLed cmg serve"
+        second, second_pid = _serve(toy_repo, ports, env)  # the ports are free again
+        try:
+            assert not work[0].exists(), "the dead serve's temporary folder was not removed"
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+            assert _wait_gone(second_pid) == []
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server_pid, signal.SIGKILL)
+    assert not [p for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
+
+
+def test_sigterm_to_bench_soak_stops_its_server_and_removes_its_folder(tiny_run, tiny_onnx, tmp_path):
+    """`cmg bench --soak` SIGTERMed mid-stream: no tritonserver (or stub) of it left, its
+    temporary folder gone, exit 143."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "bench"
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    cmd = [str(VENV_BIN / "cmg"), "bench", "--soak", "1", "--run", str(tiny_run), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    groups: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        soak = out / "soak.jsonl"
+        while not (soak.exists() and soak.read_bytes().count(b"\n") >= 20):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the soak never started streaming"
+            groups |= {int(_proc_stat(c)[2]) for c in _children(proc.pid) if _proc_stat(c)}
+            time.sleep(0.1)
+        groups |= {int(_proc_stat(c)[2]) for c in _children(proc.pid) if _proc_stat(c)}
+        groups.discard(os.getpgid(proc.pid))
+        assert groups, "no server started by the bench was found"
+        assert [p for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        left = {g: _wait_gone(g) for g in groups}
+        for g, pids in left.items():
+            if pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(g, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "cmg bench: terminated (SIGTERM)", err
+    assert all(not pids for pids in left.values()), f"left running: {left}"
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
+
+
+def test_port_taken_is_named_in_the_last_line(toy_repo, tmp_path, monkeypatch, capsys):
+    """Checked before launching: one line naming the port, exit 2 (no misleading CUDA line),
+    and no temporary folder left (there is no log to keep)."""
+    import tempfile
+
+    from cmg.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = main(["serve", "--repository", str(toy_repo), "--grpc-port", str(port),
+                   "--http-port", str(_free()), "--metrics-port", str(_free())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("cmg serve: error: --grpc-port"), err
+    assert f"port {port}" in err[-1] and "already in use" in err[-1]
+    assert not list(tmp_path.glob("cmg-triton-*"))
+
+
+def test_port_taken_after_the_check_is_named_from_the_server_log(toy_repo, monkeypatch):
+    """A port taken between the check and the bind: the server's own bind line is the error,
+    not the model lines it logs afterwards."""
+    import cmg.server as server_mod
+    from cmg.errors import CMGError
+
+    monkeypatch.setattr(server_mod, "check_port", lambda *args: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = TritonServer(toy_repo, http_port=port)
+        try:
+            with pytest.raises(CMGError, match=rf"failed to start HTTP service.*127\.0\.0\.1:{port}.*in use"):
+                srv.start(timeout=120)
+        finally:
+            srv.cleanup()

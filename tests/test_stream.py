@@ -119,6 +119,14 @@ def test_stream_resume_continues_without_duplicates(triton, tmp_path):
     (tmp_path / "other" / "f0039.png").rename(tmp_path / "other" / "x.png")
     with pytest.raises(CMGError, match="another source"):
         run_stream(_opts(triton, tmp_path / "other", out, resume=True))
+    # ... also when the other source's frames have the same names (only frame_id was compared).
+    _write_frames(tmp_path / "twin", 45, seed=3)
+    with pytest.raises(CMGError, match="its lines come from source"):
+        run_stream(_opts(triton, tmp_path / "twin", out, resume=True))
+    assert len(_lines(out)) == 40
+    # The same folder spelled another way is the same source.
+    spelled = Path(os.path.relpath(tmp_path / "src")) if tmp_path.is_relative_to(Path.cwd()) else tmp_path / "." / "src"
+    assert run_stream(_opts(triton, spelled, out, resume=True)).frames == 0
 
 
 def test_stream_survives_server_kill_and_restart(triton, tmp_path):
@@ -156,6 +164,62 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     assert all("score" in r for r in lines), [r for r in lines if "score" not in r][:3]
     assert summary["retries"] > 0 and summary["reconnects"] > 0, summary
     assert summary["frames"] == n and summary["p99_ms"] >= summary["p50_ms"] > 0
+    # latency_ms runs from the first send (retries and the restart included), attempt_ms is
+    # the last attempt alone; the summary's percentiles are over latency_ms.
+    retried = [r for r in lines if r["retries"] > 0]
+    assert retried and all(r["latency_ms"] >= r["attempt_ms"] for r in lines)
+    assert max(r["latency_ms"] - r["attempt_ms"] for r in retried) >= 500, retried[:3]  # the 0.5 s outage
+    assert summary["p99_ms"] == pytest.approx(np.percentile([r["latency_ms"] for r in lines], 99), abs=0.01)
+
+
+def _stream_proc(triton, source: str, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cmg.cli", "stream", "--url", triton.grpc_url, "--source", source,
+           "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_writer_per_output_file(triton, tmp_path):
+    """A second `cmg stream` on the same --out (afresh or --resume) while the first runs:
+    exit 2 naming the first's pid, and the first ends complete (every frame once, no torn
+    line); once it has ended, --resume takes the file again."""
+    n = 80
+    source = f"synth:tiny?n={n}&fps=25&seed=4"
+    out = tmp_path / "out.jsonl"
+    first = _stream_proc(triton, source, out)
+    try:
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.read_bytes().count(b"\n") < 5) and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.02)
+        for extra in (["--overwrite"], ["--resume"], []):
+            second = _stream_proc(triton, source, out, *extra)
+            _, err = second.communicate(timeout=60)
+            last = err.strip().splitlines()[-1]
+            assert second.returncode == 2, err
+            assert f"pid {first.pid}" in last and "another process" in last, last
+            assert first.poll() is None, "the first stream ended before the second tried: the test proves nothing"
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, err
+    lines = _lines(out)
+    assert [r["seq"] for r in lines] == list(range(n)) and all("score" in r for r in lines)
+    assert out.read_bytes().endswith(b"\n") and not list(tmp_path.glob(".*.lock"))
+    again = _stream_proc(triton, source, out, "--resume")
+    again.communicate(timeout=60)
+    assert again.returncode == 0 and len(_lines(out)) == n
+
+
+def test_stream_full_disk_names_the_file(triton, tmp_path):
+    """[Errno 28] names the output file (here /dev/full, where every write fails)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    proc = _stream_proc(triton, "synth:tiny?n=3", Path("/dev/full"))
+    _, err = proc.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode in (1, 2) and "No space left on device" in last and "/dev/full" in last, err
 
 
 def test_stream_aborts_when_server_stays_away_then_resumes(triton, tmp_path):

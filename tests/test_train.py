@@ -70,6 +70,63 @@ def test_too_few_captions_in_the_training_split_fail_before_training(tiny_data, 
     assert not out.exists()  # nothing trained, nothing written
 
 
+def test_run_folder_changes_only_on_success(tmp_path):
+    """Success: the new log replaces the old one and the stale RUN/onnx goes. Failure: an
+    existing run keeps its log and export; a folder made for the failed run is removed."""
+    from cmg_train.runlog import append_jsonl, run_folder
+
+    run = tmp_path / "run"
+    (run / "onnx").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text('{"old": 1}\n')
+    with pytest.raises(RuntimeError), run_folder(run) as log:
+        append_jsonl(log, {"new": 1})
+        raise RuntimeError("training failed")
+    assert (run / "train_log.jsonl").read_text() == '{"old": 1}\n' and (run / "onnx").is_dir()
+    assert sorted(p.name for p in run.iterdir()) == ["onnx", "train_log.jsonl"]
+    with run_folder(run) as log:
+        append_jsonl(log, {"new": 1})
+    assert (run / "train_log.jsonl").read_text() == '{"new": 1}\n' and not (run / "onnx").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt), run_folder(fresh):
+        raise KeyboardInterrupt
+    assert not fresh.exists()
+
+
+@pytest.mark.slow
+def test_failed_train_keeps_the_run_and_is_quiet_under_no_progress(tiny_data, tmp_path, monkeypatch, capfd):
+    """`cmg train --no-progress --out RUN` failing after the teacher (MiniLM loaded): RUN's
+    train_log.jsonl, checkpoint and export are as before, no "Loading weights" bar printed;
+    into a new folder, no folder is left holding only a log."""
+    import cmg_train.train as train
+    from cmg.cli import main
+    from cmg_train import text
+
+    cfg = yaml.safe_load((config_dir() / "tiny.yaml").read_text())
+    cfg["teacher"]["steps"] = 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    (run / "onnx").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text('{"old": 1}\n')
+    (run / "checkpoint.pt").write_bytes(b"old")
+
+    def disk_gone(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(run / "relevance"))
+
+    monkeypatch.setattr(train, "occlusion_relevance", disk_gone)
+    text._minilm.cache_clear()  # load MiniLM in this test, as a fresh `cmg train` does
+    argv = ["train", "--no-progress", "--config", str(tmp_path / "c.yaml"), "--data", str(tiny_data)]
+    assert main([*argv, "--out", str(run)]) == 2
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cmg train: error:") and "No space left on device" in last and str(run / "relevance") in last
+    assert (run / "train_log.jsonl").read_text() == '{"old": 1}\n'
+    assert (run / "checkpoint.pt").read_bytes() == b"old" and (run / "onnx").is_dir()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "onnx", "train_log.jsonl"]
+    assert main([*argv, "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 

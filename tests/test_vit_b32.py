@@ -134,9 +134,9 @@ def test_vit_b32_from_a_weights_file_trains_exports_builds_and_serves(tiny_data_
 
     export = json.loads((run / "onnx" / "export.json").read_text())
     assert (export["contract"]["height"], export["contract"]["width"]) == (224, 224)
-    worst = max(v.get("max_abs_diff", 0.0) for rep in export["parity"].values() for v in rep.values()
+    worst = max(v.get("relative_diff", 0.0) for rep in export["parity"].values() for v in rep.values()
                 if isinstance(v, dict))
-    assert worst <= 1e-4
+    assert worst <= 1e-3  # cmg_train.export.PARITY_RULE
     report = json.loads((repo / "build_report.json").read_text())
     assert report["tensorrt_readiness"]["problems"] == {m: [] for m in report["tensorrt_readiness"]["problems"]}
 

@@ -10,7 +10,6 @@ appends and copies only, so the stream never waits on the page.
 from __future__ import annotations
 
 import io
-import math
 import threading
 import time
 from collections import deque
@@ -189,8 +188,10 @@ class DashboardState:
 
     def set_threshold(self, index: int, value: float | None) -> float | None:
         """The slider: THRESHOLD for camera `index` from its next request on (None: back to the default)."""
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise CMGError(f"threshold {value!r} is not a finite number")
+        if value is not None:
+            if isinstance(value, str):  # JSON must carry a number, not a string of one
+                raise CMGError(f"threshold {value!r} is not a number")
+            value = core.finite_threshold(value)  # finite in FP32: the one check (cmg.contract.threshold_value)
         with self._lock:
             if not 0 <= index < len(self.cameras):
                 raise KeyError(index)
