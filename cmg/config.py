@@ -110,7 +110,7 @@ class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
     fpr: float = 0.05             # threshold: this false-positive rate on held-out normals
     fusion: str = "max"           # image score from the normalised global and local scores: max | mean | local
-    map_size: int = 32            # ANOMALY_MAP is map_size x map_size
+    map_size: int = 16            # ANOMALY_MAP is map_size x map_size (divides the local map's side)
 
 
 @dataclass

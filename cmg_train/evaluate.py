@@ -26,7 +26,7 @@ from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
 from cmg_train.checkpoint import Run, load_run
 from cmg_train.cmer.model import keep_mask_cfg
-from cmg_train.cmer.report import defect_coverage
+from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
 from cmg_train.cmle.fit import build_caption_graph
 from cmg_train.detector import CMGDetector, RawScores
 from cmg_train.local.bank import PatchBank
@@ -133,6 +133,9 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     out = score_detector(run.detector, test.frames, test_ps)
     shown = out
     cover = {"scorer": defect_coverage(keep_mask_cfg(test_ps, cfg.cmer), test.gt)}
+    normal = torch.from_numpy(test.labels == 0)
+    (ungated,) = batched(lambda f: run.detector.local_map(f, run.teacher.preprocess(f)), test.frames[normal])
+    cover["normal_false_alarms"] = false_alarm_peaks(ungated, keep_mask_cfg(test_ps[normal], cfg.cmer))
     add_row("run", out["scores"], out["maps"])
     if ablation:
         shown = _ablation_rows(run, test, test_ps, add_row, cover, progress)

@@ -84,7 +84,7 @@ def planted_colour(t: OnePatchTeacher, f: torch.Tensor) -> list[float]:
 def scratch_teacher():
     """A real (untrained) scratch teacher, frozen as train.py leaves it."""
     torch.manual_seed(0)
-    t = build_teacher(TeacherConfig(channels=[8, 16, 16]), S, (0.45, 0.5, 0.55), (0.25, 0.25, 0.25))
+    t = build_teacher(TeacherConfig(source="scratch", channels=[8, 16, 16]), S, (0.45, 0.5, 0.55), (0.25, 0.25, 0.25))
     return t.eval().requires_grad_(False)
 
 

@@ -27,13 +27,13 @@ def config(map_size: int = 8, fusion: str = "mean", k_global: int = 1) -> Config
     cfg = Config()
     cfg.data.image_size, cfg.cmer.grid, cfg.cmle.embed_dim = SIZE, G, D
     cfg.scoring.map_size, cfg.scoring.fusion, cfg.scoring.k_global = map_size, fusion, k_global
-    cfg.local.pool = 3
+    cfg.local.model, cfg.local.pool, cfg.local.score = "unet", 3, "max"
     return cfg
 
 
 def make_detector(cfg: Config, use_mask: bool = True, seed: int = 0) -> CMGDetector:
     torch.manual_seed(seed)
-    teacher = build_teacher(TeacherConfig(channels=[8, 16]), SIZE).requires_grad_(False)
+    teacher = build_teacher(TeacherConfig(source="scratch", channels=[8, 16]), SIZE).requires_grad_(False)
     det = CMGDetector(cfg, teacher, LocalNet([4, 8, 8]), CMLEHead(teacher.embed_dim, D), use_mask).eval()
     det.set_bank(F.normalize(torch.randn(20, D), dim=-1))
     return det
@@ -130,6 +130,21 @@ def test_raw_scores_and_anomaly_map_pooling(det):
     assert torch.equal(out.anomaly_map, F.avg_pool2d(raw.local_map, 2).squeeze(1))  # 16 -> M = 8
     assert torch.equal(out.embedding, raw.z)
     torch.testing.assert_close(raw.z.norm(dim=-1), torch.ones(2))
+
+
+def test_max_minus_p90_subtracts_the_ungated_maps_90th_percentile(det):
+    f, ps = frames(2), corner_scores(2)
+    det.local_score = "max_minus_p90"
+    try:
+        with torch.no_grad():
+            raw = det.raw(f, ps)
+            ungated = det.local_map(f, det.teacher.preprocess(f)).flatten(1)
+    finally:
+        det.local_score = "max"
+    p90 = torch.quantile(ungated, 0.9, dim=1, interpolation="higher")
+    k = ungated.shape[1] // 10
+    assert torch.equal(ungated.sort(1, descending=True).values[:, k - 1], torch.topk(ungated, k, 1).values[:, -1])
+    torch.testing.assert_close(raw.local_score, raw.local_map.flatten(1).amax(1) - p90, atol=2e-3, rtol=0)
 
 
 def test_global_score_is_zero_for_a_bank_member():

@@ -27,7 +27,7 @@ from cmg_train.teacher.model import (
 from cmg_train.text import MINILM_DIM
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-SMALL = TeacherConfig(channels=[8, 16])
+SMALL = TeacherConfig(source="scratch", channels=[8, 16])
 
 
 def frames(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_teacher_state_round_trip(teacher):
 
 
 def test_teacher_state_keeps_downsample():
-    cfg = TeacherConfig(channels=[8, 16], downsample=2)
+    cfg = TeacherConfig(source="scratch", channels=[8, 16], downsample=2)
     clone = teacher_from_state(teacher_state(build_teacher(cfg, 32)))
     assert clone.visual.downsample == 2
 

@@ -61,6 +61,20 @@ def defect_coverage(keep: Tensor, gt: np.ndarray) -> dict:
             "pixels_dropped": float(1.0 - kp.mean())}
 
 
+def false_alarm_peaks(ungated: Tensor, keep: Tensor) -> dict:
+    """What the keep-mask does to the false alarms of normal frames: the share of frames whose
+    local-map peak (ungated [B,1,h,w]) lies where the keep-mask [B,G,G] discards, and the
+    median drop of the peak once the map is gated (the alarms CMER removes)."""
+    if len(ungated) == 0:
+        return {"normal_frames": 0}
+    kp = upsample_keep(keep, ungated.shape[-2:]).flatten(1)
+    flat = ungated.flatten(1)
+    outside = 1.0 - kp.gather(1, flat.argmax(1, keepdim=True))
+    before, after = flat.amax(1), (flat * kp).amax(1)
+    return {"normal_frames": len(flat), "peak_outside_keep": float(outside.mean()),
+            "median_peak_drop": float(((before - after) / before.clamp_min(1e-12)).median())}
+
+
 def cmer_metrics(teacher_scores: Tensor, cfg: CMERConfig, part: np.ndarray | None = None,
                  clutter: np.ndarray | None = None, scorer_scores: Tensor | None = None,
                  seed: int = 0) -> dict:

@@ -87,6 +87,7 @@ class ImageTower(nn.Module):
 class BackboneTower(nn.Module):
     """Normalised NCHW -> [B, embed_dim]: frozen pretrained backbone, its deepest tap pooled to a
     4 x 4 grid (position survives: captions name it), then a trained two-layer projection.
+    Frames must be a multiple of 16 x the grid per side after `downsample` (64 px for 4 x 4).
 
     Input is normalised with the teacher's (dataset) statistics, so CMER's fill value 0 is the
     dataset mean; one per-channel multiply-add converts it to the backbone's own scaling.
@@ -107,7 +108,10 @@ class BackboneTower(nn.Module):
         shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
         self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
         self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
-        width = self.backbone.channels[-1] * self.GRID * self.GRID
+        side = self.backbone.blocks[-1].out_size
+        self.grid = min(self.GRID, side)
+        self.pool = side // self.grid  # a static kernel: ONNX cannot export adaptive pooling here
+        width = self.backbone.channels[-1] * self.grid * self.grid
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
 
     def train(self, mode: bool = True) -> BackboneTower:
@@ -119,7 +123,7 @@ class BackboneTower(nn.Module):
         if self.downsample > 1:  # what captions describe is visible at a fraction of the resolution
             x = F.avg_pool2d(x, self.downsample)
         (f,) = self.backbone(x * self.scale + self.shift)
-        return F.adaptive_avg_pool2d(f, self.GRID).flatten(1)
+        return F.avg_pool2d(f, self.pool).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pooled(x))

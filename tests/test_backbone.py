@@ -1,0 +1,94 @@
+"""The packaged pretrained backbone, the patch bank built on it, and the greedy coreset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmg.config import Config
+from cmg.errors import CMGError
+from cmg_train.backbone import VARIANTS, EfficientNetLite, default_taps, weights_file
+from cmg_train.local.bank import (
+    PatchBank,
+    PatchFeatures,
+    bank_from_state,
+    bank_state,
+    fit_patch_bank,
+)
+from cmg_train.memory_bank import KNNDistance, greedy_coreset
+
+
+def _pattern(size: int) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return torch.stack([x, y, x * y]).unsqueeze(0)
+
+
+def test_lite0_weights_load_and_give_fixed_outputs():
+    """The weights come from the installed package (nothing downloaded) with batch norms folded;
+    the figures were taken once from this module after checking it, block by block, against
+    the EfficientNet-PyTorch lite implementation those weights were published with (rel. 3e-6)."""
+    assert weights_file("efficientnet_lite0").is_file()
+    net = EfficientNetLite("efficientnet_lite0", 64, default_taps("efficientnet_lite0")).eval()
+    net.load_package_weights()
+    with torch.no_grad():
+        a, b = net(_pattern(64))
+    assert a.shape == (1, 40, 8, 8) and b.shape == (1, 112, 4, 4)
+    got = [float(v) for v in (a.mean(), a.std(), b.mean(), b.std(), a[0, :, 3, 4].sum(), b[0, 7, 2, 1])]
+    assert got == pytest.approx([-0.15635, 8.50513, 0.0502, 6.78413, -55.90806, -1.05493], abs=2e-4)
+    random = EfficientNetLite("efficientnet_lite0", 64, default_taps("efficientnet_lite0")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(random(_pattern(64))[0], a)  # the figures are the weights', not the shapes'
+
+
+def test_default_taps_are_the_last_blocks_at_stride_8_and_16():
+    for variant in VARIANTS:
+        net = EfficientNetLite(variant, 64, default_taps(variant))
+        assert net.tap_strides == [8, 16]
+        assert len(net.blocks) == max(net.taps) + 1  # nothing deeper is built or exported
+
+
+def test_bad_variant_and_taps_are_one_line_errors():
+    with pytest.raises(CMGError, match="unknown variant 'efficientnet_b9'"):
+        EfficientNetLite("efficientnet_b9", 64, [1])
+    with pytest.raises(CMGError, match="taps"):
+        EfficientNetLite("efficientnet_lite0", 64, [99])
+
+
+def test_greedy_coreset_covers_a_rare_cluster_that_random_sampling_misses():
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(5000, 8, generator=gen)
+    rare = torch.randn(5, 8, generator=gen) * 0.1 + 20.0
+    x = torch.cat([common, rare])
+    idx = greedy_coreset(x, 50, seed=0)
+    assert len(set(idx.tolist())) == 50 and (idx >= 5000).any()
+    far = KNNDistance(x[idx], 1)(rare)
+    assert float(far.max()) < 1.0
+    assert torch.equal(greedy_coreset(x, 20, seed=0), idx[:20])  # greedy: a prefix is the smaller coreset
+    assert torch.equal(greedy_coreset(x[:10], 50), torch.arange(10))
+
+
+def _frames(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patch_bank_scores_its_own_training_patches_zero_and_round_trips():
+    cfg = Config()
+    cfg.data.image_size, cfg.local.bank_size = 32, 10_000  # bank = every training patch
+    train = _frames(3, 32, 0)
+    bank, metrics = fit_patch_bank(cfg, train, progress=False)
+    assert isinstance(bank, PatchBank) and metrics["map_side"] == 8 and metrics["bank_rows"] == 3 * 64
+    with torch.no_grad():
+        own, other = bank(train), bank(_frames(2, 32, 1))
+    # |a|^2 + |b|^2 - 2ab rounding on features of norm ~100 leaves a few hundredths
+    assert own.shape == (3, 1, 8, 8) and float(own.max()) < 0.02 * float(other.min())
+    clone = bank_from_state(bank_state(bank))
+    with torch.no_grad():
+        assert torch.equal(clone(other_frames := _frames(2, 32, 1)), bank(other_frames))
+
+
+def test_patch_features_upsample_the_frame_before_the_backbone():
+    f1 = PatchFeatures("efficientnet_lite0", 32, 1, None)
+    f2 = PatchFeatures("efficientnet_lite0", 32, 2, None)
+    with torch.no_grad():
+        assert f1(_frames(1, 32, 0)).shape == (1, 152, 4, 4)
+        assert f2(_frames(1, 32, 0)).shape == (1, 152, 8, 8)
