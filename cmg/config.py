@@ -109,7 +109,8 @@ class CMLEConfig:
 class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
     fpr: float = 0.05             # threshold: this false-positive rate on held-out normals
-    fusion: str = "max"           # image score from the normalised global and local scores: max | mean | local
+    fusion: str = "auto"          # image score from the normalised global and local scores: auto (weighted sum,
+                                  # weight chosen on synthetic anomalies of held-out normals) | max | mean | local
     map_size: int = 16            # ANOMALY_MAP is map_size x map_size (divides the local map's side)
 
 

@@ -66,7 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "local.score": ("max", "max_minus_p90"),
     "cmer.rule": ("relative", "top_rho"),
     "local.placement": ("keep", "uniform"),
-    "scoring.fusion": ("mean", "max", "local"),
+    "scoring.fusion": ("auto", "mean", "max", "local"),
     "cmle.text_encoder": ("minilm", "teacher"),
 }
 

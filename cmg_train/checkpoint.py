@@ -71,6 +71,7 @@ def detector_state(det: CMGDetector) -> dict:
         "global_bank": det.global_knn.bank_t.t().contiguous(),
         "stats": det.stats.clone(),
         "threshold": det.threshold.clone(),
+        "global_weight": det.global_weight.clone(),
     }
 
 
@@ -80,6 +81,7 @@ def detector_from_state(cfg: Config, teacher: Teacher, state: dict) -> CMGDetect
     det.set_bank(state["global_bank"])
     det.stats.copy_(state["stats"])
     det.threshold.copy_(state["threshold"])
+    det.global_weight.copy_(state.get("global_weight", torch.tensor(0.5)))
     return det.eval().requires_grad_(False)
 
 

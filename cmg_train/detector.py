@@ -9,7 +9,9 @@ the same code, so the served scores are the evaluated ones (parity tested). Step
    maximum (minus the map's 90th percentile, `local.score`) is the local score;
 3. global: the teacher's embedding of the masked frame (discarded pixels filled with the
    mean) through the CMLE head -> z, and the mean distance to its k nearest normal z;
-4. both z-normalised on held-out normals and fused; IS_ANOMALY = score > THRESHOLD.
+4. both z-normalised on held-out normals and fused (`scoring.fusion`; `auto`: the weighted
+   sum whose weight separated held-out normals from synthetic anomalies made on them
+   best); IS_ANOMALY = score > THRESHOLD.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class CMGDetector(nn.Module):
         # and the calibrated threshold (the default of the THRESHOLD input).
         self.register_buffer("stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.register_buffer("threshold", torch.tensor(0.0))
+        # fusion `auto`: the global score's weight in w * g + (1 - w) * l, chosen at calibration.
+        self.register_buffer("global_weight", torch.tensor(0.5))
 
     def keep(self, patch_scores: Tensor) -> Tensor:
         if not self.use_mask:
@@ -97,11 +101,13 @@ class CMGDetector(nn.Module):
     def set_bank(self, global_bank: Tensor) -> None:
         self.global_knn = KNNDistance(global_bank, self.k_global)
 
-    def raw(self, frames: Tensor, patch_scores: Tensor) -> RawScores:
+    def raw(self, frames: Tensor, patch_scores: Tensor, local_map: Tensor | None = None) -> RawScores:
+        """`local_map`: the ungated map when already computed (evaluation rows that share the
+        local model pass it instead of running the backbone and bank again)."""
         x = self.teacher.preprocess(frames)
         keep = self.keep(patch_scores)
         z = self.head(self.embed(x, keep))
-        amap, local = self.local_scores(self.local_map(frames, x), keep)
+        amap, local = self.local_scores(self.local_map(frames, x) if local_map is None else local_map, keep)
         return RawScores(self.global_knn(z), local, amap, keep, z)
 
     def fuse(self, g: Tensor, lmax: Tensor) -> Tensor:
@@ -111,6 +117,8 @@ class CMGDetector(nn.Module):
             return ln
         if self.fusion == "max":
             return torch.maximum(gn, ln)
+        if self.fusion == "auto":
+            return self.global_weight * gn + (1.0 - self.global_weight) * ln
         return 0.5 * (gn + ln)
 
     def outputs(self, r: RawScores, threshold: Tensor) -> DetectorOutput:

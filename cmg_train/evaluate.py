@@ -108,9 +108,20 @@ class TestSet:
             raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC")
 
 
-def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.Tensor) -> dict:
-    """Fused scores, maps and keep-masks, and the two scores before fusion, from one pass."""
-    raw = RawScores(*batched(det.raw, frames, patch_scores))
+def local_maps(det: CMGDetector, frames: torch.Tensor) -> torch.Tensor:
+    """The local model's ungated maps, once for every row that shares the model."""
+    (maps,) = batched(lambda f: det.local_map(f, det.teacher.preprocess(f)), frames)
+    return maps
+
+
+def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.Tensor,
+                   maps: torch.Tensor | None = None) -> dict:
+    """Fused scores, maps and keep-masks, and the two scores before fusion, from one pass
+    (`maps`: the ungated local maps of `frames`, when already computed)."""
+    if maps is None:
+        raw = RawScores(*batched(det.raw, frames, patch_scores))
+    else:
+        raw = RawScores(*batched(det.raw, frames, patch_scores, maps))
     with torch.no_grad():
         out = det.outputs(raw, torch.zeros(frames.shape[0], 1))
     return {"scores": out.anomaly_score[:, 0].numpy(), "maps": out.anomaly_map.numpy(),
@@ -130,15 +141,15 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
                      "pixel_auroc": pixel_auroc(maps, test.gt) if maps is not None else None, **(extra or {})})
         scores[name] = s
 
-    out = score_detector(run.detector, test.frames, test_ps)
+    test_maps = local_maps(run.detector, test.frames)
+    out = score_detector(run.detector, test.frames, test_ps, test_maps)
     shown = out
     cover = {"scorer": defect_coverage(keep_mask_cfg(test_ps, cfg.cmer), test.gt)}
     normal = torch.from_numpy(test.labels == 0)
-    (ungated,) = batched(lambda f: run.detector.local_map(f, run.teacher.preprocess(f)), test.frames[normal])
-    cover["normal_false_alarms"] = false_alarm_peaks(ungated, keep_mask_cfg(test_ps[normal], cfg.cmer))
+    cover["normal_false_alarms"] = false_alarm_peaks(test_maps[normal], keep_mask_cfg(test_ps[normal], cfg.cmer))
     add_row("run", out["scores"], out["maps"])
     if ablation:
-        shown = _ablation_rows(run, test, test_ps, add_row, cover, progress)
+        shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress)
     for row in rows:
         if "baseline" in scores and row["name"] != "baseline":
             row["delta_vs_baseline"] = auroc(test.labels, scores[row["name"]]) - auroc(test.labels, scores["baseline"])
@@ -159,7 +170,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     return report
 
 
-def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cover: dict, progress: bool) -> dict:
+def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: torch.Tensor, add_row, cover: dict,
+                   progress: bool) -> dict:
     cfg = run.cfg
     size = cfg.data.image_size
     ds = MVTecFolder(run.data)
@@ -174,10 +186,12 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
     except CMGError as exc:
         graph, note = None, str(exc)
     locals_ = {True: run.detector.local}
+    maps = {True: (test_maps, local_maps(run.detector, frames[va]))}  # shared by the rows of one local model
     if cfg.local.model == "unet" and cfg.local.placement == "keep":  # the image-only rows get a local model that practised anywhere
         locals_[False], _ = train_local(cfg, run.teacher.preprocess, frames[tr], None, progress)
+        maps[False] = (None, None)
     else:
-        locals_[False] = run.detector.local
+        locals_[False], maps[False] = run.detector.local, maps[True]
     (exact_ps,) = batched(run.exact_graph(), test.frames, batch_size=8, progress=progress,
                           desc="exact-mode relevance")
     cover["teacher"] = defect_coverage(keep_mask_cfg(exact_ps, cfg.cmer), test.gt)
@@ -186,21 +200,21 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, add_row, cove
         if use_cmle and graph is None:
             add_row(name + " (skipped)", np.zeros(len(test.labels)), None, {"skipped": note})
             continue
+        test_m, val_m = maps[use_mask]
         det, _ = fit_detector(cfg, run.teacher, locals_[use_mask], frames[tr], ps[tr], frames[va], ps[va],
                               graph if use_cmle else None, use_mask, cfg.cmle.lam if use_cmle else 0.0,
-                              progress=False)
-        o = score_detector(det, test.frames, test_ps)
+                              progress=False, val_maps=val_m)
+        o = score_detector(det, test.frames, test_ps, test_m)
         add_row(name, o["scores"], o["maps"])
         if name == "cmg":
             shown = o
-            oe = score_detector(det, test.frames, exact_ps)
+            oe = score_detector(det, test.frames, exact_ps, test_m)
             add_row("cmg_exact", oe["scores"], oe["maps"])
             add_row("cmg_local_only", o["local"], o["maps"])
             add_row("cmg_global_only", o["global"], None)
     # PatchCore reference: the same backbone and bank, whole frame, no mask, no head, map maximum.
     if isinstance(run.detector.local, PatchBank):
-        (pc,) = batched(run.detector.local, test.frames)
-        add_row("patchcore", pc.flatten(1).amax(1).numpy(), pc.squeeze(1).numpy())
+        add_row("patchcore", test_maps.flatten(1).amax(1).numpy(), test_maps.squeeze(1).numpy())
     emb = lambda f: run.teacher(f)  # noqa: E731
     (train_emb,) = batched(emb, frames[tr])
     (test_emb,) = batched(emb, test.frames)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from cmg.config import Config, load_config, resolve_config
@@ -38,9 +39,11 @@ from cmg_train.cmle.fit import (
 )
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector
+from cmg_train.local import anomalies
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
+from cmg_train.preprocess import Preprocess
 from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
 from cmg_train.teacher.model import Teacher, teacher_weights
@@ -75,7 +78,8 @@ def caption_embedder(cfg: Config, teacher: Teacher):
 def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, train_frames: torch.Tensor,
                  train_scores: torch.Tensor, val_frames: torch.Tensor, val_scores: torch.Tensor,
                  graph: CaptionGraph | None, use_mask: bool, lam: float, progress: bool = True,
-                 log: Callable[[dict], None] | None = None) -> tuple[CMGDetector, dict]:
+                 log: Callable[[dict], None] | None = None,
+                 val_maps: torch.Tensor | None = None) -> tuple[CMGDetector, dict]:
     """Train the CMLE head on the teacher's embeddings of masked images, fill the global
     memory bank, normalise both scores and calibrate the threshold on held-out normals.
 
@@ -90,8 +94,15 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
     head_metrics = train_cmle_head(head, pooled, graph, cfg.cmle, lam, cfg.seed, progress, log)
     with torch.no_grad():
         det.set_bank(head(pooled))
-    g, lmax = batched(lambda f, s: det.raw(f, s)[:2], val_frames, val_scores)
+    if val_maps is None:
+        g, lmax = batched(lambda f, s: det.raw(f, s)[:2], val_frames, val_scores)
+    else:  # the local model's maps of these frames, computed once by the caller
+        g, lmax = batched(lambda f, s, m: det.raw(f, s, m)[:2], val_frames, val_scores, val_maps)
     det.stats.copy_(torch.stack([g.mean(), g.std().clamp_min(1e-6), lmax.mean(), lmax.std().clamp_min(1e-6)]))
+    fusion = None
+    if cfg.scoring.fusion == "auto":
+        fusion = choose_global_weight(det, val_frames, val_scores, g, lmax, cfg.seed)
+        det.global_weight.fill_(fusion["global_weight"])
     fused = det.fuse(g, lmax)
     det.threshold.fill_(float(torch.quantile(fused, 1.0 - cfg.scoring.fpr)))
     metrics = {
@@ -100,9 +111,36 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
         "global_bank": int(pooled.shape[0]),
         "threshold": float(det.threshold),
         "val_false_positive_rate": float((fused > det.threshold).float().mean()),
+        "fusion": fusion,
         "head": head_metrics,
     }
     return det, metrics
+
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@torch.no_grad()
+def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores: torch.Tensor, g: torch.Tensor,
+                         lmax: torch.Tensor, seed: int) -> dict:
+    """The fusion weight of the global score, from the user's own held-out normals: synthetic
+    anomalies (local/anomalies.py, the U-Net's training task) are pasted onto them, and the
+    weight whose fused score separates them best from the clean frames wins (ties: the
+    smaller weight). Why: which branch carries the signal depends on the product (measured:
+    the global score ranked below chance on third-party parts and best on a gear line), and no
+    defect of the user's is known at training time. Nothing of the test split is used."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    unit = Preprocess.to_unit(val_frames)
+    shapes = anomalies.random_shapes(len(unit), unit.shape[-1], gen)
+    bad, _ = anomalies.synthesize(unit, shapes.float(), gen, prob=1.0)
+    frames = (bad.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, val_scores)
+    labels = np.r_[np.zeros(len(g)), np.ones(len(gb))]
+    gn = ((torch.cat([g, gb]) - det.stats[0]) / det.stats[1]).numpy()
+    ln = ((torch.cat([lmax, lb]) - det.stats[2]) / det.stats[3]).numpy()
+    aurocs = {w: float(roc_auc_score(labels, w * gn + (1 - w) * ln)) for w in FUSION_WEIGHTS}
+    best = max(FUSION_WEIGHTS, key=lambda w: (round(aurocs[w], 3), -w))
+    return {"global_weight": best, "synthetic_auroc": aurocs, "images": len(g)}
 
 
 def practice_regions(cfg: Config, relevance: torch.Tensor) -> torch.Tensor | None:
