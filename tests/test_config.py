@@ -81,7 +81,7 @@ def test_unknown_keys_are_errors(values, where):
     ({"data": {"image_size": 36}, "cmer": {"grid": 4}, "scoring": {"map_size": 2}}, "multiple of 8"),
     ({"scoring": {"map_size": 12}}, r"map_size 12 must divide the local map's side 16"),
     ({"local": {"placement": "everywhere"}}, "expected one of keep, uniform"),
-    ({"scoring": {"fusion": "sum"}}, "expected one of mean, max, local"),
+    ({"scoring": {"fusion": "sum"}}, "expected one of auto, mean, max, local"),
     ({"cmle": {"text_encoder": "bert"}}, "expected one of minilm, teacher"),
     ({"data": 3}, "mapping"),
 ])

@@ -188,16 +188,18 @@ TINY_DEFECTS = {"scratch", "hole", "stain", "deformation", "wrong_part"}
 
 
 def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
+    import torch
+
     from cmg_train.checkpoint import load_run
     from cmg_train.cmer.model import keep_mask_cfg
-    from cmg_train.cmer.report import defect_coverage
-    from cmg_train.evaluate import TestSet, evaluate
+    from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
+    from cmg_train.evaluate import TestSet, evaluate, local_maps
     from cmg_train.train import batched
 
     run = load_run(tiny_run)
     report = evaluate(run, tiny_data, ablation=True, progress=False)
     rows = {r["name"]: r for r in report["rows"]}
-    assert set(rows) >= {"run", *ABLATION, "cmg_exact", "teacher_knn", "pyod_ecod"}  # + diagnostic rows
+    assert set(rows) >= {"run", *ABLATION, "cmg_exact", "patchcore", "teacher_knn", "pyod_ecod"}  # + diagnostic rows
     assert report["test_images"] == 135 and report["anomalies"] == 75
     for name in ("run", *ABLATION, "cmg_exact"):
         assert set(rows[name]["per_defect"]) == TINY_DEFECTS
@@ -213,10 +215,14 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert rows["cmg"]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-6)
     assert report["scores"]["cmg"] == pytest.approx(report["scores"]["run"], abs=1e-5)
     cover = report["keep_mask_on_test"]
-    assert set(cover) == {"scorer", "teacher"}
+    assert set(cover) == {"scorer", "teacher", "normal_false_alarms"}
     test = TestSet(tiny_data, run.cfg.data.image_size, progress=False)
     (ps,) = batched(run.scorer_graph(), test.frames)
     assert cover["scorer"] == defect_coverage(keep_mask_cfg(ps, run.cfg.cmer), test.gt)
+    normal = torch.from_numpy(test.labels == 0)
+    alarms = false_alarm_peaks(local_maps(run.detector, test.frames[normal]), keep_mask_cfg(ps[normal], run.cfg.cmer))
+    assert cover["normal_false_alarms"] == pytest.approx(alarms)
+    assert alarms["normal_frames"] == int(normal.sum()) and 0 <= alarms["peak_outside_keep"] <= 1
     assert 0 < cover["teacher"]["defect_pixels_kept"] <= 1
     eval_dir = run.path / "eval"
     for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):

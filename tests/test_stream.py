@@ -182,7 +182,7 @@ def test_one_writer_per_output_file(triton, tmp_path):
     """A second `cmg stream` on the same --out (afresh or --resume) while the first runs:
     exit 2 naming the first's pid, and the first ends complete (every frame once, no torn
     line); once it has ended, --resume takes the file again."""
-    n = 80
+    n = 300  # 12 s at 25 fps: the second writer starts while the first still streams, even on a loaded machine
     source = f"synth:tiny?n={n}&fps=25&seed=4"
     out = tmp_path / "out.jsonl"
     first = _stream_proc(triton, source, out)
