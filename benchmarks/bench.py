@@ -111,7 +111,8 @@ def load_test_frames(data: Path, height: int, width: int) -> tuple[np.ndarray, n
 
 def ensure_export(run_dir: Path) -> tuple[Path, dict]:
     """RUN/onnx and its export.json, exporting first when the run has none."""
-    from cmg_build.repository import find_export, sha256
+    from cmg.checksum import file_sha256
+    from cmg_build.repository import find_export
 
     meta_path = run_dir / "onnx" / "export.json"
     why = "no onnx/export.json" if not meta_path.is_file() else None
@@ -120,7 +121,7 @@ def ensure_export(run_dir: Path) -> tuple[Path, dict]:
             recorded = json.loads(meta_path.read_text()).get("checkpoint_sha256")
         except (OSError, ValueError, AttributeError):
             recorded = None
-        if recorded != sha256(run_dir / "checkpoint.pt"):
+        if recorded != file_sha256(run_dir / "checkpoint.pt"):
             why = "onnx/ was exported from another checkpoint"
     if why is not None:
         if not (run_dir / "checkpoint.pt").is_file():

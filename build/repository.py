@@ -16,7 +16,6 @@ threshold_optional_in).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cmg.checksum import file_sha256
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
@@ -40,14 +40,6 @@ def _model_py() -> Path:
 MODEL_PY = _model_py()
 DEFAULT_OUT = Path("model_repository")
 CPU_CMG = ("fused", "ensemble")  # how the cpu target serves `cmg` (build/fuse.py); the first is the default
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_export(run: Path) -> tuple[Path, dict]:
@@ -73,7 +65,7 @@ def find_export(run: Path) -> tuple[Path, dict]:
         if not path.is_file():
             raise CMGError(f"{path} not found (listed in {meta_path})")
         want = models[name].get("sha256")
-        if want and sha256(path) != want:
+        if want and file_sha256(path) != want:
             raise CMGError(f"{path}: sha256 differs from {meta_path} (re-run `cmg export`)")
     check_export_matches_checkpoint(onnx_dir, meta, meta_path)
     return onnx_dir, meta
@@ -93,7 +85,7 @@ def check_export_matches_checkpoint(onnx_dir: Path, meta: dict, meta_path: Path)
     if not want:
         raise CMGError(f"{meta_path} does not say which checkpoint it was exported from (an older export): "
                        f"re-run `cmg export --run {run}`")
-    if sha256(checkpoint) != want:
+    if file_sha256(checkpoint) != want:
         raise CMGError(f"{onnx_dir} was exported from another checkpoint than {checkpoint} "
                        f"(sha256 {want[:12]}... in export.json): re-run `cmg export --run {run}`")
 
@@ -252,7 +244,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
 
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "build_report.json"
                        and "__pycache__" not in p.parts):
-        report["files"][str(path.relative_to(out))] = sha256(path)
+        report["files"][str(path.relative_to(out))] = file_sha256(path)
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     if missing is not None:
         raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {out / 'trtexec.sh'} are written "

@@ -22,6 +22,7 @@ import torch
 from onnx import numpy_helper
 
 from cmg import contract as C
+from cmg.checksum import file_sha256
 from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import Run, load_run
 
@@ -146,15 +147,6 @@ def parity_failures(report: dict) -> list[str]:
     return [f"{name} differs by {v['max_abs_diff']:.2e} = {v['relative_diff']:.2e} of its scale "
             f"{v['scale']:.3g} (> {PARITY_REL_TOL:g})"
             for name, v in report.items() if v.get("relative_diff", 0.0) > PARITY_REL_TOL]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 from toy_graphs import write_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
+from cmg.checksum import file_sha256
 from cmg.contract import (
     ANOMALY_MAP,
     CMLE_ENCODER,
@@ -73,7 +74,7 @@ def test_cpu_target_layout_and_report(toy_run, tmp_path):
     assert on_disk["target"] == "cpu" and on_disk["max_batch"] == 8 and on_disk["contract"] == CONTRACT.to_dict()
     assert on_disk["parity"][CMLE_ENCODER]["batches"] == [1, 7]
     assert on_disk["versions"]["onnxruntime"] and on_disk["versions"]["tritonclient"]
-    assert on_disk["files"]["cmer_scorer/1/model.onnx"] == repository.sha256(repo / "cmer_scorer/1/model.onnx")
+    assert on_disk["files"]["cmer_scorer/1/model.onnx"] == file_sha256(repo / "cmer_scorer/1/model.onnx")
     assert on_disk["tensorrt_readiness"]["problems"] == {m: [] for m in ONNX_MODELS}
     assert report["threshold"] == pytest.approx(0.45)
 
