@@ -168,6 +168,10 @@ def test_start_failure_reports_log_tail(tmp_path):
     srv.cleanup()
 
 
+# Once in a fresh-clone CI run (not reproduced in 2 reruns of the file) tritonserver exited with
+# code 1 during start-up here, with no model or port error in its log: one rerun, so a
+# repeatable failure still fails; the cause is open (issue 25 note).
+@pytest.mark.flaky(reruns=1)
 def test_explicit_mode_loads_new_version(toy_repo, tmp_path):
     import onnx
 
