@@ -201,6 +201,20 @@ def _port_open(url: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
+def _ready_text(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """What `cmg serve` printed up to its last ready line (the metrics address), or until it exited."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip().startswith("metrics"):
+            break
+    return "".join(lines)
+
+
 def test_cmg_serve_cli_without_activated_venv(toy_repo):
     """`.venv/bin/cmg serve` with a PATH that lacks the venv: stub still imports onnxruntime; SIGTERM stops it."""
     from cmg.server import free_port
@@ -212,16 +226,7 @@ def test_cmg_serve_cli_without_activated_venv(toy_repo):
            "--grpc-port", ports[1], "--metrics-port", ports[2]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip().startswith("metrics"):
-                break
-        out = "".join(lines)
+        out = _ready_text(proc)
         assert f"grpc    127.0.0.1:{ports[1]}" in out, out
         got = _infer(f"127.0.0.1:{ports[1]}", "cmg", _frames(1))
         assert got["ANOMALY_SCORE"].shape == (1, 1)
@@ -456,16 +461,7 @@ def _serve(repo: Path, ports: list[str], env: dict) -> tuple[subprocess.Popen, i
     cmd = [str(VENV_BIN / "cmg"), "serve", "--repository", str(repo), "--http-port", ports[0],
            "--grpc-port", ports[1], "--metrics-port", ports[2]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.strip().startswith("metrics"):
-            break
-    text = "".join(lines)
+    text = _ready_text(proc)
     assert "ready" in text, text
     return proc, int(text.split("(pid ", 1)[1].split(",", 1)[0])
 
