@@ -136,9 +136,11 @@ def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores:
     frames = (bad.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, val_scores)
     labels = np.r_[np.zeros(len(g)), np.ones(len(gb))]
-    gn = ((torch.cat([g, gb]) - det.stats[0]) / det.stats[1]).numpy()
-    ln = ((torch.cat([lmax, lb]) - det.stats[2]) / det.stats[3]).numpy()
-    aurocs = {w: float(roc_auc_score(labels, w * gn + (1 - w) * ln)) for w in FUSION_WEIGHTS}
+    g_all, l_all = torch.cat([g, gb]), torch.cat([lmax, lb])
+    aurocs = {}
+    for w in FUSION_WEIGHTS:  # the detector's own fusion (the served formula), at each candidate weight
+        det.global_weight.fill_(w)
+        aurocs[w] = float(roc_auc_score(labels, det.fuse(g_all, l_all).numpy()))
     best = max(FUSION_WEIGHTS, key=lambda w: (round(aurocs[w], 3), -w))
     return {"global_weight": best, "synthetic_auroc": aurocs, "images": len(g)}
 
