@@ -149,8 +149,8 @@ def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, n
 def start_local_server(run_dir: Path, out: Path, cpu_cmg: str | None = None):
     """A cpu repository of the run in OUT/repository and a real tritonserver on it (caller stops it).
     With `cpu_cmg` (fused or ensemble) that build setting, in OUT/repository_CPU_CMG."""
-    from cmg.server import TritonServer
     from cmg_build.repository import CPU_CMG, build
+    from cmg_build.server import TritonServer
 
     suffix = f"_{cpu_cmg}" if cpu_cmg else ""
     repo = Path(out) / f"repository{suffix}"
@@ -293,7 +293,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     try:
         served_url = url
         if url is None and any(m in wanted for m in (SERVED_CMG, SERVED_EXACT)):
-            from cmg.server import TritonServer
+            from cmg_build.server import TritonServer
 
             t0 = time.perf_counter()
             server = TritonServer(repo, log_file=out / "tritonserver.log").start()
@@ -420,7 +420,7 @@ def bench_engines(repo: Path, out: Path, batches: tuple[int, ...], iterations: i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import positive_float
+    from cmg.argtypes import positive_float
 
     parser.add_argument("--run", type=Path, default=None, help="trained run folder (RUN/checkpoint.pt); "
                         "required except with --engines")

@@ -48,9 +48,9 @@ def _one_try(urls: list[str], frames: np.ndarray, sources: int, per_source: int,
 def compare_servers(run_dir: Path, out: Path, sources: int = 3, per_source: int = 200, repeats: int = 3,
                     window: int = 8, data: Path | None = None) -> dict:
     """Interleaved 1-server / 2-server tries of the same load; writes servers.{json,md,png}."""
-    from cmg.server import TritonServer
     from cmg_bench.bench import run_frames
     from cmg_build.repository import build
+    from cmg_build.server import TritonServer
 
     run_dir, out = Path(run_dir), Path(out)
     _, frames, _ = run_frames(run_dir, out, data)

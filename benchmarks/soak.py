@@ -42,7 +42,7 @@ def _rss_bytes(pid: int) -> int | None:
 
 def server_processes(server_pid: int) -> dict[str, int]:
     """{'tritonserver': pid, '<model> stub': pid, ...}: the server's process group (it runs
-    in its own session, see cmg.server), stubs named by the model whose model.py they run."""
+    in its own session, see cmg_build.server), stubs named by the model whose model.py they run."""
     found = {"tritonserver": server_pid}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == server_pid:

@@ -53,13 +53,20 @@ def ci_config(path: Path) -> Path:
 
 def sample_folder(path: Path) -> Path:
     """Twelve captioned normal images and six test images (128 px, served at 224)."""
-    from cmg.synth import synthesize
+    from cmg_data.synth import synthesize
 
     return synthesize(path, preset="small", n_train=12, n_test_good=1, n_test_per_anomaly=1, progress=False)
 
 
+def _verb(module, argv: list[str]) -> int:
+    """One verb's `add_arguments`/`run` in this process (torch is imported once, not per verb)."""
+    parser = argparse.ArgumentParser(prog=f"cmg {module.__name__.rsplit('.', 1)[-1]}")
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from cmg.cli import main as cmg
+    from cmg_train import export, train  # torch: only this script's main needs it
 
     p = argparse.ArgumentParser(prog="python -m cmg_bench.vit_b32", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -69,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = random_open_clip_weights(out / "open_clip_vit_b32_random.bin")
     config = ci_config(out / "vit-b32-ci.yaml")
     run = out / "run"
-    for argv_ in (["train", "--config", str(config), "--data", str(data), "--out", str(run),
-                   "--teacher-weights", str(weights), "--no-progress"], ["export", "--run", str(run)]):
-        rc = cmg(argv_)
+    for module, argv_ in ((train, ["--config", str(config), "--data", str(data), "--out", str(run),
+                                   "--teacher-weights", str(weights), "--no-progress"]),
+                          (export, ["--run", str(run)])):
+        rc = _verb(module, argv_)
         if rc:
             return rc
     print(f"run ready: cmg bench --run {run} --out {out / 'bench'} --modes served_cmg,ort_inprocess "

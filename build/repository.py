@@ -287,7 +287,7 @@ def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Servi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import nonnegative_int, positive_int
+    from cmg.argtypes import nonnegative_int, positive_int
 
     parser.add_argument("--run", type=Path, required=True, help="training run (with onnx/ from `cmg export`)")
     parser.add_argument("--target", choices=cfgmod.TARGETS, default="cpu")

@@ -20,8 +20,8 @@ import numpy as np
 
 from cmg import contract as C
 from cmg.contract import Contract, ModelSpec, TensorSpec
+from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, LOOPBACK
 from cmg.errors import CMGError
-from cmg.server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, LOOPBACK
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": DEFAULT_GRPC_PORT, "http": DEFAULT_HTTP_PORT}

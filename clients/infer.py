@@ -21,7 +21,7 @@ from cmg.frames import DEFAULT_MAX_PIXELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import positive_float, positive_int, threshold_float
+    from cmg.argtypes import positive_float, positive_int, threshold_float
     from cmg_clients import core
 
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")

@@ -155,14 +155,14 @@ def parse_synth(spec: str) -> dict:
 
 
 class SynthSource(Source):
-    """Frames from the synthetic factory generator (cmg.synth), deterministic per index."""
+    """Frames from the synthetic factory generator (cmg_data.synth), deterministic per index."""
 
     def __init__(self, spec: str) -> None:
         self.opts = parse_synth(spec)
         try:
-            from cmg import synth
+            from cmg_data import synth
         except ImportError as exc:
-            raise CMGError(f"{spec}: the synthetic generator cmg.synth is not available ({exc})") from exc
+            raise CMGError(f"{spec}: the synthetic generator cmg_data.synth is not available ({exc})") from exc
         if self.opts["preset"] not in synth.PRESETS:
             raise CMGError(f"{spec}: unknown preset {self.opts['preset']!r} (known: {', '.join(synth.PRESETS)})")
         self.synth = synth
@@ -942,7 +942,7 @@ def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[Str
 
 # -- command line -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import positive_float, positive_int, retries_int, threshold_float
+    from cmg.argtypes import positive_float, positive_int, retries_int, threshold_float
 
     parser.add_argument("--url", action="append", default=None,
                         help=f"gRPC HOST:PORT (default {core.default_url('grpc')}); repeat for several servers: "

@@ -280,7 +280,7 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cmg.cli import nonnegative_int
+    from cmg.argtypes import nonnegative_int
 
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")

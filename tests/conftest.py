@@ -39,7 +39,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(cache_dir) -> Path:
-    from cmg.synth import synthesize
+    from cmg_data.synth import synthesize
 
     out = cache_dir / "data"
     if not (out / "synth.json").exists():
@@ -89,7 +89,7 @@ def cpu_repo(cache_dir, tiny_run, tiny_onnx) -> Path:
 def triton(cpu_repo, tmp_path_factory):
     """The real tritonserver on free loopback ports, shared by the session. A test that
     kills it restarts it (same ports) before it ends."""
-    from cmg.server import TritonServer
+    from cmg_build.server import TritonServer
 
     server = TritonServer(cpu_repo, log_file=tmp_path_factory.mktemp("triton") / "server.log")
     server.start()

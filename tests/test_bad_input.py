@@ -1,5 +1,5 @@
 """The bad-input matrix: every verb x every bad input -> exit 2 and one line naming the
-problem, never a traceback (CMG_DEBUG=1 keeps it). In-process through `cmg.cli.main`, so
+problem, never a traceback (CMG_DEBUG=1 keeps it). In-process through `cmg_app.cli.main`, so
 torch is imported once for the whole matrix; the cases that need a server or the trained
 run are marked slow."""
 
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmg.cli import main
 from cmg.errors import CMGError
-from cmg.server import free_port
+from cmg_app.cli import main
+from cmg_build.server import free_port
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -191,7 +191,7 @@ def test_a_bug_is_one_line_and_exit_1(files, monkeypatch, capsys):
 
 def test_console_script_exit_status(files):
     """The real process: exit status 2, one stderr line."""
-    res = subprocess.run([sys.executable, "-m", "cmg.cli", "stream", "--source", str(files["root"]),
+    res = subprocess.run([sys.executable, "-m", "cmg_app.cli", "stream", "--source", str(files["root"]),
                           "--out", str(files["folder"]), "--overwrite"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "is a folder" in res.stderr
@@ -200,7 +200,7 @@ def test_console_script_exit_status(files):
 # -- cmg train: every problem of the data folder, before any training ----------------------
 @pytest.fixture(scope="module")
 def good_data(tmp_path_factory) -> Path:
-    from cmg.synth import synthesize
+    from cmg_data.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("train_data") / "hex", "tiny", seed=2, n_train=30, n_test_good=2,
                       n_test_per_anomaly=1, progress=False)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cmg.cli import main
+from cmg_app.cli import main
 from cmg_bench import flops
 from cmg_bench.modes import MODES, batches
 

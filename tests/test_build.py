@@ -30,7 +30,7 @@ from cmg_build import repository
 from cmg_build.tensorrt import missing_prerequisites
 
 CONTRACT = Contract(32, 32, 4, 8)
-CMG = [sys.executable, "-m", "cmg.cli"]
+CMG = [sys.executable, "-m", "cmg_app.cli"]
 
 
 @pytest.fixture(scope="module")

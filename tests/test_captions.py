@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmg.cli import main
 from cmg.config import load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError
+from cmg_app.cli import main
 from cmg_train.captions import caption_folder, file_words, template_captions
 from cmg_train.cmle.fit import check_captions, unique_captions_needed
 from cmg_train.train import split_train_val

@@ -1,6 +1,6 @@
 """The `cmg` console script: every verb has --help, bad input is one line and exit 2.
 
-In-process through `cmg.cli.main` (torch is imported once, not once per verb); the real
+In-process through `cmg_app.cli.main` (torch is imported once, not once per verb); the real
 console process is exercised by test_bad_input.test_console_script_exit_status and the
 `cmg serve` tests.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from cmg.cli import VERBS, main
+from cmg_app.cli import VERBS, main
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))

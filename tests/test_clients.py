@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from cmg import contract as C
-from cmg.cli import main
 from cmg.errors import CMGError
-from cmg.server import free_port
+from cmg_app.cli import main
+from cmg_build.server import free_port
 from cmg_clients.client import CMGClient, InferError, normalize_url
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cmg.config import Config, config_dir, config_from_dict, load_config, resolve_config
-from cmg.synth import PRESETS
+from cmg_data.synth import PRESETS
 
 SHIPPED = sorted(config_dir().glob("*.yaml"))
 
@@ -141,7 +141,7 @@ def test_config_is_validated_whole_with_one_line_naming_the_key(yaml_text, messa
 def test_config_cli_error_is_exit_2_before_any_work(tmp_path, capsys):
     """`cmg train` with a bad config stops with one line before reading the data (which here
     does not even exist): nothing trains for 36 s first."""
-    from cmg.cli import main
+    from cmg_app.cli import main
 
     path = tmp_path / "c.yaml"
     path.write_text("scoring: {fpr: 1.5}\n")

@@ -12,7 +12,7 @@ import pytest
 from cmg import contract as c
 from cmg.contract import Contract, TensorSpec
 
-TORCH_FREE = ("cmg.contract", "cmg.frames", "cmg.dataset", "cmg.synth", "cmg.config", "cmg.errors")
+TORCH_FREE = ("cmg.contract", "cmg.frames", "cmg.dataset", "cmg_data.synth", "cmg.config", "cmg.errors")
 
 
 def test_core_modules_import_with_torch_unavailable():
@@ -28,8 +28,8 @@ def test_core_modules_import_with_torch_unavailable():
         "    raise SystemExit('torch was importable: the guard does not work')\n"
         f"for name in {TORCH_FREE!r}:\n"
         "    __import__(name)\n"
-        "import cmg.synth, numpy as np\n"
-        "next(cmg.synth.random_scenes(1, 64, 0))\n"
+        "import cmg_data.synth, numpy as np\n"
+        "next(cmg_data.synth.random_scenes(1, 64, 0))\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -18,7 +18,7 @@ import pytest
 
 from cmg import contract as C
 from cmg.errors import CMGError
-from cmg.server import LOOPBACK, free_port
+from cmg_build.server import LOOPBACK, free_port
 from cmg_clients.dashboard.app import Dashboard, default_metrics_url, parse_address
 from cmg_clients.dashboard.metrics import MetricsReader, parse
 from cmg_clients.dashboard.state import DashboardState
@@ -237,7 +237,7 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
 
     port = free_port()
     out = tmp_path / "stream.jsonl"
-    cmd = [sys.executable, "-m", "cmg.cli", "stream", "--url", triton.grpc_url, "--source", "synth:tiny?fps=20&seed=3",
+    cmd = [sys.executable, "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", "synth:tiny?fps=20&seed=3",
            "--limit", "2400", "--out", str(out), "--no-progress", "--dashboard", str(port),
            "--metrics-url", triton.metrics_url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ from PIL import Image
 from cmg.dataset import MVTecFolder, Sample
 from cmg.errors import CMGError
 from cmg.frames import FrameError
-from cmg.synth import ANOMALIES, synthesize
+from cmg_data.synth import ANOMALIES, synthesize
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_failed_export_never_touches_the_good_one(tiny_run, tiny_onnx, tmp_path,
 
 def test_build_refuses_an_export_of_another_checkpoint(tiny_run, tiny_onnx, tmp_path, capsys):
     """`cmg train` into a run replaced its checkpoint: the old onnx/ must not be built."""
-    from cmg.cli import main
+    from cmg_app.cli import main
 
     run = _copy_run(tiny_run, tiny_onnx, tmp_path / "run")
     with open(run / "checkpoint.pt", "ab") as f:  # another checkpoint than the one exported
@@ -199,10 +199,10 @@ def _frame_keys(frames: np.ndarray) -> set[bytes]:
 
 def test_parity_frames_come_from_the_runs_test_split(run, tiny_data, monkeypatch):
     """Parity is checked on the line's kind of frames (normal and defective), never generated."""
-    import cmg.synth
+    import cmg_data.synth
 
     for name in ("synthesize", "render_scene", "random_scenes", "stream_frames"):
-        monkeypatch.setattr(cmg.synth, name, lambda *a, **k: pytest.fail("parity frames were generated"))
+        monkeypatch.setattr(cmg_data.synth, name, lambda *a, **k: pytest.fail("parity frames were generated"))
     frames = parity_frames(run, 7)
     ds = MVTecFolder(tiny_data)
     samples = ds.samples("test")

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from cmg import contract as C
-from cmg.server import TritonServer, free_port
+from cmg_build.server import TritonServer, free_port
 from cmg_clients.stream import StreamOptions, run_stream
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def clean(triton, tmp_path_factory) -> dict[str, float]:
 
 
 def _client(url: str, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cmg.cli", "stream", "--url", url, "--source", SOURCE, "--out", str(out),
+    cmd = [sys.executable, "-m", "cmg_app.cli", "stream", "--url", url, "--source", SOURCE, "--out", str(out),
            "--fps", "50", "--window", "16", "--timeout", "5", "--backoff-max", "1", "--max-retries", "120",
            "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -108,7 +108,7 @@ class Served:
                                            load_models=[C.CMG], log_file=self.log)
             self.server.start(timeout=180)
             return
-        cmd = [sys.executable, "-m", "cmg.cli", "serve", "--repository", str(self.repo),
+        cmd = [sys.executable, "-m", "cmg_app.cli", "serve", "--repository", str(self.repo),
                "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
                "--metrics-port", str(self.ports[2]), "--model-control-mode", "explicit",
                "--load-model", C.CMG, "--log-file", str(self.log)]
@@ -235,7 +235,7 @@ def _png(path: Path, seed: int) -> None:
 
 
 def test_retry_errors_rescores_error_lines_safely(triton, tmp_path, capsys):
-    from cmg.cli import main
+    from cmg_app.cli import main
     from cmg_clients.client import CMGClient
 
     n, bad = 90, set(range(3, 90, 3))
@@ -257,7 +257,7 @@ def test_retry_errors_rescores_error_lines_safely(triton, tmp_path, capsys):
         _png(folder / f"f{i:03d}.png", i)
 
     # Killed while re-scoring: OUT is the old file or the new one, never a mix or a stub.
-    cmd = [sys.executable, "-m", "cmg.cli", *base, "--resume", "--retry-errors"]
+    cmd = [sys.executable, "-m", "cmg_app.cli", *base, "--resume", "--retry-errors"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.5)
     proc.kill()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmg.cli import main
 from cmg.frames import FrameError, load_frame
+from cmg_app.cli import main
 
 
 def png_header(width: int, height: int) -> bytes:

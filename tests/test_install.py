@@ -61,7 +61,7 @@ def test_plain_install_runs_the_demo_from_another_directory(tmp_path):
     assert Path(where).is_relative_to(venv), f"cmg imported from {where}, not from the plain install"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([str(py), "-m", "cmg.cli", "demo", "--workdir", "demo", "--no-progress"],
+    proc = subprocess.run([str(py), "-m", "cmg_app.cli", "demo", "--workdir", "demo", "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((elsewhere / "demo" / "demo_report.json").read_text())

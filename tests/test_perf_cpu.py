@@ -117,7 +117,7 @@ def test_int8_build_is_valid_qdq_and_serves(tiny_run, tiny_onnx, cpu_repo, tmp_p
     """`cmg build --precision int8` on the session's tiny run: Q/DQ graphs that pass onnx.checker
     and the TensorRT 10 op check, the same graphs in the tensorrt target (with --int8), and a
     real tritonserver scoring them over gRPC."""
-    from cmg.server import TritonServer
+    from cmg_build.server import TritonServer
     from cmg_clients.client import CMGClient
 
     repo = tmp_path / "int8"
@@ -171,7 +171,7 @@ def test_int8_build_is_valid_qdq_and_serves(tiny_run, tiny_onnx, cpu_repo, tmp_p
 @pytest.mark.slow
 def test_fused_vs_ensemble_bench(tiny_run, tiny_onnx, tmp_path):
     """`cmg bench --fused-vs-ensemble`: both variants served and measured in pairs (no timing assertion)."""
-    from cmg.cli import main
+    from cmg_app.cli import main
 
     out = tmp_path / "ab"
     assert main(["bench", "--fused-vs-ensemble", "--run", str(tiny_run), "--out", str(out), "--quick",

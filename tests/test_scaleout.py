@@ -18,7 +18,7 @@ import pytest
 
 from cmg import contract as C
 from cmg.errors import CMGError
-from cmg.server import TritonServer, free_port
+from cmg_build.server import TritonServer, free_port
 from cmg_clients.servers import ServerPool
 from cmg_clients.stream import (
     Source,

@@ -21,8 +21,8 @@ from toy_graphs import reference, scorer_graph, write_toy_export
 from tritonclient.utils import InferenceServerException
 
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
-from cmg.server import TritonServer, find_tritonserver, python_backend_dir
 from cmg_build import repository
+from cmg_build.server import TritonServer, find_tritonserver, python_backend_dir
 from cmg_clients import core
 
 pytestmark = pytest.mark.slow
@@ -217,7 +217,7 @@ def _ready_text(proc: subprocess.Popen, timeout: float = 180) -> str:
 
 def test_cmg_serve_cli_without_activated_venv(toy_repo):
     """`.venv/bin/cmg serve` with a PATH that lacks the venv: stub still imports onnxruntime; SIGTERM stops it."""
-    from cmg.server import free_port
+    from cmg_build.server import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
@@ -381,7 +381,7 @@ def test_start_failure_names_the_model_and_keeps_the_log(tmp_path):
 
 
 def _free() -> int:
-    from cmg.server import free_port
+    from cmg_build.server import free_port
 
     return free_port()
 
@@ -544,7 +544,7 @@ def test_port_taken_is_named_in_the_last_line(toy_repo, tmp_path, monkeypatch, c
     and no temporary folder left (there is no log to keep)."""
     import tempfile
 
-    from cmg.cli import main
+    from cmg_app.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
@@ -563,7 +563,7 @@ def test_port_taken_is_named_in_the_last_line(toy_repo, tmp_path, monkeypatch, c
 def test_port_taken_after_the_check_is_named_from_the_server_log(toy_repo, monkeypatch):
     """A port taken between the check and the bind: the server's own bind line is the error,
     not the model lines it logs afterwards."""
-    import cmg.server as server_mod
+    import cmg_build.server as server_mod
     from cmg.errors import CMGError
 
     monkeypatch.setattr(server_mod, "check_port", lambda *args: None)

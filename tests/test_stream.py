@@ -135,7 +135,7 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     _write_frames(tmp_path / "src", n, size=8)
     out = tmp_path / "out.jsonl"
     cmd = [
-        sys.executable, "-m", "cmg.cli", "stream", "--url", triton.grpc_url, "--source", str(tmp_path / "src"),
+        sys.executable, "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", str(tmp_path / "src"),
         "--out", str(out), "--window", "16", "--fps", "100", "--timeout", "5", "--no-progress",
         "--backoff-max", "1", "--max-retries", "200",
     ]
@@ -173,7 +173,7 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
 
 
 def _stream_proc(triton, source: str, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cmg.cli", "stream", "--url", triton.grpc_url, "--source", source,
+    cmd = [sys.executable, "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", source,
            "--out", str(out), "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -255,8 +255,8 @@ def test_stream_aborts_when_server_stays_away_then_resumes(triton, tmp_path):
 
 def test_stream_gives_up_cleanly_when_server_stays_away(tmp_path):
     """Without a server the CLI names it and exits non-zero; nothing half-written."""
-    from cmg.cli import main
-    from cmg.server import free_port
+    from cmg_app.cli import main
+    from cmg_build.server import free_port
 
     _write_frames(tmp_path / "src", 3)
     out = tmp_path / "out.jsonl"
@@ -266,7 +266,7 @@ def test_stream_gives_up_cleanly_when_server_stays_away(tmp_path):
 
 
 def test_stream_synthetic_source(triton, tmp_path):
-    pytest.importorskip("cmg.synth")
+    pytest.importorskip("cmg_data.synth")
     out = tmp_path / "out.jsonl"
     summary = run_stream(_opts(triton, "synth:tiny?fps=200&seed=1&n=20", out))
     lines = _lines(out)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmg import synth
-from cmg.cli import main as cli_main
 from cmg.errors import CMGError
-from cmg.synth import ANOMALIES, CATEGORIES, DEFECTS, SEMANTIC, render_scene, synthesize
+from cmg_app.cli import main as cli_main
+from cmg_data import synth
+from cmg_data.synth import ANOMALIES, CATEGORIES, DEFECTS, SEMANTIC, render_scene, synthesize
 
 # Words a caption must never contain: they would leak clutter or defects into the text.
 LEAKY = ("scratch", "hole", "stain", "deform", "dent", "dust", "speck", "glare", "clutter",

@@ -26,7 +26,7 @@ from cmg_train.train import batched, practice_regions, split_train_val
 
 def test_nothing_in_training_or_build_imports_the_generator():
     """Every model learns from the user's folder: no module under cmg_train/ or build/ imports
-    `cmg.synth` (the demo's generator), directly or by `from cmg import synth`."""
+    `cmg_data.synth` (the demo's generator), directly or by `from cmg_data import synth`."""
     import ast
 
     root = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_nothing_in_training_or_build_imports_the_generator():
                     names = [a.name for a in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.module:
                     names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                if any(n == "cmg.synth" or n.startswith("cmg.synth.") for n in names):
+                if any(n == "cmg_data.synth" or n.startswith("cmg_data.synth.") for n in names):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert (root / "cmg_train" / "train.py").is_file()  # the scan saw the training code
     assert offenders == []
@@ -98,7 +98,7 @@ def test_failed_train_keeps_the_run_and_is_quiet_under_no_progress(tiny_data, tm
     train_log.jsonl, checkpoint and export are as before, no "Loading weights" bar printed;
     into a new folder, no folder is left holding only a log."""
     import cmg_train.train as train
-    from cmg.cli import main
+    from cmg_app.cli import main
     from cmg_train import text
 
     cfg = yaml.safe_load((config_dir() / "tiny.yaml").read_text())
@@ -280,7 +280,7 @@ def test_missing_or_foreign_run_is_a_one_line_error(tmp_path):
     torch.save({"format": "cmg-run/1"}, tmp_path / "checkpoint.pt")
     with pytest.raises(CMGError, match=f"not a {FORMAT} checkpoint"):
         load_run(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "cmg.cli", "export", "--run", str(tmp_path / "nope")],
+    res = subprocess.run([sys.executable, "-m", "cmg_app.cli", "export", "--run", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "run folder not found" in res.stderr

@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from cmg import contract as C
-from cmg.cli import main
 from cmg.config import TeacherConfig, resolve_config
 from cmg.errors import CMGError
+from cmg_app.cli import main
 from cmg_bench.vit_b32 import ARCH, ci_config, random_open_clip_weights, sample_folder
 from cmg_train.teacher.model import build_teacher
 
@@ -104,7 +104,7 @@ def test_vit_b32_from_a_weights_file_trains_exports_builds_and_serves(tiny_data_
     import tritonclient.grpc as grpcclient
 
     from cmg.dataset import MVTecFolder
-    from cmg.server import TritonServer
+    from cmg_build.server import TritonServer
     from cmg_clients import core
 
     times: dict[str, float] = {}

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from cmg.endpoints import DEFAULT_METRICS_PORT, LOOPBACK
 from cmg.errors import CMGError
-from cmg.server import DEFAULT_METRICS_PORT, LOOPBACK
 from cmg_clients import core
 from cmg_clients.dashboard.metrics import MetricsReader
 from cmg_clients.dashboard.state import DashboardState

@@ -1,5 +1,5 @@
 """Triton's own metrics for the page, read from its Prometheus endpoint (`--metrics-port`,
-8002 by default, see cmg.server) and parsed with prometheus_client's parser.
+8002 by default, see cmg_build.server) and parsed with prometheus_client's parser.
 
 Per model: successes, failures, inferences and executions (counters since the server
 started) and, between two reads, the rate and the mean queue / compute time per request.

@@ -27,12 +27,8 @@ import time
 import weakref
 from pathlib import Path
 
+from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from cmg.errors import CMGError
-
-DEFAULT_HTTP_PORT = 8000
-DEFAULT_GRPC_PORT = 8001
-DEFAULT_METRICS_PORT = 8002
-LOOPBACK = "127.0.0.1"
 
 
 def _pytriton_root() -> Path | None:
@@ -112,7 +108,7 @@ def python_backend_dir(work_dir: Path) -> Path | None:
 
 # -- no orphaned servers ------------------------------------------------------------------
 # A tritonserver must not outlive the command that started it, however that command ends:
-# - normal exit, an exception, Ctrl-C, SIGTERM (cmg.cli turns SIGTERM into
+# - normal exit, an exception, Ctrl-C, SIGTERM (cmg_app.cli turns SIGTERM into
 #   KeyboardInterrupt so `finally` blocks run): the caller's cleanup(), and an atexit hook
 #   for any server still registered here (e.g. interrupted while it was starting);
 # - SIGKILL of the parent (nothing of it runs): Linux's PR_SET_PDEATHSIG, set in the child
@@ -597,7 +593,7 @@ class TritonServer:
 
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.cli import port_int, positive_float
+    from cmg.argtypes import port_int, positive_float
 
     parser.add_argument("--repository", type=Path, required=True, help="Triton model repository (cmg build --out)")
     parser.add_argument("--http-port", type=port_int, default=DEFAULT_HTTP_PORT)

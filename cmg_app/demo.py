@@ -25,10 +25,10 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
     from sklearn.metrics import roc_auc_score
 
     from cmg.config import load_config, resolve_config
-    from cmg.server import TritonServer
-    from cmg.synth import synthesize
     from cmg_build.repository import build
+    from cmg_build.server import TritonServer
     from cmg_clients.stream import StreamOptions, run_stream
+    from cmg_data.synth import synthesize
     from cmg_train.export import export_run
     from cmg_train.plots import roc_plot
     from cmg_train.train import train_run

@@ -8,101 +8,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
 
-OWN_PACKAGES = {"cmg", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cmg_configs", "cmg_model_repository"}
+OWN_PACKAGES = {"cmg", "cmg_data", "cmg_app", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cmg_configs", "cmg_model_repository"}
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "data": ("cmg.synth", "synthetic factory data: `cmg data synth --out DIR`"),
+    "data": ("cmg_data.synth", "synthetic factory data: `cmg data synth --out DIR`"),
     "captions": ("cmg_train.captions", "captions.jsonl for a folder without one: open_clip CoCa, or a name template"),
     "train": ("cmg_train.train", "train teacher, CMER scorer, CMLE encoder, memory banks, threshold"),
     "eval": ("cmg_train.evaluate", "AUROC (image and pixel level) and the ablation table"),
     "export": ("cmg_train.export", "ONNX graphs with in-graph masking and scoring, plus parity report"),
     "build": ("cmg_build.repository", "Triton model repository for the cpu, onnxruntime or tensorrt target"),
-    "serve": ("cmg.server", "start the real tritonserver on a repository"),
+    "serve": ("cmg_build.server", "start the real tritonserver on a repository"),
     "deploy": ("cmg_build.deploy", "a retrained run as the next model version of a live server, no downtime"),
     "infer": ("cmg_clients.infer", "score images over gRPC (or HTTP); one JSON line per image"),
     "stream": ("cmg_clients.stream", "factory-stream client: bounded window, retries, exactly-once JSONL"),
     "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run"),
-    "demo": ("cmg.demo", "the whole chain on the embedded default"),
+    "demo": ("cmg_app.demo", "the whole chain on the embedded default"),
 }
-
-
-# -- argument types shared by the verbs (argparse turns their errors into exit 2) ---------
-def finite_float(text: str) -> float:
-    """A finite number: NaN or inf as a threshold would silently flag nothing (or everything)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def threshold_float(text: str) -> float:
-    """`--threshold`: finite in FP32, the dtype the graphs compare it in (cmg.contract.threshold_value)."""
-    from cmg.contract import threshold_value
-
-    try:
-        return threshold_value(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (timeouts, durations, rates: 0 would fail or spin at once)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
-def port_int(text: str) -> int:
-    """A TCP port, 1..65535 (tritonserver took 99999 and listened on a random port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, got {text!r}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (0 often means "the default", e.g. --cpu-threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def retries_int(text: str) -> int:
-    """A retry budget: an integer >= 0, or -1 for "without limit" (-2 is a typo, not forever)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit; got {text!r}")
-    return value
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""The data layer: the synthetic factory scene renderer (`cmg data synth`). Imports no torch."""
