@@ -1,4 +1,4 @@
-"""`cmg bench --fused-vs-ensemble`: the cpu target's fused `cmg` against the two-step ensemble it replaced.
+"""`cmg bench fused-vs-ensemble`: the cpu target's fused `cmg` against the two-step ensemble it replaced.
 
 Both repositories are built from the same run (`cmg build` default and `--cpu-cmg
 ensemble`) and served at once by two tritonservers on this machine (the idle one costs
@@ -11,6 +11,7 @@ behind making the fused graph the cpu target's default.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -18,7 +19,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cmg_bench.common import (
+    FULL_WINDOW,
+    QUICK_WINDOW,
+    add_repeats_argument,
+    add_run_arguments,
+    run_frames,
+    start_local_server,
+)
 from cmg_bench.loadgen import Window
+from cmg_bench.modes import SERVED_CMG, Served
 
 POINTS = ((1, 1), (8, 1), (4, 8))
 VARIANTS = ("ensemble", "fused")
@@ -27,9 +37,6 @@ VARIANTS = ("ensemble", "fused")
 def compare_cpu_cmg(run_dir: Path, out: Path, points: tuple[tuple[int, int], ...] = POINTS, repeats: int = 5,
                     window: Window | None = None, data: Path | None = None) -> dict:
     """Interleaved fused/ensemble pairs per point; writes cpu_cmg.{json,md,png}."""
-    from cmg_bench.bench import run_frames, start_local_server
-    from cmg_bench.modes import SERVED_CMG, Served
-
     run_dir, out, window = Path(run_dir), Path(out), window or Window()
     _, frames, _ = run_frames(run_dir, out, data)
     servers: dict = {}
@@ -40,7 +47,7 @@ def compare_cpu_cmg(run_dir: Path, out: Path, points: tuple[tuple[int, int], ...
         for variant in VARIANTS:
             servers[variant] = start_local_server(run_dir, out, cpu_cmg=variant)
         modes = {v: Served(SERVED_CMG, s.grpc_url, frames, loop) for v, s in servers.items()}
-        bar = tqdm(total=len(points) * repeats, desc="cmg bench --fused-vs-ensemble", unit="pair")
+        bar = tqdm(total=len(points) * repeats, desc="cmg bench fused-vs-ensemble", unit="pair")
         for conc, batch in points:
             pairs = []
             for k in range(repeats):
@@ -96,3 +103,18 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "cpu_cmg.json, cpu_cmg.md, cpu_cmg.png", url=False)
+    parser.add_argument("--quick", action="store_true", help="short windows and 2 pairs (default 5)")
+    add_repeats_argument(parser, "5, or 2 with --quick")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = compare_cpu_cmg(args.run, args.out, repeats=args.repeats or (2 if args.quick else 5),
+                          window=QUICK_WINDOW if args.quick else FULL_WINDOW, data=args.data)
+    ratios = ", ".join(f"c{r['concurrency']} b{r['batch']} {r['throughput_median']:.2f}" for r in res["points"])
+    print(f"cmg bench fused-vs-ensemble: fused/ensemble frames/s {ratios}; wrote {args.out / 'cpu_cmg.json'}, "
+          "cpu_cmg.md, cpu_cmg.png")
+    return 0

@@ -1,4 +1,4 @@
-"""`cmg bench --dashboard-cost`: what `cmg stream --dashboard` costs the stream.
+"""`cmg bench dashboard-cost`: what `cmg stream --dashboard` costs the stream.
 
 The same frames (the run's test split, in memory) are streamed as fast as the window
 allows, alternately without and with the dashboard, in interleaved pairs; with it, a
@@ -9,6 +9,7 @@ frames/s of each run and the with/without ratio per pair and its median (goal >=
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import threading
@@ -18,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.argtypes import positive_int
 from cmg.errors import CMGError
+from cmg_bench.common import add_repeats_argument, add_run_arguments, run_frames, start_local_server
+from cmg_clients.dashboard.app import Dashboard, default_metrics_url
+from cmg_clients.dashboard.state import DashboardState
+from cmg_clients.sources import ArraySource
+from cmg_clients.stream import StreamOptions, run_stream
 
 GOAL = 0.95
 
@@ -69,10 +76,6 @@ class PageWatcher(threading.Thread):
 
 def _one(url: str, frames: np.ndarray, count: int, out: Path, window: int, metrics_url: str | None,
          dashboard: bool) -> dict:
-    from cmg_clients.dashboard.app import Dashboard
-    from cmg_clients.dashboard.state import DashboardState
-    from cmg_clients.stream import ArraySource, StreamOptions, run_stream
-
     opts = StreamOptions(url=url, source="bench", out=out, overwrite=True, window=window, progress=False,
                          frames=ArraySource(frames, count, label="bench"))
     if not dashboard:
@@ -95,9 +98,6 @@ def _summary(summary) -> dict:
 def dashboard_cost(run_dir: Path, out: Path, url: str | None = None, data: Path | None = None,
                    frames: int = 1000, repeats: int = 3, window: int = 16) -> dict:
     """Stream `frames` frames without and with the dashboard, `repeats` interleaved pairs."""
-    from cmg_bench.bench import run_frames, start_local_server
-    from cmg_clients.dashboard.app import default_metrics_url
-
     if frames < 1 or repeats < 1:
         raise CMGError(f"--frames {frames} / --repeats {repeats}: both must be >= 1")
     run_dir, out = Path(run_dir), Path(out)
@@ -126,7 +126,7 @@ def dashboard_cost(run_dir: Path, out: Path, url: str | None = None, data: Path 
               "pairs": runs, "ratio_median": float(np.median(ratios)) if ratios else None, "goal": GOAL,
               "run": str(run_dir.resolve()), "seconds": time.time() - started}
     (out / "dashboard_cost.json").write_text(json.dumps(result, indent=2))
-    lines = ["# cmg bench --dashboard-cost", "",
+    lines = ["# cmg bench dashboard-cost", "",
              f"{frames} frames per run, window {window}, {repeats} interleaved pairs; with the dashboard a "
              "watcher reads every pushed snapshot and fetches each new flagged thumbnail.", "",
              "| pair | without: frames/s | with: frames/s | ratio | snapshots | thumbnails |",
@@ -137,3 +137,19 @@ def dashboard_cost(run_dir: Path, out: Path, url: str | None = None, data: Path 
     lines += ["", f"Median ratio with/without: **{result['ratio_median']:.3f}** (goal >= {GOAL})."]
     (out / "dashboard_cost.md").write_text("\n".join(lines) + "\n")
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "dashboard_cost.json, dashboard_cost.md")
+    parser.add_argument("--frames", type=positive_int, default=1000, help="frames per run (default 1000)")
+    add_repeats_argument(parser, "3")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = dashboard_cost(args.run, args.out, url=args.url, data=args.data, frames=args.frames,
+                         repeats=args.repeats or 3)
+    pairs = ", ".join(f"{r['ratio']:.3f}" for r in res["pairs"])
+    print(f"cmg bench dashboard-cost: stream with/without the dashboard, median ratio "
+          f"{res['ratio_median']:.3f} (pairs {pairs}; goal >= {res['goal']}); wrote "
+          f"{args.out / 'dashboard_cost.json'}, dashboard_cost.md")
+    return 0

@@ -1,4 +1,4 @@
-"""`cmg bench --servers`: the same multi-camera load against 1 and against 2 local servers.
+"""`cmg bench servers`: the same multi-camera load against 1 and against 2 local servers.
 
 `cmg stream`'s own multi-server client sends SOURCES cameras x FRAMES frames (the run's
 test frames, held in memory) as fast as each camera's window allows, once to one
@@ -13,6 +13,7 @@ needs servers on separate machines or GPUs (the Kubernetes manifests of `cmg bui
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -22,11 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from cmg.errors import CMGError
+from cmg_bench.common import add_run_arguments, run_frames
+from cmg_build.repository import build
+from cmg_build.server import TritonServer
+from cmg_clients.sources import ArraySource
+from cmg_clients.stream import StreamOptions, run_streams
 
 
 def _one_try(urls: list[str], frames: np.ndarray, sources: int, per_source: int, window: int) -> dict:
-    from cmg_clients.stream import ArraySource, StreamOptions, run_streams
-
     with tempfile.TemporaryDirectory(prefix="cmg-bench-servers-") as tmp:
         options = [StreamOptions(url=urls[0], source=f"cam{i}", out=Path(tmp) / f"cam{i}.jsonl", window=window,
                                  progress=False, frames=ArraySource(np.roll(frames, i, axis=0), per_source,
@@ -48,10 +52,6 @@ def _one_try(urls: list[str], frames: np.ndarray, sources: int, per_source: int,
 def compare_servers(run_dir: Path, out: Path, sources: int = 3, per_source: int = 200, repeats: int = 3,
                     window: int = 8, data: Path | None = None) -> dict:
     """Interleaved 1-server / 2-server tries of the same load; writes servers.{json,md,png}."""
-    from cmg_bench.bench import run_frames
-    from cmg_build.repository import build
-    from cmg_build.server import TritonServer
-
     run_dir, out = Path(run_dir), Path(out)
     _, frames, _ = run_frames(run_dir, out, data)
     repo = out / "repository"
@@ -64,7 +64,7 @@ def compare_servers(run_dir: Path, out: Path, sources: int = 3, per_source: int 
         urls = [s.grpc_url for s in servers]
         _one_try(urls, frames, sources, min(per_source, 20), window)  # warm-up: both servers' first requests
         plan = [n for _ in range(repeats) for n in (1, 2)]
-        for n in tqdm(plan, desc="cmg bench --servers", unit="try"):
+        for n in tqdm(plan, desc="cmg bench servers", unit="try"):
             tries.append(_one_try(urls[:n], frames, sources, per_source, window))
     finally:
         for server in servers:
@@ -104,3 +104,16 @@ def _plot(one: list[float], two: list[float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "servers.json, servers.md, servers.png", url=False)
+    parser.add_argument("--quick", action="store_true", help="60 frames per camera and 2 pairs (default 200 and 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = compare_servers(args.run, args.out, per_source=60 if args.quick else 200,
+                          repeats=2 if args.quick else 3, data=args.data)
+    print(f"cmg bench servers: 1 server {res['fps_one']:.1f} frames/s, 2 servers {res['fps_two']:.1f} "
+          f"(two/one {res['ratio_two_over_one']:.2f}); wrote {args.out / 'servers.json'}, servers.md, servers.png")
+    return 0

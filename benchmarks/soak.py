@@ -1,4 +1,4 @@
-"""`cmg bench --soak MINUTES`: a long stream at a fixed share of measured capacity.
+"""`cmg bench soak --minutes MINUTES`: a long stream at a fixed share of measured capacity.
 
 What it answers: does the served chain stay healthy for a shift? Capacity is measured
 first (closed loop, batch 1, as many requests in flight as the stream's window), then
@@ -11,6 +11,7 @@ lines). Memory is read from /proc for a server started here; with --url it is le
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -21,8 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.argtypes import positive_float
 from cmg.errors import CMGError
+from cmg_bench.common import add_run_arguments, run_frames, start_local_server
 from cmg_bench.loadgen import Window
+from cmg_bench.modes import SERVED_CMG, Served
+from cmg_clients.sources import ArraySource
+from cmg_clients.stream import StreamOptions, run_stream
 
 DEFAULT_LOAD = 0.8
 MIB = 1024 * 1024
@@ -117,8 +123,6 @@ def per_period(events: list[tuple[float, float | None]], period_s: float) -> lis
 # -- the soak -------------------------------------------------------------------------------
 def measure_capacity(url: str, frames: np.ndarray, concurrency: int, win: Window) -> dict:
     """Closed-loop throughput at batch 1 with `concurrency` requests in flight (frames/s)."""
-    from cmg_bench.modes import SERVED_CMG, Served
-
     loop = asyncio.new_event_loop()
     try:
         mode = Served(SERVED_CMG, url, frames, loop)
@@ -133,13 +137,10 @@ def measure_capacity(url: str, frames: np.ndarray, concurrency: int, win: Window
 def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data: Path | None = None,
          load: float = DEFAULT_LOAD, window: int = 16, progress: bool = True) -> dict:
     """Stream for `minutes` at `load` x measured capacity; write soak.{json,md,png,jsonl}."""
-    from cmg_bench.bench import run_frames, start_local_server
-    from cmg_clients.stream import ArraySource, StreamOptions, run_stream
-
     if not (minutes > 0 and np.isfinite(minutes)):
-        raise CMGError(f"--soak {minutes}: minutes must be > 0")
+        raise CMGError(f"--minutes {minutes}: must be > 0")
     if not 0 < load <= 1:
-        raise CMGError(f"--soak-load {load}: expected a share of capacity in (0, 1]")
+        raise CMGError(f"--load {load}: expected a share of capacity in (0, 1]")
     run_dir, out = Path(run_dir), Path(out)
     _, frames, _ = run_frames(run_dir, out, data)
 
@@ -204,7 +205,7 @@ def _mib(rss: dict | None, key: str) -> str:
 def write_markdown(result: dict, path: Path) -> None:
     cap = result["capacity"]
     lines = [
-        "# cmg bench --soak", "",
+        "# cmg bench soak", "",
         f"{result['minutes']:g} min at {result['load']:.0%} of the measured capacity "
         f"({cap['throughput']:.1f} frames/s closed loop at batch 1, {cap['concurrency']} in flight): "
         f"target {result['target_fps']:.1f} fps, achieved {result['achieved_fps']:.1f} fps.",
@@ -259,3 +260,20 @@ def write_plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "soak.json, soak.md, soak.png, soak.jsonl")
+    parser.add_argument("--minutes", type=positive_float, required=True,
+                        help="how long to stream at --load x measured capacity")
+    parser.add_argument("--load", type=positive_float, default=DEFAULT_LOAD,
+                        help=f"share of the measured capacity to stream at (default {DEFAULT_LOAD})")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = soak(args.run, args.out, args.minutes, url=args.url, data=args.data, load=args.load)
+    print(f"cmg bench soak: {res['frames']} frames, {res['errors']} errors at {res['achieved_fps']:.1f} fps "
+          f"(target {res['target_fps']:.1f}, {res['load']:.0%} of {res['capacity']['throughput']:.1f}); "
+          f"p50 {res['p50_ms'] or 0:.1f} ms, p99 {res['p99_ms'] or 0:.1f} ms; "
+          f"wrote {args.out / 'soak.json'}, soak.md, soak.png")
+    return 1 if res["errors"] or res["aborted"] else 0

@@ -1,6 +1,6 @@
 """Several Triton servers behind one `cmg stream`: least-in-flight choice, failover, probing.
 
-Each server has its own gRPC aio channel (`_Channel` of clients/stream.py: a fresh channel
+Each server has its own gRPC aio channel (`Channel` of clients/channel.py: a fresh channel
 once per failure, not once per frame). A frame goes to the server with the fewest frames in
 flight among those believed up. When a call fails for a reason outside the frame
 (`core.classify`: transient or deadline) and another server is up, the failed server is
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cmg.errors import CMGError
 from cmg_clients import core
+from cmg_clients.channel import Channel
 
 
 @dataclass(eq=False)
@@ -26,7 +27,7 @@ class Server:
     """One server as the pool sees it."""
 
     url: str
-    channel: object  # clients.stream._Channel
+    channel: Channel
     in_flight: int = 0
     up: bool = True
     frames: int = 0  # answers received from it
@@ -38,15 +39,13 @@ class ServerPool:
     """The servers of one stream (shared by all its sources)."""
 
     def __init__(self, urls: list[str], model: str, timeout_s: float, probe_s: float = 0.5) -> None:
-        from cmg_clients.stream import _Channel
-
         if not urls:
             raise CMGError("no server URL given")
         normalized = [core.normalize_url(u, "grpc") for u in urls]
         if len(set(normalized)) != len(normalized):
             raise CMGError(f"--url given twice: {', '.join(normalized)}")
         self.model, self.timeout_s, self.probe_s = model, timeout_s, probe_s
-        self.servers = [Server(u, _Channel(u, timeout_s)) for u in normalized]
+        self.servers = [Server(u, Channel(u, timeout_s)) for u in normalized]
         self.default_threshold: float | None = None  # from the ensemble config (GPU targets only)
 
     @property

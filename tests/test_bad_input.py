@@ -134,13 +134,14 @@ CASES: list[Case] = [
     # demo
     ("demo", lambda f: ["--workdir", str(f["file"])], "is a file"),
     # bench
-    ("bench", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "b")], "run folder not found"),
-    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["file"])], "is a file"),
-    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "0"], "> 0"),
-    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "nan"], "finite"),
-    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--batch", "0"], "positive"),
-    ("bench", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "b"), "--soak", "1",
-                         "--soak-load", "1.5"], "share of capacity"),
+    ("bench", lambda f: ["sweep", "--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "b")],
+     "run folder not found"),
+    ("bench", lambda f: ["sweep", "--run", str(f["run"]), "--out", str(f["file"])], "is a file"),
+    ("bench", lambda f: ["soak", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--minutes", "0"], "> 0"),
+    ("bench", lambda f: ["soak", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--minutes", "nan"], "finite"),
+    ("bench", lambda f: ["sweep", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--batch", "0"], "positive"),
+    ("bench", lambda f: ["soak", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--minutes", "1",
+                         "--load", "1.5"], "share of capacity"),
     # the torch verbs
     ("eval", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
     ("export", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
@@ -285,14 +286,14 @@ def test_infer_client_deadline_is_a_deadline(files, capsys):
 
 @pytest.mark.slow
 def test_bench_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, capsys):
-    rc, _, err = run_cli(["bench", "--quick", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
+    rc, _, err = run_cli(["bench", "sweep", "--quick", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
                           "--url", _dead(), "--modes", "served_cmg"], capsys)
     assert_one_line_exit_2("bench", rc, err, "unreachable")
 
 
 @pytest.mark.slow
 def test_bench_soak_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, capsys):
-    rc, _, err = run_cli(["bench", "--soak", "0.1", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
+    rc, _, err = run_cli(["bench", "soak", "--minutes", "0.1", "--run", str(tiny_run), "--out", str(tmp_path / "b"),
                           "--url", _dead()], capsys)
     assert_one_line_exit_2("bench", rc, err, "unreachable")
 

@@ -87,11 +87,28 @@ def test_batches_wrap_over_frames():
 
 
 def test_bench_cli_errors(tmp_path, capsys):
-    assert main(["bench", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["bench", "sweep", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "run folder not found" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
-    assert main(["bench", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--batch", "0"]) == 2
+    assert main(["bench", "sweep", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--batch", "0"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_bench_sub_verbs_take_only_their_own_options(tmp_path, capsys):
+    """`--soak 5 --servers` once ran only the soak, silently: each sub-verb now refuses another's options."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "soak", "--run", str(tmp_path), "--out", str(tmp_path / "o"), "--minutes", "5", "--servers"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --servers" in capsys.readouterr().err
+
+
+def test_bench_lists_its_sub_verbs(capsys):
+    from cmg_bench.bench import SUBVERBS
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBVERBS)
 
 
 @pytest.fixture
@@ -114,7 +131,7 @@ def test_bench_smoke_structure(tiny_run, tmp_path, private_tmp):
     """The CLI path (build a cpu repository, start tritonserver, measure all modes) on a
     smoke-sized sweep; checks what is written, not how fast anything was."""
     out = tmp_path / "bench"
-    rc = main(["bench", "--run", str(tiny_run), "--out", str(out), "--quick", "--concurrency", "1,2",
+    rc = main(["bench", "sweep", "--run", str(tiny_run), "--out", str(out), "--quick", "--concurrency", "1,2",
                "--batch", "1,2", "--window", "0.2", "--warmup", "0.05", "--repeats", "3"])
     assert rc == 0
     assert not _leftovers(private_tmp), "the server's temporary folder was left behind"
@@ -162,10 +179,10 @@ def test_bench_smoke_structure(tiny_run, tmp_path, private_tmp):
 
 @pytest.mark.slow
 def test_soak_short(tiny_run, tmp_path, capsys, private_tmp):
-    """`cmg bench --soak 0.2`: 12 s at 80% of measured capacity through the stream client;
+    """`cmg bench soak --minutes 0.2`: 12 s at 80% of measured capacity through the stream client;
     what is written, not how fast (the machine is shared)."""
     out = tmp_path / "soak"
-    rc = main(["bench", "--soak", "0.2", "--run", str(tiny_run), "--out", str(out)])
+    rc = main(["bench", "soak", "--minutes", "0.2", "--run", str(tiny_run), "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert not _leftovers(private_tmp), "the server's temporary folder was left behind"
     data = json.loads((out / "soak.json").read_text())

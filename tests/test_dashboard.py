@@ -336,7 +336,7 @@ def _has_overlay(png: bytes) -> bool:
 
 
 def test_bench_dashboard_cost_smoke(tiny_run, tiny_onnx, triton, tmp_path):
-    """`cmg bench --dashboard-cost` runs both sides against a real server and reports their ratio
+    """`cmg bench dashboard-cost` runs both sides against a real server and reports their ratio
     (the figure itself is measured by the bench, never asserted here)."""
     from cmg_bench.dashboard_cost import dashboard_cost
 

@@ -88,8 +88,8 @@ def test_open_repository_needs_a_tensorrt_repository(tmp_path):
 def test_bench_engines_says_what_is_missing(tmp_path, capsys):
     from cmg_app.cli import main
 
-    assert main(["bench", "--engines", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
-    assert "--engines needs TensorRT and a GPU" in capsys.readouterr().err
+    assert main(["bench", "engines", "--repository", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "engines needs TensorRT and a GPU" in capsys.readouterr().err
 
 
 @pytest.mark.slow

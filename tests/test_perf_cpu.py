@@ -170,11 +170,11 @@ def test_int8_build_is_valid_qdq_and_serves(tiny_run, tiny_onnx, cpu_repo, tmp_p
 
 @pytest.mark.slow
 def test_fused_vs_ensemble_bench(tiny_run, tiny_onnx, tmp_path):
-    """`cmg bench --fused-vs-ensemble`: both variants served and measured in pairs (no timing assertion)."""
+    """`cmg bench fused-vs-ensemble`: both variants served and measured in pairs (no timing assertion)."""
     from cmg_app.cli import main
 
     out = tmp_path / "ab"
-    assert main(["bench", "--fused-vs-ensemble", "--run", str(tiny_run), "--out", str(out), "--quick",
+    assert main(["bench", "fused-vs-ensemble", "--run", str(tiny_run), "--out", str(out), "--quick",
                  "--repeats", "1"]) == 0
     data = json.loads((out / "cpu_cmg.json").read_text())
     assert [(p["concurrency"], p["batch"]) for p in data["points"]] == [(1, 1), (8, 1), (4, 8)]

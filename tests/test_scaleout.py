@@ -19,16 +19,10 @@ import pytest
 from cmg import contract as C
 from cmg.errors import CMGError
 from cmg_build.server import TritonServer, free_port
+from cmg_clients.planning import plan_sources, source_name
 from cmg_clients.servers import ServerPool
-from cmg_clients.stream import (
-    Source,
-    SourceItem,
-    StreamOptions,
-    open_source,
-    plan_sources,
-    run_streams,
-    source_name,
-)
+from cmg_clients.sources import Source, SourceItem, open_source
+from cmg_clients.stream import StreamOptions, run_streams
 
 
 def _lines(out: Path) -> list[dict]:

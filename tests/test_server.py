@@ -501,13 +501,13 @@ def test_sigkilled_serve_leaves_no_server_and_its_folder_goes(toy_repo, tmp_path
 
 
 def test_sigterm_to_bench_soak_stops_its_server_and_removes_its_folder(tiny_run, tiny_onnx, tmp_path):
-    """`cmg bench --soak` SIGTERMed mid-stream: no tritonserver (or stub) of it left, its
+    """`cmg bench soak` SIGTERMed mid-stream: no tritonserver (or stub) of it left, its
     temporary folder gone, exit 143."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "bench"
     env = {**os.environ, "TMPDIR": str(tmp)}
-    cmd = [str(VENV_BIN / "cmg"), "bench", "--soak", "1", "--run", str(tiny_run), "--out", str(out)]
+    cmd = [str(VENV_BIN / "cmg"), "bench", "soak", "--minutes", "1", "--run", str(tiny_run), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     groups: set[int] = set()
     try:

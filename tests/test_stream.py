@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from cmg.errors import CMGError
-from cmg_clients.stream import StreamOptions, open_source, parse_synth, read_existing, run_stream
+from cmg_clients.output import read_existing
+from cmg_clients.sources import open_source, parse_synth
+from cmg_clients.stream import StreamOptions, run_stream
 
 
 def _write_frames(folder: Path, n: int, size: int = 16, seed: int = 0) -> list[Path]:

@@ -289,7 +289,7 @@ def test_missing_or_foreign_run_is_a_one_line_error(tmp_path):
 def test_run_is_usable_from_any_directory(tiny_run, tiny_data, tmp_path, monkeypatch):
     """The tiny run was trained with a relative data path (conftest); it is stored resolved,
     so eval and bench find the data from anywhere."""
-    from cmg_bench.bench import resolve_data
+    from cmg.dataset import resolve_data
 
     monkeypatch.chdir(tmp_path)
     stored = Path(json.loads((tiny_run / "metrics.json").read_text())["data"])
@@ -303,7 +303,7 @@ def test_older_runs_relative_data_path_is_found(tiny_run, tiny_data, tmp_path, m
     run folder's parents; one that resolves nowhere names --data."""
     import shutil
 
-    from cmg_bench.bench import resolve_data
+    from cmg.dataset import resolve_data
 
     run = tmp_path / "proj" / "runs" / "old"
     run.mkdir(parents=True)

@@ -1,0 +1,106 @@
+"""What every `cmg bench` sub-verb shares: the run's frames, a local server, the common
+options. Sub-verb modules import this; this imports none of them (no loops)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cmg.argtypes import positive_int
+from cmg.checksum import file_sha256
+from cmg.contract import Contract
+from cmg.dataset import MVTecFolder, resolve_data
+from cmg.errors import CMGError
+from cmg_bench.loadgen import Window
+from cmg_build.repository import CPU_CMG, build, find_export
+from cmg_build.server import TritonServer
+
+FULL_WINDOW = Window(warmup_s=1.0, window_s=3.0, min_requests=8, max_window_s=60.0)
+QUICK_WINDOW = Window(warmup_s=0.3, window_s=0.8, min_requests=3, max_window_s=15.0)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise CMGError(f"expected comma-separated integers, got {text!r}") from exc
+    if not vals or min(vals) < 1:
+        raise CMGError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def add_out_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, help=f"output folder for {what}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, what: str, url: bool = True) -> None:
+    """--run, --out, --data (and --url): the options of every sub-verb that measures a run."""
+    parser.add_argument("--run", type=Path, required=True, help="trained run folder (RUN/checkpoint.pt)")
+    add_out_argument(parser, what)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (test split); default: the run's training data")
+    if url:
+        parser.add_argument("--url", default=None,
+                            help="gRPC HOST:PORT of a running server with this run's repository "
+                                 "(default: build a cpu repository and start one)")
+
+
+def add_repeats_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--repeats", type=positive_int, default=None, help=f"interleaved pairs (default {default})")
+
+
+def load_test_frames(data: Path, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames and labels of the test split (cmg.frames conversion via the dataset)."""
+    ds = MVTecFolder(data)
+    samples = ds.samples("test")
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    if labels.min() == labels.max():
+        raise CMGError(f"test split of {data} has only {'anomalous' if labels[0] else 'normal'} images: "
+                       "AUROC needs both")
+    return ds.frames(samples, (height, width)), labels
+
+
+def ensure_export(run_dir: Path) -> tuple[Path, dict]:
+    """RUN/onnx and its export.json, exporting first when the run has none."""
+    meta_path = run_dir / "onnx" / "export.json"
+    why = "no onnx/export.json" if not meta_path.is_file() else None
+    if why is None and (run_dir / "checkpoint.pt").is_file():
+        try:
+            recorded = json.loads(meta_path.read_text()).get("checkpoint_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != file_sha256(run_dir / "checkpoint.pt"):
+            why = "onnx/ was exported from another checkpoint"
+    if why is not None:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise CMGError(f"run folder {run_dir} has no checkpoint.pt (run `cmg train` first)")
+        from cmg_train.export import export_run  # torch: only when the run must be exported first
+
+        print(f"cmg bench: exporting {run_dir} first ({why})")
+        export_run(run_dir)
+    return find_export(run_dir)
+
+
+def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, np.ndarray, np.ndarray]:
+    """The checks every bench sub-verb starts with: the run folder exists, OUT is made, the run
+    is exported (first if needed); returns its contract and the test split's frames and labels."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CMGError(f"run folder not found: {run_dir}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _, meta = ensure_export(run_dir)
+    contract = Contract.from_dict(meta["contract"])
+    frames, labels = load_test_frames(resolve_data(run_dir, data), contract.height, contract.width)
+    return contract, frames, labels
+
+
+def start_local_server(run_dir: Path, out: Path, cpu_cmg: str | None = None) -> TritonServer:
+    """A cpu repository of the run in OUT/repository and a real tritonserver on it (caller stops it).
+    With `cpu_cmg` (fused or ensemble) that build setting, in OUT/repository_CPU_CMG."""
+    suffix = f"_{cpu_cmg}" if cpu_cmg else ""
+    repo = Path(out) / f"repository{suffix}"
+    build(Path(run_dir), "cpu", repo, cpu_cmg=cpu_cmg or CPU_CMG[0])
+    return TritonServer(repo, log_file=Path(out) / f"tritonserver{suffix}.log").start()

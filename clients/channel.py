@@ -1,0 +1,58 @@
+"""One server's gRPC aio channel, replaced by a fresh one once per failure (not once per
+frame): the stream's scorer and the server pool share it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import tritonclient.grpc.aio as aio
+
+
+class Channel:
+    """The current aio client; `reset` swaps in a fresh channel once per failure, not once per frame."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url = url
+        self.timeout_s = timeout_s
+        self.generation = 0
+        self.reconnects = 0
+        self._lock = asyncio.Lock()
+        self._old: list = []
+        self._last_reset = float("-inf")
+        self.min_interval_s = 0.25
+        self.client = self._make()
+
+    def _make(self):
+        # Short reconnect backoff inside gRPC too: its default grows to 2 minutes.
+        args = [
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        return aio.InferenceServerClient(self.url, channel_args=args)
+
+    async def reset(self, generation: int) -> None:
+        # The old channel is not closed here: closing cancels the calls still on it, and
+        # each of those frames would then need telling apart from a real cancellation.
+        # They fail or finish on their own; `close` ends every channel at the end.
+        async with self._lock:
+            now = time.monotonic()
+            if generation != self.generation or now - self._last_reset < self.min_interval_s:
+                return  # another frame already reconnected, or did so a moment ago
+            self._last_reset = now
+            self._old.append(self.client)
+            self.client = self._make()
+            self.generation += 1
+            self.reconnects += 1
+
+    async def close(self) -> None:
+        for client in [*self._old, self.client]:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._old = []
+
+

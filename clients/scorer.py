@@ -1,0 +1,301 @@
+"""The stream's options and summary, and the scorer: (seq, frame) jobs through a bounded
+window of requests over the server pool, retried within the budget, delivered in order."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tqdm import tqdm
+from tritonclient.utils import InferenceServerException
+
+from cmg import contract as C
+from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
+from cmg_clients import core
+from cmg_clients.servers import ServerPool
+from cmg_clients.sources import Source, SourceItem
+
+
+class StreamObserver(Protocol):
+    """What watches a running stream (the dashboard). Called on the stream's event loop,
+    so every method must return at once (keep references, render later elsewhere)."""
+
+    def threshold(self, source: str, default: float | None) -> float | None:
+        """THRESHOLD to send with the next request of `source` (None: the server's calibrated one)."""
+
+    def on_frame(self, source: str, line: dict, frame: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """A scored frame: its output line (latency_ms, threshold sent), the UINT8 frame, every output."""
+
+    def on_error(self, source: str, line: dict) -> None:
+        """A frame that got an error line."""
+
+
+@dataclass
+class StreamOptions:
+    url: str
+    source: str
+    out: Path
+    model: str = C.CMG
+    fps: float | None = None  # None: the source's own fps, else as fast as the window allows
+    window: int = 16
+    timeout_s: float = 10.0
+    resume: bool = False
+    retry_errors: bool = False  # with resume: re-score OUT's error lines
+    overwrite: bool = False
+    limit: int | None = None
+    max_retries: int = 30  # per frame; < 0 means no limit
+    backoff_s: float = 0.1
+    backoff_max_s: float = 5.0
+    threshold: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None  # None: only on a terminal
+    on_line: Callable[[dict], None] | None = None  # called per written line (bench --soak)
+    frames: Source | None = None  # a ready source instead of `source` (bench --soak)
+    observer: StreamObserver | None = None  # sees every scored frame; may set THRESHOLD (--dashboard)
+    dashboard: str | None = None  # [HOST:]PORT to serve the live page on while streaming
+    metrics_url: str | None = None  # Triton's Prometheus endpoint for the page (default: URL's host:8002)
+    name: str | None = None  # the camera's NAME (from NAME=SRC) when several sources stream
+
+    @property
+    def source_name(self) -> str:
+        """The camera's name on the page and in the observer's calls."""
+        if self.name:
+            return self.name
+        return getattr(self.frames, "label", self.source) if self.frames is not None else self.source
+
+    @property
+    def retry(self) -> core.RetryPolicy:
+        return core.RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
+
+
+@dataclass
+class StreamSummary:
+    out: str
+    frames: int = 0  # lines appended by this run
+    results: int = 0
+    errors: int = 0  # error lines appended by this run
+    rescored: int = 0  # earlier error lines re-scored (--retry-errors)
+    fixed: int = 0  # ... of which now have a score
+    errors_in_out: int = 0  # error lines in OUT after this run (the exit status follows it)
+    retries: int = 0
+    reconnects: int = 0
+    skipped: int = 0  # frames already in OUT (resume)
+    elapsed_s: float = 0.0
+    fps: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    aborted: str | None = None
+
+    def line(self) -> str:
+        lat = "n/a" if self.p50_ms is None else f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
+        return (
+            f"{self.frames} frames ({self.results} results, {self.errors} errors) in {self.elapsed_s:.1f}s, "
+            f"{self.fps:.1f} fps, latency {lat}, {self.retries} retries, {self.reconnects} reconnects"
+            + (f", {self.skipped} already in {self.out}" if self.skipped else "")
+            + (f", {self.fixed} of {self.rescored} earlier errors now scored" if self.rescored else "")
+            + (f"; {self.errors_in_out} error lines in {self.out}" if self.errors_in_out else "")
+            + (f"; ABORTED: {self.aborted}" if self.aborted else "")
+        )
+
+
+class _Fatal(Exception):
+    pass
+
+
+def _frame_error(exc: BaseException) -> str:
+    """One frame's load failure as its error line says it (FrameError already names the file)."""
+    return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
+
+
+def scored_line(base: dict, arrays: dict[str, np.ndarray], result: object, latency_ms: float, retries: int,
+                server: str | None = None, attempt_ms: float | None = None) -> dict:
+    """The one place a frame's scored line is made (callbacks see it through `on_line`):
+    the frame's fields, score and flag, the model version that answered (Triton's
+    response names it), latency, retries, and with several servers the one that answered.
+
+    `latency_ms` runs from the frame's first send to its result, retries and backoff
+    included (what the line waited); `attempt_ms` is the last attempt alone (the server)."""
+    line = {**base, **core.scalars(arrays), "model_version": core.model_version(result),
+            "latency_ms": round(latency_ms, 3),
+            "attempt_ms": round(latency_ms if attempt_ms is None else attempt_ms, 3), "retries": retries}
+    if server is not None:
+        line["server"] = server
+    return line
+
+
+class Scorer:
+    """Scores (seq, item) jobs with a bounded window; hands lines to `sink` in job order."""
+
+    def __init__(self, opts: StreamOptions, pool: ServerPool, size: tuple[int, int], summary: StreamSummary):
+        self.opts, self.size, self.summary = opts, size, summary
+        self.pool = pool
+        self.latencies: list[float] = []
+        self.fatal: list[str] = []
+
+    async def run(self, jobs: Iterable[tuple[int, SourceItem]], sink: Callable[[dict], None],
+                  fps: float | None, progress: Progress) -> None:
+        opts, pool, summary = self.opts, self.pool, self.summary
+        window = asyncio.Semaphore(max(1, opts.window))
+        pending: dict[int, dict] = {}
+        next_write = 0
+        t_begin = time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+        stopping = False
+        outputs = core.requested_outputs(grpcclient)
+
+        def deliver(k: int, line: dict) -> None:
+            nonlocal next_write
+            pending[k] = line
+            while next_write in pending:
+                sink(pending.pop(next_write))
+                next_write += 1
+                window.release()
+                progress.update(self.latencies, summary)
+
+        observer, name = opts.observer, opts.source_name
+
+        def failed(k: int, line: dict) -> None:
+            if observer is not None:
+                observer.on_error(name, line)
+            deliver(k, line)
+
+        async def handle(k: int, seq: int, item: SourceItem) -> None:
+            base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
+            try:
+                frame = await asyncio.to_thread(item.load, self.size)
+            except Exception as exc:  # noqa: BLE001 - every image problem is this frame's error line
+                failed(k, {**base, "error": _frame_error(exc)})
+                return
+            threshold = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
+            if threshold is not None:  # the THRESHOLD this frame was scored with, in its line
+                base["threshold"] = threshold
+            inputs = core.build_inputs(grpcclient, frame[None], threshold)
+            attempt = 0
+            server = None
+            t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
+            while True:
+                server = pool.pick(avoid=server)
+                generation = server.channel.generation
+                t0 = time.perf_counter()
+                reconnect = True
+                server.in_flight += 1
+                try:
+                    res = await server.channel.client.infer(
+                        opts.model, inputs, outputs=outputs, client_timeout=opts.timeout_s
+                    )
+                    arrays = core.decode(res)
+                except InferenceServerException as exc:
+                    failure = core.classify(exc)
+                    if failure.kind == core.PERMANENT:  # about this frame: its error line
+                        failed(k, {**base, "error": failure.line()})
+                        return
+                    reason, reconnect = failure.line(), failure.reconnect
+                except asyncio.CancelledError:
+                    if stopping or _really_cancelled():
+                        raise
+                    reason = "call cancelled by the channel"  # grpc.aio: the channel went away under it
+                except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    now = time.perf_counter()
+                    latency = (now - t_first) * 1000.0
+                    self.latencies.append(latency)  # the summary's percentiles: first send to result
+                    server.frames += 1
+                    line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None,
+                                       attempt_ms=(now - t0) * 1000.0)
+                    if observer is not None:
+                        observer.on_frame(name, line, frame, arrays)
+                    deliver(k, line)
+                    return
+                finally:
+                    server.in_flight -= 1
+                attempt += 1
+                summary.retries += 1
+                if opts.retry.exhausted(attempt):
+                    raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
+                await pool.failed(server, generation, reconnect)
+                if not pool.another_up(server):  # with another server up, the frame goes there at once
+                    await asyncio.sleep(opts.retry.delay(attempt))
+
+        def on_done(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if task.cancelled():
+                if not stopping:  # a frame that ended without a line would stall the writer forever
+                    self.fatal.append(f"{task.get_name()} was cancelled")
+                    window.release()
+                return
+            exc = task.exception()
+            if exc is not None:
+                self.fatal.append(str(exc) if isinstance(exc, _Fatal) else f"{type(exc).__name__}: {exc}")
+                window.release()  # wake the producer so it sees the failure instead of waiting forever
+
+        try:
+            for k, (seq, item) in enumerate(jobs):
+                if self.fatal:
+                    break
+                await window.acquire()
+                if self.fatal:
+                    break
+                if fps:
+                    wait = t_begin + k / fps - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                task = asyncio.create_task(handle(k, seq, item), name=f"frame {seq} ({item.frame_id})")
+                tasks.add(task)
+                task.add_done_callback(on_done)
+            while tasks and not self.fatal:
+                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            stopping = True
+            for task in list(tasks):
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _really_cancelled() -> bool:
+    """True when this task itself was cancelled (not a gRPC call cancelled under it)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
+
+
+
+class Progress:
+    """tqdm bar with live fps and p50/p99 latency, refreshed at most a few times a second."""
+
+    def __init__(self, total: int | None, initial: int, enabled: bool | None):
+        self.bar = tqdm(
+            total=total, initial=initial, unit="frame", desc="stream", file=sys.stderr,
+            disable=None if enabled is None else not enabled, dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+        self.frames = 0
+        self.last = 0.0
+
+    def update(self, latencies: list[float], summary: StreamSummary) -> None:
+        self.bar.update(1)
+        self.frames += 1
+        now = time.perf_counter()
+        if now - self.last < 0.5 or self.bar.disable:
+            return
+        self.last = now
+        post = {"fps": f"{self.frames / max(now - self.t0, 1e-9):.1f}"}
+        if latencies:
+            p50, p99 = np.percentile(np.asarray(latencies[-2000:]), [50, 99])
+            post.update(p50=f"{p50:.1f}ms", p99=f"{p99:.1f}ms")
+        if summary.retries:
+            post["retries"] = str(summary.retries)
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+

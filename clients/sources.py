@@ -1,0 +1,192 @@
+"""Where `cmg stream`'s frames come from: a folder, a glob, a video, synth:PRESET or frames
+in memory, each a Source of lazily read frames in a fixed order (seq = position)."""
+
+from __future__ import annotations
+
+import glob as globlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import numpy as np
+
+from cmg.errors import CMGError
+from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
+from cmg_clients.client import iter_image_paths
+from cmg_data import synth
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """A frame to come: its id, where it comes from, and how to read it (lazily)."""
+
+    frame_id: str
+    source: str
+    load: Loader
+    extra: dict = field(default_factory=dict)  # e.g. the synthetic scene's label
+
+
+# -- sources ------------------------------------------------------------------------------
+class Source:
+    """Frames in a fixed order; `items(start)` begins at frame `start` (seq numbers are
+    positions in this order), `pick(seqs)` gives chosen earlier frames again."""
+
+    count: int | None = None  # None: unknown or endless
+    fps: float | None = None  # the source's own rate, if it has one
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        raise NotImplementedError
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        """(seq, item) for the wanted seqs, in order (generic: read through)."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return
+        todo = iter(wanted)
+        target = next(todo)
+        for seq, item in enumerate(self.items(0)):
+            if seq == target:
+                yield seq, item
+                target = next(todo, None)
+                if target is None:
+                    return
+
+
+class FileSource(Source):
+    def __init__(self, paths: list[Path], root: Path | None, max_pixels: int) -> None:
+        self.paths, self.root, self.max_pixels = paths, root, max_pixels
+        self.count = len(paths)
+
+    def _item(self, p: Path) -> SourceItem:
+        fid = str(p.relative_to(self.root)) if self.root is not None else str(p)
+        return SourceItem(fid, str(p), lambda size, p=p: load_frame(p, size, max_pixels=self.max_pixels))
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        return (self._item(p) for p in self.paths[start:])
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        return ((s, self._item(self.paths[s])) for s in sorted(set(seqs)) if 0 <= s < len(self.paths))
+
+
+class VideoSource(Source):
+    def __init__(self, path: Path) -> None:
+        try:
+            import cv2
+        except ImportError as exc:
+            raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
+        self.cv2, self.path = cv2, path
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        cap = self.cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise CMGError(f"cannot open video {self.path}")
+        try:
+            index = 0
+            while True:
+                if index < start:  # skip without decoding
+                    if not cap.grab():
+                        return
+                    index += 1
+                    continue
+                ok, bgr = cap.read()
+                if not ok:
+                    return
+                rgb = np.ascontiguousarray(bgr[..., ::-1])
+                yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
+                index += 1
+        finally:
+            cap.release()
+
+
+def parse_synth(spec: str) -> dict:
+    """`synth:PRESET[?fps=..&seed=..&n=..]` -> {"preset", "fps", "seed", "n"}."""
+    body = spec[len("synth:") :]
+    preset, _, query = body.partition("?")
+    try:
+        params = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()} if query else {}
+    except ValueError as exc:
+        raise CMGError(f"{spec}: malformed parameters ({exc})") from exc
+    unknown = set(params) - {"fps", "seed", "n"}
+    if unknown:
+        raise CMGError(f"{spec}: unknown parameter(s) {', '.join(sorted(unknown))} (expected fps, seed, n)")
+    try:
+        opts = {
+            "preset": preset or "tiny",
+            "fps": float(params["fps"]) if "fps" in params else None,
+            "seed": int(params.get("seed", 0)),
+            "n": int(params["n"]) if "n" in params else None,
+        }
+    except ValueError as exc:
+        raise CMGError(f"{spec}: {exc}") from exc
+    if opts["fps"] is not None and not (np.isfinite(opts["fps"]) and opts["fps"] > 0):
+        raise CMGError(f"{spec}: fps must be a finite number > 0")
+    if opts["n"] is not None and opts["n"] < 0:
+        raise CMGError(f"{spec}: n must be >= 0")
+    return opts
+
+
+class SynthSource(Source):
+    """Frames from the synthetic factory generator (cmg_data.synth), deterministic per index."""
+
+    def __init__(self, spec: str) -> None:
+        self.opts = parse_synth(spec)
+        if self.opts["preset"] not in synth.PRESETS:
+            raise CMGError(f"{spec}: unknown preset {self.opts['preset']!r} (known: {', '.join(synth.PRESETS)})")
+        self.synth = synth
+        self.count, self.fps = self.opts["n"], self.opts["fps"]
+        self.label = f"synth:{self.opts['preset']}?seed={self.opts['seed']}"
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        o = self.opts
+        frames = self.synth.stream_frames(o["preset"], seed=o["seed"], n=o["n"], start=start)
+        for index, (image, info) in enumerate(frames, start):
+            yield SourceItem(f"{index:06d}", self.label, lambda size, a=image: to_frame(a, size), dict(info))
+
+    def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
+        for s in sorted(set(seqs)):
+            item = next(self.items(s), None)
+            if item is not None:
+                yield s, item
+
+
+class ArraySource(Source):
+    """Frames already in memory (UINT8 [N, H, W, 3] at the model's size), cycled `count`
+    times over; `cmg bench --soak` streams the test split this way without decoding files."""
+
+    def __init__(self, frames: np.ndarray, count: int, label: str = "memory") -> None:
+        if frames.ndim != 4 or not len(frames):
+            raise CMGError(f"ArraySource needs frames [N, H, W, 3], got shape {list(frames.shape)}")
+        self.frames, self.count, self.label = frames, int(count), label
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        n = len(self.frames)
+        for i in range(start, self.count):
+            yield SourceItem(f"{i:07d}", self.label, lambda size, a=self.frames[i % n]: to_frame(a, size))
+
+
+def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+    """SRC (folder, glob, video file, a single image, synth:PRESET) -> Source."""
+    if spec.startswith("synth:"):
+        return SynthSource(spec)
+    path = Path(spec)
+    if path.is_dir():
+        paths = iter_image_paths([path])
+        if not paths:
+            raise CMGError(f"no images in folder {path}")
+        return FileSource(paths, path, max_pixels)
+    if path.is_file() and path.suffix.lower() in VIDEO_EXTS:
+        return VideoSource(path)
+    if any(ch in spec for ch in "*?["):
+        paths = [Path(p) for p in sorted(globlib.glob(spec, recursive=True)) if Path(p).is_file()]
+        if not paths:
+            raise CMGError(f"glob {spec} matches no files")
+        return FileSource(paths, None, max_pixels)
+    if path.is_file():
+        return FileSource([path], path.parent, max_pixels)
+    raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
+
+
