@@ -141,8 +141,8 @@ def _point(mode: dict, conc: int, batch: int) -> dict | None:
 
 
 def write_readme_section(result: dict, path: Path) -> None:
-    """The README's Performance tables, generated from bench.json fields only (paste as is),
-    so the README always says what a bench run measured."""
+    """docs/results.md's Performance tables, generated from bench.json fields only (paste as
+    is), so the record always says what a bench run measured."""
     m = result["machine"]
     peak = m["peak"]
     ort_c = result["settings"]["ort_key"]

@@ -62,7 +62,7 @@ QUICK_CONCURRENCY = (1, 4)
 QUICK_BATCH = (1, 8)
 ORT_KEY_CONCURRENCY = 8  # Triton overhead is quoted at concurrency 8 (issue 6)
 
-# Goals of issue 6 (the README's performance section): ratio name -> (comparison, value).
+# Goals of issue 6 (docs/results.md, Performance): ratio name -> (comparison, value).
 GOALS = {
     "onepass_vs_exact_throughput": (">=", 10.0),
     "served_vs_torch_eager_throughput": (">=", 1.5),
@@ -318,7 +318,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     report.write_markdown(result, out / "bench.md")
-    report.write_readme_section(result, out / "readme_performance.md")  # the README's tables
+    report.write_readme_section(result, out / "readme_performance.md")  # docs/results.md's tables
     report.write_plots(result, out)
     return result
 

@@ -57,7 +57,7 @@ def finite_inputs(spec: ModelSpec) -> str:
     The ensembles pass THRESHOLD on unchecked; on the cpu target the encoder's model.py
     checks it. On the GPU targets every step is an engine, which cannot refuse a value:
     the client library refuses a non-finite THRESHOLD before sending, and a raw request
-    with NaN gets IS_ANOMALY false (score > NaN), documented in the README.
+    with NaN gets IS_ANOMALY false (score > NaN), documented in docs/guide.md (known limits).
     """
     return ",".join(t.name for t in spec.inputs if t.name == THRESHOLD)
 
@@ -71,7 +71,7 @@ def threshold_optional_in(target: str) -> bool:
     required input of the encoder and of the ensembles, so every step stays on the GPU
     (no Python step between the engines); the calibrated default travels in the
     ensemble's config parameter `default_threshold`, which the client library reads and
-    sends when the caller gives no threshold (a raw client does the same, see README).
+    sends when the caller gives no threshold (a raw client does the same, see docs/guide.md).
     """
     return target == "cpu"
 

@@ -7,8 +7,8 @@ the same outputs in one ONNX Runtime call (one stub round trip), with the same n
 weights: the scorer's PATCH_SCORES feeds the encoder's PATCH_SCORES inside the graph. The
 two-step ensemble stays the design on the GPU targets (C++ backends, no stub hops) and for
 `cmg_exact`; cmer_scorer and cmle_encoder stay in the cpu repository for direct calls.
-It is the cpu target's default: `cmg bench --fused-vs-ensemble` measured 1.3-1.7x the
-ensemble's frames/s and 0.6-0.8x its p50 on 2 cores (README Performance).
+It is the cpu target's default because it serves more frames/s at lower latency than the
+ensemble: `cmg bench fused-vs-ensemble` measures both (figures in docs/results.md).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
     precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py).
     cpu_cmg (cpu target): "fused" (default) serves `cmg` as one graph in one Python-backend
-    model (build/fuse.py: one stub hop per frame, 1.3-1.7x the ensemble's frames/s on 2 cores),
+    model (build/fuse.py: one stub hop per frame instead of two; `cmg bench fused-vs-ensemble`),
     "ensemble" as the two-step ensemble of the other targets."""
     from cmg_build.quantize import PRECISIONS
 
@@ -307,8 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "7-bit weights; tensorrt: symmetric int8 for explicit quantization; build/quantize.py)")
     parser.add_argument("--cpu-cmg", choices=CPU_CMG, default=CPU_CMG[0],
                         help="cpu target: `cmg` as one fused scorer+encoder graph in one Python-backend model "
-                             "(default: one stub hop per frame, 1.3-1.7x the ensemble's frames/s on 2 cores, "
-                             "README Performance) or as the two-step ensemble of the GPU targets")
+                             "(default: one stub hop per frame instead of two; `cmg bench fused-vs-ensemble` compares "
+                             "them) or as the two-step ensemble of the GPU targets")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
     parser.add_argument("--k8s", type=Path, default=None, metavar="DIR",

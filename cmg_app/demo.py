@@ -103,7 +103,7 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes")
-    p.add_argument("--config", default="tiny", help="tiny (default, minutes on 2 cores) or small")
+    p.add_argument("--config", default="tiny", help="tiny (default, sized for CI) or small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="redo data and training even if present")
     p.add_argument("--no-progress", action="store_true")

@@ -50,7 +50,7 @@ def resolve_threads(intra_op_threads: int = 0, instances: int = 1, stages: int =
     """The ONE ONNX Runtime thread rule: `intra_op_threads` when > 0, else
     usable cores // (instances x stages). An ensemble keeps `stages` models busy at once
     (scorer on one frame while the encoder runs the previous one), so each gets that share
-    of the cores; a full share oversubscribed 2 cores and cost 30-65% of served throughput.
+    of the cores (a full share each oversubscribes the cores and costs served throughput).
     `cmg build` writes the resolved number into config.pbtxt, so the server and the bench's
     in-process modes use the same count."""
     if intra_op_threads > 0:

@@ -5,7 +5,7 @@ its state dict, the layout of open_clip's released `open_clip_pytorch_model.bin`
 loading code is open_clip's own and nothing is downloaded. The slow test takes the full
 224 px ViT-B-32 from that file through training, export, the TensorRT op check, the cpu
 build, the real tritonserver and one frame over gRPC; its config (`cmg_bench.vit_b32.ci_config`,
-also behind the README's vit-b32 speed figures) shrinks only step counts and the CMER grid
+also behind the vit-b32 speed figures in docs/results.md) shrinks only step counts and the CMER grid
 (each grid cell costs one more ViT pass per image).
 """
 
