@@ -9,39 +9,29 @@ disagrees with the graph fails the build, not the server start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cmg import contract as C
+from cmg import model_config as mcfg
+from cmg.config import ServingConfig
 from cmg.contract import ONNX_ELEM_TYPES, THRESHOLD, ModelSpec, TensorSpec
 from cmg.errors import CMGError
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
 PB_DTYPES = {name: getattr(mc, f"TYPE_{name}") for name in C.NUMPY_DTYPES}  # from the contract's dtypes
-DEFAULT_THRESHOLD = "default_threshold"  # ensemble config parameter: the calibrated threshold
 
 
-@dataclass(frozen=True)
-class Serving:
-    """Batching and instance settings (export.json "serving", overridable on the command line)."""
-
-    max_batch: int = 32
-    opt_batch: int = 8
-    queue_delay_us: int = 500
-    instances: int = 1
-    workspace_mb: int = 1024
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Serving:
-        d = d or {}
-        known = {k: int(d[k]) for k in cls.__dataclass_fields__ if k in d}
-        s = cls(**known)
-        if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch or s.instances < 1:
-            raise CMGError(f"serving settings {s}: need max_batch >= 1, 1 <= opt_batch <= max_batch, instances >= 1")
-        return s
+def serving_settings(d: dict | None) -> ServingConfig:
+    """Batching and instance settings as the one serving-settings type (the run config's
+    `serving`, recorded in export.json, overridable on the command line), checked whole."""
+    d = d or {}
+    known = {k: int(d[k]) for k in ServingConfig.__dataclass_fields__ if k in d}
+    s = ServingConfig(**known)
+    if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch or s.instances < 1:
+        raise CMGError(f"serving settings {s}: need max_batch >= 1, 1 <= opt_batch <= max_batch, instances >= 1")
+    return s
 
 
 def _tensor(msg_type, spec: TensorSpec, optional: bool):
@@ -76,7 +66,7 @@ def threshold_optional_in(target: str) -> bool:
     return target == "cpu"
 
 
-def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cpu",
+def model_config(spec: ModelSpec, target: str, serving: ServingConfig, kind: str = "cpu",
                  threshold: float | None = None, cpu_threads: int = 0) -> mc.ModelConfig:
     """ModelConfig for one contract model (ONNX-backed or ensemble) on `target`."""
     if target not in TARGETS:
@@ -89,7 +79,7 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
         cfg.output.extend(_tensor(mc.ModelOutput, t, False) for t in spec.outputs)
         _ensemble_steps(cfg, spec)
         if threshold is not None and not optional_thr:  # GPU targets: THRESHOLD is required
-            cfg.parameters[DEFAULT_THRESHOLD].string_value = repr(float(threshold))
+            mcfg.set_default_threshold(cfg, threshold)
         return cfg
     for t in spec.inputs:
         cfg.input.append(_tensor(mc.ModelInput, t, t.optional and optional_thr))
@@ -106,7 +96,7 @@ def model_config(spec: ModelSpec, target: str, serving: Serving, kind: str = "cp
         from cmg_model_repository.model import resolve_threads
 
         # Written resolved (not 0): the one place the server and the bench read thread counts from.
-        cfg.parameters["intra_op_threads"].string_value = str(resolve_threads(cpu_threads, serving.instances))
+        cfg.parameters[mcfg.INTRA_OP_THREADS].string_value = str(resolve_threads(cpu_threads, serving.instances))
         finite = finite_inputs(spec)
         if finite:  # model.py answers INVALID_ARG for a NaN/inf THRESHOLD
             cfg.parameters["finite_inputs"].string_value = finite
@@ -137,48 +127,10 @@ def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec) -> None:
             enc.output_map[name] = name
 
 
-def default_threshold(cfg: mc.ModelConfig) -> float | None:
-    """The calibrated threshold an ensemble's config carries (None when it carries none)."""
-    param = cfg.parameters.get(DEFAULT_THRESHOLD)
-    return float(param.string_value) if param is not None and param.string_value else None
-
-
 def intra_op_threads(model_dir: Path) -> int:
-    """ONNX Runtime threads per instance that a built cpu-target model's config.pbtxt sets
-    (what its model.py uses; the bench's in-process modes read the same number)."""
+    """ONNX Runtime threads per instance of a built cpu-target model (its config.pbtxt)."""
     path = Path(model_dir) / "config.pbtxt"
-    cfg = parse_config(path)
-    try:
-        threads = int(cfg.parameters["intra_op_threads"].string_value)
-    except (KeyError, ValueError) as exc:
-        raise CMGError(f"{path}: no integer parameter intra_op_threads (a cpu-target repository?)") from exc
-    if threads < 1:
-        raise CMGError(f"{path}: intra_op_threads {threads}; rebuild with `cmg build` (it writes the resolved count)")
-    return threads
-
-
-def write_config(cfg: mc.ModelConfig, model_dir: Path) -> Path:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "config.pbtxt"
-    path.write_text(text_format.MessageToString(cfg))
-    return path
-
-
-def parse_text(text: str, where: str = "config") -> mc.ModelConfig:
-    """Parse config.pbtxt text into Triton's ModelConfig; CMGError naming `where` on any error."""
-    try:
-        return text_format.Parse(text, mc.ModelConfig())
-    except text_format.ParseError as exc:
-        raise CMGError(f"{where}: not a valid Triton ModelConfig: {exc}") from exc
-
-
-def parse_config(path: Path) -> mc.ModelConfig:
-    """Parse config.pbtxt into Triton's ModelConfig; CMGError naming the file on any error."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise CMGError(f"{path}: not a valid Triton ModelConfig: {exc}") from exc
-    return parse_text(text, str(path))
+    return mcfg.intra_op_threads(mcfg.read(path), str(path))
 
 
 def onnx_io(onnx_path: Path) -> dict[str, dict[str, tuple[int, tuple]]]:
@@ -206,7 +158,7 @@ def validate_config(path: Path, spec: ModelSpec, onnx_path: Path | None = None,
 
     Raises CMGError naming the file and the tensor on the first mismatch.
     """
-    cfg = parse_config(path)
+    cfg = mcfg.read(path)
     where = f"{path}"
     if cfg.name != spec.name:
         raise CMGError(f"{where}: name {cfg.name!r}, expected {spec.name!r}")

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
-from cmg_build import config as cfgmod
 
 
 def _client(url: str):
@@ -63,9 +63,8 @@ def _versions(repo: Path, name: str) -> list[int]:
 
 def _without_threshold(text: str) -> str:
     """A config's text without the ensemble's calibrated-threshold parameter (compared apart)."""
-    cfg = cfgmod.parse_text(text)
-    if cfgmod.DEFAULT_THRESHOLD in cfg.parameters:
-        del cfg.parameters[cfgmod.DEFAULT_THRESHOLD]
+    cfg = mcfg.parse(text)
+    mcfg.set_default_threshold(cfg, None)
     return str(cfg)
 
 
@@ -76,14 +75,14 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     from cmg_clients import core
 
     if cfg.platform == "ensemble":  # GPU targets require THRESHOLD: their config's default
-        inputs = core.build_inputs(grpcclient, frame, cfgmod.default_threshold(cfg))
+        inputs = core.build_inputs(grpcclient, frame, mcfg.default_threshold(cfg))
         outputs = core.requested_outputs(grpcclient)
     else:  # a step: zeros of each required input's shape (what matters is that it answers)
         inputs = []
         for t in cfg.input:
             if t.optional:
                 continue
-            dtype = cfgmod.mc.DataType.Name(t.data_type)[len("TYPE_"):]
+            dtype = mcfg.mc.DataType.Name(t.data_type)[len("TYPE_"):]
             from tritonclient.utils import triton_to_np_dtype
 
             data = np.zeros((1, *t.dims), dtype=triton_to_np_dtype(dtype))
@@ -109,7 +108,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         live = {m.name: m for m in _index(client) if m.state == "READY"}
     except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
-    configs = {name: cfgmod.parse_config(repo / name / "config.pbtxt")
+    configs = {name: mcfg.read(repo / name / "config.pbtxt")
                for name in built["models"] if (repo / name / "config.pbtxt").is_file()}
     # The models clients call: ensembles, and the cpu target's fused cmg (a plain model).
     ensembles = [n for n in ENSEMBLES if n in configs and n in live]
@@ -138,11 +137,11 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
             shutil.copytree(staged / name / str(new), repo / name / str(new))
 
     def write(name: str, cfg) -> None:
-        cfgmod.write_config(cfg, repo / name)
+        mcfg.write(cfg, repo / name)
 
     def pinned(ensemble: str, version: int):
         """The ensemble's config serving only `version`, with every step pinned to it."""
-        cfg = cfgmod.parse_config(repo / ensemble / "config.pbtxt")
+        cfg = mcfg.read(repo / ensemble / "config.pbtxt")
         cfg.version_policy.specific.versions[:] = [version]
         for step in cfg.ensemble_scheduling.step:
             step.model_version = version
@@ -171,7 +170,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
 
     # 1. stage
     for name in steps:
-        cfg = cfgmod.parse_config(repo / name / "config.pbtxt")
+        cfg = mcfg.read(repo / name / "config.pbtxt")
         cfg.version_policy.specific.versions[:] = [old, new]
         write(name, cfg)
     for e in ensembles:
@@ -195,9 +194,9 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     # 3. switch (with the new run's calibrated threshold where the ensemble carries one)
     for e in ensembles:
         cfg = pinned(e, new)
-        new_thr = cfgmod.default_threshold(cfgmod.parse_text(staged_texts[e]))
+        new_thr = mcfg.default_threshold(mcfg.parse(staged_texts[e]))
         if new_thr is not None:
-            cfg.parameters[cfgmod.DEFAULT_THRESHOLD].string_value = repr(new_thr)
+            mcfg.set_default_threshold(cfg, new_thr)
         write(e, cfg)
     try:
         load_all()

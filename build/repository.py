@@ -23,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cmg import model_config as mcfg
 from cmg.checksum import file_sha256
+from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
@@ -147,7 +149,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
             serving_d[key] = val
     if max_batch is not None and opt_batch is None:
         serving_d["opt_batch"] = min(int(serving_d.get("opt_batch", 8)), max_batch)
-    serving = cfgmod.Serving.from_dict(serving_d)
+    serving = cfgmod.serving_settings(serving_d)
     if target == "cpu" and not MODEL_PY.is_file():
         raise CMGError(f"{MODEL_PY} not found (the Python-backend model source; is the project checked out?)")
 
@@ -197,7 +199,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if target == "cpu":
             shutil.copyfile(MODEL_PY, vdir / "model.py")
         cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
-        path = cfgmod.write_config(cfg, model_dir)
+        path = mcfg.write(cfg, model_dir)
         cfgmod.validate_config(path, spec, onnx_dst)
         if target == "tensorrt":
             inputs = {t.name: t.dims for t in spec.inputs}
@@ -217,7 +219,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         if fused and name == CMG:
             continue
         cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
-        path = cfgmod.write_config(cfg, out / name)
+        path = mcfg.write(cfg, out / name)
         cfgmod.validate_config(path, specs[name])
         (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
         report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
@@ -252,7 +254,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     return report
 
 
-def _fused_cmg(out: Path, version: int, spec, serving: cfgmod.Serving, kind: str, threshold: float,
+def _fused_cmg(out: Path, version: int, spec, serving: ServingConfig, kind: str, threshold: float,
                cpu_threads: int) -> dict:
     """REPO/cmg as one Python-backend model on the fused scorer+encoder graph (the repository's
     own graphs, so int8 when they are); one graph, no pipeline: cores // instances threads."""
@@ -273,12 +275,12 @@ def _fused_cmg(out: Path, version: int, spec, serving: cfgmod.Serving, kind: str
     shutil.copyfile(MODEL_PY, vdir / "model.py")
     threads = resolve_threads(cpu_threads, serving.instances, stages=1)
     cfg = cfgmod.model_config(fused, "cpu", serving, kind, threshold, threads)
-    path = cfgmod.write_config(cfg, out / CMG)
+    path = mcfg.write(cfg, out / CMG)
     cfgmod.validate_config(path, fused, vdir / "model.onnx")
     return {"config": str(path.relative_to(out)), "platform": "python", "fused": list(spec.steps)}
 
 
-def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: cfgmod.Serving, cache_rel: str,
+def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: ServingConfig, cache_rel: str,
              int8: bool = False) -> str:
     from cmg_build.tensorrt import trtexec_command
 

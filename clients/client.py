@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cmg import contract as C
+from cmg import model_config as mcfg
 from cmg.contract import Contract
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
@@ -95,9 +96,9 @@ class CMGClient:
             self._check_ready()
             metadata, config = self._read_model()
             self.contract = contract or contract_from_metadata(metadata, model)
-            self.max_batch = max(1, int(config.get("max_batch_size", 1) or 1))
+            self.max_batch = max(1, int(config.max_batch_size or 1))
             # GPU targets: THRESHOLD is required (engines have no defaults); send the calibrated one.
-            self.default_threshold = core.threshold_to_send(config)
+            self.default_threshold = mcfg.threshold_to_send(config)
             self.use_shm = shm
             if shm:
                 self._setup_shm()
@@ -179,14 +180,12 @@ class CMGClient:
             return sorted(m.name for m in index.models)
         return sorted(m["name"] for m in index)
 
-    def _read_model(self) -> tuple[dict, dict]:
+    def _read_model(self) -> tuple[dict, mcfg.ModelConfig]:
         if self.protocol == "grpc":
             meta = self._call("model metadata", self._client.get_model_metadata, self.model, as_json=True)
-            cfg = self._call("model config", self._client.get_model_config, self.model, as_json=True)
-            return meta, cfg.get("config", cfg)
-        meta = self._call("model metadata", self._client.get_model_metadata, self.model)
-        cfg = self._call("model config", self._client.get_model_config, self.model)
-        return meta, cfg
+        else:
+            meta = self._call("model metadata", self._client.get_model_metadata, self.model)
+        return meta, self._call("model config", mcfg.from_server, self._client, self.model)
 
     # -- frames -----------------------------------------------------------------------
     @property

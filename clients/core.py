@@ -79,24 +79,6 @@ def positive_seconds(value: float, what: str = "timeout") -> float:
 
 
 # -- requests ---------------------------------------------------------------------------
-def threshold_to_send(config: dict) -> float | None:
-    """What to send as THRESHOLD when the caller gives none, read from the ensemble's config.
-
-    On the cpu target THRESHOLD is optional (None: the encoder's own default applies). On
-    the GPU targets every step is an engine, which has no input defaults, so THRESHOLD is
-    required and the calibrated value travels in the config parameter `default_threshold`.
-    `config` is `get_model_config(..., as_json=True)` (gRPC: its "config"; HTTP: as is).
-    """
-    thr = next((t for t in config.get("input", []) if t.get("name") == C.THRESHOLD), None)
-    if thr is None or thr.get("optional"):
-        return None
-    value = (config.get("parameters") or {}).get("default_threshold", {}).get("string_value")
-    if value is None:
-        raise CMGError(f"model '{config.get('name')}' requires {C.THRESHOLD} but its config has no "
-                       "default_threshold parameter: pass a threshold, or rebuild the repository")
-    return finite_threshold(value)
-
-
 def threshold_values(n: int, value: float) -> np.ndarray:
     """THRESHOLD for a batch of `n`: the same finite value per item."""
     return np.full((n, *THRESHOLD.dims), finite_threshold(value), dtype=THRESHOLD.np_dtype)

@@ -14,6 +14,7 @@ import pytest
 from toy_graphs import write_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
+from cmg import model_config as mcfg
 from cmg.checksum import file_sha256
 from cmg.contract import (
     ANOMALY_MAP,
@@ -60,16 +61,16 @@ def test_cpu_target_layout_and_report(toy_run, tmp_path):
         assert cfg.backend == "python" and cfg.max_batch_size == 8
         assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
         assert (repo / name / "1" / "model.py").read_text() == repository.MODEL_PY.read_text()
-    enc = cfgmod.parse_config(repo / CMLE_ENCODER / "config.pbtxt")
+    enc = mcfg.read(repo / CMLE_ENCODER / "config.pbtxt")
     assert next(i for i in enc.input if i.name == THRESHOLD).optional
     for name in ENSEMBLES:
         cfg = cfgmod.validate_config(repo / name / "config.pbtxt", _as_built(specs[name], report))
         assert next(i for i in cfg.input if i.name == THRESHOLD).optional
     # cpu: `cmg` is the fused graph in the Python backend, `cmg_exact` an ensemble.
-    assert cfgmod.parse_config(repo / "cmg" / "config.pbtxt").backend == "python"
-    assert cfgmod.parse_config(repo / "cmg_exact" / "config.pbtxt").platform == "ensemble"
+    assert mcfg.read(repo / "cmg" / "config.pbtxt").backend == "python"
+    assert mcfg.read(repo / "cmg_exact" / "config.pbtxt").platform == "ensemble"
     # cpu: the encoder graph holds the default; the ensemble carries none (THRESHOLD optional).
-    assert cfgmod.default_threshold(cfgmod.parse_config(repo / "cmg" / "config.pbtxt")) is None
+    assert mcfg.default_threshold(mcfg.read(repo / "cmg" / "config.pbtxt")) is None
     on_disk = json.loads((repo / "build_report.json").read_text())
     assert on_disk["target"] == "cpu" and on_disk["max_batch"] == 8 and on_disk["contract"] == CONTRACT.to_dict()
     assert on_disk["parity"][CMLE_ENCODER]["batches"] == [1, 7]
@@ -93,12 +94,12 @@ def test_onnxruntime_target(toy_run, tmp_path, kind):
     assert THRESHOLD not in {t.name for t in enc.graph.initializer}
     assert sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()) == sorted(CONTRACT.models)
     for name in ENSEMBLES:
-        ens = cfgmod.parse_config(repo / name / "config.pbtxt")
+        ens = mcfg.read(repo / name / "config.pbtxt")
         assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models[name].steps)
         assert not next(i for i in ens.input if i.name == THRESHOLD).optional
-        assert cfgmod.default_threshold(ens) == pytest.approx(0.45)
+        assert mcfg.default_threshold(ens) == pytest.approx(0.45)
         for step in ens.ensemble_scheduling.step:
-            backend = cfgmod.parse_config(repo / step.model_name / "config.pbtxt")
+            backend = mcfg.read(repo / step.model_name / "config.pbtxt")
             assert backend.platform == "onnxruntime_onnx" and not backend.backend
 
 
@@ -185,7 +186,7 @@ def test_config_mismatch_names_the_tensor(toy_run, tmp_path):
         cfgmod.validate_config(good, CONTRACT.models[CMLE_ENCODER], other / "cmle_encoder.onnx")
     path.write_text("name: 'cmer_scorer' max_batch_size: oops")
     with pytest.raises(CMGError, match="not a valid Triton ModelConfig"):
-        cfgmod.parse_config(path)
+        mcfg.read(path)
 
 
 @pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash"])

@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from cmg import contract as C
+from cmg import model_config as mcfg
 from cmg.contract import Contract
 from cmg.errors import CMGError
 from cmg_clients import core
@@ -71,7 +72,7 @@ def test_non_finite_threshold_never_leaves_the_client(bad):
     with pytest.raises(CMGError, match="threshold"):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.uint8), bad)
     with pytest.raises(CMGError, match="threshold"):
-        core.threshold_to_send({"name": "cmg", "input": [{"name": C.THRESHOLD}],
+        _threshold_to_send({"name": "cmg", "input": [{"name": C.THRESHOLD}],
                                 "parameters": {"default_threshold": {"string_value": str(bad)}}})
 
 
@@ -81,17 +82,22 @@ def test_fp32_limits_of_the_threshold_check():
     assert core.finite_threshold("0.25") == 0.25 and core.finite_threshold(np.float32(2)) == 2.0
 
 
+def _threshold_to_send(config_json: dict) -> float | None:
+    """What a client sends for a config as Triton's JSON form gives it."""
+    return mcfg.threshold_to_send(mcfg.from_json(config_json))
+
+
 def test_threshold_to_send_follows_the_ensemble_config():
     """cpu target: THRESHOLD optional, nothing to send; GPU targets: required, the config's default."""
     optional = {"name": "cmg", "input": [{"name": C.THRESHOLD, "optional": True}],
                 "parameters": {"default_threshold": {"string_value": "0.45"}}}
-    assert core.threshold_to_send(optional) is None
+    assert _threshold_to_send(optional) is None
     required = {**optional, "input": [{"name": C.THRESHOLD}]}
-    assert core.threshold_to_send(required) == pytest.approx(0.45)
+    assert _threshold_to_send(required) == pytest.approx(0.45)
     with pytest.raises(CMGError, match="no default_threshold"):
-        core.threshold_to_send({**required, "parameters": {}})
+        _threshold_to_send({**required, "parameters": {}})
     with pytest.raises(CMGError, match="not a finite number"):
-        core.threshold_to_send({**required, "parameters": {"default_threshold": {"string_value": "nan"}}})
+        _threshold_to_send({**required, "parameters": {"default_threshold": {"string_value": "nan"}}})
 
 
 def test_frames_must_be_uint8():

@@ -20,6 +20,8 @@ import tritonclient.http as httpclient
 from toy_graphs import reference, scorer_graph, write_toy_export
 from tritonclient.utils import InferenceServerException
 
+from cmg import model_config as mcfg
+from cmg.config import ServingConfig
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
 from cmg_build import repository
 from cmg_build.server import TritonServer, find_tritonserver, python_backend_dir
@@ -265,16 +267,16 @@ def test_gpu_target_ensemble_has_no_python_step_and_clients_send_the_default(tmp
     write_toy_export(root / "run" / "onnx", CONTRACT, threshold=THR)
     repo = root / "repo"
     repository.build(root / "run", "onnxruntime", repo, max_batch=8)
-    ens = cfgmod.parse_config(repo / "cmg" / "config.pbtxt")
+    ens = mcfg.read(repo / "cmg" / "config.pbtxt")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models["cmg"].steps)
     assert not next(t for t in ens.input if t.name == THRESHOLD).optional
-    assert cfgmod.default_threshold(ens) == pytest.approx(THR)
-    serving = cfgmod.Serving(max_batch=8, opt_batch=4)
+    assert mcfg.default_threshold(ens) == pytest.approx(THR)
+    serving = ServingConfig(max_batch=8, opt_batch=4)
     for name in ONNX_MODELS:  # swap the ORT-backend models for Python-backend ones, THRESHOLD required
         cfg = cfgmod.model_config(CONTRACT.models[name], "cpu", serving, cpu_threads=1)
         for t in cfg.input:
             t.optional = False
-        cfgmod.write_config(cfg, repo / name)
+        mcfg.write(cfg, repo / name)
         shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
     images = _frames(3, seed=5)
     with TritonServer(repo) as srv:
