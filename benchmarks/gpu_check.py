@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg_build.engine_runner import latency_stats, open_repository
+
 BATCHES = (1, 8, 32)
 
 
 def _stats(times_s: list[float], batch: int) -> dict:
-    from cmg_build.engine_runner import latency_stats
 
     return latency_stats(times_s, batch)
 
@@ -124,7 +125,6 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
 
 def check_trt(repo: Path, iterations: int, warmup: int, batches: tuple[int, ...] = BATCHES) -> dict:
     """The engine chain via the standalone runner: plain enqueues, then CUDA graphs."""
-    from cmg_build.engine_runner import open_repository
 
     out: dict = {"repository": str(repo), "what": "engine_runner: pinned host in/out, one stream, "
                  "scorer -> encoder on the device; p50/p99 per call", "modes": {}}

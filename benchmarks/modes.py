@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from cmg import contract as C
+from cmg.errors import CMGError
 from cmg_bench.loadgen import Point, Window, run_async, run_threads
+from cmg_build.config import intra_op_threads
 from cmg_clients import core
+from cmg_clients.client import CMGClient
+from cmg_model_repository.model import session_options
 
 SERVED_CMG = "served_cmg"
 SERVED_EXACT = "served_cmg_exact"
@@ -111,8 +115,6 @@ def served_graphs(repo: Path, model: str = C.CMG) -> list[tuple[Path, int]]:
     itself (`cmg build` default) or the ensemble's steps in order (`--cpu-cmg ensemble`)."""
     import json
 
-    from cmg_build.config import intra_op_threads
-
     repo = Path(repo)
     report = json.loads((repo / "build_report.json").read_text())
     version = report.get("version", 1)
@@ -130,8 +132,6 @@ class OrtInProcess(InProcessMode):
 
     def __init__(self, repo: Path, frames: np.ndarray, name: str = ORT_INPROCESS) -> None:
         import onnxruntime as ort
-
-        from cmg_model_repository.model import session_options
 
         super().__init__(frames)
         self.name = name
@@ -161,15 +161,12 @@ class Served(Mode):
         import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as grpcaio
 
-        from cmg_clients.client import CMGClient
-
         self.name = name
         self.model = SERVED_MODEL[name]
         with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:
             self.url = probe.url
             self.threshold = probe.default_threshold  # None on the cpu target (optional there)
             if probe.size != tuple(frames.shape[1:3]):
-                from cmg.errors import CMGError
 
                 raise CMGError(f"model '{self.model}' at {probe.url} takes {probe.size[0]} x {probe.size[1]} "
                                f"frames, this run's are {frames.shape[1]} x {frames.shape[2]}: another run?")

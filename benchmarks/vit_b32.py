@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from cmg.config import resolve_config
+from cmg_data.synth import synthesize
 
 ARCH = "ViT-B-32"
 
@@ -53,7 +54,6 @@ def ci_config(path: Path) -> Path:
 
 def sample_folder(path: Path) -> Path:
     """Twelve captioned normal images and six test images (128 px, served at 224)."""
-    from cmg_data.synth import synthesize
 
     return synthesize(path, preset="small", n_train=12, n_test_good=1, n_test_per_anomaly=1, progress=False)
 

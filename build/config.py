@@ -18,6 +18,7 @@ from cmg import model_config as mcfg
 from cmg.config import ServingConfig
 from cmg.contract import ONNX_ELEM_TYPES, THRESHOLD, ModelSpec, TensorSpec
 from cmg.errors import CMGError
+from cmg_model_repository.model import resolve_threads
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
 PB_DTYPES = {name: getattr(mc, f"TYPE_{name}") for name in C.NUMPY_DTYPES}  # from the contract's dtypes
@@ -93,7 +94,6 @@ def model_config(spec: ModelSpec, target: str, serving: ServingConfig, kind: str
     if target == "cpu":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
-        from cmg_model_repository.model import resolve_threads
 
         # Written resolved (not 0): the one place the server and the bench read thread counts from.
         cfg.parameters[mcfg.INTRA_OP_THREADS].string_value = str(resolve_threads(cpu_threads, serving.instances))

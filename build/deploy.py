@@ -37,12 +37,13 @@ import numpy as np
 from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
+from cmg_build.repository import build
+from cmg_clients import core
+from cmg_clients.client import CMGClient
 
 
 def _client(url: str):
     import tritonclient.grpc as grpcclient
-
-    from cmg_clients import core
 
     return grpcclient.InferenceServerClient(core.normalize_url(url, "grpc"))
 
@@ -72,8 +73,6 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     """One real request to `name` at `version` with a frame of the contract; the answering version."""
     import tritonclient.grpc as grpcclient
 
-    from cmg_clients import core
-
     if cfg.platform == "ensemble":  # GPU targets require THRESHOLD: their config's default
         inputs = core.build_inputs(grpcclient, frame, mcfg.default_threshold(cfg))
         outputs = core.requested_outputs(grpcclient)
@@ -96,7 +95,6 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
 
 def deploy(run: Path, repository: Path, url: str) -> dict:
     """Stage, check, switch, retire (module docstring); returns what was done."""
-    from cmg_build.repository import build
 
     repo = Path(repository)
     report_path = repo / "build_report.json"
@@ -182,7 +180,6 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     if failed_versions():
         raise roll_back("; ".join(failed_versions()))
     # 2. check every step at NEW
-    from cmg_clients.client import CMGClient
 
     with CMGClient(url, "grpc", model=ensembles[0], timeout_s=30) as probe:
         frame = np.zeros((1, *probe.size, 3), dtype=np.uint8)

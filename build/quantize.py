@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cmg import contract as C
+from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError
 
 PRECISIONS = ("fp32", "int8")
@@ -35,7 +36,6 @@ CHUNK = 8  # frames per calibration batch
 
 def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
     """uint8 [N, H, W, 3] normal training frames of the run's data (at most `limit`, evenly spread)."""
-    from cmg.dataset import MVTecFolder, resolve_data
 
     data = resolve_data(Path(run), None)
     folder = MVTecFolder(data)

@@ -24,12 +24,18 @@ import tempfile
 from pathlib import Path
 
 from cmg import model_config as mcfg
+from cmg.argtypes import nonnegative_int, positive_int
 from cmg.checksum import file_sha256
 from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
-from cmg_build import opcheck
+from cmg_build import k8s, opcheck
+from cmg_build import tensorrt as trtmod
+from cmg_build.fuse import fuse
+from cmg_build.quantize import PRECISIONS, QUANTIZED, quantize_graphs
+from cmg_build.tensorrt import trtexec_command
+from cmg_model_repository.model import resolve_threads
 
 
 def _model_py() -> Path:
@@ -130,7 +136,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     cpu_cmg (cpu target): "fused" (default) serves `cmg` as one graph in one Python-backend
     model (build/fuse.py: one stub hop per frame instead of two; `cmg bench fused-vs-ensemble`),
     "ensemble" as the two-step ensemble of the other targets."""
-    from cmg_build.quantize import PRECISIONS
 
     if precision not in PRECISIONS:
         raise CMGError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -166,7 +171,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
     report["precision"] = {"precision": precision}
     if precision == "int8":
-        from cmg_build.quantize import QUANTIZED, quantize_graphs
 
         int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
         report["precision"] = quantize_graphs(run, sources, int8, contract, target=target)
@@ -231,7 +235,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
                           "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
         script.chmod(0o755)
-        from cmg_build import tensorrt as trtmod
 
         missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
         if missing is None:
@@ -262,9 +265,6 @@ def _fused_cmg(out: Path, version: int, spec, serving: ServingConfig, kind: str,
 
     import onnx
 
-    from cmg_build.fuse import fuse
-    from cmg_model_repository.model import resolve_threads
-
     fused = dataclasses.replace(spec, steps=())
     vdir = out / CMG / str(version)
     if vdir.exists():
@@ -282,14 +282,12 @@ def _fused_cmg(out: Path, version: int, spec, serving: ServingConfig, kind: str,
 
 def _trtexec(onnx_rel: Path, plan_rel: Path, inputs: dict, serving: ServingConfig, cache_rel: str,
              int8: bool = False) -> str:
-    from cmg_build.tensorrt import trtexec_command
 
     return trtexec_command(str(onnx_rel), str(plan_rel), inputs, serving.max_batch, serving.opt_batch,
                            serving.workspace_mb, cache_rel, int8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.argtypes import nonnegative_int, positive_int
 
     parser.add_argument("--run", type=Path, required=True, help="training run (with onnx/ from `cmg export`)")
     parser.add_argument("--target", choices=cfgmod.TARGETS, default="cpu")
@@ -327,7 +325,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
     if args.k8s is not None:
-        from cmg_build import k8s
 
         gpus = 1 if report["kind"] == "gpu" else 0
         paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, gpus=gpus))

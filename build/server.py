@@ -27,6 +27,8 @@ import time
 import weakref
 from pathlib import Path
 
+from cmg.argtypes import port_int, positive_float
+from cmg.contract import CMG, NUMPY_DTYPES, Contract
 from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from cmg.errors import CMGError
 
@@ -230,7 +232,6 @@ def cuda_memory_pool_bytes(repository: Path, in_flight: int = 8) -> int | None:
     pool must hold them so they never fall back to pinned host memory. Doubled for
     headroom, at least 64 MiB. None when the repository has no build report.
     """
-    from cmg.contract import CMG, NUMPY_DTYPES, Contract
 
     report = repository / "build_report.json"
     if not report.is_file():
@@ -593,7 +594,6 @@ class TritonServer:
 
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.argtypes import port_int, positive_float
 
     parser.add_argument("--repository", type=Path, required=True, help="Triton model repository (cmg build --out)")
     parser.add_argument("--http-port", type=port_int, default=DEFAULT_HTTP_PORT)

@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from cmg import contract as C
-from cmg.frames import DEFAULT_MAX_PIXELS
+from cmg.argtypes import positive_float, positive_int, threshold_float
+from cmg.errors import CMGError, check_parent_folders
+from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
+from cmg_clients import core
+from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
+from cmg_clients.overlay import save_overlay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cmg.argtypes import positive_float, positive_int, threshold_float
-    from cmg_clients import core
 
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
     parser.add_argument("--url", default=None,
@@ -43,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_overlay_dir(folder: Path | None) -> None:
     """Fail before any request when overlays could not be written."""
-    from cmg.errors import CMGError, check_parent_folders
 
     if folder is None:
         return
@@ -53,9 +55,6 @@ def check_overlay_dir(folder: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmg.errors import CMGError
-    from cmg_clients import core
-    from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
 
     if args.retries < 0:
         raise CMGError(f"--retries must be >= 0, got {args.retries}")
@@ -98,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
                         if args.overlays is not None and res.is_anomaly:
-                            from cmg_clients.overlay import save_overlay
 
                             line["overlay"] = str(save_overlay(frame, res, _overlay_path(args.overlays, chunk[i])))
                         lines[i] = line
@@ -110,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _frame_error(exc: BaseException) -> str:
-    from cmg.frames import FrameError
 
     return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 

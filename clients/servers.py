@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cmg.errors import CMGError
 from cmg_clients import core
 from cmg_clients.channel import Channel
+from cmg_clients.client import CMGClient
 
 
 @dataclass(eq=False)
@@ -102,7 +103,6 @@ class ServerPool:
     def handshake(self) -> tuple[int, int]:
         """Frame size (H, W) from the first server that answers; the others start down and are
         probed. None answering is an error naming each one's reason."""
-        from cmg_clients.client import CMGClient
 
         size, reasons = None, []
         for server in self.servers:

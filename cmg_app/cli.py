@@ -11,6 +11,9 @@ import importlib
 import os
 import sys
 
+from cmg.errors import CMGError
+from cmg.frames import FrameError
+
 OWN_PACKAGES = {"cmg", "cmg_data", "cmg_app", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cmg_configs", "cmg_model_repository"}
 
 # verb -> (module, one-line help)
@@ -63,9 +66,6 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import signal
-
-    from cmg.errors import CMGError
-    from cmg.frames import FrameError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -14,6 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.config import load_config, resolve_config
+from cmg.errors import CMGError
+from cmg_build.repository import build
+from cmg_build.server import TritonServer
+from cmg_clients.stream import StreamOptions, run_stream
+from cmg_data.synth import synthesize
+from cmg_train.export import export_run
+from cmg_train.plots import roc_plot
+from cmg_train.train import train_run
+
 
 def _stage(name: str) -> float:
     print(f"== {name}", flush=True)
@@ -23,15 +33,6 @@ def _stage(name: str) -> float:
 def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False,
          progress: bool = True) -> dict:
     from sklearn.metrics import roc_auc_score
-
-    from cmg.config import load_config, resolve_config
-    from cmg_build.repository import build
-    from cmg_build.server import TritonServer
-    from cmg_clients.stream import StreamOptions, run_stream
-    from cmg_data.synth import synthesize
-    from cmg_train.export import export_run
-    from cmg_train.plots import roc_plot
-    from cmg_train.train import train_run
 
     cfg = load_config(resolve_config(config))
     cfg.seed = seed
@@ -68,7 +69,6 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
                                            overwrite=True, progress=progress))
         timings["stream_s"] = time.perf_counter() - t
     if summary.aborted:
-        from cmg.errors import CMGError
 
         raise CMGError(f"stream aborted: {summary.aborted}")
 
@@ -110,7 +110,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmg.errors import CMGError
 
     if args.workdir.exists() and not args.workdir.is_dir():
         raise CMGError(f"--workdir {args.workdir} is a file, not a folder")

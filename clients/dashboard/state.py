@@ -20,6 +20,7 @@ import numpy as np
 from cmg import contract as C
 from cmg.errors import CMGError
 from cmg_clients import core
+from cmg_clients.overlay import overlay_image
 
 WINDOW_S = 60.0  # latency and anomaly rate over the last minute
 FPS_WINDOW_S = 5.0  # live frame rate over the last seconds
@@ -50,8 +51,6 @@ class Flagged:
         Drawn once per kind, on first request, by the one overlay code (cmg_clients.overlay)."""
         if kind not in self._png:
             from PIL import Image
-
-            from cmg_clients.overlay import overlay_image
 
             img = overlay_image(self.frame, self.result)
             if kind == "thumb":
