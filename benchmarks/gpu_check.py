@@ -70,7 +70,7 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
                 batches: tuple[int, ...] = BATCHES) -> dict:
     import torch
 
-    from cmg_train.checkpoint import load_run
+    from cmg_train.checkpoint import load_run  # torch: only the PyTorch check needs it
 
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

@@ -88,7 +88,7 @@ class TorchEager(InProcessMode):
     def __init__(self, run_dir: Path, frames: np.ndarray, threads: int | None = None) -> None:
         import torch
 
-        from cmg_train.checkpoint import load_run
+        from cmg_train.checkpoint import load_run  # torch: only the eager mode needs it
 
         super().__init__(frames)
         self.torch = torch
