@@ -1,7 +1,7 @@
 """A full-size `vit-b32` run for speed figures, with no weights to download.
 
     python -m cmg_bench.vit_b32 OUT        # OUT/data, OUT/open_clip_vit_b32_random.bin, OUT/vit-b32-ci.yaml, OUT/run
-    cmg bench --run OUT/run --out OUT/bench --modes served_cmg,ort_inprocess \\
+    cmg bench sweep --run OUT/run --out OUT/bench --modes served_cmg,ort_inprocess \\
         --concurrency 1,4 --batch 1,4 --window 10 --warmup 2 --repeats 1
 
 The teacher is an open_clip ViT-B-32 of random weights written to a file the way open_clip
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = _verb(module, argv_)
         if rc:
             return rc
-    print(f"run ready: cmg bench --run {run} --out {out / 'bench'} --modes served_cmg,ort_inprocess "
+    print(f"run ready: cmg bench sweep --run {run} --out {out / 'bench'} --modes served_cmg,ort_inprocess "
           "--concurrency 1,4 --batch 1,4 --window 10 --warmup 2 --repeats 1")
     return 0
 
