@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from cmg.dataset import MVTecFolder
@@ -32,6 +31,7 @@ from cmg_train.detector import CMGDetector, RawScores
 from cmg_train.local.bank import PatchBank
 from cmg_train.local.fit import train_local
 from cmg_train.memory_bank import KNNDistance
+from cmg_train.metrics import auroc, paired_bootstrap
 from cmg_train.plots import mask_grid, roc_plot
 from cmg_train.train import (
     batched,
@@ -43,38 +43,6 @@ from cmg_train.train import (
 # name -> (keep-mask at scoring, CMLE loss, local model practised inside the keep-mask)
 ABLATION = {"baseline": (False, False), "cmer": (True, False), "cmle": (False, True), "cmg": (True, True)}
 SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "patchcore", "teacher_knn", "pyod_ecod")
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
-
-
-def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC of every row of [R, N] labels/scores at once (Mann-Whitney with tied ranks);
-    NaN for a row with one class. The same value as sklearn's roc_auc_score per row."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores, axis=1)
-    pos = labels.sum(1)
-    neg = labels.shape[1] - pos
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ((ranks * labels).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
-
-
-def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray | None]],
-                     n: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of mean_s [AUROC(a_s) - AUROC(b_s)] (or of mean_s AUROC(a_s) when b is None)
-    over test images resampled together for every seed s: one seed and ~200 test images leave
-    differences of a few points within noise; the tables say so instead of hiding it."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(labels), (n, len(labels)))
-    y = labels[idx]
-    vals = np.zeros(n)
-    for a, b in pairs:
-        vals += _auroc_rows(y, a[idx]) - (_auroc_rows(y, b[idx]) if b is not None else 0.0)
-    vals = vals[np.isfinite(vals)] / len(pairs)
-    lo, hi = np.percentile(vals, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 def image_metrics(labels: np.ndarray, defects: list[str], scores: np.ndarray) -> dict:

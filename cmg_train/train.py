@@ -43,6 +43,7 @@ from cmg_train.local import anomalies
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
+from cmg_train.metrics import paired_bootstrap
 from cmg_train.preprocess import Preprocess
 from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
@@ -125,10 +126,15 @@ def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores:
                          lmax: torch.Tensor, seed: int) -> dict:
     """The fusion weight of the global score, from the user's own held-out normals: synthetic
     anomalies (local/anomalies.py, the U-Net's training task) are pasted onto them, and the
-    weight whose fused score separates them best from the clean frames wins (ties: the
-    smaller weight). Why: which branch carries the signal depends on the product (measured:
-    the global score ranked below chance on third-party parts and best on a gear line), and no
-    defect of the user's is known at training time. Nothing of the test split is used."""
+    weight whose fused score separates them best from the clean frames wins, but only when
+    its gain over the local score alone is outside noise (the lower end of its paired 95%
+    bootstrap interval above 0); otherwise the local score alone (weight 0).
+
+    Why: which branch carries the signal depends on the product (the global score ranked
+    below chance on a third-party parts set and best on a synthetic gear line), and no
+    defect of the user's is known at training time. A few dozen held-out normals cannot tell
+    weights a point or two apart, and the synthetic anomalies are not the user's defects, so
+    the global branch is added only when it clearly helps. Nothing of the test split is used."""
     gen = torch.Generator().manual_seed(seed + 7)
     unit = Preprocess.to_unit(val_frames)
     shapes = anomalies.random_shapes(len(unit), unit.shape[-1], gen)
@@ -137,12 +143,24 @@ def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores:
     gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, val_scores)
     labels = np.r_[np.zeros(len(g)), np.ones(len(gb))]
     g_all, l_all = torch.cat([g, gb]), torch.cat([lmax, lb])
-    aurocs = {}
+    fused = {}
     for w in FUSION_WEIGHTS:  # the detector's own fusion (the served formula), at each candidate weight
         det.global_weight.fill_(w)
-        aurocs[w] = float(roc_auc_score(labels, det.fuse(g_all, l_all).numpy()))
-    best = max(FUSION_WEIGHTS, key=lambda w: (round(aurocs[w], 3), -w))
-    return {"global_weight": best, "synthetic_auroc": aurocs, "images": len(g)}
+        fused[w] = det.fuse(g_all, l_all).numpy()
+    return {**pick_weight(labels, fused, seed), "images": len(g)}
+
+
+def pick_weight(labels: np.ndarray, fused: dict[float, np.ndarray], seed: int) -> dict:
+    """The weight with the best AUROC (ties: the smaller), or 0 when its paired gain over
+    weight 0 is within noise (95% bootstrap interval reaching 0)."""
+    aurocs = {w: float(roc_auc_score(labels, s)) for w, s in fused.items()}
+    best = max(aurocs, key=lambda w: (round(aurocs[w], 3), -w))
+    gain_ci = None
+    if best != 0.0:
+        gain_ci = paired_bootstrap(labels, [(fused[best], fused[0.0])], seed=seed)
+        if gain_ci[0] <= 0.0:
+            best = 0.0
+    return {"global_weight": best, "synthetic_auroc": aurocs, "best_gain_ci95": gain_ci}
 
 
 def practice_regions(cfg: Config, relevance: torch.Tensor) -> torch.Tensor | None:

@@ -23,19 +23,23 @@ def _pattern(size: int) -> torch.Tensor:
     return torch.stack([x, y, x * y]).unsqueeze(0)
 
 
-def test_lite0_weights_load_and_give_fixed_outputs():
+@pytest.mark.parametrize("variant, want", [
+    ("efficientnet_lite0", [-0.15635, 8.50513, 0.0502, 6.78413, -55.90806, -1.05493]),   # tiny's
+    ("efficientnet_lite1", [-0.51661, 10.86563, -0.99234, 6.41864, -0.56741, -3.36602]),  # small's
+])
+def test_weights_load_and_give_fixed_outputs(variant, want):
     """The weights come from the installed package (nothing downloaded) with batch norms folded;
     the figures were taken once from this module after checking it, block by block, against
     the EfficientNet-PyTorch lite implementation those weights were published with (rel. 3e-6)."""
-    assert weights_file("efficientnet_lite0").is_file()
-    net = EfficientNetLite("efficientnet_lite0", 64, default_taps("efficientnet_lite0")).eval()
+    assert weights_file(variant).is_file()
+    net = EfficientNetLite(variant, 64, default_taps(variant)).eval()
     net.load_package_weights()
     with torch.no_grad():
         a, b = net(_pattern(64))
     assert a.shape == (1, 40, 8, 8) and b.shape == (1, 112, 4, 4)
     got = [float(v) for v in (a.mean(), a.std(), b.mean(), b.std(), a[0, :, 3, 4].sum(), b[0, 7, 2, 1])]
-    assert got == pytest.approx([-0.15635, 8.50513, 0.0502, 6.78413, -55.90806, -1.05493], abs=2e-4)
-    random = EfficientNetLite("efficientnet_lite0", 64, default_taps("efficientnet_lite0")).eval()
+    assert got == pytest.approx(want, abs=2e-4)
+    random = EfficientNetLite(variant, 64, default_taps(variant)).eval()
     with torch.no_grad():
         assert not torch.allclose(random(_pattern(64))[0], a)  # the figures are the weights', not the shapes'
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,7 +20,7 @@ from cmg.errors import CMGError
 from cmg_train.checkpoint import FORMAT, load_run
 from cmg_train.cmer.model import keep_mask_cfg, upsample_keep
 from cmg_train.detector import DetectorOutput
-from cmg_train.train import batched, practice_regions, split_train_val
+from cmg_train.train import batched, pick_weight, practice_regions, split_train_val
 
 # -- what training may learn from -----------------------------------------------------
 
@@ -156,6 +157,21 @@ def test_batched_concatenates_every_output_in_order():
     assert torch.equal(only, x * 3)
 
 
+def test_fusion_weight_needs_a_gain_outside_noise():
+    """The global branch joins the fused score only when it clearly helps on the held-out set."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    local = labels + rng.normal(0, 1.5, 400)  # weak separation by the local score alone
+    clear = {0.0: local, 0.5: labels + rng.normal(0, 0.3, 400)}
+    out = pick_weight(labels, clear, seed=0)
+    assert out["global_weight"] == 0.5 and out["best_gain_ci95"][0] > 0
+    noisy = {0.0: local, 0.5: local + 0.1 * labels + rng.normal(0, 1.0, 400)}  # better by chance or a sliver
+    out = pick_weight(labels, noisy, seed=0)
+    assert out["synthetic_auroc"][0.5] > out["synthetic_auroc"][0.0]
+    assert out["global_weight"] == 0.0 and out["best_gain_ci95"][0] <= 0
+    assert pick_weight(labels, {0.0: clear[0.5], 0.5: local}, seed=0)["best_gain_ci95"] is None
+
+
 def test_practice_regions_follow_cmer_placement():
     cfg = Config()
     cfg.data.image_size, cfg.cmer.grid, cfg.local.placement = 32, 4, "keep"
@@ -204,10 +220,14 @@ def test_metrics_report_every_stage(metrics, run):
     assert loc["bank_rows"] == min(run.cfg.local.bank_size, loc["patches"])
     assert loc["patches"] == metrics["images"]["train"] * loc["map_side"] ** 2
     m = metrics["cmle"]
-    fusion = m["fusion"]  # the weight that separated held-out normals from synthetic anomalies best
+    fusion = m["fusion"]  # the best weight on synthetic anomalies when its gain is outside noise, else 0
     aurocs = {float(w): a for w, a in fusion["synthetic_auroc"].items()}
     assert fusion["global_weight"] in aurocs and fusion["images"] == metrics["images"]["val"]
-    assert aurocs[fusion["global_weight"]] >= max(aurocs.values()) - 5e-4
+    if fusion["global_weight"] > 0:
+        assert aurocs[fusion["global_weight"]] >= max(aurocs.values()) - 5e-4
+        assert fusion["best_gain_ci95"][0] > 0
+    elif fusion["best_gain_ci95"] is not None:  # a better weight was found but within noise
+        assert fusion["best_gain_ci95"][0] <= 0
     assert float(run.detector.global_weight) == fusion["global_weight"]
     assert m["graph"]["unique_captions"] >= run.cfg.cmle.min_unique_captions
     assert m["threshold"] == pytest.approx(float(run.detector.threshold))
