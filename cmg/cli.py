@@ -29,6 +29,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run"),
     "demo": ("cmg.demo", "the whole chain on the embedded default"),
 }
+# `cmg VERB SUB ...` handled by its own module (same add_arguments/run shape as a verb).
+SUBVERBS: dict[tuple[str, str], tuple[str, str]] = {
+    ("bench", "peer"): ("cmg_bench.peer", "CMG side by side with anomalib's PatchCore and PaDiM (the `peer` extra)"),
+}
 
 
 # -- argument types shared by the verbs (argparse turns their errors into exit 2) ---------
@@ -144,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen).parse_args(argv)
+    if tuple(argv[:2]) in SUBVERBS:
+        module_name, help_line = SUBVERBS[tuple(argv[:2])]
+        parser = argparse.ArgumentParser(prog=f"cmg {argv[0]} {argv[1]}", description=help_line)
+        importlib.import_module(module_name).add_arguments(parser)
+        args = parser.parse_args(argv[2:])
+        args.verb, args._module, args._argv = f"{argv[0]} {argv[1]}", module_name, argv[2:]
+    else:
+        args = build_parser(chosen).parse_args(argv)
     if getattr(args, "_missing", None):
         print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
         return 2
