@@ -26,7 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "deploy": ("cmg_build.deploy", "a retrained run as the next model version of a live server, no downtime"),
     "infer": ("cmg_clients.infer", "score images over gRPC (or HTTP); one JSON line per image"),
     "stream": ("cmg_clients.stream", "factory-stream client: bounded window, retries, exactly-once JSONL"),
-    "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run"),
+    "bench": ("cmg_bench.bench", "latency/throughput/accuracy comparisons measured in one run "
+                                  "(`cmg bench peer`: next to anomalib)"),
     "demo": ("cmg.demo", "the whole chain on the embedded default"),
 }
 # `cmg VERB SUB ...` handled by its own module (same add_arguments/run shape as a verb).
