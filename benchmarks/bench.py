@@ -27,6 +27,8 @@ SUBVERBS: dict[str, tuple[str, str]] = {
                           "ensemble, interleaved pairs (cpu_cmg.*)"),
     "dashboard-cost": ("cmg_bench.dashboard_cost", "stream frames/s without and with `cmg stream --dashboard`, "
                        "interleaved pairs (dashboard_cost.*)"),
+    "peer": ("cmg_bench.peer", "CMG side by side with anomalib's PatchCore and PaDiM on the same folder and "
+             "backbone weights (the `peer` extra; bench.json, peer.md, peer.png)"),
 }
 
 

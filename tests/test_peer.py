@@ -1,0 +1,82 @@
+"""`cmg bench peer`: CMG next to anomalib's PatchCore on the same folder and weights.
+
+The slow test runs the real comparison (real anomalib, real tritonserver) on a small cut of
+the session's tiny folder; it skips, saying why, where the `peer` extra is not installed.
+The quick tests check the errors a user sees first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmg_app.cli import main
+
+HAVE_ANOMALIB = importlib.util.find_spec("anomalib") is not None
+NEEDS_ANOMALIB = pytest.mark.skipif(not HAVE_ANOMALIB,
+                                    reason='anomalib not installed (the optional extra: pip install -e ".[peer]")')
+
+
+def _cut(src: Path, dst: Path, train: int = 40, good: int = 10, kinds: int = 2, per_kind: int = 5) -> Path:
+    """A smaller MVTec-style copy of `src` (train/good, test/good, `kinds` defect kinds with
+    their masks, the captions of the copied files): keeps the anomalib fits short."""
+    names = sorted(p.name for p in (src / "test").iterdir() if p.is_dir() and p.name != "good")[:kinds]
+    picks = {"train/good": train, "test/good": good, **{f"test/{k}": per_kind for k in names}}
+    kept = set()
+    for rel, n in picks.items():
+        (dst / rel).mkdir(parents=True)
+        for p in sorted((src / rel).glob("*.png"))[:n]:
+            shutil.copy(p, dst / rel / p.name)
+            kept.add(f"{rel}/{p.name}")
+            if rel.startswith("test/") and rel != "test/good":
+                mask = src / "ground_truth" / rel.split("/")[1] / f"{p.stem}_mask.png"
+                (dst / "ground_truth" / rel.split("/")[1]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(mask, dst / "ground_truth" / rel.split("/")[1] / mask.name)
+    lines = [ln for ln in (src / "captions.jsonl").read_text().splitlines()
+             if ln.strip() and json.loads(ln)["file"] in kept]
+    (dst / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_peer_missing_folder(tmp_path, capsys) -> None:
+    assert main(["bench", "peer", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "folder not found" in capsys.readouterr().err
+
+
+def test_peer_without_anomalib_names_the_extra(tmp_path, tiny_data, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "anomalib", None)  # `import anomalib` raises ImportError, as uninstalled
+    assert main(["bench", "peer", "--data", str(tiny_data), "--out", str(tmp_path / "o")]) == 2
+    assert '.[peer]' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@NEEDS_ANOMALIB
+def test_peer_side_by_side(tmp_path, tiny_data, tiny_run) -> None:
+    data = _cut(Path(tiny_data), tmp_path / "data")
+    out = tmp_path / "peer"
+    rc = main(["bench", "peer", "--data", str(data), "--run", str(tiny_run), "--out", str(out),
+               "--models", "patchcore", "--runtimes", "torch,onnx", "--coreset-ratio", "0.01",
+               "--quick", "--batch", "1", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert set(res["rows"]) == {"cmg", "patchcore"}
+    for row in res["rows"].values():
+        assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
+        assert set(row["per_kind"]) == set(res["kinds"]) and len(res["kinds"]) == 2
+        assert row["train_s"] and row["train_s"] > 0
+    # anomalib's AUROC and sklearn's on the same scores (PatchCore's and CMG's)
+    assert max(res["metric_agreement_max_abs_diff"].values()) < 1e-4
+    for mode in ("served_cmg", "ort_inprocess", "anomalib_torch_patchcore"):
+        b1 = res["modes"][mode]["batch1"]
+        assert b1["throughput"] > 0 and b1["p99_ms"] >= b1["p50_ms"] > 0
+    assert "anomalib_onnx_patchcore" in res["modes"], res["mode_notes"]
+    assert res["mode_notes"]["anomalib_onnx_patchcore_max_abs_diff_vs_torch"] < 1e-3
+    for key in ("cmg_vs_patchcore_auroc", "cmg_vs_patchcore_throughput"):
+        assert res["ratios"][key]["median"] > 0
+    assert res["backbone"]["variant"] == "efficientnet_lite0"
+    assert (out / "peer.png").stat().st_size > 10_000 and (out / "peer.md").is_file()
