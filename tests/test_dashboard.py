@@ -180,8 +180,13 @@ def test_metrics_from_real_triton(triton):
     assert first["error"] is None, first
     with CMGClient(triton.grpc_url, "grpc") as client:
         client.infer(np.zeros((1, *client.size, 3), np.uint8))
-    rows = {r["model"]: r for r in reader.read()["models"]}
     before = {r["model"]: r["success"] for r in first["models"]}.get(C.CMG, 0.0)
+    deadline = time.monotonic() + 10.0
+    while True:  # Triton's counters are published a moment after the reply (seen once in CI)
+        rows = {r["model"]: r for r in reader.read()["models"]}
+        if rows.get(C.CMG, {}).get("success", 0.0) >= before + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert rows[C.CMG]["success"] >= before + 1 and rows[C.CMG]["failure"] == 0
     assert {C.CMER_SCORER, C.CMLE_ENCODER} <= set(rows)  # the ensemble's steps have their own rows
 
