@@ -4,7 +4,10 @@ options. Sub-verb modules import this; this imports none of them (no loops)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +107,15 @@ def start_local_server(run_dir: Path, out: Path, cpu_cmg: str | None = None) -> 
     repo = Path(out) / f"repository{suffix}"
     build(Path(run_dir), "cpu", repo, cpu_cmg=cpu_cmg or CPU_CMG[0])
     return TritonServer(repo, log_file=Path(out) / f"tritonserver{suffix}.log").start()
+
+
+def close_all(modes: Iterable, loop: asyncio.AbstractEventLoop, servers: Iterable[TritonServer | None] = ()) -> None:
+    """Teardown after a measurement, error or not: every mode (one failing to close does not
+    keep the others or the servers alive), the event loop, then the servers this run started."""
+    for mode in modes:
+        with contextlib.suppress(Exception):
+            mode.close()
+    loop.close()
+    for server in servers:
+        if server is not None:
+            server.cleanup()

@@ -24,6 +24,7 @@ from cmg_bench.common import (
     QUICK_WINDOW,
     add_repeats_argument,
     add_run_arguments,
+    close_all,
     run_frames,
     start_local_server,
 )
@@ -63,11 +64,7 @@ def compare_cpu_cmg(run_dir: Path, out: Path, points: tuple[tuple[int, int], ...
                             for m in ("throughput", "p50", "p99", "ensemble_fps", "fused_fps")}})
         bar.close()
     finally:
-        for mode in modes.values():
-            mode.close()
-        loop.close()
-        for server in servers.values():
-            server.cleanup()
+        close_all(modes.values(), loop, servers.values())
     result = {"run": str(run_dir), "repeats": repeats, "window_s": window.window_s, "points": rows,
               "note": "fused / ensemble: > 1 for frames/s and < 1 for latency favour the fused cmg"}
     (out / "cpu_cmg.json").write_text(json.dumps(result, indent=2))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import threading
@@ -35,7 +34,7 @@ import numpy as np
 from cmg.argtypes import positive_float, positive_int
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
-from cmg_bench.common import ensure_export, parse_ints, start_local_server
+from cmg_bench.common import close_all, ensure_export, parse_ints, start_local_server
 from cmg_bench.loadgen import Window
 from cmg_bench.modes import (
     ORT_INPROCESS,
@@ -506,12 +505,7 @@ def peer(args: argparse.Namespace) -> dict:
             modes[ORT_INPROCESS], pt(ORT_INPROCESS), modes[b], pt(b), settings.window, settings.repeats, bar)
         bar.close()
     finally:
-        for mode in modes.values():
-            with contextlib.suppress(Exception):
-                mode.close()
-        loop.close()
-        if server is not None:
-            server.cleanup()
+        close_all(modes.values(), loop, [server])
 
     ratios: dict[str, dict] = {}
     if "patchcore" in rows:

@@ -35,6 +35,7 @@ from cmg_bench.common import (
     FULL_WINDOW,
     QUICK_WINDOW,
     add_run_arguments,
+    close_all,
     ensure_export,
     load_test_frames,
     parse_ints,
@@ -272,12 +273,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         ratios = measure_ratios(modes, settings, best_pts, bar)
         bar.close()
     finally:
-        for mode in modes.values():
-            with contextlib.suppress(Exception):
-                mode.close()
-        loop.close()
-        if server is not None:
-            server.cleanup()
+        close_all(modes.values(), loop, [server])
 
     parity = {}
     ref = scores.get(ORT_INPROCESS, scores.get(TORCH_EAGER))

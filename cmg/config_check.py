@@ -163,10 +163,9 @@ def check_section(cls: type, values: Any, where: str = "") -> None:
         _check_value(path, hint, value)
 
 
-def check_range_table() -> list[str]:
-    """Names in RANGES / CHOICES that no config field has (a renamed key left behind)."""
-    from cmg.config import Config
-
+def check_range_table(config_cls: type) -> list[str]:
+    """Names in RANGES / CHOICES that no field of `config_cls` (cmg.config.Config) has (a
+    renamed key left behind); the class is passed in because cmg.config imports this module."""
     names, paths = set(), set()
 
     def walk(cls: type, where: str) -> None:
@@ -179,5 +178,5 @@ def check_range_table() -> list[str]:
                 names.add(f.name)
                 paths.add(path)
 
-    walk(Config, "")
+    walk(config_cls, "")
     return sorted((set(RANGES) - names - paths) | (set(CHOICES) - paths))

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmg.config import Config
-from cmg_train.cmer.model import apply_mask, keep_mask_cfg, upsample_keep
+from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.local.bank import PatchBank
 from cmg_train.local.model import LocalNet, anomaly_probability
+from cmg_train.masking import apply_mask, upsample_keep
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.teacher.model import Teacher
 

@@ -28,7 +28,7 @@ from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
 from cmg_train.cmer.fit import occlusion_relevance, train_scorer
-from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg, upsample_keep
+from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg
 from cmg_train.cmer.report import cmer_metrics, speed_ratio
 from cmg_train.cmle.fit import (
     CaptionGraph,
@@ -43,6 +43,7 @@ from cmg_train.local import anomalies
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
+from cmg_train.masking import upsample_keep
 from cmg_train.metrics import paired_bootstrap
 from cmg_train.preprocess import Preprocess
 from cmg_train.runlog import append_jsonl, run_folder

@@ -21,13 +21,11 @@ from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
     ScorerGraph,
-    apply_mask,
     keep_mask,
     keep_mask_cfg,
     occlusion_masks,
     scorer_from_state,
     scorer_state,
-    upsample_keep,
 )
 from cmg_train.cmer.report import (
     cmer_metrics,
@@ -37,6 +35,7 @@ from cmg_train.cmer.report import (
     random_keep_like,
     speed_ratio,
 )
+from cmg_train.masking import apply_mask, upsample_keep
 from cmg_train.preprocess import Preprocess
 from cmg_train.teacher.model import build_teacher
 

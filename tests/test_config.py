@@ -170,4 +170,4 @@ def test_validation_is_driven_by_the_dataclasses():
         check_section(Extra, {"sizes": ["a"]}, "x")
     with pytest.raises(ValueError, match="x.batch_size: expected a value >= 1"):  # by name, any section
         check_section(Extra, {"batch_size": 0}, "x")
-    assert check_range_table() == []
+    assert check_range_table(Config) == []

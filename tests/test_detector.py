@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from cmg.config import Config, TeacherConfig
 from cmg.contract import CMLE_ENCODER, ENCODER_OUTPUTS, Contract
 from cmg_train.checkpoint import detector_from_state, detector_state
-from cmg_train.cmer.model import keep_mask_cfg, upsample_keep
+from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector, DetectorOutput, RawScores
 from cmg_train.local.model import LocalNet
+from cmg_train.masking import upsample_keep
 from cmg_train.teacher.model import build_teacher
 
 SIZE, G, D = 32, 4, 8

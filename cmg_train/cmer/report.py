@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from cmg.config import CMERConfig
-from cmg_train.cmer.model import keep_mask, keep_mask_cfg, upsample_keep
+from cmg_train.cmer.model import keep_mask, keep_mask_cfg
+from cmg_train.masking import upsample_keep
 
 
 def keep_iou(a: Tensor, b: Tensor) -> float:

@@ -19,8 +19,8 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from cmg.config import Config
-from cmg_train.cmer.model import apply_mask
 from cmg_train.loop import fit
+from cmg_train.masking import apply_mask
 from cmg_train.preprocess import Preprocess
 from cmg_train.teacher.model import Teacher, build_teacher, retrieval_top1
 
