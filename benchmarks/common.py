@@ -119,3 +119,15 @@ def close_all(modes: Iterable, loop: asyncio.AbstractEventLoop, servers: Iterabl
     for server in servers:
         if server is not None:
             server.cleanup()
+
+
+def measure_grid(name: str, mode, settings, bar) -> list[dict]:
+    """Every (batch, concurrency) point of `settings` for one mode, advancing `bar` per point:
+    the sweep both `cmg bench sweep` and `cmg bench peer` report best and batch-1 points from."""
+    points = []
+    for batch in settings.batch:
+        for conc in settings.concurrency:
+            bar.set_postfix_str(f"{name} c{conc} b{batch}")
+            points.append(mode.measure(conc, batch, settings.window).to_dict())
+            bar.update(1)
+    return points

@@ -34,7 +34,7 @@ import numpy as np
 from cmg.argtypes import positive_float, positive_int
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
-from cmg_bench.common import close_all, ensure_export, parse_ints, start_local_server
+from cmg_bench.common import close_all, ensure_export, measure_grid, parse_ints, start_local_server
 from cmg_bench.loadgen import Window
 from cmg_bench.modes import (
     ORT_INPROCESS,
@@ -470,12 +470,7 @@ def peer(args: argparse.Namespace) -> dict:
         bar = tqdm(total=points_total + 2 * settings.repeats * (1 + len(peers)), desc="cmg bench peer",
                    unit="point", disable=not progress)
         for name, mode in modes.items():
-            pts = []
-            for batch in settings.batch:
-                for conc in settings.concurrency:
-                    bar.set_postfix_str(f"{name} c{conc} b{batch}")
-                    pts.append(mode.measure(conc, batch, settings.window).to_dict())
-                    bar.update(1)
+            pts = measure_grid(name, mode, settings, bar)
             best = max(pts, key=lambda p: p["throughput"])
             single = next((p for p in pts if p["concurrency"] == 1 and p["batch"] == 1), None)
             results[name] = {"points": pts, "best": {k: best[k] for k in ("concurrency", "batch", "throughput")},

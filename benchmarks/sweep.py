@@ -38,6 +38,7 @@ from cmg_bench.common import (
     close_all,
     ensure_export,
     load_test_frames,
+    measure_grid,
     parse_ints,
 )
 from cmg_bench.loadgen import Window
@@ -252,12 +253,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
             bar.set_postfix_str(f"{name} accuracy")
             scores[name] = mode.scores(frames)
             bar.update(1)
-            points = []
-            for batch in settings.batch:
-                for conc in settings.concurrency:
-                    bar.set_postfix_str(f"{name} c{conc} b{batch}")
-                    points.append(mode.measure(conc, batch, settings.window).to_dict())
-                    bar.update(1)
+            points = measure_grid(name, mode, settings, bar)
             best = max(points, key=lambda p: p["throughput"])
             results.append({"name": name, "auroc": float(roc_auc_score(labels, scores[name])),
                             "points": points, "flops_per_frame": mode_flops[name],
