@@ -82,10 +82,10 @@ def compare_cpu_cmg(run_dir: Path, out: Path, points: tuple[tuple[int, int], ...
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only the plot needs it, not the measurement
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot starts on the file-only backend
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     x = np.arange(len(rows))

@@ -21,7 +21,7 @@ COUNTED_OPS = ("MatMul", "Gemm", "Conv")
 
 def _static_batch(model, batch: int = 1):
     """A copy of `model` whose graph inputs have a fixed first dimension."""
-    import onnx
+    import onnx  # heavy: only counting needs onnx, not importing this module
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     init_names = {t.name for t in model.graph.initializer}
@@ -54,7 +54,7 @@ def _shapes(model) -> dict[str, tuple[int, ...] | None]:
 def _attr(node, name: str, default):
     for a in node.attribute:
         if a.name == name:
-            from onnx import helper
+            from onnx import helper  # heavy: only counting needs onnx, not importing this module
 
             return helper.get_attribute_value(a)
     return default
@@ -102,6 +102,7 @@ def _runtime_shapes(model, names: list[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of `names` observed by running the (static-batch) graph once in ONNX Runtime on
     zero inputs: the fallback for values whose shapes static inference leaves symbolic
     (e.g. attention reshapes computed from Shape ops)."""
+    # heavy (onnx, onnxruntime): only this fallback runs a graph, not importing this module
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -130,7 +131,7 @@ def _runtime_shapes(model, names: list[str]) -> dict[str, tuple[int, ...]]:
 def count_model(model, batch: int = 1) -> dict:
     """{"flops": total at `batch`, "by_op": {op: flops}, "nodes": n counted, "unresolved": [names],
     "runtime_shapes": values whose shapes came from one ONNX Runtime pass}."""
-    import onnx
+    import onnx  # heavy: only counting needs onnx, not importing this module
 
     fixed = _static_batch(model, batch)
     inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
@@ -157,7 +158,7 @@ def count_model(model, batch: int = 1) -> dict:
 
 def count_file(path: str | Path, batch: int = 1) -> dict:
     """FLOPs of an .onnx file (see count_model)."""
-    import onnx
+    import onnx  # heavy: only counting needs onnx, not importing this module
 
     path = Path(path)
     if not path.is_file():
@@ -212,6 +213,7 @@ def ort_gemm_gflops(threads: int, n: int = 1024, runs: int = 10) -> dict:
     """Best of `runs` float32 n x n MatMuls in ONNX Runtime (the runtime the served graphs use;
     MLAS GEMM) at `threads` intra-op threads. numpy is the wrong yardstick here: its BLAS may be
     slowed on purpose (OPENBLAS_CORETYPE)."""
+    # heavy (onnxruntime, onnx): only measuring the peak needs them, not importing this module
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -45,7 +45,7 @@ def _time(fn: Callable, x, batch: int, iterations: int, warmup: int, sync: Calla
 
 def _cuda_graphed(fn: Callable, example):
     """fn captured as a CUDA graph over a static input buffer (replay copies the new frames in)."""
-    import torch
+    import torch  # heavy: only the PyTorch check needs it (the trt check runs without)
 
     static = example.clone()
     side = torch.cuda.Stream()
@@ -68,7 +68,7 @@ def _cuda_graphed(fn: Callable, example):
 
 def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
                 batches: tuple[int, ...] = BATCHES) -> dict:
-    import torch
+    import torch  # heavy: only the PyTorch check needs it (the trt check runs without)
 
     from cmg_train.checkpoint import load_run  # torch: only the PyTorch check needs it
 

@@ -18,9 +18,13 @@ Each mode measures a (concurrency, batch) point and scores the whole test split 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 
 from cmg import contract as C
 from cmg.errors import CMGError
@@ -86,7 +90,7 @@ class TorchEager(InProcessMode):
     name = TORCH_EAGER
 
     def __init__(self, run_dir: Path, frames: np.ndarray, threads: int | None = None) -> None:
-        import torch
+        import torch  # heavy: only the PyTorch eager mode needs it
 
         from cmg_train.checkpoint import load_run  # torch: only the eager mode needs it
 
@@ -113,8 +117,6 @@ def served_graphs(repo: Path, model: str = C.CMG) -> list[tuple[Path, int]]:
     """The graph files a built cpu repository serves `model` with, and the intra-op thread
     count each config.pbtxt gives them (what the served model.py runs with): the fused graph
     itself (`cmg build` default) or the ensemble's steps in order (`--cpu-cmg ensemble`)."""
-    import json
-
     repo = Path(repo)
     report = json.loads((repo / "build_report.json").read_text())
     version = report.get("version", 1)
@@ -131,8 +133,6 @@ class OrtInProcess(InProcessMode):
     name = ORT_INPROCESS
 
     def __init__(self, repo: Path, frames: np.ndarray, name: str = ORT_INPROCESS) -> None:
-        import onnxruntime as ort
-
         super().__init__(frames)
         self.name = name
         graphs = served_graphs(Path(repo))
@@ -158,9 +158,6 @@ class Served(Mode):
 
     def __init__(self, name: str, url: str, frames: np.ndarray, loop: asyncio.AbstractEventLoop,
                  timeout_s: float = 30.0) -> None:
-        import tritonclient.grpc as grpcclient
-        import tritonclient.grpc.aio as grpcaio
-
         self.name = name
         self.model = SERVED_MODEL[name]
         with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 from cmg.argtypes import positive_float, positive_int
 from cmg.config import load_config, resolve_config
@@ -55,7 +59,7 @@ RUNTIMES = ("torch", "onnx", "openvino")
 def require_anomalib() -> str:
     """anomalib's version, or one line saying how to install the extra."""
     try:
-        import anomalib
+        import anomalib  # optional 'peer' extra: only this sub-verb needs it
     except ImportError as exc:
         raise CMGError(f"cmg bench peer needs anomalib (the optional `peer` extra): {INSTALL_HINT}") from exc
     return str(anomalib.__version__)
@@ -82,14 +86,13 @@ def check_folder(data: Path) -> list[str]:
 
 
 def _sk_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     return float(roc_auc_score(labels, np.asarray(scores).reshape(-1))) if 0 < labels.sum() < labels.size else None
 
 
 def _up(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Maps [N,h,w] bilinearly to the masks' size, as `cmg eval` does."""
+    # heavy (torch): imported when this sub-verb runs, not to list its options
     import torch
     import torch.nn.functional as F
 
@@ -120,6 +123,7 @@ def anomalib_metrics(kinds: list[str], defects: list[str], labels: np.ndarray, s
     before its Evaluator: torchmetrics passes values outside [0, 1] through a sigmoid, which
     in float32 turns raw distances above ~17 into ties of 1.0 (a wrong AUROC, not a metric
     difference). The scaling is monotonic, so an AUROC computed right is unchanged by it."""
+    # anomalib (optional 'peer' extra) and torch (heavy): imported when this sub-verb runs
     import torch
     from anomalib.metrics import AUROC
 
@@ -165,9 +169,8 @@ def cmg_run(args: argparse.Namespace, out: Path) -> tuple[Path, dict]:
         train_s = metrics.get("timings", {}).get("total_s")
         return run_dir, {"source": "existing run (--run)", "train_s": train_s,
                          "train_s_note": "RUN/metrics.json timings.total_s, measured when it was trained"}
-    from cmg_train.train import (
-        train_run,  # torch: imported when this sub-verb runs, not to list options
-    )
+    # torch: imported when this sub-verb runs, not to list options
+    from cmg_train.train import train_run
 
     run_dir = out / "cmg_run"
     cfg = load_config(resolve_config(args.config))
@@ -180,7 +183,7 @@ def cmg_run(args: argparse.Namespace, out: Path) -> tuple[Path, dict]:
 
 def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     """Scores, maps and the test split as `cmg eval` computes them (torch, same weights)."""
-    import torch
+    import torch  # heavy: imported when this sub-verb runs, not to list its options
 
     # torch-heavy training modules: imported when this sub-verb runs, not to list its options
     from cmg_train.checkpoint import load_run
@@ -220,6 +223,7 @@ def lite_backbone(variant: str, size: int, taps: list[int] | None):
 def anomalib_model(name: str, variant: str, size: int, taps: list[int] | None, coreset_ratio: float):
     """PatchCore or PaDiM on our backbone, with a pre-processor that feeds it as the detector
     is fed: resize to `size` (the frames upsampled), the lite models' normalisation."""
+    # anomalib (optional 'peer' extra) and torchvision (heavy): imported when this sub-verb runs
     from anomalib.models import Padim, Patchcore
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -243,7 +247,7 @@ def anomalib_model(name: str, variant: str, size: int, taps: list[int] | None, c
 def folder_datamodule(data: Path, kinds: list[str], seed: int):
     """anomalib's Folder datamodule on the MVTec-style folder: the whole test split is
     scored (validation = test, which only sets its score normalisation)."""
-    from anomalib.data import Folder
+    from anomalib.data import Folder  # optional 'peer' extra: only this sub-verb needs it
 
     return Folder(name=Path(data).name, root=Path(data), normal_dir="train/good", normal_test_dir="test/good",
                   abnormal_dir=[f"test/{k}" for k in kinds], mask_dir=[f"ground_truth/{k}" for k in kinds],
@@ -253,7 +257,7 @@ def folder_datamodule(data: Path, kinds: list[str], seed: int):
 
 def fit_and_predict(name: str, data: Path, kinds: list[str], out: Path, cmg: dict, args) -> dict:
     """Fit with anomalib's Engine (timed), predict the test split, keep scores by file."""
-    from anomalib.engine import Engine
+    from anomalib.engine import Engine  # optional 'peer' extra: only this sub-verb needs it
 
     size = cmg["size"] * cmg["upsample"]
     model, info = anomalib_model(name, cmg["variant"], size, cmg["taps"], args.coreset_ratio)
@@ -304,8 +308,7 @@ def _anomalib_modes(name: str, fitted: dict, frames: np.ndarray, out: Path, thre
     """anomalib's inference paths for one fitted model: torch (the Lightning module, pre- and
     post-processing included), its ONNX export in ONNX Runtime, its OpenVINO export.
     Returns (modes, notes) - a path that does not export or load is noted, not fatal."""
-    import torch
-
+    import torch  # heavy: imported when this sub-verb runs, not to list its options
 
     model = fitted["model"].eval()
     size = tuple(frames.shape[1:3])
@@ -317,8 +320,6 @@ def _anomalib_modes(name: str, fitted: dict, frames: np.ndarray, out: Path, thre
                 return model(torch.from_numpy(_float_nchw(f))).pred_score.reshape(-1).float().numpy()
 
     def onnx() -> InProcessMode:
-        import onnxruntime as ort
-
         path = fitted["engine"].export(model=model, export_type="onnx", export_root=export_root, input_size=size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -339,7 +340,7 @@ def _anomalib_modes(name: str, fitted: dict, frames: np.ndarray, out: Path, thre
         return Onnx(frames)
 
     def openvino() -> InProcessMode:
-        import openvino as ov
+        import openvino as ov  # optional 'peer' extra: only the openvino runtime mode needs it
 
         path = fitted["engine"].export(model=model, export_type="openvino", export_root=export_root, input_size=size)
         compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
@@ -399,8 +400,6 @@ def _ratio(a_mode, a_pt: tuple[int, int], b_mode, b_pt: tuple[int, int], window,
 
 def peer(args: argparse.Namespace) -> dict:
     """The whole comparison; writes OUT/bench.json, OUT/peer.md and OUT/peer.png."""
-    from tqdm import tqdm
-
     started = time.time()
     data = Path(args.data)
     kinds = check_folder(data)  # bad input is named first, with or without the extra
@@ -415,8 +414,6 @@ def peer(args: argparse.Namespace) -> dict:
         raise CMGError(f"--models {args.models!r}: expected some of {', '.join(PEERS)}")
     progress = not args.no_progress
     if not progress:
-        import logging
-
         logging.getLogger("lightning").setLevel(logging.ERROR)
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         logging.getLogger("anomalib").setLevel(logging.ERROR)
@@ -580,10 +577,10 @@ def markdown(r: dict) -> str:
 
 def plot(r: dict, path: Path) -> None:
     """Per-kind image AUROC, per-kind pixel AUROC, best throughput per mode, training time."""
-    import matplotlib
+    import matplotlib  # heavy: only the plot needs it, not the measurement
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot starts on the file-only backend
 
     kinds = ["all", *r["kinds"]]
     rows = list(r["rows"])

@@ -86,10 +86,10 @@ def write_markdown(result: dict, path: Path) -> None:
 def write_plots(result: dict, out: Path) -> list[Path]:
     """latency_throughput_<mode>.png (p50 solid, p99 dashed, one colour per batch, points
     labelled with the concurrency) and ratios.png (medians as bars, each pair as a dot)."""
-    import matplotlib
+    import matplotlib  # heavy: only the plot needs it, not the measurement
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot starts on the file-only backend
 
     written: list[Path] = []
     for mode in result["modes"]:

@@ -229,10 +229,10 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def write_plot(result: dict, path: Path) -> Path:
     """RSS of tritonserver and each stub over time (top), p50/p99 latency per period (bottom)."""
-    import matplotlib
+    import matplotlib  # heavy: only the plot needs it, not the measurement
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot starts on the file-only backend
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     samples = result["rss_samples"]

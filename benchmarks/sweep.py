@@ -21,6 +21,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,6 @@ class Settings:
 
 def machine_info(peak: dict) -> dict:
     """Core count, CPU model, versions and the peak that bounds every mode (with its method)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

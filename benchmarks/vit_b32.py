@@ -28,6 +28,7 @@ ARCH = "ViT-B-32"
 
 def random_open_clip_weights(path: Path, arch: str = ARCH, seed: int = 0) -> Path:
     """A checkpoint as open_clip saves and loads it: torch.save(model.state_dict())."""
+    # heavy (open_clip, torch): only writing the random checkpoint needs them, not the config
     import open_clip
     import torch
 

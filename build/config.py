@@ -138,7 +138,7 @@ def onnx_io(onnx_path: Path) -> dict[str, dict[str, tuple[int, tuple]]]:
 
     Inputs that also have an initializer (overridable defaults) count as inputs.
     """
-    import onnx
+    import onnx  # heavy: only reading a graph needs it, not importing cmg_build
 
     model = onnx.load(str(onnx_path), load_external_data=False)
 

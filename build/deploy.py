@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import triton_to_np_dtype
 
 from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
@@ -43,8 +45,6 @@ from cmg_clients.client import CMGClient
 
 
 def _client(url: str):
-    import tritonclient.grpc as grpcclient
-
     return grpcclient.InferenceServerClient(core.normalize_url(url, "grpc"))
 
 
@@ -71,8 +71,6 @@ def _without_threshold(text: str) -> str:
 
 def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     """One real request to `name` at `version` with a frame of the contract; the answering version."""
-    import tritonclient.grpc as grpcclient
-
     if cfg.platform == "ensemble":  # GPU targets require THRESHOLD: their config's default
         inputs = core.build_inputs(grpcclient, frame, mcfg.default_threshold(cfg))
         outputs = core.requested_outputs(grpcclient)
@@ -82,8 +80,6 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
             if t.optional:
                 continue
             dtype = mcfg.mc.DataType.Name(t.data_type)[len("TYPE_"):]
-            from tritonclient.utils import triton_to_np_dtype
-
             data = np.zeros((1, *t.dims), dtype=triton_to_np_dtype(dtype))
             inp = grpcclient.InferInput(t.name, list(data.shape), dtype)
             inp.set_data_from_numpy(data)

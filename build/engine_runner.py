@@ -13,6 +13,8 @@ The shape/profile/buffer logic is pure Python (tested on CPU); TensorRT and cuda
 
 from __future__ import annotations
 
+import ctypes
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +80,6 @@ def latency_stats(times_s: list[float], batch: int) -> dict:
 
 def pinned_view(ptr: int, dims: tuple[int, ...], dtype: np.dtype, max_batch: int) -> np.ndarray:
     """A numpy [max_batch, *dims] array over host memory at `ptr` (no copy: page-locked buffers)."""
-    import ctypes
-
     count = int(max_batch) * int(np.prod(dims, dtype=np.int64))
     raw = (ctypes.c_ubyte * (count * np.dtype(dtype).itemsize)).from_address(ptr)
     return np.frombuffer(raw, dtype=dtype, count=count).reshape(max_batch, *dims)
@@ -111,6 +111,7 @@ class EngineChain:
 
     def __init__(self, plans: dict[str, Path], contract: Contract, threshold: float, max_batch: int,
                  cuda_graphs: bool = True, ensemble: str = C.CMG) -> None:
+        # optional 'gpu' extra (TensorRT, cuda-python): only running engines needs them
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
 
@@ -241,8 +242,6 @@ class EngineChain:
 
 def open_repository(repo: Path, cuda_graphs: bool = True, ensemble: str = C.CMG) -> EngineChain:
     """EngineChain over a `cmg build --target tensorrt` repository (its report gives contract and threshold)."""
-    import json
-
     report_path = Path(repo) / "build_report.json"
     if not report_path.is_file():
         raise CMGError(f"{repo}: no build_report.json (not a `cmg build` repository)")

@@ -21,7 +21,7 @@ from cmg.errors import CMGError
 
 def _prefixed(graph, prefix: str, keep: set[str]):
     """A copy of `graph` with every name prefixed except the names in `keep` (its interface)."""
-    from onnx import compose
+    from onnx import compose  # heavy: only fusing needs onnx, not importing cmg_build
 
     g = compose.add_prefix_graph(graph, prefix, rename_inputs=False, rename_outputs=False)
     back = {prefix + k: k for k in keep}
@@ -47,6 +47,7 @@ def _prefixed(graph, prefix: str, keep: set[str]):
 def fuse(scorer_path: Path, encoder_path: Path, spec: C.ModelSpec):
     """ONNX model: IMAGE (+ THRESHOLD with the encoder's default) -> the outputs of `spec` (the
     `cmg` ensemble's), by chaining the scorer graph into the encoder graph."""
+    # heavy: only fusing needs onnx, not importing cmg_build
     import onnx
     from onnx import helper
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version served here
@@ -115,8 +117,6 @@ def adapter_rules(namespace: str = "monitoring") -> dict:
 
 def write(out: Path, opts: K8sOptions) -> list[Path]:
     """DIR/triton.yaml and DIR/prometheus-adapter-rules.yaml."""
-    import yaml
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     main = out / "triton.yaml"

@@ -49,7 +49,7 @@ def load_table(path: Path | None = None) -> OpTable:
 
 def _const_values(graph) -> dict:
     """name -> numpy value for initializers and Constant node outputs."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # heavy: only checking a graph needs it, not importing cmg_build
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
@@ -61,7 +61,7 @@ def _const_values(graph) -> dict:
 
 
 def _attr(node, name: str, default=None):
-    from onnx import helper
+    from onnx import helper  # heavy: only checking a graph needs it, not importing cmg_build
 
     for a in node.attribute:
         if a.name == name:
@@ -75,7 +75,7 @@ def _node_label(node) -> str:
 
 def check_model(model, table: OpTable | None = None, name: str = "graph") -> list[str]:
     """Problems that would stop TensorRT 10 (empty list: ready). Each names the node or tensor."""
-    import onnx
+    import onnx  # heavy: only checking a graph needs it, not importing cmg_build
 
     table = table or load_table()
     problems: list[str] = []
@@ -159,7 +159,7 @@ def check_model(model, table: OpTable | None = None, name: str = "graph") -> lis
 
 
 def check_file(path: Path, table: OpTable | None = None) -> list[str]:
-    import onnx
+    import onnx  # heavy: only checking a graph needs it, not importing cmg_build
 
     path = Path(path)
     return check_model(onnx.load(str(path), load_external_data=False), table, name=path.name)

@@ -48,6 +48,7 @@ def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION
 
 def _reader(feeds: list[dict[str, np.ndarray]]):
     """ONNX Runtime's CalibrationDataReader over precomputed feed dicts (ORT imported lazily)."""
+    # heavy (imports onnx): only --precision int8 builds need it
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -76,6 +77,7 @@ def recipe_for(target: str) -> str:
 def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], recipe: str = "cpu") -> None:
     """Static Q/DQ quantization of `src` into `dst` with `recipe` (RECIPES), calibrated on
     `feeds`; checked by onnx.checker."""
+    # heavy (onnx, onnxruntime.quantization): only --precision int8 builds need them
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -92,7 +94,7 @@ def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], co
                     limit: int = CALIBRATION_IMAGES, target: str = "cpu") -> dict:
     """Quantize the fp32 `graphs[m]` (scorer, encoder) into `out[m]` with the recipe of
     `target`'s runtime; returns what was done."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: only --precision int8 runs it (calibration feeds)
 
     frames = calibration_frames(run, contract, limit)
     chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]

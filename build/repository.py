@@ -16,12 +16,17 @@ threshold_optional_in).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
 import sys
 import tempfile
+from importlib.resources import files
 from pathlib import Path
+
+from tqdm import tqdm
 
 from cmg import model_config as mcfg
 from cmg.argtypes import nonnegative_int, positive_int
@@ -40,8 +45,6 @@ from cmg_model_repository.model import resolve_threads
 
 def _model_py() -> Path:
     """The generic Python-backend model, shipped as package `cmg_model_repository`."""
-    from importlib.resources import files
-
     return Path(str(files("cmg_model_repository") / "model.py"))
 
 
@@ -102,9 +105,7 @@ def versions() -> dict[str, str]:
     out: dict[str, str] = {"python": sys.version.split()[0]}
     for mod in ("onnx", "onnxruntime", "tritonclient", "tensorrt", "numpy"):
         try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod)
+            out[mod] = importlib.metadata.version(mod)
         except Exception:  # noqa: BLE001 - not installed
             continue
     return out
@@ -116,7 +117,7 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
     TensorRT would otherwise fold the initializer into a constant and drop the input;
     the client supplies the default from the ensemble's `default_threshold` parameter.
     """
-    import onnx
+    import onnx  # heavy: only GPU-target builds rewrite this graph, not importing cmg_build
 
     model = onnx.load(str(src))
     kept = [t for t in model.graph.initializer if t.name != THRESHOLD]
@@ -238,8 +239,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
 
         missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
         if missing is None:
-            from tqdm import tqdm
-
             report["engines"] = {}
             for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
                 report["engines"][name] = trtmod.build_engine(
@@ -261,9 +260,7 @@ def _fused_cmg(out: Path, version: int, spec, serving: ServingConfig, kind: str,
                cpu_threads: int) -> dict:
     """REPO/cmg as one Python-backend model on the fused scorer+encoder graph (the repository's
     own graphs, so int8 when they are); one graph, no pipeline: cores // instances threads."""
-    import dataclasses
-
-    import onnx
+    import onnx  # heavy: only the fused cpu `cmg` model needs it, not importing cmg_build
 
     fused = dataclasses.replace(spec, steps=())
     vdir = out / CMG / str(version)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -36,8 +38,6 @@ from cmg.errors import CMGError
 def _pytriton_root() -> Path | None:
     """pytriton/tritonserver of the importable nvidia-pytriton wheel, if any (wherever it is
     installed: this venv, --user, a .pth path)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -169,8 +169,6 @@ def _prctl():
     if sys.platform != "linux":
         return None
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
@@ -360,7 +358,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """Server ready over HTTP (all models in `none` mode loaded)."""
-        import tritonclient.http as httpclient
+        import tritonclient.http as httpclient  # heavy (gevent): only the HTTP queries need it
 
         try:
             client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
@@ -434,7 +432,7 @@ class TritonServer:
 
     def model_states(self) -> list[dict]:
         """The repository index: [{'name', 'version', 'state', 'reason'}] over HTTP."""
-        import tritonclient.http as httpclient
+        import tritonclient.http as httpclient  # heavy (gevent): only the HTTP queries need it
 
         client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=10.0)
         try:

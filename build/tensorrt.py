@@ -9,6 +9,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import numpy as np
+
 from cmg.errors import CMGError
 
 
@@ -47,7 +49,7 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, 
                  fp16: bool = True, int8: bool = False) -> dict:
     """Parse ONNX, FP16, profile min 1 / opt / max batch, workspace limit, timing cache in and out.
     int8: explicit quantization of a Q/DQ graph (the INT8 flag, scales from the graph, no calibrator)."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional 'gpu' extra: only engine builds need TensorRT
 
     if int(trt.__version__.split(".")[0]) != 10:
         raise CMGError(f"TensorRT {trt.__version__}: engines must be built with TensorRT 10 (the Triton image's)")
@@ -88,7 +90,7 @@ def run_engine(plan_path: Path, feeds: dict) -> dict:
     Uses the CUDA runtime from cuda-python (cuda-bindings) for device buffers, so no
     torch/pycuda is needed.
     """
-    import numpy as np
+    # optional 'gpu' extra (TensorRT, cuda-python): only running an engine needs them
     import tensorrt as trt
     from cuda.bindings import runtime as cudart
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from cmg import contract as C
 from cmg import model_config as mcfg
@@ -109,9 +110,9 @@ class CMGClient:
     # -- connection -------------------------------------------------------------------
     def _connect(self):
         if self.protocol == "grpc":
-            import tritonclient.grpc as mod
+            import tritonclient.grpc as mod  # loaded anyway: cmg.model_config imports its protobufs
         else:
-            import tritonclient.http as mod
+            import tritonclient.http as mod  # heavy (gevent): only --protocol http needs it
         self._mod = mod
         try:
             if self.protocol == "grpc":
@@ -128,8 +129,6 @@ class CMGClient:
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         """Run a tritonclient call; failures become InferErrors that say what happened:
         a deadline as a deadline, a server that is not there as unreachable."""
-        from tritonclient.utils import InferenceServerException
-
         if self.protocol == "grpc":
             kwargs.setdefault("client_timeout", self.timeout_s)
         try:
@@ -268,7 +267,7 @@ class CMGClient:
     # -- system shared memory ---------------------------------------------------------
     def _setup_shm(self) -> None:
         """One input and one output region sized for a full batch, registered once."""
-        import tritonclient.utils.shared_memory as shm
+        import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
         b = self.max_batch
         spec = self.contract.image()
@@ -299,7 +298,7 @@ class CMGClient:
         self._shm_layout = {"tag": tag, "in": in_layout, "out": out_layout}
 
     def _infer_shm(self, frames, thr, inputs, outputs) -> dict[str, np.ndarray]:
-        import tritonclient.utils.shared_memory as shm
+        import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
         layout = self._shm_layout
         assert layout is not None
@@ -329,7 +328,7 @@ class CMGClient:
     def close(self) -> None:
         """Unregister and destroy shared memory regions, then close the connection."""
         if self._shm_regions:
-            import tritonclient.utils.shared_memory as shm
+            import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
             for name, handle in self._shm_regions:
                 self._unregister(name)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,9 +102,6 @@ class OutputLock:
     def __init__(self, out: Path) -> None:
         self.out = out
         if out.exists() and not out.is_file():
-            import hashlib
-            import tempfile
-
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
             folder = Path(tempfile.gettempdir()) / "cmg-locks"
             folder.mkdir(exist_ok=True)
@@ -113,7 +112,7 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         """Take the lock or raise CMGError naming the holder's pid; never waits."""
-        import fcntl
+        import fcntl  # POSIX-only: the module stays importable where fcntl is missing
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:

@@ -24,7 +24,7 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def overlay_image(frame: np.ndarray, result: Result, alpha: float = 0.45) -> Image.Image:
     """Frame blended with the anomaly heatmap (only inside kept patches) and the keep-mask outline."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy: only drawing an overlay needs it
 
     h, w = frame.shape[:2]
     amap = np.asarray(result.anomaly_map, dtype=np.float32)

@@ -75,7 +75,7 @@ class FileSource(Source):
 class VideoSource(Source):
     def __init__(self, path: Path) -> None:
         try:
-            import cv2
+            import cv2  # optional 'video' extra: only video sources need OpenCV
         except ImportError as exc:
             raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
         self.cv2, self.path = cv2, path

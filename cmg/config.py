@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,6 @@ def load_config(path: str | Path) -> Config:
 
 def config_dir() -> Path:
     """The shipped configs (package `cmg_configs`, i.e. the repository's configs/ folder)."""
-    from importlib.resources import files
-
     return Path(str(files("cmg_configs")))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from cmg.errors import CMGError
 from cmg.frames import load_frame, to_rgb8
@@ -141,8 +142,6 @@ class MVTecFolder:
 
     def frames(self, samples: list[Sample], size: tuple[int, int], progress: bool = False) -> np.ndarray:
         """uint8 [N, H, W, 3] frames; `size` is (height, width)."""
-        from tqdm import tqdm
-
         height, width = size
         out = np.empty((len(samples), height, width, 3), np.uint8)
         for i, s in enumerate(tqdm(samples, desc="frames", unit="img", disable=not progress)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class CMGError(RuntimeError):
@@ -21,8 +22,6 @@ class CMGError(RuntimeError):
 def check_parent_folders(path, flag: str) -> None:
     """The nearest existing ancestor of `path` must be a folder (else `flag path` could never
     be created): one line naming the file in the way, before any work starts."""
-    from pathlib import Path
-
     for parent in Path(path).parents:
         if parent.exists():
             if not parent.is_dir():

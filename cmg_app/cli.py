@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from cmg.errors import CMGError
 from cmg.frames import FrameError
@@ -65,8 +67,6 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(chosen).parse_args(argv)
@@ -112,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def threading_is_main() -> bool:
     """Signal handlers can only be installed from the main thread (tests call main() elsewhere)."""
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
@@ -32,8 +33,6 @@ def _stage(name: str) -> float:
 
 def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False,
          progress: bool = True) -> dict:
-    from sklearn.metrics import roc_auc_score
-
     cfg = load_config(resolve_config(config))
     cfg.seed = seed
     workdir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
+from tqdm import tqdm
 
 from cmg.errors import CMGError
 
@@ -705,8 +706,6 @@ def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = T
     The n_* overrides shrink a preset (tests). Image (split, kind, i) is seeded by
     (seed, split, kind, i): the clutter and no-clutter variants show the same parts.
     """
-    from tqdm import tqdm
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if category not in CATEGORIES:

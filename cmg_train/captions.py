@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cmg.config import CMLEConfig
 from cmg.dataset import MVTecFolder, check_training_folder, training_images
@@ -60,6 +61,7 @@ def template_captions(paths: Sequence[Path], part: str, template: str = TEMPLATE
 
 def load_captioner(arch: str, weights: str):
     """An open_clip CoCa model through open_clip's own loading code (file or pretrained tag)."""
+    # heavy (open_clip, torch): only the CoCa captioner needs them, not template captions
     import open_clip
 
     from cmg_train.teacher.model import open_clip_error
@@ -84,9 +86,9 @@ def coca_captions(model, images: Sequence[Path], arch: str = COCA_ARCH, seq_len:
     tokenizer. Not `model.generate`: open_clip 3.3 imports transformers' BeamSearchScorer
     for it, which transformers 5 (needed by sentence-transformers 6 here) no longer has
     (mlfoundations/open_clip#1129)."""
+    # heavy (open_clip, torch): only the CoCa captioner needs them, not template captions
     import open_clip
     import torch
-    from tqdm.auto import tqdm
 
     from cmg_train.preprocess import Preprocess
 
@@ -144,6 +146,7 @@ def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH
     `model` (an open_clip CoCa already built) or `weights` selects the captioner; neither
     selects the template. Returns a summary with the distinct-caption count CMLE checks.
     """
+    # cmle.fit imports torch: importing this module (`cmg captions --help`) stays torch-free
     from cmg_train.cmle.fit import unique_captions_needed
 
     root = Path(root)

@@ -188,7 +188,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
     (test_emb,) = batched(emb, test.frames)
     with torch.no_grad():
         add_row("teacher_knn", KNNDistance(train_emb, cfg.scoring.k_global)(test_emb).numpy(), None)
-    from pyod.models.ecod import ECOD
+    from pyod.models.ecod import ECOD  # heavy (pyod imports numba): only this ablation row needs it
 
     ecod = ECOD().fit(train_emb.numpy())
     add_row("pyod_ecod", ecod.decision_function(test_emb.numpy()), None)

@@ -11,8 +11,11 @@ Parity against the PyTorch modules is measured here and written to export.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from onnx import numpy_helper
 
 from cmg import contract as C
 from cmg.checksum import file_sha256
+from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import Run, load_run
 
@@ -75,6 +79,7 @@ def _add_threshold_default(model: onnx.ModelProto, value: float) -> None:
 def _simplify(path: Path, check) -> bool:
     """Simplify with onnxslim; keep the result only when parity still holds."""
     try:
+        # heavy: only simplifying needs it; where it is missing the graph stays unsimplified
         import onnxslim
     except ImportError:
         return False
@@ -94,8 +99,6 @@ def parity_frames(run: Run, n: int = 7) -> np.ndarray:
     """Frames from the run's own data folder: test images (normal and defective) where the
     folder has them, else training images. Never generated: parity is checked on the kind
     of frames the line will send."""
-    from cmg.dataset import MVTecFolder
-
     ds = MVTecFolder(run.data)
     try:
         samples = ds.samples("test")
@@ -108,7 +111,7 @@ def parity_frames(run: Run, n: int = 7) -> np.ndarray:
 
 
 def _ort(path: Path):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: only the parity check runs the exported graphs
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -154,10 +157,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
     folders (Linux renameat2 RENAME_EXCHANGE) when `out` exists, then the old one goes;
     a plain rename when it does not. A kill at any point leaves the old or the new export
     at `out`, never a mix (and at worst a stray `.onnx.tmp-*` beside it)."""
-    import ctypes
-    import os
-    import shutil
-
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -178,9 +177,6 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
     """Export into a temporary folder beside OUT (default RUN/onnx) and move it in whole:
     a failed export (parity, a kill, a full disk) never leaves a half-written OUT over a
     good one. export.json records the checkpoint's sha256 (`cmg build` compares it)."""
-    import os
-    import shutil
-
     run = load_run(run_dir)
     final = Path(out) if out else run.path / "onnx"
     if final.exists() and not final.is_dir():

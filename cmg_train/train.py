@@ -11,6 +11,7 @@ checkpoint.py), metrics.json, train_log.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -22,6 +23,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from cmg.argtypes import nonnegative_int
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError, naming
@@ -200,14 +202,13 @@ def train_run(cfg: Config, data: Path, out: Path, progress: bool = True) -> dict
 
 def quiet_library_progress() -> None:
     """transformers and huggingface_hub draw their own bars when MiniLM loads."""
-    import contextlib
-
     with contextlib.suppress(ImportError):
+        # heavy, and sentence-transformers' dependency rather than ours: silenced only if present
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     with contextlib.suppress(ImportError):
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # not our dependency: if present
 
         disable_progress_bars()
 
@@ -299,8 +300,6 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cmg.argtypes import nonnegative_int
-
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")

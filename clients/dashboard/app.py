@@ -184,7 +184,7 @@ class Dashboard:
         return f"http://{host}:{self.port}/"
 
     def start(self, timeout_s: float = 10.0) -> Dashboard:
-        import uvicorn
+        import uvicorn  # heavy: only serving needs it; create_app() works without it
 
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from cmg import contract as C
 from cmg.errors import CMGError
@@ -50,8 +51,6 @@ class Flagged:
         """Overlay (anomaly map inside the keep-mask, keep-mask outline) as PNG: `full` or `thumb`.
         Drawn once per kind, on first request, by the one overlay code (cmg_clients.overlay)."""
         if kind not in self._png:
-            from PIL import Image
-
             img = overlay_image(self.frame, self.result)
             if kind == "thumb":
                 img.thumbnail((THUMB_PX, THUMB_PX), Image.BILINEAR)

@@ -219,7 +219,7 @@ def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
     if not cfg.arch:
         raise CMGError("teacher: source open_clip needs teacher.arch (e.g. ViT-B-32)")
     weights = teacher_weights(cfg) if load_weights else None
-    import open_clip
+    import open_clip  # heavy: only the open_clip teacher source needs it (default: backbone)
 
     if ":" not in cfg.arch and cfg.arch not in open_clip.list_models():  # hf-hub:, local-dir: schemas pass
         raise CMGError(f"teacher: unknown open_clip architecture {cfg.arch!r} (e.g. ViT-B-32, ViT-B-16)")
