@@ -79,6 +79,8 @@ class LocalConfig:
                                   # | unet: a U-Net trained here on synthetic anomalies
     bank_size: int = 10000        # bank: greedy-coreset rows kept of all training patches
     k: int = 1                    # bank: neighbours averaged for a patch's distance
+    colour: str = "rgb"           # bank: rgb | grey (the backbone sees the luma only: for lines whose
+                                  # normal parts vary in colour; hue-only defects are then missed)
     score: str = "max_minus_p90"  # image local score: max of the kept map | max_minus_p90 (minus the
                                   # map's 90th percentile: a whole part slightly off is not a defect)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # widths at 1/2, 1/4, 1/8

@@ -9,6 +9,7 @@ from cmg.config import Config
 from cmg.errors import CMGError
 from cmg_train.backbone import VARIANTS, EfficientNetLite, default_taps, weights_file
 from cmg_train.local.bank import (
+    LUMA,
     PatchBank,
     PatchFeatures,
     bank_from_state,
@@ -96,3 +97,22 @@ def test_patch_features_upsample_the_frame_before_the_backbone():
     with torch.no_grad():
         assert f1(_frames(1, 32, 0)).shape == (1, 152, 4, 4)
         assert f2(_frames(1, 32, 0)).shape == (1, 152, 8, 8)
+
+
+def test_grey_features_see_only_the_luma_and_survive_the_checkpoint():
+    grey = PatchFeatures("efficientnet_lite0", 32, 1, None, colour="grey").eval()
+    rgb = PatchFeatures("efficientnet_lite0", 32, 1, None).eval()
+    frames = _frames(2, 32, 0)
+    luma = (frames.float() * torch.tensor(LUMA)).sum(-1, keepdim=True).expand(-1, -1, -1, 3)
+    swapped = frames[..., [2, 0, 1]]  # same pixels, other colours: a different luma, unless grey
+    with torch.no_grad():
+        assert torch.allclose(grey(frames), rgb(luma), atol=1e-3)
+        assert not torch.allclose(grey(frames), grey(swapped), atol=1e-2)
+        assert not torch.allclose(grey(frames), rgb(frames), atol=1e-2)
+    bank = PatchBank(grey, torch.randn(5, grey.dim))
+    clone = bank_from_state(bank_state(bank))
+    assert clone.features.colour == "grey"
+    with torch.no_grad():
+        assert torch.equal(clone(frames), bank(frames))
+    with pytest.raises(ValueError, match="colour"):
+        PatchFeatures("efficientnet_lite0", 32, 1, None, colour="hsv")

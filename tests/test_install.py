@@ -5,6 +5,9 @@ travel as package data. This test installs the project with pip (not editable) i
 temporary venv that borrows only the dependencies of the development venv, then runs
 `cmg demo` from an unrelated directory. It fails if anything reaches back into the
 checkout (a path computed from __file__ of the source tree, a config read from ./configs).
+The demo starts from the session's tiny data and run (what a second `cmg demo` in the same
+folder does): synthesis and training are covered elsewhere, and the shipped configs are
+checked here by loading every one from the plain install.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _source_copy(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_plain_install_runs_the_demo_from_another_directory(tmp_path):
+def test_plain_install_runs_the_demo_from_another_directory(tmp_path, tiny_data, tiny_run):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -59,8 +62,14 @@ def test_plain_install_runs_the_demo_from_another_directory(tmp_path):
     where = subprocess.run([str(py), "-c", "import cmg, cmg_build, cmg_configs; print(cmg.__file__)"],
                            check=True, capture_output=True, text=True, env=env, cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(venv), f"cmg imported from {where}, not from the plain install"
+    shipped = subprocess.run(
+        [str(py), "-c", "from cmg.config import load_config, resolve_config\n"
+         "for name in ('tiny', 'small'): print(resolve_config(name)); load_config(resolve_config(name))"],
+        check=True, capture_output=True, text=True, env=env, cwd=tmp_path).stdout.split()
+    assert len(shipped) == 2 and all(Path(p).is_relative_to(venv) for p in shipped), shipped
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    shutil.copytree(tiny_data, elsewhere / "demo" / "data")
+    shutil.copytree(tiny_run, elsewhere / "demo" / "run", ignore=shutil.ignore_patterns("onnx", "eval"))
     proc = subprocess.run([str(py), "-m", "cmg_app.cli", "demo", "--workdir", "demo", "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

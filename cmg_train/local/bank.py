@@ -15,17 +15,32 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cmg.config import Config
+from cmg.config_check import CHOICES
 from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, default_taps
 from cmg_train.memory_bank import KNNDistance, greedy_coreset
 from cmg_train.preprocess import Preprocess
 
+COLOURS = CHOICES["local.colour"]
+# ITU-R BT.601 luma: the weights of a grey frame made from R, G, B.
+LUMA = (0.299, 0.587, 0.114)
+
 
 class PatchFeatures(nn.Module):
-    """uint8 frames [B,H,W,3] -> patch features [B,C,h,w], h = upsample * H / 8."""
+    """uint8 frames [B,H,W,3] -> patch features [B,C,h,w], h = upsample * H / 8.
+
+    colour="grey" feeds the backbone the frame's luma in all three channels: where normal
+    parts come in many colours and materials, colour is variation the bank must not call
+    new; the price is that a defect visible only as a change of hue is missed.
+    """
 
     def __init__(self, variant: str, image_size: int, upsample: int, taps: list[int] | None,
-                 load_weights: bool = True):
+                 load_weights: bool = True, colour: str = "rgb"):
         super().__init__()
+        if colour not in COLOURS:
+            raise ValueError(f"PatchFeatures: colour must be one of {COLOURS}, got {colour!r}")
+        self.colour = colour
+        # One constant [3,3] channel mix (a MatMul in the graph): every output channel is the luma.
+        self.register_buffer("mix", torch.tensor(LUMA).view(3, 1).expand(3, 3).contiguous(), persistent=False)
         self.image_size, self.upsample = int(image_size), int(upsample)
         self.size = self.image_size * self.upsample
         self.preprocess = Preprocess(LITE_MEAN, LITE_STD)
@@ -37,6 +52,8 @@ class PatchFeatures(nn.Module):
         self.side = self.size // self.backbone.tap_strides[0]
 
     def forward(self, frames: Tensor) -> Tensor:
+        if self.colour == "grey":
+            frames = frames.to(torch.float32) @ self.mix
         x = self.preprocess(frames)
         if self.upsample != 1:  # python ints: a constant Resize in the exported graph
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -70,6 +87,7 @@ class PatchBank(nn.Module):
 def bank_state(net: PatchBank) -> dict:
     f = net.features
     return {"kind": "bank", "variant": f.backbone.variant, "image_size": f.image_size, "upsample": f.upsample,
+            "colour": f.colour,
             "taps": list(f.backbone.taps), "k": net.knn.k,
             "bank": net.knn.bank_t.t().contiguous(),
             "state_dict": {k: v.detach().cpu() for k, v in f.state_dict().items()}}
@@ -77,7 +95,7 @@ def bank_state(net: PatchBank) -> dict:
 
 def bank_from_state(state: dict) -> PatchBank:
     features = PatchFeatures(state["variant"], state["image_size"], state["upsample"], state["taps"],
-                             load_weights=False)
+                             load_weights=False, colour=state.get("colour", "rgb"))
     features.load_state_dict(state["state_dict"])
     return PatchBank(features, state["bank"], state["k"]).eval()
 
@@ -86,7 +104,8 @@ def bank_from_state(state: dict) -> PatchBank:
 def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32) -> tuple[PatchBank, dict]:
     """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics."""
     bb = cfg.backbone
-    features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, bb.taps).eval()
+    features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, bb.taps,
+                             colour=cfg.local.colour).eval()
     rows = []
     for i in tqdm(range(0, len(frames), batch), desc="patch features", disable=not progress, leave=False):
         f = features(torch.as_tensor(frames[i:i + batch]))
@@ -94,5 +113,5 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     flat = torch.cat(rows)
     idx = greedy_coreset(flat, cfg.local.bank_size, seed=cfg.seed, progress=progress)
     net = PatchBank(features, flat[idx], cfg.local.k).eval()
-    return net, {"model": "bank", "backbone": bb.variant, "patches": int(flat.shape[0]),
+    return net, {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
                  "bank_rows": int(len(idx)), "feature_dim": int(flat.shape[1]), "map_side": features.side}
