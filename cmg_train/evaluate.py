@@ -164,6 +164,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
                           desc="exact-mode relevance")
     cover["teacher"] = defect_coverage(keep_mask_cfg(exact_ps, cfg.cmer), test.gt)
     shown: dict = {}
+    features: dict[bool, torch.Tensor] = {}  # the teacher's embeddings of the training frames, by mask
     for name, (use_mask, use_cmle) in tqdm(ABLATION.items(), desc="ablation", disable=not progress):
         if use_cmle and graph is None:
             add_row(name + " (skipped)", np.zeros(len(test.labels)), None, {"skipped": note})
@@ -171,7 +172,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
         test_m, val_m = maps[use_mask]
         det, _ = fit_detector(cfg, run.teacher, locals_[use_mask], frames[tr], ps[tr], frames[va], ps[va],
                               graph if use_cmle else None, use_mask, cfg.cmle.lam if use_cmle else 0.0,
-                              progress=False, val_maps=val_m)
+                              progress=False, val_maps=val_m, features=features)
         o = score_detector(det, test.frames, test_ps, test_m)
         add_row(name, o["scores"], o["maps"])
         if name == "cmg":

@@ -83,18 +83,26 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
                  train_scores: torch.Tensor, val_frames: torch.Tensor, val_scores: torch.Tensor,
                  graph: CaptionGraph | None, use_mask: bool, lam: float, progress: bool = True,
                  log: Callable[[dict], None] | None = None,
-                 val_maps: torch.Tensor | None = None) -> tuple[CMGDetector, dict]:
+                 val_maps: torch.Tensor | None = None,
+                 features: dict[bool, torch.Tensor] | None = None) -> tuple[CMGDetector, dict]:
     """Train the CMLE head on the teacher's embeddings of masked images, fill the global
     memory bank, normalise both scores and calibrate the threshold on held-out normals.
 
     One code path for the trained run and every ablation row: they differ in `use_mask`
-    (CMER), `lam` (CMLE) and which local model they get.
+    (CMER), `lam` (CMLE) and which local model they get. `features` (by `use_mask`) keeps
+    the teacher's embeddings of the training frames for the next row with the same mask:
+    the ablation's four rows need two, not four, passes of the teacher.
     """
     torch.manual_seed(cfg.seed)
     head = CMLEHead(teacher.embed_dim, cfg.cmle.embed_dim)
     det = CMGDetector(cfg, teacher, local, head, use_mask=use_mask).eval()
     embed = lambda f, s: det.embed(teacher.preprocess(f), det.keep(s))  # noqa: E731
-    (pooled,) = batched(embed, train_frames, train_scores, progress=progress, desc="encoder features")
+    if features is not None and use_mask in features:
+        pooled = features[use_mask]
+    else:
+        (pooled,) = batched(embed, train_frames, train_scores, progress=progress, desc="encoder features")
+        if features is not None:
+            features[use_mask] = pooled
     head_metrics = train_cmle_head(head, pooled, graph, cfg.cmle, lam, cfg.seed, progress, log)
     with torch.no_grad():
         det.set_bank(head(pooled))

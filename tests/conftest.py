@@ -3,14 +3,21 @@
 Chain: tiny_data (synth) -> tiny_run (train) -> tiny_onnx (export) -> cpu_repo (build) ->
 triton (real tritonserver on free loopback ports). Set CMG_TEST_CACHE=DIR to reuse the
 artifacts across pytest sessions while developing; CI builds them fresh.
+
+Under pytest-xdist (`./dev test` runs two workers) the workers share one cache folder and
+each artifact is made once, under a file lock: the second worker waits for the first's run
+instead of training its own. Each worker starts its own tritonserver.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,9 +39,19 @@ def cache_dir(tmp_path_factory) -> Path:
     env = os.environ.get("CMG_TEST_CACHE")
     if env:
         path = Path(env)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp("cmg")
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "cmg"  # the run's base folder: every worker's
+    else:
+        return tmp_path_factory.mktemp("cmg")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def made_once(cache_dir: Path, name: str) -> Iterator[None]:
+    """Hold CACHE/.NAME.lock while an artifact is checked for and made: one maker per artifact."""
+    with FileLock(str(cache_dir / f".{name}.lock")):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +59,9 @@ def tiny_data(cache_dir) -> Path:
     from cmg_data.synth import synthesize
 
     out = cache_dir / "data"
-    if not (out / "synth.json").exists():
-        synthesize(out, preset="tiny", seed=0)
+    with made_once(cache_dir, "data"):
+        if not (out / "synth.json").exists():
+            synthesize(out, preset="tiny", seed=0)
     return out
 
 
@@ -53,7 +71,9 @@ def tiny_run(cache_dir, tiny_data) -> Path:
     from cmg_train.train import train_run
 
     out = cache_dir / "run"
-    if not (out / "checkpoint.pt").exists():
+    with made_once(cache_dir, "run"):
+        if (out / "checkpoint.pt").exists():
+            return out
         # Trained from the cache folder with a *relative* data path, as a user would type it:
         # the run must still work from any other directory (test_train checks it).
         here = Path.cwd()
@@ -70,8 +90,9 @@ def tiny_onnx(tiny_run) -> Path:
     from cmg_train.export import export_run
 
     out = tiny_run / "onnx"
-    if not (out / "export.json").exists():
-        export_run(tiny_run)
+    with made_once(tiny_run.parent, "onnx"):
+        if not (out / "export.json").exists():
+            export_run(tiny_run)
     return out
 
 
@@ -80,8 +101,9 @@ def cpu_repo(cache_dir, tiny_run, tiny_onnx) -> Path:
     from cmg_build.repository import build
 
     out = cache_dir / "repo_cpu"
-    if not (out / "build_report.json").exists():
-        build(tiny_run, "cpu", out)
+    with made_once(cache_dir, "repo_cpu"):
+        if not (out / "build_report.json").exists():
+            build(tiny_run, "cpu", out)
     return out
 
 

@@ -116,3 +116,19 @@ def test_grey_features_see_only_the_luma_and_survive_the_checkpoint():
         assert torch.equal(clone(frames), bank(frames))
     with pytest.raises(ValueError, match="colour"):
         PatchFeatures("efficientnet_lite0", 32, 1, None, colour="hsv")
+
+
+def test_edge_patches_count_the_zero_padding_and_old_checkpoints_keep_their_pooling():
+    zeros = PatchFeatures("efficientnet_lite0", 64, 1, None).eval()
+    valid = PatchFeatures("efficientnet_lite0", 64, 1, None, edge_zeros=False).eval()
+    frames = _frames(1, 64, 0)
+    with torch.no_grad():
+        a, b = zeros(frames), valid(frames)
+    c0 = zeros.backbone.channels[0]  # the stride-8 tap: pooled at its own resolution, not resized
+    torch.testing.assert_close(a[:, :c0, 1:-1, 1:-1], b[:, :c0, 1:-1, 1:-1])  # inside: 9 of 9 cells
+    torch.testing.assert_close(a[:, :c0, 0, 0], b[:, :c0, 0, 0] * 4 / 9)    # corner: 4 real cells of 9
+    torch.testing.assert_close(a[:, :c0, 0, 3], b[:, :c0, 0, 3] * 6 / 9)    # edge: 6 of 9
+    state = bank_state(PatchBank(zeros, torch.randn(5, zeros.dim)))
+    assert bank_from_state(state).features.edge_zeros is True
+    del state["edge_zeros"]  # a checkpoint written before the flag existed
+    assert bank_from_state(state).features.edge_zeros is False
