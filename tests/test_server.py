@@ -579,3 +579,19 @@ def test_port_taken_after_the_check_is_named_from_the_server_log(toy_repo, monke
                 srv.start(timeout=120)
         finally:
             srv.cleanup()
+
+
+def test_start_error_names_the_model_line_before_unrelated_errors(tmp_path):
+    """A busy machine once logged a gRPC epoll error before the model's own failure: the
+    error message must still say which model failed."""
+    log = tmp_path / "server.log"
+    log.write_text(
+        "I1203 18:20:01.000 1 server.cc:1] starting\n"
+        "E1203 18:20:02.000 1 ev_epoll1_linux.cc:2] (event_engine) poller encountered epoll_wait error: "
+        "Bad file descriptor\n"
+        "E1203 18:20:03.000 1 model_lifecycle.cc:3] failed to load 'cmer_scorer' version 1: Internal: "
+        "SyntaxError in model.py\n")
+    srv = TritonServer(tmp_path, log_file=log)
+    srv._log_start = 0  # what start() records: this start's lines begin here
+    message = str(srv._start_error("tritonserver failed to start"))
+    assert "failed to load 'cmer_scorer'" in message and "model.py" in message and "epoll" not in message
