@@ -163,6 +163,7 @@ class Served(Mode):
         with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:
             self.url = probe.url
             self.threshold = probe.default_threshold  # None on the cpu target (optional there)
+            self.max_batch = probe.max_batch  # the model's max_batch_size: no request may be larger
             if probe.size != tuple(frames.shape[1:3]):
 
                 raise CMGError(f"model '{self.model}' at {probe.url} takes {probe.size[0]} x {probe.size[1]} "
@@ -187,10 +188,15 @@ class Served(Mode):
         return await self.client.infer(self.model, inputs, outputs=self._outputs)
 
     def measure(self, concurrency: int, batch: int, win: Window) -> Point:
+        if batch > self.max_batch:
+            raise CMGError(f"client batch {batch} is above model '{self.model}''s max_batch_size "
+                           f"{self.max_batch} (the run's serving.max_batch): choose --batch up to {self.max_batch}")
         pool = self._pool(batch)
         return run_async(lambda i: self._infer(pool[i % len(pool)]), concurrency, batch, win, self.loop)
 
     def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
+        chunk = min(chunk, self.max_batch)
+
         async def go() -> np.ndarray:
             out = []
             for i in range(0, len(frames), chunk):

@@ -171,6 +171,19 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
     return ratios
 
 
+def fit_served_batches(settings: Settings, modes: dict) -> Settings:
+    """Drop the client batches a served model refuses (above its max_batch_size), saying so:
+    `small` serves at most 8 frames per request, the full sweep asks for 32 too."""
+    limit = min((m.max_batch for m in modes.values() if isinstance(m, Served)), default=None)
+    if limit is None or max(settings.batch) <= limit:
+        return settings
+    kept = tuple(b for b in settings.batch if b <= limit) or (limit,)
+    print(f"cmg bench: client batch {max(settings.batch)} is above the served model's max_batch_size "
+          f"{limit}; measuring batches {', '.join(map(str, kept))}")
+    conc, batch = settings.exact_key
+    return replace(settings, batch=kept, exact_key=(conc, min(batch, limit)))
+
+
 def ratio_plan_size(settings: Settings, mode_names: list[str]) -> int:
     pairs = [("served_cmg", "served_cmg_exact"), ("served_cmg", "torch_eager"), ("served_cmg", "torch_eager"),
              ("served_cmg", "ort_inprocess"), ("ort_int8", "ort_inprocess")]
@@ -243,6 +256,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
                 modes[name] = OrtInProcess(repo if name == ORT_INPROCESS else repo_int8, frames, name)
                 threads[name] = modes[name].threads
 
+        settings = fit_served_batches(settings, modes)
         total = len(modes) * len(settings.concurrency) * len(settings.batch) + len(modes)
         total += ratio_plan_size(settings, list(modes))
         bar = tqdm(total=total, desc="cmg bench", unit="point", disable=not progress)

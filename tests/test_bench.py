@@ -200,3 +200,21 @@ def test_soak_short(tiny_run, tmp_path, capsys, private_tmp):
     assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "soak.md").read_text()
     assert "| tritonserver |" in md and "| minute | frames | errors | p50 ms | p99 ms |" in md
+
+
+def test_sweep_keeps_client_batches_within_the_served_models_limit(capsys):
+    """`small` serves at most 8 frames per request; the full sweep's batch 32 is dropped with
+    a note instead of failing mid-run, and a served mode refuses a larger batch by name."""
+    from cmg.errors import CMGError
+    from cmg_bench.modes import Served
+    from cmg_bench.sweep import Settings, fit_served_batches
+
+    served = Served.__new__(Served)  # the limit is all this needs; no server
+    served.model, served.max_batch = "cmg", 8
+    full = Settings((1, 4), (1, 8, 32), None)
+    fitted = fit_served_batches(full, {"served_cmg": served})
+    assert fitted.batch == (1, 8) and fitted.exact_key[1] <= 8
+    assert "max_batch_size 8" in capsys.readouterr().out
+    assert fit_served_batches(full, {}) is full  # in-process modes only: nothing to fit
+    with pytest.raises(CMGError, match=r"client batch 32 is above model 'cmg''s max_batch_size 8"):
+        served.measure(1, 32, None)
