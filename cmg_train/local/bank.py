@@ -34,11 +34,10 @@ class PatchFeatures(nn.Module):
     new; the price is that a defect visible only as a change of hue is missed.
 
     edge_zeros=True averages the map's outer ring with the zero padding counted (PatchCore's
-    pooling): an edge patch averages 4 or 6 cells instead of 9, and dividing by fewer made
-    the ring the noisiest place of every frame. Measured with exclude-pad pooling, 62% (own
-    `small`) and 43% (parts) of normal test frames had their top patch on the ring, which
-    is 12% of the map; with the zeros counted, 6% and 2%. Checkpoints from before carry no
-    flag and load with False, so their scores do not change.
+    pooling): an edge patch averages 4 or 6 real cells, and dividing by those alone made the
+    ring the noisiest place of every frame, where normal frames peaked (docs/design.md §5
+    has the measurement). Checkpoints from before carry no flag and load with False, so
+    their scores do not change.
     """
 
     def __init__(self, variant: str, image_size: int, upsample: int, taps: list[int] | None,
