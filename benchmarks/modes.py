@@ -195,16 +195,10 @@ class Served(Mode):
         return run_async(lambda i: self._infer(pool[i % len(pool)]), concurrency, batch, win, self.loop)
 
     def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
-        chunk = min(chunk, self.max_batch)
-
-        async def go() -> np.ndarray:
-            out = []
-            for i in range(0, len(frames), chunk):
-                res = await self._infer(core.build_inputs(self._mod, frames[i:i + chunk], self.threshold))
-                out.append(core.decode(res)[C.ANOMALY_SCORE].reshape(-1))
-            return np.concatenate(out)
-
-        return self.loop.run_until_complete(go())
+        """The accuracy pass (untimed): the line client, which splits into chunks of the
+        model's max_batch_size itself (`chunk` is for the in-process modes)."""
+        with CMGClient(self.url, "grpc", model=self.model) as client:
+            return client.infer_arrays(frames, self.threshold)[C.ANOMALY_SCORE].reshape(-1)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.close())

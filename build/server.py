@@ -408,6 +408,9 @@ class TritonServer:
             message = _log_message(line) if severity_error else line.strip(" |")
             if message not in out:
                 out.append(message)
+        # Lines that name a model first (stable): an unrelated error (a gRPC epoll error on a
+        # busy machine, seen once) may be logged before the one that says what failed.
+        out.sort(key=lambda m: "model" not in m.lower())
         return out[:limit]
 
     def port_error_line(self) -> str | None:
@@ -426,10 +429,7 @@ class TritonServer:
         if port:
             return CMGError(f"{what}: {port} (log {self.log_file})")
         lines = self.model_error_lines()
-        # A line that names a model first: an unrelated error (a gRPC epoll error on a busy
-        # machine, seen once) may be logged before the one that says what failed.
-        named = [line for line in lines if "model" in line.lower()]
-        first = (named or lines)[0] if lines else (self._fatal_log_line() or "see the log")
+        first = lines[0] if lines else (self._fatal_log_line() or "see the log")
         return CMGError(f"{what}: {first} (log {self.log_file})",
                         details="\n".join(lines) if len(lines) > 1 else (None if lines else self.log_tail()))
 
