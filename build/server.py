@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -146,8 +147,9 @@ def _owner_alive(text: str) -> bool:
 
 
 def sweep_stale_work_dirs() -> list[Path]:
-    """Remove work folders whose owning process has died (a SIGKILLed `cmg serve` or bench
-    could not remove its own). Only folders with an owner file, i.e. made by this code."""
+    """Remove work folders and shared-memory regions whose owning process has died (a
+    SIGKILLed `cmg serve` or bench could not remove its own). Only what this code made:
+    folders with an owner file, regions named with our prefix and the owner's pid."""
     removed: list[Path] = []
     if not Path("/proc/self/stat").exists():  # no way to tell a live owner from a dead one
         return removed
@@ -160,7 +162,94 @@ def sweep_stale_work_dirs() -> list[Path]:
         if not _owner_alive(text):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        pid, started, *_ = region.name[len(SHM_PREFIX):].split("-") + ["", ""]
+        if not _owner_alive(f"{pid} {started}"):
+            region.unlink(missing_ok=True)
+            removed.append(region)
+    return removed + sweep_orphaned_triton_regions()
+
+
+def sweep_orphaned_triton_regions(min_age_s: float = 3600) -> list[Path]:
+    """Regions with the Python backend's default name that no process maps and nobody has
+    touched for an hour: left by SIGKILLed servers started elsewhere (or by this project
+    before it named its own); each costs at least 1 MiB of /dev/shm until reboot."""
+    regions = [r for r in SHM_DIR.glob(f"{TRITON_SHM_DEFAULT}*") if _age_s(r) > min_age_s]
+    if not regions:
+        return []
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return []
+    removed = []
+    for region in regions:
+        if region.name not in mapped:
+            region.unlink(missing_ok=True)
+            removed.append(region)
     return removed
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _mapped_shm_names() -> set[str] | None:
+    """Names of the /dev/shm files some visible process maps; None when a Triton process's
+    maps cannot be read (then nothing is judged orphaned). Other unreadable ones (a
+    container's init) cannot hold a Python-backend region."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            try:
+                comm = (maps.parent / "comm").read_text()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return None
+            if "triton" in comm:
+                return None
+            continue
+        for line in text.splitlines():
+            path = line.rpartition(" ")[2]
+            if path.startswith(f"{SHM_DIR}/"):
+                names.add(path[len(str(SHM_DIR)) + 1:])
+    return names
+
+
+# -- shared memory ---------------------------------------------------------------------
+# The Python backend keeps each model instance's tensors in a POSIX shared-memory region
+# (/dev/shm, 1 MiB at start, growing with the batch). tritonserver removes its regions
+# when it stops, not when it is SIGKILLed; a full /dev/shm then kills the next server
+# with SIGBUS (exit -7) while it starts. Each server names its regions with a prefix of
+# its own (owner pid, start time, a counter) so kill() and the sweep can remove them.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "cmg-triton-shm-"
+TRITON_SHM_DEFAULT = "triton_python_backend_shm_region_"
+MIN_SHM_BYTES = 16 << 20  # a CPU repository's four Python models at a batch of 8, with room
+_SHM_SEQ = itertools.count()
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm; None where there is none (not Linux)."""
+    try:
+        return shutil.disk_usage(SHM_DIR).free
+    except OSError:
+        return None
+
+
+def _shm_advice() -> str:
+    try:
+        usage = shutil.disk_usage(SHM_DIR)
+    except OSError:
+        return "no /dev/shm"
+    return (f"/dev/shm has {usage.free >> 20} MiB free of {usage.total >> 20} MiB; the Python backend keeps "
+            "its tensors there: stop other servers or give the container more (docker run --shm-size=1g)")
 
 
 def _prctl():
@@ -293,6 +382,7 @@ class TritonServer:
         self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
         started = _process_start_time(os.getpid()) or ""
         (self._work / OWNER_FILE).write_text(f"{os.getpid()} {started}\n")
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-{started}-{next(_SHM_SEQ)}-"
         self._cleaned = False
         self.log_file = Path(log_file) if log_file else self._work / "tritonserver.log"
         self._proc: subprocess.Popen | None = None
@@ -342,6 +432,7 @@ class TritonServer:
         backends = python_backend_dir(self._work)
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
+        cmd.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         cmd += [f"--load-model={m}" for m in self.load_models]
         if self.model_control_mode == "explicit":
             # A version that failed to load (a refused `cmg deploy`) would keep a strict server
@@ -464,6 +555,9 @@ class TritonServer:
         for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
                            ("--metrics-port", self.metrics_port)):
             check_port(port, self.address, flag)
+        free = shm_free_bytes()
+        if free is not None and free < MIN_SHM_BYTES:
+            raise CMGError(f"not enough shared memory to start tritonserver: {_shm_advice()}")
         cmd = self.command()
         _, env = find_tritonserver()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +588,11 @@ class TritonServer:
             if self._proc.poll() is not None:
                 rc = self._proc.returncode
                 self._close_log()
-                raise self._start_error(f"tritonserver exited with code {rc} while starting on {self.repository}")
+                self._remove_shm()
+                what = f"tritonserver exited with code {rc} while starting on {self.repository}"
+                if rc == -signal.SIGBUS:  # a shared-memory page it could not get
+                    what += f" (SIGBUS: {_shm_advice()})"
+                raise self._start_error(what)
             ready = self.is_ready()
             fatal = self._fatal_log_line()  # also after "ready": a failure may be logged just before
             if fatal:
@@ -526,6 +624,7 @@ class TritonServer:
         if proc is not None:
             self._reap_group(proc)
         self._close_log()
+        self._remove_shm()
 
     def kill(self) -> None:
         """Hard kill (server and stubs): tests use it to simulate the server going away."""
@@ -535,6 +634,14 @@ class TritonServer:
         if proc is not None:
             self._reap_group(proc)
         self._close_log()
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        """The regions of a server that is gone (a clean stop has removed them already)."""
+        if self.is_running():
+            return
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     @staticmethod
     def _killpg(proc: subprocess.Popen) -> None:

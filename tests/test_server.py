@@ -23,7 +23,9 @@ from tritonclient.utils import InferenceServerException
 from cmg import model_config as mcfg
 from cmg.config import ServingConfig
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
+from cmg.errors import CMGError
 from cmg_build import repository
+from cmg_build import server as server_mod
 from cmg_build.server import TritonServer, find_tritonserver, python_backend_dir
 from cmg_clients import core
 
@@ -244,8 +246,13 @@ def test_cmg_serve_cli_without_activated_venv(toy_repo):
 def test_stop_and_kill(toy_repo):
     srv = TritonServer(toy_repo).start(timeout=180)
     assert srv.is_ready()
+    regions = list(server_mod.SHM_DIR.glob(f"{srv.shm_prefix}*"))
+    assert regions, "the Python backend's shared memory does not carry this server's prefix"
     srv.kill()
     assert not srv.is_running() and not srv.is_ready()
+    # tritonserver removes its regions only on a clean stop: a SIGKILLed one leaks them
+    # (a full /dev/shm then kills the next server with SIGBUS while it starts)
+    assert not any(r.exists() for r in regions)
     srv.start(timeout=180)  # restart on the same ports (the stream tests do this)
     assert srv.is_ready()
     srv.stop()
@@ -595,3 +602,53 @@ def test_start_error_names_the_model_line_before_unrelated_errors(tmp_path):
     srv._log_start = 0  # what start() records: this start's lines begin here
     message = str(srv._start_error("tritonserver failed to start"))
     assert "failed to load 'cmer_scorer'" in message and "model.py" in message and "epoll" not in message
+
+
+def test_dead_owners_shared_memory_goes_and_a_live_owners_stays(tmp_path):
+    """Regions left by a SIGKILLed owner process are removed by the next server made here."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pid, started = os.getpid(), server_mod._process_start_time(os.getpid())
+    stale = server_mod.SHM_DIR / f"{server_mod.SHM_PREFIX}{dead.pid}-1-0-stale"
+    live = server_mod.SHM_DIR / f"{server_mod.SHM_PREFIX}{pid}-{started}-999-live"
+    for region in (stale, live):
+        region.write_bytes(b"x")
+    try:
+        TritonServer(tmp_path).cleanup()
+        assert not stale.exists() and live.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
+
+
+def test_orphaned_default_named_regions_go_and_mapped_or_recent_ones_stay(tmp_path):
+    """Python-backend regions with Triton's default name (servers SIGKILLed elsewhere, or by
+    this project before it named its own) go when no process maps them and they are old."""
+    import mmap
+
+    old = time.time() - 7200
+    names = {k: server_mod.SHM_DIR / f"{server_mod.TRITON_SHM_DEFAULT}cmgtest-{k}-{os.getpid()}"
+             for k in ("orphan", "recent", "mapped")}
+    for path in names.values():
+        path.write_bytes(b"\0" * 4096)
+    os.utime(names["orphan"], (old, old))
+    os.utime(names["mapped"], (old, old))
+    with open(names["mapped"], "r+b") as f:
+        held = mmap.mmap(f.fileno(), 4096)
+    try:
+        TritonServer(tmp_path).cleanup()
+        assert not names["orphan"].exists()
+        assert names["recent"].exists() and names["mapped"].exists()
+    finally:
+        held.close()
+        for path in names.values():
+            path.unlink(missing_ok=True)
+
+
+def test_full_shared_memory_is_refused_before_the_server_starts(toy_repo, monkeypatch):
+    monkeypatch.setattr(server_mod, "shm_free_bytes", lambda: 1 << 20)  # as a 64 MiB container, filled
+    srv = TritonServer(toy_repo)
+    with pytest.raises(CMGError, match=r"not enough shared memory.*/dev/shm has \d+ MiB free.*--shm-size"):
+        srv.start()
+    assert srv.pid is None
+    srv.cleanup()
