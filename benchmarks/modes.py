@@ -140,6 +140,12 @@ class OrtInProcess(InProcessMode):
                          for path, threads in graphs]
         self.threads = max(threads for _, threads in graphs)
         self.graphs = [str(path) for path, _ in graphs]
+        self.max_batch = int(json.loads((Path(repo) / "build_report.json").read_text())["max_batch"])
+
+    def scores(self, frames: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """In batches of at most the served max_batch, as the server sees them: the kNN's
+        [batch, patches, bank rows] distances are sized for that batch (memory, docs/results.md)."""
+        return super().scores(frames, min(chunk or self.max_batch, self.max_batch))
 
     def infer(self, frames: np.ndarray) -> np.ndarray:
         feeds = {C.IMAGE: frames}

@@ -54,6 +54,13 @@ def test_config_carries_resolved_threads_and_inprocess_reads_them(toy_run, tmp_p
     steps = OrtInProcess(tmp_path / "ens", _frames(4))
     assert steps.threads == 2 and [Path(g).parent.parent.name for g in steps.graphs] == [C.CMER_SCORER, C.CMLE_ENCODER]
     np.testing.assert_allclose(mode.scores(_frames(4)), steps.scores(_frames(4)), atol=1e-5)
+    # The accuracy pass goes in batches of at most the served max_batch (the kNN's memory).
+    repository.build(toy_run, "cpu", tmp_path / "two", max_batch=2)
+    two = OrtInProcess(tmp_path / "two", _frames(5))
+    seen, infer = [], two.infer
+    two.infer = lambda f: seen.append(len(f)) or infer(f)
+    np.testing.assert_allclose(two.scores(_frames(5)), mode.scores(_frames(5)), atol=1e-5)
+    assert two.max_batch == 2 and seen == [2, 2, 1]
     with pytest.raises(CMGError, match="intra_op_threads"):
         cfgmod.intra_op_threads(tmp_path / "three" / C.CMG_EXACT)  # an ensemble has no thread count
 
