@@ -621,25 +621,25 @@ class TritonServer:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self._killpg(proc)
-        if proc is not None:
-            self._reap_group(proc)
-        self._close_log()
-        self._remove_shm()
+        self._after_exit(proc)
 
     def kill(self) -> None:
         """Hard kill (server and stubs): tests use it to simulate the server going away."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
             self._killpg(proc)
+        self._after_exit(proc)
+
+    def _after_exit(self, proc: subprocess.Popen | None) -> None:
+        """What stop() and kill() leave behind them: no stub, no open log, no shared memory."""
         if proc is not None:
             self._reap_group(proc)
         self._close_log()
         self._remove_shm()
 
     def _remove_shm(self) -> None:
-        """The regions of a server that is gone (a clean stop has removed them already)."""
-        if self.is_running():
-            return
+        """This server's regions, once its process has exited (a clean stop has removed them
+        already; a SIGKILLed one leaves them)."""
         for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import signal
@@ -624,8 +625,6 @@ def test_dead_owners_shared_memory_goes_and_a_live_owners_stays(tmp_path):
 def test_orphaned_default_named_regions_go_and_mapped_or_recent_ones_stay(tmp_path):
     """Python-backend regions with Triton's default name (servers SIGKILLed elsewhere, or by
     this project before it named its own) go when no process maps them and they are old."""
-    import mmap
-
     old = time.time() - 7200
     names = {k: server_mod.SHM_DIR / f"{server_mod.TRITON_SHM_DEFAULT}cmgtest-{k}-{os.getpid()}"
              for k in ("orphan", "recent", "mapped")}
