@@ -14,6 +14,13 @@ Two recipes, one per runtime (RECIPES), both with weights per output channel:
   u8 x s8 pairs with VPMADDUBSW, whose int16 sums saturate with full 8-bit weights; the
   symmetric recipe lost 0.05 image AUROC on `out/small_s0` (score correlation with fp32
   0.84), this one 0.001 (correlation 0.99), and it runs faster there.
+Both recipes leave the thin convolutions float32 (`float_convs`): depthwise convolutions and
+first layers, whose few input channels per output make one weight row and one activation
+range per channel the whole story. Quantizing them is what moved the backbone's features away
+from the float32 patch bank: on `../shared/data/parts` (seed-0 run) the int8 graph scored
+0.652 image AUROC against fp32's 0.719 (score correlation 0.59); with them float32, 0.723
+(correlation 0.98). They are a small share of the FLOPs: the kNN MatMul and the 1x1
+convolutions, quantized, are most of it.
 The occlusion teacher (`cmer_teacher`, the exact mode's P+1 passes) stays float32.
 """
 
@@ -32,6 +39,7 @@ QUANTIZED = (C.CMER_SCORER, C.CMLE_ENCODER)
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 CALIBRATION_IMAGES = 64  # evenly spread over the training normals
 CHUNK = 8  # frames per calibration batch
+THIN_CONV = 8  # a Conv with at most this many input channels per group stays float32
 
 
 def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -74,20 +82,31 @@ def recipe_for(target: str) -> str:
     return "tensorrt" if target == "tensorrt" else "cpu"
 
 
-def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], recipe: str = "cpu") -> None:
+def float_convs(model) -> list[str]:
+    """Names of the Conv nodes of an onnx ModelProto that stay float32: depthwise convolutions
+    and first layers (at most THIN_CONV input channels per group; weight [O, I/group, k, k])."""
+    shapes = {init.name: init.dims for init in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and n.input[1] in shapes and shapes[n.input[1]][1] <= THIN_CONV]
+
+
+def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], recipe: str = "cpu") -> int:
     """Static Q/DQ quantization of `src` into `dst` with `recipe` (RECIPES), calibrated on
-    `feeds`; checked by onnx.checker."""
+    `feeds`, the thin convolutions left float32; checked by onnx.checker. Returns how many
+    convolutions stayed float32."""
     # heavy (onnx, onnxruntime.quantization): only --precision int8 builds need them
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    keep_float = float_convs(onnx.load(str(src)))
     activation, symmetric, reduce_range = RECIPES[recipe]
     quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
                     activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES),
+                    reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=keep_float,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
     onnx.checker.check_model(onnx.load(str(dst)))
+    return len(keep_float)
 
 
 def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], contract: C.Contract,
@@ -103,12 +122,12 @@ def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], co
     feeds = {C.CMER_SCORER: [{C.IMAGE: x} for x in chunks],
              C.CMLE_ENCODER: [{C.IMAGE: x, C.PATCH_SCORES: ps} for x, ps in zip(chunks, patch_scores, strict=True)]}
     recipe = recipe_for(target)
-    for name in QUANTIZED:
-        quantize_file(graphs[name], out[name], feeds[name], recipe)
+    kept = {name: quantize_file(graphs[name], out[name], feeds[name], recipe) for name in QUANTIZED}
     activation, symmetric, reduce_range = RECIPES[recipe]
     return {"precision": "int8", "format": "QDQ", "models": list(QUANTIZED), "op_types": list(OP_TYPES),
             "calibration_images": len(frames), "calibration": "MinMax on normal training frames",
             "recipe": recipe,
             "activations": f"{'int8' if activation == 'QInt8' else 'uint8'} "
                            f"{'symmetric' if symmetric else 'asymmetric'}",
-            "weights": "int8 symmetric per channel" + (", reduce_range (7-bit)" if reduce_range else "")}
+            "weights": "int8 symmetric per channel" + (", reduce_range (7-bit)" if reduce_range else ""),
+            "float_convs": kept}
