@@ -186,6 +186,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     import torch  # heavy: imported when this sub-verb runs, not to list its options
 
     # torch-heavy training modules: imported when this sub-verb runs, not to list its options
+    from cmg_train.backbone import backbone_taps
     from cmg_train.checkpoint import load_run
     from cmg_train.evaluate import TestSet, score_detector
     from cmg_train.train import batched
@@ -199,7 +200,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     return {"scores": out["scores"], "maps": out["maps"], "labels": test.labels, "defects": test.defects,
             "gt": test.gt, "paths": paths, "frames": test.frames.numpy(), "size": run.cfg.data.image_size,
             "upsample": run.cfg.backbone.upsample, "variant": run.cfg.backbone.variant,
-            "taps": run.cfg.backbone.taps, "colour": run.cfg.local.colour}
+            "taps": backbone_taps(run.cfg.backbone), "colour": run.cfg.local.colour}
 
 
 # ----------------------------------------------------------------------------- anomalib side

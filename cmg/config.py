@@ -31,7 +31,9 @@ class BackboneConfig:
 
     variant: str = "efficientnet_lite0"   # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
     upsample: int = 2             # frames are resized to upsample x image_size before the backbone
-    taps: list[int] | None = None # block outputs used as patch features (None: last at stride 8 and 16)
+    strides: list[int] = field(default_factory=lambda: [8, 16])  # patch features: the last block at each stride
+                                  # (4: finer detail, averaged onto the stride-8 map)
+    taps: list[int] | None = None # block indices instead of `strides` (when set)
 
 
 @dataclass

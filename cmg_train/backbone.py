@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmg.config import BackboneConfig
 from cmg.errors import CMGError
 
 # (repeats, kernel, stride, expand, in, out) per stage: efficientnet_lite_builder's table.
@@ -176,8 +177,15 @@ def weights_file(variant: str) -> Path:
     return path
 
 
-def default_taps(variant: str) -> list[int]:
-    """The last block at stride 8 and at stride 16 (PatchCore's mid-level pair)."""
+def default_taps(variant: str, strides: Sequence[int] = (8, 16)) -> list[int]:
+    """The last block at each of `strides` (default 8 and 16: PatchCore's mid-level pair)."""
     probe = EfficientNetLite(variant, 64, [0])
     last = {s: i for i, s in enumerate(probe.strides)}
-    return [last[8], last[16]]
+    if not strides or any(int(s) not in last for s in strides):
+        raise CMGError(f"backbone.strides {list(strides)}: {variant} has blocks at strides {sorted(last)}")
+    return [last[s] for s in sorted({int(s) for s in strides})]
+
+
+def backbone_taps(cfg: BackboneConfig) -> list[int]:
+    """The block indices a config names: `taps` when given, else the last block at each of `strides`."""
+    return list(cfg.taps) if cfg.taps else default_taps(cfg.variant, cfg.strides)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmg.config import Config
+from cmg.config import BackboneConfig, Config
 from cmg.errors import CMGError
-from cmg_train.backbone import VARIANTS, EfficientNetLite, default_taps, weights_file
+from cmg_train.backbone import VARIANTS, EfficientNetLite, backbone_taps, default_taps, weights_file
 from cmg_train.local.bank import (
     LUMA,
     PatchBank,
@@ -50,6 +50,35 @@ def test_default_taps_are_the_last_blocks_at_stride_8_and_16():
         net = EfficientNetLite(variant, 64, default_taps(variant))
         assert net.tap_strides == [8, 16]
         assert len(net.blocks) == max(net.taps) + 1  # nothing deeper is built or exported
+
+
+def test_strides_name_the_last_block_at_each_and_taps_override_them():
+    for variant in VARIANTS:
+        taps = default_taps(variant, [16, 4, 8])
+        assert EfficientNetLite(variant, 64, taps).tap_strides == [4, 8, 16]
+    assert backbone_taps(BackboneConfig(variant="efficientnet_lite1")) == default_taps("efficientnet_lite1")
+    assert backbone_taps(BackboneConfig(strides=[4, 8, 16], taps=[2, 5])) == [2, 5]
+    with pytest.raises(CMGError, match=r"backbone.strides \[8, 64\]: efficientnet_lite0 has blocks at strides"):
+        default_taps("efficientnet_lite0", [8, 64])
+
+
+def test_a_stride_4_tap_is_averaged_onto_the_stride_8_grid():
+    """The map keeps its stride-8 grid (the contract's map side, the kNN's cost); the finer
+    block's 3 x 3-pooled cells are averaged 2 x 2 into each map cell."""
+    taps = default_taps("efficientnet_lite0", [4, 8, 16])
+    fine = PatchFeatures("efficientnet_lite0", 64, 2, taps).eval()
+    plain = PatchFeatures("efficientnet_lite0", 64, 2, None).eval()
+    frames = (torch.rand(2, 64, 64, 3) * 255).to(torch.uint8)
+    with torch.no_grad():
+        got, want = fine(frames), plain(frames)
+        x = torch.nn.functional.interpolate(fine.preprocess(frames), size=(128, 128), mode="bilinear",
+                                            align_corners=False)
+        f4 = fine.backbone(x)[0]
+    c4 = fine.backbone.channels[0]
+    assert got.shape == (2, c4 + plain.dim, 16, 16) and fine.side == plain.side == 16
+    torch.testing.assert_close(got[:, c4:], want)  # the stride-8 and stride-16 parts are unchanged
+    pooled = torch.nn.functional.avg_pool2d(torch.nn.functional.avg_pool2d(f4, 3, 1, 1, count_include_pad=True), 2)
+    torch.testing.assert_close(got[:, :c4], pooled)
 
 
 def test_bad_variant_and_taps_are_one_line_errors():

@@ -1,9 +1,10 @@
 """The local anomaly model by default: a memory bank of normal patch features (PatchCore).
 
-Patch features are the frozen pretrained backbone's stride-8 and stride-16 block outputs,
-each averaged over its 3 x 3 neighbourhood (a patch sees its surroundings; zeros beyond the
-map's edge count, as in PatchCore, see PatchFeatures), the coarser
-one upsampled to the finer grid, concatenated. The bank is a greedy coreset of every
+Patch features are the frozen pretrained backbone's block outputs at the configured strides
+(`backbone.strides`; 8 and 16 by default), each averaged over its 3 x 3 neighbourhood (a
+patch sees its surroundings; zeros beyond the map's edge count, as in PatchCore, see
+PatchFeatures), brought onto the stride-8 grid (coarser ones upsampled, a stride-4 one
+averaged over 2 x 2) and concatenated. The bank is a greedy coreset of every
 training patch; a patch's anomaly is its distance to the nearest bank rows (one MatMul +
 TopK, cmg_train/memory_bank.py). Nothing here is trained: it is fitted in one pass.
 """
@@ -17,17 +18,23 @@ from tqdm.auto import tqdm
 
 from cmg.config import Config
 from cmg.config_check import CHOICES
-from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, default_taps
+from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps, default_taps
 from cmg_train.memory_bank import KNNDistance, greedy_coreset
 from cmg_train.preprocess import Preprocess
 
 COLOURS = CHOICES["local.colour"]
 # ITU-R BT.601 luma: the weights of a grey frame made from R, G, B.
 LUMA = (0.299, 0.587, 0.114)
+# The map's cell in pixels of the upsampled frame (Config.local_map_side says the same).
+MAP_STRIDE = 8
 
 
 class PatchFeatures(nn.Module):
     """uint8 frames [B,H,W,3] -> patch features [B,C,h,w], h = upsample * H / 8.
+
+    A stride-4 tap (`backbone.strides: [4, 8, 16]`) is averaged over 2 x 2 after its 3 x 3
+    pooling: the map keeps its stride-8 grid (and the kNN its cost) while a cell's feature
+    carries the finer block's view of thin cracks and scratches.
 
     colour="grey" feeds the backbone the frame's luma in all three channels: where normal
     parts come in many colours and materials, colour is variation the bank must not call
@@ -57,7 +64,7 @@ class PatchFeatures(nn.Module):
             self.backbone.load_package_weights()
         self.backbone.requires_grad_(False).eval()
         self.dim = sum(self.backbone.channels)
-        self.side = self.size // self.backbone.tap_strides[0]
+        self.side = self.size // MAP_STRIDE
 
     def forward(self, frames: Tensor) -> Tensor:
         if self.colour == "grey":
@@ -68,7 +75,10 @@ class PatchFeatures(nn.Module):
         parts = []
         for f in self.backbone(x):
             f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=self.edge_zeros)
-            if int(f.shape[-1]) != self.side:
+            side = int(f.shape[-1])
+            if side > self.side:  # a finer tap: its cells averaged onto the map's grid
+                f = F.avg_pool2d(f, side // self.side)
+            elif side < self.side:
                 f = F.interpolate(f, size=(self.side, self.side), mode="bilinear", align_corners=False)
             parts.append(f)
         return torch.cat(parts, 1)
@@ -113,7 +123,7 @@ def bank_from_state(state: dict) -> PatchBank:
 def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32) -> tuple[PatchBank, dict]:
     """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics."""
     bb = cfg.backbone
-    features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, bb.taps,
+    features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, backbone_taps(bb),
                              colour=cfg.local.colour).eval()
     rows = []
     for i in tqdm(range(0, len(frames), batch), desc="patch features", disable=not progress, leave=False):

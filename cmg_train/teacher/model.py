@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cmg.config import BackboneConfig, TeacherConfig
 from cmg.errors import CMGError
-from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, default_taps
+from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps
 from cmg_train.preprocess import Preprocess
 from cmg_train.text import MINILM_DIM, minilm_embeddings
 
@@ -98,7 +98,7 @@ class BackboneTower(nn.Module):
     def __init__(self, backbone: BackboneConfig, image_size: int, embed_dim: int, hidden: int,
                  mean: Sequence[float], std: Sequence[float], downsample: int = 1, load_weights: bool = True):
         super().__init__()
-        taps = backbone.taps or default_taps(backbone.variant)
+        taps = backbone_taps(backbone)
         self.downsample = int(downsample)
         self.backbone = EfficientNetLite(backbone.variant, image_size // self.downsample, [max(taps)])
         if load_weights:
