@@ -26,7 +26,7 @@ def test_shipped_configs_load_and_agree_with_the_data(path: Path):
     assert cfg.name == path.stem
     assert cfg.grid == cfg.cmer.grid
     assert cfg.data.image_size % cfg.grid == 0 and cfg.data.image_size % 8 == 0
-    assert (cfg.data.image_size // 2) % cfg.scoring.map_size == 0
+    assert cfg.local_map_side % cfg.scoring.map_size == 0
     assert len(cfg.local.channels) == 3  # LocalNet needs widths at 1/2, 1/4, 1/8
     assert cfg.data.preset in PRESETS
     if cfg.teacher.source == "scratch":  # trained here on frames of the preset's size
