@@ -19,3 +19,26 @@ def test_knn_distance_matches_brute_force(k):
 def test_knn_rejects_empty_bank():
     with pytest.raises(ValueError, match="non-empty"):
         KNNDistance(torch.zeros(0, 4), 1)
+
+
+def test_knn_distance_in_chunks_equals_one_pass(monkeypatch):
+    """Training and evaluation bound the distances held at once; the result must not change."""
+    import cmg_train.memory_bank as mb
+
+    bank, q = torch.randn(50, 16), torch.randn(3, 11, 16)
+    want = KNNDistance(bank, 3)(q)
+    monkeypatch.setattr(mb, "CHUNK_ELEMENTS", 50 * 4)  # 4 rows per chunk: 9 chunks, the last short
+    got = KNNDistance(bank, 3)(q)
+    assert got.shape == (3, 11)
+    torch.testing.assert_close(got, want)
+
+
+def test_knn_distance_exports_as_one_matmul_and_topk(tmp_path):
+    """The exported graph is not chunked: one MatMul and one TopK, whatever the batch."""
+    import onnx
+
+    path = tmp_path / "knn.onnx"
+    torch.onnx.export(KNNDistance(torch.randn(50, 16), 2), (torch.randn(2, 9, 16),), str(path),
+                      input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("TopK") == 1
