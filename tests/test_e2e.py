@@ -32,7 +32,9 @@ def test_served_scores_equal_pytorch(triton, tiny_run, frames, model):
         score, flag, amap, keep, _ = run.detector(ft, ps, th)
     np.testing.assert_allclose(res.as_numpy(C.ANOMALY_SCORE), score.numpy(), atol=1e-4)
     np.testing.assert_allclose(res.as_numpy(C.PATCH_SCORES), ps.numpy(), atol=1e-4)
-    np.testing.assert_allclose(res.as_numpy(C.ANOMALY_MAP), amap.numpy(), atol=1e-4)
+    # The map is patch distances of about 25 from |a|^2 + |b|^2 - 2ab in FP32, summed in another
+    # order by ONNX Runtime than by PyTorch: a relative tolerance (one cell once differed by 1.03e-4).
+    np.testing.assert_allclose(res.as_numpy(C.ANOMALY_MAP), amap.numpy(), rtol=1e-5, atol=1e-4)
     assert (res.as_numpy(C.KEEP_MASK) != keep.numpy()).sum() == 0
     assert (res.as_numpy(C.IS_ANOMALY) == flag.numpy()).all()
 
