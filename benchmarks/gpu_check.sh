@@ -65,6 +65,10 @@ setup_venv() {
   if [ -d "$CARRY/wheels" ]; then
     # Bare machine: a venv that sees the machine's torch/numpy/onnx, plus the carried wheels only.
     [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV"
+    # python3 may itself be a venv (the lent machine's is /opt/torch/.venv): --system-site-packages
+    # then reaches only the base interpreter, so a .pth adds python3's own site-packages.
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+      > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host_python3.pth"
     "$VENV/bin/python" -m pip install -q --no-index --no-deps --find-links "$CARRY/wheels" "$CARRY"/wheels/*.whl
   fi
   "$VENV/bin/python" -c "import cmg, cmg_train, cmg_bench, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

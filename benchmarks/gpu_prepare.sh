@@ -25,6 +25,13 @@ mkdir -p "$CARRY/wheels" "$CARRY/run/onnx"
 cp "$RUN/checkpoint.pt" "$RUN/config.yaml" "$CARRY/run/"
 cp "$RUN"/onnx/*.onnx "$RUN"/onnx/*.json "$CARRY/run/onnx/"
 size=$(du -sm "$CARRY" | cut -f1)
+if [ "$size" -gt 56 ] && [ -f "$CARRY/run/onnx/cmer_teacher.onnx" ]; then
+  # The torch check needs only the checkpoint; the trt step's `cmg build` needs every graph
+  # (cmg_exact too), and TensorRT itself cannot travel in 64 MiB, so the teacher graph goes first.
+  rm "$CARRY/run/onnx/cmer_teacher.onnx"
+  echo "gpu_prepare: left out cmer_teacher.onnx (the exact mode's graph) to fit; the trt step would need it"
+  size=$(du -sm "$CARRY" | cut -f1)
+fi
 ls -la "$CARRY/wheels"
 echo "gpu_prepare: $CARRY is ${size} MiB (run: $RUN)"
 if [ "$size" -gt 56 ]; then

