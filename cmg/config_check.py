@@ -64,7 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backbone.variant": ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "local.model": ("bank", "unet"),
     "local.score": ("max", "max_minus_p90"),
-    "local.colour": ("rgb", "grey"),
+    "local.colour": ("rgb", "grey", "grey+rgb"),
     "cmer.rule": ("relative", "top_rho"),
     "local.placement": ("keep", "uniform"),
     "scoring.fusion": ("auto", "mean", "max", "local"),

@@ -187,7 +187,7 @@ def fit_local(cfg: Config, teacher: Teacher, frames: torch.Tensor, relevance: to
     """The local model of `local.model`: the patch bank fitted on the training normals, or the
     U-Net trained on synthetic anomalies (and checked on held-out ones)."""
     if cfg.local.model == "bank":
-        return fit_patch_bank(cfg, frames[tr], progress)
+        return fit_patch_bank(cfg, frames[tr], progress, held_out=frames[va])
     local, metrics = train_local(cfg, teacher.preprocess, frames[tr], practice_regions(cfg, relevance[tr]),
                                  progress, log)
     metrics["synthetic_val"] = synthetic_check(local, teacher.preprocess, frames[va], cfg.seed,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import onnxruntime as ort
 import pytest
 import torch
 
 from cmg.config import BackboneConfig, Config
 from cmg.errors import CMGError
+from cmg_build.opcheck import check_file
 from cmg_train.backbone import VARIANTS, EfficientNetLite, backbone_taps, default_taps, weights_file
+from cmg_train.export import _export
 from cmg_train.local.bank import (
     LUMA,
     PatchBank,
@@ -161,3 +164,45 @@ def test_edge_patches_count_the_zero_padding_and_old_checkpoints_keep_their_pool
     assert bank_from_state(state).features.edge_zeros is True
     del state["edge_zeros"]  # a checkpoint written before the flag existed
     assert bank_from_state(state).features.edge_zeros is False
+
+
+def test_grey_and_colour_views_each_match_their_own_bank_in_held_out_units():
+    cfg = Config()
+    cfg.data.image_size, cfg.local.bank_size, cfg.local.colour = 32, 10_000, "grey+rgb"
+    train, held_out, frames = _frames(3, 32, 0), _frames(2, 32, 2), _frames(2, 32, 1)
+    bank, metrics = fit_patch_bank(cfg, train, progress=False, held_out=held_out)
+    bb = cfg.backbone
+    grey = PatchFeatures(bb.variant, 32, bb.upsample, backbone_taps(bb), colour="grey").eval()
+    rgb = PatchFeatures(bb.variant, 32, bb.upsample, backbone_taps(bb)).eval()
+    with torch.no_grad():
+        both = bank.features(frames)
+        torch.testing.assert_close(both, torch.cat([grey(frames), rgb(frames)], 1))  # grey view first
+        views = bank.view_distances(held_out)
+        assert metrics["view_scales"] == [round(float(v.median()), 4) for v in views]
+        d_grey, d_rgb = bank.view_distances(frames)
+        expect = (d_grey / bank.scales[0] + d_rgb / bank.scales[1]) / 2
+        torch.testing.assert_close(bank(frames).flatten(1), expect)
+        assert float(bank(train).max()) < 0.02 * float(bank(frames).min())  # each view's own patches are in its bank
+    assert metrics["feature_dim"] == 2 * grey.dim and metrics["bank_rows"] == 3 * 64
+    clone = bank_from_state(bank_state(bank))
+    with torch.no_grad():
+        assert torch.equal(clone(frames), bank(frames)) and torch.equal(clone.scales, bank.scales)
+    with pytest.raises(ValueError, match="2 feature view"):
+        PatchBank(bank.features, torch.randn(5, bank.features.dim))
+
+
+def test_two_view_bank_exports_with_a_dynamic_batch(tmp_path):
+    cfg = Config()
+    cfg.data.image_size, cfg.local.bank_size, cfg.local.colour = 32, 50, "grey+rgb"
+    bank, _ = fit_patch_bank(cfg, _frames(3, 32, 0), progress=False, held_out=_frames(2, 32, 2))
+    path = tmp_path / "bank.onnx"
+    _export(bank, (_frames(2, 32, 1),), path, ["IMAGE"], ["MAP"])
+    assert check_file(path) == []  # TensorRT's op rules: the uint8 frame is cast before its batch is read
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3):  # the grey and colour halves are sliced at the batch the graph is given
+        frames = _frames(n, 32, 5 + n)
+        with torch.no_grad():
+            want = bank(frames).numpy()
+        got = sess.run(None, {"IMAGE": frames.numpy()})[0]
+        assert got.shape == want.shape
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-3)

@@ -39,6 +39,9 @@ class PatchFeatures(nn.Module):
     colour="grey" feeds the backbone the frame's luma in all three channels: where normal
     parts come in many colours and materials, colour is variation the bank must not call
     new; the price is that a defect visible only as a change of hue is missed.
+    colour="grey+rgb" runs the backbone on both (one call, twice the batch) and returns the
+    grey features then the colour ones along the channels ([B, 2C, h, w]; `views` = 2):
+    PatchBank matches each view against its own bank.
 
     edge_zeros=True averages the map's outer ring with the zero padding counted (PatchCore's
     pooling): an edge patch averages 4 or 6 real cells, and dividing by those alone made the
@@ -63,12 +66,18 @@ class PatchFeatures(nn.Module):
         if load_weights:
             self.backbone.load_package_weights()
         self.backbone.requires_grad_(False).eval()
-        self.dim = sum(self.backbone.channels)
+        self.views = 2 if colour == "grey+rgb" else 1
+        self.dim = sum(self.backbone.channels) * self.views
         self.side = self.size // MAP_STRIDE
 
     def forward(self, frames: Tensor) -> Tensor:
+        b = 0
         if self.colour == "grey":
             frames = frames.to(torch.float32) @ self.mix
+        elif self.colour == "grey+rgb":
+            frames = frames.to(torch.float32)
+            b = frames.shape[0]  # after the cast: TensorRT takes a UINT8 tensor only as a graph input
+            frames = torch.cat([frames @ self.mix, frames], 0)
         x = self.preprocess(frames)
         if self.upsample != 1:  # python ints: a constant Resize in the exported graph
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -81,21 +90,47 @@ class PatchFeatures(nn.Module):
             elif side < self.side:
                 f = F.interpolate(f, size=(self.side, self.side), mode="bilinear", align_corners=False)
             parts.append(f)
-        return torch.cat(parts, 1)
+        f = torch.cat(parts, 1)
+        return torch.cat([f[:b], f[b:]], 1) if self.views == 2 else f  # slices: the batch is dynamic in the graph
 
 
 class PatchBank(nn.Module):
-    """uint8 frames -> per-patch distance to the normal bank [B,1,h,w] (the local anomaly map)."""
+    """uint8 frames -> per-patch distance to the normal bank [B,1,h,w] (the local anomaly map).
 
-    def __init__(self, features: PatchFeatures, bank: Tensor, k: int = 1):
+    With two feature views (`grey+rgb`) each view has its own bank and nearest rows: a grey
+    patch's match may come from a part of another colour, which is the point of the grey
+    view. Each view's distance is divided by its median on held-out normal patches
+    (`scales`), so the two are in the same units, and the map is their mean. A single bank
+    over both views concatenated was tried and lost the grey view's gain (docs/results.md).
+    """
+
+    def __init__(self, features: PatchFeatures, banks: Tensor | list[Tensor], k: int = 1,
+                 scales: Tensor | None = None):
         super().__init__()
+        banks = [banks] if isinstance(banks, Tensor) else list(banks)
+        if len(banks) != features.views:
+            raise ValueError(f"PatchBank: {features.views} feature view(s) need as many banks, got {len(banks)}")
         self.features = features
-        self.knn = KNNDistance(bank, k)
+        self.knn = KNNDistance(banks[0], k)
+        self.knn_views = nn.ModuleList(KNNDistance(b, k) for b in banks[1:])
+        self.register_buffer("scales", torch.ones(len(banks)) if scales is None else scales.float().reshape(-1))
+
+    def view_distances(self, frames: Tensor) -> list[Tensor]:
+        """Each view's unscaled distances [B, h*w] (what the scales are fitted on)."""
+        return self._distances(self.features(frames))
+
+    def _distances(self, f: Tensor) -> list[Tensor]:
+        x = f.flatten(2).transpose(1, 2)
+        if not len(self.knn_views):
+            return [self.knn(x)]
+        views = x.chunk(1 + len(self.knn_views), -1)
+        return [knn(v) for knn, v in zip([self.knn, *self.knn_views], views, strict=True)]
 
     def forward(self, frames: Tensor) -> Tensor:
         f = self.features(frames)
-        b, c, h, w = f.shape
-        d = self.knn(f.flatten(2).transpose(1, 2))  # [B, h*w]
+        b, _, h, w = f.shape
+        views = self._distances(f)
+        d = views[0] if len(views) == 1 else sum(v / self.scales[i] for i, v in enumerate(views)) / len(views)
         return d.reshape(b, 1, int(h), int(w))
 
     def train(self, mode: bool = True) -> PatchBank:
@@ -104,11 +139,15 @@ class PatchBank(nn.Module):
 
 def bank_state(net: PatchBank) -> dict:
     f = net.features
-    return {"kind": "bank", "variant": f.backbone.variant, "image_size": f.image_size, "upsample": f.upsample,
-            "colour": f.colour, "edge_zeros": f.edge_zeros,
-            "taps": list(f.backbone.taps), "k": net.knn.k,
-            "bank": net.knn.bank_t.t().contiguous(),
-            "state_dict": {k: v.detach().cpu() for k, v in f.state_dict().items()}}
+    state = {"kind": "bank", "variant": f.backbone.variant, "image_size": f.image_size, "upsample": f.upsample,
+             "colour": f.colour, "edge_zeros": f.edge_zeros,
+             "taps": list(f.backbone.taps), "k": net.knn.k,
+             "bank": net.knn.bank_t.t().contiguous(),
+             "state_dict": {k: v.detach().cpu() for k, v in f.state_dict().items()}}
+    if len(net.knn_views):
+        state["view_banks"] = [knn.bank_t.t().contiguous() for knn in net.knn_views]
+        state["scales"] = net.scales.detach().cpu()
+    return state
 
 
 def bank_from_state(state: dict) -> PatchBank:
@@ -116,12 +155,17 @@ def bank_from_state(state: dict) -> PatchBank:
                              load_weights=False, colour=state.get("colour", "rgb"),
                              edge_zeros=state.get("edge_zeros", False))
     features.load_state_dict(state["state_dict"])
-    return PatchBank(features, state["bank"], state["k"]).eval()
+    return PatchBank(features, [state["bank"], *state.get("view_banks", [])], state["k"],
+                     state.get("scales")).eval()
 
 
 @torch.no_grad()
-def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32) -> tuple[PatchBank, dict]:
-    """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics."""
+def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32,
+                   held_out: Tensor | None = None) -> tuple[PatchBank, dict]:
+    """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics.
+
+    `held_out` normals (the validation split) set each view's scale when there are two
+    views (their median patch distance); without them the scales stay 1."""
     bb = cfg.backbone
     features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, backbone_taps(bb),
                              colour=cfg.local.colour).eval()
@@ -130,7 +174,17 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
         f = features(torch.as_tensor(frames[i:i + batch]))
         rows.append(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
     flat = torch.cat(rows)
-    idx = greedy_coreset(flat, cfg.local.bank_size, seed=cfg.seed, progress=progress)
-    net = PatchBank(features, flat[idx], cfg.local.k).eval()
-    return net, {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
-                 "bank_rows": int(len(idx)), "feature_dim": int(flat.shape[1]), "map_side": features.side}
+    banks, chosen = [], 0
+    for view in flat.chunk(features.views, 1):
+        idx = greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)
+        banks.append(view[idx])
+        chosen = len(idx)
+    net = PatchBank(features, banks, cfg.local.k).eval()
+    metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
+               "bank_rows": int(chosen), "feature_dim": int(flat.shape[1]), "map_side": features.side}
+    if features.views > 1 and held_out is not None and len(held_out):
+        views = [torch.cat(v, 0) for v in zip(*(net.view_distances(torch.as_tensor(held_out[i:i + batch]))
+                                                 for i in range(0, len(held_out), batch)), strict=True)]
+        net.scales.copy_(torch.stack([v.median() for v in views]).clamp_min(1e-6))
+        metrics["view_scales"] = [round(float(s), 4) for s in net.scales]
+    return net, metrics
