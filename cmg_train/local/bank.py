@@ -174,17 +174,14 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
         f = features(torch.as_tensor(frames[i:i + batch]))
         rows.append(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
     flat = torch.cat(rows)
-    banks, chosen = [], 0
-    for view in flat.chunk(features.views, 1):
-        idx = greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)
-        banks.append(view[idx])
-        chosen = len(idx)
+    banks = [view[greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)]
+             for view in flat.chunk(features.views, 1)]
     net = PatchBank(features, banks, cfg.local.k).eval()
     metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
-               "bank_rows": int(chosen), "feature_dim": int(flat.shape[1]), "map_side": features.side}
+               "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
-        views = [torch.cat(v, 0) for v in zip(*(net.view_distances(torch.as_tensor(held_out[i:i + batch]))
-                                                 for i in range(0, len(held_out), batch)), strict=True)]
-        net.scales.copy_(torch.stack([v.median() for v in views]).clamp_min(1e-6))
+        per_batch = [net.view_distances(torch.as_tensor(held_out[i:i + batch])) for i in range(0, len(held_out), batch)]
+        medians = [torch.cat(view).median() for view in zip(*per_batch, strict=True)]
+        net.scales.copy_(torch.stack(medians).clamp_min(1e-6))
         metrics["view_scales"] = [round(float(s), 4) for s in net.scales]
     return net, metrics
