@@ -189,7 +189,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     from cmg_train.backbone import backbone_taps
     from cmg_train.checkpoint import load_run
     from cmg_train.evaluate import TestSet, score_detector
-    from cmg_train.train import batched
+    from cmg_train.loop import batched
 
     run = load_run(run_dir)
     test = TestSet(Path(data), run.cfg.data.image_size, progress)

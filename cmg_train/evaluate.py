@@ -30,11 +30,11 @@ from cmg_train.cmle.fit import build_caption_graph
 from cmg_train.detector import CMGDetector, RawScores
 from cmg_train.local.bank import PatchBank
 from cmg_train.local.fit import train_local
+from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.metrics import auroc, paired_bootstrap
 from cmg_train.plots import mask_grid, roc_plot
 from cmg_train.train import (
-    batched,
     caption_embedder,
     fit_detector,
     split_train_val,

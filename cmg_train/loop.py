@@ -63,3 +63,18 @@ def fit(
     tenth = max(1, steps // 10)
     return {"loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
             "steps": steps}
+
+
+def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 64, progress: bool = False,
+            desc: str = "") -> tuple:
+    """Run `fn` over aligned tensors in chunks without grad; concatenate each output.
+
+    Why chunks: every scoring pass (teacher embeddings, patch maps, held-out scores) holds
+    a frame batch's activations at 384 px; the whole set at once does not fit in memory."""
+    outs: list[tuple] = []
+    n = tensors[0].shape[0]
+    with torch.no_grad():
+        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+            res = fn(*(t[i:i + batch_size] for t in tensors))
+            outs.append(tuple(res) if isinstance(res, tuple | list) else (res,))
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))

@@ -32,7 +32,7 @@ class KNNDistance(nn.Module):
 
         In PyTorch (training, evaluation) the rows go through in chunks of CHUNK_ELEMENTS
         distances: a 48 x 48 patch map against 10,000 bank rows is 92 MB of FP32 distances
-        per frame, and a scoring batch of 64 frames (`train.batched`'s default) with the
+        per frame, and a scoring batch of 64 frames (`loop.batched`'s default) with the
         elementwise temporaries took a training past 16 GB. The exported graph keeps one MatMul + TopK (the runtime sees
         the batch the server sends)."""
         if torch.onnx.is_in_onnx_export():

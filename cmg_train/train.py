@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from tqdm.auto import tqdm
 
 from cmg.argtypes import nonnegative_int
 from cmg.config import Config, load_config, resolve_config
@@ -45,24 +44,13 @@ from cmg_train.local import anomalies
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
+from cmg_train.loop import batched
 from cmg_train.masking import upsample_keep
 from cmg_train.metrics import paired_bootstrap
 from cmg_train.preprocess import Preprocess
 from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
 from cmg_train.teacher.model import Teacher, teacher_weights
-
-
-def batched(fn: Callable, *tensors: torch.Tensor, batch_size: int = 64, progress: bool = False,
-            desc: str = "") -> tuple:
-    """Run `fn` over aligned tensors in chunks without grad; concatenate each output."""
-    outs: list[tuple] = []
-    n = tensors[0].shape[0]
-    with torch.no_grad():
-        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-            res = fn(*(t[i:i + batch_size] for t in tensors))
-            outs.append(tuple(res) if isinstance(res, tuple) else (res,))
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
 def split_train_val(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,7 +194,7 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     from cmg_train.cmer.model import keep_mask_cfg
     from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
     from cmg_train.evaluate import TestSet, evaluate, local_maps
-    from cmg_train.train import batched
+    from cmg_train.loop import batched
 
     run = load_run(tiny_run)
     report = evaluate(run, tiny_data, ablation=True, progress=False)

@@ -20,8 +20,9 @@ from cmg.errors import CMGError
 from cmg_train.checkpoint import FORMAT, load_run
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.detector import DetectorOutput
+from cmg_train.loop import batched
 from cmg_train.masking import upsample_keep
-from cmg_train.train import batched, pick_weight, practice_regions, split_train_val
+from cmg_train.train import pick_weight, practice_regions, split_train_val
 
 # -- what training may learn from -----------------------------------------------------
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from cmg.config import Config
 from cmg.config_check import CHOICES
 from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps, default_taps
+from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance, greedy_coreset
 from cmg_train.preprocess import Preprocess
 
@@ -169,19 +169,20 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     bb = cfg.backbone
     features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, backbone_taps(bb),
                              colour=cfg.local.colour).eval()
-    rows = []
-    for i in tqdm(range(0, len(frames), batch), desc="patch features", disable=not progress, leave=False):
-        f = features(torch.as_tensor(frames[i:i + batch]))
-        rows.append(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
-    flat = torch.cat(rows)
+
+    def patch_rows(chunk: Tensor) -> Tensor:
+        f = features(chunk)
+        return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+
+    (flat,) = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress, desc="patch features")
     banks = [view[greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)]
              for view in flat.chunk(features.views, 1)]
     net = PatchBank(features, banks, cfg.local.k).eval()
     metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
                "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
-        per_batch = [net.view_distances(torch.as_tensor(held_out[i:i + batch])) for i in range(0, len(held_out), batch)]
-        medians = [torch.cat(view).median() for view in zip(*per_batch, strict=True)]
+        views = batched(net.view_distances, torch.as_tensor(held_out), batch_size=batch)
+        medians = [view.median() for view in views]
         net.scales.copy_(torch.stack(medians).clamp_min(1e-6))
         metrics["view_scales"] = [round(float(s), 4) for s in net.scales]
     return net, metrics
