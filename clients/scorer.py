@@ -279,23 +279,33 @@ class Progress:
         self.t0 = time.perf_counter()
         self.frames = 0
         self.last = 0.0
+        self._seen: tuple[list[float], StreamSummary | None] = ([], None)
 
     def update(self, latencies: list[float], summary: StreamSummary) -> None:
         self.bar.update(1)
         self.frames += 1
+        self._seen = (latencies, summary)
         now = time.perf_counter()
         if now - self.last < 0.5 or self.bar.disable:
             return
         self.last = now
+        self._set_postfix(now)
+
+    def _set_postfix(self, now: float) -> None:
+        latencies, summary = self._seen
         post = {"fps": f"{self.frames / max(now - self.t0, 1e-9):.1f}"}
         if latencies:
             p50, p99 = np.percentile(np.asarray(latencies[-2000:]), [50, 99])
             post.update(p50=f"{p50:.1f}ms", p99=f"{p99:.1f}ms")
-        if summary.retries:
+        if summary is not None and summary.retries:
             post["retries"] = str(summary.retries)
         self.bar.set_postfix(post, refresh=False)
 
     def close(self) -> None:
+        """Last figures first: a stream shorter than the refresh interval would otherwise
+        keep the first frame's fps and latency on the bar."""
+        if self.frames and not self.bar.disable:
+            self._set_postfix(time.perf_counter())
         self.bar.close()
 
 
