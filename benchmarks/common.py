@@ -18,10 +18,15 @@ from cmg.contract import Contract
 from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError
 from cmg_bench.loadgen import Window
+from cmg_bench.memory import available_bytes
 from cmg_build.repository import CPU_CMG, build, find_export
 from cmg_build.server import TritonServer
 
 FULL_WINDOW = Window(warmup_s=1.0, window_s=3.0, min_requests=8, max_window_s=60.0)
+# Of the available memory, what an in-process point may plan to use: ONNX Runtime's arena
+# held 1.6 times the arena-less need at 32 concurrent calls (6.3 against 4.0 GB, small-fast int8).
+MEMORY_SHARE = 0.5
+GB = 1e9
 QUICK_WINDOW = Window(warmup_s=0.3, window_s=0.8, min_requests=3, max_window_s=15.0)
 
 
@@ -123,11 +128,41 @@ def close_all(modes: Iterable, loop: asyncio.AbstractEventLoop, servers: Iterabl
 
 def measure_grid(name: str, mode, settings, bar) -> list[dict]:
     """Every (batch, concurrency) point of `settings` for one mode, advancing `bar` per point:
-    the sweep both `cmg bench sweep` and `cmg bench peer` report best and batch-1 points from."""
+    the sweep both `cmg bench sweep` and `cmg bench peer` report best and batch-1 points from.
+
+    An in-process point whose concurrent calls would not fit in memory is skipped, said on
+    the bar and kept in `mode.skipped` (the reports list it): `small` at concurrency 32 and
+    batch 8 needs about 30 GB in one process and the OOM killer took the whole sweep."""
     points = []
+    mode.skipped = []
+    admitted = 0  # the most this mode's calls have held at once (a runtime's arena keeps it)
     for batch in settings.batch:
         for conc in settings.concurrency:
             bar.set_postfix_str(f"{name} c{conc} b{batch}")
-            points.append(mode.measure(conc, batch, settings.window).to_dict())
+            reason = memory_refusal(mode, conc, batch, admitted)
+            if reason:
+                mode.skipped.append({"concurrency": conc, "batch": batch, "reason": reason})
+                bar.write(f"cmg bench: {name} c{conc} b{batch} not measured: {reason}")
+            else:
+                points.append(mode.measure(conc, batch, settings.window).to_dict())
+                per_call = mode.call_bytes(batch) if hasattr(mode, "call_bytes") else None
+                admitted = max(admitted, conc * (per_call or 0))
             bar.update(1)
     return points
+
+
+def memory_refusal(mode, concurrency: int, batch: int, admitted: int) -> str | None:
+    """Why `concurrency` simultaneous in-process calls at `batch` should not run, or None.
+
+    Concurrency 1 always runs (the mode must be measurable at all); served modes are not
+    checked (the server queues requests beyond its instances)."""
+    if concurrency == 1 or not hasattr(mode, "call_bytes"):
+        return None
+    per_call, free = mode.call_bytes(batch), available_bytes()
+    if per_call is None or free is None:
+        return None
+    need, budget = concurrency * per_call, free + admitted
+    if need <= MEMORY_SHARE * budget:
+        return None
+    return (f"{concurrency} concurrent calls need about {need / GB:.1f} GB "
+            f"({per_call / GB:.2f} GB each), {budget / GB:.1f} GB available to this process")

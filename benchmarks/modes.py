@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import tritonclient.grpc.aio as grpcaio
 from cmg import contract as C
 from cmg.errors import CMGError
 from cmg_bench.loadgen import Point, Window, run_async, run_threads
+from cmg_bench.memory import call_peak_bytes
 from cmg_build.config import intra_op_threads
 from cmg_clients import core
 from cmg_clients.client import CMGClient
@@ -75,10 +77,24 @@ class InProcessMode(Mode):
 
     def __init__(self, frames: np.ndarray) -> None:
         self.frames = frames
+        self._call_bytes: dict[int, int | None] = {}
 
     def measure(self, concurrency: int, batch: int, win: Window) -> Point:
         pool = batches(self.frames, batch)
         return run_threads(lambda i: self.infer(pool[i % len(pool)]), concurrency, batch, win)
+
+    def call_bytes(self, batch: int) -> int | None:
+        """Memory one call at `batch` takes while it runs (measured once per batch; None off
+        Linux). Concurrent calls in this process each take as much: `small`'s kNN alone holds
+        [8, 2304, 10000] FP32 distances (737 MB) per call at batch 8."""
+        if batch not in self._call_bytes:
+            self._call_bytes[batch] = call_peak_bytes(self._probe(batches(self.frames, batch, pool=1)[0]))
+        return self._call_bytes[batch]
+
+    def _probe(self, frames: np.ndarray) -> Callable[[], object]:
+        """One call whose memory can be read off the process's RSS (torch returns large
+        blocks to the system after each call)."""
+        return lambda: self.infer(frames)
 
     def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
         return np.concatenate([self.infer(frames[i:i + chunk]) for i in range(0, len(frames), chunk)])
@@ -140,6 +156,7 @@ class OrtInProcess(InProcessMode):
                          for path, threads in graphs]
         self.threads = max(threads for _, threads in graphs)
         self.graphs = [str(path) for path, _ in graphs]
+        self._graph_threads = [(str(path), threads) for path, threads in graphs]
         self.max_batch = int(json.loads((Path(repo) / "build_report.json").read_text())["max_batch"])
 
     def scores(self, frames: np.ndarray, chunk: int | None = None) -> np.ndarray:
@@ -148,11 +165,25 @@ class OrtInProcess(InProcessMode):
         return super().scores(frames, min(chunk or self.max_batch, self.max_batch))
 
     def infer(self, frames: np.ndarray) -> np.ndarray:
+        return self._run(self.sessions, frames)
+
+    @staticmethod
+    def _run(sessions: list[ort.InferenceSession], frames: np.ndarray) -> np.ndarray:
         feeds = {C.IMAGE: frames}
-        for session in self.sessions[:-1]:  # the scorer when the steps are separate
+        for session in sessions[:-1]:  # the scorer when the steps are separate
             (feeds[C.PATCH_SCORES],) = session.run([C.PATCH_SCORES], {C.IMAGE: frames})
-        (score,) = self.sessions[-1].run([C.ANOMALY_SCORE], feeds)
+        (score,) = sessions[-1].run([C.ANOMALY_SCORE], feeds)
         return score.reshape(-1)
+
+    def _probe(self, frames: np.ndarray) -> Callable[[], object]:
+        """The call on fresh sessions without ONNX Runtime's memory arena: a session that has
+        run keeps its largest buffers in the arena, so its next call shows no new memory."""
+        probes = []
+        for path, threads in self._graph_threads:
+            options = session_options(threads)
+            options.enable_cpu_mem_arena = False
+            probes.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        return lambda: self._run(probes, frames)
 
 
 class Served(Mode):

@@ -474,7 +474,8 @@ def peer(args: argparse.Namespace) -> dict:
             pts = measure_grid(name, mode, settings, bar)
             best = max(pts, key=lambda p: p["throughput"])
             single = next((p for p in pts if p["concurrency"] == 1 and p["batch"] == 1), None)
-            results[name] = {"points": pts, "best": {k: best[k] for k in ("concurrency", "batch", "throughput")},
+            results[name] = {"points": pts, "skipped": mode.skipped,
+                             "best": {k: best[k] for k in ("concurrency", "batch", "throughput")},
                              "batch1": None if single is None else
                              {k: single[k] for k in ("throughput", "p50_ms", "p99_ms")}}
         # parity of the exported peers with their torch module (same frames)

@@ -72,6 +72,8 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append(f"| {p['concurrency']} | {p['batch']} | {_f(p['throughput'])} | {_f(p['p50_ms'], 2)} | "
                          f"{_f(p['p90_ms'], 2)} | {_f(p['p95_ms'], 2)} | {_f(p['p99_ms'], 2)} | "
                          f"{_f(p['avg_ms'], 2)} | {p['requests']} |")
+        for p in mode.get("skipped", []):
+            lines.append(f"| {p['concurrency']} | {p['batch']} | not measured: {p['reason']} | | | | | | |")
     fl = result["flops"]
     lines += ["", "## FLOPs per frame", "", f"{fl['note']}.", "", "| model | MFLOP | MatMul | Gemm | Conv |",
               "| --- | --- | --- | --- | --- |"]

@@ -26,6 +26,7 @@ from cmg.argtypes import positive_float
 from cmg.errors import CMGError
 from cmg_bench.common import add_run_arguments, run_frames, start_local_server
 from cmg_bench.loadgen import Window
+from cmg_bench.memory import rss_bytes
 from cmg_bench.modes import SERVED_CMG, Served
 from cmg_clients.sources import ArraySource
 from cmg_clients.stream import StreamOptions, run_stream
@@ -35,17 +36,6 @@ MIB = 1024 * 1024
 
 
 # -- memory of the server and its stubs ---------------------------------------------------
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def server_processes(server_pid: int) -> dict[str, int]:
     """{'tritonserver': pid, '<model> stub': pid, ...}: the server's process group (it runs
     in its own session, see cmg_build.server), stubs named by the model whose model.py they run."""
@@ -83,7 +73,7 @@ class RssSampler:
 
     def sample(self) -> dict:
         procs = server_processes(self.server_pid)
-        rss = {name: _rss_bytes(pid) for name, pid in procs.items()}
+        rss = {name: rss_bytes(pid) for name, pid in procs.items()}
         row = {"t_s": time.perf_counter() - self.t0, "rss_mib": {k: v / MIB for k, v in rss.items() if v}}
         self.samples.append(row)
         return row

@@ -269,7 +269,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
             points = measure_grid(name, mode, settings, bar)
             best = max(points, key=lambda p: p["throughput"])
             results.append({"name": name, "auroc": float(roc_auc_score(labels, scores[name])),
-                            "points": points, "flops_per_frame": mode_flops[name],
+                            "points": points, "skipped": mode.skipped, "flops_per_frame": mode_flops[name],
                             "best": {"concurrency": best["concurrency"], "batch": best["batch"],
                                      "throughput": best["throughput"]},
                             "achieved_gflops": best["throughput"] * mode_flops[name] / 1e9,

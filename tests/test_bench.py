@@ -4,6 +4,7 @@ structure from a real (smoke-sized) run. Never the speed: the machine is shared.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,56 @@ def test_sweep_keeps_client_batches_within_the_served_models_limit(capsys):
     assert fit_served_batches(full, {}) is full  # in-process modes only: nothing to fit
     with pytest.raises(CMGError, match=r"client batch 32 is above model 'cmg''s max_batch_size 8"):
         served.measure(1, 32, None)
+
+
+def test_call_peak_bytes_sees_memory_freed_inside_the_call():
+    from cmg_bench.memory import available_bytes, call_peak_bytes
+
+    def hold(mb: int) -> None:
+        block = np.ones(mb * 2**20 // 8)  # pages touched: resident while the call runs
+        time.sleep(0.05)
+        del block
+
+    small, large = call_peak_bytes(lambda: hold(16)), call_peak_bytes(lambda: hold(256))
+    assert small is not None and large is not None and available_bytes() > 0
+    assert 200 * 2**20 < large < 400 * 2**20 and small < 64 * 2**20
+
+
+def test_in_process_points_that_would_not_fit_in_memory_are_skipped(monkeypatch):
+    """A real in-process mode that holds 256 MB per call, on a machine said to have 1 GB
+    free: 2 concurrent calls run, 8 (2 GB) are named and skipped, concurrency 1 always runs.
+    (The full sweep on `small` was OOM-killed at 32 concurrent calls: about 30 GB.)"""
+    from cmg_bench import common
+    from cmg_bench.loadgen import Window
+    from cmg_bench.modes import InProcessMode
+    from cmg_bench.sweep import Settings
+
+    class Holder(InProcessMode):
+        name = "holder"
+
+        def infer(self, frames: np.ndarray) -> np.ndarray:
+            block = np.ones(256 * 2**20 // 8)
+            time.sleep(0.02)
+            return np.full(len(frames), block[0], np.float32)
+
+    class Bar:
+        def __init__(self):
+            self.lines = []
+
+        def set_postfix_str(self, text):
+            pass
+
+        def update(self, n):
+            pass
+
+        def write(self, line):
+            self.lines.append(line)
+
+    monkeypatch.setattr(common, "available_bytes", lambda: 2**30)
+    mode, bar = Holder(np.zeros((4, 8, 8, 3), np.uint8)), Bar()
+    window = Window(warmup_s=0.0, window_s=0.1, min_requests=1, max_window_s=5.0)
+    points = common.measure_grid("holder", mode, Settings((1, 2, 8), (1,), window), bar)
+    assert [p["concurrency"] for p in points] == [1, 2]
+    assert [(s["concurrency"], s["batch"]) for s in mode.skipped] == [(8, 1)]
+    assert "8 concurrent calls need about 2." in mode.skipped[0]["reason"]
+    assert bar.lines and "holder c8 b1 not measured" in bar.lines[0]
