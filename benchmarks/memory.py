@@ -7,28 +7,26 @@ import threading
 from collections.abc import Callable
 
 
-def rss_bytes(pid: int | str = "self") -> int | None:
-    """Resident set size of a process, or None when it is gone or /proc is missing."""
+def _proc_field_bytes(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a /proc file, in bytes; None when the file or line is missing."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size of a process, or None when it is gone or /proc is missing."""
+    return _proc_field_bytes(f"/proc/{pid}/status", "VmRSS")
 
 
 def available_bytes() -> int | None:
     """The kernel's estimate of memory a new allocation can get without swapping (MemAvailable)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
+    return _proc_field_bytes("/proc/meminfo", "MemAvailable")
 
 
 def call_peak_bytes(fn: Callable[[], object], interval_s: float = 0.001) -> int | None:
