@@ -139,27 +139,25 @@ def measure_grid(name: str, mode, settings, bar) -> list[dict]:
     for batch in settings.batch:
         for conc in settings.concurrency:
             bar.set_postfix_str(f"{name} c{conc} b{batch}")
-            reason = memory_refusal(mode, conc, batch, admitted)
+            # served modes are not checked: the server queues requests beyond its instances
+            per_call = mode.call_bytes(batch) if hasattr(mode, "call_bytes") else None
+            reason = memory_refusal(conc, per_call, admitted)
             if reason:
                 mode.skipped.append({"concurrency": conc, "batch": batch, "reason": reason})
                 bar.write(f"cmg bench: {name} c{conc} b{batch} not measured: {reason}")
             else:
                 points.append(mode.measure(conc, batch, settings.window).to_dict())
-                per_call = mode.call_bytes(batch) if hasattr(mode, "call_bytes") else None
                 admitted = max(admitted, conc * (per_call or 0))
             bar.update(1)
     return points
 
 
-def memory_refusal(mode, concurrency: int, batch: int, admitted: int) -> str | None:
-    """Why `concurrency` simultaneous in-process calls at `batch` should not run, or None.
-
-    Concurrency 1 always runs (the mode must be measurable at all); served modes are not
-    checked (the server queues requests beyond its instances)."""
-    if concurrency == 1 or not hasattr(mode, "call_bytes"):
-        return None
-    per_call, free = mode.call_bytes(batch), available_bytes()
-    if per_call is None or free is None:
+def memory_refusal(concurrency: int, per_call: int | None, admitted: int) -> str | None:
+    """Why `concurrency` simultaneous in-process calls of `per_call` bytes each should not
+    run, or None. Concurrency 1 always runs (the mode must be measurable at all); without a
+    per-call or free-memory reading (served modes, no /proc) nothing is refused."""
+    free = available_bytes()
+    if concurrency == 1 or per_call is None or free is None:
         return None
     need, budget = concurrency * per_call, free + admitted
     if need <= MEMORY_SHARE * budget:

@@ -151,18 +151,25 @@ class OrtInProcess(InProcessMode):
     def __init__(self, repo: Path, frames: np.ndarray, name: str = ORT_INPROCESS) -> None:
         super().__init__(frames)
         self.name = name
-        graphs = served_graphs(Path(repo))
-        self.sessions = [ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-                         for path, threads in graphs]
-        self.threads = max(threads for _, threads in graphs)
-        self.graphs = [str(path) for path, _ in graphs]
-        self._graph_threads = [(str(path), threads) for path, threads in graphs]
+        self._served = served_graphs(Path(repo))
+        self.sessions = self._sessions(arena=True)
+        self.threads = max(threads for _, threads in self._served)
+        self.graphs = [str(path) for path, _ in self._served]
         self.max_batch = int(json.loads((Path(repo) / "build_report.json").read_text())["max_batch"])
 
     def scores(self, frames: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """In batches of at most the served max_batch, as the server sees them: the kNN's
         [batch, patches, bank rows] distances are sized for that batch (memory, docs/results.md)."""
         return super().scores(frames, min(chunk or self.max_batch, self.max_batch))
+
+    def _sessions(self, arena: bool) -> list[ort.InferenceSession]:
+        """One session per served graph, with the thread count its config.pbtxt gives it."""
+        sessions = []
+        for path, threads in self._served:
+            options = session_options(threads)
+            options.enable_cpu_mem_arena = arena
+            sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+        return sessions
 
     def infer(self, frames: np.ndarray) -> np.ndarray:
         return self._run(self.sessions, frames)
@@ -178,11 +185,7 @@ class OrtInProcess(InProcessMode):
     def _probe(self, frames: np.ndarray) -> Callable[[], object]:
         """The call on fresh sessions without ONNX Runtime's memory arena: a session that has
         run keeps its largest buffers in the arena, so its next call shows no new memory."""
-        probes = []
-        for path, threads in self._graph_threads:
-            options = session_options(threads)
-            options.enable_cpu_mem_arena = False
-            probes.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+        probes = self._sessions(arena=False)
         return lambda: self._run(probes, frames)
 
 
