@@ -77,13 +77,15 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
     scores = np.array([r["score"] for r in ok])
     flagged = np.array([r["is_anomaly"] for r in ok])
     auroc = float(roc_auc_score(labels, scores))
-    roc = roc_plot(labels, {"cmg (served)": scores}, workdir / "demo_roc.png", "streamed test split")
+    tpr, fpr = float(flagged[labels == 1].mean()), float(flagged[labels == 0].mean())
+    roc = roc_plot(labels, {"cmg (served)": scores}, workdir / "demo_roc.png", "streamed test split",
+                   point=(fpr, tpr, "served IS_ANOMALY"))
     report = {
         "frames": len(lines),
         "errors": len(lines) - len(ok),
         "image_auroc": auroc,
-        "true_positive_rate": float(flagged[labels == 1].mean()),
-        "false_positive_rate": float(flagged[labels == 0].mean()),
+        "true_positive_rate": tpr,
+        "false_positive_rate": fpr,
         "latency_p50_ms": summary.p50_ms,
         "latency_p99_ms": summary.p99_ms,
         "fps": summary.fps,

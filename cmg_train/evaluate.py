@@ -32,7 +32,7 @@ from cmg_train.local.bank import PatchBank
 from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
-from cmg_train.metrics import auroc, paired_bootstrap
+from cmg_train.metrics import auroc, operating_point, paired_bootstrap
 from cmg_train.plots import mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
@@ -115,7 +115,9 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     cover = {"scorer": defect_coverage(keep_mask_cfg(test_ps, cfg.cmer), test.gt)}
     normal = torch.from_numpy(test.labels == 0)
     cover["normal_false_alarms"] = false_alarm_peaks(test_maps[normal], keep_mask_cfg(test_ps[normal], cfg.cmer))
-    add_row("run", out["scores"], out["maps"])
+    at = operating_point(test.labels, test.defects, out["scores"], float(run.detector.threshold))
+    at["target_false_positive_rate"] = cfg.scoring.fpr
+    add_row("run", out["scores"], out["maps"], {"at_threshold": at})
     if ablation:
         shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress)
     for row in rows:
@@ -130,8 +132,9 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
               "labels": test.labels.tolist(), "defects": test.defects}
     stem = "ablation" if ablation else "eval"
     (eval_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]))
-    roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC")
+    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]) + threshold_table([report]))
+    roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
+             point=(at["false_positive_rate"], at["recall"], "run at its calibrated threshold"))
     pick = _showcase(test.defects)
     mask_grid(test.frames.numpy()[pick], shown["keeps"][pick], shown["maps"][pick],
               [test.defects[i] for i in pick], eval_dir / f"{stem}_masks.png", gt=test.gt[pick])
@@ -228,7 +231,42 @@ def aggregate(reports: list[dict]) -> dict:
             row["gain_vs_baseline_ci95"] = paired_bootstrap(labels, pairs)
         out_rows.append(row)
     return {"rows": out_rows, "seeds": [rep["seed"] for rep in reports], "data": reports[0]["data"],
-            "config": reports[0]["config"], "test_images": reports[0]["test_images"]}
+            "config": reports[0]["config"], "test_images": reports[0]["test_images"],
+            "at_threshold": [_run_row(rep).get("at_threshold") for rep in reports]}
+
+
+def _run_row(report: dict) -> dict:
+    return next((r for r in report["rows"] if r["name"] == "run"), {})
+
+
+def threshold_table(reports: list[dict]) -> str:
+    """The run at its calibrated threshold, one line per seed (and the median): what a line
+    would see, next to the FPR it was calibrated for on held-out normals."""
+    points = [(rep["seed"], _run_row(rep).get("at_threshold")) for rep in reports]
+    points = [(seed, p) for seed, p in points if p]
+    if not points:
+        return ""
+    kinds = sorted({k for _, p in points for k in p["recall_per_defect"]})
+    lines = ["", "The run at its calibrated threshold (a frame is flagged above it):", "",
+             "| seed | threshold | target FPR | test FPR (95% CI) | recall | " + " | ".join(kinds) + " |",
+             "|" + "---|" * (5 + len(kinds))]
+
+    def line(label: str, thr: str, p: dict, ci: str) -> str:
+        per = [_fmt(p["recall_per_defect"].get(k)) for k in kinds]
+        return (f"| {label} | {thr} | {p['target_false_positive_rate']:.3f} | {_fmt(p['false_positive_rate'])}{ci} | "
+                f"{_fmt(p['recall'])} | " + " | ".join(per) + " |")
+
+    for seed, p in points:
+        lo, hi = p["false_positive_rate_ci95"] or (None, None)
+        lines.append(line(str(seed), f"{p['threshold']:.3f}", p, f" ({lo:.2f}-{hi:.2f})" if lo is not None else ""))
+    if len(points) > 1:
+        med = lambda key: float(np.median([p[key] for _, p in points]))  # noqa: E731
+        median = {"target_false_positive_rate": points[0][1]["target_false_positive_rate"],
+                  "false_positive_rate": med("false_positive_rate"), "recall": med("recall"),
+                  "recall_per_defect": {k: float(np.median([p["recall_per_defect"][k] for _, p in points]))
+                                        for k in kinds}}
+        lines.append(line("median", "-", median, ""))
+    return "\n".join(lines) + "\n"
 
 
 def _showcase(defects: list[str]) -> list[int]:
@@ -291,12 +329,13 @@ def run(args: argparse.Namespace) -> int:
             report = evaluate(r, data, args.ablation, not args.no_progress, test)
         reports.append(report)
     if len(reports) == 1:
-        print(markdown_table(reports[0]["rows"]), end="")
+        print(markdown_table(reports[0]["rows"]) + threshold_table(reports), end="")
         return 0
     agg = aggregate(reports)
     out = args.out or runs[0].path.parent / "eval_seeds"
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(agg, indent=2))
-    (out / "seeds.md").write_text(markdown_table(agg["rows"]))
-    print(markdown_table(agg["rows"]), end="")
+    text = markdown_table(agg["rows"]) + threshold_table(reports)
+    (out / "seeds.md").write_text(text)
+    print(text, end="")
     return 0

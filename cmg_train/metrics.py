@@ -1,10 +1,13 @@
-"""AUROC and its paired bootstrap interval: what training (the fusion choice) and evaluation
-(the ablation's intervals) both judge with, so the two read scores the same way."""
+"""AUROC and its paired bootstrap interval, the threshold rule and the operating point it
+gives: what training (the fusion choice, the threshold) and evaluation (the ablation's
+intervals, the threshold on the test split) both judge with, so the two read scores the same way."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import roc_auc_score
 
 
@@ -36,3 +39,37 @@ def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarra
     vals = vals[np.isfinite(vals)] / len(pairs)
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return [float(lo), float(hi)]
+
+
+def normal_threshold(normal_scores: np.ndarray, fpr: float) -> tuple[float, float]:
+    """Threshold over held-out normal scores that flags at most `fpr` of future normal frames,
+    and that bound. Split-conformal: the ceil((n+1)(1-fpr))-th smallest score, so a new normal
+    frame exchangeable with these exceeds it with probability <= (n+1-k)/(n+1) <= fpr. A plain
+    interpolated quantile sits below it and flags more than `fpr` of the very frames it was set
+    on. With too few frames for the target (k > n) the threshold is their maximum and the bound,
+    1/(n+1), is above `fpr`: the report says so instead of promising the target."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
+    if s.size == 0:
+        raise ValueError("no held-out normal scores to set a threshold on")
+    n = s.size
+    k = min(math.ceil((n + 1) * (1.0 - fpr)), n)
+    return float(s[k - 1]), (n + 1 - k) / (n + 1)
+
+
+def operating_point(labels: np.ndarray, defects: list[str], scores: np.ndarray, threshold: float) -> dict:
+    """What a line sees at one threshold (a frame is flagged when its score is above it): the
+    share of normal frames flagged (with its exact 95% interval: a test split holds tens of
+    normal frames) and the share of anomalies caught, over all and per defect kind."""
+    flagged = np.asarray(scores) > threshold
+    labels = np.asarray(labels)
+    normal, anomalous = flagged[labels == 0], flagged[labels == 1]
+    fp = binomtest(int(normal.sum()), max(len(normal), 1)).proportion_ci(0.95, method="exact") if len(normal) else None
+    kinds = sorted(set(defects) - {"good"})
+    return {
+        "threshold": float(threshold),
+        "normal_frames": int(len(normal)),
+        "false_positive_rate": float(normal.mean()) if len(normal) else None,
+        "false_positive_rate_ci95": [float(fp.low), float(fp.high)] if fp else None,
+        "recall": float(anomalous.mean()) if len(anomalous) else None,
+        "recall_per_defect": {k: float(flagged[np.array([d == k for d in defects])].mean()) for k in kinds},
+    }

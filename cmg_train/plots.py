@@ -12,11 +12,15 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 
-def roc_plot(labels: np.ndarray, rows: dict[str, np.ndarray], path: Path, title: str) -> Path:
+def roc_plot(labels: np.ndarray, rows: dict[str, np.ndarray], path: Path, title: str,
+             point: tuple[float | None, float | None, str] | None = None) -> Path:
+    """ROC curve per row; `point` = (FPR, TPR, label) marks an operating point (a threshold)."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, scores in rows.items():
         fpr, tpr, _ = roc_curve(labels, scores)
         ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
+    if point is not None and point[0] is not None and point[1] is not None:
+        ax.plot([point[0]], [point[1]], "ko", ms=6, label=f"{point[2]} (FPR {point[0]:.2f}, TPR {point[1]:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")

@@ -46,7 +46,7 @@ from cmg_train.local.fit import synthetic_check, train_local
 from cmg_train.local.model import LocalNet
 from cmg_train.loop import batched
 from cmg_train.masking import upsample_keep
-from cmg_train.metrics import paired_bootstrap
+from cmg_train.metrics import normal_threshold, paired_bootstrap
 from cmg_train.preprocess import Preprocess
 from cmg_train.runlog import append_jsonl, run_folder
 from cmg_train.teacher.fit import train_teacher
@@ -104,13 +104,15 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
         fusion = choose_global_weight(det, val_frames, val_scores, g, lmax, cfg.seed)
         det.global_weight.fill_(fusion["global_weight"])
     fused = det.fuse(g, lmax)
-    det.threshold.fill_(float(torch.quantile(fused, 1.0 - cfg.scoring.fpr)))
+    threshold, bound = normal_threshold(fused.numpy(), cfg.scoring.fpr)
+    det.threshold.fill_(threshold)
     metrics = {
         "use_mask": use_mask,
         "lambda": lam,
         "global_bank": int(pooled.shape[0]),
         "threshold": float(det.threshold),
         "val_false_positive_rate": float((fused > det.threshold).float().mean()),
+        "false_positive_rate_bound": bound,
         "fusion": fusion,
         "head": head_metrics,
     }

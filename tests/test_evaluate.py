@@ -1,5 +1,6 @@
-"""`cmg eval`: AUROCs on hand-made scores, the paired bootstrap, the aggregate over seeds,
-the markdown tables, and the ablation table on the tiny run."""
+"""`cmg eval`: AUROCs on hand-made scores, the paired bootstrap, the threshold rule and its
+operating point, the aggregate over seeds, the markdown tables, and the ablation table on the
+tiny run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from cmg_train.evaluate import (
     markdown_table,
     paired_bootstrap,
     pixel_auroc,
+    threshold_table,
 )
+from cmg_train.metrics import normal_threshold, operating_point
 
 N_BOOT = 100  # resamples: each costs one sklearn AUROC (~4 ms) per pair; the default is 1000
 
@@ -153,6 +156,59 @@ def test_aggregate_gain_is_paired_over_seeds(seeds):
     assert 0 < lo < 0.25 < hi  # pooled mean gain on the full set is also 0.25
 
 
+# -- the threshold and what it does -------------------------------------------------------
+
+
+def test_normal_threshold_keeps_its_false_positive_promise_on_new_normals():
+    """Over many held-out sets of 30 normals, a new normal frame is flagged at most `fpr` of the
+    time (the split-conformal guarantee); the interpolated quantile it replaced flags more."""
+    rng = np.random.default_rng(0)
+    fpr, trials = 0.05, 4000
+    held, new = rng.normal(size=(trials, 30)), rng.normal(size=(trials, 200))
+    ours = np.array([normal_threshold(h, fpr)[0] for h in held])
+    plain = np.quantile(held, 1 - fpr, axis=1)
+    assert (new > ours[:, None]).mean() <= fpr + 0.003  # k = 30: bound 1/31 = 0.032
+    assert (new > plain[:, None]).mean() > fpr + 0.005
+    assert all((h > t).mean() <= fpr for h, t in zip(held, ours, strict=True))  # and on the frames it was set on
+
+
+def test_normal_threshold_order_statistic_and_bound():
+    s = np.arange(1.0, 101.0)[::-1]  # 100 held-out scores, unsorted
+    thr, bound = normal_threshold(s, 0.05)  # k = ceil(101 * 0.95) = 96
+    assert thr == 96.0 and bound == pytest.approx(5 / 101)
+    thr, bound = normal_threshold(np.arange(10.0), 0.05)  # too few for 5%: the maximum, and the honest bound
+    assert thr == 9.0 and bound == pytest.approx(1 / 11) and bound > 0.05
+    with pytest.raises(ValueError, match="no held-out normal scores"):
+        normal_threshold(np.array([]), 0.05)
+
+
+def test_operating_point_counts_flags_above_the_threshold():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    defects = ["good"] * 4 + ["hole", "hole", "stain", "stain"]
+    scores = np.array([0.1, 0.2, 0.6, 0.5, 0.9, 0.4, 0.5, 0.7])
+    p = operating_point(labels, defects, scores, 0.5)  # 0.5 itself is not above it
+    assert p["false_positive_rate"] == 0.25 and p["recall"] == 0.5 and p["normal_frames"] == 4
+    assert p["recall_per_defect"] == {"hole": 0.5, "stain": 0.5}
+    lo, hi = p["false_positive_rate_ci95"]  # Clopper-Pearson for 1 of 4
+    assert lo == pytest.approx(0.00631, abs=1e-4) and hi == pytest.approx(0.80589, abs=1e-4)
+
+
+def _at(seed: int, fp: float, rec: float) -> dict:
+    return {"name": "run", "at_threshold": {
+        "threshold": 1.0 + seed, "normal_frames": 20, "false_positive_rate": fp, "false_positive_rate_ci95": [0.0, 0.3],
+        "recall": rec, "recall_per_defect": {"hole": rec, "stain": rec / 2}, "target_false_positive_rate": 0.05}}
+
+
+def test_threshold_table_per_seed_and_median():
+    reports = [{"seed": s, "rows": [_at(s, fp, rec)]} for s, fp, rec in ((0, 0.1, 0.4), (1, 0.0, 0.2), (2, 0.05, 0.6))]
+    lines = threshold_table(reports).splitlines()
+    assert lines[3] == "| seed | threshold | target FPR | test FPR (95% CI) | recall | hole | stain |"
+    assert lines[5] == "| 0 | 1.000 | 0.050 | 0.100 (0.00-0.30) | 0.400 | 0.400 | 0.200 |"
+    assert lines[-1] == "| median | - | 0.050 | 0.050 | 0.400 | 0.400 | 0.200 |"
+    assert threshold_table(reports[:1]).splitlines()[-1].startswith("| 0 | 1.000 |")  # one run: no median line
+    assert threshold_table([{"seed": 0, "rows": [{"name": "baseline"}]}]) == ""
+
+
 # -- tables ----------------------------------------------------------------------------
 
 
@@ -224,7 +280,11 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert cover["normal_false_alarms"] == pytest.approx(alarms)
     assert alarms["normal_frames"] == int(normal.sum()) and 0 <= alarms["peak_outside_keep"] <= 1
     assert 0 < cover["teacher"]["defect_pixels_kept"] <= 1
+    at = rows["run"]["at_threshold"]  # the served threshold on the test split
+    assert at == operating_point(report["labels"], report["defects"], np.array(report["scores"]["run"]),
+                                 float(run.detector.threshold)) | {"target_false_positive_rate": run.cfg.scoring.fpr}
+    assert set(at["recall_per_defect"]) == TINY_DEFECTS and 0 <= at["false_positive_rate"] <= 1
     eval_dir = run.path / "eval"
     for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):
         assert (eval_dir / f).stat().st_size > 0
-    assert (eval_dir / "ablation.md").read_text() == markdown_table(report["rows"])
+    assert (eval_dir / "ablation.md").read_text() == markdown_table(report["rows"]) + threshold_table([report])
