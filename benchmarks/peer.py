@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -325,21 +327,32 @@ def _anomalib_modes(name: str, fitted: dict, frames: np.ndarray, out: Path, thre
 
     def onnx() -> InProcessMode:
         path = fitted["engine"].export(model=model, export_type="onnx", export_root=export_root, input_size=size)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def session(arena: bool) -> ort.InferenceSession:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            opts.enable_cpu_mem_arena = arena
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        sess = session(arena=True)
         in_name = sess.get_inputs()[0].name
         dim = sess.get_inputs()[0].shape[0]
         fixed = dim if isinstance(dim, int) else None
         if fixed:
             notes[f"anomalib_onnx_{name}_fixed_batch"] = fixed
 
-        def run(f: np.ndarray) -> np.ndarray:
-            return sess.run(["pred_score"], {in_name: _float_nchw(f)})[0].reshape(-1)
+        def run(s: ort.InferenceSession, f: np.ndarray) -> np.ndarray:
+            return s.run(["pred_score"], {in_name: _float_nchw(f)})[0].reshape(-1)
 
         class Onnx(InProcessMode):
             def infer(self, f: np.ndarray) -> np.ndarray:
-                return _in_chunks(run, f, fixed)
+                return _in_chunks(functools.partial(run, sess), f, fixed)
+
+            def _probe(self, f: np.ndarray) -> Callable[[], object]:
+                """On a fresh session without the arena, as `OrtInProcess` probes: a session that
+                has run (parity scores come first) keeps its buffers and shows no new memory."""
+                probe = session(arena=False)
+                return lambda: _in_chunks(functools.partial(run, probe), f, fixed)
 
         return Onnx(frames)
 
