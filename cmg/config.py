@@ -113,7 +113,7 @@ class CMLEConfig:
 @dataclass
 class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
-    fpr: float = 0.05             # threshold: this false-positive rate on held-out normals
+    fpr: float = 0.05             # threshold: at most this false-positive rate on new normals (split-conformal on held-out ones)
     fusion: str = "auto"          # image score from the normalised global and local scores: auto (weighted sum,
                                   # weight chosen on synthetic anomalies of held-out normals) | max | mean | local
     map_size: int = 16            # ANOMALY_MAP is map_size x map_size (divides the local map's side)
