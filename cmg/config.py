@@ -113,7 +113,9 @@ class CMLEConfig:
 @dataclass
 class ScoringConfig:
     k_global: int = 5             # neighbours for the global kNN score
-    fpr: float = 0.05             # threshold: at most this false-positive rate on new normals (split-conformal on held-out ones)
+    fpr: float = 0.05             # threshold: at most this false-positive rate on new normals (split-conformal)
+    train_frames: int = 200       # bank: also calibrate the threshold on up to this many training frames, each
+                                  # scored with its own rows out of both banks (0: the held-out normals alone)
     fusion: str = "auto"          # image score from the normalised global and local scores: auto (weighted sum,
                                   # weight chosen on synthetic anomalies of held-out normals) | max | mean | local
     map_size: int = 16            # ANOMALY_MAP is map_size x map_size (divides the local map's side)

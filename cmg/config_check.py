@@ -52,6 +52,7 @@ RANGES: dict[str, Range] = {
     "alpha": (0, 1, True, False),
     "rho": (0, 1, True, False),
     "fpr": (0, 1, True, True),
+    "train_frames": (0, None, False, False),
     "max_batch": (1, None, False, False),
     "opt_batch": (1, None, False, False),
     "queue_delay_us": (0, None, False, False),

@@ -123,6 +123,26 @@ def test_patch_bank_scores_its_own_training_patches_zero_and_round_trips():
         assert torch.equal(clone(other_frames := _frames(2, 32, 1)), bank(other_frames))
 
 
+@pytest.mark.parametrize("colour", ["grey", "grey+rgb"])
+def test_a_fitted_frame_left_out_scores_as_against_the_other_frames(colour):
+    """Threshold calibration scores training frames without their own bank rows: with every
+    patch in the bank, that is exactly a bank fitted on the other frames."""
+    cfg = Config()
+    cfg.data.image_size, cfg.local.bank_size, cfg.local.colour = 32, 10_000, colour
+    train, held_out = _frames(3, 32, 0), _frames(2, 32, 2)
+    bank, _ = fit_patch_bank(cfg, train, progress=False, held_out=held_out)
+    assert [r.tolist() for r in bank.row_frames] == [sorted(r.tolist()) for r in bank.row_frames]  # frame-major
+    with torch.no_grad():
+        got = bank.map_without_own_rows(train[[2, 0]], torch.tensor([2, 0]))
+        for row, i in enumerate((2, 0)):
+            others, _ = fit_patch_bank(cfg, train[[j for j in range(3) if j != i]], progress=False)
+            others.scales.copy_(bank.scales)  # the same units as the full bank's
+            torch.testing.assert_close(got[row:row + 1], others(train[i:i + 1]), rtol=1e-4, atol=1e-3)
+        assert float(got.min()) > 10 * float(bank(train).max())  # not its own zero distance
+    with pytest.raises(ValueError, match="rows' frames"):
+        bank_from_state(bank_state(bank)).map_without_own_rows(train[:1], torch.tensor([0]))
+
+
 def test_patch_features_upsample_the_frame_before_the_backbone():
     f1 = PatchFeatures("efficientnet_lite0", 32, 1, None)
     f2 = PatchFeatures("efficientnet_lite0", 32, 2, None)

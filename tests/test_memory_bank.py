@@ -42,3 +42,16 @@ def test_knn_distance_exports_as_one_matmul_and_topk(tmp_path):
                       input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("MatMul") == 1 and ops.count("TopK") == 1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_excluding_rows_equals_a_bank_without_them(k):
+    g = torch.Generator().manual_seed(3)
+    bank, x = torch.randn(40, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    exclude = torch.zeros(2, 40, dtype=torch.bool)
+    exclude[0, :10], exclude[1, [3, 17, 39]] = True, True  # per query: its own rows
+    got = KNNDistance(bank, k).excluding(x, exclude)
+    for b in range(2):
+        torch.testing.assert_close(got[b], KNNDistance(bank[~exclude[b]], k)(x[b]))
+    flat = KNNDistance(bank, k).excluding(x[:, 0], exclude)  # [B, D] queries: one row each
+    torch.testing.assert_close(flat, got[:, 0])

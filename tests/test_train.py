@@ -235,9 +235,12 @@ def test_metrics_report_every_stage(metrics, run):
     assert m["graph"]["unique_captions"] >= run.cfg.cmle.min_unique_captions
     assert m["threshold"] == pytest.approx(float(run.detector.threshold))
     n_val = metrics["images"]["val"]
-    k = min(math.ceil((n_val + 1) * (1 - run.cfg.scoring.fpr)), n_val)  # split-conformal rank
-    assert m["false_positive_rate_bound"] == pytest.approx((n_val + 1 - k) / (n_val + 1))
-    assert m["val_false_positive_rate"] <= run.cfg.scoring.fpr  # never above its target on its own frames
+    normals = m["threshold_normals"]  # held-out normals and training frames scored left out of the banks
+    assert normals == {"held_out": n_val,
+                       "training_left_out": min(run.cfg.scoring.train_frames, metrics["images"]["train"])}
+    n = sum(normals.values())
+    k = min(math.ceil((n + 1) * (1 - run.cfg.scoring.fpr)), n)  # split-conformal rank
+    assert m["false_positive_rate_bound"] == pytest.approx((n + 1 - k) / (n + 1))
     assert m["global_bank"] == metrics["images"]["train"] and m["head"]["loss_last"] < m["head"]["loss_first"]
     assert set(metrics["timings"]) == {"teacher_s", "cmer_s", "local_s", "cmle_s", "total_s"}
 

@@ -114,6 +114,9 @@ class PatchBank(nn.Module):
         self.knn = KNNDistance(banks[0], k)
         self.knn_views = nn.ModuleList(KNNDistance(b, k) for b in banks[1:])
         self.register_buffer("scales", torch.ones(len(banks)) if scales is None else scales.float().reshape(-1))
+        # Which fitted frame each bank row came from, per view (set by fit_patch_bank; not in
+        # checkpoints or graphs): what `map_without_own_rows` leaves out.
+        self.row_frames: list[Tensor] | None = None
 
     def view_distances(self, frames: Tensor) -> list[Tensor]:
         """Each view's unscaled distances [B, h*w] (what the scales are fitted on)."""
@@ -128,10 +131,25 @@ class PatchBank(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         f = self.features(frames)
-        b, _, h, w = f.shape
-        views = self._distances(f)
+        return self._map(self._distances(f), f.shape)
+
+    def _map(self, views: list[Tensor], shape: torch.Size) -> Tensor:
+        b, _, h, w = shape
         d = views[0] if len(views) == 1 else sum(v / self.scales[i] for i, v in enumerate(views)) / len(views)
         return d.reshape(b, 1, int(h), int(w))
+
+    def map_without_own_rows(self, frames: Tensor, frame_ids: Tensor) -> Tensor:
+        """The map of fitted frames `frame_ids` (indices into the frames the bank was fitted
+        on), each with its own rows left out of every view's bank: close to what the frame
+        would score had it not been in training (the coreset was chosen with it there)."""
+        if self.row_frames is None:
+            raise ValueError("PatchBank: the bank does not know its rows' frames (only a freshly fitted one does)")
+        f = self.features(frames)
+        x = f.flatten(2).transpose(1, 2)
+        parts = x.chunk(1 + len(self.knn_views), -1)
+        views = [knn.excluding(v, src[None, :] == frame_ids[:, None])
+                 for knn, v, src in zip([self.knn, *self.knn_views], parts, self.row_frames, strict=True)]
+        return self._map(views, f.shape)
 
     def train(self, mode: bool = True) -> PatchBank:
         return super().train(False)  # frozen backbone and a constant bank: always eval
@@ -175,9 +193,11 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
         return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
 
     (flat,) = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress, desc="patch features")
-    banks = [view[greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)]
-             for view in flat.chunk(features.views, 1)]
+    chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)
+              for view in flat.chunk(features.views, 1)]
+    banks = [view[idx] for view, idx in zip(flat.chunk(features.views, 1), chosen, strict=True)]
     net = PatchBank(features, banks, cfg.local.k).eval()
+    net.row_frames = [idx // (features.side ** 2) for idx in chosen]  # rows are frame-major
     metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
                "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
