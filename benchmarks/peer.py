@@ -51,6 +51,7 @@ from cmg_bench.modes import (
     served_graphs,
 )
 from cmg_bench.sweep import Settings, machine_info
+from cmg_model_repository.model import session_options
 
 PEERS = ("patchcore", "padim")
 INSTALL_HINT = 'pip install -e ".[peer]"'
@@ -329,8 +330,7 @@ def _anomalib_modes(name: str, fitted: dict, frames: np.ndarray, out: Path, thre
         path = fitted["engine"].export(model=model, export_type="onnx", export_root=export_root, input_size=size)
 
         def session(arena: bool) -> ort.InferenceSession:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            opts = session_options(threads)  # the options cmg's own in-process mode runs with
             opts.enable_cpu_mem_arena = arena
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

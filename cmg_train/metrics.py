@@ -63,7 +63,7 @@ def operating_point(labels: np.ndarray, defects: list[str], scores: np.ndarray, 
     flagged = np.asarray(scores) > threshold
     labels = np.asarray(labels)
     normal, anomalous = flagged[labels == 0], flagged[labels == 1]
-    fp = binomtest(int(normal.sum()), max(len(normal), 1)).proportion_ci(0.95, method="exact") if len(normal) else None
+    fp = binomtest(int(normal.sum()), len(normal)).proportion_ci(0.95, method="exact") if len(normal) else None
     kinds = sorted(set(defects) - {"good"})
     return {
         "threshold": float(threshold),
