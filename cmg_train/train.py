@@ -140,11 +140,9 @@ def left_out_scores(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.
     ids = torch.linspace(0, len(frames) - 1, min(limit, len(frames))).round().long().unique()
 
     def one(f: torch.Tensor, s: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = det.keep(s)
-        z = det.head(det.embed(det.teacher.preprocess(f), keep))
+        r = det.raw(f, s, local_map=det.local.map_without_own_rows(f, i))
         own = torch.nn.functional.one_hot(i, det.global_knn.bank_sq.shape[0]).bool()
-        _, local = det.local_scores(det.local.map_without_own_rows(f, i), keep)
-        return det.global_knn.excluding(z, own), local
+        return det.global_knn.excluding(r.z, own), r.local_score
 
     g, lmax = batched(one, frames[ids], patch_scores[ids], ids, batch_size=4, progress=progress,
                       desc="threshold: left-out frames")

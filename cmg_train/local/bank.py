@@ -122,12 +122,13 @@ class PatchBank(nn.Module):
         """Each view's unscaled distances [B, h*w] (what the scales are fitted on)."""
         return self._distances(self.features(frames))
 
-    def _distances(self, f: Tensor) -> list[Tensor]:
+    def _view_patches(self, f: Tensor) -> list[Tensor]:
+        """Features [B, C, h, w] -> each view's patch rows [B, h*w, C / views], in bank order."""
         x = f.flatten(2).transpose(1, 2)
-        if not len(self.knn_views):
-            return [self.knn(x)]
-        views = x.chunk(1 + len(self.knn_views), -1)
-        return [knn(v) for knn, v in zip([self.knn, *self.knn_views], views, strict=True)]
+        return [x] if not len(self.knn_views) else list(x.chunk(1 + len(self.knn_views), -1))
+
+    def _distances(self, f: Tensor) -> list[Tensor]:
+        return [knn(v) for knn, v in zip([self.knn, *self.knn_views], self._view_patches(f), strict=True)]
 
     def forward(self, frames: Tensor) -> Tensor:
         f = self.features(frames)
@@ -145,10 +146,8 @@ class PatchBank(nn.Module):
         if self.row_frames is None:
             raise ValueError("PatchBank: the bank does not know its rows' frames (only a freshly fitted one does)")
         f = self.features(frames)
-        x = f.flatten(2).transpose(1, 2)
-        parts = x.chunk(1 + len(self.knn_views), -1)
         views = [knn.excluding(v, src[None, :] == frame_ids[:, None])
-                 for knn, v, src in zip([self.knn, *self.knn_views], parts, self.row_frames, strict=True)]
+                 for knn, v, src in zip([self.knn, *self.knn_views], self._view_patches(f), self.row_frames, strict=True)]
         return self._map(views, f.shape)
 
     def train(self, mode: bool = True) -> PatchBank:
@@ -193,9 +192,9 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
         return f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
 
     (flat,) = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress, desc="patch features")
-    chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress)
-              for view in flat.chunk(features.views, 1)]
-    banks = [view[idx] for view, idx in zip(flat.chunk(features.views, 1), chosen, strict=True)]
+    views = flat.chunk(features.views, 1)
+    chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress) for view in views]
+    banks = [view[idx] for view, idx in zip(views, chosen, strict=True)]
     net = PatchBank(features, banks, cfg.local.k).eval()
     net.row_frames = [idx // (features.side ** 2) for idx in chosen]  # rows are frame-major
     metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
