@@ -46,6 +46,8 @@ class TeacherConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 96])  # scratch image tower
     downsample: int = 1           # image tower (backbone or scratch): average-pool frames by this factor first
     hidden: int = 512             # backbone teacher: width of the projection MLP
+    pool: str = "grid"            # backbone teacher: grid (deepest tap on a 4 x 4 grid, one MLP) |
+                                  # attention (each CMER cell embedded, attention-pooled: it localises)
     steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
@@ -71,6 +73,8 @@ class CMERConfig:
     alpha: float = 0.2
     rho: float = 0.4
     grow: bool = True             # grow the keep-mask by one patch (3x3 max-pool)
+    relevance: str = "occlusion"  # what the scorer learns: occlusion (the paper's P+1 passes) |
+                                  # attention (the attention teacher's cell weights; teacher.pool: attention)
     occlusion_batch: int = 512    # teacher passes per forward when computing relevance
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
@@ -186,6 +190,10 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         raise ValueError(f"config: data.image_size {size} is not a multiple of cmer.grid {grid}")
     if size % 8:
         raise ValueError(f"config: data.image_size {size} must be a multiple of 8 (local model strides)")
+    if cfg.cmer.relevance == "attention" and (cfg.teacher.source, cfg.teacher.pool) != ("backbone", "attention"):
+        raise ValueError(f"config: cmer.relevance attention reads the attention teacher's weights; it needs "
+                         f"teacher.source backbone and teacher.pool attention, got {cfg.teacher.source} / "
+                         f"{cfg.teacher.pool}")
     side = cfg.local_map_side
     if side % cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide the local map's side "

@@ -62,6 +62,8 @@ RANGES: dict[str, Range] = {
 # Full dotted path -> allowed values of a string key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.source": ("backbone", "scratch", "open_clip"),
+    "teacher.pool": ("grid", "attention"),
+    "cmer.relevance": ("occlusion", "attention"),
     "backbone.variant": ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "local.model": ("bank", "unet"),
     "local.score": ("max", "max_minus_p90"),

@@ -28,7 +28,7 @@ from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
-from cmg_train.cmer.fit import occlusion_relevance, train_scorer
+from cmg_train.cmer.fit import attention_relevance, occlusion_relevance, train_scorer
 from cmg_train.cmer.model import OcclusionTeacher, ScorerGraph, keep_mask_cfg
 from cmg_train.cmer.report import cmer_metrics, speed_ratio
 from cmg_train.cmle.fit import (
@@ -271,7 +271,10 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
 
     t = time.perf_counter()
     text = teacher.encode_text(captions)
-    relevance = occlusion_relevance(teacher, frames, text, cfg.grid, cfg.cmer.occlusion_batch, progress)
+    if cfg.cmer.relevance == "attention":
+        relevance = attention_relevance(teacher, frames, cfg.grid)
+    else:
+        relevance = occlusion_relevance(teacher, frames, text, cfg.grid, cfg.cmer.occlusion_batch, progress)
     scorer, scorer_metrics = train_scorer(cfg, teacher, frames[tr], relevance[tr], progress, log)
     one_pass = ScorerGraph(teacher.preprocess, scorer).eval()
     (scores,) = batched(one_pass, frames)

@@ -42,6 +42,7 @@ def test_tiny_values_and_resolve():
     cfg = load_config(resolve_config("tiny"))
     assert (cfg.grid, cfg.data.image_size, cfg.scoring.map_size) == (8, 64, 16)
     assert cfg.teacher.source == "backbone" and cfg.local.model == "bank"  # offline: packaged weights
+    assert (cfg.teacher.pool, cfg.cmer.relevance) == ("attention", "attention")  # as `small`: a mask that finds the part
     vit = load_config(resolve_config("vit-b32"))
     assert vit.teacher.source == "open_clip" and vit.teacher.arch == "ViT-B-32"
 
@@ -84,6 +85,8 @@ def test_unknown_keys_are_errors(values, where):
     ({"scoring": {"fusion": "sum"}}, "expected one of auto, mean, max, local"),
     ({"cmle": {"text_encoder": "bert"}}, "expected one of minilm, teacher"),
     ({"data": 3}, "mapping"),
+    ({"cmer": {"relevance": "attention"}}, "needs teacher.source backbone and teacher.pool attention, got backbone / grid"),
+    ({"teacher": {"pool": "mean"}}, "expected one of grid, attention"),
 ])
 def test_inconsistent_values_are_errors(values, message):
     with pytest.raises(ValueError, match=message):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,10 @@ from torch import nn
 
 from cmg.config import Config, TeacherConfig
 from cmg.errors import CMGError
+from cmg_build.opcheck import check_model
+from cmg_train.cmer.fit import attention_relevance, occlusion_relevance
+from cmg_train.cmer.model import OcclusionTeacher
+from cmg_train.export import _export
 from cmg_train.preprocess import Preprocess
 from cmg_train.teacher.fit import random_keep, train_teacher
 from cmg_train.teacher.model import (
@@ -261,3 +267,92 @@ def test_train_teacher_learns_retrieval_and_logs():
     np.testing.assert_allclose(teacher.preprocess.mean, Preprocess.fit(f[tr]).mean, atol=1e-6)
     np.testing.assert_allclose(m["mean"], teacher.preprocess.mean, atol=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+# -- the attention tower: a teacher that localises ---------------------------------------
+
+ATTENTION = TeacherConfig(source="backbone", pool="attention", hidden=64)
+
+
+def square_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[tuple[int, int]]]:
+    """64 px grey noise, one captioned coloured square in a random cell of the 4 x 4 grid and
+    an uncaptioned white one (clutter) in another: which cell does the caption need?"""
+    g = torch.Generator().manual_seed(seed)
+    names = [k for k in COLOURS if k not in ("white", "black")]
+    out, caps, cells = [], [], []
+    for i in range(n):
+        f = (torch.randint(90, 130, (64, 64, 1), generator=g)).expand(64, 64, 3).clone()
+        a, b = torch.randperm(16, generator=g)[:2].tolist()
+        name = names[i % len(names)]
+        for cell, colour in ((a, COLOURS[name]), (b, COLOURS["white"])):
+            y, x = 16 * (cell // 4), 16 * (cell % 4)
+            f[y + 3:y + 13, x + 3:x + 13] = torch.tensor(colour)
+        out.append(f.to(torch.uint8))
+        caps.append(f"a {name} square")
+        cells.append((a, b))
+    return torch.stack(out), caps, cells
+
+
+def test_attention_tower_state_round_trip_and_grid_errors():
+    torch.manual_seed(0)
+    teacher = build_teacher(ATTENTION, 64, MEAN, STD, grid=4)
+    clone = teacher_from_state(teacher_state(teacher))
+    f = frames(3, size=64)
+    with torch.no_grad():
+        assert torch.equal(clone(f), teacher(f)) and clone(f).shape == (3, MINILM_DIM)
+        _, weight = teacher.visual.cells(teacher.preprocess(f))
+    assert clone.visual.grid == 4 and weight.shape == (3, 16)
+    torch.testing.assert_close(weight.sum(1), torch.ones(3))
+    with pytest.raises(CMGError, match="on the 3 x 3 CMER grid needs a stride-21.3333 block"):
+        build_teacher(ATTENTION, 64, MEAN, STD, grid=3)
+
+
+@pytest.mark.slow  # trains a teacher on the real backbone: about 15 s
+def test_attention_teacher_relevance_finds_the_captioned_square_not_the_clutter():
+    """Occlusion relevance on the trained attention teacher peaks on the cell the caption
+    describes: what CMER's keep-mask needs (the grid tower's did not localise on real data)."""
+    f, caps, cells = square_pairs(96)
+    cfg = Config()
+    cfg.data.image_size, cfg.cmer.grid = 64, 4
+    cfg.backbone.variant = "efficientnet_lite0"
+    cfg.teacher = TeacherConfig(source="backbone", pool="attention", hidden=64, steps=80, batch_size=48,
+                                lr=3e-3, shift=0, fill_prob=0.3)
+    tr, va = torch.arange(24, 96), torch.arange(24)
+    teacher, m = train_teacher(cfg, f, caps, tr, va, progress=False)
+    assert m["retrieval_top1"] > 0.5
+    text = teacher.encode_text([caps[i] for i in va.tolist()])
+    for rel in (occlusion_relevance(teacher, f[va], text, grid=4), attention_relevance(teacher, f[va], grid=4)):
+        assert rel.shape == (24, 4, 4)
+        top = rel.flatten(1).argmax(1).tolist()
+        hits = sum(t == cells[i][0] for t, i in zip(top, va.tolist(), strict=True))
+        clutter = sum(t == cells[i][1] for t, i in zip(top, va.tolist(), strict=True))
+        assert hits >= 18 and clutter <= 2, (hits, clutter)
+
+
+def test_attention_relevance_needs_the_attention_tower():
+    with pytest.raises(CMGError, match="not the attention tower"):
+        attention_relevance(build_teacher(TeacherConfig(source="backbone", hidden=32), 64, MEAN, STD),
+                            frames(2, size=64), grid=4)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_attention_teacher_exports_as_the_occlusion_graph(tmp_path):
+    """The exact-mode graph (P+1 passes of the attention teacher) passes TensorRT's op rules
+    and ONNX Runtime gives the PyTorch relevance at any batch."""
+    torch.manual_seed(0)
+    teacher = build_teacher(ATTENTION, 64, MEAN, STD, grid=4)
+    bank = F.normalize(torch.randn(3, MINILM_DIM, generator=torch.Generator().manual_seed(1)), dim=-1)
+    graph = OcclusionTeacher(teacher, bank, 4).eval()
+    path = tmp_path / "cmer_teacher.onnx"
+    f = frames(3, size=64, seed=2)
+    _export(graph, (f[:2],), path, ["IMAGE"], ["PATCH_SCORES"])
+    model = onnx.load(path)
+    for d in model.graph.output[0].type.tensor_type.shape.dim[1:]:
+        d.dim_value = 4  # the contract's static G x G, as cmg export declares it
+    assert check_model(model) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = graph(f).numpy()
+    for n in (1, 3):
+        (got,) = sess.run(None, {"IMAGE": f[:n].numpy()})
+        np.testing.assert_allclose(got, want[:n], atol=1e-5, rtol=1e-4)

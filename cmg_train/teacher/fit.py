@@ -49,7 +49,7 @@ def train_teacher(cfg: Config, frames: Tensor, captions: list[str], train_idx: T
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pp = Preprocess.fit(frames[train_idx])
-    teacher = build_teacher(tc, size, pp.mean, pp.std, backbone=cfg.backbone)
+    teacher = build_teacher(tc, size, pp.mean, pp.std, backbone=cfg.backbone, grid=cfg.grid)
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     text_bank = teacher.encode_text(unique)

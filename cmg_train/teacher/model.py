@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cmg.config import BackboneConfig, TeacherConfig
 from cmg.errors import CMGError
-from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps
+from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps, default_taps
 from cmg_train.preprocess import Preprocess
 from cmg_train.text import MINILM_DIM, minilm_embeddings
 
@@ -128,6 +128,71 @@ class BackboneTower(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pooled(x))
+
+
+class AttentionTower(nn.Module):
+    """Normalised NCHW -> [B, embed_dim]: each cell of the CMER grid embedded, attention-pooled.
+
+    The frozen backbone's last block whose map is the G x G grid and the next coarser one
+    (stride 8 and 16 on a 64 px frame, G = 8) are brought onto the grid, with the cell's
+    coordinates (captions name positions); a 1x1 two-layer head gives every cell an
+    embedding and an attention logit, and the image embedding is the softmax-weighted sum.
+    Why: the `grid` tower's one MLP over a pooled grid spreads what a caption describes over
+    the whole frame, so filling one cell barely moved it and occlusion relevance was no
+    better than a random mask at finding the part (docs/results.md, "The keep-mask, swept");
+    here a cell the caption does not describe can only lose weight, so filling a part cell
+    moves the embedding and filling clutter does not.
+    """
+
+    def __init__(self, backbone: BackboneConfig, image_size: int, embed_dim: int, hidden: int,
+                 mean: Sequence[float], std: Sequence[float], grid: int, downsample: int = 1,
+                 load_weights: bool = True):
+        super().__init__()
+        self.downsample, self.grid = int(downsample), int(grid)
+        size = image_size // self.downsample
+        stride = size // self.grid
+        probe = EfficientNetLite(backbone.variant, 64, [0])
+        if size % self.grid or stride not in probe.strides:
+            raise CMGError(f"teacher: a {size} px frame (after teacher.downsample {self.downsample}) on the "
+                           f"{self.grid} x {self.grid} CMER grid needs a stride-{size / self.grid:g} block; "
+                           f"{backbone.variant} has strides {sorted(set(probe.strides))}")
+        strides = [s for s in (stride, 2 * stride) if s in probe.strides]
+        self.backbone = EfficientNetLite(backbone.variant, size, default_taps(backbone.variant, strides))
+        if load_weights:
+            self.backbone.load_package_weights()
+        self.backbone.requires_grad_(False)
+        scale = torch.tensor(std) / torch.tensor(LITE_STD)
+        shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
+        self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+        width = sum(self.backbone.channels)
+        # one per block, before the grid (their scales differ by 10x)
+        self.norm = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in self.backbone.channels)
+        self.body = nn.Sequential(nn.Conv2d(width + 2, hidden, 1), nn.ReLU(inplace=True))
+        self.embed = nn.Conv2d(hidden, embed_dim, 1)
+        self.attend = nn.Conv2d(hidden, 1, 1)
+
+    def train(self, mode: bool = True) -> AttentionTower:
+        super().train(mode)
+        self.backbone.eval()  # frozen: its batch-norm statistics are ImageNet's, never the batch's
+        return self
+
+    def _on_grid(self, f: Tensor) -> Tensor:
+        if int(f.shape[-1]) < self.grid:  # the coarser block: each of its cells covers 2 x 2 grid cells
+            return F.interpolate(f, size=(self.grid, self.grid), mode="nearest")
+        return f
+
+    def cells(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """-> cell embeddings [B, E, G*G] and attention weights [B, G*G] (sum 1 per image)."""
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
+        feats = self.backbone(x * self.scale + self.shift)
+        h = self.body(coord_channels(torch.cat([self._on_grid(n(f)) for n, f in zip(self.norm, feats, strict=True)], 1)))
+        return self.embed(h).flatten(2), self.attend(h).flatten(1).softmax(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        emb, weight = self.cells(x)
+        return (emb * weight.unsqueeze(1)).sum(-1)
 
 
 class Teacher(nn.Module):
@@ -246,12 +311,17 @@ def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
 
 def build_teacher(cfg: TeacherConfig, image_size: int, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, load_weights: bool = True,
-                  backbone: BackboneConfig | None = None) -> Teacher:
-    """An untrained backbone or scratch teacher, or an open_clip one with its weights; no training."""
+                  backbone: BackboneConfig | None = None, grid: int = 8) -> Teacher:
+    """An untrained backbone or scratch teacher, or an open_clip one with its weights; no training.
+    `grid`: the CMER grid G (the attention tower embeds its cells)."""
     if cfg.source == "backbone":
         pp = Preprocess(mean or (0.5, 0.5, 0.5), std or (0.25, 0.25, 0.25))
-        visual = BackboneTower(backbone or BackboneConfig(), image_size, MINILM_DIM, cfg.hidden, pp.mean, pp.std,
-                               cfg.downsample, load_weights)
+        if cfg.pool == "attention":
+            visual = AttentionTower(backbone or BackboneConfig(), image_size, MINILM_DIM, cfg.hidden, pp.mean,
+                                    pp.std, grid, cfg.downsample, load_weights)
+        else:
+            visual = BackboneTower(backbone or BackboneConfig(), image_size, MINILM_DIM, cfg.hidden, pp.mean,
+                                   pp.std, cfg.downsample, load_weights)
         return Teacher(cfg, image_size, pp, visual, _minilm_text, MINILM_DIM).eval()
     if cfg.source == "scratch":
         visual = ImageTower(cfg.channels, MINILM_DIM, cfg.downsample)
@@ -274,6 +344,7 @@ def teacher_state(teacher: Teacher) -> dict:
         "config": dataclasses.asdict(teacher.cfg),
         "backbone": {"variant": backbone.variant, "taps": list(backbone.taps)} if backbone is not None else None,
         "image_size": teacher.image_size,
+        "grid": int(getattr(teacher.visual, "grid", 8)),
         "mean": teacher.preprocess.mean,
         "std": teacher.preprocess.std,
         "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
@@ -286,7 +357,8 @@ def teacher_from_state(state: dict) -> Teacher:
         cfg = TeacherConfig(**state["config"])
         bb = state.get("backbone")
         teacher = build_teacher(cfg, int(state["image_size"]), state["mean"], state["std"],
-                                load_weights=False, backbone=BackboneConfig(**bb) if bb else None)
+                                load_weights=False, backbone=BackboneConfig(**bb) if bb else None,
+                                grid=int(state.get("grid", 8)))
         teacher.load_state_dict(state["state_dict"])
     except KeyError as exc:
         raise CMGError(f"teacher state: missing key {exc}") from exc
