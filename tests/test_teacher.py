@@ -329,6 +329,18 @@ def test_attention_teacher_relevance_finds_the_captioned_square_not_the_clutter(
         assert hits >= 18 and clutter <= 2, (hits, clutter)
 
 
+def test_grid_tower_state_round_trip():
+    """The grid tower (`teacher.pool: grid`, the other shipped configs) still builds, embeds
+    and round-trips; the attention one is `small`'s and `tiny`'s."""
+    torch.manual_seed(0)
+    teacher = build_teacher(TeacherConfig(source="backbone", hidden=32), 64, MEAN, STD)
+    clone = teacher_from_state(teacher_state(teacher))
+    f = frames(2, size=64)
+    with torch.no_grad():
+        assert torch.equal(clone(f), teacher(f)) and teacher(f).shape == (2, MINILM_DIM)
+    assert type(clone.visual).__name__ == "BackboneTower"
+
+
 def test_attention_relevance_needs_the_attention_tower():
     with pytest.raises(CMGError, match="not the attention tower"):
         attention_relevance(build_teacher(TeacherConfig(source="backbone", hidden=32), 64, MEAN, STD),

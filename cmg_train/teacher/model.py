@@ -85,6 +85,20 @@ class ImageTower(nn.Module):
         return self.head(self.pooled(x))
 
 
+def attach_frozen_backbone(tower: nn.Module, variant: str, size: int, taps: list[int], mean: Sequence[float],
+                           std: Sequence[float], load_weights: bool) -> None:
+    """tower.backbone = the frozen packaged backbone; buffers `scale`, `shift` convert the
+    teacher's (dataset-normalised) input to the backbone's own scaling in one multiply-add."""
+    tower.backbone = EfficientNetLite(variant, size, taps)
+    if load_weights:
+        tower.backbone.load_package_weights()
+    tower.backbone.requires_grad_(False)
+    scale = torch.tensor(std) / torch.tensor(LITE_STD)
+    shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
+    tower.register_buffer("scale", scale.float().view(1, 3, 1, 1))
+    tower.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+
+
 class BackboneTower(nn.Module):
     """Normalised NCHW -> [B, embed_dim]: frozen pretrained backbone, its deepest tap pooled to a
     4 x 4 grid (position survives: captions name it), then a trained two-layer projection.
@@ -101,14 +115,8 @@ class BackboneTower(nn.Module):
         super().__init__()
         taps = backbone_taps(backbone)
         self.downsample = int(downsample)
-        self.backbone = EfficientNetLite(backbone.variant, image_size // self.downsample, [max(taps)])
-        if load_weights:
-            self.backbone.load_package_weights()
-        self.backbone.requires_grad_(False)
-        scale = torch.tensor(std) / torch.tensor(LITE_STD)
-        shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
-        self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
-        self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+        attach_frozen_backbone(self, backbone.variant, image_size // self.downsample, [max(taps)], mean, std,
+                               load_weights)
         side = self.backbone.blocks[-1].out_size
         self.grid = min(self.GRID, side)
         self.pool = side // self.grid  # a static kernel: ONNX cannot export adaptive pooling here
@@ -157,14 +165,8 @@ class AttentionTower(nn.Module):
                            f"{self.grid} x {self.grid} CMER grid needs a stride-{size / self.grid:g} block; "
                            f"{backbone.variant} has strides {sorted(set(probe.strides))}")
         strides = [s for s in (stride, 2 * stride) if s in probe.strides]
-        self.backbone = EfficientNetLite(backbone.variant, size, default_taps(backbone.variant, strides))
-        if load_weights:
-            self.backbone.load_package_weights()
-        self.backbone.requires_grad_(False)
-        scale = torch.tensor(std) / torch.tensor(LITE_STD)
-        shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
-        self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
-        self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+        attach_frozen_backbone(self, backbone.variant, size, default_taps(backbone.variant, strides), mean, std,
+                               load_weights)
         width = sum(self.backbone.channels)
         # one per block, before the grid (their scales differ by 10x)
         self.norm = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in self.backbone.channels)
