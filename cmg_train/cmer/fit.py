@@ -19,7 +19,7 @@ from cmg_train.cmer.model import (
     relevance_maps,
 )
 from cmg_train.cmer.report import keep_iou
-from cmg_train.loop import fit
+from cmg_train.loop import batched, fit
 from cmg_train.teacher.model import AttentionTower, Teacher
 
 
@@ -61,11 +61,12 @@ def attention_relevance(teacher: Teacher, frames: Tensor, grid: int, batch: int 
     if not isinstance(visual, AttentionTower):
         raise CMGError(f"cmer.relevance attention: the teacher's image side is {type(visual).__name__}, "
                        f"not the attention tower (teacher.pool: attention)")
-    out = []
-    for i in range(0, len(frames), batch):
-        _, weight = visual.cells(teacher.preprocess(torch.as_tensor(frames[i:i + batch]).to(teacher.device)))
-        out.append(weight.view(-1, grid, grid).cpu())
-    return torch.cat(out) if out else torch.zeros(0, grid, grid)
+    frames = torch.as_tensor(frames)
+    if not len(frames):
+        return torch.zeros(0, grid, grid)
+    (weight,) = batched(lambda f: visual.cells(teacher.preprocess(f.to(teacher.device)))[1].cpu(), frames,
+                        batch_size=batch)
+    return weight.view(-1, grid, grid)
 
 
 def normalised_target(relevance: Tensor) -> Tensor:

@@ -85,21 +85,29 @@ class ImageTower(nn.Module):
         return self.head(self.pooled(x))
 
 
-def attach_frozen_backbone(tower: nn.Module, variant: str, size: int, taps: list[int], mean: Sequence[float],
-                           std: Sequence[float], load_weights: bool) -> None:
-    """tower.backbone = the frozen packaged backbone; buffers `scale`, `shift` convert the
-    teacher's (dataset-normalised) input to the backbone's own scaling in one multiply-add."""
-    tower.backbone = EfficientNetLite(variant, size, taps)
-    if load_weights:
-        tower.backbone.load_package_weights()
-    tower.backbone.requires_grad_(False)
-    scale = torch.tensor(std) / torch.tensor(LITE_STD)
-    shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
-    tower.register_buffer("scale", scale.float().view(1, 3, 1, 1))
-    tower.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+class FrozenBackboneTower(nn.Module):
+    """A trained head on the frozen packaged backbone: the one place that attaches it, with
+    the buffers `scale`, `shift` that convert the teacher's (dataset-normalised) input to the
+    backbone's own scaling in one multiply-add, and keeps it in eval mode while training."""
+
+    def _attach_backbone(self, variant: str, size: int, taps: list[int], mean: Sequence[float],
+                         std: Sequence[float], load_weights: bool) -> None:
+        self.backbone = EfficientNetLite(variant, size, taps)
+        if load_weights:
+            self.backbone.load_package_weights()
+        self.backbone.requires_grad_(False)
+        scale = torch.tensor(std) / torch.tensor(LITE_STD)
+        shift = (torch.tensor(mean) - torch.tensor(LITE_MEAN)) / torch.tensor(LITE_STD)
+        self.register_buffer("scale", scale.float().view(1, 3, 1, 1))
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> FrozenBackboneTower:
+        super().train(mode)
+        self.backbone.eval()  # frozen: its batch-norm statistics are ImageNet's, never the batch's
+        return self
 
 
-class BackboneTower(nn.Module):
+class BackboneTower(FrozenBackboneTower):
     """Normalised NCHW -> [B, embed_dim]: frozen pretrained backbone, its deepest tap pooled to a
     4 x 4 grid (position survives: captions name it), then a trained two-layer projection.
     Frames must be a multiple of 16 x the grid per side after `downsample` (64 px for 4 x 4).
@@ -115,18 +123,12 @@ class BackboneTower(nn.Module):
         super().__init__()
         taps = backbone_taps(backbone)
         self.downsample = int(downsample)
-        attach_frozen_backbone(self, backbone.variant, image_size // self.downsample, [max(taps)], mean, std,
-                               load_weights)
+        self._attach_backbone(backbone.variant, image_size // self.downsample, [max(taps)], mean, std, load_weights)
         side = self.backbone.blocks[-1].out_size
         self.grid = min(self.GRID, side)
         self.pool = side // self.grid  # a static kernel: ONNX cannot export adaptive pooling here
         width = self.backbone.channels[-1] * self.grid * self.grid
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
-
-    def train(self, mode: bool = True) -> BackboneTower:
-        super().train(mode)
-        self.backbone.eval()  # frozen: its batch-norm statistics are ImageNet's, never the batch's
-        return self
 
     def pooled(self, x: Tensor) -> Tensor:
         if self.downsample > 1:  # what captions describe is visible at a fraction of the resolution
@@ -138,7 +140,7 @@ class BackboneTower(nn.Module):
         return self.head(self.pooled(x))
 
 
-class AttentionTower(nn.Module):
+class AttentionTower(FrozenBackboneTower):
     """Normalised NCHW -> [B, embed_dim]: each cell of the CMER grid embedded, attention-pooled.
 
     The frozen backbone's last block whose map is the G x G grid and the next coarser one
@@ -165,19 +167,14 @@ class AttentionTower(nn.Module):
                            f"{self.grid} x {self.grid} CMER grid needs a stride-{size / self.grid:g} block; "
                            f"{backbone.variant} has strides {sorted(set(probe.strides))}")
         strides = [s for s in (stride, 2 * stride) if s in probe.strides]
-        attach_frozen_backbone(self, backbone.variant, size, default_taps(backbone.variant, strides), mean, std,
-                               load_weights)
+        self._attach_backbone(backbone.variant, size, default_taps(backbone.variant, strides), mean, std,
+                              load_weights)
         width = sum(self.backbone.channels)
         # one per block, before the grid (their scales differ by 10x)
         self.norm = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in self.backbone.channels)
         self.body = nn.Sequential(nn.Conv2d(width + 2, hidden, 1), nn.ReLU(inplace=True))
         self.embed = nn.Conv2d(hidden, embed_dim, 1)
         self.attend = nn.Conv2d(hidden, 1, 1)
-
-    def train(self, mode: bool = True) -> AttentionTower:
-        super().train(mode)
-        self.backbone.eval()  # frozen: its batch-norm statistics are ImageNet's, never the batch's
-        return self
 
     def _on_grid(self, f: Tensor) -> Tensor:
         if int(f.shape[-1]) < self.grid:  # the coarser block: each of its cells covers 2 x 2 grid cells
@@ -346,7 +343,7 @@ def teacher_state(teacher: Teacher) -> dict:
         "config": dataclasses.asdict(teacher.cfg),
         "backbone": {"variant": backbone.variant, "taps": list(backbone.taps)} if backbone is not None else None,
         "image_size": teacher.image_size,
-        "grid": int(getattr(teacher.visual, "grid", 8)),
+        "grid": teacher.visual.grid if isinstance(teacher.visual, AttentionTower) else None,  # the CMER grid it embeds
         "mean": teacher.preprocess.mean,
         "std": teacher.preprocess.std,
         "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
@@ -360,7 +357,7 @@ def teacher_from_state(state: dict) -> Teacher:
         bb = state.get("backbone")
         teacher = build_teacher(cfg, int(state["image_size"]), state["mean"], state["std"],
                                 load_weights=False, backbone=BackboneConfig(**bb) if bb else None,
-                                grid=int(state.get("grid", 8)))
+                                grid=int(state.get("grid") or 8))
         teacher.load_state_dict(state["state_dict"])
     except KeyError as exc:
         raise CMGError(f"teacher state: missing key {exc}") from exc
