@@ -7,12 +7,14 @@ Ablation rows share the run's teacher, CMER scorer, seed, data and training budg
 - cmle: the CMLE loss alone; cmg: both (the trained run); cmg_exact: CMG scored with the
   paper's P+1-pass occlusion teacher instead of the one-pass scorer;
 - diagnostic rows: CMG's local score alone and its global (CMLE kNN) score alone;
-- reference rows: kNN on the teacher's image embeddings, and pyod's ECOD on them.
+- reference rows: kNN on the teacher's image embeddings, and pyod's ECOD on them;
+- the run at other keep-mask thresholds (`alpha_sweep`): what `cmer.alpha` is worth here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
 from cmg_train.metrics import auroc, operating_point, paired_bootstrap
-from cmg_train.plots import mask_grid, roc_plot
+from cmg_train.plots import alpha_plot, mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
     fit_detector,
@@ -43,6 +45,8 @@ from cmg_train.train import (
 # name -> (keep-mask at scoring, CMLE loss, local model practised inside the keep-mask)
 ABLATION = {"baseline": (False, False), "cmer": (True, False), "cmle": (False, True), "cmg": (True, True)}
 SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "patchcore", "teacher_knn", "pyod_ecod")
+# Keep-mask thresholds the ablation also scores the run at (0: every patch kept).
+SWEEP_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def image_metrics(labels: np.ndarray, defects: list[str], scores: np.ndarray) -> dict:
@@ -96,6 +100,26 @@ def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.T
             "keeps": out.keep_mask.numpy(), "global": raw.global_score.numpy(), "local": raw.local_score.numpy()}
 
 
+def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, maps: torch.Tensor,
+                alphas: tuple[float, ...] = SWEEP_ALPHAS) -> list[dict]:
+    """The run scored at other keep-mask thresholds (`cmer.alpha`; 0 keeps every patch), on
+    this test split, without training again: the scorer, the bank and the head do not depend
+    on alpha (the run's normalisation and fusion weight are kept). What a user reads to set
+    alpha for their line from labelled frames of it. [] when the rule has no alpha."""
+    if det.cmer_cfg.rule != "relative" or not det.use_mask:
+        return []
+    cfg, rows = det.cmer_cfg, []
+    try:
+        for a in alphas:
+            det.cmer_cfg, det.use_mask = dataclasses.replace(cfg, alpha=a), a > 0
+            o = score_detector(det, test.frames, patch_scores, maps)
+            rows.append({"alpha": a, **image_metrics(test.labels, test.defects, o["scores"]),
+                         "pixel_auroc": pixel_auroc(o["maps"], test.gt), "kept": float(o["keeps"].mean())})
+    finally:
+        det.cmer_cfg, det.use_mask = cfg, True
+    return rows
+
+
 def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None) -> dict:
     """Score the test split of `data` with the run (and, with `ablation`, every row)."""
     cfg = run.cfg
@@ -118,8 +142,10 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     at = operating_point(test.labels, test.defects, out["scores"], float(run.detector.threshold))
     at["target_false_positive_rate"] = cfg.scoring.fpr
     add_row("run", out["scores"], out["maps"], {"at_threshold": at})
+    sweep: list[dict] = []
     if ablation:
         shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress)
+        sweep = alpha_sweep(run.detector, test, test_ps, test_maps)
     for row in rows:
         if "baseline" in scores and row["name"] != "baseline":
             row["delta_vs_baseline"] = auroc(test.labels, scores[row["name"]]) - auroc(test.labels, scores["baseline"])
@@ -129,10 +155,14 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     report = {"rows": rows, "data": str(Path(data).resolve()), "seed": cfg.seed, "config": cfg.name,
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
-              "labels": test.labels.tolist(), "defects": test.defects}
+              "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha}
+    if sweep:
+        report["alpha_sweep"] = sweep
+        alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
     (eval_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]) + threshold_table([report]))
+    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]) + threshold_table([report])
+                                         + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
              point=(at["false_positive_rate"], at["recall"], "run at its calibrated threshold"))
     pick = _showcase(test.defects)
@@ -232,7 +262,50 @@ def aggregate(reports: list[dict]) -> dict:
         out_rows.append(row)
     return {"rows": out_rows, "seeds": [rep["seed"] for rep in reports], "data": reports[0]["data"],
             "config": reports[0]["config"], "test_images": reports[0]["test_images"],
-            "at_threshold": [_run_row(rep).get("at_threshold") for rep in reports]}
+            "at_threshold": [_run_row(rep).get("at_threshold") for rep in reports],
+            "alpha_sweep": alpha_medians(reports)}
+
+
+def alpha_medians(reports: list[dict]) -> list[dict]:
+    """The alpha sweep over seeds: medians and ranges of image AUROC and of its gain over
+    alpha 0 (the same run with every patch kept), pixel AUROC and the share of the frame kept.
+    [] unless every report has the same sweep."""
+    sweeps = [rep.get("alpha_sweep") or [] for rep in reports]
+    alphas = [r["alpha"] for r in sweeps[0]]
+    if not alphas or any([r["alpha"] for r in sw] != alphas for sw in sweeps) or 0.0 not in alphas:
+        return []
+    rows = []
+    for i, a in enumerate(alphas):
+        per = [sw[i] for sw in sweeps]
+        base = [sw[alphas.index(0.0)] for sw in sweeps]
+        img = [r["image_auroc"] for r in per]
+        gain = [r["image_auroc"] - b["image_auroc"] for r, b in zip(per, base, strict=True)]
+        pix = [r["pixel_auroc"] for r in per if r.get("pixel_auroc") is not None]
+        rows.append({"alpha": a, "image_auroc": float(np.median(img)),
+                     "image_auroc_range": [float(min(img)), float(max(img))],
+                     "gain": float(np.median(gain)), "gain_range": [float(min(gain)), float(max(gain))],
+                     "pixel_auroc": float(np.median(pix)) if pix else None,
+                     "kept": float(np.median([r["kept"] for r in per])), "seeds": len(per)})
+    return rows
+
+
+def alpha_table(reports: list[dict]) -> str:
+    """The alpha sweep as markdown (medians over the reports' seeds; the run's alpha marked)."""
+    rows = alpha_medians(reports)
+    if not rows:
+        return ""
+    mine = {rep.get("alpha") for rep in reports}
+    lines = ["", "The run at other keep-mask thresholds (`cmer.alpha`; 0 keeps every patch; scorer, bank and "
+             "calibration as trained):", "",
+             "| alpha | image AUROC, median (range) | gain over alpha 0 (range over seeds) | pixel AUROC | frame kept |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["image_auroc_range"]
+        glo, ghi = r["gain_range"]
+        name = f"{r['alpha']:.2f}" + (" (run)" if r["alpha"] in mine else "")
+        lines.append(f"| {name} | {r['image_auroc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['gain']:+.3f} ({glo:+.3f} to "
+                     f"{ghi:+.3f}) | {_fmt(r['pixel_auroc'])} | {r['kept']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _run_row(report: dict) -> dict:
@@ -329,13 +402,16 @@ def run(args: argparse.Namespace) -> int:
             report = evaluate(r, data, args.ablation, not args.no_progress, test)
         reports.append(report)
     if len(reports) == 1:
-        print(markdown_table(reports[0]["rows"]) + threshold_table(reports), end="")
+        print(markdown_table(reports[0]["rows"]) + threshold_table(reports) + alpha_table(reports), end="")
         return 0
     agg = aggregate(reports)
     out = args.out or runs[0].path.parent / "eval_seeds"
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(agg, indent=2))
-    text = markdown_table(agg["rows"]) + threshold_table(reports)
+    text = markdown_table(agg["rows"]) + threshold_table(reports) + alpha_table(reports)
     (out / "seeds.md").write_text(text)
+    if agg["alpha_sweep"]:
+        alpha_plot([rep["alpha_sweep"] for rep in reports], reports[0].get("alpha"), out / "alpha.png",
+                   f"{agg['config']}: keep-mask threshold, {len(reports)} seeds")
     print(text, end="")
     return 0

@@ -1,4 +1,5 @@
-"""Pictures people look at: ROC curves and test images with keep-masks and anomaly maps."""
+"""Pictures people look at: ROC curves, test images with keep-masks and anomaly maps, and
+what the keep-mask threshold does."""
 
 from __future__ import annotations
 
@@ -51,6 +52,28 @@ def mask_grid(frames: np.ndarray, keeps: np.ndarray, maps: np.ndarray, titles: l
     axes[0, 0].text(-0.1, 0.5, "frame", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
     axes[1, 0].text(-0.1, 0.5, "keep-mask", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
     axes[2, 0].text(-0.1, 0.5, "anomaly map", transform=axes[2, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def alpha_plot(sweeps: list[list[dict]], alpha: float | None, path: Path, title: str) -> Path:
+    """Image AUROC and the share of the frame kept against the keep-mask threshold, one line
+    per seed (`evaluate.alpha_sweep` rows); the run's alpha marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    kept = ax.twinx()
+    for i, rows in enumerate(sweeps):
+        a = [r["alpha"] for r in rows]
+        ax.plot(a, [r["image_auroc"] for r in rows], "o-", color="C0", alpha=0.8, label="image AUROC" if i == 0 else None)
+        kept.plot(a, [r["kept"] for r in rows], "s--", color="C2", alpha=0.6, label="frame kept" if i == 0 else None)
+    if alpha is not None:
+        ax.axvline(alpha, color="k", lw=0.8, ls=":", label=f"run's alpha {alpha:g}")
+    ax.set(xlabel="keep-mask threshold alpha (0: every patch kept)", ylabel="image AUROC", title=title)
+    kept.set_ylabel("share of the frame kept")
+    kept.set_ylim(0, 1.05)
+    handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """`cmg eval`: AUROCs on hand-made scores, the paired bootstrap, the threshold rule and its
-operating point, the aggregate over seeds, the markdown tables, and the ablation table on the
-tiny run."""
+operating point, the aggregate over seeds, the markdown tables, the keep-mask threshold
+sweep, and the ablation table on the tiny run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 from cmg_train import evaluate as ev
 from cmg_train.evaluate import (
     ABLATION,
+    SWEEP_ALPHAS,
     aggregate,
+    alpha_medians,
+    alpha_table,
     auroc,
     image_metrics,
     markdown_table,
@@ -238,6 +241,32 @@ def test_seeds_table(seeds):
     assert lines[3].endswith("| 0.750 | 0.600 |")
 
 
+def _sweep_report(seed: int, aucs: tuple[float, float], alpha: float = 0.3) -> dict:
+    return {"seed": seed, "alpha": alpha,
+            "alpha_sweep": [{"alpha": a, "image_auroc": v, "pixel_auroc": 0.9, "kept": 1 - a}
+                            for a, v in zip((0.0, 0.3), aucs, strict=True)]}
+
+
+def test_alpha_sweep_over_seeds_is_paired_with_each_seeds_alpha_0():
+    reports = [_sweep_report(0, (0.80, 0.83)), _sweep_report(1, (0.70, 0.71)), _sweep_report(2, (0.90, 0.89))]
+    rows = alpha_medians(reports)
+    assert [r["alpha"] for r in rows] == [0.0, 0.3]
+    assert rows[1]["image_auroc"] == pytest.approx(0.83) and rows[1]["image_auroc_range"] == pytest.approx([0.71, 0.89])
+    assert rows[1]["gain"] == pytest.approx(0.01) and rows[1]["gain_range"] == pytest.approx([-0.01, 0.03])
+    assert rows[0]["gain"] == 0.0 and rows[1]["kept"] == pytest.approx(0.7) and rows[1]["seeds"] == 3
+    lines = alpha_table(reports).splitlines()
+    assert lines[-2] == "| 0.00 | 0.800 (0.700-0.900) | +0.000 (+0.000 to +0.000) | 0.900 | 1.00 |"
+    assert lines[-1] == "| 0.30 (run) | 0.830 (0.710-0.890) | +0.010 (-0.010 to +0.030) | 0.900 | 0.70 |"
+
+
+def test_alpha_sweep_needs_the_same_sweep_in_every_report():
+    assert alpha_medians([_sweep_report(0, (0.8, 0.9)), {"seed": 1}]) == []  # a report cached before the sweep
+    assert alpha_table([{"seed": 0}]) == ""
+    odd = _sweep_report(1, (0.8, 0.9))
+    odd["alpha_sweep"][1]["alpha"] = 0.4
+    assert alpha_medians([_sweep_report(0, (0.8, 0.9)), odd]) == []
+
+
 # -- the tiny run ----------------------------------------------------------------------
 
 TINY_DEFECTS = {"scratch", "hole", "stain", "deformation", "wrong_part"}
@@ -285,6 +314,16 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
                                  float(run.detector.threshold)) | {"target_false_positive_rate": run.cfg.scoring.fpr}
     assert set(at["recall_per_defect"]) == TINY_DEFECTS and 0 <= at["false_positive_rate"] <= 1
     eval_dir = run.path / "eval"
-    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png"):
+    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png", "ablation_alpha.png"):
         assert (eval_dir / f).stat().st_size > 0
-    assert (eval_dir / "ablation.md").read_text() == markdown_table(report["rows"]) + threshold_table([report])
+    assert (eval_dir / "ablation.md").read_text() == (markdown_table(report["rows"]) + threshold_table([report])
+                                                       + alpha_table([report]))
+    # The keep-mask threshold sweep: at the run's own alpha it is the run, exactly; a higher
+    # threshold never keeps more; alpha 0 keeps every patch; the detector is left as it was.
+    sweep = {r["alpha"]: r for r in report["alpha_sweep"]}
+    assert list(sweep) == list(SWEEP_ALPHAS) and run.cfg.cmer.alpha in sweep
+    assert sweep[run.cfg.cmer.alpha]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
+    assert sweep[run.cfg.cmer.alpha]["pixel_auroc"] == pytest.approx(rows["run"]["pixel_auroc"], abs=1e-9)
+    kept = [sweep[a]["kept"] for a in SWEEP_ALPHAS]
+    assert kept[0] == 1.0 and kept == sorted(kept, reverse=True) and kept[-1] < 1.0
+    assert run.detector.cmer_cfg == run.cfg.cmer and run.detector.use_mask
