@@ -102,15 +102,16 @@ def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.T
 
 def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, maps: torch.Tensor,
                 alphas: tuple[float, ...] = SWEEP_ALPHAS) -> list[dict]:
-    """The run scored at other keep-mask thresholds (`cmer.alpha`; 0 keeps every patch), on
-    this test split, without training again: the scorer, the bank and the head do not depend
-    on alpha (the run's normalisation and fusion weight are kept). What a user reads to set
-    alpha for their line from labelled frames of it. [] when the rule has no alpha."""
+    """The run scored at other keep-mask thresholds (`cmer.alpha`, and the run's own; 0 keeps
+    every patch), on this test split, without training again: the scorer, the bank and the
+    head do not depend on alpha (the run's normalisation and fusion weight are kept). What a
+    user reads to set alpha for their line from labelled frames of it. [] when the rule has
+    no alpha."""
     if det.cmer_cfg.rule != "relative" or not det.use_mask:
         return []
     cfg, rows = det.cmer_cfg, []
     try:
-        for a in alphas:
+        for a in sorted({*alphas, cfg.alpha}):
             det.cmer_cfg, det.use_mask = dataclasses.replace(cfg, alpha=a), a > 0
             o = score_detector(det, test.frames, patch_scores, maps)
             rows.append({"alpha": a, **image_metrics(test.labels, test.defects, o["scores"]),

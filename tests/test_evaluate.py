@@ -278,7 +278,7 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     from cmg_train.checkpoint import load_run
     from cmg_train.cmer.model import keep_mask_cfg
     from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
-    from cmg_train.evaluate import TestSet, evaluate, local_maps
+    from cmg_train.evaluate import TestSet, alpha_sweep, evaluate, local_maps
     from cmg_train.loop import batched
 
     run = load_run(tiny_run)
@@ -321,9 +321,12 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     # The keep-mask threshold sweep: at the run's own alpha it is the run, exactly; a higher
     # threshold never keeps more; alpha 0 keeps every patch; the detector is left as it was.
     sweep = {r["alpha"]: r for r in report["alpha_sweep"]}
-    assert list(sweep) == list(SWEEP_ALPHAS) and run.cfg.cmer.alpha in sweep
+    assert list(sweep) == sorted({*SWEEP_ALPHAS, run.cfg.cmer.alpha})
     assert sweep[run.cfg.cmer.alpha]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
     assert sweep[run.cfg.cmer.alpha]["pixel_auroc"] == pytest.approx(rows["run"]["pixel_auroc"], abs=1e-9)
     kept = [sweep[a]["kept"] for a in SWEEP_ALPHAS]
     assert kept[0] == 1.0 and kept == sorted(kept, reverse=True) and kept[-1] < 1.0
     assert run.detector.cmer_cfg == run.cfg.cmer and run.detector.use_mask
+    few = alpha_sweep(run.detector, test, ps, local_maps(run.detector, test.frames), alphas=(0.0, 0.5))
+    assert [r["alpha"] for r in few] == [0.0, run.cfg.cmer.alpha, 0.5]  # the run's own alpha always in
+    assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
