@@ -103,10 +103,14 @@ def score_detector(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.T
 def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, maps: torch.Tensor,
                 alphas: tuple[float, ...] = SWEEP_ALPHAS) -> list[dict]:
     """The run scored at other keep-mask thresholds (`cmer.alpha`, and the run's own; 0 keeps
-    every patch), on this test split, without training again: the scorer, the bank and the
-    head do not depend on alpha (the run's normalisation and fusion weight are kept). What a
-    user reads to set alpha for their line from labelled frames of it. [] when the rule has
-    no alpha."""
+    every patch), on this test split, without training again: the scorer and the patch bank
+    do not depend on alpha, so with the global score at weight 0 (what `scoring.fusion: auto`
+    chose on the parts set and the own data) each row is what a run trained at that alpha
+    would score if its fusion chose weight 0 too (the local score's normalisation is a
+    monotone map: AUROC does not see it).
+    With a global weight the CMLE head and global bank stay those of the run's alpha: an
+    estimate (`alpha_table` says so). What a user reads to set alpha for their line from
+    labelled frames of it. [] when the rule has no alpha."""
     if det.cmer_cfg.rule != "relative" or not det.use_mask:
         return []
     cfg, rows = det.cmer_cfg, []
@@ -156,7 +160,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     report = {"rows": rows, "data": str(Path(data).resolve()), "seed": cfg.seed, "config": cfg.name,
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
-              "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha}
+              "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
+              "global_weight": float(run.detector.global_weight)}
     if sweep:
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
@@ -306,6 +311,9 @@ def alpha_table(reports: list[dict]) -> str:
         name = f"{r['alpha']:.2f}" + (" (run)" if r["alpha"] in mine else "")
         lines.append(f"| {name} | {r['image_auroc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['gain']:+.3f} ({glo:+.3f} to "
                      f"{ghi:+.3f}) | {_fmt(r['pixel_auroc'])} | {r['kept']:.2f} |")
+    if any(rep.get("global_weight", 0.0) > 0 for rep in reports):
+        lines += ["", "Rows other than the run's are estimates: the run gives the global score a weight, and "
+                  "its CMLE head and global bank were fitted on frames masked at the run's alpha."]
     return "\n".join(lines) + "\n"
 
 

@@ -257,6 +257,9 @@ def test_alpha_sweep_over_seeds_is_paired_with_each_seeds_alpha_0():
     lines = alpha_table(reports).splitlines()
     assert lines[-2] == "| 0.00 | 0.800 (0.700-0.900) | +0.000 (+0.000 to +0.000) | 0.900 | 1.00 |"
     assert lines[-1] == "| 0.30 (run) | 0.830 (0.710-0.890) | +0.010 (-0.010 to +0.030) | 0.900 | 0.70 |"
+    # with a global weight the other rows keep the run's CMLE head and global bank: said so
+    reports[1]["global_weight"] = 0.25
+    assert alpha_table(reports).splitlines()[-1].startswith("Rows other than the run's are estimates")
 
 
 def test_alpha_sweep_needs_the_same_sweep_in_every_report():
@@ -327,6 +330,7 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     kept = [sweep[a]["kept"] for a in SWEEP_ALPHAS]
     assert kept[0] == 1.0 and kept == sorted(kept, reverse=True) and kept[-1] < 1.0
     assert run.detector.cmer_cfg == run.cfg.cmer and run.detector.use_mask
+    assert report["global_weight"] == float(run.detector.global_weight)
     few = alpha_sweep(run.detector, test, ps, local_maps(run.detector, test.frames), alphas=(0.0, 0.5))
     assert [r["alpha"] for r in few] == [0.0, run.cfg.cmer.alpha, 0.5]  # the run's own alpha always in
     assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
