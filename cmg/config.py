@@ -123,6 +123,7 @@ class ScoringConfig:
     fusion: str = "auto"          # image score from the normalised global and local scores: auto (weighted sum,
                                   # weight chosen on synthetic anomalies of held-out normals) | max | mean | local
     map_size: int = 16            # ANOMALY_MAP is map_size x map_size (divides the local map's side)
+    map_sigma: float = 0.0        # Gaussian blur of ANOMALY_MAP, in map cells (0: none); not the image score
 
 
 @dataclass
@@ -198,6 +199,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if side % cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide the local map's side "
                          f"{side} (local.model {cfg.local.model})")
+    if cfg.scoring.map_sigma and 2 * round(3 * cfg.scoring.map_sigma) >= cfg.scoring.map_size:
+        raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
+                         f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")
     return cfg
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from cmg.config import Config
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
+from cmg_train.filters import gaussian_blur
 from cmg_train.local.bank import PatchBank
 from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.masking import apply_mask, upsample_keep
@@ -64,6 +65,7 @@ class CMGDetector(nn.Module):
         self.pool = int(cfg.local.pool)
         self.local_score = cfg.local.score
         self.map_size = int(cfg.scoring.map_size)
+        self.map_sigma = float(cfg.scoring.map_sigma)
         self.fusion = cfg.scoring.fusion
         self.k_global = int(cfg.scoring.k_global)
         self.global_knn: KNNDistance | None = None
@@ -126,7 +128,11 @@ class CMGDetector(nn.Module):
         """The served outputs from raw scores (evaluation keeps both without a second pass)."""
         score = self.fuse(r.global_score, r.local_score).unsqueeze(-1)
         k = int(r.local_map.shape[-1]) // self.map_size
-        amap = F.avg_pool2d(r.local_map, k).squeeze(1) if k > 1 else r.local_map.squeeze(1)
+        amap = F.avg_pool2d(r.local_map, k) if k > 1 else r.local_map
+        if self.map_sigma > 0:  # the map a person reads: smoothed, as PatchCore's is (the score is not),
+            # and still zero where the keep-mask discarded the pixels
+            amap = gaussian_blur(amap, self.map_sigma) * upsample_keep(r.keep, amap.shape[-2:])
+        amap = amap.squeeze(1)
         return DetectorOutput(score, score > threshold, amap, r.keep.to(torch.uint8), r.z)
 
     def forward(self, frames: Tensor, patch_scores: Tensor, threshold: Tensor) -> DetectorOutput:

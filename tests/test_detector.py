@@ -17,6 +17,7 @@ from cmg_train.checkpoint import detector_from_state, detector_state
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.detector import CMGDetector, DetectorOutput, RawScores
+from cmg_train.filters import gaussian_blur
 from cmg_train.local.model import LocalNet
 from cmg_train.masking import upsample_keep
 from cmg_train.teacher.model import build_teacher
@@ -88,6 +89,21 @@ def test_anomaly_map_is_exactly_zero_outside_the_keep_mask(map_size):
     assert out.keep_mask[:, :2, :2].min() == 1 and out.keep_mask.sum() == 3 * 4
     assert torch.all(out.anomaly_map[keep == 0] == 0)
     assert torch.all(out.anomaly_map[keep == 1] > 0)
+
+
+def test_map_sigma_smooths_the_map_only_and_keeps_it_zero_outside_the_keep_mask():
+    """`scoring.map_sigma`: ANOMALY_MAP blurred (the picture a person reads), re-gated by the
+    keep-mask; the score, the flag and the mask are those of the unblurred detector."""
+    cfg = config(16)
+    cfg.scoring.map_sigma = 1.0
+    plain, smooth = make_detector(config(16)), make_detector(cfg)  # same seed: same weights
+    f, ps = frames(3), corner_scores(3)
+    a, b = run(plain, f, ps), run(smooth, f, ps)
+    for name in ("anomaly_score", "is_anomaly", "keep_mask", "embedding"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    keep = upsample_keep(b.keep_mask.float(), (16, 16)).squeeze(1)
+    torch.testing.assert_close(b.anomaly_map, gaussian_blur(a.anomaly_map[:, None], 1.0)[:, 0] * keep)
+    assert torch.all(b.anomaly_map[keep == 0] == 0) and not torch.allclose(a.anomaly_map, b.anomaly_map)
 
 
 def test_keep_mask_is_the_configured_rule_on_the_patch_scores(det):

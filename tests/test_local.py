@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmg.config import Config
+from cmg_train.filters import gaussian_blur
 from cmg_train.local import anomalies
 from cmg_train.local.fit import segmentation_loss, synthetic_check, train_local
 from cmg_train.local.model import LocalNet, local_from_state, local_state
@@ -105,14 +106,14 @@ def test_gaussian_blur_of_a_delta_is_the_normalised_kernel():
     sigma = 1.0
     x = torch.zeros(1, 2, 21, 21)
     x[:, :, 10, 10] = 1.0
-    y = anomalies.gaussian_blur(x, sigma)
+    y = gaussian_blur(x, sigma)
     t = torch.arange(-3, 4, dtype=torch.float32)  # k = 2 * round(3 sigma) + 1 = 7 taps
     g = torch.exp(-t**2 / 2)
     g = g / g.sum()
     torch.testing.assert_close(y[0, 0, 7:14, 7:14], torch.outer(g, g))
     assert y.sum().item() == pytest.approx(2.0, abs=1e-5) and y[0, 0, 10, 14] == 0
     const = torch.full((1, 3, 9, 9), 0.3)
-    torch.testing.assert_close(anomalies.gaussian_blur(const, 2.0), const)  # reflect padding
+    torch.testing.assert_close(gaussian_blur(const, 2.0), const)  # reflect padding
 
 
 def test_random_affine_keeps_constant_images_and_is_seeded():

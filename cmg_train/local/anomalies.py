@@ -22,21 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmg_train.augment import dihedral
+from cmg_train.filters import gaussian_blur
 
 
 def _u(gen: torch.Generator, *shape: int) -> Tensor:
     return torch.rand(*shape, generator=gen)
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of [B,C,H,W] with reflect padding."""
-    k = int(2 * round(3 * sigma) + 1)
-    t = torch.arange(k, dtype=x.dtype) - k // 2
-    g = torch.exp(-t**2 / (2 * sigma * sigma))
-    g = (g / g.sum()).to(x.device)
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="reflect"), g.view(1, 1, 1, k).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="reflect"), g.view(1, 1, k, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def noise_masks(b: int, h: int, w: int, gen: torch.Generator) -> Tensor:
