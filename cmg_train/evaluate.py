@@ -280,10 +280,9 @@ def alpha_medians(reports: list[dict]) -> list[dict]:
     alphas = [r["alpha"] for r in sweeps[0]]
     if not alphas or any([r["alpha"] for r in sw] != alphas for sw in sweeps) or 0.0 not in alphas:
         return []
-    rows = []
+    rows, base = [], [sw[alphas.index(0.0)] for sw in sweeps]
     for i, a in enumerate(alphas):
         per = [sw[i] for sw in sweeps]
-        base = [sw[alphas.index(0.0)] for sw in sweeps]
         img = [r["image_auroc"] for r in per]
         gain = [r["image_auroc"] - b["image_auroc"] for r, b in zip(per, base, strict=True)]
         pix = [r["pixel_auroc"] for r in per if r.get("pixel_auroc") is not None]

@@ -17,7 +17,8 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     # The kernel from Python numbers and the channel count as an int: constants with a known
     # shape in the traced graph (the ONNX exporter cannot export a Conv of unknown kernel shape).
     w = [math.exp(-((i - k // 2) ** 2) / (2 * sigma * sigma)) for i in range(k)]
-    g = torch.tensor([v / sum(w) for v in w], dtype=x.dtype, device=x.device)
+    total = sum(w)
+    g = torch.tensor([v / total for v in w], dtype=x.dtype, device=x.device)
     c = int(x.shape[1])
     x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="reflect"), g.view(1, 1, 1, k).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="reflect"), g.view(1, 1, k, 1).repeat(c, 1, 1, 1), groups=c)
