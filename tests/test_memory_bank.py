@@ -33,15 +33,44 @@ def test_knn_distance_in_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
-def test_knn_distance_exports_as_one_matmul_and_topk(tmp_path):
-    """The exported graph is not chunked: one MatMul and one TopK, whatever the batch."""
+def _export_knn(knn: KNNDistance, path, d: int):
+    torch.onnx.export(knn, (torch.randn(2, 9, d),), str(path), input_names=["x"], output_names=["d"],
+                      dynamic_axes={"x": {0: "b"}, "d": {0: "b"}}, dynamo=False, do_constant_folding=True)
     import onnx
 
-    path = tmp_path / "knn.onnx"
-    torch.onnx.export(KNNDistance(torch.randn(50, 16), 2), (torch.randn(2, 9, 16),), str(path),
-                      input_names=["x"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    return onnx.load(str(path))
+
+
+def test_knn_distance_exports_a_small_bank_as_one_matmul_and_topk(tmp_path):
+    ops = [n.op_type for n in _export_knn(KNNDistance(torch.randn(50, 16), 2), tmp_path / "knn.onnx", 16).graph.node]
     assert ops.count("MatMul") == 1 and ops.count("TopK") == 1
+
+
+def test_knn_distance_exports_a_large_bank_in_blocks_with_the_same_distances(tmp_path, monkeypatch):
+    """A bank over EXPORT_BANK_ROWS is exported as one MatMul + TopK per block of rows (the
+    runtime holds one block's distances at a time), each block's rows a constant of its own
+    (what int8 quantization and TensorRT take as weights), the last block shorter than k;
+    ONNX Runtime's distances equal PyTorch's."""
+    import onnxruntime as ort
+
+    import cmg_train.memory_bank as mb
+    from cmg_build import opcheck
+
+    monkeypatch.setattr(mb, "EXPORT_BANK_ROWS", 16)  # 50 rows: blocks of 16, 16, 16 and 2 (< k)
+    bank = torch.randn(50, 16)
+    knn = KNNDistance(bank, 3)
+    model = _export_knn(knn, tmp_path / "knn.onnx", 16)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    assert len(matmuls) == 4
+    assert sorted(weights.get(n.input[1]) for n in matmuls) == [(16, 2), (16, 16), (16, 16), (16, 16)]
+    assert not [n.op_type for n in model.graph.node if n.op_type in ("Slice", "Split")]
+    assert opcheck.check_model(model) == []
+    x = torch.randn(5, 9, 16)  # the patch axis is static in the graph, as in the product's
+    got = ort.InferenceSession(str(tmp_path / "knn.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    want = torch.cdist(x.reshape(-1, 16), bank).topk(3, largest=False).values.mean(-1).reshape(5, 9)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 3])

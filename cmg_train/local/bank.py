@@ -5,8 +5,8 @@ Patch features are the frozen pretrained backbone's block outputs at the configu
 patch sees its surroundings; zeros beyond the map's edge count, as in PatchCore, see
 PatchFeatures), brought onto the stride-8 grid (coarser ones upsampled, a stride-4 one
 averaged over 2 x 2) and concatenated. The bank is a greedy coreset of every
-training patch; a patch's anomaly is its distance to the nearest bank rows (one MatMul +
-TopK, cmg_train/memory_bank.py). Nothing here is trained: it is fitted in one pass.
+training patch; a patch's anomaly is its distance to the nearest bank rows (a MatMul +
+TopK per block of bank rows, cmg_train/memory_bank.py). Nothing here is trained: it is fitted in one pass.
 """
 
 from __future__ import annotations
