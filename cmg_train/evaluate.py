@@ -1,4 +1,4 @@
-"""`cmg eval`: image and pixel AUROC, per-defect AUROC, the paper's ablation table, and the
+"""`cmg eval`: image and pixel AUROC, pixel AUPRO, per-defect AUROC, the paper's ablation table, and the
 same over several training seeds (medians, spreads, pooled paired intervals).
 
 Ablation rows share the run's teacher, CMER scorer, seed, data and training budget:
@@ -34,7 +34,7 @@ from cmg_train.local.bank import PatchBank
 from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
-from cmg_train.metrics import auroc, operating_point, paired_bootstrap
+from cmg_train.metrics import aupro, auroc, operating_point, paired_bootstrap
 from cmg_train.plots import alpha_plot, mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
@@ -59,11 +59,23 @@ def image_metrics(labels: np.ndarray, defects: list[str], scores: np.ndarray) ->
             "per_defect": per}
 
 
-def pixel_auroc(maps: np.ndarray, gt: np.ndarray) -> float | None:
+def _upsampled(maps: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """Anomaly maps [N,M,M] upsampled bilinearly to the ground-truth masks [N,H,W]."""
-    up = F.interpolate(torch.from_numpy(maps)[:, None].float(), size=gt.shape[1:], mode="bilinear",
-                       align_corners=False)[:, 0].numpy()
-    return auroc(gt.reshape(-1).astype(np.int64), up.reshape(-1))
+    return F.interpolate(torch.from_numpy(maps)[:, None].float(), size=gt.shape[1:], mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+
+
+def pixel_auroc(maps: np.ndarray, gt: np.ndarray) -> float | None:
+    return auroc(gt.reshape(-1).astype(np.int64), _upsampled(maps, gt).reshape(-1))
+
+
+def pixel_metrics(maps: np.ndarray | None, gt: np.ndarray) -> dict:
+    """Pixel AUROC and AUPRO (up to 30% FPR) of maps [N,M,M] against masks [N,H,W]; None
+    for a row without maps."""
+    if maps is None:
+        return {"pixel_auroc": None, "pixel_aupro": None}
+    up = _upsampled(maps, gt)
+    return {"pixel_auroc": auroc(gt.reshape(-1).astype(np.int64), up.reshape(-1)), "pixel_aupro": aupro(gt > 0, up)}
 
 
 class TestSet:
@@ -135,7 +147,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
 
     def add_row(name: str, s: np.ndarray, maps: np.ndarray | None, extra: dict | None = None) -> None:
         rows.append({"name": name, **image_metrics(test.labels, test.defects, s),
-                     "pixel_auroc": pixel_auroc(maps, test.gt) if maps is not None else None, **(extra or {})})
+                     **pixel_metrics(maps, test.gt), **(extra or {})})
         scores[name] = s
 
     test_maps = local_maps(run.detector, test.frames)
@@ -254,7 +266,7 @@ def aggregate(reports: list[dict]) -> dict:
     for name in names:
         per_seed = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
         row: dict = {"name": name, "seeds": len(per_seed)}
-        for key in ("image_auroc", "pixel_auroc"):
+        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
             vals = [r[key] for r in per_seed if r.get(key) is not None]
             if vals:
                 row[key] = float(np.median(vals))
@@ -366,7 +378,8 @@ def markdown_table(rows: list[dict]) -> str:
     seeded = any("seeds" in r for r in rows)
     head = ("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) | pixel AUROC | "
             if seeded else "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | ")
-    lines = [head + " | ".join(kinds) + " |", "|" + "---|" * (4 + len(kinds))]
+    head += "pixel AUPRO (FPR <= 0.3) | "
+    lines = [head + " | ".join(kinds) + " |", "|" + "---|" * (5 + len(kinds))]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['name']} | skipped: {r['skipped']} |")
@@ -381,7 +394,8 @@ def markdown_table(rows: list[dict]) -> str:
             auc = _fmt(r.get("image_auroc")) + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
             d, dci = r.get("delta_vs_baseline"), r.get("delta_vs_baseline_ci95")
         delta = f"{d:+.3f} ({dci[0]:+.2f} to {dci[1]:+.2f})" if d is not None else "-"
-        lines.append(f"| {r['name']} | {auc} | {delta} | {_fmt(r.get('pixel_auroc'))} | " + " | ".join(per) + " |")
+        lines.append(f"| {r['name']} | {auc} | {delta} | {_fmt(r.get('pixel_auroc'))} | {_fmt(r.get('pixel_aupro'))} | "
+                     + " | ".join(per) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""`cmg eval`: AUROCs on hand-made scores, the paired bootstrap, the threshold rule and its
+"""`cmg eval`: AUROCs and AUPRO on hand-made scores, the paired bootstrap, the threshold rule and its
 operating point, the aggregate over seeds, the markdown tables, the keep-mask threshold
 sweep, and the ablation table on the tiny run."""
 
@@ -23,7 +23,7 @@ from cmg_train.evaluate import (
     pixel_auroc,
     threshold_table,
 )
-from cmg_train.metrics import normal_threshold, operating_point
+from cmg_train.metrics import aupro, normal_threshold, operating_point
 
 N_BOOT = 100  # resamples: each costs one sklearn AUROC (~4 ms) per pair; the default is 1000
 
@@ -62,6 +62,72 @@ def test_pixel_auroc_upsamples_the_map_to_the_masks():
     assert pixel_auroc(maps, gt) == 1.0
     assert pixel_auroc(1.0 - maps, gt) == 0.0
     assert pixel_auroc(maps, np.zeros_like(gt)) is None
+
+
+def _two_defects(small_found: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Three 32 x 32 frames: one normal, one with a 20 x 20 defect, one with a 3 x 3 defect;
+    normal pixels score uniform [0, 1), the large defect 2, the small one 2 or -1."""
+    rng = np.random.default_rng(0)
+    gt = np.zeros((3, 32, 32), bool)
+    gt[1, 4:24, 4:24] = True
+    gt[2, 10:13, 10:13] = True
+    maps = rng.random(gt.shape)
+    maps[1][gt[1]] = 2.0
+    maps[2][gt[2]] = 2.0 if small_found else -1.0
+    return gt, maps
+
+
+def test_aupro_counts_every_defect_region_the_same():
+    gt, maps = _two_defects(small_found=True)
+    assert aupro(gt, maps) == pytest.approx(1.0)
+    assert aupro(gt, -maps) == pytest.approx(0.0, abs=0.01)  # both regions below every normal pixel
+    gt, maps = _two_defects(small_found=False)
+    # pixel AUROC barely sees the missed 9 pixels among 409; AUPRO loses half its regions
+    assert auroc(gt.ravel().astype(np.int64), maps.ravel()) > 0.97
+    assert aupro(gt, maps) == pytest.approx(0.5, abs=0.01)
+
+
+def test_aupro_of_a_random_map_is_the_area_under_the_diagonal():
+    gt = np.zeros((40, 32, 32), bool)
+    gt[::2, 8:16, 8:16] = True
+    gt[::4, 20:26, 2:30] = True
+    maps = np.random.default_rng(1).random(gt.shape)
+    assert aupro(gt, maps) == pytest.approx(0.15, abs=0.02)  # PRO = FPR: 0.3^2 / 2 / 0.3
+    assert aupro(np.zeros_like(gt), maps) is None and aupro(np.ones_like(gt), maps) is None
+
+
+def test_aupro_closes_the_curve_over_tied_zeros():
+    """A gated map is 0 wherever the keep-mask dropped pixels: when those ties jump the FPR
+    past 0.3, the curve is interpolated to (1, 1) instead of stopping short of 0.3."""
+    gt = np.zeros((2, 20, 20), bool)
+    gt[1, 5:10, 5:10] = True
+    maps = np.zeros(gt.shape)
+    maps[:, :, :2] = np.random.default_rng(2).random((2, 20, 2))  # 10% of the normal pixels scored
+    maps[1][gt[1]] = 0.5 * maps[1][gt[1]]  # the defect ties at 0 with 90% of the normals
+    got = aupro(gt, maps)
+    fpr0 = 80 / 775  # 2 columns of 2 frames scored among 775 normal pixels
+    # FPR fpr0 at PRO 0, then a straight line to (1, 1)
+    want = 0.5 * (0.3 - fpr0) * (0.3 - fpr0) / (1 - fpr0) / 0.3
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_aupro_agrees_with_anomalib():
+    """The field's reference implementation (anomalib's AUPRO, the `peer` extra) on the same
+    maps: within the 301-point curve's discretisation."""
+    anomalib_metrics = pytest.importorskip("anomalib.metrics")
+    import anomalib.metrics.aupro  # noqa: F401 - the module, for its _AUPRO
+    import torch
+
+    rng = np.random.default_rng(3)
+    gt = np.zeros((12, 48, 48), bool)
+    for i in range(1, 12, 2):
+        y, x = rng.integers(4, 36, 2)
+        gt[i, y:y + rng.integers(2, 12), x:x + rng.integers(2, 12)] = True
+    maps = rng.random(gt.shape) + 0.8 * gt * rng.random(gt.shape)
+    metric = anomalib_metrics.aupro._AUPRO(fpr_limit=0.3)  # the metric itself; AUPRO wraps it for anomalib's batches
+    metric.update(torch.from_numpy(maps).float(), torch.from_numpy(gt).int())
+    assert aupro(gt, maps) == pytest.approx(float(metric.compute()), abs=0.002)  # measured: 1e-4 apart
 
 
 # -- paired bootstrap ------------------------------------------------------------------
@@ -220,15 +286,16 @@ def test_single_run_table():
         {"name": "run", "image_auroc": 0.8, "image_auroc_ci95": [0.7, 0.9], "pixel_auroc": None,
          "per_defect": {"hole": 0.75, "scratch": None}},
         {"name": "cmg", "image_auroc": 0.85, "image_auroc_ci95": [0.75, 0.95], "pixel_auroc": 0.6,
-         "per_defect": {"hole": 0.8, "scratch": 0.9}, "delta_vs_baseline": 0.05,
+         "pixel_aupro": 0.4, "per_defect": {"hole": 0.8, "scratch": 0.9}, "delta_vs_baseline": 0.05,
          "delta_vs_baseline_ci95": [-0.01, 0.1]},
         {"name": "cmle (skipped)", "skipped": "too few captions"},
     ]
     assert markdown_table(rows).splitlines() == [
-        "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | hole | scratch |",
-        "|---|---|---|---|---|---|",
-        "| run | 0.800 (0.70-0.90) | - | - | 0.750 | - |",
-        "| cmg | 0.850 (0.75-0.95) | +0.050 (-0.01 to +0.10) | 0.600 | 0.800 | 0.900 |",
+        "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | pixel AUPRO (FPR <= 0.3) | "
+        "hole | scratch |",
+        "|---|---|---|---|---|---|---|",
+        "| run | 0.800 (0.70-0.90) | - | - | - | 0.750 | - |",
+        "| cmg | 0.850 (0.75-0.95) | +0.050 (-0.01 to +0.10) | 0.600 | 0.400 | 0.800 | 0.900 |",
         "| cmle (skipped) | skipped: too few captions |",
     ]
 
@@ -236,9 +303,9 @@ def test_single_run_table():
 def test_seeds_table(seeds):
     lines = markdown_table(seeds["rows"]).splitlines()
     assert lines[0].startswith("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) |")
-    assert lines[2] == "| baseline | 0.750 (0.60-0.90) | - | - | 0.500 |"
+    assert lines[2] == "| baseline | 0.750 (0.60-0.90) | - | - | - | 0.500 |"
     assert lines[3].startswith("| cmg | 1.000 (1.00-1.00) | +0.250 (+")
-    assert lines[3].endswith("| 0.750 | 0.600 |")
+    assert lines[3].endswith("| 0.750 | - | 0.600 |")  # pixel AUROC, no AUPRO in these reports, scratch
 
 
 def _sweep_report(seed: int, aucs: tuple[float, float], alpha: float = 0.3) -> dict:
@@ -294,8 +361,10 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
         lo, hi = rows[name]["image_auroc_ci95"]
         assert lo <= rows[name]["image_auroc"] <= hi
         assert rows[name]["pixel_auroc"] is not None  # every detector row has anomaly maps
+        assert 0.0 <= rows[name]["pixel_aupro"] <= 1.0
     for name in ("teacher_knn", "pyod_ecod"):
         assert rows[name]["pixel_auroc"] is None and np.isfinite(rows[name]["image_auroc"])
+        assert rows[name]["pixel_aupro"] is None
     d, (lo, hi) = rows["cmg"]["delta_vs_baseline"], rows["cmg"]["delta_vs_baseline_ci95"]
     assert lo <= d <= hi
     assert d == pytest.approx(rows["cmg"]["image_auroc"] - rows["baseline"]["image_auroc"])
