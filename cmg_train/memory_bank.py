@@ -69,17 +69,18 @@ class KNNDistance(nn.Module):
         into its own initializer, which the int8 and TensorRT builds take as MatMul weights)."""
         if self.rows <= EXPORT_BANK_ROWS:
             return self._distances(x)
-        xsq = (x**2).sum(-1, keepdim=True)
         near = []
         for a in range(0, self.rows, EXPORT_BANK_ROWS):
-            b = min(a + EXPORT_BANK_ROWS, self.rows)
-            d2 = xsq + self.bank_sq[a:b] - 2.0 * torch.matmul(x, self.bank_t[:, a:b])
-            near.append(torch.topk(d2, min(self.k, b - a), dim=-1, largest=False).values)
+            block = slice(a, min(a + EXPORT_BANK_ROWS, self.rows))
+            k = min(self.k, block.stop - a)
+            near.append(torch.topk(self._squared(x, block), k, dim=-1, largest=False).values)
         return self._nearest(torch.cat(near, -1))
 
-    def _squared(self, x: torch.Tensor) -> torch.Tensor:
-        """Squared distances of x [..., D] to every bank row: |a|^2 + |b|^2 - 2ab, one MatMul."""
-        return (x**2).sum(-1, keepdim=True) + self.bank_sq - 2.0 * torch.matmul(x, self.bank_t)
+    def _squared(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Squared distances of x [..., D] to every bank row (or to `rows`): |a|^2 + |b|^2 - 2ab,
+        one MatMul."""
+        bank_t, bank_sq = (self.bank_t, self.bank_sq) if rows is None else (self.bank_t[:, rows], self.bank_sq[rows])
+        return (x**2).sum(-1, keepdim=True) + bank_sq - 2.0 * torch.matmul(x, bank_t)
 
     def _nearest(self, d2: torch.Tensor) -> torch.Tensor:
         nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
