@@ -42,7 +42,7 @@ class KNNDistance(nn.Module):
         the batch (the server sends it), so it splits the bank instead (`_blocked`)."""
         if torch.onnx.is_in_onnx_export():
             return self._blocked(x)
-        rows = max(1, CHUNK_ELEMENTS // self.bank_sq.shape[0])
+        rows = max(1, CHUNK_ELEMENTS // self.rows)
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= rows:
             return self._distances(x)

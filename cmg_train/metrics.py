@@ -28,15 +28,13 @@ def aupro(gt: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, steps: int = 3
     gt = gt.astype(bool)
     if not gt.any() or gt.all():
         return None
-    normal = np.sort(maps[~gt])
+    normal = maps[~gt]
     thresholds = np.quantile(normal, 1.0 - np.linspace(0.0, max_fpr, steps + 1))
-    fpr = 1.0 - np.searchsorted(normal, thresholds, side="right") / normal.size  # flagged: above
+    fpr = _share_above(normal, thresholds)
     overlaps = []
     for g, m in zip(gt, maps, strict=True):
         regions, n = ndimage.label(g)
-        for i in range(1, n + 1):
-            v = np.sort(m[regions == i])
-            overlaps.append(1.0 - np.searchsorted(v, thresholds, side="right") / v.size)
+        overlaps += [_share_above(m[regions == i], thresholds) for i in range(1, n + 1)]
     pro = np.mean(overlaps, axis=0)
     # everything flagged at the lowest threshold: (1, 1) closes the curve where ties (a gated
     # map's zeros) jump the FPR past max_fpr
@@ -45,6 +43,11 @@ def aupro(gt: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, steps: int = 3
     x = np.append(fpr[inside], max_fpr)
     y = np.append(pro[inside], np.interp(max_fpr, fpr, pro))
     return float(auc(x, y) / max_fpr)
+
+
+def _share_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The share of `values` above each threshold (a pixel is flagged above it)."""
+    return 1.0 - np.searchsorted(np.sort(values), thresholds, side="right") / values.size
 
 
 def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
