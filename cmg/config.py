@@ -87,6 +87,8 @@ class LocalConfig:
     k: int = 1                    # bank: neighbours averaged for a patch's distance
     colour: str = "rgb"           # bank: rgb | grey (the backbone sees the luma only: for lines whose
                                   # normal parts vary in colour; hue-only defects are then missed)
+    self_radius: int = 0          # bank: ANOMALY_MAP weighted by each patch's distance to its own frame's
+                                  # patches beyond this many cells (0: off); the image score is unchanged
     score: str = "max_minus_p90"  # image local score: max of the kept map | max_minus_p90 (minus the
                                   # map's 90th percentile: a whole part slightly off is not a defect)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # widths at 1/2, 1/4, 1/8
@@ -199,6 +201,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if side % cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_size {cfg.scoring.map_size} must divide the local map's side "
                          f"{side} (local.model {cfg.local.model})")
+    if cfg.local.self_radius and (cfg.local.model != "bank" or 2 * cfg.local.self_radius + 1 >= side):
+        raise ValueError(f"config: local.self_radius {cfg.local.self_radius} needs local.model bank and a radius "
+                         f"that leaves cells to compare with on the {side} x {side} map (2 r + 1 < {side})")
     if cfg.scoring.map_sigma and 2 * round(3 * cfg.scoring.map_sigma) >= cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
                          f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")

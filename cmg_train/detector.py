@@ -48,7 +48,7 @@ class RawScores(NamedTuple):
 
     global_score: Tensor  # [B]
     local_score: Tensor   # [B]
-    local_map: Tensor     # [B,1,H/2,W/2] gated, filtered
+    local_map: Tensor     # [B,C,h,w] gated (C = 2 with local.self_radius: score channel, shown channel)
     keep: Tensor          # [B,G,G] float
     z: Tensor             # [B,D]
 
@@ -86,17 +86,21 @@ class CMGDetector(nn.Module):
         return self.teacher.encode_image(apply_mask(x, keep))
 
     def local_map(self, frames: Tensor, x: Tensor) -> Tensor:
-        """The local model's ungated map [B,1,h,w] (the bank reads frames, the U-Net x)."""
+        """The local model's ungated map [B,1,h,w] (the bank reads frames, the U-Net x); [B,2,h,w]
+        with the bank's `local.self_radius` (the score's channel, then the one shown)."""
         if isinstance(self.local, PatchBank):
             return self.local(frames)
         return anomaly_probability(self.local, x, self.pool)
 
     def local_scores(self, amap: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """Gated map and the image's local score from the ungated map [B,1,h,w]."""
+        """Gated map and the image's local score from the ungated map [B,C,h,w].
+
+        C is 1, or 2 with `local.self_radius`: channel 0 is what the score reads (the bank
+        distance), the last channel the map a person reads (`outputs`)."""
         gated = amap * upsample_keep(keep, amap.shape[-2:])
-        peak = gated.flatten(1).amax(1)
+        peak = gated[:, 0].flatten(1).amax(1)
         if self.local_score == "max_minus_p90":
-            flat = amap.flatten(1)
+            flat = amap[:, 0].flatten(1)
             k = max(1, int(flat.shape[1]) // 10)  # static: the 90th percentile is the k-th largest
             peak = peak - torch.topk(flat, k, dim=1).values[:, -1]
         return gated, peak
@@ -127,8 +131,9 @@ class CMGDetector(nn.Module):
     def outputs(self, r: RawScores, threshold: Tensor) -> DetectorOutput:
         """The served outputs from raw scores (evaluation keeps both without a second pass)."""
         score = self.fuse(r.global_score, r.local_score).unsqueeze(-1)
-        k = int(r.local_map.shape[-1]) // self.map_size
-        amap = F.avg_pool2d(r.local_map, k) if k > 1 else r.local_map
+        shown = r.local_map[:, -1:]
+        k = int(shown.shape[-1]) // self.map_size
+        amap = F.avg_pool2d(shown, k) if k > 1 else shown
         if self.map_sigma > 0:  # the map a person reads: smoothed, as PatchCore's is (the score is not),
             # and still zero where the keep-mask discarded the pixels
             amap = gaussian_blur(amap, self.map_sigma) * upsample_keep(r.keep, amap.shape[-2:])

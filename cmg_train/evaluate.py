@@ -234,7 +234,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
             add_row("cmg_global_only", o["global"], None)
     # PatchCore reference: the same backbone and bank, whole frame, no mask, no head, map maximum.
     if isinstance(run.detector.local, PatchBank):
-        add_row("patchcore", test_maps.flatten(1).amax(1).numpy(), test_maps.squeeze(1).numpy())
+        add_row("patchcore", test_maps[:, 0].flatten(1).amax(1).numpy(), test_maps[:, 0].numpy())
     emb = lambda f: run.teacher(f)  # noqa: E731
     (train_emb,) = batched(emb, frames[tr])
     (test_emb,) = batched(emb, test.frames)

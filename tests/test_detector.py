@@ -106,6 +106,22 @@ def test_map_sigma_smooths_the_map_only_and_keeps_it_zero_outside_the_keep_mask(
     assert torch.all(b.anomaly_map[keep == 0] == 0) and not torch.allclose(a.anomaly_map, b.anomaly_map)
 
 
+def test_a_second_map_channel_is_what_is_shown_and_the_score_reads_the_first(det):
+    """`local.self_radius`: the bank returns its distances and the map a person reads; the
+    score, the flag and the keep-mask come from the first channel alone."""
+    f, ps = frames(3), corner_scores(3)
+    with torch.no_grad():
+        d = det.local_map(f, det.teacher.preprocess(f))
+        shown = d * torch.linspace(0.5, 2.0, d.numel()).reshape(d.shape)
+        one = det.outputs(det.raw(f, ps, d), torch.zeros(3, 1))
+        two = det.outputs(det.raw(f, ps, torch.cat([d, shown], 1)), torch.zeros(3, 1))
+        alone = det.outputs(det.raw(f, ps, shown), torch.zeros(3, 1))
+    for name in ("anomaly_score", "is_anomaly", "keep_mask", "embedding"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
+    torch.testing.assert_close(two.anomaly_map, alone.anomaly_map)
+    assert not torch.allclose(two.anomaly_map, one.anomaly_map)
+
+
 def test_keep_mask_is_the_configured_rule_on_the_patch_scores(det):
     ps = torch.rand(4, G, G, generator=torch.Generator().manual_seed(2))
     out = run(det, frames(4), ps)

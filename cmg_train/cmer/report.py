@@ -64,10 +64,12 @@ def defect_coverage(keep: Tensor, gt: np.ndarray) -> dict:
 
 def false_alarm_peaks(ungated: Tensor, keep: Tensor) -> dict:
     """What the keep-mask does to the false alarms of normal frames: the share of frames whose
-    local-map peak (ungated [B,1,h,w]) lies where the keep-mask [B,G,G] discards, and the
-    median drop of the peak once the map is gated (the alarms CMER removes)."""
+    local-map peak (ungated [B,C,h,w]; channel 0, the map the score reads) lies where the
+    keep-mask [B,G,G] discards, and the median drop of the peak once the map is gated (the
+    alarms CMER removes)."""
     if len(ungated) == 0:
         return {"normal_frames": 0}
+    ungated = ungated[:, :1]
     kp = upsample_keep(keep, ungated.shape[-2:]).flatten(1)
     flat = ungated.flatten(1)
     outside = 1.0 - kp.gather(1, flat.argmax(1, keepdim=True))
