@@ -73,11 +73,11 @@ def test_the_bank_adds_the_shown_channel_and_keeps_its_distances():
     with torch.no_grad():
         d, both = plain(frames), bank(frames)
         f = bank.features(frames).flatten(2).transpose(1, 2)
-        own = SelfDistance(8, 2)(f).reshape(d.shape)
-        train_own = SelfDistance(8, 2)(bank.features(_frames(4, 32, 0)).flatten(2).transpose(1, 2))
+        self_d = SelfDistance(8, 2)(f).reshape(d.shape)
+        train_self_d = SelfDistance(8, 2)(bank.features(_frames(4, 32, 0)).flatten(2).transpose(1, 2))
     assert both.shape == (3, 2, 8, 8) and torch.equal(both[:, :1], d)  # the score's channel as before
-    assert metrics["self_median"] == pytest.approx(float(train_own.median()), rel=1e-4)
-    torch.testing.assert_close(both[:, 1:], d * torch.sqrt(own / bank.self_median))
+    assert metrics["self_median"] == pytest.approx(float(train_self_d.median()), rel=1e-4)
+    torch.testing.assert_close(both[:, 1:], d * torch.sqrt(self_d / bank.self_median))
     clone = bank_from_state(bank_state(bank))
     with torch.no_grad():
         assert torch.equal(clone(frames), both)

@@ -237,18 +237,19 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics.
 
     `held_out` normals (the validation split) set each view's scale when there are two
-    views (their median patch distance); without them the scales stay 1."""
+    views (their median patch distance); without them the scales stay 1. With
+    `local.self_radius` the training patches' median SelfDistance is taken in the same pass."""
     bb = cfg.backbone
     features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, backbone_taps(bb),
                              colour=cfg.local.colour).eval()
-
-    own = SelfDistance(features.side, cfg.local.self_radius) if cfg.local.self_radius else None
+    self_distance = SelfDistance(features.side, cfg.local.self_radius) if cfg.local.self_radius else None
 
     def patch_rows(chunk: Tensor) -> tuple[Tensor, Tensor]:
         f = features(chunk).flatten(2).transpose(1, 2)
-        return f.reshape(-1, f.shape[-1]), own(f).flatten() if own is not None else f.new_zeros(0)
+        s = self_distance(f).flatten() if self_distance is not None else f.new_zeros(0)
+        return f.reshape(-1, f.shape[-1]), s
 
-    flat, own_d = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress,
+    flat, self_d = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress,
                           desc="patch features")
     views = flat.chunk(features.views, 1)
     chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress) for view in views]
@@ -262,7 +263,7 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
         medians = [view.median() for view in views]
         net.scales.copy_(torch.stack(medians).clamp_min(1e-6))
         metrics["view_scales"] = [round(float(s), 4) for s in net.scales]
-    if own is not None:  # a property of each frame alone: the training frames are as fair as new ones
-        net.self_median.copy_(own_d.median().clamp_min(1e-6))
+    if self_distance is not None:  # a property of each frame alone: training frames are as fair as new ones
+        net.self_median.copy_(self_d.median().clamp_min(1e-6))
         metrics["self_median"] = round(float(net.self_median), 4)
     return net, metrics
