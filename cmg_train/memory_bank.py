@@ -20,6 +20,12 @@ CHUNK_ELEMENTS = 1 << 26
 EXPORT_BANK_ROWS = 2500
 
 
+def squared_distances(x: torch.Tensor, rows_t: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:
+    """|a|^2 + |b|^2 - 2ab from x [..., D] to rows given transposed [..., D, M] with their
+    squared norms [..., M]: one MatMul (the module docstring says why not a difference)."""
+    return (x**2).sum(-1, keepdim=True) + rows_sq - 2.0 * torch.matmul(x, rows_t)
+
+
 class KNNDistance(nn.Module):
     """Mean Euclidean distance to the k nearest rows of a constant bank."""
 
@@ -80,7 +86,7 @@ class KNNDistance(nn.Module):
         """Squared distances of x [..., D] to every bank row (or to `rows`): |a|^2 + |b|^2 - 2ab,
         one MatMul."""
         bank_t, bank_sq = (self.bank_t, self.bank_sq) if rows is None else (self.bank_t[:, rows], self.bank_sq[rows])
-        return (x**2).sum(-1, keepdim=True) + bank_sq - 2.0 * torch.matmul(x, bank_t)
+        return squared_distances(x, bank_t, bank_sq)
 
     def _nearest(self, d2: torch.Tensor) -> torch.Tensor:
         nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
