@@ -186,6 +186,10 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     pick = _showcase(test.defects)
     mask_grid(test.frames.numpy()[pick], shown["keeps"][pick], shown["maps"][pick],
               [test.defects[i] for i in pick], eval_dir / f"{stem}_masks.png", gt=test.gt[pick])
+    worst = worst_frames(test.labels, out["scores"])
+    mask_grid(test.frames.numpy()[worst], out["keeps"][worst], out["maps"][worst],
+              [f"{test.defects[i]} {out['scores'][i]:.2f}" for i in worst], eval_dir / f"{stem}_errors.png",
+              gt=test.gt[worst])
     return report
 
 
@@ -360,6 +364,16 @@ def threshold_table(reports: list[dict]) -> str:
                                         for k in kinds}}
         lines.append(line("median", "-", median, ""))
     return "\n".join(lines) + "\n"
+
+
+def worst_frames(labels: np.ndarray, scores: np.ndarray, n: int = 6) -> list[int]:
+    """The run's worst mistakes, for `*_errors.png`: the n highest-scoring normal frames (its
+    false alarms, highest first), then the n lowest-scoring defective ones (its misses,
+    lowest first). Why: where a run fails on a line is read off these frames (clutter, glare,
+    a rare part), not off an AUROC."""
+    normal, defect = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    return ([int(i) for i in normal[np.argsort(-scores[normal], kind="stable")][:n]]
+            + [int(i) for i in defect[np.argsort(scores[defect], kind="stable")][:n]])
 
 
 def _showcase(defects: list[str]) -> list[int]:

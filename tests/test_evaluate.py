@@ -22,6 +22,7 @@ from cmg_train.evaluate import (
     paired_bootstrap,
     pixel_auroc,
     threshold_table,
+    worst_frames,
 )
 from cmg_train.metrics import aupro, normal_threshold, operating_point
 
@@ -52,6 +53,13 @@ def test_image_metrics_per_defect_kind_against_the_good_images(fast_bootstrap):
     assert m["per_defect"] == {"hole": 1.0, "scratch": 0.5}
     lo, hi = m["image_auroc_ci95"]
     assert lo <= 0.75 <= hi
+
+
+def test_worst_frames_are_the_top_false_alarms_then_the_lowest_misses():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.05, 0.3])
+    assert worst_frames(labels, scores, n=2) == [0, 4, 5, 1]  # normals 0.9, 0.7; defects 0.05, 0.1
+    assert worst_frames(labels, scores, n=9) == [0, 4, 6, 2, 5, 1, 3]  # fewer frames than n: all of them
 
 
 def test_pixel_auroc_upsamples_the_map_to_the_masks():
@@ -386,7 +394,8 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
                                  float(run.detector.threshold)) | {"target_false_positive_rate": run.cfg.scoring.fpr}
     assert set(at["recall_per_defect"]) == TINY_DEFECTS and 0 <= at["false_positive_rate"] <= 1
     eval_dir = run.path / "eval"
-    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png", "ablation_alpha.png"):
+    for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png", "ablation_alpha.png",
+              "ablation_errors.png"):
         assert (eval_dir / f).stat().st_size > 0
     assert (eval_dir / "ablation.md").read_text() == (markdown_table(report["rows"]) + threshold_table([report])
                                                        + alpha_table([report]))
