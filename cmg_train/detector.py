@@ -26,7 +26,7 @@ from cmg.config import Config
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
 from cmg_train.filters import gaussian_blur
-from cmg_train.local.bank import PatchBank
+from cmg_train.local.bank import PatchBank, score_channel, shown_channel
 from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.masking import apply_mask, upsample_keep
 from cmg_train.memory_bank import KNNDistance
@@ -98,9 +98,9 @@ class CMGDetector(nn.Module):
         C is 1, or 2 with `local.self_radius`: channel 0 is what the score reads (the bank
         distance), the last channel the map a person reads (`outputs`)."""
         gated = amap * upsample_keep(keep, amap.shape[-2:])
-        peak = gated[:, 0].flatten(1).amax(1)
+        peak = score_channel(gated).flatten(1).amax(1)
         if self.local_score == "max_minus_p90":
-            flat = amap[:, 0].flatten(1)
+            flat = score_channel(amap).flatten(1)
             k = max(1, int(flat.shape[1]) // 10)  # static: the 90th percentile is the k-th largest
             peak = peak - torch.topk(flat, k, dim=1).values[:, -1]
         return gated, peak
@@ -131,7 +131,7 @@ class CMGDetector(nn.Module):
     def outputs(self, r: RawScores, threshold: Tensor) -> DetectorOutput:
         """The served outputs from raw scores (evaluation keeps both without a second pass)."""
         score = self.fuse(r.global_score, r.local_score).unsqueeze(-1)
-        shown = r.local_map[:, -1:]
+        shown = shown_channel(r.local_map)
         k = int(shown.shape[-1]) // self.map_size
         amap = F.avg_pool2d(shown, k) if k > 1 else shown
         if self.map_sigma > 0:  # the map a person reads: smoothed, as PatchCore's is (the score is not),

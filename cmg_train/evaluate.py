@@ -30,7 +30,7 @@ from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
 from cmg_train.cmle.fit import build_caption_graph
 from cmg_train.detector import CMGDetector, RawScores
-from cmg_train.local.bank import PatchBank
+from cmg_train.local.bank import PatchBank, score_channel
 from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
@@ -238,7 +238,8 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
             add_row("cmg_global_only", o["global"], None)
     # PatchCore reference: the same backbone and bank, whole frame, no mask, no head, map maximum.
     if isinstance(run.detector.local, PatchBank):
-        add_row("patchcore", test_maps[:, 0].flatten(1).amax(1).numpy(), test_maps[:, 0].numpy())
+        plain = score_channel(test_maps)
+        add_row("patchcore", plain.flatten(1).amax(1).numpy(), plain.squeeze(1).numpy())
     emb = lambda f: run.teacher(f)  # noqa: E731
     (train_emb,) = batched(emb, frames[tr])
     (test_emb,) = batched(emb, test.frames)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from cmg.config import CMERConfig
 from cmg_train.cmer.model import keep_mask, keep_mask_cfg
+from cmg_train.local.bank import score_channel
 from cmg_train.masking import upsample_keep
 
 
@@ -69,7 +70,7 @@ def false_alarm_peaks(ungated: Tensor, keep: Tensor) -> dict:
     alarms CMER removes)."""
     if len(ungated) == 0:
         return {"normal_frames": 0}
-    ungated = ungated[:, :1]
+    ungated = score_channel(ungated)
     kp = upsample_keep(keep, ungated.shape[-2:]).flatten(1)
     flat = ungated.flatten(1)
     outside = 1.0 - kp.gather(1, flat.argmax(1, keepdim=True))

@@ -37,6 +37,18 @@ MAP_STRIDE = 8
 SELF_STRIDE = 2
 
 
+def score_channel(maps: Tensor) -> Tensor:
+    """Local maps [B,C,h,w] -> [B,1,h,w], the channel the image score reads: the bank distance
+    (C is 2 with `local.self_radius`, see `PatchBank._with_self`; 1 otherwise)."""
+    return maps[:, :1]
+
+
+def shown_channel(maps: Tensor) -> Tensor:
+    """Local maps [B,C,h,w] -> [B,1,h,w], the map a person reads (ANOMALY_MAP): the last
+    channel, the self-distance-weighted one when there is one."""
+    return maps[:, -1:]
+
+
 class SelfDistance(nn.Module):
     """Patch rows [B, side*side, D] -> each patch's distance to the nearest patch of its own
     frame more than `radius` cells away (Chebyshev), among every SELF_STRIDE-th cell [B, side*side].
