@@ -86,7 +86,7 @@ class InProcessMode(Mode):
     def call_bytes(self, batch: int) -> int | None:
         """Memory one call at `batch` takes while it runs (measured once per batch; None off
         Linux). Concurrent calls in this process each take as much: `small`'s kNN alone holds
-        [8, 2304, 2500] FP32 distances (184 MB: the bank in blocks of 2,500 rows) per call at
+        [8, 2304, 1000] FP32 values (74 MB: the bank in blocks of 1,000 rows) per call at
         batch 8."""
         if batch not in self._call_bytes:
             self._call_bytes[batch] = call_peak_bytes(self._probe(batches(self.frames, batch, pool=1)[0]))

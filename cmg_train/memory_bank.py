@@ -4,6 +4,12 @@ The distance is |a|^2 + |b|^2 - 2ab: a MatMul and a TopK. The same module runs i
 training, evaluation and inside the exported ONNX graph; broadcasting a [batch, M, D]
 difference instead is what blows peers' memory-bank exports up to tens of GB (and past
 TensorRT's 2^31-element tensor limit).
+
+The nearest rows are found on ab - |b|^2 / 2 (one Gemm with the constant as its bias, then
+a ReduceMax or TopK) and |a|^2 is added to the k values found, not to every distance:
+written as |a|^2 + |b|^2 - 2ab over the whole [patches, rows] matrix, the two elementwise
+passes and the TopK took 40% of the served graph's time, as much as the MatMul's FLOPs
+(docs/results.md, the patch kNN as one Gemm).
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from tqdm.auto import tqdm
 
 # Distances held at once by KNNDistance in PyTorch (64M FP32 values: 256 MB per temporary).
 CHUNK_ELEMENTS = 1 << 26
-# Bank rows per MatMul in the exported graph. The runtime holds one block's [batch, patches,
-# rows] distances at a time: `small` (48 x 48 patches, 10,000 rows) at batch 8 holds 184 MB
-# per temporary instead of 737 MB, for the same FLOPs and the same nearest rows.
-EXPORT_BANK_ROWS = 2500
+# Bank rows per Gemm in the exported graph. The runtime holds one block's [batch, patches,
+# rows] values at a time: `small` (48 x 48 patches, 10,000 rows) at batch 8 holds 74 MB per
+# temporary instead of 737 MB, for the same FLOPs and the same nearest rows. 1,000 rather than
+# 2,500: a block the caches hold is 1.1 times faster at batch 8 (docs/results.md).
+EXPORT_BANK_ROWS = 1000
 
 
 def squared_distances(x: torch.Tensor, rows_t: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:
@@ -37,6 +44,8 @@ class KNNDistance(nn.Module):
         self.rows = int(bank.shape[0])  # a Python int: the export's blocks are static
         self.register_buffer("bank_t", bank.t().contiguous().float())
         self.register_buffer("bank_sq", (bank.float() ** 2).sum(1))
+        # The Gemm's bias: a row's nearness ab - |b|^2 / 2 ranks rows as the distance does.
+        self.register_buffer("neg_half_sq", -0.5 * self.bank_sq, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [...] distances.
@@ -51,46 +60,46 @@ class KNNDistance(nn.Module):
         rows = max(1, CHUNK_ELEMENTS // self.rows)
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= rows:
-            return self._distances(x)
-        return torch.cat([self._distances(c) for c in flat.split(rows)]).reshape(x.shape[:-1])
+            return self._blocked(x, blocks=False)
+        return torch.cat([self._blocked(c, blocks=False) for c in flat.split(rows)]).reshape(x.shape[:-1])
 
     def excluding(self, x: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
         """x [B, ..., D] -> [B, ...] distances with the bank rows marked in `exclude` [B, M]
         left out for that query: a training frame scored as if it had not been in the bank
         (threshold calibration; not in the served graph)."""
-        d2 = self._squared(x)
+        d2 = squared_distances(x, self.bank_t, self.bank_sq)
         d2.masked_fill_(exclude.reshape(exclude.shape[0], *[1] * (x.ndim - 2), -1), float("inf"))
         if self.k == 1:  # a plain minimum: a third of TopK's time over [B, 2304, 10000]
             return torch.sqrt(torch.clamp(d2.amin(-1), min=0.0))
-        return self._nearest(d2)
-
-    def _distances(self, x: torch.Tensor) -> torch.Tensor:
-        return self._nearest(self._squared(x))
-
-    def _blocked(self, x: torch.Tensor) -> torch.Tensor:
-        """The graph's form: the bank in blocks of EXPORT_BANK_ROWS rows, each a MatMul + TopK
-        of its k nearest, then a TopK over those. The k nearest rows of the bank are among the
-        blocks' k nearest, so the result is the same; what changes is that only one block's
-        distances are alive at a time (the exporter folds each block's slice of the constant
-        into its own initializer, which the int8 and TensorRT builds take as MatMul weights)."""
-        if self.rows <= EXPORT_BANK_ROWS:
-            return self._distances(x)
-        near = []
-        for a in range(0, self.rows, EXPORT_BANK_ROWS):
-            block = slice(a, min(a + EXPORT_BANK_ROWS, self.rows))
-            k = min(self.k, block.stop - a)
-            near.append(torch.topk(self._squared(x, block), k, dim=-1, largest=False).values)
-        return self._nearest(torch.cat(near, -1))
-
-    def _squared(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """Squared distances of x [..., D] to every bank row (or to `rows`): |a|^2 + |b|^2 - 2ab,
-        one MatMul."""
-        bank_t, bank_sq = (self.bank_t, self.bank_sq) if rows is None else (self.bank_t[:, rows], self.bank_sq[rows])
-        return squared_distances(x, bank_t, bank_sq)
-
-    def _nearest(self, d2: torch.Tensor) -> torch.Tensor:
         nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
         return torch.sqrt(torch.clamp(nearest, min=0.0)).mean(-1)
+
+    def _blocked(self, x: torch.Tensor, blocks: bool = True) -> torch.Tensor:
+        """The k nearest rows' mean distance. In the graph the bank goes in blocks of
+        EXPORT_BANK_ROWS rows, each a Gemm + ReduceMax (k = 1) or TopK of its k nearest, then
+        the same over those: the k nearest rows of the bank are among the blocks' k nearest,
+        so the result is the same; what changes is that only one block's values are alive at
+        a time (the exporter folds each block's slice of the constant into its own
+        initializer, which the int8 and TensorRT builds take as Gemm weights). PyTorch runs
+        the whole bank as one block (`blocks=False`), on the same arithmetic."""
+        flat = x.reshape(-1, x.shape[-1])
+        step = EXPORT_BANK_ROWS if blocks else self.rows
+        near, found = [], 0  # found: a Python int, the graph's shapes are static
+        for a in range(0, self.rows, step):
+            block = slice(a, min(a + step, self.rows))
+            s = torch.addmm(self.neg_half_sq[block], flat, self.bank_t[:, block])
+            k = 1 if self.k == 1 else min(self.k, block.stop - a)
+            near.append(s.amax(-1, keepdim=True) if self.k == 1 else torch.topk(s, k, dim=-1).values)
+            found += k
+        if self.k == 1:
+            best = near[0]
+            for s in near[1:]:
+                best = torch.maximum(best, s)
+        else:
+            best = torch.cat(near, -1)
+            best = torch.topk(best, self.k, dim=-1).values if found > self.k else best
+        d2 = (flat**2).sum(-1, keepdim=True) - 2.0 * best
+        return torch.sqrt(torch.clamp(d2, min=0.0)).mean(-1).reshape(x.shape[:-1])
 
 
 def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 32,

@@ -178,8 +178,8 @@ def test_threshold_is_optional_and_overrides(tiny_onnx, report):
     assert not sess.run([C.IS_ANOMALY], {C.IMAGE: frames, C.PATCH_SCORES: ps, C.THRESHOLD: high})[0].any()
 
 
-def test_memory_bank_distances_are_matmul_plus_topk(tiny_onnx, run):
-    """No [batch, M, D] broadcast: the bank constant feeds a MatMul, and TopK picks neighbours."""
+def test_memory_bank_distances_are_gemm_plus_topk(tiny_onnx, run):
+    """No [batch, M, D] broadcast: the bank constant feeds a Gemm, and TopK picks neighbours."""
     model = onnx.load(str(tiny_onnx / "cmle_encoder.onnx"))
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
@@ -189,7 +189,7 @@ def test_memory_bank_distances_are_matmul_plus_topk(tiny_onnx, run):
     want = sorted([run.cfg.cmle.embed_dim, n_bank])
     banks = [init for init in model.graph.initializer if sorted(init.dims) == want]
     assert len(banks) == 1, "global memory bank not found as a [D, N] constant"
-    assert consumers.get(banks[0].name) == {"MatMul"}, consumers.get(banks[0].name)
+    assert consumers.get(banks[0].name) == {"Gemm"}, consumers.get(banks[0].name)
     assert sum(n.op_type == "TopK" for n in model.graph.node) >= 1
 
 

@@ -41,16 +41,19 @@ def _export_knn(knn: KNNDistance, path, d: int):
     return onnx.load(str(path))
 
 
-def test_knn_distance_exports_a_small_bank_as_one_matmul_and_topk(tmp_path):
+def test_knn_distance_exports_a_small_bank_as_one_gemm_and_topk(tmp_path):
     ops = [n.op_type for n in _export_knn(KNNDistance(torch.randn(50, 16), 2), tmp_path / "knn.onnx", 16).graph.node]
-    assert ops.count("MatMul") == 1 and ops.count("TopK") == 1
+    assert ops.count("Gemm") == 1 and ops.count("TopK") == 1 and "MatMul" not in ops
 
 
-def test_knn_distance_exports_a_large_bank_in_blocks_with_the_same_distances(tmp_path, monkeypatch):
-    """A bank over EXPORT_BANK_ROWS is exported as one MatMul + TopK per block of rows (the
-    runtime holds one block's distances at a time), each block's rows a constant of its own
-    (what int8 quantization and TensorRT take as weights), the last block shorter than k;
-    ONNX Runtime's distances equal PyTorch's."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_distance_exports_a_large_bank_in_blocks_with_the_same_distances(tmp_path, monkeypatch, k):
+    """A bank over EXPORT_BANK_ROWS is exported as one Gemm per block of rows (its bias the
+    rows' -|b|^2 / 2) and a ReduceMax (k = 1) or TopK of the block's nearest (the runtime holds
+    one block's values at a time), each block's rows a constant of its own (what int8
+    quantization and TensorRT take as weights), the last block shorter than k; no elementwise
+    pass over the [patches, rows] matrix; ONNX Runtime's distances equal PyTorch's and brute
+    force's."""
     import onnxruntime as ort
 
     import cmg_train.memory_bank as mb
@@ -58,19 +61,24 @@ def test_knn_distance_exports_a_large_bank_in_blocks_with_the_same_distances(tmp
 
     monkeypatch.setattr(mb, "EXPORT_BANK_ROWS", 16)  # 50 rows: blocks of 16, 16, 16 and 2 (< k)
     bank = torch.randn(50, 16)
-    knn = KNNDistance(bank, 3)
+    knn = KNNDistance(bank, k)
     model = _export_knn(knn, tmp_path / "knn.onnx", 16)
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    assert len(matmuls) == 4
-    assert sorted(weights.get(n.input[1]) for n in matmuls) == [(16, 2), (16, 16), (16, 16), (16, 16)]
-    assert not [n.op_type for n in model.graph.node if n.op_type in ("Slice", "Split")]
+    weights |= {n.output[0]: tuple(n.attribute[0].t.dims) for n in model.graph.node if n.op_type == "Constant"}
+    assert len(gemms) == 4
+    assert sorted(weights.get(n.input[1]) for n in gemms) == [(16, 2), (16, 16), (16, 16), (16, 16)]
+    assert sorted(weights.get(n.input[2]) for n in gemms) == [(2,), (16,), (16,), (16,)]
+    reduce = [n.op_type for n in model.graph.node if n.op_type in ("ReduceMax", "TopK")]
+    assert reduce == (["ReduceMax"] * 4 if k == 1 else ["TopK"] * 5)
+    assert not [n.op_type for n in model.graph.node if n.op_type in ("Slice", "Split", "MatMul")]
     assert opcheck.check_model(model) == []
     x = torch.randn(5, 9, 16)  # the patch axis is static in the graph, as in the product's
     got = ort.InferenceSession(str(tmp_path / "knn.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": x.numpy()})[0]
-    want = torch.cdist(x.reshape(-1, 16), bank).topk(3, largest=False).values.mean(-1).reshape(5, 9)
+    want = torch.cdist(x.reshape(-1, 16), bank).topk(k, largest=False).values.mean(-1).reshape(5, 9)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(knn(x), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 3])
