@@ -54,14 +54,14 @@ class KNNDistance(nn.Module):
         distances: a 48 x 48 patch map against 10,000 bank rows is 92 MB of FP32 distances
         per frame, and a scoring batch of 64 frames (`loop.batched`'s default) with the
         elementwise temporaries took a training past 16 GB. The exported graph cannot split
-        the batch (the server sends it), so it splits the bank instead (`_blocked`)."""
+        the batch (the server sends it), so it splits the bank instead (`_nearest`)."""
         if torch.onnx.is_in_onnx_export():
-            return self._blocked(x)
+            return self._nearest(x, EXPORT_BANK_ROWS)
         rows = max(1, CHUNK_ELEMENTS // self.rows)
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= rows:
-            return self._blocked(x, blocks=False)
-        return torch.cat([self._blocked(c, blocks=False) for c in flat.split(rows)]).reshape(x.shape[:-1])
+            return self._nearest(x, self.rows)
+        return torch.cat([self._nearest(c, self.rows) for c in flat.split(rows)]).reshape(x.shape[:-1])
 
     def excluding(self, x: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
         """x [B, ..., D] -> [B, ...] distances with the bank rows marked in `exclude` [B, M]
@@ -74,19 +74,18 @@ class KNNDistance(nn.Module):
         nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
         return torch.sqrt(torch.clamp(nearest, min=0.0)).mean(-1)
 
-    def _blocked(self, x: torch.Tensor, blocks: bool = True) -> torch.Tensor:
-        """The k nearest rows' mean distance. In the graph the bank goes in blocks of
-        EXPORT_BANK_ROWS rows, each a Gemm + ReduceMax (k = 1) or TopK of its k nearest, then
-        the same over those: the k nearest rows of the bank are among the blocks' k nearest,
-        so the result is the same; what changes is that only one block's values are alive at
-        a time (the exporter folds each block's slice of the constant into its own
-        initializer, which the int8 and TensorRT builds take as Gemm weights). PyTorch runs
-        the whole bank as one block (`blocks=False`), on the same arithmetic."""
+    def _nearest(self, x: torch.Tensor, block_rows: int) -> torch.Tensor:
+        """The k nearest rows' mean distance, the bank taken `block_rows` rows at a time. The
+        graph uses blocks of EXPORT_BANK_ROWS, each a Gemm + ReduceMax (k = 1) or TopK of its k
+        nearest, then the same over those: the k nearest rows of the bank are among the
+        blocks' k nearest, so the result is the same; what changes is that only one block's
+        values are alive at a time (the exporter folds each block's slice of the constant into
+        its own initializer, which the int8 and TensorRT builds take as Gemm weights). PyTorch
+        takes the whole bank as one block, on the same arithmetic."""
         flat = x.reshape(-1, x.shape[-1])
-        step = EXPORT_BANK_ROWS if blocks else self.rows
         near, found = [], 0  # found: a Python int, the graph's shapes are static
-        for a in range(0, self.rows, step):
-            block = slice(a, min(a + step, self.rows))
+        for a in range(0, self.rows, block_rows):
+            block = slice(a, min(a + block_rows, self.rows))
             s = torch.addmm(self.neg_half_sq[block], flat, self.bank_t[:, block])
             k = 1 if self.k == 1 else min(self.k, block.stop - a)
             near.append(s.amax(-1, keepdim=True) if self.k == 1 else torch.topk(s, k, dim=-1).values)
