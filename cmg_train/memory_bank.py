@@ -67,12 +67,11 @@ class KNNDistance(nn.Module):
         """x [B, ..., D] -> [B, ...] distances with the bank rows marked in `exclude` [B, M]
         left out for that query: a training frame scored as if it had not been in the bank
         (threshold calibration; not in the served graph)."""
-        d2 = squared_distances(x, self.bank_t, self.bank_sq)
-        d2.masked_fill_(exclude.reshape(exclude.shape[0], *[1] * (x.ndim - 2), -1), float("inf"))
-        if self.k == 1:  # a plain minimum: a third of TopK's time over [B, 2304, 10000]
-            return torch.sqrt(torch.clamp(d2.amin(-1), min=0.0))
-        nearest = torch.topk(d2, self.k, dim=-1, largest=False).values
-        return torch.sqrt(torch.clamp(nearest, min=0.0)).mean(-1)
+        s = torch.matmul(x, self.bank_t).add_(self.neg_half_sq)
+        s.masked_fill_(exclude.reshape(exclude.shape[0], *[1] * (x.ndim - 2), -1), float("-inf"))
+        # k = 1: a plain maximum, a third of TopK's time over [B, 2304, 10000]
+        best = s.amax(-1, keepdim=True) if self.k == 1 else torch.topk(s, self.k, dim=-1).values
+        return self._mean_distance(x, best)
 
     def _nearest(self, x: torch.Tensor, block_rows: int) -> torch.Tensor:
         """The k nearest rows' mean distance, the bank taken `block_rows` rows at a time. The
@@ -97,8 +96,14 @@ class KNNDistance(nn.Module):
         else:
             best = torch.cat(near, -1)
             best = torch.topk(best, self.k, dim=-1).values if found > self.k else best
-        d2 = (flat**2).sum(-1, keepdim=True) - 2.0 * best
-        return torch.sqrt(torch.clamp(d2, min=0.0)).mean(-1).reshape(x.shape[:-1])
+        return self._mean_distance(flat, best).reshape(x.shape[:-1])
+
+    @staticmethod
+    def _mean_distance(x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        """x [..., D] and its nearest rows' nearness ab - |b|^2 / 2 [..., k] -> the mean of
+        their Euclidean distances sqrt(|a|^2 - 2 nearness) [...]."""
+        d2 = (x**2).sum(-1, keepdim=True) - 2.0 * best
+        return torch.sqrt(torch.clamp(d2, min=0.0)).mean(-1)
 
 
 def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 32,
