@@ -43,6 +43,33 @@ def _time(fn: Callable, x, batch: int, iterations: int, warmup: int, sync: Calla
     return _stats(times, batch)
 
 
+def capture_blockers(fn: Callable, example) -> list[str]:
+    """What in one call of fn CUDA-graph capture would refuse, found on any device (a CPU run
+    catches it before a lent GPU does): tensors made from host data (torch.tensor of Python
+    numbers: a host-to-device copy on CUDA) and reads back to the host (.item(), nonzero: a
+    sync). Each as 'op at file:line', the first frame of this project's code that called it."""
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    blocking = {torch.ops.aten.lift_fresh.default, torch.ops.aten.item.default,
+                torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    found: list[str] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in blocking:
+                ours = [f for f in traceback.extract_stack() if "/cmg" in f.filename and "gpu_check" not in f.filename]
+                where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+                found.append(f"{func} at {where}")
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Recorder():
+        fn(example)
+    return sorted(set(found))
+
+
 def _cuda_graphed(fn: Callable, example):
     """fn captured as a CUDA graph over a static input buffer (replay copies the new frames in)."""
     import torch  # heavy: only the PyTorch check needs it (the trt check runs without)
@@ -106,6 +133,7 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
                   f"({rows[-1]['frames_per_s']:.0f} frames/s)", flush=True)
         result["modes"][label] = rows
 
+    result["capture_blockers"] = capture_blockers(pipeline("cpu"), frames(1, "cpu"))
     sweep("cpu_fp32", "cpu")  # the baseline, same run
     if cuda:
         sweep("cuda_fp32", device)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from cmg.config import Config
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmle.model import CMLEHead
-from cmg_train.filters import gaussian_blur
+from cmg_train.filters import GaussianBlur
 from cmg_train.local.bank import PatchBank, score_channel, shown_channel
 from cmg_train.local.model import LocalNet, anomaly_probability
 from cmg_train.masking import apply_mask, upsample_keep
@@ -66,6 +66,7 @@ class CMGDetector(nn.Module):
         self.local_score = cfg.local.score
         self.map_size = int(cfg.scoring.map_size)
         self.map_sigma = float(cfg.scoring.map_sigma)
+        self.map_blur = GaussianBlur(self.map_sigma) if self.map_sigma > 0 else None
         self.fusion = cfg.scoring.fusion
         self.k_global = int(cfg.scoring.k_global)
         self.global_knn: KNNDistance | None = None
@@ -134,9 +135,9 @@ class CMGDetector(nn.Module):
         shown = shown_channel(r.local_map)
         k = int(shown.shape[-1]) // self.map_size
         amap = F.avg_pool2d(shown, k) if k > 1 else shown
-        if self.map_sigma > 0:  # the map a person reads: smoothed, as PatchCore's is (the score is not),
-            # and still zero where the keep-mask discarded the pixels
-            amap = gaussian_blur(amap, self.map_sigma) * upsample_keep(r.keep, amap.shape[-2:])
+        if self.map_blur is not None:  # the map a person reads: smoothed, as PatchCore's is (the score
+            # is not), and still zero where the keep-mask discarded the pixels
+            amap = self.map_blur(amap) * upsample_keep(r.keep, amap.shape[-2:])
         amap = amap.squeeze(1)
         return DetectorOutput(score, score > threshold, amap, r.keep.to(torch.uint8), r.z)
 
