@@ -4,6 +4,10 @@
 RUN/checkpoint.pt) at batch 1/8/32: fp32, fp16 autocast and CUDA graphs
 (torch.cuda.CUDAGraph, static input buffer, warm-up on a side stream before capture) on
 the device, plus the fp32 CPU baseline in the same run; p50/p99 per call and frames/s.
+`accuracy`: the same graphs' scores over a test folder (MVTec layout) at fp32 on the CPU (the
+reference), fp32 and fp16 autocast on the device: AUROC of each, the largest score change,
+and how many frames change side of the calibrated threshold (the `tensorrt` target builds
+FP16 engines; the patch kNN's ab - |b|^2/2 is a difference of large numbers).
 `trt`: the TensorRT engine chain of a `cmg build --target tensorrt` repository through
 cmg_build.engine_runner (buffers once, one stream, plain enqueue and CUDA graphs).
 Results go to OUT/<check>.json; a failure exits non-zero with the reason.
@@ -151,6 +155,53 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
     return result
 
 
+def check_accuracy(run_dir: Path, data: Path, device: str, batch: int = 16) -> dict:
+    """Scores of the test split per precision against CPU fp32 (see the module docstring)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from cmg_train.checkpoint import load_run
+    from cmg_train.evaluate import TestSet
+
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__}: CUDA not available")
+    run = load_run(run_dir)
+    test = TestSet(data, run.contract.height, progress=False)
+    result: dict = {"device": device, "run": str(run_dir), "data": str(data), "frames": len(test.labels),
+                    "what": "scorer_graph + detector scores of the test split; changes against CPU fp32",
+                    "modes": {}, "skipped": {}}
+
+    def scores(dev: str, autocast: bool) -> np.ndarray:
+        scorer = run.scorer_graph().to(dev).eval()
+        det = run.detector.to(dev).eval()
+        thr = det.threshold.detach().reshape(1, 1)
+        out = []
+        with torch.inference_mode(), torch.autocast(dev.split(":")[0], dtype=torch.float16, enabled=autocast):
+            for i in range(0, len(test.frames), batch):
+                x = test.frames[i:i + batch].to(dev)
+                out.append(det(x, scorer(x), thr.expand(x.shape[0], 1)).anomaly_score[:, 0].float().cpu())
+        return torch.cat(out).numpy()
+
+    ref = scores("cpu", False)
+    threshold = float(run.detector.threshold)
+    spread = float(np.std(ref[test.labels == 0])) or 1.0
+    modes = {"cpu_fp32": ("cpu", False)}
+    if cuda:
+        modes |= {"cuda_fp32": (device, False), "cuda_fp16_autocast": (device, True)}
+    else:
+        result["skipped"] = {m: f"device {device} is not CUDA" for m in ("cuda_fp32", "cuda_fp16_autocast")}
+    for label, (dev, autocast) in modes.items():
+        s = ref if label == "cpu_fp32" else scores(dev, autocast)
+        result["modes"][label] = {
+            "auroc": float(roc_auc_score(test.labels, s)),
+            "max_abs_change": float(np.abs(s - ref).max()),
+            "max_change_in_normal_std": float(np.abs(s - ref).max() / spread),
+            "flag_changes": int(((s > threshold) != (ref > threshold)).sum())}
+        print(f"accuracy {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in result["modes"][label].items()), flush=True)
+    return result
+
+
 def check_trt(repo: Path, iterations: int, warmup: int, batches: tuple[int, ...] = BATCHES) -> dict:
     """The engine chain via the standalone runner: plain enqueues, then CUDA graphs."""
 
@@ -166,9 +217,10 @@ def check_trt(repo: Path, iterations: int, warmup: int, batches: tuple[int, ...]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("check", choices=("torch", "trt"))
+    p.add_argument("check", choices=("torch", "accuracy", "trt"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--run", type=Path, help="torch: trained run folder")
+    p.add_argument("--data", type=Path, help="accuracy: a folder with test/ (and ground_truth/)")
     p.add_argument("--repo", type=Path, help="trt: tensorrt-target repository")
     p.add_argument("--device", default="cuda", help="torch: device (cuda, cuda:1, cpu for a dry run)")
     p.add_argument("--iterations", type=int, default=30)
@@ -182,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.run is None:
                 raise ValueError("torch check needs --run")
             result = check_torch(args.run, args.device, args.iterations, args.warmup, batches)
+        elif args.check == "accuracy":
+            if args.run is None or args.data is None:
+                raise ValueError("accuracy check needs --run and --data")
+            result = check_accuracy(args.run, args.data, args.device)
         else:
             if args.repo is None:
                 raise ValueError("trt check needs --repo")

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine: < 5 minutes on a bare one, trains nothing, no network.
 #
-#   benchmarks/gpu_prepare.sh [RUN]     # HERE, once: wheels + a small trained run into gpu_carry/ (<= 64 MiB)
+#   benchmarks/gpu_prepare.sh [RUN] [DATA]  # HERE, once: wheels + a small trained run (+ DATA's test split)
+#                                           # into gpu_carry/ (<= 64 MiB)
 #   benchmarks/gpu_check.sh [RUN]       # THERE (device tool: carry ["gpu_carry"]); RUN default gpu_carry/run
 #
 # Steps: environment (a venv over the machine's own torch, installing only the wheels in
 # gpu_carry/wheels, no index), nvidia-smi, the PyTorch CUDA path of the served graphs at
 # batch 1/8/32 (fp32, fp16 autocast, CUDA graphs; CPU fp32 baseline in the same run), and
+# where gpu_carry/data (or CMG_GPU_CHECK_DATA) holds a test split, the scores' AUROC and changes
+# at fp32 / fp16 autocast on the device against CPU fp32 (the FP16 engines' question), and
 # where `tensorrt` imports: `cmg build --target tensorrt` + the standalone engine runner.
 # At most 8 files go into $OUT (default ./gpu_check_out): steps.txt, gpu_check.log,
-# torch.json, trt.json. Exits non-zero when a step failed; a step that cannot run
+# torch.json, accuracy.json, trt.json. Exits non-zero when a step failed; a step that cannot run
 # (TensorRT absent) is recorded as SKIPPED with the reason, never left out.
 # CMG_GPU_CHECK_DEVICE=cpu runs the same script on a CPU-only host (the test suite does).
 set -euo pipefail
@@ -98,6 +101,14 @@ RUN=$(cd "$RUN" && pwd)
 
 step torch 180 "$PY" -m cmg_bench.gpu_check torch --run "$RUN" --out "$OUT" --device "$DEVICE" \
   --iterations "$ITERS" --batches "$BATCHES" || true
+
+DATA=${CMG_GPU_CHECK_DATA:-$CARRY/data}
+if [ -d "$DATA/test" ]; then
+  step accuracy 240 "$PY" -m cmg_bench.gpu_check accuracy --run "$RUN" --data "$DATA" --out "$OUT" \
+    --device "$DEVICE" || true
+else
+  skip accuracy "no test split at $DATA (benchmarks/gpu_prepare.sh RUN DATA carries one)"
+fi
 
 if "$PY" -c "import tensorrt" > /dev/null 2>&1; then
   REPO=$ROOT/.gpu_repo_tensorrt  # engines stay outside $OUT: only results come back

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prepares gpu_carry/ HERE for benchmarks/gpu_check.sh on a lent GPU machine (no network there).
 #
-#   benchmarks/gpu_prepare.sh [RUN]     RUN: a small trained run (default out/demo/run, from `./dev demo`)
+#   benchmarks/gpu_prepare.sh [RUN] [DATA]   RUN: a small trained run (default out/demo/run, from
+#                                            `./dev demo`); DATA: a folder whose test split (and
+#                                            ground_truth/) goes along for the accuracy step
 #
 # gpu_carry/wheels: this project as a wheel plus exactly what the GPU machine lacks for the
 #   check (its Python 3.12 has torch, numpy, onnx, onnxruntime, PyYAML, tqdm, cuda-python):
@@ -24,6 +26,12 @@ mkdir -p "$CARRY/wheels" "$CARRY/run/onnx"
   "grpcio>=1.63,<2" "protobuf>=4.25,<6"
 cp "$RUN/checkpoint.pt" "$RUN/config.yaml" "$CARRY/run/"
 cp "$RUN"/onnx/*.onnx "$RUN"/onnx/*.json "$CARRY/run/onnx/"
+if [ -n "${2:-}" ]; then
+  [ -d "$2/test" ] || { echo "gpu_prepare: no test split at $2/test" >&2; exit 2; }
+  mkdir -p "$CARRY/data"
+  cp -r "$2/test" "$CARRY/data/"
+  [ -d "$2/ground_truth" ] && cp -r "$2/ground_truth" "$CARRY/data/"
+fi
 size=$(du -sm "$CARRY" | cut -f1)
 if [ "$size" -gt 56 ] && [ -f "$CARRY/run/onnx/cmer_teacher.onnx" ]; then
   # The torch check needs only the checkpoint; the trt step's `cmg build` needs every graph

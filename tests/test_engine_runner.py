@@ -93,19 +93,20 @@ def test_bench_engines_says_what_is_missing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_gpu_check_script_dry_run_on_cpu(tiny_run, tmp_path):
+def test_gpu_check_script_dry_run_on_cpu(tiny_run, tiny_data, tmp_path):
     """The real script end to end with the CPU switch: it trains nothing, skips what this host
     lacks with the reason, and leaves at most 8 files (what comes back from the lent machine)."""
     out = tmp_path / "gpu_out"
     env = {**os.environ, "OUT": str(out), "VENV": sys.prefix, "CMG_GPU_CARRY": str(tmp_path / "no_carry"),
-           "CMG_GPU_CHECK_DEVICE": "cpu", "CMG_GPU_CHECK_ITERS": "3", "CMG_GPU_CHECK_BATCHES": "1,2"}
+           "CMG_GPU_CHECK_DEVICE": "cpu", "CMG_GPU_CHECK_ITERS": "3", "CMG_GPU_CHECK_BATCHES": "1,2",
+           "CMG_GPU_CHECK_DATA": str(tiny_data)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tiny_run)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
     steps = (out / "steps.txt").read_text()
-    assert "env ok" in steps and "torch ok" in steps and "trt_build SKIPPED" in steps
+    assert "env ok" in steps and "torch ok" in steps and "accuracy ok" in steps and "trt_build SKIPPED" in steps
     result = json.loads((out / "torch.json").read_text())
     rows = result["modes"]["cpu_fp32"]
     assert [r["batch"] for r in rows] == [1, 2]
@@ -114,3 +115,7 @@ def test_gpu_check_script_dry_run_on_cpu(tiny_run, tmp_path):
     # Nothing in the served forward that CUDA-graph capture refuses (a H2D copy of the map
     # blur's taps did, found on a lent H100): checked here on the CPU, on every run.
     assert result["capture_blockers"] == []
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    ref = accuracy["modes"]["cpu_fp32"]  # the reference against itself: no change, a real AUROC
+    assert 0.0 <= ref["auroc"] <= 1.0 and ref["max_abs_change"] == 0 and ref["flag_changes"] == 0
+    assert accuracy["frames"] > 0 and set(accuracy["skipped"]) == {"cuda_fp32", "cuda_fp16_autocast"}
