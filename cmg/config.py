@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cmg.config_check import check_section
+from cmg.config_check import CHOICES, check_section
 
 
 @dataclass
@@ -34,6 +34,9 @@ class BackboneConfig:
     strides: list[int] = field(default_factory=lambda: [8, 16])  # patch features: the last block at each stride
                                   # (4: finer detail, averaged onto the stride-8 map)
     taps: list[int] | None = None # block indices instead of `strides` (when set)
+    ensemble: list[str] | None = None  # more variants for the patch bank, each with its own bank at
+                                  # the same strides (PatchCore's backbone ensemble); the teacher
+                                  # uses `variant` alone
 
 
 @dataclass
@@ -204,6 +207,13 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if cfg.local.self_radius and (cfg.local.model != "bank" or 2 * cfg.local.self_radius + 1 >= side):
         raise ValueError(f"config: local.self_radius {cfg.local.self_radius} needs local.model bank and a radius "
                          f"that leaves cells to compare with on the {side} x {side} map (2 r + 1 < {side})")
+    variants = CHOICES["backbone.variant"]
+    for v in cfg.backbone.ensemble or ():
+        if v not in variants:
+            raise ValueError(f"config: backbone.ensemble: expected variants among {', '.join(variants)}, got {v!r}")
+    if cfg.backbone.ensemble and (cfg.local.model != "bank" or cfg.local.colour == "grey+rgb"):
+        raise ValueError(f"config: backbone.ensemble needs local.model bank and local.colour rgb or grey, got "
+                         f"{cfg.local.model} / {cfg.local.colour}")
     if cfg.scoring.map_sigma and 2 * round(3 * cfg.scoring.map_sigma) >= cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
                          f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")

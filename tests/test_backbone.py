@@ -226,3 +226,45 @@ def test_two_view_bank_exports_with_a_dynamic_batch(tmp_path):
         got = sess.run(None, {"IMAGE": frames.numpy()})[0]
         assert got.shape == want.shape
         torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-3)
+
+
+def test_a_backbone_ensemble_is_one_view_per_backbone_each_with_its_own_bank(tmp_path):
+    """`backbone.ensemble`: the second backbone's features follow the first's along the
+    channels, exactly as each computes them alone; each view is matched against its own bank
+    in held-out units; the checkpoint and the exported graph keep both."""
+    cfg = Config()
+    cfg.data.image_size, cfg.local.bank_size, cfg.local.colour = 32, 10_000, "grey"
+    cfg.backbone.ensemble = ["efficientnet_lite1"]
+    train, held_out, frames = _frames(3, 32, 0), _frames(2, 32, 2), _frames(2, 32, 1)
+    bank, metrics = fit_patch_bank(cfg, train, progress=False, held_out=held_out)
+    bb = cfg.backbone
+    first = PatchFeatures(bb.variant, 32, bb.upsample, backbone_taps(bb), colour="grey").eval()
+    second = PatchFeatures("efficientnet_lite1", 32, bb.upsample, default_taps("efficientnet_lite1", bb.strides),
+                           colour="grey").eval()
+    assert bank.features.view_dims == [first.dim, second.dim]
+    assert metrics["backbone"] == "efficientnet_lite0+efficientnet_lite1"
+    with torch.no_grad():
+        torch.testing.assert_close(bank.features(frames), torch.cat([first(frames), second(frames)], 1))
+        d_first, d_second = bank.view_distances(frames)
+        expect = (d_first / bank.scales[0] + d_second / bank.scales[1]) / 2
+        torch.testing.assert_close(bank(frames).flatten(1), expect)
+        assert float(bank(train).max()) < 0.02 * float(bank(frames).min())
+    assert metrics["view_scales"] == [round(float(v.median()), 4) for v in bank.view_distances(held_out)]
+    clone = bank_from_state(bank_state(bank))
+    with torch.no_grad():
+        assert torch.equal(clone(frames), bank(frames))
+    path = tmp_path / "bank.onnx"
+    _export(bank, (frames,), path, ["IMAGE"], ["MAP"])
+    assert check_file(path) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"IMAGE": frames.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), bank(frames), rtol=1e-4, atol=1e-3)
+    # Views of unequal width (another block of the second backbone) split where they were joined.
+    uneven = PatchFeatures(bb.variant, 32, 1, None, colour="grey", ensemble=[("efficientnet_lite1", [2])]).eval()
+    with torch.no_grad():
+        rows = uneven(train).flatten(2).transpose(1, 2).reshape(-1, uneven.dim)
+        own = PatchBank(uneven, list(rows.split(uneven.view_dims, 1)))
+        assert uneven.view_dims[0] != uneven.view_dims[1] and float(own(train).max()) < 0.1 * float(own(frames).mean())
+    with pytest.raises(ValueError, match="grey\\+rgb"):
+        PatchFeatures(bb.variant, 32, 1, None, colour="grey+rgb", ensemble=[("efficientnet_lite1", [2])])

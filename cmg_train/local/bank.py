@@ -15,6 +15,8 @@ score reads the bank distance alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +94,12 @@ class PatchFeatures(nn.Module):
     grey features then the colour ones along the channels ([B, 2C, h, w]; `views` = 2):
     PatchBank matches each view against its own bank.
 
+    ensemble: more backbones (`backbone.ensemble`, variant and block indices each) on the same
+    input, their features after the main one's along the channels, each a view with its own
+    bank (PatchCore's backbone ensemble): Lite1 and Lite2 disagree on different normal
+    frames, and the mean of their scaled distances ranked defects better on the parts set
+    than either (docs/results.md). Not with grey+rgb.
+
     edge_zeros=True averages the map's outer ring with the zero padding counted (PatchCore's
     pooling): an edge patch averages 4 or 6 real cells, and dividing by those alone made the
     ring the noisiest place of every frame, where normal frames peaked (docs/design.md §5
@@ -100,7 +108,8 @@ class PatchFeatures(nn.Module):
     """
 
     def __init__(self, variant: str, image_size: int, upsample: int, taps: list[int] | None,
-                 load_weights: bool = True, colour: str = "rgb", edge_zeros: bool = True):
+                 load_weights: bool = True, colour: str = "rgb", edge_zeros: bool = True,
+                 ensemble: Sequence[tuple[str, Sequence[int]]] = ()):
         super().__init__()
         self.edge_zeros = bool(edge_zeros)
         if colour not in COLOURS:
@@ -111,13 +120,24 @@ class PatchFeatures(nn.Module):
         self.image_size, self.upsample = int(image_size), int(upsample)
         self.size = self.image_size * self.upsample
         self.preprocess = Preprocess(LITE_MEAN, LITE_STD)
+        if ensemble and colour == "grey+rgb":
+            raise ValueError("PatchFeatures: a backbone ensemble with colour grey+rgb is not supported")
         self.backbone = EfficientNetLite(variant, self.size, taps or default_taps(variant))
-        if load_weights:
-            self.backbone.load_package_weights()
-        self.backbone.requires_grad_(False).eval()
-        self.views = 2 if colour == "grey+rgb" else 1
-        self.dim = sum(self.backbone.channels) * self.views
+        self.ensemble = nn.ModuleList(EfficientNetLite(v, self.size, t) for v, t in ensemble)
+        for net in self.backbones:
+            if load_weights:
+                net.load_package_weights()
+            net.requires_grad_(False).eval()
+        dims = [sum(net.channels) for net in self.backbones]
+        # Each view's channels, in the order forward concatenates them (PatchBank splits on these).
+        self.view_dims = dims * 2 if colour == "grey+rgb" else dims
+        self.views = len(self.view_dims)
+        self.dim = sum(self.view_dims)
         self.side = self.size // MAP_STRIDE
+
+    @property
+    def backbones(self) -> list[EfficientNetLite]:
+        return [self.backbone, *self.ensemble]
 
     def forward(self, frames: Tensor) -> Tensor:
         b = 0
@@ -131,7 +151,7 @@ class PatchFeatures(nn.Module):
         if self.upsample != 1:  # python ints: a constant Resize in the exported graph
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         parts = []
-        for f in self.backbone(x):
+        for f in (f for net in self.backbones for f in net(x)):
             f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=self.edge_zeros)
             side = int(f.shape[-1])
             if side > self.side:  # a finer tap: its cells averaged onto the map's grid
@@ -140,13 +160,13 @@ class PatchFeatures(nn.Module):
                 f = F.interpolate(f, size=(self.side, self.side), mode="bilinear", align_corners=False)
             parts.append(f)
         f = torch.cat(parts, 1)
-        return torch.cat([f[:b], f[b:]], 1) if self.views == 2 else f  # slices: the batch is dynamic in the graph
+        return torch.cat([f[:b], f[b:]], 1) if self.colour == "grey+rgb" else f  # slices: the batch is dynamic in the graph
 
 
 class PatchBank(nn.Module):
     """uint8 frames -> per-patch distance to the normal bank [B,1,h,w] (the local anomaly map).
 
-    With two feature views (`grey+rgb`) each view has its own bank and nearest rows: a grey
+    With two or more feature views (`grey+rgb`, `backbone.ensemble`) each view has its own bank and nearest rows: a grey
     patch's match may come from a part of another colour, which is the point of the grey
     view. Each view's distance is divided by its median on held-out normal patches
     (`scales`), so the two are in the same units, and the map is their mean. A single bank
@@ -177,7 +197,7 @@ class PatchBank(nn.Module):
     def _view_patches(self, f: Tensor) -> list[Tensor]:
         """Features [B, C, h, w] -> each view's patch rows [B, h*w, C / views], in bank order."""
         x = f.flatten(2).transpose(1, 2)
-        return [x] if not len(self.knn_views) else list(x.chunk(1 + len(self.knn_views), -1))
+        return [x] if not len(self.knn_views) else list(x.split(self.features.view_dims, -1))
 
     def _distances(self, f: Tensor) -> list[Tensor]:
         return [knn(v) for knn, v in zip([self.knn, *self.knn_views], self._view_patches(f), strict=True)]
@@ -228,6 +248,8 @@ def bank_state(net: PatchBank) -> dict:
              "state_dict": {k: v.detach().cpu() for k, v in f.state_dict().items()}}
     if net.self_distance is not None:
         state["self_radius"], state["self_median"] = net.self_distance.radius, net.self_median.detach().cpu()
+    if len(f.ensemble):
+        state["ensemble"] = [[e.variant, list(e.taps)] for e in f.ensemble]
     if len(net.knn_views):
         state["view_banks"] = [knn.bank_t.t().contiguous() for knn in net.knn_views]
         state["scales"] = net.scales.detach().cpu()
@@ -237,7 +259,7 @@ def bank_state(net: PatchBank) -> dict:
 def bank_from_state(state: dict) -> PatchBank:
     features = PatchFeatures(state["variant"], state["image_size"], state["upsample"], state["taps"],
                              load_weights=False, colour=state.get("colour", "rgb"),
-                             edge_zeros=state.get("edge_zeros", False))
+                             edge_zeros=state.get("edge_zeros", False), ensemble=state.get("ensemble", ()))
     features.load_state_dict(state["state_dict"])
     return PatchBank(features, [state["bank"], *state.get("view_banks", [])], state["k"],
                      state.get("scales"), state.get("self_radius", 0), state.get("self_median", 1.0)).eval()
@@ -253,7 +275,8 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     `local.self_radius` the training patches' median SelfDistance is taken in the same pass."""
     bb = cfg.backbone
     features = PatchFeatures(bb.variant, cfg.data.image_size, bb.upsample, backbone_taps(bb),
-                             colour=cfg.local.colour).eval()
+                             colour=cfg.local.colour,
+                             ensemble=[(v, default_taps(v, bb.strides)) for v in bb.ensemble or ()]).eval()
     self_distance = SelfDistance(features.side, cfg.local.self_radius) if cfg.local.self_radius else None
 
     def patch_rows(chunk: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,12 +286,12 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
 
     flat, self_d = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress,
                           desc="patch features")
-    views = flat.chunk(features.views, 1)
+    views = flat.split(features.view_dims, 1)
     chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress) for view in views]
     banks = [view[idx] for view, idx in zip(views, chosen, strict=True)]
     net = PatchBank(features, banks, cfg.local.k, self_radius=cfg.local.self_radius).eval()
     net.row_frames = [idx // (features.side ** 2) for idx in chosen]  # rows are frame-major
-    metrics = {"model": "bank", "backbone": bb.variant, "colour": cfg.local.colour, "patches": int(flat.shape[0]),
+    metrics = {"model": "bank", "backbone": "+".join(net.variant for net in features.backbones), "colour": cfg.local.colour, "patches": int(flat.shape[0]),
                "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
         views = batched(net.view_distances, torch.as_tensor(held_out), batch_size=batch)
