@@ -166,9 +166,9 @@ class PatchFeatures(nn.Module):
 class PatchBank(nn.Module):
     """uint8 frames -> per-patch distance to the normal bank [B,1,h,w] (the local anomaly map).
 
-    With two or more feature views (`grey+rgb`, `backbone.ensemble`) each view has its own bank and nearest rows: a grey
-    patch's match may come from a part of another colour, which is the point of the grey
-    view. Each view's distance is divided by its median on held-out normal patches
+    With two or more feature views (`grey+rgb`, `backbone.ensemble`) each view has its own
+    bank and nearest rows: a grey patch's match may come from a part of another colour,
+    which is the point of the grey view; another backbone errs on other normal frames. Each view's distance is divided by its median on held-out normal patches
     (`scales`), so the two are in the same units, and the map is their mean. A single bank
     over both views concatenated was tried and lost the grey view's gain (docs/results.md).
     """
@@ -195,7 +195,7 @@ class PatchBank(nn.Module):
         return self._distances(self.features(frames))
 
     def _view_patches(self, f: Tensor) -> list[Tensor]:
-        """Features [B, C, h, w] -> each view's patch rows [B, h*w, C / views], in bank order."""
+        """Features [B, C, h, w] -> each view's patch rows [B, h*w, its view_dims entry], in bank order."""
         x = f.flatten(2).transpose(1, 2)
         return [x] if not len(self.knn_views) else list(x.split(self.features.view_dims, -1))
 
