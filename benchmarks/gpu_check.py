@@ -97,6 +97,15 @@ def _cuda_graphed(fn: Callable, example):
     return replay
 
 
+def served_pipeline(run, dev: str) -> Callable:
+    """uint8 frames on `dev` -> the served one-pass graphs' output (scorer graph, then the
+    detector at the run's calibrated threshold), as `cmg` serves them."""
+    scorer = run.scorer_graph().to(dev).eval()
+    det = run.detector.to(dev).eval()
+    thr = det.threshold.detach().reshape(1, 1)
+    return lambda x: det(x, scorer(x), thr.expand(x.shape[0], 1))
+
+
 def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
                 batches: tuple[int, ...] = BATCHES) -> dict:
     import torch  # heavy: only the PyTorch check needs it (the trt check runs without)
@@ -115,17 +124,11 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(0)
 
-    def pipeline(dev: str):
-        scorer = run.scorer_graph().to(dev).eval()
-        det = run.detector.to(dev).eval()
-        thr = det.threshold.detach().reshape(1, 1)
-        return lambda x: det(x, scorer(x), thr.expand(x.shape[0], 1))
-
     def frames(batch: int, dev: str):
         return torch.from_numpy(rng.integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)).to(dev)
 
     def sweep(label: str, dev: str, wrap: Callable | None = None, autocast: bool = False) -> None:
-        fn = pipeline(dev)
+        fn = served_pipeline(run, dev)
         sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
         rows = []
         for batch in batches:
@@ -137,7 +140,7 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
                   f"({rows[-1]['frames_per_s']:.0f} frames/s)", flush=True)
         result["modes"][label] = rows
 
-    result["capture_blockers"] = capture_blockers(pipeline("cpu"), frames(1, "cpu"))
+    result["capture_blockers"] = capture_blockers(served_pipeline(run, "cpu"), frames(1, "cpu"))
     sweep("cpu_fp32", "cpu")  # the baseline, same run
     if cuda:
         sweep("cuda_fp32", device)
@@ -173,14 +176,11 @@ def check_accuracy(run_dir: Path, data: Path, device: str, batch: int = 16) -> d
                     "modes": {}, "skipped": {}}
 
     def scores(dev: str, autocast: bool) -> np.ndarray:
-        scorer = run.scorer_graph().to(dev).eval()
-        det = run.detector.to(dev).eval()
-        thr = det.threshold.detach().reshape(1, 1)
+        fn = served_pipeline(run, dev)
         out = []
         with torch.inference_mode(), torch.autocast(dev.split(":")[0], dtype=torch.float16, enabled=autocast):
             for i in range(0, len(test.frames), batch):
-                x = test.frames[i:i + batch].to(dev)
-                out.append(det(x, scorer(x), thr.expand(x.shape[0], 1)).anomaly_score[:, 0].float().cpu())
+                out.append(fn(test.frames[i:i + batch].to(dev)).anomaly_score[:, 0].float().cpu())
         return torch.cat(out).numpy()
 
     ref = scores("cpu", False)

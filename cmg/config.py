@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cmg.config_check import CHOICES, check_section
+from cmg.config_check import check_section
 
 
 @dataclass
@@ -207,10 +207,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if cfg.local.self_radius and (cfg.local.model != "bank" or 2 * cfg.local.self_radius + 1 >= side):
         raise ValueError(f"config: local.self_radius {cfg.local.self_radius} needs local.model bank and a radius "
                          f"that leaves cells to compare with on the {side} x {side} map (2 r + 1 < {side})")
-    variants = CHOICES["backbone.variant"]
-    for v in cfg.backbone.ensemble or ():
-        if v not in variants:
-            raise ValueError(f"config: backbone.ensemble: expected variants among {', '.join(variants)}, got {v!r}")
     if cfg.backbone.ensemble and (cfg.local.model != "bank" or cfg.local.colour == "grey+rgb"):
         raise ValueError(f"config: backbone.ensemble needs local.model bank and local.colour rgb or grey, got "
                          f"{cfg.local.model} / {cfg.local.colour}")

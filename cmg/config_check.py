@@ -61,12 +61,14 @@ RANGES: dict[str, Range] = {
     "instances": (1, None, False, False),
     "workspace_mb": (1, None, False, False),
 }
-# Full dotted path -> allowed values of a string key.
+_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Full dotted path -> allowed values of a string key (of each item, for a list of strings).
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.source": ("backbone", "scratch", "open_clip"),
     "teacher.pool": ("grid", "attention"),
     "cmer.relevance": ("occlusion", "attention"),
-    "backbone.variant": ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+    "backbone.variant": _VARIANTS,
+    "backbone.ensemble": _VARIANTS,  # each item
     "local.model": ("bank", "unet"),
     "local.score": ("max", "max_minus_p90"),
     "local.colour": ("rgb", "grey", "grey+rgb"),
@@ -147,8 +149,9 @@ def _check_value(path: str, hint: Any, value: Any) -> None:
         raise ValueError(f"{path}: expected {kind}, got {_describe(value)}{hint_text}")
     if hint in (int, float):
         _check_range(path, value)
-    if hint is str and path in CHOICES and value not in CHOICES[path]:
-        raise ValueError(f"{path}: expected one of {', '.join(CHOICES[path])}, got {value!r}")
+    choices = CHOICES.get(path.split("[", 1)[0])  # a list's items: `key[i]` checked against `key`
+    if hint is str and choices is not None and value not in choices:
+        raise ValueError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 def check_section(cls: type, values: Any, where: str = "") -> None:

@@ -65,8 +65,7 @@ class CMGDetector(nn.Module):
         self.pool = int(cfg.local.pool)
         self.local_score = cfg.local.score
         self.map_size = int(cfg.scoring.map_size)
-        self.map_sigma = float(cfg.scoring.map_sigma)
-        self.map_blur = GaussianBlur(self.map_sigma) if self.map_sigma > 0 else None
+        self.map_blur = GaussianBlur(float(cfg.scoring.map_sigma)) if cfg.scoring.map_sigma > 0 else None
         self.fusion = cfg.scoring.fusion
         self.k_global = int(cfg.scoring.k_global)
         self.global_knn: KNNDistance | None = None

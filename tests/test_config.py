@@ -88,7 +88,8 @@ def test_unknown_keys_are_errors(values, where):
     ({"data": 3}, "mapping"),
     ({"cmer": {"relevance": "attention"}}, "needs teacher.source backbone and teacher.pool attention, got backbone / grid"),
     ({"teacher": {"pool": "mean"}}, "expected one of grid, attention"),
-    ({"backbone": {"ensemble": ["resnet50"]}}, "backbone.ensemble: expected variants among efficientnet_lite0"),
+    ({"backbone": {"ensemble": ["efficientnet_lite1", "resnet50"]}},
+     r"backbone.ensemble\[1\]: expected one of efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, got 'resnet50'"),
     ({"backbone": {"ensemble": ["efficientnet_lite2"]}, "local": {"model": "bank", "colour": "grey+rgb"}},
      "backbone.ensemble needs local.model bank and local.colour rgb or grey, got bank / grey\\+rgb"),
 ])

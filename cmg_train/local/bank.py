@@ -291,7 +291,7 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     banks = [view[idx] for view, idx in zip(views, chosen, strict=True)]
     net = PatchBank(features, banks, cfg.local.k, self_radius=cfg.local.self_radius).eval()
     net.row_frames = [idx // (features.side ** 2) for idx in chosen]  # rows are frame-major
-    metrics = {"model": "bank", "backbone": "+".join(net.variant for net in features.backbones), "colour": cfg.local.colour, "patches": int(flat.shape[0]),
+    metrics = {"model": "bank", "backbone": "+".join(b.variant for b in features.backbones), "colour": cfg.local.colour, "patches": int(flat.shape[0]),
                "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
         views = batched(net.view_distances, torch.as_tensor(held_out), batch_size=batch)
