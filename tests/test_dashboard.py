@@ -282,11 +282,13 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
         # The slider: a person drags it to its lowest end (Home key); THRESHOLD follows.
         slider = tile.find_element(By.CSS_SELECTOR, ".slider")
         wait.until(lambda d: slider.is_enabled())
+        low_end = float(slider.get_attribute("min"))
         slider.send_keys(Keys.HOME)
-        wanted = float(slider.get_property("value"))
-        assert wanted == pytest.approx(float(slider.get_attribute("min")), abs=1e-3)
         wait.until(lambda d: tile.get_attribute("data-threshold") not in (None, ""))
-        assert float(tile.get_attribute("data-threshold")) == pytest.approx(wanted, abs=1e-3)
+        wanted = float(tile.get_attribute("data-threshold"))  # what the server took
+        # The low end at the press; the range may have widened since (a lower score arrived),
+        # so compare with the range's ends before and after rather than the value now.
+        assert float(slider.get_attribute("min")) - 1e-3 <= wanted <= low_end + 1e-3
         sent = wait.until(lambda d: [r for r in _lines(out) if "threshold" in r][:5] or None)
         seen = len(_lines(out))
         wait.until(lambda d: len(_lines(out)) > seen + 10)
