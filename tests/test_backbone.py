@@ -104,6 +104,26 @@ def test_greedy_coreset_covers_a_rare_cluster_that_random_sampling_misses():
     assert torch.equal(greedy_coreset(x[:10], 50), torch.arange(10))
 
 
+def test_lazy_greedy_coreset_picks_what_one_pass_per_centre_picks():
+    """The lazy selection (candidates by their kept distance, a Gemm per `flush` centres)
+    against the plain algorithm: one pass over every row per chosen row."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(3000, 40, generator=gen) * s + 3 * torch.randn(1, 40, generator=gen)
+                   for s in (0.2, 0.5, 1.0, 2.0)])
+    m = 300
+    draw = torch.Generator().manual_seed(7)  # the projection, then the first row, as greedy_coreset draws them
+    proj = x @ (torch.randn(40, 32, generator=draw) / 32 ** 0.5)
+    first = int(torch.randint(len(x), (1,), generator=draw))
+    plain, dist = [first], ((proj - proj[first]) ** 2).sum(1)
+    for _ in range(m - 1):
+        plain.append(int(torch.argmax(dist)))
+        dist = torch.minimum(dist, ((proj - proj[plain[-1]]) ** 2).sum(1))
+    for top, flush in ((64, 8), (8192, 64)):  # candidates run out often / never
+        lazy = greedy_coreset(x, m, seed=7, top=top, flush=flush)
+        assert set(lazy.tolist()) == set(plain)
+        assert torch.equal(lazy[:2], torch.tensor(plain[:2]))  # the same start
+
+
 def _frames(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
