@@ -129,10 +129,11 @@ def greedy_coreset(x: torch.Tensor, m: int, seed: int = 0, proj_dim: int = 32,
     x = x.float()
     p = x @ (torch.randn(d, proj_dim, generator=gen) / proj_dim ** 0.5) if d > proj_dim else x
     sq = (p ** 2).sum(1)
+    lifted = torch.cat([p, sq[:, None], torch.ones(n, 1)], 1)
+    p = lifted[:, :-2]  # a view: the projected rows are held once
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = [first]
     dist = (sq - 2.0 * (p @ p[first]) + sq[first]).clamp_min(0)
-    lifted = torch.cat([p, sq[:, None], torch.ones(n, 1)], 1)
     bar = tqdm(total=m, initial=1, desc="coreset", disable=not progress, leave=False, mininterval=1.0)
     while len(chosen) < m:
         # The candidates, and the largest kept distance among the rows left out.
