@@ -203,6 +203,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     return {"scores": out["scores"], "maps": out["maps"], "labels": test.labels, "defects": test.defects,
             "gt": test.gt, "paths": paths, "frames": test.frames.numpy(), "size": run.cfg.data.image_size,
             "upsample": run.cfg.backbone.upsample, "variant": run.cfg.backbone.variant,
+            "ensemble": list(run.cfg.backbone.ensemble),
             "taps": backbone_taps(run.cfg.backbone), "colour": run.cfg.local.colour}
 
 
@@ -541,7 +542,8 @@ def peer(args: argparse.Namespace) -> dict:
         "command": "cmg bench peer " + " ".join(args._argv) if getattr(args, "_argv", None) else None,
         "anomalib": version, "data": str(data.resolve()), "kinds": kinds,
         "test_images": int(len(cmg["labels"])), "anomalous": int(cmg["labels"].sum()),
-        "backbone": {"variant": cmg["variant"], "colour": cmg["colour"], "taps": fitted[peers[0]]["layers"],
+        "backbone": {"variant": cmg["variant"], "cmg_ensemble": cmg["ensemble"], "colour": cmg["colour"],
+                     "taps": fitted[peers[0]]["layers"],
                      "input_size": cmg["size"] * cmg["upsample"],
                      "weights": f"the {cmg['variant']} package weights (BN folded), both sides"},
         "rows": rows, "metric_agreement_max_abs_diff": checks,
@@ -561,6 +563,16 @@ def peer(args: argparse.Namespace) -> dict:
 
 def _f(x, d: int = 3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
+
+
+def backbones(r: dict) -> str:
+    """Which backbones each side ran: anomalib's models take one, so with a run whose bank is a
+    backbone ensemble (`backbone.ensemble`) they get its first, and the reader must be told."""
+    b = r["backbone"]
+    extra = b.get("cmg_ensemble") or []
+    if not extra:
+        return f"same backbone and weights ({b['variant']})"
+    return f"anomalib on {b['variant']}; CMG's bank on {' + '.join([b['variant'], *extra])}"
 
 
 def markdown(r: dict) -> str:
@@ -589,7 +601,8 @@ def markdown(r: dict) -> str:
         else:
             lines.append(f"| {name} | CMG {q['a']:.3f} | PatchCore {q['b']:.3f} | {q['median']:.3f} | 1 |")
     agree = ", ".join(f"{k} {v:.1e}" for k, v in r["metric_agreement_max_abs_diff"].items())
-    lines += ["", f"anomalib's AUROC vs sklearn's on the same scores, largest difference: {agree}.", ""]
+    lines += ["", f"anomalib's AUROC vs sklearn's on the same scores, largest difference: {agree}.", "",
+              f"Backbones: {backbones(r)}.", ""]
     return "\n".join(lines)
 
 
@@ -623,7 +636,7 @@ def plot(r: dict, path: Path) -> None:
     ax.bar(rows, [r["rows"][k]["train_s"] or 0 for k in rows], color=["C0", "C1", "C2"][: len(rows)])
     ax.set_ylabel("s")
     ax.set_title("training time")
-    fig.suptitle(f"cmg bench peer: {Path(r['data']).name}, anomalib {r['anomalib']}, same backbone and weights")
+    fig.suptitle(f"cmg bench peer: {Path(r['data']).name}, anomalib {r['anomalib']}, {backbones(r)}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

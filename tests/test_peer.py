@@ -54,6 +54,17 @@ def test_peer_without_anomalib_names_the_extra(tmp_path, tiny_data, monkeypatch,
     assert '.[peer]' in capsys.readouterr().err
 
 
+def test_peer_report_names_each_sides_backbones() -> None:
+    """anomalib's models take one backbone: with a two-backbone CMG run the report must say
+    that anomalib ran only the first, not "same backbone"."""
+    from cmg_bench.peer import backbones
+
+    one = {"backbone": {"variant": "efficientnet_lite1", "cmg_ensemble": []}}
+    two = {"backbone": {"variant": "efficientnet_lite1", "cmg_ensemble": ["efficientnet_lite2"]}}
+    assert backbones(one) == "same backbone and weights (efficientnet_lite1)"
+    assert backbones(two) == "anomalib on efficientnet_lite1; CMG's bank on efficientnet_lite1 + efficientnet_lite2"
+
+
 @pytest.mark.slow
 @NEEDS_ANOMALIB
 def test_peer_side_by_side(tmp_path, tiny_data, tiny_run) -> None:
@@ -78,5 +89,6 @@ def test_peer_side_by_side(tmp_path, tiny_data, tiny_run) -> None:
     assert res["mode_notes"]["anomalib_onnx_patchcore_max_abs_diff_vs_torch"] < 1e-3
     for key in ("cmg_vs_patchcore_auroc", "cmg_vs_patchcore_throughput"):
         assert res["ratios"][key]["median"] > 0
-    assert res["backbone"]["variant"] == "efficientnet_lite0"
+    assert res["backbone"]["variant"] == "efficientnet_lite0" and res["backbone"]["cmg_ensemble"] == []
+    assert "Backbones: same backbone and weights" in (out / "peer.md").read_text()
     assert (out / "peer.png").stat().st_size > 10_000 and (out / "peer.md").is_file()
