@@ -94,6 +94,9 @@ class LocalConfig:
                                   # patches beyond this many cells (0: off); the image score is unchanged
     score: str = "max_minus_p90"  # image local score: max of the kept map | max_minus_p90 (minus the
                                   # map's 90th percentile: a whole part slightly off is not a defect)
+    score_sigma: float = 0.0      # also read that score off the map blurred by this many cells, and keep the
+                                  # larger, each standardised on the held-out normals (0: off): a tint spread
+                                  # thin over many cells adds up where a crack's one cell stays the peak
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # widths at 1/2, 1/4, 1/8
     steps: int = 2000
     batch_size: int = 32
@@ -210,6 +213,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if cfg.backbone.ensemble and (cfg.local.model != "bank" or cfg.local.colour == "grey+rgb"):
         raise ValueError(f"config: backbone.ensemble needs local.model bank and local.colour rgb or grey, got "
                          f"{cfg.local.model} / {cfg.local.colour}")
+    if cfg.local.score_sigma and 2 * round(3 * cfg.local.score_sigma) >= side:
+        raise ValueError(f"config: local.score_sigma {cfg.local.score_sigma} is too wide for the local map "
+                         f"({side} x {side}; its kernel must be shorter than the map)")
     if cfg.scoring.map_sigma and 2 * round(3 * cfg.scoring.map_sigma) >= cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
                          f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")

@@ -31,6 +31,7 @@ RANGES: dict[str, Range] = {
     "grid": (1, None, False, False),
     "map_size": (1, None, False, False),
     "map_sigma": (0, None, False, False),
+    "score_sigma": (0, None, False, False),
     "embed_dim": (1, None, False, False),
     "downsample": (1, None, False, False),
     "shift": (0, None, False, False),

@@ -72,6 +72,7 @@ def detector_state(det: CMGDetector) -> dict:
         "stats": det.stats.clone(),
         "threshold": det.threshold.clone(),
         "global_weight": det.global_weight.clone(),
+        **({"view_stats": det.view_stats.clone()} if det.score_blur is not None else {}),
     }
 
 
@@ -82,6 +83,8 @@ def detector_from_state(cfg: Config, teacher: Teacher, state: dict) -> CMGDetect
     det.stats.copy_(state["stats"])
     det.threshold.copy_(state["threshold"])
     det.global_weight.copy_(state.get("global_weight", torch.tensor(0.5)))
+    if det.score_blur is not None:  # `local.score_sigma`: its views' statistics, saved with it
+        det.view_stats.copy_(state["view_stats"])
     return det.eval().requires_grad_(False)
 
 

@@ -6,7 +6,8 @@ the same code, so the served scores are the evaluated ones (parity tested). Step
 2. local: the local model's map on the whole frame (default: each patch's distance to the
    normal patch bank; or the U-Net's mean-filtered anomaly probability), zero where the
    keep-mask discarded the pixels (clutter off the product cannot raise an alarm); its
-   maximum (minus the map's 90th percentile, `local.score`) is the local score;
+   maximum (minus the map's 90th percentile, `local.score`) is the local score; with
+   `local.score_sigma` also read off the blurred map, the larger of the two standardised;
 3. global: the teacher's embedding of the masked frame (discarded pixels filled with the
    mean) through the CMLE head -> z, and the mean distance to its k nearest normal z;
 4. both z-normalised on held-out normals and fused (`scoring.fusion`; `auto`: the weighted
@@ -66,6 +67,11 @@ class CMGDetector(nn.Module):
         self.local_score = cfg.local.score
         self.map_size = int(cfg.scoring.map_size)
         self.map_blur = GaussianBlur(float(cfg.scoring.map_sigma)) if cfg.scoring.map_sigma > 0 else None
+        # `local.score_sigma`: the image score also read off the blurred map; each view's score is
+        # standardised on held-out normals (mean, std of the plain view, then of the blurred one).
+        self.score_blur = GaussianBlur(float(cfg.local.score_sigma)) if cfg.local.score_sigma > 0 else None
+        if self.score_blur is not None:
+            self.register_buffer("view_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.fusion = cfg.scoring.fusion
         self.k_global = int(cfg.scoring.k_global)
         self.global_knn: KNNDistance | None = None
@@ -92,18 +98,43 @@ class CMGDetector(nn.Module):
             return self.local(frames)
         return anomaly_probability(self.local, x, self.pool)
 
-    def local_scores(self, amap: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """Gated map and the image's local score from the ungated map [B,C,h,w].
+    def local_peaks(self, amap: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated map and the image's local score of each view [B,V] from the ungated map [B,C,h,w]
+        (V is 2 with `local.score_sigma`: the map as is, then blurred; else 1).
 
         C is 1, or 2 with `local.self_radius`: channel 0 is what the score reads (the bank
         distance), the last channel the map a person reads (`outputs`)."""
-        gated = amap * upsample_keep(keep, amap.shape[-2:])
-        peak = score_channel(gated).flatten(1).amax(1)
-        if self.local_score == "max_minus_p90":
-            flat = score_channel(amap).flatten(1)
-            k = max(1, int(flat.shape[1]) // 10)  # static: the 90th percentile is the k-th largest
-            peak = peak - torch.topk(flat, k, dim=1).values[:, -1]
-        return gated, peak
+        kept = upsample_keep(keep, amap.shape[-2:])
+        d = score_channel(amap)
+        peaks = []
+        for view in (d,) if self.score_blur is None else (d, self.score_blur(d)):
+            peak = (view * kept).flatten(1).amax(1)
+            if self.local_score == "max_minus_p90":
+                flat = view.flatten(1)
+                k = max(1, int(flat.shape[1]) // 10)  # static: the 90th percentile is the k-th largest
+                peak = peak - torch.topk(flat, k, dim=1).values[:, -1]
+            peaks.append(peak)
+        return amap * kept, torch.stack(peaks, 1)
+
+    def local_scores(self, amap: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated map and the image's local score: the one view's, or with `local.score_sigma`
+        the larger of the two views' scores, each standardised on the held-out normals (a crack
+        peaks in one cell of the plain map, a faint tint over many cells only once blurred)."""
+        gated, peaks = self.local_peaks(amap, keep)
+        if self.score_blur is None:
+            return gated, peaks[:, 0]
+        s = self.view_stats
+        return gated, torch.maximum((peaks[:, 0] - s[0]) / s[1], (peaks[:, 1] - s[2]) / s[3])
+
+    @torch.no_grad()
+    def fit_view_stats(self, amap: Tensor, keep: Tensor) -> None:
+        """With `local.score_sigma`: each view's score mean and spread over held-out normals'
+        ungated maps, so that neither view's scale decides the larger of the two."""
+        if self.score_blur is None:
+            return
+        _, p = self.local_peaks(amap, keep)
+        std = p.std(0).clamp_min(1e-6)
+        self.view_stats.copy_(torch.stack([p[:, 0].mean(), std[0], p[:, 1].mean(), std[1]]))
 
     def set_bank(self, global_bank: Tensor) -> None:
         self.global_knn = KNNDistance(global_bank, self.k_global)

@@ -97,6 +97,11 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
     head_metrics = train_cmle_head(head, pooled, graph, cfg.cmle, lam, cfg.seed, progress, log)
     with torch.no_grad():
         det.set_bank(head(pooled))
+    if det.score_blur is not None:  # `local.score_sigma`: the local score needs its views' statistics first
+        if val_maps is None:
+            (val_maps,) = batched(lambda f: det.local_map(f, teacher.preprocess(f)), val_frames)
+        (val_keep,) = batched(det.keep, val_scores)
+        det.fit_view_stats(val_maps, val_keep)
     if val_maps is None:
         g, lmax = batched(lambda f, s: det.raw(f, s)[:2], val_frames, val_scores)
     else:  # the local model's maps of these frames, computed once by the caller

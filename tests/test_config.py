@@ -82,6 +82,8 @@ def test_unknown_keys_are_errors(values, where):
     ({"data": {"image_size": 36}, "cmer": {"grid": 4}, "scoring": {"map_size": 2}}, "multiple of 8"),
     ({"scoring": {"map_size": 12}}, r"map_size 12 must divide the local map's side 16"),
     ({"scoring": {"map_size": 4, "map_sigma": 1.0}}, r"map_sigma 1.0 is too wide for the 4 x 4 map"),
+    ({"local": {"score_sigma": 3.0}}, r"local.score_sigma 3.0 is too wide for the local map \(16 x 16"),
+    ({"local": {"score_sigma": -1.0}}, r"local.score_sigma"),
     ({"local": {"placement": "everywhere"}}, "expected one of keep, uniform"),
     ({"scoring": {"fusion": "sum"}}, "expected one of auto, mean, max, local"),
     ({"cmle": {"text_encoder": "bert"}}, "expected one of minilm, teacher"),

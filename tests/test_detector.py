@@ -106,6 +106,45 @@ def test_map_sigma_smooths_the_map_only_and_keeps_it_zero_outside_the_keep_mask(
     assert torch.all(b.anomaly_map[keep == 0] == 0) and not torch.allclose(a.anomaly_map, b.anomaly_map)
 
 
+def test_score_sigma_keeps_the_larger_of_the_plain_and_blurred_views_standardised():
+    """`local.score_sigma`: the local score is the larger of the plain map's and the blurred
+    map's scores, each standardised by the view statistics fitted on normals; a tint spread
+    thin over many cells wins on the blurred view, a one-cell spike on the plain one."""
+    cfg = config(16)
+    cfg.local.score_sigma = 1.0
+    det = make_detector(cfg)
+    spike, tint = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    spike[..., 8, 8] = 1.0
+    tint[..., 6:11, 6:11] = 0.4
+    maps, keep = torch.cat([spike, tint]), torch.ones(2, G, G)
+    with torch.no_grad():
+        _, peaks = det.local_peaks(maps, keep)
+        torch.testing.assert_close(peaks[:, 0], torch.tensor([1.0, 0.4]))
+        torch.testing.assert_close(peaks[:, 1], gaussian_blur(maps, 1.0).flatten(1).amax(1))
+        assert peaks[0, 1] < peaks[1, 1] < peaks[1, 0]  # blurred, the tint outranks the spike
+        det.view_stats.copy_(torch.tensor([0.0, 1.0, 0.0, 0.25]))
+        _, score = det.local_scores(maps, keep)
+    torch.testing.assert_close(score, torch.maximum(peaks[:, 0], peaks[:, 1] / 0.25))
+    assert score[1] > score[0]
+    normals = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    det.fit_view_stats(normals, torch.ones(6, G, G))
+    _, p = det.local_peaks(normals, torch.ones(6, G, G))
+    torch.testing.assert_close(det.view_stats, torch.stack([p[:, 0].mean(), p[:, 0].std(), p[:, 1].mean(),
+                                                            p[:, 1].std()]))
+
+
+def test_score_sigma_statistics_travel_with_the_state():
+    cfg = config(16)
+    cfg.local.score_sigma = 1.0
+    det = make_detector(cfg)
+    det.view_stats.copy_(torch.tensor([0.1, 0.5, 0.2, 0.25]))
+    clone = detector_from_state(cfg, det.teacher, detector_state(det))
+    assert torch.equal(clone.view_stats, det.view_stats)
+    f, ps = frames(3, seed=2), corner_scores(3)
+    assert torch.equal(run(det, f, ps).anomaly_score, run(clone, f, ps).anomaly_score)
+    assert "view_stats" not in detector_state(make_detector(config(16)))  # off: old checkpoints load as before
+
+
 def test_a_second_map_channel_is_what_is_shown_and_the_score_reads_the_first(det):
     """`local.self_radius`: the bank returns its distances and the map a person reads; the
     score, the flag and the keep-mask come from the first channel alone."""
