@@ -203,7 +203,7 @@ def cmg_scores(run_dir: Path, data: Path, progress: bool) -> dict:
     return {"scores": out["scores"], "maps": out["maps"], "labels": test.labels, "defects": test.defects,
             "gt": test.gt, "paths": paths, "frames": test.frames.numpy(), "size": run.cfg.data.image_size,
             "upsample": run.cfg.backbone.upsample, "variant": run.cfg.backbone.variant,
-            "ensemble": list(run.cfg.backbone.ensemble),
+            "ensemble": list(run.cfg.backbone.ensemble or []),
             "taps": backbone_taps(run.cfg.backbone), "colour": run.cfg.local.colour}
 
 
