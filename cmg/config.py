@@ -173,6 +173,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def gaussian_kernel_size(sigma: float) -> int:
+    """Taps of the Gaussian blur of `sigma` (cells): what `cmg_train/filters.py` builds, and what
+    the config checks against the map it must fit (reflect padding needs it shorter than the map)."""
+    return int(2 * round(3 * sigma) + 1)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"config {where or 'root'}: expected a mapping, got {type(values).__name__}")
@@ -213,10 +219,10 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if cfg.backbone.ensemble and (cfg.local.model != "bank" or cfg.local.colour == "grey+rgb"):
         raise ValueError(f"config: backbone.ensemble needs local.model bank and local.colour rgb or grey, got "
                          f"{cfg.local.model} / {cfg.local.colour}")
-    if cfg.local.score_sigma and 2 * round(3 * cfg.local.score_sigma) >= side:
+    if cfg.local.score_sigma and gaussian_kernel_size(cfg.local.score_sigma) > side:
         raise ValueError(f"config: local.score_sigma {cfg.local.score_sigma} is too wide for the local map "
                          f"({side} x {side}; its kernel must be shorter than the map)")
-    if cfg.scoring.map_sigma and 2 * round(3 * cfg.scoring.map_sigma) >= cfg.scoring.map_size:
+    if cfg.scoring.map_sigma and gaussian_kernel_size(cfg.scoring.map_sigma) > cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
                          f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")
     return cfg

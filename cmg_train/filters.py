@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmg.config import gaussian_kernel_size
+
 
 def gaussian_taps(sigma: float) -> Tensor:
     """The normalised 1-D Gaussian, 2 round(3 sigma) + 1 taps (float32)."""
-    k = int(2 * round(3 * sigma) + 1)
+    k = gaussian_kernel_size(sigma)
     w = [math.exp(-((i - k // 2) ** 2) / (2 * sigma * sigma)) for i in range(k)]
     total = sum(w)
     return torch.tensor([v / total for v in w], dtype=torch.float32)
