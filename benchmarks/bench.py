@@ -29,6 +29,8 @@ SUBVERBS: dict[str, tuple[str, str]] = {
                        "interleaved pairs (dashboard_cost.*)"),
     "peer": ("cmg_bench.peer", "CMG side by side with anomalib's PatchCore and PaDiM on the same folder and "
              "backbone weights (the `peer` extra; bench.json, peer.md, peer.png)"),
+    "shots": ("cmg_bench.shots", "AUROC against the number of normal training images: a config trained on N "
+              "drawn images, several N and seeds (shots.json, shots.md, shots.png)"),
 }
 
 

@@ -36,7 +36,12 @@ def fit(
     if steps < 1:
         raise ValueError(f"{desc}: steps must be >= 1, got {steps}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by the length of its warm-up, which must span more than one step: a
+    # short run (the CMLE head on a folder of 32 frames or fewer: 10 epochs of one batch) warms
+    # up over 1.5 steps; one of 1 or 2 steps runs at the constant rate.
+    warm = max(0.1, 1.5 / steps)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm) if warm < 1
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:

@@ -21,7 +21,7 @@ from cmg.errors import CMGError
 from cmg_train.checkpoint import FORMAT, load_run
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.detector import DetectorOutput
-from cmg_train.loop import batched
+from cmg_train.loop import batched, fit
 from cmg_train.masking import upsample_keep
 from cmg_train.train import pick_weight, practice_regions, split_train_val
 
@@ -159,6 +159,16 @@ def test_batched_concatenates_every_output_in_order():
     assert torch.equal(s, x + y) and torch.equal(p, x * y)
     (only,) = batched(lambda a: a.requires_grad_(False) * 3, x, batch_size=3)
     assert torch.equal(only, x * 3)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 14, 60])
+def test_fit_runs_short_schedules(steps):
+    """A small folder gives the CMLE head 10 steps (10 epochs of one batch): the one-cycle
+    schedule must not divide by a warm-up shorter than a step (it did: ZeroDivisionError)."""
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    stats = fit([w], steps, 0.1, lambda step: (w ** 2).sum(), desc="toy", progress=False)
+    assert stats["steps"] == steps
+    assert float(w.detach().abs()) < 3.0
 
 
 def test_fusion_weight_needs_a_gain_outside_noise():

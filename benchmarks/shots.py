@@ -1,0 +1,226 @@
+"""`cmg bench shots`: how many normal images a line needs. Image and pixel AUROC of a config
+trained on N randomly drawn training images of a folder, for several N and seeds, scored
+on the folder's whole test split.
+
+Why: a user starting a line has a few dozen good parts, not hundreds, and WinCLIP-style
+detectors are judged by exactly this curve. Each (N, seed) draws its own images (the seed
+picks both the images and the training seed), so the spread over seeds includes which
+images were drawn. N below what CMLE's caption graph needs trains with `cmle.enabled:
+false`, and the table says so; `all` is the folder as it is.
+
+Each subset is a folder of links (`OUT/data/nN_sSEED`: the drawn images under
+train/good, the test split, masks and captions as they are in DIR), so `cmg train` and
+`cmg eval` read it like any user folder and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cmg.errors import CMGError
+from cmg_bench.common import add_out_argument
+
+ALL = 0  # the shot count that means "every training image"
+CMLE_HINT = "CMLE"  # named by both refusals of too few captions (the folder check, cmle.fit.check_captions)
+
+
+def parse_shots(text: str) -> tuple[int, ...]:
+    """`--shots` '16,32,all' -> (16, 32, 0); `all` (0) is the whole folder."""
+    out = []
+    for v in (s.strip() for s in text.split(",")):
+        if v == "all":
+            out.append(ALL)
+        elif v:
+            if not v.isdigit() or int(v) < 1:
+                raise argparse.ArgumentTypeError(f"expected positive image counts or 'all', got {v!r}")
+            out.append(int(v))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated image counts or 'all', got {text!r}")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds` '0,1,2' -> (0, 1, 2)."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals or not all(v.isdigit() for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return tuple(dict.fromkeys(int(v) for v in vals))
+
+
+def shot_label(n: int) -> str:
+    return "all" if n == ALL else str(n)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
+    """OUT: DIR with `n` of its training images (drawn with `seed`), everything else linked.
+
+    Lines of captions.jsonl and meta.jsonl about training images that were not drawn are
+    left out; every other line is kept as it is. Made again from scratch each call."""
+    from cmg.dataset import training_images
+
+    data = Path(data).resolve()
+    images = training_images(data)
+    if n > len(images):
+        raise CMGError(f"--shots {n}: {data}/train/good has only {len(images)} images")
+    rng = np.random.default_rng(seed)
+    drawn = sorted(images[i] for i in rng.choice(len(images), size=n, replace=False))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    good = out / "train" / "good"
+    good.mkdir(parents=True)
+    for path in drawn:
+        os.symlink(path, good / path.name)
+    for entry in data.iterdir():
+        if entry.name not in ("train", "captions.jsonl", "meta.jsonl"):
+            os.symlink(entry, out / entry.name)
+    kept = {p.relative_to(data).as_posix() for p in drawn}
+    for name in ("captions.jsonl", "meta.jsonl"):
+        rows = _jsonl(data / name)
+        if rows:
+            lines = [json.dumps(r) for r in rows if not str(r.get("file", "")).startswith("train/") or r["file"] in kept]
+            (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per shot count: medians and ranges over seeds of image and pixel AUROC, of the gain
+    over the image-only baseline (with --ablation) and of the training time."""
+    out = []
+    for n in dict.fromkeys(r["shots"] for r in rows):
+        per = [r for r in rows if r["shots"] == n]
+        row: dict = {"shots": n, "images": int(np.median([r["images"] for r in per])), "seeds": len(per),
+                     "cmle": sorted({r["cmle"] for r in per})}
+        for key in ("image_auroc", "pixel_auroc", "gain_vs_baseline", "train_s"):
+            vals = [r[key] for r in per if r.get(key) is not None]
+            if vals:
+                row[key] = float(np.median(vals))
+                row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict], config: str, data: str) -> str:
+    def cell(row: dict, key: str, digits: int = 3) -> str:
+        if key not in row:
+            return "-"
+        lo, hi = row[f"{key}_range"]
+        return f"{row[key]:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"
+
+    lines = [f"`{config}` on {data}: medians over seeds (range)", "",
+             "| training images | seeds | image AUROC | pixel AUROC | CMG - image-only baseline | CMLE | training s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary:
+        lines.append(f"| {shot_label(r['shots'])} ({r['images']}) | {r['seeds']} | {cell(r, 'image_auroc')} | "
+                     f"{cell(r, 'pixel_auroc')} | {cell(r, 'gain_vs_baseline')} | {'/'.join(r['cmle'])} | "
+                     f"{cell(r, 'train_s', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib  # heavy: only the picture needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg")
+
+    x = [r["images"] for r in summary]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        pts = [(xi, r) for xi, r in zip(x, summary, strict=True) if key in r]
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        med = [p[1][key] for p in pts]
+        lo = [p[1][f"{key}_range"][0] for p in pts]
+        hi = [p[1][f"{key}_range"][1] for p in pts]
+        ax.plot(xs, med, marker="o", label=f"{label} (median)")
+        ax.fill_between(xs, lo, hi, alpha=0.2, label=f"{label} (range over seeds)")
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xlabel("normal training images (log scale)")
+    ax.set_ylabel("AUROC")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, progress: bool) -> dict:
+    """Train (unless OUT/runs/nN_sSEED already holds a run) and score one shot count and seed."""
+    import time
+
+    from cmg.config import load_config, resolve_config
+    from cmg_train.checkpoint import load_run
+    from cmg_train.evaluate import cached_report, evaluate
+    from cmg_train.train import train_run
+
+    folder = data if n == ALL else subset_folder(data, out / "data" / f"n{n}_s{seed}", n, seed)
+    run_dir = out / "runs" / f"n{shot_label(n)}_s{seed}"
+    cfg = load_config(resolve_config(config))
+    cfg.seed = seed
+    if not (run_dir / "checkpoint.pt").is_file():
+        t = time.perf_counter()
+        try:
+            train_run(cfg, folder, run_dir, progress=progress)
+        except CMGError as exc:
+            if CMLE_HINT not in str(exc):
+                raise
+            cfg.cmle.enabled = False  # too few captions for the caption graph: the rest of the method
+            train_run(cfg, folder, run_dir, progress=progress)
+        (run_dir / "shots.json").write_text(json.dumps({"train_s": time.perf_counter() - t}))
+    run = load_run(run_dir)
+    report = cached_report(run, folder, ablation) or evaluate(run, folder, ablation, progress=progress)
+    rows = {r["name"]: r for r in report["rows"]}
+    timing = json.loads((run_dir / "shots.json").read_text()) if (run_dir / "shots.json").is_file() else {}
+    return {"shots": n, "seed": seed, "images": int(run.metrics["images"]["train"] + run.metrics["images"]["val"]),
+            "cmle": "on" if run.cfg.cmle.enabled else "off", "image_auroc": rows["run"]["image_auroc"],
+            "pixel_auroc": rows["run"]["pixel_auroc"], "per_defect": rows["run"]["per_defect"],
+            "gain_vs_baseline": rows["run"].get("delta_vs_baseline"), "train_s": timing.get("train_s"),
+            "run": str(run_dir)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="MVTec-style folder (train/good, test/, captions.jsonl)")
+    p.add_argument("--config", default="small", help="config name under configs/ or a YAML path")
+    p.add_argument("--shots", default="25,50,100,all", type=parse_shots,
+                   help="training image counts, comma-separated; 'all' is the whole folder (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", type=parse_seeds, help="seeds, comma-separated: each draws its own images and trains "
+                                                    "with that seed (default %(default)s)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also score the image-only baseline: the table gains CMG's margin over it per count")
+    p.add_argument("--no-progress", action="store_true")
+    add_out_argument(p, "the subsets, runs, shots.json, shots.md and shots.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if not (args.data / "train" / "good").is_dir():
+        raise CMGError(f"--data {args.data}: no train/good folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(n, s) for n in args.shots for s in args.seeds]
+    rows = []
+    for n, s in tqdm(jobs, desc="shots", unit="run", disable=args.no_progress):
+        rows.append(one(args.config, args.data, args.out, n, s, args.ablation, progress=not args.no_progress))
+    summary = summarise(rows)
+    (args.out / "shots.json").write_text(json.dumps({"config": args.config, "data": str(args.data.resolve()),
+                                                     "rows": rows, "summary": summary}, indent=2))
+    table = markdown(summary, args.config, str(args.data))
+    (args.out / "shots.md").write_text(table)
+    plot(summary, args.out / "shots.png", f"{args.config}: AUROC against normal training images")
+    print(table, end="")
+    return 0
