@@ -148,6 +148,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         ax.plot(xs, med, marker="o", label=f"{label} (median)")
         ax.fill_between(xs, lo, hi, alpha=0.2, label=f"{label} (range over seeds)")
     ax.set_xscale("log")
+    ax.minorticks_off()  # the counts themselves are the ticks
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("normal training images (log scale)")
     ax.set_ylabel("AUROC")
