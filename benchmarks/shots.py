@@ -96,7 +96,7 @@ def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per shot count: medians and ranges over seeds of image and pixel AUROC, of the gain
+    """Per shot count, fewest images first: medians and ranges over seeds of image and pixel AUROC, of the gain
     over the image-only baseline (with --ablation) and of the training time."""
     out = []
     for n in dict.fromkeys(r["shots"] for r in rows):
@@ -109,7 +109,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 row[key] = float(np.median(vals))
                 row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
         out.append(row)
-    return out
+    return sorted(out, key=lambda r: r["images"])  # the curve's order, whatever order --shots gave
 
 
 def markdown(summary: list[dict], config: str, data: str) -> str:
