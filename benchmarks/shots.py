@@ -26,7 +26,6 @@ from cmg.errors import CMGError
 from cmg_bench.common import add_out_argument
 
 ALL = 0  # the shot count that means "every training image"
-CMLE_HINT = "CMLE"  # named by both refusals of too few captions (the folder check, cmle.fit.check_captions)
 
 
 def parse_shots(text: str) -> tuple[int, ...]:
@@ -160,6 +159,22 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cmle_fits(cfg, folder: Path) -> bool:
+    """Whether the training split `cmg train` will make of `folder` has the distinct captions
+    CMLE's caption graph needs (the check training runs before it starts)."""
+    from cmg.dataset import MVTecFolder
+    from cmg_train.cmle.fit import check_captions
+    from cmg_train.train import split_train_val
+
+    samples = MVTecFolder(folder).samples("train")
+    tr, _ = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+    try:
+        check_captions([samples[i].caption for i in tr.tolist()], cfg.cmle)
+    except CMGError:
+        return False
+    return True
+
+
 def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, progress: bool) -> dict:
     """Train (unless OUT/runs/nN_sSEED already holds a run) and score one shot count and seed."""
     import time
@@ -175,13 +190,8 @@ def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, p
     cfg.seed = seed
     if not (run_dir / "checkpoint.pt").is_file():
         t = time.perf_counter()
-        try:
-            train_run(cfg, folder, run_dir, progress=progress)
-        except CMGError as exc:
-            if CMLE_HINT not in str(exc):
-                raise
-            cfg.cmle.enabled = False  # too few captions for the caption graph: the rest of the method
-            train_run(cfg, folder, run_dir, progress=progress)
+        cfg.cmle.enabled = cfg.cmle.enabled and cmle_fits(cfg, folder)  # else the rest of the method
+        train_run(cfg, folder, run_dir, progress=progress)
         (run_dir / "shots.json").write_text(json.dumps({"train_s": time.perf_counter() - t}))
     run = load_run(run_dir)
     report = cached_report(run, folder, ablation) or evaluate(run, folder, ablation, progress=progress)
