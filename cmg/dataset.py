@@ -176,13 +176,14 @@ def training_images(root: str | Path) -> list[Path]:
 
 
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
-                          min_unique_captions: int = 20, min_images: int = 8) -> dict:
+                          min_unique_captions: int = 20, min_images: int = 8, why_min: str = "") -> dict:
     """Everything `cmg train` needs from the data folder, checked before any training.
 
     Layout (`train/good` with at least `min_images` images), every training image readable
     (through the same `cmg.frames` conversion training uses), and, when CMLE is on
     (`need_captions`), a `captions.jsonl` giving every training image a non-empty caption
-    with at least `min_unique_captions` distinct ones. Raises CMGError naming the first
+    with at least `min_unique_captions` distinct ones (`why_min` says what the image minimum
+    is made of, for the error). Raises CMGError naming the first
     problem; returns counts. (CMLE builds its graph on the training share after the
     held-out split, so a count just at the minimum can still fall short there.)
     """
@@ -197,7 +198,7 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     images = training_images(root)
     if len(images) < min_images:
         raise CMGError(f"dataset {root}: {good} has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}); "
-                       f"training needs at least {min_images}")
+                       f"training needs at least {min_images}" + (f" ({why_min})" if why_min else ""))
     for path in images:
         load_frame(path, (image_size, image_size))  # FrameError names the file
     summary = {"images": len(images), "captions": 0, "unique_captions": 0}

@@ -53,10 +53,26 @@ from cmg_train.teacher.fit import train_teacher
 from cmg_train.teacher.model import Teacher, teacher_weights
 
 
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of n training images `split_train_val` holds out: at least 2 to calibrate on."""
+    return max(2, int(round(n * fraction)))
+
+
+def min_training_images(fraction: float) -> int:
+    """The smallest train/good that leaves the CMER scorer its minimum after the held-out share.
+
+    The folder check asks for this count, so a folder that passes it also trains.
+    """
+    n = MIN_SCORER_IMAGES
+    while n - held_out_count(n, fraction) < MIN_SCORER_IMAGES:
+        n += 1
+    return n
+
+
 def split_train_val(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic held-out normals (teacher retrieval, score normalisation, threshold)."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(2, int(round(n * fraction)))
+    n_val = held_out_count(n, fraction)
     return torch.from_numpy(np.sort(perm[n_val:])), torch.from_numpy(np.sort(perm[:n_val]))
 
 
@@ -250,15 +266,14 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     t0 = time.perf_counter()
     data = Path(data).resolve()
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
-                          min_unique_captions=unique_captions_needed(cfg.cmle))
+                          min_unique_captions=unique_captions_needed(cfg.cmle),
+                          min_images=min_training_images(cfg.data.val_fraction),
+                          why_min=f"{MIN_SCORER_IMAGES} to train the CMER scorer on, the rest held out "
+                                  f"by data.val_fraction {cfg.data.val_fraction}")
     ds = MVTecFolder(data)
     samples = ds.samples("train")
     captions = [s.caption for s in samples]
     tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
-    if len(tr) < MIN_SCORER_IMAGES:  # the folder check counted all images; fail now, not after the teacher
-        raise CMGError(f"{data}/train/good: {len(samples)} images, {len(va)} of them held out "
-                       f"(data.val_fraction {cfg.data.val_fraction}) leave {len(tr)} to train on; the CMER scorer "
-                       f"needs at least {MIN_SCORER_IMAGES}: add normal images or lower data.val_fraction")
     tr_captions = [captions[i] for i in tr.tolist()]
     if cfg.cmle.enabled:
         # The folder check counted every training image; CMLE learns from the split without the

@@ -216,8 +216,9 @@ BREAKS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing folder": (lambda d: d / "nothing", "dataset folder not found"),
     "a file": (lambda d: (d / "synth.json"), "is a file"),
     "no train/good": (lambda d: (shutil.rmtree(d / "train"), d)[1], "missing folder"),
-    "too few images": (lambda d: ([p.unlink() for p in sorted((d / "train" / "good").glob("*.png"))[3:]], d)[1],
-                       "at least 8"),
+    # 9 images: the folder minimum follows the held-out split (8 to train on + 2 held out)
+    "too few images": (lambda d: ([p.unlink() for p in sorted((d / "train" / "good").glob("*.png"))[9:]], d)[1],
+                       "has 9 images"),
     "unreadable image": (lambda d: ((d / "train" / "good" / "004.png").write_bytes(b"\x89PNG broken"), d)[1],
                          "004.png"),
     "truncated image": (lambda d: ((d / "train" / "good" / "005.png").write_bytes(
@@ -299,8 +300,9 @@ def test_bench_soak_against_nothing_listening(tiny_run, tiny_onnx, tmp_path, cap
 
 
 def test_train_counts_the_scorer_images_after_the_held_out_split(good_data, tmp_path):
-    """10 normals pass the folder check (>= 8), but val_fraction 0.3 leaves 7 for the CMER
-    scorer: refused before any training, naming the numbers and the setting."""
+    """10 normals are enough at the default val_fraction (8 train the CMER scorer, 2 held
+    out), but 0.3 holds out 3: refused by the folder check, before any training, naming the
+    minimum, what it is made of and the setting."""
     import dataclasses
 
     from cmg.config import load_config, resolve_config
@@ -315,6 +317,7 @@ def test_train_counts_the_scorer_images_after_the_held_out_split(good_data, tmp_
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=0.3),
                               cmle=dataclasses.replace(cfg.cmle, enabled=False))
     out = tmp_path / "run"
-    with pytest.raises(CMGError, match=r"10 images, 3 of them held out .*leave 7 .*needs at least 8"):
+    with pytest.raises(CMGError, match=r"has 10 images .*at least 11 \(8 to train the CMER scorer on, "
+                                       r"the rest held out by data.val_fraction 0.3\)"):
         train_run(cfg, data, out, progress=False)
     assert not out.exists()

@@ -23,7 +23,13 @@ from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.detector import DetectorOutput
 from cmg_train.loop import batched, fit
 from cmg_train.masking import upsample_keep
-from cmg_train.train import pick_weight, practice_regions, split_train_val
+from cmg_train.train import (
+    MIN_SCORER_IMAGES,
+    min_training_images,
+    pick_weight,
+    practice_regions,
+    split_train_val,
+)
 
 # -- what training may learn from -----------------------------------------------------
 
@@ -144,6 +150,14 @@ def test_split_is_disjoint_sorted_and_seeded(n, fraction, n_val):
     again = split_train_val(n, fraction, seed=0)
     assert torch.equal(again[0], tr) and torch.equal(again[1], va)
     assert not torch.equal(split_train_val(n, fraction, seed=1)[1], va)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.15, 0.2, 0.3, 0.5, 0.9])
+def test_min_training_images_is_the_smallest_folder_the_split_leaves_enough(fraction):
+    """The folder check's minimum: at it the scorer gets its 8, one image fewer it does not."""
+    n = min_training_images(fraction)
+    assert len(split_train_val(n, fraction, seed=0)[0]) >= MIN_SCORER_IMAGES
+    assert len(split_train_val(n - 1, fraction, seed=0)[0]) < MIN_SCORER_IMAGES
 
 
 def test_batched_concatenates_every_output_in_order():
