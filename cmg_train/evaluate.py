@@ -161,7 +161,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     add_row("run", out["scores"], out["maps"], {"at_threshold": at})
     sweep: list[dict] = []
     if ablation:
-        shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress)
+        # the retrained `cmg` row's masks; the run's own where that row is skipped (no caption graph)
+        shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress) or out
         sweep = alpha_sweep(run.detector, test, test_ps, test_maps)
     for row in rows:
         if "baseline" in scores and row["name"] != "baseline":
@@ -195,6 +196,9 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
 
 def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: torch.Tensor, add_row, cover: dict,
                    progress: bool) -> dict:
+    """The ablation's rows (each retrained on the run's training split) added with `add_row`;
+    returns the `cmg` row's outputs, {} where CMLE's caption graph cannot be built (its rows
+    are then listed as skipped, with the reason)."""
     cfg = run.cfg
     size = cfg.data.image_size
     ds = MVTecFolder(run.data)

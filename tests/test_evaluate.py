@@ -5,6 +5,7 @@ sweep, and the ablation table on the tiny run."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,3 +413,29 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     few = alpha_sweep(run.detector, test, ps, local_maps(run.detector, test.frames), alphas=(0.0, 0.5))
     assert [r["alpha"] for r in few] == [0.0, run.cfg.cmer.alpha, 0.5]  # the run's own alpha always in
     assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
+
+
+def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_run, tiny_data, tmp_path,
+                                                                          fast_bootstrap):
+    """A training folder whose captions cannot make CMLE's graph (here: one caption for every
+    image, as a folder captioned by a name template is): the ablation still runs, its CMLE
+    rows say why they are skipped, and the masks pictures show the run itself (this crashed
+    with a KeyError before, in `cmg bench shots` on 10 images)."""
+    import json
+    import shutil
+
+    from cmg_train.checkpoint import load_run
+    from cmg_train.evaluate import evaluate
+
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    rows = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
+    (data / "captions.jsonl").write_text("".join(json.dumps(r | {"caption": "a part"}) + "\n" for r in rows))
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "onnx")))
+    run = load_run(run_dir)
+    run.metrics["data"] = str(data)  # the training folder the ablation retrains from: the one-caption copy
+    report = evaluate(run, data, ablation=True, progress=False)
+    by = {r["name"]: r for r in report["rows"]}
+    assert {"cmle (skipped)", "cmg (skipped)"} <= set(by) and "unique captions" in by["cmg (skipped)"]["skipped"]
+    assert {"run", "baseline", "cmer", "patchcore"} <= set(by)
+    for f in ("ablation_masks.png", "ablation_errors.png"):
+        assert (run_dir / "eval" / f).stat().st_size > 0
