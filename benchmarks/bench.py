@@ -31,6 +31,8 @@ SUBVERBS: dict[str, tuple[str, str]] = {
              "backbone weights (the `peer` extra; bench.json, peer.md, peer.png)"),
     "shots": ("cmg_bench.shots", "AUROC against the number of normal training images: a config trained on N "
               "drawn images, several N and seeds (shots.json, shots.md, shots.png)"),
+    "tradeoff": ("cmg_bench.tradeoff", "image AUROC against served frames/s, one point per config: each trained "
+                 "on the same folder and seeds, served side by side (tradeoff.json, tradeoff.md, tradeoff.png)"),
 }
 
 

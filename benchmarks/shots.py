@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cmg.argtypes import seed_list
 from cmg.errors import CMGError
 from cmg_bench.common import add_out_argument
+from cmg_bench.trained import train_and_score
 
 ALL = 0  # the shot count that means "every training image"
 
@@ -41,14 +43,6 @@ def parse_shots(text: str) -> tuple[int, ...]:
     if not out:
         raise argparse.ArgumentTypeError(f"expected comma-separated image counts or 'all', got {text!r}")
     return tuple(dict.fromkeys(out))
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """`--seeds` '0,1,2' -> (0, 1, 2)."""
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    if not vals or not all(v.isdigit() for v in vals):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
-    return tuple(dict.fromkeys(int(v) for v in vals))
 
 
 def shot_label(n: int) -> str:
@@ -159,49 +153,11 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cmle_fits(cfg, folder: Path) -> bool:
-    """Whether the training split `cmg train` will make of `folder` has the distinct captions
-    CMLE's caption graph needs (the check training runs before it starts)."""
-    from cmg.dataset import MVTecFolder
-    from cmg_train.cmle.fit import check_captions
-    from cmg_train.train import split_train_val
-
-    samples = MVTecFolder(folder).samples("train")
-    tr, _ = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
-    try:
-        check_captions([samples[i].caption for i in tr.tolist()], cfg.cmle)
-    except CMGError:
-        return False
-    return True
-
-
 def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, progress: bool) -> dict:
     """Train (unless OUT/runs/nN_sSEED already holds a run) and score one shot count and seed."""
-    import time
-
-    from cmg.config import load_config, resolve_config
-    from cmg_train.checkpoint import load_run
-    from cmg_train.evaluate import cached_report, evaluate
-    from cmg_train.train import train_run
-
     folder = data if n == ALL else subset_folder(data, out / "data" / f"n{n}_s{seed}", n, seed)
     run_dir = out / "runs" / f"n{shot_label(n)}_s{seed}"
-    cfg = load_config(resolve_config(config))
-    cfg.seed = seed
-    if not (run_dir / "checkpoint.pt").is_file():
-        t = time.perf_counter()
-        cfg.cmle.enabled = cfg.cmle.enabled and cmle_fits(cfg, folder)  # else the rest of the method
-        train_run(cfg, folder, run_dir, progress=progress)
-        (run_dir / "shots.json").write_text(json.dumps({"train_s": time.perf_counter() - t}))
-    run = load_run(run_dir)
-    report = cached_report(run, folder, ablation) or evaluate(run, folder, ablation, progress=progress)
-    rows = {r["name"]: r for r in report["rows"]}
-    timing = json.loads((run_dir / "shots.json").read_text()) if (run_dir / "shots.json").is_file() else {}
-    return {"shots": n, "seed": seed, "images": int(run.metrics["images"]["train"] + run.metrics["images"]["val"]),
-            "cmle": "on" if run.cfg.cmle.enabled else "off", "image_auroc": rows["run"]["image_auroc"],
-            "pixel_auroc": rows["run"]["pixel_auroc"], "per_defect": rows["run"]["per_defect"],
-            "gain_vs_baseline": rows["run"].get("delta_vs_baseline"), "train_s": timing.get("train_s"),
-            "run": str(run_dir)}
+    return {"shots": n} | train_and_score(config, folder, run_dir, seed, ablation, progress, cmle_if_it_fits=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,7 +165,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="small", help="config name under configs/ or a YAML path")
     p.add_argument("--shots", default="25,50,100,all", type=parse_shots,
                    help="training image counts, comma-separated; 'all' is the whole folder (default %(default)s)")
-    p.add_argument("--seeds", default="0,1,2", type=parse_seeds, help="seeds, comma-separated: each draws its own images and trains "
+    p.add_argument("--seeds", default="0,1,2", type=seed_list, help="seeds, comma-separated: each draws its own images and trains "
                                                     "with that seed (default %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="also score the image-only baseline: the table gains CMG's margin over it per count")

@@ -332,12 +332,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "bench.json, bench.md, PNGs")
     parser.add_argument("--quick", action="store_true",
                         help="reduced sweep (concurrency 1,4; batch 1,8; short windows) for smoke checks")
+    add_settings_arguments(parser)
+    parser.add_argument("--modes", default=None, help="comma-separated subset of the modes (default all)")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's overrides, read by `settings_from_args` (with a `quick` attribute beside them)."""
     parser.add_argument("--concurrency", default=None, help="override: comma-separated concurrency levels")
     parser.add_argument("--batch", default=None, help="override: comma-separated client batch sizes")
     parser.add_argument("--window", type=float, default=None, help="override: measurement window, s")
     parser.add_argument("--warmup", type=float, default=None, help="override: warm-up per point, s")
     parser.add_argument("--repeats", type=int, default=None, help="override: repeats of the ratio pairs (>= 1)")
-    parser.add_argument("--modes", default=None, help="comma-separated subset of the modes (default all)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

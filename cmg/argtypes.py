@@ -80,3 +80,11 @@ def retries_int(text: str) -> int:
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit; got {text!r}")
     return value
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """`--seeds` '0,1,2' -> (0, 1, 2): training seeds, each once, in the order given."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals or not all(v.isdigit() for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return tuple(dict.fromkeys(int(v) for v in vals))
