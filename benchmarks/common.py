@@ -164,3 +164,17 @@ def memory_refusal(concurrency: int, per_call: int | None, admitted: int) -> str
         return None
     return (f"{concurrency} concurrent calls need about {need / GB:.1f} GB "
             f"({per_call / GB:.2f} GB each), {budget / GB:.1f} GB available to this process")
+
+
+def finish_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Labels, grid and legend of a one-axes bench picture, written to `path` and closed."""
+    import matplotlib.pyplot as plt  # heavy: only pictures need it (the caller chose the backend)
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

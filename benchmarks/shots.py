@@ -24,8 +24,9 @@ import numpy as np
 
 from cmg.argtypes import seed_list
 from cmg.errors import CMGError
-from cmg_bench.common import add_out_argument
+from cmg_bench.common import add_out_argument, finish_plot
 from cmg_bench.trained import train_and_score
+from cmg_train.metrics import over_seeds
 
 ALL = 0  # the shot count that means "every training image"
 
@@ -94,14 +95,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for n in dict.fromkeys(r["shots"] for r in rows):
         per = [r for r in rows if r["shots"] == n]
-        row: dict = {"shots": n, "images": int(np.median([r["images"] for r in per])), "seeds": len(per),
-                     "cmle": sorted({r["cmle"] for r in per})}
-        for key in ("image_auroc", "pixel_auroc", "gain_vs_baseline", "train_s"):
-            vals = [r[key] for r in per if r.get(key) is not None]
-            if vals:
-                row[key] = float(np.median(vals))
-                row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
-        out.append(row)
+        out.append({"shots": n, "images": int(np.median([r["images"] for r in per])), "seeds": len(per),
+                    "cmle": sorted({r["cmle"] for r in per})}
+                   | over_seeds(per, ("image_auroc", "pixel_auroc", "gain_vs_baseline", "train_s")))
     return sorted(out, key=lambda r: r["images"])  # the curve's order, whatever order --shots gave
 
 
@@ -143,14 +139,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()  # the counts themselves are the ticks
     ax.set_xticks(x, [str(v) for v in x])
-    ax.set_xlabel("normal training images (log scale)")
-    ax.set_ylabel("AUROC")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, path, "normal training images (log scale)", "AUROC", title, "lower right")
 
 
 def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, progress: bool) -> dict:

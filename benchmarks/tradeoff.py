@@ -29,6 +29,7 @@ from cmg_bench import flops
 from cmg_bench.common import (
     add_out_argument,
     close_all,
+    finish_plot,
     measure_grid,
     run_frames,
     start_local_server,
@@ -36,6 +37,7 @@ from cmg_bench.common import (
 from cmg_bench.modes import SERVED_CMG, Served
 from cmg_bench.sweep import add_settings_arguments, fit_served_batches, settings_from_args
 from cmg_bench.trained import train_and_score
+from cmg_train.metrics import over_seeds
 
 DEFAULT_CONFIGS = "small,small-single,small-fast"
 
@@ -118,12 +120,7 @@ def summarise(configs: tuple[str, ...], rows: list[dict], served: dict[str, dict
     out = []
     for name in configs:
         per = [r for r in rows if r["config"] == name]
-        row: dict = {"config": name, "seeds": len(per)}
-        for key in ("image_auroc", "pixel_auroc", "train_s"):
-            vals = [r[key] for r in per if r.get(key) is not None]
-            if vals:
-                row[key] = float(np.median(vals))
-                row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
+        row: dict = {"config": name, "seeds": len(per)} | over_seeds(per, ("image_auroc", "pixel_auroc", "train_s"))
         kinds = per[0]["per_defect"]
         row["per_defect"] = {k: float(np.median([r["per_defect"][k] for r in per])) for k in kinds}
         row |= {k: served[name][k] for k in ("throughput", "vs_first", "best", "batch1_p50_ms", "flops_per_frame",
@@ -178,14 +175,8 @@ def plot(summary: list[dict], path: Path, title: str, target_fps: float | None) 
     if target_fps:
         ax.axvline(target_fps, color="grey", linestyle="--", linewidth=1, label=f"{target_fps:g} frames/s")
     ax.set_xscale("log")
-    ax.set_xlabel("served frames/s (cpu target, best concurrency x batch; log scale)")
-    ax.set_ylabel("image AUROC (median, range over seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, path, "served frames/s (cpu target, best concurrency x batch; log scale)",
+                "image AUROC (median, range over seeds)", title, "lower left")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ from cmg_train.local.bank import PatchBank, score_channel
 from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
-from cmg_train.metrics import aupro, auroc, operating_point, paired_bootstrap
+from cmg_train.metrics import aupro, auroc, operating_point, over_seeds, paired_bootstrap
 from cmg_train.plots import alpha_plot, mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
@@ -274,12 +274,8 @@ def aggregate(reports: list[dict]) -> dict:
     out_rows = []
     for name in names:
         per_seed = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
-        row: dict = {"name": name, "seeds": len(per_seed)}
-        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
-            vals = [r[key] for r in per_seed if r.get(key) is not None]
-            if vals:
-                row[key] = float(np.median(vals))
-                row[f"{key}_range"] = [float(min(vals)), float(max(vals))]
+        row: dict = {"name": name, "seeds": len(per_seed)} | over_seeds(
+            per_seed, ("image_auroc", "pixel_auroc", "pixel_aupro"))
         row["per_defect"] = {k: float(np.median([r["per_defect"][k] for r in per_seed]))
                              for k in per_seed[0]["per_defect"]}
         if name != "baseline" and all("baseline" in rep["scores"] for rep in reports):

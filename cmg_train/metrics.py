@@ -60,6 +60,18 @@ def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return ((ranks * labels).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
 
 
+def over_seeds(per_seed: list[dict], keys: tuple[str, ...]) -> dict:
+    """`key` -> median and `key_range` -> [min, max] over the seeds' rows that have a value:
+    how every multi-seed table here reports a metric (one seed's gain is noise)."""
+    out: dict = {}
+    for key in keys:
+        vals = [r[key] for r in per_seed if r.get(key) is not None]
+        if vals:
+            out[key] = float(np.median(vals))
+            out[f"{key}_range"] = [float(min(vals)), float(max(vals))]
+    return out
+
+
 def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray | None]],
                      n: int = 1000, seed: int = 0) -> list[float]:
     """95% interval of mean_s [AUROC(a_s) - AUROC(b_s)] (or of mean_s AUROC(a_s) when b is None)
