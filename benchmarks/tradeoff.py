@@ -200,6 +200,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not (args.data / "train" / "good").is_dir():
         raise CMGError(f"--data {args.data}: no train/good folder")
+    from cmg.config import load_config, resolve_config
+
+    for name in args.configs:  # a misspelt config fails now, not after the others trained
+        load_config(resolve_config(name))
     names = [run_name(c) for c in args.configs]
     if len(set(names)) < len(names):
         raise CMGError(f"--configs {','.join(args.configs)}: two of them would share a run folder ({names})")

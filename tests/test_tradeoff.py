@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from cmg.config import resolve_config
 from cmg_app.cli import main
 from cmg_bench.tradeoff import config_list, markdown, run_name, summarise
 
@@ -43,9 +44,15 @@ def test_options_and_run_folders(tmp_path, capsys):
     assert main(["bench", "tradeoff", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no train/good" in capsys.readouterr().err
     (tmp_path / "train" / "good").mkdir(parents=True)
+    for path in (tmp_path / "a" / "mine.yaml", tmp_path / "b" / "mine.yml"):
+        path.parent.mkdir()
+        shutil.copy(resolve_config("tiny"), path)
     assert main(["bench", "tradeoff", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--configs", "a/mine.yaml,b/mine.yml"]) == 2
+                 "--configs", f"{tmp_path / 'a' / 'mine.yaml'},{tmp_path / 'b' / 'mine.yml'}"]) == 2
     assert "share a run folder" in capsys.readouterr().err
+    assert main(["bench", "tradeoff", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--configs", "tiny,no-such-config"]) == 2
+    assert "no-such-config" in capsys.readouterr().err and not (tmp_path / "o" / "runs").exists()
 
 
 @pytest.mark.slow
@@ -55,13 +62,15 @@ def test_tradeoff_smoke(tiny_data, tiny_run, tiny_onnx, tmp_path, capsys):
     out = tmp_path / "tradeoff"
     for name in ("tiny", "twin"):
         shutil.copytree(tiny_run, out / "runs" / f"{name}_s0")
-    assert main(["bench", "tradeoff", "--data", str(tiny_data), "--configs", "tiny,configs/twin.yaml",
+    twin = tmp_path / "twin.yaml"  # a config given as a path: its runs are OUT/runs/twin_sSEED
+    shutil.copy(resolve_config("tiny"), twin)
+    assert main(["bench", "tradeoff", "--data", str(tiny_data), "--configs", f"tiny,{twin}",
                  "--seeds", "0", "--concurrency", "1", "--batch", "1", "--window", "0.3", "--warmup", "0.1",
                  "--repeats", "2", "--target-fps", "1", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "tradeoff.json").read_text())
     by = {r["config"]: r for r in report["summary"]}
-    assert list(by) == ["tiny", "configs/twin.yaml"]
-    assert by["tiny"]["image_auroc"] == pytest.approx(by["configs/twin.yaml"]["image_auroc"])  # the same run
+    assert list(by) == ["tiny", str(twin)]
+    assert by["tiny"]["image_auroc"] == pytest.approx(by[str(twin)]["image_auroc"])  # the same run
     for name, r in by.items():
         served = report["served"][name]
         assert len(served["rounds"]) == 2 and all(v > 0 for v in served["rounds"])
@@ -69,7 +78,7 @@ def test_tradeoff_smoke(tiny_data, tiny_run, tiny_onnx, tmp_path, capsys):
         assert r["flops_per_frame"] > 0 and r["batch1_p50_ms"] > 0
     assert by["tiny"]["vs_first"] == pytest.approx(1.0)
     assert (out / "tradeoff.png").stat().st_size > 1000
-    assert "| `configs/twin.yaml` |" in capsys.readouterr().out
+    assert f"| `{twin}` |" in capsys.readouterr().out
     for served in report["served"].values():  # both servers stopped: nothing listens on their ports
         host, port = served["url"].rsplit(":", 1)
         with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
