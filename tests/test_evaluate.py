@@ -428,8 +428,13 @@ def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_ru
     from cmg_train.evaluate import evaluate
 
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
-    rows = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
-    (data / "captions.jsonl").write_text("".join(json.dumps(r | {"caption": "a part"}) + "\n" for r in rows))
+    for kind in (data / "test").iterdir():  # a few test frames per kind: the path, not the figures, is tested
+        for path in sorted(kind.iterdir())[3:]:
+            path.unlink()
+    for name in ("captions.jsonl", "meta.jsonl"):  # their lines about the removed frames go too
+        rows = [json.loads(line) for line in (data / name).read_text().splitlines()]
+        rows = [r | {"caption": "a part"} if name == "captions.jsonl" else r for r in rows if (data / r["file"]).exists()]
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "onnx")))
     run = load_run(run_dir)
     run.metrics["data"] = str(data)  # the training folder the ablation retrains from: the one-caption copy
