@@ -26,7 +26,7 @@ from cmg.argtypes import seed_list
 from cmg.errors import CMGError
 from cmg_bench.common import add_out_argument, finish_plot
 from cmg_bench.trained import train_and_score
-from cmg_train.metrics import over_seeds
+from cmg_train.metrics import over_seeds, range_cell
 
 ALL = 0  # the shot count that means "every training image"
 
@@ -102,19 +102,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], config: str, data: str) -> str:
-    def cell(row: dict, key: str, digits: int = 3) -> str:
-        if key not in row:
-            return "-"
-        lo, hi = row[f"{key}_range"]
-        return f"{row[key]:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"
-
     lines = [f"`{config}` on {data}: medians over seeds (range)", "",
              "| training images | seeds | image AUROC | pixel AUROC | CMG - image-only baseline | CMLE | training s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary:
-        lines.append(f"| {shot_label(r['shots'])} ({r['images']}) | {r['seeds']} | {cell(r, 'image_auroc')} | "
-                     f"{cell(r, 'pixel_auroc')} | {cell(r, 'gain_vs_baseline')} | {'/'.join(r['cmle'])} | "
-                     f"{cell(r, 'train_s', 0)} |")
+        lines.append(f"| {shot_label(r['shots'])} ({r['images']}) | {r['seeds']} | {range_cell(r, 'image_auroc')} | "
+                     f"{range_cell(r, 'pixel_auroc')} | {range_cell(r, 'gain_vs_baseline')} | {'/'.join(r['cmle'])} | "
+                     f"{range_cell(r, 'train_s', 0)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ from cmg_bench.common import (
 from cmg_bench.modes import SERVED_CMG, Served
 from cmg_bench.sweep import add_settings_arguments, fit_served_batches, settings_from_args
 from cmg_bench.trained import train_and_score
-from cmg_train.metrics import over_seeds
+from cmg_train.metrics import kinds_over_seeds, over_seeds, range_cell
 
 DEFAULT_CONFIGS = "small,small-single,small-fast"
 
@@ -122,8 +122,7 @@ def summarise(configs: tuple[str, ...], rows: list[dict], served: dict[str, dict
     for name in configs:
         per = [r for r in rows if r["config"] == name]
         row: dict = {"config": name, "seeds": len(per)} | over_seeds(per, ("image_auroc", "pixel_auroc", "train_s"))
-        kinds = per[0]["per_defect"]
-        row["per_defect"] = {k: float(np.median([r["per_defect"][k] for r in per])) for k in kinds}
+        row["per_defect"] = kinds_over_seeds(per)
         row |= {k: served[name][k] for k in ("throughput", "vs_first", "best", "batch1_p50_ms", "flops_per_frame",
                                              "served_auroc")}
         out.append(row)
@@ -131,12 +130,6 @@ def summarise(configs: tuple[str, ...], rows: list[dict], served: dict[str, dict
 
 
 def markdown(summary: list[dict], data: str, seeds: tuple[int, ...], target_fps: float | None) -> str:
-    def rng(row: dict, key: str, digits: int = 3) -> str:
-        if key not in row:
-            return "-"
-        lo, hi = row[f"{key}_range"]
-        return f"{row[key]:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"
-
     first = summary[0]["config"]
     lines = [f"On {data}: image and pixel AUROC, medians over seeds {','.join(map(str, seeds))} (range); served "
              f"frames/s of seed {seeds[0]}'s run (the cpu target, one tritonserver per config, best concurrency x "
@@ -147,9 +140,9 @@ def markdown(summary: list[dict], data: str, seeds: tuple[int, ...], target_fps:
     for r in summary:
         b = r["best"]
         p50 = "-" if r["batch1_p50_ms"] is None else f"{r['batch1_p50_ms']:.1f}"
-        lines.append(f"| `{r['config']}` | {rng(r, 'image_auroc')} | {rng(r, 'pixel_auroc')} | "
+        lines.append(f"| `{r['config']}` | {range_cell(r, 'image_auroc')} | {range_cell(r, 'pixel_auroc')} | "
                      f"{r['throughput']:.1f} (c{b['concurrency']} x b{b['batch']}) | {r['vs_first']:.2f}x | {p50} | "
-                     f"{r['flops_per_frame'] / 1e6:,.0f} | {rng(r, 'train_s', 0)} |")
+                     f"{r['flops_per_frame'] / 1e6:,.0f} | {range_cell(r, 'train_s', 0)} |")
     if target_fps:
         met = [r["config"] for r in summary if r["throughput"] >= target_fps]
         lines += ["", f"At {target_fps:g} frames/s or more: {', '.join(f'`{m}`' for m in met) if met else 'none'}."]

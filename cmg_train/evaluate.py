@@ -34,7 +34,14 @@ from cmg_train.local.bank import PatchBank, score_channel
 from cmg_train.local.fit import train_local
 from cmg_train.loop import batched
 from cmg_train.memory_bank import KNNDistance
-from cmg_train.metrics import aupro, auroc, operating_point, over_seeds, paired_bootstrap
+from cmg_train.metrics import (
+    aupro,
+    auroc,
+    kinds_over_seeds,
+    operating_point,
+    over_seeds,
+    paired_bootstrap,
+)
 from cmg_train.plots import alpha_plot, mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
@@ -276,8 +283,7 @@ def aggregate(reports: list[dict]) -> dict:
         per_seed = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
         row: dict = {"name": name, "seeds": len(per_seed)} | over_seeds(
             per_seed, ("image_auroc", "pixel_auroc", "pixel_aupro"))
-        row["per_defect"] = {k: float(np.median([r["per_defect"][k] for r in per_seed]))
-                             for k in per_seed[0]["per_defect"]}
+        row["per_defect"] = kinds_over_seeds(per_seed)
         if name != "baseline" and all("baseline" in rep["scores"] for rep in reports):
             pairs = [(np.array(rep["scores"][name]), np.array(rep["scores"]["baseline"])) for rep in reports]
             row["gain_vs_baseline"] = float(np.median([auroc(labels, a) - auroc(labels, b) for a, b in pairs]))

@@ -72,6 +72,19 @@ def over_seeds(per_seed: list[dict], keys: tuple[str, ...]) -> dict:
     return out
 
 
+def kinds_over_seeds(per_seed: list[dict], key: str = "per_defect") -> dict[str, float]:
+    """Per defect kind, the median over the seeds' rows of `key` (kind -> AUROC)."""
+    return {k: float(np.median([r[key][k] for r in per_seed])) for k in per_seed[0][key]}
+
+
+def range_cell(row: dict, key: str, digits: int = 3) -> str:
+    """A table cell of what `over_seeds` wrote: 'median (min to max)', or '-' without a value."""
+    if key not in row:
+        return "-"
+    lo, hi = row[f"{key}_range"]
+    return f"{row[key]:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"
+
+
 def paired_bootstrap(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray | None]],
                      n: int = 1000, seed: int = 0) -> list[float]:
     """95% interval of mean_s [AUROC(a_s) - AUROC(b_s)] (or of mean_s AUROC(a_s) when b is None)
