@@ -39,6 +39,7 @@ from cmg_build import k8s, opcheck
 from cmg_build import tensorrt as trtmod
 from cmg_build.fuse import fuse
 from cmg_build.quantize import PRECISIONS, QUANTIZED, quantize_graphs
+from cmg_build.server import is_training_output
 from cmg_build.tensorrt import trtexec_command
 from cmg_model_repository.model import resolve_threads
 
@@ -146,6 +147,9 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
+    if is_training_output(out):
+        raise CMGError(f"--out {out} is a training run or export folder, not a model repository: "
+                       "write the repository to a folder of its own")
     onnx_dir, meta = find_export(run)
     contract = Contract.from_dict(meta["contract"])
     threshold = float(meta["threshold"])

@@ -717,6 +717,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in-flight requests the CUDA memory pool is sized for (GPU hosts)")
 
 
+def is_training_output(folder: Path) -> bool:
+    """A `cmg train` run folder or a `cmg export` folder: never a model repository (serving one
+    fails on its files; building into one mixes model folders with a checkpoint)."""
+    folder = Path(folder)
+    return any((folder / f).is_file() for f in ("checkpoint.pt", "onnx/export.json", "export.json"))
+
+
 def check_repository(repository: Path) -> None:
     """Refuse what is plainly not a model repository before starting a server on it."""
     repository = Path(repository)
@@ -724,7 +731,7 @@ def check_repository(repository: Path) -> None:
         raise CMGError(f"model repository {repository} does not exist")
     if not repository.is_dir():
         raise CMGError(f"model repository {repository} is a file, not a folder")
-    if (repository / "checkpoint.pt").is_file() or (repository / "onnx" / "export.json").is_file():
+    if is_training_output(repository):
         raise CMGError(f"{repository} is a training run, not a model repository: "
                        f"`cmg build --run {repository} --out REPO`, then `cmg serve --repository REPO`")
     if not any(p.is_dir() for p in repository.iterdir()):

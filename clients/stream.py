@@ -103,7 +103,9 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
     if start:  # OUT must have come from this source: check its last line's frame
         item = next(source.items(start - 1), None)
         if item is None:
-            raise CMGError(f"{opts.out} has {start} lines but source {opts.source} has fewer frames")
+            wrote = f" (the last from {found.last_source!r})" if found.last_source is not None else ""
+            raise CMGError(f"{opts.out} has {start} lines{wrote} but source {opts.source} has fewer frames; "
+                           "resume with the source that wrote it, or choose another --out")
         if found.last_id is not None and item.frame_id != found.last_id:
             raise CMGError(
                 f"{opts.out}: last line is frame {found.last_id!r} but the source's frame {start - 1} is "

@@ -46,6 +46,7 @@ from cmg_train.plots import alpha_plot, mask_grid, roc_plot
 from cmg_train.train import (
     caption_embedder,
     fit_detector,
+    quiet_library_progress,
     split_train_val,
 )
 
@@ -146,6 +147,8 @@ def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, map
 
 def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None) -> dict:
     """Score the test split of `data` with the run (and, with `ablation`, every row)."""
+    if not progress:
+        quiet_library_progress()  # the ablation loads MiniLM for the caption graph
     cfg = run.cfg
     test = test or TestSet(data, cfg.data.image_size, progress)
     (test_ps,) = batched(run.scorer_graph(), test.frames)

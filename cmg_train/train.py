@@ -368,8 +368,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.seed = args.seed
     if args.teacher_weights is not None:
         if cfg.teacher.source != "open_clip":
-            raise CMGError(f"--teacher-weights: config {cfg.name!r} trains its teacher from scratch "
-                           f"(teacher.source {cfg.teacher.source}); use an open_clip config such as vit-b32")
+            raise CMGError(f"--teacher-weights: config {cfg.name!r} has no open_clip teacher "
+                           f"(teacher.source {cfg.teacher.source}); the weights are for open_clip configs such as vit-b32")
         cfg.teacher.checkpoint = str(args.teacher_weights.resolve())
     if cfg.teacher.source == "open_clip":
         teacher_weights(cfg.teacher)  # a missing or absent weights file stops here, before the data is read

@@ -147,6 +147,7 @@ CASES: list[Case] = [
     ("export", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
     ("build", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "r")], "does not exist"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--cpu-threads", "-1"], ">= 0"),
+    ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["run"])], "training run or export folder"),
     ("serve", lambda f: ["--repository", str(f["root"]), "--grpc-port", "99999"], "1..65535"),
     ("serve", lambda f: ["--repository", str(f["root"]), "--http-port=-1"], "1..65535"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--max-batch", "0"], ">= 1"),

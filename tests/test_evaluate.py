@@ -444,3 +444,22 @@ def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_ru
     assert {"run", "baseline", "cmer", "patchcore"} <= set(by)
     for f in ("ablation_masks.png", "ablation_errors.png"):
         assert (run_dir / "eval" / f).stat().st_size > 0
+
+
+def test_evaluate_without_progress_silences_the_libraries_bars(tiny_run, tiny_data, tmp_path):
+    """`cmg eval --no-progress`: no bar on stderr, MiniLM's "Loading weights" included (the
+    ablation loads it; evaluate turns the libraries' bars off, as `cmg train` does)."""
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    from cmg_train.checkpoint import load_run
+    from cmg_train.evaluate import evaluate
+
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "onnx")))
+    hf_logging.enable_progress_bar()
+    try:
+        evaluate(load_run(run_dir), tiny_data, ablation=False, progress=False)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.disable_progress_bar()

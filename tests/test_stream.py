@@ -139,6 +139,10 @@ def test_stream_resume_continues_without_duplicates(triton, tmp_path):
     _write_frames(tmp_path / "twin", 45, seed=3)
     with pytest.raises(CMGError, match="its lines come from source"):
         run_stream(_opts(triton, tmp_path / "twin", out, resume=True))
+    # ... and a shorter source names the one that wrote the file.
+    _write_frames(tmp_path / "short", 5, seed=4)
+    with pytest.raises(CMGError, match=r"has 40 lines \(the last from .*src.*\) but source .*short has fewer frames; resume"):
+        run_stream(_opts(triton, tmp_path / "short", out, resume=True))
     assert len(_lines(out)) == 40
     # The same folder spelled another way is the same source.
     spelled = Path(os.path.relpath(tmp_path / "src")) if tmp_path.is_relative_to(Path.cwd()) else tmp_path / "." / "src"

@@ -86,11 +86,11 @@ def test_cli_bad_weights_exit_2_with_one_line(tiny_data_small, request, tmp_path
     assert re.search(message, err[0]), err[0]
 
 
-def test_teacher_weights_refused_for_a_scratch_config(tiny_data_small, tmp_path, capsys):
+def test_teacher_weights_refused_for_a_config_without_an_open_clip_teacher(tiny_data_small, tmp_path, capsys):
     (tmp_path / "w.pt").write_bytes(b"")
     rc = main(["train", "--config", "tiny", "--data", str(tiny_data_small), "--out", str(tmp_path / "run"),
                "--teacher-weights", str(tmp_path / "w.pt")])
-    assert rc == 2 and "trains its teacher from scratch" in capsys.readouterr().err
+    assert rc == 2 and "config 'tiny' has no open_clip teacher (teacher.source backbone)" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
