@@ -130,6 +130,37 @@ def scored_line(base: dict, arrays: dict[str, np.ndarray], result: object, laten
     return line
 
 
+class OutageNotice:
+    """A stderr line when frames stop getting through, one every `every` seconds while they
+    do not, and one when a frame gets through again. Why: retries are silent by design (no
+    frame is lost), so without it a stream whose server is down says nothing for the whole
+    retry budget (30 tries with backoff: about 90 s), with or without its bar."""
+
+    def __init__(self, label: str | None, every: float = 10.0):
+        self.prefix = f"cmg stream{f' [{label}]' if label else ''}:"
+        self.every = every
+        self.since: float | None = None
+        self.last = 0.0
+
+    def failed(self, url: str, seq: int, attempt: int, limit: int, reason: str) -> None:
+        now = time.monotonic()
+        if self.since is not None and now - self.last < self.every:
+            return
+        if self.since is None:
+            self.since = now
+        self.last = now
+        budget = "no limit" if limit < 0 else f"of {limit}"
+        tqdm.write(f"{self.prefix} {url} not answering for {now - self.since:.0f} s; frame {seq} retry {attempt} "
+                   f"{budget}; last: {reason}", file=sys.stderr)
+
+    def answered(self, url: str) -> None:
+        if self.since is None:
+            return
+        tqdm.write(f"{self.prefix} {url} answering again after {time.monotonic() - self.since:.0f} s",
+                   file=sys.stderr)
+        self.since = None
+
+
 class Scorer:
     """Scores (seq, item) jobs with a bounded window; hands lines to `sink` in job order."""
 
@@ -138,6 +169,7 @@ class Scorer:
         self.pool = pool
         self.latencies: list[float] = []
         self.fatal: list[str] = []
+        self.outage = OutageNotice(opts.name)  # the camera name only where several stream
 
     async def run(self, jobs: Iterable[tuple[int, SourceItem]], sink: Callable[[dict], None],
                   fps: float | None, progress: Progress) -> None:
@@ -208,6 +240,7 @@ class Scorer:
                     latency = (now - t_first) * 1000.0
                     self.latencies.append(latency)  # the summary's percentiles: first send to result
                     server.frames += 1
+                    self.outage.answered(server.url)
                     line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None,
                                        attempt_ms=(now - t0) * 1000.0)
                     if observer is not None:
@@ -218,6 +251,7 @@ class Scorer:
                     server.in_flight -= 1
                 attempt += 1
                 summary.retries += 1
+                self.outage.failed(server.url, seq, attempt, opts.max_retries, reason)
                 if opts.retry.exhausted(attempt):
                     raise _Fatal(f"frame {seq} ({item.frame_id}) failed {attempt} times; last: {reason}")
                 await pool.failed(server, generation, reconnect)

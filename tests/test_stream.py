@@ -176,6 +176,10 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stderr
+    # The outage is said on stderr as it starts and as it ends (retries alone are silent).
+    notices = [s for s in stderr.splitlines() if s.startswith("cmg stream:")]
+    assert notices and f"{triton.grpc_url} not answering for 0 s; frame" in notices[0], stderr
+    assert "retry 1 of 200" in notices[0] and "answering again after" in notices[-2], notices  # [-1]: the summary
     summary = json.loads(stdout.strip().splitlines()[-1])
     lines = _lines(out)
     assert len(lines) == n
