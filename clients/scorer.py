@@ -131,34 +131,32 @@ def scored_line(base: dict, arrays: dict[str, np.ndarray], result: object, laten
 
 
 class OutageNotice:
-    """A stderr line when frames stop getting through, one every `every` seconds while they
-    do not, and one when a frame gets through again. Why: retries are silent by design (no
-    frame is lost), so without it a stream whose server is down says nothing for the whole
-    retry budget (30 tries with backoff: about 90 s), with or without its bar."""
+    """A stderr line when frames stop getting through to a server, one every `every` seconds
+    while they do not, and one when a frame gets through that server again. Why: retries are
+    silent by design (no frame is lost), so without it a stream whose server is down says
+    nothing for the whole retry budget (30 tries with backoff: about 90 s), bar or no bar.
+    Kept per server: with several, the others carry the frames while one is down."""
 
-    def __init__(self, label: str | None, every: float = 10.0):
+    def __init__(self, label: str | None, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.prefix = f"cmg stream{f' [{label}]' if label else ''}:"
-        self.every = every
-        self.since: float | None = None
-        self.last = 0.0
+        self.every, self.clock = every, clock
+        self.since: dict[str, float] = {}  # url -> when its outage began
+        self.last: dict[str, float] = {}  # url -> when it was last reported
 
     def failed(self, url: str, seq: int, attempt: int, limit: int, reason: str) -> None:
-        now = time.monotonic()
-        if self.since is not None and now - self.last < self.every:
+        now = self.clock()
+        if url in self.since and now - self.last[url] < self.every:
             return
-        if self.since is None:
-            self.since = now
-        self.last = now
-        budget = "no limit" if limit < 0 else f"of {limit}"
-        tqdm.write(f"{self.prefix} {url} not answering for {now - self.since:.0f} s; frame {seq} retry {attempt} "
+        began = self.since.setdefault(url, now)
+        self.last[url] = now
+        budget = "(no limit)" if limit < 0 else f"of {limit}"
+        tqdm.write(f"{self.prefix} {url} not answering for {now - began:.0f} s; frame {seq} retry {attempt} "
                    f"{budget}; last: {reason}", file=sys.stderr)
 
     def answered(self, url: str) -> None:
-        if self.since is None:
-            return
-        tqdm.write(f"{self.prefix} {url} answering again after {time.monotonic() - self.since:.0f} s",
-                   file=sys.stderr)
-        self.since = None
+        began = self.since.pop(url, None)
+        if began is not None:
+            tqdm.write(f"{self.prefix} {url} answering again after {self.clock() - began:.0f} s", file=sys.stderr)
 
 
 class Scorer:

@@ -86,6 +86,29 @@ def _opts(triton, source, out, **kw) -> StreamOptions:
     return StreamOptions(url=triton.grpc_url, source=str(source), out=out, **kw)
 
 
+def test_outage_notice_per_server_at_most_every_interval(capsys):
+    """A server that stops answering is said once, then at most every `every` seconds, and
+    once when it answers again; another server's answers do not end its outage."""
+    from cmg_clients import scorer
+
+    clock = iter([0.0, 1.0, 1.5, 2.0, 12.5, 13.0])
+    notice = scorer.OutageNotice("cam1", every=10.0, clock=lambda: next(clock))
+    notice.failed("a:1", 5, 1, 30, "UNAVAILABLE")  # t=0: said
+    notice.failed("a:1", 6, 2, 30, "UNAVAILABLE")  # t=1: within 10 s, quiet
+    notice.failed("b:2", 6, 1, -1, "UNAVAILABLE")  # t=1.5: another server, said
+    notice.answered("b:2")  # t=2
+    notice.answered("c:3")  # no outage: quiet, no clock read
+    notice.failed("a:1", 9, 3, 30, "deadline")  # t=12.5: said again
+    notice.answered("a:1")  # t=13
+    assert capsys.readouterr().err.splitlines() == [
+        "cmg stream [cam1]: a:1 not answering for 0 s; frame 5 retry 1 of 30; last: UNAVAILABLE",
+        "cmg stream [cam1]: b:2 not answering for 0 s; frame 6 retry 1 (no limit); last: UNAVAILABLE",
+        "cmg stream [cam1]: b:2 answering again after 0 s",
+        "cmg stream [cam1]: a:1 not answering for 12 s; frame 9 retry 3 of 30; last: deadline",
+        "cmg stream [cam1]: a:1 answering again after 13 s",
+    ]
+
+
 def test_progress_bar_ends_on_the_last_figures():
     """A stream shorter than the bar's refresh interval used to keep the first frame's fps and
     latency on the bar (the demo showed 18.7 fps beside 290 frames/s)."""
