@@ -92,12 +92,22 @@ def ensure_export(run_dir: Path) -> tuple[Path, dict]:
     return find_export(run_dir)
 
 
-def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, np.ndarray, np.ndarray]:
-    """The checks every bench sub-verb starts with: the run folder exists, OUT is made, the run
-    is exported (first if needed); returns its contract and the test split's frames and labels."""
+def check_run_folder(run_dir: Path) -> Path:
+    """A trained run folder, before anything is built or started: it exists and holds the
+    checkpoint (an export alone would serve, but the torch modes and the calibration need it)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CMGError(f"run folder not found: {run_dir}")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise CMGError(f"run folder {run_dir} has no checkpoint.pt (a `cmg train` output folder?)")
+    return run_dir
+
+
+def run_frames(run_dir: Path, out: Path, data: Path | None) -> tuple[Contract, np.ndarray, np.ndarray]:
+    """The checks every bench sub-verb starts with: the run folder holds a trained run, OUT is
+    made, the run is exported (first if needed); returns its contract and the test split's
+    frames and labels."""
+    run_dir = check_run_folder(run_dir)
     Path(out).mkdir(parents=True, exist_ok=True)
     _, meta = ensure_export(run_dir)
     contract = Contract.from_dict(meta["contract"])

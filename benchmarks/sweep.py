@@ -36,6 +36,7 @@ from cmg_bench.common import (
     FULL_WINDOW,
     QUICK_WINDOW,
     add_run_arguments,
+    check_run_folder,
     close_all,
     ensure_export,
     load_test_frames,
@@ -197,15 +198,17 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
           modes_wanted: tuple[str, ...] | None = None, progress: bool = True) -> dict:
     """Measure every mode and write bench.json, bench.md and the PNGs into `out`."""
     started = time.time()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CMGError(f"run folder not found: {run_dir}")
-    wanted = tuple(modes_wanted or MODES)
+    run_dir = check_run_folder(run_dir)
+    wanted = tuple(MODES if modes_wanted is None else modes_wanted)
+    if not wanted:
+        raise CMGError(f"--modes names no mode: expected some of {', '.join(MODES)}")
     unknown = sorted(set(wanted) - set(MODES))
     if unknown:
         raise CMGError(f"unknown mode(s) {unknown}: expected some of {', '.join(MODES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("latency_throughput_*.png"), out / "ratios.png"]:  # an earlier sweep's, maybe other modes
+        stale.unlink(missing_ok=True)
     onnx_dir, meta = ensure_export(run_dir)
     contract = Contract.from_dict(meta["contract"])
     data = resolve_data(run_dir, data)
@@ -375,7 +378,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
+    modes = None if args.modes is None else tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = bench(args.run, args.out, settings, url=args.url, data=args.data, modes_wanted=modes)
     print(f"cmg bench sweep: wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} "
           f"({result['seconds']:.0f} s, {result['machine']['cpus_usable']} cores)")

@@ -42,14 +42,19 @@ def train_and_score(config: str, folder: Path, run_dir: Path, seed: int, ablatio
     baseline (ablation only), the training images, whether CMLE was on and the training time
     (None for a run this module did not train)."""
     from cmg.config import load_config, resolve_config
-    from cmg_train.checkpoint import load_run
+    from cmg.errors import CMGError
+    from cmg_train.checkpoint import load_run, run_mismatch
     from cmg_train.evaluate import cached_report, evaluate
     from cmg_train.train import train_run
 
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
-        cfg = load_config(resolve_config(config))
-        cfg.seed = seed
+    cfg = load_config(resolve_config(config))  # a misspelt config fails here, reused run or not
+    cfg.seed = seed
+    if (run_dir / "checkpoint.pt").is_file():
+        why = run_mismatch(load_run(run_dir), cfg, folder)
+        if why is not None:
+            raise CMGError(f"{why}: remove that run folder or choose another --out")
+    else:
         if cmle_if_it_fits:
             cfg.cmle.enabled = cfg.cmle.enabled and cmle_fits(cfg, folder)  # else the rest of the method
         t = time.perf_counter()

@@ -21,6 +21,7 @@ from cmg_build.repository import build
 from cmg_build.server import TritonServer
 from cmg_clients.stream import StreamOptions, run_stream
 from cmg_data.synth import synthesize
+from cmg_train.checkpoint import load_run, run_mismatch
 from cmg_train.export import export_run
 from cmg_train.plots import roc_plot
 from cmg_train.train import train_run
@@ -40,12 +41,23 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
     timings: dict[str, float] = {}
 
     t = _stage(f"synthesize {cfg.data.preset} data -> {data}")
-    if fresh or not (data / "synth.json").exists():
+    made = json.loads((data / "synth.json").read_text()) if (data / "synth.json").is_file() else None
+    wanted = {"preset": cfg.data.preset, "seed": seed, "category": cfg.data.category}
+    new_data = fresh or made is None or any(made.get(k) != v for k, v in wanted.items())
+    if new_data:
         synthesize(data, preset=cfg.data.preset, seed=seed, category=cfg.data.category, progress=progress)
+    else:
+        print(f"   reusing {data} (--fresh makes it again)")
     timings["synth_s"] = time.perf_counter() - t
 
     t = _stage(f"train ({config}) -> {run}")
-    if fresh or not (run / "checkpoint.pt").exists():
+    reuse = (run / "checkpoint.pt").is_file() and not new_data  # a workdir may move: its data is checked above
+    why = run_mismatch(load_run(run), cfg, None) if reuse else None
+    if reuse and why is None:
+        print(f"   reusing {run} (--fresh trains again)")
+    else:
+        if why is not None:
+            print(f"   {why}: training again")
         train_run(cfg, data, run, progress=progress)
     timings["train_s"] = time.perf_counter() - t
 

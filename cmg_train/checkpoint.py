@@ -131,3 +131,17 @@ def load_run(run_dir: str | Path) -> Run:
     scorer = scorer_from_state(state["scorer"]).requires_grad_(False)
     det = detector_from_state(cfg, teacher, state["detector"])
     return Run(run_dir, cfg, teacher, scorer, det, state["caption_bank"], state["captions"], state["metrics"])
+
+
+def run_mismatch(run: Run, cfg: Config, data: str | Path | None) -> str | None:
+    """Why a finished run is not what training `cfg` on `data` would make now (its config
+    name, seed or, unless `data` is None, training folder differ), or None. The benches and
+    the demo reuse runs they find; without this check they reported another config's run
+    under this one's name."""
+    trained_on = Path(run.metrics.get("data", "")).resolve()
+    want = Path(data).resolve() if data is not None else trained_on
+    if (run.cfg.name, run.cfg.seed, trained_on) == (cfg.name, cfg.seed, want):
+        return None
+    on = f", on {want}" if data is not None else ""
+    return (f"{run.path} holds a run of config {run.cfg.name!r}, seed {run.cfg.seed}, trained on {trained_on}, "
+            f"not {cfg.name!r}, seed {cfg.seed}{on}")

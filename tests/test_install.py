@@ -73,6 +73,7 @@ def test_plain_install_runs_the_demo_from_another_directory(tmp_path, tiny_data,
     proc = subprocess.run([str(py), "-m", "cmg_app.cli", "demo", "--workdir", "demo", "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=elsewhere, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing demo/run (--fresh trains again)" in proc.stdout, proc.stdout  # same config and seed: not retrained
     report = json.loads((elsewhere / "demo" / "demo_report.json").read_text())
     assert report["frames"] > 0 and report["errors"] == 0
     assert (elsewhere / "demo" / "repo" / "cmle_encoder" / "1" / "model.py").is_file()

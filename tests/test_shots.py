@@ -109,3 +109,34 @@ def test_shots_smoke(tiny_data, tiny_run, tmp_path, capsys):
     assert (out / "shots.png").stat().st_size > 1000
     assert "| 12 (12) | 1 |" in (out / "shots.md").read_text()
     assert "| 12 (12) | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_of_another_config_or_seed_is_not_reused(tiny_data, tiny_run, tmp_path, capsys):
+    """OUT/runs/nall_s0 holding the tiny run: asked for another config (or a misspelt one)
+    the bench refuses before anything trains, instead of reporting tiny's results under that
+    name."""
+    out = tmp_path / "shots"
+    shutil.copytree(tiny_run, out / "runs" / "nall_s0", ignore=shutil.ignore_patterns("eval", "onnx"))
+    base = ["bench", "shots", "--data", str(tiny_data), "--shots", "all", "--seeds", "0", "--out", str(out), "--no-progress"]
+    assert main([*base, "--config", "small-fast"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of config 'tiny', seed 0" in err and "not 'small-fast', seed 0" in err, err
+    assert "remove that run folder or choose another --out" in err
+    assert main([*base, "--config", "tiyn"]) == 2
+    assert "tiyn" in capsys.readouterr().err
+    assert not (out / "shots.json").exists()
+
+
+@pytest.mark.slow
+def test_run_mismatch_names_what_differs(tiny_run, tiny_data, tmp_path):
+    from cmg.config import load_config
+    from cmg_train.checkpoint import load_run, run_mismatch
+
+    run = load_run(tiny_run)
+    cfg = load_config(resolve_config("tiny"))
+    assert run_mismatch(run, cfg, tiny_data) is None
+    assert run_mismatch(run, cfg, None) is None  # the demo's moved workdir: data not compared
+    assert "on " + str((tmp_path / "other").resolve()) in run_mismatch(run, cfg, tmp_path / "other")
+    cfg.seed = 3
+    assert "not 'tiny', seed 3" in run_mismatch(run, cfg, None)
