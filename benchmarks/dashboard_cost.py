@@ -98,8 +98,11 @@ def _summary(summary) -> dict:
 def dashboard_cost(run_dir: Path, out: Path, url: str | None = None, data: Path | None = None,
                    frames: int = 1000, repeats: int = 3, window: int = 16) -> dict:
     """Stream `frames` frames without and with the dashboard, `repeats` interleaved pairs."""
-    if frames < 1 or repeats < 1:
-        raise CMGError(f"--frames {frames} / --repeats {repeats}: both must be >= 1")
+    if repeats < 1:
+        raise CMGError(f"--repeats {repeats}: must be >= 1")
+    if frames < 2 * window:  # fewer frames than two windows in flight: a start-up, not a throughput
+        raise CMGError(f"--frames {frames}: at least {2 * window} (two windows of {window} frames in flight) "
+                       "for a frame rate to compare")
     run_dir, out = Path(run_dir), Path(out)
     _, test_frames, _ = run_frames(run_dir, out, data)
     started = time.time()

@@ -26,6 +26,7 @@ again, so OLD keeps serving; the command exits 2 with the server's reason.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import sys
@@ -67,6 +68,16 @@ def _without_threshold(text: str) -> str:
     cfg = mcfg.parse(text)
     mcfg.set_default_threshold(cfg, None)
     return str(cfg)
+
+
+def first_difference(served: str, wanted: str) -> str:
+    """The first lines where two config texts differ, for the refusal to name (dims, a
+    dtype, the batch size): a user otherwise has to diff two config.pbtxt files by hand."""
+    lines = [line for line in difflib.unified_diff(served.splitlines(), wanted.splitlines(), lineterm="", n=0)
+             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    old = next((line[1:].strip() for line in lines if line.startswith("-")), "(nothing)")
+    new = next((line[1:].strip() for line in lines if line.startswith("+")), "(nothing)")
+    return f"served {old!r}, this run {new!r}"
 
 
 def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
@@ -124,9 +135,10 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         staged_texts = {name: (staged / name / "config.pbtxt").read_text() for name in configs}
         for name in configs:
             # The calibrated threshold (GPU targets' ensembles) belongs to the run: it may differ.
-            if _without_threshold(staged_texts[name]) != _without_threshold(originals[name]):
+            served, wanted = _without_threshold(originals[name]), _without_threshold(staged_texts[name])
+            if wanted != served:
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
-                               "(a different contract or settings): build a new repository for it")
+                               f"({first_difference(served, wanted)}): build a new repository for it")
         for name in configs:
             shutil.copytree(staged / name / str(new), repo / name / str(new))
 

@@ -143,6 +143,8 @@ CASES: list[Case] = [
     ("bench", lambda f: ["servers", "--run", str(f["empty"]), "--out", str(f["root"] / "b")], "has no checkpoint.pt"),
     ("bench", lambda f: ["dashboard-cost", "--run", str(f["empty"]), "--out", str(f["root"] / "b")],
      "has no checkpoint.pt"),
+    ("bench", lambda f: ["dashboard-cost", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--frames", "1"],
+     "at least 32"),
     ("bench", lambda f: ["sweep", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--modes", ""], "names no mode"),
     ("bench", lambda f: ["soak", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--minutes", "0"], "> 0"),
     ("bench", lambda f: ["soak", "--run", str(f["run"]), "--out", str(f["root"] / "b"), "--minutes", "nan"], "finite"),

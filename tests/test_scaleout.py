@@ -139,6 +139,15 @@ def _wait(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def test_deploy_refusal_names_the_first_config_difference():
+    from cmg_build.deploy import first_difference
+
+    served = 'name: "cmg"\ninput {\n  dims: [64, 64, 3]\n}\nmax_batch_size: 8\n'
+    wanted = 'name: "cmg"\ninput {\n  dims: [128, 128, 3]\n}\nmax_batch_size: 8\n'
+    assert first_difference(served, wanted) == "served 'dims: [64, 64, 3]', this run 'dims: [128, 128, 3]'"
+    assert first_difference(served, served + "x: 1\n") == "served '(nothing)', this run 'x: 1'"
+
+
 @pytest.mark.slow
 def test_three_sources_two_servers_one_killed(cpu_repo, tmp_path):
     n = 90
