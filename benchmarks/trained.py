@@ -51,7 +51,8 @@ def train_and_score(config: str, folder: Path, run_dir: Path, seed: int, ablatio
     cfg = load_config(resolve_config(config))  # a misspelt config fails here, reused run or not
     cfg.seed = seed
     if (run_dir / "checkpoint.pt").is_file():
-        why = run_mismatch(load_run(run_dir), cfg, folder)
+        run = load_run(run_dir)
+        why = run_mismatch(run, cfg, folder)
         if why is not None:
             raise CMGError(f"{why}: remove that run folder or choose another --out")
     else:
@@ -60,7 +61,7 @@ def train_and_score(config: str, folder: Path, run_dir: Path, seed: int, ablatio
         t = time.perf_counter()
         train_run(cfg, folder, run_dir, progress=progress)
         (run_dir / TIMING).write_text(json.dumps({"train_s": time.perf_counter() - t}))
-    run = load_run(run_dir)
+        run = load_run(run_dir)
     report = (cached_report(run, folder, ablation) or (None if ablation else cached_report(run, folder, True))
               or evaluate(run, folder, ablation, progress=progress))
     row = next(r for r in report["rows"] if r["name"] == "run")

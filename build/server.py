@@ -732,7 +732,7 @@ def check_repository(repository: Path) -> None:
     if not repository.is_dir():
         raise CMGError(f"model repository {repository} is a file, not a folder")
     if is_training_output(repository):
-        raise CMGError(f"{repository} is a training run, not a model repository: "
+        raise CMGError(f"{repository} is a training run or export folder, not a model repository: "
                        f"`cmg build --run {repository} --out REPO`, then `cmg serve --repository REPO`")
     if not any(p.is_dir() for p in repository.iterdir()):
         raise CMGError(f"no models in {repository}: a model repository has one folder per model "
