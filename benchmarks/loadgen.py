@@ -176,4 +176,18 @@ async def _run_async(call: Callable[[int], Awaitable[object]], concurrency: int,
 def run_async(call: Callable[[int], Awaitable[object]], concurrency: int, batch: int, win: Window,
               loop: asyncio.AbstractEventLoop) -> Point:
     """Like run_threads for a coroutine function, on `loop` (which owns the gRPC channel)."""
-    return loop.run_until_complete(_run_async(call, concurrency, batch, win))
+    try:
+        return loop.run_until_complete(_run_async(call, concurrency, batch, win))
+    except BaseException:  # SIGTERM/SIGINT mid-point: end the workers here, not at interpreter exit
+        cancel_pending(loop)
+        raise
+
+
+def cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and await the loop's unfinished tasks (else asyncio prints "Task was destroyed
+    but it is pending" for each when the loop is collected)."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))

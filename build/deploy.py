@@ -17,7 +17,8 @@ re-reads its composing models from the repository, so every step goes through th
 
 The cpu target's fused `cmg` (one Python-backend model, build/fuse.py) is an entry like an
 ensemble: at stage it is pinned to OLD while the graphs it fuses (cmer_scorer, cmle_encoder)
-are loaded at NEW and checked; at switch it is reloaded at NEW.
+are loaded at NEW and checked; at switch it is reloaded at NEW. Those two are unloaded again
+at the end (as after a rollback) unless they were loaded before the deploy.
 
 A load that fails at stage or switch restores the configs, removes version NEW and loads
 again, so OLD keeps serving; the command exits 2 with the server's reason.
@@ -163,6 +164,12 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         return [f"{m.name} version {m.version}: {m.reason}" for m in _index(client)
                 if m.name in steps + ensembles and m.version == str(new) and m.state != "READY"]
 
+    def release() -> None:
+        """Fused graphs loaded only to be checked go again: the server keeps what it served."""
+        for name in fused_steps:
+            if name not in live:
+                client.unload_model(name)
+
     def roll_back(reason: str) -> CMGError:
         for name, text in originals.items():
             (repo / name / "config.pbtxt").write_text(text)
@@ -170,6 +177,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
             shutil.rmtree(repo / name / str(new), ignore_errors=True)
         try:
             load_all()
+            release()
         except Exception as exc:  # noqa: BLE001 - the old version's own state decides
             reason += f" (reload of version {old} after it: {_reason(exc)})"
         return CMGError(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
@@ -214,6 +222,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
     load_all()
+    release()
     state = {(m.name, m.version): m.state for m in _index(client)}
     client.close()
     return {"run": str(run), "repository": str(repo), "url": url, "old_version": old, "new_version": new,

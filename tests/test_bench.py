@@ -272,3 +272,27 @@ def test_in_process_points_that_would_not_fit_in_memory_are_skipped(monkeypatch)
     assert [(s["concurrency"], s["batch"]) for s in mode.skipped] == [(8, 1)]
     assert "8 concurrent calls need about 2." in mode.skipped[0]["reason"]
     assert bar.lines and "holder c8 b1 not measured" in bar.lines[0]
+
+
+def test_a_signal_mid_point_ends_the_async_workers_before_it_propagates():
+    """SIGTERM (cmg_app raises it as an exception) or Ctrl-C while an async point runs: the
+    exception reaches the caller and no worker task is left pending on the loop (asyncio
+    printed "Task was destroyed but it is pending" for each at exit before)."""
+    import asyncio
+
+    from cmg_bench.loadgen import Window, run_async
+
+    async def call(i: int) -> None:
+        await asyncio.sleep(0.01)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.call_later(0.2, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_async(call, 4, 1, Window(warmup_s=0.0, window_s=30.0, min_requests=1, max_window_s=60.0), loop)
+        assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
+    finally:
+        loop.close()
