@@ -737,6 +737,35 @@ def check_repository(repository: Path) -> None:
     if not any(p.is_dir() for p in repository.iterdir()):
         raise CMGError(f"no models in {repository}: a model repository has one folder per model "
                        "(`cmg build --run RUN --out REPO` writes one)")
+    if not shutil.which("tritonserver"):  # the nvidia-pytriton binary: its only backend is Python
+        foreign = backends_needed(repository) - {"python"}
+        if foreign:
+            raise CMGError(
+                f"{repository} needs Triton's {', '.join(sorted(foreign))} backend, and the tritonserver found "
+                "here (nvidia-pytriton's, no tritonserver on PATH) has only the Python backend: serve it in the "
+                "official image (nvcr.io/nvidia/tritonserver:24.10-py3, docs/guide.md 'Build targets'), "
+                f"or build the run with `--target cpu` to serve it here")
+
+
+# A model config's platform -> the Triton backend that runs it (ensembles need none).
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt",
+                     "pytorch_libtorch": "pytorch", "tensorflow_savedmodel": "tensorflow"}
+
+
+def backends_needed(repository: Path) -> set[str]:
+    """The backends the repository's models name (`backend:` or `platform:`)."""
+    import re
+
+    needed = set()
+    for config in Path(repository).glob("*/config.pbtxt"):
+        text = config.read_text(errors="replace")
+        backend = re.search(r'^\s*backend:\s*"([^"]+)"', text, re.M)
+        platform = re.search(r'^\s*platform:\s*"([^"]+)"', text, re.M)
+        if backend:
+            needed.add(backend.group(1))
+        elif platform and platform.group(1) in PLATFORM_BACKENDS:
+            needed.add(PLATFORM_BACKENDS[platform.group(1)])
+    return needed
 
 
 def run(args: argparse.Namespace) -> int:

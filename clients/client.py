@@ -8,11 +8,14 @@ check it): it runs on line PCs that only have numpy and Pillow.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,17 @@ from cmg_clients.core import (  # noqa: F401 - re-exported: the client's public 
 )
 
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
+SHM_PREFIX = "cmg_"  # every region this client registers is named cmg_<pid>_<tag>_{in,out}
+_LIVE_SHM: weakref.WeakSet = weakref.WeakSet()  # shm clients not closed yet (closed at exit)
+
+
+@atexit.register
+def _close_live_shm_clients() -> None:
+    """A script that ends without close() still unregisters its regions: the server would
+    otherwise keep them mapped (deleted files, their memory held) until it restarts."""
+    for client in list(_LIVE_SHM):
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 class InferError(CMGError):
@@ -57,7 +71,7 @@ class InferError(CMGError):
     def server_gone(self) -> bool:
         """The server did not answer at all (every further request would fail the same way)."""
         return self.kind in (core.TRANSIENT, core.DEADLINE) and self.status in (
-            None, "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "UNAVAILABLE")
+            None, "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class CMGClient:
@@ -65,9 +79,14 @@ class CMGClient:
 
     Batches are split into chunks of the model's max_batch_size. With `shm=True` the
     tensors travel through system shared memory regions registered with the server
-    (same host only) and are unregistered and destroyed on `close()`. Inference calls
-    that fail transiently (model reloading, server busy) are retried per `retry`; the
-    start-up handshake is not, so a wrong URL fails at once.
+    (same host only) and are unregistered and destroyed on `close()` (or at interpreter
+    exit); after a server restart they are registered again. Inference calls that fail
+    transiently (model reloading, server busy) are retried per `retry`; the start-up
+    handshake is not, so a wrong URL fails at once.
+
+    One client may be shared by threads: gRPC calls share one channel; HTTP (gevent, which
+    cannot switch threads) gets a connection per thread; with `shm=True` requests take
+    turns, since the regions hold one request at a time.
     """
 
     def __init__(
@@ -81,6 +100,14 @@ class CMGClient:
         retry: RetryPolicy | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        self._shm_regions: list[tuple[str, Any, int]] = []  # (name, handle, bytes)
+        self._shm_layout: dict[str, Any] | None = None
+        self._shm_lock = threading.Lock()
+        self._local = threading.local()  # HTTP: this thread's tritonclient
+        self._made: list[Any] = []  # every tritonclient made (closed on close())
+        self._made_lock = threading.Lock()
+        self._shared: Any = None  # gRPC: one client for every thread
+        self._closed = False
         if protocol not in PROTOCOLS:
             raise CMGError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
@@ -90,9 +117,8 @@ class CMGClient:
         self.retry = retry or RetryPolicy(max_retries=0)
         self.max_pixels = int(max_pixels)
         self.retries = 0  # transient failures retried so far
-        self._shm_regions: list[tuple[str, Any]] = []
-        self._shm_layout: dict[str, Any] | None = None
-        self._client = self._connect()
+        if protocol == "grpc":
+            self._shared = self._connect()
         try:
             self._check_ready()
             metadata, config = self._read_model()
@@ -108,6 +134,18 @@ class CMGClient:
             raise
 
     # -- connection -------------------------------------------------------------------
+    @property
+    def _client(self) -> Any:
+        """The tritonclient for this thread (gRPC: the shared one)."""
+        if self._closed:
+            raise CMGError(f"the client for {self.url} is closed")
+        if self._shared is not None:
+            return self._shared
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._connect()
+        return client
+
     def _connect(self):
         if self.protocol == "grpc":
             import tritonclient.grpc as mod  # loaded anyway: cmg.model_config imports its protobufs
@@ -116,12 +154,16 @@ class CMGClient:
         self._mod = mod
         try:
             if self.protocol == "grpc":
-                return mod.InferenceServerClient(self.url)
-            return mod.InferenceServerClient(
-                self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
-            )
+                client = mod.InferenceServerClient(self.url)
+            else:
+                client = mod.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
         except Exception as exc:  # bad URL syntax
             raise CMGError(f"cannot create a {self.protocol} client for {self.url}: {exc}") from exc
+        with self._made_lock:
+            self._made.append(client)
+        return client
 
     def _where(self) -> str:
         return f"Triton server at {self.url} ({self.protocol})"
@@ -147,7 +189,9 @@ class CMGClient:
             if failure.kind == core.DEADLINE:
                 raise self._deadline(what, failure) from exc
             if failure.kind == core.TRANSIENT or self.protocol == "http":
-                hint = "" if self.protocol == "grpc" else " (is it an HTTP port? gRPC is usually :8001, HTTP :8000)"
+                # the wrong port is the likely cause only before the server ever answered
+                hint = (" (is it an HTTP port? gRPC is usually :8001, HTTP :8000)"
+                        if self.protocol == "http" and what == READY_CHECK else "")
                 raise InferError(f"{self._where()} unreachable during {what}{hint}: {failure.message}",
                                  "UNAVAILABLE", core.TRANSIENT) from exc
             raise
@@ -159,10 +203,11 @@ class CMGClient:
     def _deadline(self, what: str, failure: core.Failure) -> InferError:
         return InferError(
             f"no answer from {self._where()} within the {self.timeout_s:g} s deadline during {what} "
-            f"(--timeout): {failure.message}", failure.status or "DEADLINE_EXCEEDED", core.DEADLINE)
+            f"(timeout_s; `--timeout` on the command line): {failure.message}",
+            failure.status or "DEADLINE_EXCEEDED", core.DEADLINE)
 
     def _check_ready(self) -> None:
-        if not self._call("server readiness check", self._client.is_server_ready):
+        if not self._call(READY_CHECK, self._client.is_server_ready):
             raise CMGError(f"Triton server at {self.url} is up but not ready")
         if not self._call("model readiness check", self._client.is_model_ready, self.model):
             names = self._model_names()
@@ -195,6 +240,8 @@ class CMGClient:
         """Images, paths or a batch array -> UINT8 [B, H, W, 3] via cmg.frames (the one conversion)."""
         spec = self.contract.image()
         if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.shape[0] == 0:  # an empty batch of any size or dtype: nothing to convert
+                return np.zeros((0, *spec.dims), dtype=spec.np_dtype)
             batch = images
             try:
                 spec.check(batch)
@@ -262,7 +309,14 @@ class CMGClient:
             result = self._call("inference", self._client.infer, self.model, inputs, outputs=outputs)
             return core.decode(result)
         thr = None if threshold is None else core.threshold_values(frames.shape[0], threshold)
-        return self._infer_shm(frames, thr, inputs, outputs)
+        with self._shm_lock:  # one input and one output region: one request at a time
+            try:
+                return self._infer_shm(frames, thr, inputs, outputs)
+            except InferError as exc:
+                if not _region_unknown(exc):
+                    raise
+                self._register_shm()  # the server restarted and forgot the regions
+                return self._infer_shm(frames, thr, inputs, outputs)
 
     # -- system shared memory ---------------------------------------------------------
     def _setup_shm(self) -> None:
@@ -280,29 +334,50 @@ class CMGClient:
             per = int(np.prod(out.dims)) * out.np_dtype.itemsize
             out_layout[name] = (offset, per * b, per, out.dims, out.np_dtype)
             offset += -(-per * b // 64) * 64  # keep each output 64-byte aligned
-        tag = f"cmg_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._drop_stale_regions()
+        tag = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
         for kind, nbytes in (("in", image_bytes + thr_bytes), ("out", offset)):
             name = f"{tag}_{kind}"
             try:
                 handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
             except Exception as exc:
                 raise CMGError(f"cannot create shared memory region /{name} ({nbytes} bytes): {exc}") from exc
-            self._shm_regions.append((name, handle))
-            self._call(
-                f"shared memory registration of /{name}",
-                self._client.register_system_shared_memory,
-                name,
-                f"/{name}",
-                nbytes,
-            )
+            self._shm_regions.append((name, handle, nbytes))
+        _LIVE_SHM.add(self)
+        self._register_shm()
         self._shm_layout = {"tag": tag, "in": in_layout, "out": out_layout}
+
+    def _register_shm(self) -> None:
+        for name, _, nbytes in self._shm_regions:
+            with contextlib.suppress(InferError):  # a restarted server may know it already: no
+                self._unregister_quietly(name)
+            self._call(f"shared memory registration of /{name}", self._client.register_system_shared_memory,
+                       name, f"/{name}", nbytes)
+
+    def _unregister_quietly(self, name: str) -> None:
+        self._call(f"shared memory unregistration of {name}", self._client.unregister_system_shared_memory, name)
+
+    def _drop_stale_regions(self) -> None:
+        """Unregister regions of clients that died without close(): named like ours, their
+        /dev/shm file already gone (unlinked), so no live client can be using them."""
+        try:
+            status = self._call("shared memory status", self._client.get_system_shared_memory_status,
+                                **({"as_json": True} if self.protocol == "grpc" else {}))
+        except InferError:
+            return
+        regions = status.get("regions", {}).values() if isinstance(status, dict) else status
+        for region in regions:
+            name, key = str(region.get("name", "")), str(region.get("key", ""))
+            if name.startswith(SHM_PREFIX) and key and not Path("/dev/shm", key.lstrip("/")).exists():
+                with contextlib.suppress(InferError):
+                    self._unregister_quietly(name)
 
     def _infer_shm(self, frames, thr, inputs, outputs) -> dict[str, np.ndarray]:
         import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
         layout = self._shm_layout
         assert layout is not None
-        (in_name, in_handle), (out_name, out_handle) = self._shm_regions
+        (in_name, in_handle, _), (out_name, out_handle, _) = self._shm_regions
         n = frames.shape[0]
         frames = np.ascontiguousarray(frames)
         if frames.nbytes > layout["in"][C.IMAGE][1]:
@@ -326,21 +401,25 @@ class CMGClient:
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
-        """Unregister and destroy shared memory regions, then close the connection."""
+        """Unregister and destroy shared memory regions, then close the connections."""
+        if getattr(self, "_closed", True):
+            return
         if self._shm_regions:
             import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
-            for name, handle in self._shm_regions:
+            for name, handle, _ in self._shm_regions:
                 self._unregister(name)
                 # also when the server is gone: the region is still ours to destroy
                 with contextlib.suppress(Exception):
                     shm.destroy_shared_memory_region(handle)
             self._shm_regions = []
-        client = getattr(self, "_client", None)
-        if client is not None:
+        _LIVE_SHM.discard(self)
+        self._closed = True
+        with self._made_lock:
+            made, self._made = self._made, []
+        for client in made:  # another thread's HTTP client may refuse: its socket goes with it
             with contextlib.suppress(Exception):
                 client.close()
-            self._client = None
 
     def _unregister(self, name: str, attempts: int = 3) -> None:
         """Unregister a region; a busy server gets a few tries, a gone one needs none."""
@@ -366,6 +445,14 @@ class CMGClient:
                 self.close()
         except Exception:
             pass
+
+
+READY_CHECK = "server readiness check"
+
+
+def _region_unknown(exc: InferError) -> bool:
+    """The server does not know a region this client registered (it restarted)."""
+    return "unable to find shared memory region" in str(exc).lower()
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -46,6 +46,13 @@ def test_client_modules_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_a_deadline_reads_the_same_over_grpc_and_http():
+    from cmg_clients import core
+
+    for status in ("StatusCode.DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"):  # gRPC's, then the HTTP client's
+        assert InferError("no answer", status, core.DEADLINE).server_gone
+
+
 def test_normalize_url():
     assert normalize_url("grpc://127.0.0.1:9001/") == "127.0.0.1:9001"
     assert normalize_url("localhost", "http") == "localhost:8000"
@@ -113,7 +120,7 @@ def test_shared_memory_agrees_and_cleans_up(triton, grpc_client, protocol):
     plain = grpc_client.infer(frames, threshold=0.0)
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     client = CMGClient(url, protocol, shm=True)
-    names = [name for name, _ in client._shm_regions]
+    names = [name for name, *_ in client._shm_regions]
     assert len(names) == 2 and all(os.path.exists(f"/dev/shm/{n}") for n in names)
     try:
         _assert_same(plain, client.infer(frames, threshold=0.0))
@@ -122,6 +129,102 @@ def test_shared_memory_agrees_and_cleans_up(triton, grpc_client, protocol):
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
     status = grpc_client._client.get_system_shared_memory_status(as_json=True)
     assert not set(names) & set(status.get("regions", {})), "regions still registered with the server"
+
+
+def _registered(grpc_client) -> set[str]:
+    return set(grpc_client._client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+
+
+@pytest.mark.parametrize("protocol,shm", [("grpc", False), ("grpc", True), ("http", False), ("http", True)])
+def test_one_client_shared_by_threads(triton, grpc_client, protocol, shm):
+    """Each thread gets its own frame's answer: shm requests take turns on the one pair of
+    regions (they returned another thread's scores before), HTTP gets a connection per
+    thread (gevent refused another thread's, and hung when four shared one)."""
+    import threading
+
+    frames = _frames(grpc_client, 4, seed=11)
+    want = [r.score for r in grpc_client.infer(frames)]
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    got: dict[int, list] = {}
+    with CMGClient(url, protocol, shm=shm) as client:
+        def work(t: int) -> None:
+            try:
+                got[t] = [client.infer(frames[t])[0].score for _ in range(6)]
+            except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                got[t] = [repr(exc)]
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert not any(th.is_alive() for th in threads), "a thread hung"
+    for t in range(4):
+        assert got[t] == pytest.approx([want[t]] * 6, abs=1e-5), (t, got[t])
+
+
+@pytest.mark.slow
+def test_shm_client_outlives_a_server_restart_and_dead_clients_regions_go(cpu_repo, tmp_path):
+    """A restarted server forgets registrations: the client registers its regions again.
+    A client process that ends without close() unregisters at exit; one that dies leaves
+    registrations whose /dev/shm files are gone, and the next shm client drops them."""
+    from cmg_build.server import TritonServer
+
+    server = TritonServer(cpu_repo, log_file=tmp_path / "server.log").start()
+    script = ("import os, sys\nfrom cmg_clients.client import CMGClient\n"
+              "c = CMGClient(sys.argv[1], shm=True)\n"
+              "print(' '.join(n for n, *_ in c._shm_regions), flush=True)\n"
+              "if sys.argv[2] == 'die':\n    os._exit(0)\n")
+
+    def client_process(how: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-c", script, server.grpc_url, how],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return set(done.stdout.split())
+
+    try:
+        with CMGClient(server.grpc_url) as plain, CMGClient(server.grpc_url, shm=True) as client:
+            frames = _frames(plain, 3, seed=12)
+            want = plain.infer(frames)
+            _assert_same(want, client.infer(frames))
+            server.kill()
+            server.start()
+            _assert_same(want, client.infer(frames))  # the regions registered again
+
+            exited = client_process("exit")
+            assert exited and not exited & _registered(plain), "unregistered at interpreter exit"
+            died = client_process("die")
+            deadline = time.monotonic() + 30  # the resource tracker unlinks the dead one's files
+            while any(os.path.exists(f"/dev/shm/{n}") for n in died) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert died <= _registered(plain)
+            with CMGClient(server.grpc_url, shm=True) as fresh:
+                mine = {n for n, *_ in fresh._shm_regions}
+                assert _registered(plain) >= mine and not died & _registered(plain)
+            assert {n for n, *_ in client._shm_regions} <= _registered(plain), "a live client's regions stay"
+    finally:
+        server.cleanup()
+
+
+def test_the_guides_python_example_runs(triton, tiny_data, tmp_path):
+    """docs/guide.md's `CMGClient` example, as printed there, against the real server (only
+    its URL and folder replaced)."""
+    guide = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    section = guide.split("## Scoring from your own Python code", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "127.0.0.1:8001" in code and "line3/test" in code
+    code = code.replace("127.0.0.1:8001", triton.grpc_url).replace("line3/test", str(tiny_data / "test"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("frame (") and len([x for x in lines if "'score':" in x]) == 3, done.stdout
+    assert lines[-1] == "InferError: transient True", done.stdout
+    assert Image.open(tmp_path / "overlay.png").size[0] >= 64
+
+
+def test_an_empty_batch_of_any_size_or_dtype_scores_nothing(grpc_client):
+    assert grpc_client.infer(np.zeros((0, 100, 90, 3), np.uint8)) == []
+    assert grpc_client.infer(np.zeros((0, 8, 8, 3), np.float32)) == []
 
 
 def test_batching_matches_single_requests(grpc_client):

@@ -84,6 +84,22 @@ def test_python_backend_dir(tmp_path):
     assert names == {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
 
 
+def test_a_repository_for_another_backend_is_refused_before_the_server_starts(tmp_path):
+    """The onnxruntime / tensorrt targets serve in the official image; the bundled server has
+    only the Python backend, which Triton would say as "unable to find backend library"."""
+    if shutil.which("tritonserver"):
+        pytest.skip("tritonserver on PATH brings its own backends")
+    for name, line in (("scorer", 'platform: "onnxruntime_onnx"'), ("cmg", 'platform: "ensemble"'),
+                       ("fused", 'backend: "python"')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\n{line}\n')
+    assert server_mod.backends_needed(tmp_path) == {"onnxruntime", "python"}
+    with pytest.raises(CMGError, match="needs Triton's onnxruntime backend.*official image.*--target cpu"):
+        server_mod.check_repository(tmp_path)
+    (tmp_path / "scorer" / "config.pbtxt").unlink()
+    server_mod.check_repository(tmp_path)
+
+
 @pytest.mark.parametrize("model", ENSEMBLES)
 @pytest.mark.parametrize("threshold", [None, 0.9])
 def test_ensembles_serve_toy_graphs(server, model, threshold):
