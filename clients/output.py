@@ -1,13 +1,11 @@
 """`cmg stream`'s output file: what it already holds (`--resume`), the atomic rewrite of
-`--retry-errors`, and the one-writer lock."""
+`--retry-errors` (the one-writer lock is `cmg.locks`)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,70 +83,6 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
         os.fsync(dst.fileno())
     os.replace(tmp, out)
     _fsync_dir(out.parent)
-
-
-class OutputLock:
-    """One writer per output file: an OS lock (fcntl.flock) on a sibling lock file, held
-    for the stream's life.
-
-    Why a sibling (`.OUT.lock`) and not OUT itself: `--retry-errors` replaces OUT by a
-    rename, and a lock on the old inode would not stop a writer that opens the new one.
-    The holder writes its pid into the lock file so a refused stream can name it. The
-    kernel drops the lock when the holder dies however it dies (SIGKILL too), so a stale
-    lock file never blocks anyone. OUT that is not a regular file (/dev/full, a FIFO) has
-    its lock under the temporary folder, keyed by OUT's resolved path.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        if out.exists() and not out.is_file():
-            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-            folder = Path(tempfile.gettempdir()) / "cmg-locks"
-            folder.mkdir(exist_ok=True)
-            self.path = folder / f"{key}.lock"
-        else:
-            self.path = out.with_name(f".{out.name}.lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> OutputLock:
-        """Take the lock or raise CMGError naming the holder's pid; never waits."""
-        import fcntl  # POSIX-only: the module stays importable where fcntl is missing
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
-                               f"{self.path}): one writer per file; wait for it to end or choose another --out") from None
-            try:  # the holder before us may have removed the file between our open and flock
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self._fd = fd
-                return self
-            os.close(fd)
-
-    def release(self) -> None:
-        """Remove the lock file while still holding it, then let go."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> OutputLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def looks_like_stream_output(out: Path) -> bool:

@@ -29,10 +29,10 @@ from cmg import contract as C
 from cmg.argtypes import positive_float, positive_int, retries_int, threshold_float
 from cmg.errors import CMGError, naming
 from cmg.frames import DEFAULT_MAX_PIXELS
+from cmg.locks import OutputLock
 from cmg_clients import core
 from cmg_clients.output import (
     Existing,
-    OutputLock,
     check_out_path,
     looks_like_stream_output,
     replace_lines,

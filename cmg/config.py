@@ -228,13 +228,32 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second `cmer:` section would drop every setting of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> Config:
     """Load a YAML config; a missing or malformed file raises with the path named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.MarkedYAMLError as exc:  # one line: where and what
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config {path}: not valid YAML{where}: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"config {path}: not valid YAML ({exc})") from exc
     if values is None:  # an empty file must not silently train the defaults
@@ -253,11 +272,13 @@ def config_dir() -> Path:
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
-    """Accept `tiny`, `configs/tiny.yaml` or any path."""
+    """Accept `tiny`, `configs/tiny.yaml` or any path. A bare name is a shipped config even
+    where the current folder has a file or folder of that name (a run trained `--out tiny`)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    shipped = config_dir() / f"{name_or_path}.yaml"
+    if p.suffix in (".yaml", ".yml") or (p.exists() and not (p.name == str(name_or_path) and shipped.is_file())):
         return p
-    path = config_dir() / f"{name_or_path}.yaml"
+    path = shipped
     if not path.is_file():
         known = sorted(p.stem for p in config_dir().glob("*.yaml"))
         raise FileNotFoundError(f"config {name_or_path!r} not found (shipped: {', '.join(known)}; or give a YAML path)")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,17 @@ class TestSet:
         self.gt = np.stack([ds.gt_mask(s, (size, size)) for s in self.samples])
         if self.labels.min() == self.labels.max():
             raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC")
+        # Pixel metrics read the frames whose masks are known: a defect image without its mask
+        # would count as all-normal pixels (a folder without ground_truth/ has none: '-').
+        unmasked = [s for s in self.samples if s.label and s.mask_path is None]
+        self.pixel = np.array([not s.label or s.mask_path is not None for s in self.samples])
+        if unmasked and len(unmasked) < int(self.labels.sum()):
+            first = unmasked[0].path.relative_to(data)
+            print(f"{data}: {len(unmasked)} defect image(s) have no mask under ground_truth/ (first: {first}): "
+                  "left out of the pixel metrics", file=sys.stderr)
+
+    def pixel_metrics(self, maps: np.ndarray | None) -> dict:
+        return pixel_metrics(None if maps is None else maps[self.pixel], self.gt[self.pixel])
 
 
 def local_maps(det: CMGDetector, frames: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,8 @@ def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, map
             det.cmer_cfg, det.use_mask = dataclasses.replace(cfg, alpha=a), a > 0
             o = score_detector(det, test.frames, patch_scores, maps)
             rows.append({"alpha": a, **image_metrics(test.labels, test.defects, o["scores"]),
-                         "pixel_auroc": pixel_auroc(o["maps"], test.gt), "kept": float(o["keeps"].mean())})
+                         "pixel_auroc": pixel_auroc(o["maps"][test.pixel], test.gt[test.pixel]),
+                         "kept": float(o["keeps"].mean())})
     finally:
         det.cmer_cfg, det.use_mask = cfg, True
     return rows
@@ -157,7 +171,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
 
     def add_row(name: str, s: np.ndarray, maps: np.ndarray | None, extra: dict | None = None) -> None:
         rows.append({"name": name, **image_metrics(test.labels, test.defects, s),
-                     **pixel_metrics(maps, test.gt), **(extra or {})})
+                     **test.pixel_metrics(maps), **(extra or {})})
         scores[name] = s
 
     test_maps = local_maps(run.detector, test.frames)
@@ -180,7 +194,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
             row["delta_vs_baseline_ci95"] = paired_bootstrap(test.labels, [(scores[row["name"]], scores["baseline"])])
     eval_dir = run.path / "eval"
     eval_dir.mkdir(exist_ok=True)
-    report = {"rows": rows, "data": str(Path(data).resolve()), "seed": cfg.seed, "config": cfg.name,
+    report = {"rows": rows, "data": str(Path(data).resolve()), "data_fingerprint": test_split_fingerprint(data),
+              "seed": cfg.seed, "config": cfg.name,
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
@@ -266,13 +281,30 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
     return shown
 
 
+def test_split_fingerprint(data: Path) -> str:
+    """Names, sizes and modification times of the files the evaluation reads (test/ and
+    ground_truth/): a report is reused only while they are what it scored."""
+    entries = []
+    for sub in ("test", "ground_truth"):
+        root = Path(data) / sub
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    entries.append(f"{f.relative_to(data)}\t{st.st_size}\t{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
-    """RUN/eval/{ablation,eval}.json when it scored the same data after the checkpoint was written."""
+    """RUN/eval/{ablation,eval}.json when it scored the same data, unchanged since, after the
+    checkpoint was written."""
     path = run.path / "eval" / ("ablation.json" if ablation else "eval.json")
     if not path.is_file() or path.stat().st_mtime < (run.path / "checkpoint.pt").stat().st_mtime:
         return None
     report = json.loads(path.read_text())
-    return report if report.get("data") == str(Path(data).resolve()) else None
+    same = (report.get("data") == str(Path(data).resolve())
+            and report.get("data_fingerprint") == test_split_fingerprint(data))
+    return report if same else None
 
 
 def aggregate(reports: list[dict]) -> dict:
@@ -443,7 +475,10 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     for r in runs:
         report = None if args.recompute else cached_report(r, data, args.ablation)
-        if report is None:
+        if report is not None:
+            print(f"{r.path}: the report of this data, unchanged since it was scored, from {r.path / 'eval'} "
+                  "(--recompute scores again)", file=sys.stderr)
+        else:
             test = test or TestSet(data, r.cfg.data.image_size, not args.no_progress)
             report = evaluate(r, data, args.ablation, not args.no_progress, test)
         reports.append(report)

@@ -9,10 +9,25 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from cmg.errors import CMGError, check_parent_folders
+from cmg.locks import OutputLock
+
 
 def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+# What a run folder holds: `cmg train`'s files, `cmg eval`'s eval/, `cmg export`'s onnx/.
+RUN_ENTRIES = {"checkpoint.pt", "config.yaml", "metrics.json", "train_log.jsonl", "eval", "onnx"}
+PARTIAL_LOG = ".train_log.jsonl.partial-"
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What an existing `--out` holds besides a run's own files (training must not mix in)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(PARTIAL_LOG))
 
 
 @contextlib.contextmanager
@@ -22,22 +37,39 @@ def run_folder(out: Path) -> Iterator[Path]:
     Yields the path the training log goes to while training (a hidden partial file). On
     success it becomes RUN/train_log.jsonl and the run's stale export (RUN/onnx, made
     from the checkpoint just replaced) is removed. On failure (any exception, Ctrl-C) the
-    partial log goes, an existing run keeps its train_log.jsonl, and a folder this call
-    created is removed again rather than left holding only a log.
+    partial log goes, an existing run keeps its train_log.jsonl, and the folders this call
+    created are removed again rather than left holding only a log. One training at a time
+    per folder (a lock: a second one exits 2 naming the first's pid), since a failing one
+    removes what it created; and only into a new or empty folder or a run folder, since
+    training writes its files among whatever is there.
     """
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / f".train_log.jsonl.partial-{os.getpid()}"
-    partial.write_text("")
-    try:
-        yield partial
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    os.replace(partial, out / "train_log.jsonl")
-    stale = out / "onnx"
-    if stale.is_dir():
-        shutil.rmtree(stale)
+    check_parent_folders(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise CMGError(f"--out {out} is a file, not a folder")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CMGError(f"--out {out} holds files that are not a training run's ({shown}): "
+                       "train into a new or empty folder, or into a run folder to replace that run")
+    with OutputLock(out, folder=True):
+        created = [d for d in (out, *out.parents) if not d.exists()]
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(PARTIAL_LOG + "*"):  # a killed training's (the lock says none runs)
+            stale.unlink(missing_ok=True)
+        partial = out / f"{PARTIAL_LOG}{os.getpid()}"
+        partial.write_text("")
+        try:
+            yield partial
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+                for parent in created[1:]:  # innermost first; only while empty
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            raise
+        os.replace(partial, out / "train_log.jsonl")
+        stale = out / "onnx"
+        if (stale / "export.json").is_file():  # `cmg export`'s, of the checkpoint just replaced
+            shutil.rmtree(stale)

@@ -119,6 +119,29 @@ def test_bad_files(tmp_path: Path):
             load_config(empty)
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_wins(tmp_path: Path):
+    """PyYAML keeps the last of two keys: a second `cmer:` section had dropped the first's
+    settings without a word (the run trained another scorer)."""
+    shipped = (config_dir() / "tiny.yaml").read_text()
+    for extra, needle in (("cmer:\n  alpha: 0.5\n", "duplicate key 'cmer'"),
+                          ("", "duplicate key 'alpha'")):
+        path = tmp_path / "dup.yaml"
+        text = shipped + extra if extra else shipped.replace("cmer:\n", "cmer:\n  alpha: 0.4\n", 1)
+        if not extra:
+            assert "alpha" in shipped.split("cmer:", 1)[1].split("\n\n", 1)[0], "tiny's cmer section sets alpha"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"dup\.yaml: not valid YAML at line \d+, column \d+: {needle} \(first on line \d+\)$"):
+            load_config(path)
+
+
+def test_a_shipped_name_is_the_shipped_config_whatever_the_current_folder_holds(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # e.g. a run trained with `--out tiny`
+    assert resolve_config("tiny") == config_dir() / "tiny.yaml"
+    (tmp_path / "mine").write_text("name: mine\n")  # a path that names no shipped config stays a path
+    assert resolve_config("mine") == Path("mine")
+
+
 # The issue's cases (and neighbours): one line naming the key, before any work.
 @pytest.mark.parametrize("yaml_text, message", [
     ("teacher: {steps: five}", "teacher.steps: expected an integer, got 'five'"),

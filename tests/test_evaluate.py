@@ -463,3 +463,58 @@ def test_evaluate_without_progress_silences_the_libraries_bars(tiny_run, tiny_da
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.disable_progress_bar()
+
+
+def test_a_cached_report_is_reused_only_while_the_test_split_is_unchanged(tmp_path):
+    """`cmg eval` answers from RUN/eval/eval.json; it had kept answering with a defect kind
+    deleted from the folder (the key was the folder's path alone)."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    from cmg_train.evaluate import cached_report, test_split_fingerprint
+
+    data = tmp_path / "data"
+    for f in ("test/good/000.png", "test/stain/000.png", "ground_truth/stain/000_mask.png"):
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).write_bytes(b"x")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    report = {"data": str(data.resolve()), "data_fingerprint": test_split_fingerprint(data), "rows": []}
+    (run / "eval" / "eval.json").write_text(json.dumps(report))
+    r = SimpleNamespace(path=run)
+    assert cached_report(r, data, ablation=False) == report
+    mask = data / "ground_truth/stain/000_mask.png"
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))  # a mask redrawn
+    assert cached_report(r, data, ablation=False) is None
+    report["data_fingerprint"] = test_split_fingerprint(data)
+    (run / "eval" / "eval.json").write_text(json.dumps(report))
+    assert cached_report(r, data, ablation=False) == report
+    (data / "test/stain/000.png").unlink()  # a kind removed
+    assert cached_report(r, data, ablation=False) is None
+
+
+def test_a_defect_image_without_its_mask_is_left_out_of_the_pixel_metrics(tiny_data, tmp_path, capsys):
+    """It had entered them as a frame of normal pixels, without a word."""
+    import shutil
+
+    from cmg_train.evaluate import TestSet
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "test", data / "test")
+    shutil.copytree(tiny_data / "ground_truth", data / "ground_truth")
+    (data / "train" / "good").mkdir(parents=True)
+    mask = sorted((data / "ground_truth" / "hole").glob("*_mask.png"))[0]
+    mask.unlink()
+    test = TestSet(data, 64, progress=False)
+    gone = [i for i, s in enumerate(test.samples) if s.path.name == mask.name.replace("_mask", "")
+            and s.defect == "hole"]
+    assert len(gone) == 1 and not test.pixel[gone[0]] and test.pixel.sum() == len(test.samples) - 1
+    assert "1 defect image(s) have no mask under ground_truth/ (first: test/hole/" in capsys.readouterr().err
+    maps = np.random.default_rng(0).random((len(test.samples), 16, 16)).astype(np.float32)
+    want = ev.pixel_metrics(maps[test.pixel], test.gt[test.pixel])
+    assert test.pixel_metrics(maps) == want
+    shutil.rmtree(data / "ground_truth")  # no masks at all: pixel metrics are '-', no warning
+    test = TestSet(data, 64, progress=False)
+    assert test.pixel_metrics(maps)["pixel_auroc"] is None and not capsys.readouterr().err

@@ -87,6 +87,7 @@ def test_run_folder_changes_only_on_success(tmp_path):
 
     run = tmp_path / "run"
     (run / "onnx").mkdir(parents=True)
+    (run / "onnx" / "export.json").write_text("{}")
     (run / "train_log.jsonl").write_text('{"old": 1}\n')
     with pytest.raises(RuntimeError), run_folder(run) as log:
         append_jsonl(log, {"new": 1})
@@ -96,10 +97,42 @@ def test_run_folder_changes_only_on_success(tmp_path):
     with run_folder(run) as log:
         append_jsonl(log, {"new": 1})
     assert (run / "train_log.jsonl").read_text() == '{"new": 1}\n' and not (run / "onnx").exists()
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "new" / "parents" / "fresh"
     with pytest.raises(KeyboardInterrupt), run_folder(fresh):
         raise KeyboardInterrupt
-    assert not fresh.exists()
+    assert not (tmp_path / "new").exists(), "the parents it made go with it"
+
+
+def test_one_training_per_run_folder_and_only_into_a_run_or_empty_folder(tmp_path):
+    """A second training into a folder that one is writing is refused (a failing one removes
+    what it created: it had deleted the other's finished run); a folder holding anything but
+    a run's files is refused; an onnx/ that `cmg export` did not write is never removed; a
+    killed training's partial log goes with the next one."""
+    from cmg.locks import OutputLock
+    from cmg_train.runlog import run_folder
+
+    run = tmp_path / "run"
+    with OutputLock(run, folder=True), pytest.raises(CMGError, match="being written by another process"), \
+            run_folder(run):
+        pass
+    assert not run.exists()
+    mine = tmp_path / "mine"
+    (mine / "onnx").mkdir(parents=True)
+    (mine / "onnx" / "model.onnx").write_text("a user's model")
+    (mine / "notes.txt").write_text("notes")
+    with pytest.raises(CMGError, match=r"holds files that are not a training run's \(notes.txt\)"), run_folder(mine):
+        pass
+    (mine / "notes.txt").unlink()
+    (mine / ".train_log.jsonl.partial-999999").write_text("")
+    with run_folder(mine):
+        pass
+    assert sorted(p.name for p in mine.iterdir()) == ["onnx", "train_log.jsonl"]
+    assert (mine / "onnx" / "model.onnx").is_file()
+    blocked = tmp_path / "afile"
+    blocked.write_text("")
+    for out, needle in ((blocked, "is a file, not a folder"), (blocked / "sub" / "run", "afile is a file")):
+        with pytest.raises(CMGError, match=needle), run_folder(out):
+            pass
 
 
 @pytest.mark.slow
@@ -116,6 +149,7 @@ def test_failed_train_keeps_the_run_and_is_quiet_under_no_progress(tiny_data, tm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     (run / "onnx").mkdir(parents=True)
+    (run / "onnx" / "export.json").write_text("{}")
     (run / "train_log.jsonl").write_text('{"old": 1}\n')
     (run / "checkpoint.pt").write_bytes(b"old")
 

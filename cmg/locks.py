@@ -1,0 +1,76 @@
+"""Locks that keep a second process off an output another one is writing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from cmg.errors import CMGError
+
+
+class OutputLock:
+    """One writer per output (a stream's file, a training's run folder): an OS lock
+    (fcntl.flock) on a lock file, held for the writer's life.
+
+    Why a sibling (`.OUT.lock`) and not OUT itself: `--retry-errors` replaces OUT by a
+    rename, and a lock on the old inode would not stop a writer that opens the new one.
+    The holder writes its pid into the lock file so a refused stream can name it. The
+    kernel drops the lock when the holder dies however it dies (SIGKILL too), so a stale
+    lock file never blocks anyone. OUT that is not a regular file (/dev/full, a FIFO) has
+    its lock under the temporary folder, keyed by OUT's resolved path, and so has a folder
+    (`folder=True`: whether it exists yet or not, every writer finds the same lock).
+    """
+
+    def __init__(self, out: Path, folder: bool = False) -> None:
+        self.out = out = Path(out)
+        if folder or (out.exists() and not out.is_file()):
+            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+            folder = Path(tempfile.gettempdir()) / "cmg-locks"
+            folder.mkdir(exist_ok=True)
+            self.path = folder / f"{key}.lock"
+        else:
+            self.path = out.with_name(f".{out.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise CMGError naming the holder's pid; never waits."""
+        import fcntl  # POSIX-only: the module stays importable where fcntl is missing
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
+                               f"{self.path}): one writer at a time; wait for it to end or choose another --out") from None
+            try:  # the holder before us may have removed the file between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file while still holding it, then let go."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
