@@ -42,10 +42,12 @@ CHUNK = 8  # frames per calibration batch
 THIN_CONV = 8  # a Conv with at most this many input channels per group stays float32
 
 
-def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """uint8 [N, H, W, 3] normal training frames of the run's data (at most `limit`, evenly spread)."""
+def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION_IMAGES,
+                       data: Path | None = None) -> np.ndarray:
+    """uint8 [N, H, W, 3] normal training frames of the run's data, or of `data` (at most
+    `limit`, evenly spread)."""
 
-    data = resolve_data(Path(run), None)
+    data = resolve_data(Path(run), data)
     folder = MVTecFolder(data)
     samples = [s for s in folder.samples("train") if s.label == 0]
     if not samples:
@@ -110,12 +112,12 @@ def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], reci
 
 
 def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], contract: C.Contract,
-                    limit: int = CALIBRATION_IMAGES, target: str = "cpu") -> dict:
+                    limit: int = CALIBRATION_IMAGES, target: str = "cpu", data: Path | None = None) -> dict:
     """Quantize the fp32 `graphs[m]` (scorer, encoder) into `out[m]` with the recipe of
     `target`'s runtime; returns what was done."""
     import onnxruntime as ort  # heavy: only --precision int8 runs it (calibration feeds)
 
-    frames = calibration_frames(run, contract, limit)
+    frames = calibration_frames(run, contract, limit, data)
     chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
     scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), providers=["CPUExecutionProvider"])
     patch_scores = [scorer.run([C.PATCH_SCORES], {C.IMAGE: x})[0] for x in chunks]

@@ -131,10 +131,11 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
-          precision: str = "fp32", cpu_cmg: str = CPU_CMG[0]) -> dict:
+          precision: str = "fp32", cpu_cmg: str = CPU_CMG[0], data: Path | None = None) -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
     configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
-    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py).
+    precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py),
+    calibrated on the normal training frames of the run's folder, or of `data`.
     cpu_cmg (cpu target): "fused" (default) serves `cmg` as one graph in one Python-backend
     model (build/fuse.py: one stub hop per frame instead of two; `cmg bench fused-vs-ensemble`),
     "ensemble" as the two-step ensemble of the other targets."""
@@ -178,7 +179,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     if precision == "int8":
 
         int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
-        report["precision"] = quantize_graphs(run, sources, int8, contract, target=target)
+        report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
         sources.update(int8)
 
     # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
@@ -306,6 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: scorer and encoder as static Q/DQ int8 graphs calibrated on the run's "
                              "normal training images (cpu/onnxruntime: ONNX Runtime's uint8-activation recipe with "
                              "7-bit weights; tensorrt: symmetric int8 for explicit quantization; build/quantize.py)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="--precision int8: the data folder to calibrate on (default: the run's training "
+                             "folder, if still there)")
     parser.add_argument("--cpu-cmg", choices=CPU_CMG, default=CPU_CMG[0],
                         help="cpu target: `cmg` as one fused scorer+encoder graph in one Python-backend model "
                              "(default: one stub hop per frame instead of two; `cmg bench fused-vs-ensemble` compares "
@@ -322,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
         raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
                    args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
-                   args.precision, args.cpu_cmg)
+                   args.precision, args.cpu_cmg, args.data)
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
     if args.k8s is not None:

@@ -236,6 +236,9 @@ def resolve_data(run_dir: Path, data: Path | None) -> Path:
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
     if stored.is_absolute():
+        if not stored.is_dir():
+            raise CMGError(f"{metrics} names the training data {stored}, which is not there any more: "
+                           "pass --data DIR (where that folder is now)")
         return stored
     run_abs = run_dir.resolve()
     for base in (Path.cwd(), run_abs, *run_abs.parents):

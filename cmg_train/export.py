@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from cmg import contract as C
 from cmg.checksum import file_sha256
-from cmg.dataset import MVTecFolder
+from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import Run, load_run
 
@@ -95,11 +95,11 @@ def _simplify(path: Path, check) -> bool:
         return False
 
 
-def parity_frames(run: Run, n: int = 7) -> np.ndarray:
-    """Frames from the run's own data folder: test images (normal and defective) where the
-    folder has them, else training images. Never generated: parity is checked on the kind
-    of frames the line will send."""
-    ds = MVTecFolder(run.data)
+def parity_frames(run: Run, n: int = 7, data: Path | None = None) -> np.ndarray:
+    """Frames from the run's own data folder (or `data`): test images (normal and defective)
+    where the folder has them, else training images. Never generated: parity is checked on
+    the kind of frames the line will send."""
+    ds = MVTecFolder(resolve_data(run.path, data))
     try:
         samples = ds.samples("test")
     except CMGError:
@@ -173,7 +173,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
+def export_run(run_dir: str | Path, out: Path | None = None, data: Path | None = None) -> dict:
     """Export into a temporary folder beside OUT (default RUN/onnx) and move it in whole:
     a failed export (parity, a kill, a full disk) never leaves a half-written OUT over a
     good one. export.json records the checkpoint's sha256 (`cmg build` compares it)."""
@@ -186,7 +186,7 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     try:
-        report = _export_into(run, out)
+        report = _export_into(run, out, data)
         _swap_in(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -194,9 +194,9 @@ def export_run(run_dir: str | Path, out: Path | None = None) -> dict:
     return report
 
 
-def _export_into(run: Run, out: Path) -> dict:
+def _export_into(run: Run, out: Path, data: Path | None = None) -> dict:
     contract = run.contract
-    frames = parity_frames(run, max(PARITY_BATCHES))
+    frames = parity_frames(run, max(PARITY_BATCHES), data)
     ft = torch.from_numpy(frames)
     scorer, encoder, teacher = run.scorer_graph(), run.detector, run.exact_graph()
     threshold = float(run.detector.threshold)
@@ -274,9 +274,11 @@ def _export_into(run: Run, out: Path) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, help="trained run folder (RUN/checkpoint.pt)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/onnx)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data folder for the parity frames (default: the run's training folder, if still there)")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.out)
+    report = export_run(args.run, args.out, args.data)
     print(json.dumps({"onnx": str(args.out or args.run / "onnx"), "parity": report["parity"]}))
     return 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -218,9 +217,29 @@ def test_parity_frames_fall_back_to_training_images(run, tiny_data, tmp_path):
     (folder / "train" / "good").mkdir(parents=True)
     for src in sorted((tiny_data / "train" / "good").iterdir())[:3]:
         shutil.copy(src, folder / "train" / "good" / src.name)
-    frames = parity_frames(SimpleNamespace(data=folder, cfg=run.cfg), 7)
+    frames = parity_frames(run, 7, data=folder)
     train = MVTecFolder(folder).frames(MVTecFolder(folder).samples("train"), (64, 64))
     assert frames.shape == (7, 64, 64, 3)
     np.testing.assert_array_equal(frames[:3], train)
     np.testing.assert_array_equal(frames[3:6], train)  # repeated up to n
     np.testing.assert_array_equal(frames[6], train[0])
+
+
+def test_a_run_whose_training_folder_moved_takes_data(tiny_run, tiny_data, tmp_path, capsys):
+    """Export (parity frames), eval and the int8 calibration read the run's training folder:
+    once it has moved, each says to pass --data, and takes it."""
+    from cmg_app.cli import main
+    from cmg_build.quantize import calibration_frames
+
+    moved = tmp_path / "run"
+    moved.mkdir()
+    shutil.copy(tiny_run / "checkpoint.pt", moved / "checkpoint.pt")
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    metrics["data"] = str(tmp_path / "gone")
+    (moved / "metrics.json").write_text(json.dumps(metrics))
+    for argv in (["export", "--run", str(moved)], ["eval", "--run", str(moved)]):
+        assert main(argv) == 2
+        assert "which is not there any more: pass --data DIR" in capsys.readouterr().err
+    run = load_run(moved)
+    assert parity_frames(run, 7, data=tiny_data).shape == (7, 64, 64, 3)
+    assert calibration_frames(moved, run.contract, 4, data=tiny_data).shape == (4, 64, 64, 3)
