@@ -60,6 +60,17 @@ def port_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**31 - 1  # every stage derives its own seed (seed + 7, + 11, ...): far below torch's 2**64
+
+
+def seed_int(text: str) -> int:
+    """A training seed: 0 ... MAX_SEED."""
+    value = nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SEED}, got {text!r}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (0 often means "the default", e.g. --cpu-threads)."""
     try:
@@ -87,4 +98,4 @@ def seed_list(text: str) -> tuple[int, ...]:
     vals = [v.strip() for v in text.split(",") if v.strip()]
     if not vals or not all(v.isdigit() for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
-    return tuple(dict.fromkeys(int(v) for v in vals))
+    return tuple(dict.fromkeys(seed_int(v) for v in vals))

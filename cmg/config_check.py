@@ -15,11 +15,13 @@ import types
 import typing
 from typing import Any
 
+from cmg.argtypes import MAX_SEED
+
 # name (any section) or full dotted path -> (low, high, low_open, high_open); None: unbounded.
 # A full path wins over a bare name. Lists (channels) are checked element by element.
 Range = tuple[float | None, float | None, bool, bool]
 RANGES: dict[str, Range] = {
-    "seed": (0, None, False, False),             # numpy's generators refuse negative seeds
+    "seed": (0, MAX_SEED, False, False),         # numpy refuses negative seeds, torch those past 2**64
     "steps": (1, None, False, False),
     "epochs": (1, None, False, False),
     "batch_size": (1, None, False, False),
@@ -87,6 +89,10 @@ def _describe(value: Any) -> str:
         "a mapping" if isinstance(value, dict) else f"a list {value!r}")
 
 
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _check_range(path: str, value: float) -> None:
     rule = RANGES.get(path) or RANGES.get(path.rsplit(".", 1)[-1].split("[", 1)[0])
     if rule is None:
@@ -95,8 +101,8 @@ def _check_range(path: str, value: float) -> None:
     bad = (low is not None and (value <= low if low_open else value < low)) or (
         high is not None and (value >= high if high_open else value > high))
     if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {_number(low)}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {_number(high)}"
         raise ValueError(f"{path}: expected a value {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
 
 

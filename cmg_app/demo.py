@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from cmg.argtypes import seed_int
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
 from cmg_build.repository import build
@@ -117,7 +118,7 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes")
     p.add_argument("--config", default="tiny", help="tiny (default, sized for CI) or small")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--fresh", action="store_true", help="redo data and training even if present")
     p.add_argument("--no-progress", action="store_true")
 

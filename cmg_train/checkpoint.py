@@ -8,6 +8,7 @@ evaluation and benchmarks start from the same file.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +101,32 @@ def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: 
         "captions": list(captions),
         "metrics": metrics,
     }
-    path = out / "checkpoint.pt"
-    tmp = out / f".checkpoint.pt.tmp-{os.getpid()}"  # a kill or full disk mid-save leaves the old file
+    path = write_checkpoint(state, out / "checkpoint.pt")
+    with naming(out / "config.yaml"):
+        (out / "config.yaml").write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+# RUN/config.yaml is what the run was trained with, for people and `--config RUN/config.yaml`;
+# the run itself is the checkpoint (which holds the same config): edits here change nothing.
+RECORD_HEADER = ("# The config this run was trained with (a record: the run reads its checkpoint.pt, so editing\n"
+                 "# this file changes nothing; train a copy of it with `cmg train --config THIS_FILE`).\n")
+
+
+def write_checkpoint(state: dict, path: Path) -> Path:
+    """torch.save into `path` through a temporary file: a kill or a full disk mid-save leaves
+    the old checkpoint. Serialised in memory first: torch.save into a full disk raises a
+    RuntimeError ("unexpected pos"), a plain write an OSError that names the problem."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path):
-            torch.save(state, tmp)
+            with tmp.open("wb") as fh:
+                fh.write(buffer.getbuffer())
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 
 

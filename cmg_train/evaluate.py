@@ -205,7 +205,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
     (eval_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"]) + threshold_table([report])
+    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"], report["defects"]) + threshold_table([report])
                                          + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
              point=(at["false_positive_rate"], at["recall"], "run at its calibrated threshold"))
@@ -428,14 +428,18 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """One table for a single run (with 95% intervals) or for seeds (medians, ranges, pooled gain)."""
+def markdown_table(rows: list[dict], defects: list[str] | None = None) -> str:
+    """One table for a single run (with 95% intervals) or for seeds (medians, ranges, pooled gain).
+    `defects` (the test images' kinds) adds each kind's image count to its column: a kind of
+    one image scores 0 or 1 and should be read as that."""
     kinds = sorted({k for r in rows for k in r.get("per_defect", {})})
+    counts = {k: (defects or []).count(k) for k in kinds}
     seeded = any("seeds" in r for r in rows)
     head = ("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) | pixel AUROC | "
             if seeded else "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | ")
     head += "pixel AUPRO (FPR <= 0.3) | "
-    lines = [head + " | ".join(kinds) + " |", "|" + "---|" * (5 + len(kinds))]
+    named = [f"{k} ({counts[k]})" if counts[k] else k for k in kinds]
+    lines = [head + " | ".join(named) + " |", "|" + "---|" * (5 + len(kinds))]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['name']} | skipped: {r['skipped']} |")
@@ -483,13 +487,14 @@ def run(args: argparse.Namespace) -> int:
             report = evaluate(r, data, args.ablation, not args.no_progress, test)
         reports.append(report)
     if len(reports) == 1:
-        print(markdown_table(reports[0]["rows"]) + threshold_table(reports) + alpha_table(reports), end="")
+        print(markdown_table(reports[0]["rows"], reports[0].get("defects")) + threshold_table(reports)
+              + alpha_table(reports), end="")
         return 0
     agg = aggregate(reports)
     out = args.out or runs[0].path.parent / "eval_seeds"
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(agg, indent=2))
-    text = markdown_table(agg["rows"]) + threshold_table(reports) + alpha_table(reports)
+    text = markdown_table(agg["rows"], reports[0].get("defects")) + threshold_table(reports) + alpha_table(reports)
     (out / "seeds.md").write_text(text)
     if agg["alpha_sweep"]:
         alpha_plot([rep["alpha_sweep"] for rep in reports], reports[0].get("alpha"), out / "alpha.png",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cmg.argtypes import nonnegative_int
+from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError, naming
@@ -355,7 +355,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--seed", type=nonnegative_int, default=None, help="override the config's seed")
+    p.add_argument("--seed", type=seed_int, default=None, help="override the config's seed")
     p.add_argument("--teacher-weights", type=Path, default=None, metavar="FILE",
                    help="local open_clip checkpoint for the config's teacher.arch (sets teacher.checkpoint; "
                         "open_clip configs such as vit-b32 only)")

@@ -157,7 +157,8 @@ def test_a_shipped_name_is_the_shipped_config_whatever_the_current_folder_holds(
     ("cmer: {enabled: 1}", "cmer.enabled: expected true or false, got 1"),
     ("teacher: {arch: 32}", "teacher.arch: expected a string, got 32"),
     ("teacher: {source: clip}", "teacher.source: expected one of backbone, scratch, open_clip, got 'clip'"),
-    ("seed: -1", "seed: expected a value >= 0, got -1"),
+    ("seed: -1", "seed: expected a value >= 0 and <= 2147483647, got -1"),
+    ("seed: 18446744073709551615", "seed: expected a value >= 0 and <= 2147483647, got 18446744073709551615"),
     ("data: {val_fraction: 0}", "data.val_fraction: expected a value > 0 and < 1, got 0"),
     ("cmer: {scorer: {steps: 2.5}}", "cmer.scorer.steps: expected an integer, got 2.5"),
     ("- 1\n- 2", "c.yaml: expected a mapping of keys, got a list"),
@@ -204,3 +205,18 @@ def test_validation_is_driven_by_the_dataclasses():
     with pytest.raises(ValueError, match="x.batch_size: expected a value >= 1"):  # by name, any section
         check_section(Extra, {"batch_size": 0}, "x")
     assert check_range_table(Config) == []
+
+
+def test_a_seed_past_what_every_stage_can_derive_from_is_refused_on_the_command_line():
+    """`--seed 18446744073709551615` had trained 30 s, then failed with torch's "Overflow
+    when unpacking long long" (a stage seeds with seed + 7)."""
+    import argparse
+
+    from cmg.argtypes import MAX_SEED, seed_int, seed_list
+
+    assert seed_int(str(MAX_SEED)) == MAX_SEED and seed_list("0,2,1") == (0, 2, 1)
+    for bad in (str(MAX_SEED + 1), "18446744073709551615", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seed_int(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be <= 2147483647"):
+        seed_list(f"0,{MAX_SEED + 1}")

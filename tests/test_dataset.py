@@ -139,8 +139,19 @@ def test_captions_line_naming_a_missing_file(data):
     lines = (data / "captions.jsonl").read_text().splitlines()
     lines[2] = json.dumps({"file": "train/good/777.png", "caption": "a hex nut"})
     (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(CMGError, match=r"captions.jsonl:3: .*train/good/777.png"):
+    with pytest.raises(CMGError, match=r"captions.jsonl:3: .*train/good/777.png.*remove its line"):
         MVTecFolder(data)
+
+
+def test_lines_naming_removed_test_images_are_skipped(data):
+    """Test images taken out of a folder leave their caption and meta lines behind; nothing
+    reads a test image's caption, so they must not make the folder unusable."""
+    for name in ("captions.jsonl", "meta.jsonl"):
+        if (data / name).is_file():
+            with (data / name).open("a") as fh:
+                fh.write(json.dumps({"file": "test/good/999.png", "caption": "a hex nut"}) + "\n")
+    ds = MVTecFolder(data)
+    assert "test/good/999.png" not in ds.captions and ds.samples("test")
 
 
 @pytest.mark.parametrize("line", ['{"file": "train/good/000.png"', '["a", "b"]',

@@ -299,9 +299,10 @@ def test_single_run_table():
          "delta_vs_baseline_ci95": [-0.01, 0.1]},
         {"name": "cmle (skipped)", "skipped": "too few captions"},
     ]
-    assert markdown_table(rows).splitlines() == [
+    assert markdown_table(rows).splitlines()[0].endswith("| hole | scratch |")  # without the kinds' counts
+    assert markdown_table(rows, ["good", "hole", "hole", "scratch"]).splitlines() == [
         "| row | image AUROC (95% CI) | vs baseline (paired 95% CI) | pixel AUROC | pixel AUPRO (FPR <= 0.3) | "
-        "hole | scratch |",
+        "hole (2) | scratch (1) |",
         "|---|---|---|---|---|---|---|",
         "| run | 0.800 (0.70-0.90) | - | - | - | 0.750 | - |",
         "| cmg | 0.850 (0.75-0.95) | +0.050 (-0.01 to +0.10) | 0.600 | 0.400 | 0.800 | 0.900 |",
@@ -398,8 +399,8 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png", "ablation_alpha.png",
               "ablation_errors.png"):
         assert (eval_dir / f).stat().st_size > 0
-    assert (eval_dir / "ablation.md").read_text() == (markdown_table(report["rows"]) + threshold_table([report])
-                                                       + alpha_table([report]))
+    assert (eval_dir / "ablation.md").read_text() == (markdown_table(report["rows"], report["defects"])
+                                                      + threshold_table([report]) + alpha_table([report]))
     # The keep-mask threshold sweep: at the run's own alpha it is the run, exactly; a higher
     # threshold never keeps more; alpha 0 keeps every patch; the detector is left as it was.
     sweep = {r["alpha"]: r for r in report["alpha_sweep"]}

@@ -323,6 +323,17 @@ def test_train_log_has_a_line_per_logged_step_of_every_stage(tiny_run):
     assert (tiny_run / "config.yaml").is_file()
 
 
+def test_the_runs_config_yaml_is_a_record_that_trains_the_same_config(run, tiny_run):
+    """RUN/config.yaml is never read back by the run (its checkpoint holds the config): it
+    says so, and `--config RUN/config.yaml` gives the run's own config."""
+    from cmg.config import load_config
+
+    assert load_config(tiny_run / "config.yaml") == run.cfg
+    from cmg_train.checkpoint import RECORD_HEADER
+
+    assert RECORD_HEADER.startswith("#") and all(line.startswith("# ") for line in RECORD_HEADER.splitlines())
+
+
 def test_contract_follows_the_config(run):
     tiny = yaml.safe_load((config_dir() / "tiny.yaml").read_text())
     c = run.contract
@@ -402,3 +413,34 @@ def test_older_runs_relative_data_path_is_found(tiny_run, tiny_data, tmp_path, m
     (run / "metrics.json").write_text(json.dumps({**metrics, "data": "elsewhere"}))
     with pytest.raises(CMGError, match="pass --data"):
         resolve_data(run, None)
+
+
+def test_a_full_disk_while_saving_the_checkpoint_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save straight into a full disk raised RuntimeError "unexpected pos", which the
+    CLI reported as an internal error (exit 1)."""
+    import errno
+    import pathlib
+
+    from cmg_train.checkpoint import write_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    write_checkpoint({"old": torch.zeros(3)}, path)
+    old = path.read_bytes()
+
+    class Full:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = pathlib.Path.open
+    monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: Full() if ".tmp-" in self.name
+                        else real_open(self, *a, **k))
+    with pytest.raises(OSError, match="No space left on device") as info:
+        write_checkpoint({"new": torch.ones(1000)}, path)
+    assert info.value.filename == str(path)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
