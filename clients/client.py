@@ -348,9 +348,8 @@ class CMGClient:
         self._shm_layout = {"tag": tag, "in": in_layout, "out": out_layout}
 
     def _register_shm(self) -> None:
+        """Register the regions (again, after a server restart: the server forgot them)."""
         for name, _, nbytes in self._shm_regions:
-            with contextlib.suppress(InferError):  # a restarted server may know it already: no
-                self._unregister_quietly(name)
             self._call(f"shared memory registration of /{name}", self._client.register_system_shared_memory,
                        name, f"/{name}", nbytes)
 
