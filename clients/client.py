@@ -455,13 +455,23 @@ def _region_unknown(exc: InferError) -> bool:
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (recursively, sorted) into image files; plain files are kept as given."""
+    """Expand folders (recursively, sorted) into image files; plain files are kept as given.
+    Symlinked folders are followed (each real folder once: no loops); an image name whose
+    link leads nowhere is kept, so it gets an error line like any unreadable frame."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTS))
-        else:
+        if not p.is_dir():
             out.append(p)
+            continue
+        found, seen = [], set()
+        for folder, dirs, files in os.walk(p, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            found += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+        out.extend(sorted(found))
     return out
 
 

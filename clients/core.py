@@ -70,11 +70,17 @@ def finite_threshold(value: float | None) -> float | None:
         raise CMGError(str(exc)) from None
 
 
+MAX_TIMEOUT_S = 1e6  # about 11 days; gRPC's deadline arithmetic overflows near 1e10 s
+
+
 def positive_seconds(value: float, what: str = "timeout") -> float:
-    """A deadline of 0 (or less) fails every request before it is sent."""
+    """A deadline of 0 (or less) fails every request before it is sent; one past
+    MAX_TIMEOUT_S made gRPC report "Deadline Exceeded" at once."""
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise CMGError(f"{what} must be a number of seconds > 0, got {value!r}")
+    if number > MAX_TIMEOUT_S:
+        raise CMGError(f"{what} must be at most {MAX_TIMEOUT_S:g} s, got {value!r}")
     return number
 
 

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise CMGError(f"no images found in {' '.join(map(str, args.inputs))}")
     failed = 0
+    overlays = overlay_paths(args.overlays, paths) if args.overlays is not None else {}
     retry = core.RetryPolicy(max_retries=args.retries, backoff_s=0.2, backoff_max_s=2.0)
     with CMGClient(url, protocol, model=args.model, shm=args.shm, timeout_s=args.timeout, retry=retry,
                    max_pixels=args.max_pixels) as client:
@@ -97,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
                         if args.overlays is not None and res.is_anomaly:
-
-                            line["overlay"] = str(save_overlay(frame, res, _overlay_path(args.overlays, chunk[i])))
+                            line["overlay"] = str(save_overlay(frame, res, overlays[chunk[i]]))
                         lines[i] = line
             for line in lines:
                 print(json.dumps(line), flush=True)
@@ -112,7 +112,26 @@ def _frame_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 
 
-def _overlay_path(folder: Path, image: Path) -> Path:
-    """Flat overlay name that stays unique for same-named files in different folders."""
-    parts = [p for p in image.with_suffix("").parts if p not in ("/", "..", ".")][-3:]
-    return folder / ("__".join(parts) + ".png")
+def overlay_paths(folder: Path, images: list[Path]) -> dict[Path, Path]:
+    """One flat overlay file per image: its last three path parts (`test__hole__000.png`),
+    more of its folders where two images would share that name, and its extension where
+    only that tells them apart (`a.png` and `a.jpg`)."""
+    parts = {p: [x for x in p.resolve().parts if x != "/"] for p in images}
+    depth = dict.fromkeys(images, 3)
+
+    def name(p: Path, ext: bool = False) -> str:
+        tail = parts[p][-depth[p]:]
+        stem = Path(tail[-1]).stem + (f"_{Path(tail[-1]).suffix.lstrip('.')}" if ext else "")
+        return "__".join([*tail[:-1], stem]) + ".png"
+
+    while True:
+        seen: dict[str, list[Path]] = {}
+        for p in images:
+            seen.setdefault(name(p), []).append(p)
+        grow = [p for group in seen.values() if len(group) > 1 for p in group if depth[p] < len(parts[p])]
+        if not grow:
+            break
+        for p in grow:
+            depth[p] += 1
+    clash = {p for group in seen.values() if len(group) > 1 for p in group}
+    return {p: folder / name(p, ext=p in clash) for p in images}

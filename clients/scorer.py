@@ -135,27 +135,33 @@ class OutageNotice:
     while they do not, and one when a frame gets through that server again. Why: retries are
     silent by design (no frame is lost), so without it a stream whose server is down says
     nothing for the whole retry budget (30 tries with backoff: about 90 s), bar or no bar.
-    Kept per server: with several, the others carry the frames while one is down."""
+    Kept per server: with several, the others carry the frames while one is down. At most one
+    outage line per server every `every` seconds, however often outages begin and end (a
+    server slower than --timeout fails one frame in a few), and "answering again" only after
+    an outage that was said."""
 
     def __init__(self, label: str | None, every: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.prefix = f"cmg stream{f' [{label}]' if label else ''}:"
         self.every, self.clock = every, clock
         self.since: dict[str, float] = {}  # url -> when its outage began
         self.last: dict[str, float] = {}  # url -> when it was last reported
+        self.said: set[str] = set()  # urls whose current outage was reported
 
     def failed(self, url: str, seq: int, attempt: int, limit: int, reason: str) -> None:
         now = self.clock()
-        if url in self.since and now - self.last[url] < self.every:
-            return
         began = self.since.setdefault(url, now)
+        if url in self.last and now - self.last[url] < self.every:
+            return
         self.last[url] = now
+        self.said.add(url)
         budget = "(no limit)" if limit < 0 else f"of {limit}"
         tqdm.write(f"{self.prefix} {url} not answering for {now - began:.0f} s; frame {seq} retry {attempt} "
                    f"{budget}; last: {reason}", file=sys.stderr)
 
     def answered(self, url: str) -> None:
         began = self.since.pop(url, None)
-        if began is not None:
+        if began is not None and url in self.said:
+            self.said.discard(url)
             tqdm.write(f"{self.prefix} {url} answering again after {self.clock() - began:.0f} s", file=sys.stderr)
 
 

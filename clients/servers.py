@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 from cmg.errors import CMGError
@@ -116,6 +117,7 @@ class ServerPool:
                     raise
                 reasons.append(f"{server.url}: {exc}")
                 server.up = False
+                server.failures += 1
                 continue
             if size is not None and got != size:
                 raise CMGError(f"{server.url} serves frames of {got}, {self.servers[0].url} of {size}: "
@@ -123,6 +125,9 @@ class ServerPool:
             size = size or got
         if size is None:
             raise CMGError("no server answers: " + "; ".join(reasons))
+        for reason in reasons:  # the others carry the frames; said now, not only in the summary
+            print(f"cmg stream: {reason} (not answering at the start: streaming to the others, probing it "
+                  f"every {self.probe_s:g} s)", file=sys.stderr)
         return size
 
     def start_probes(self) -> None:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
+from cmg.argtypes import MAX_SEED
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
 from cmg_clients.client import iter_image_paths
@@ -79,11 +80,23 @@ class VideoSource(Source):
         except ImportError as exc:
             raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
         self.cv2, self.path = cv2, path
+        # Checked now, before any output is opened: a file OpenCV cannot read, or one without
+        # a frame, is refused like an empty folder.
+        cap = self._open()
+        try:
+            if not cap.grab():
+                raise CMGError(f"video {path} has no frame OpenCV can read")
+        finally:
+            cap.release()
 
-    def items(self, start: int = 0) -> Iterator[SourceItem]:
+    def _open(self):
         cap = self.cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
             raise CMGError(f"cannot open video {self.path}")
+        return cap
+
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        cap = self._open()
         try:
             index = 0
             while True:
@@ -107,9 +120,13 @@ def parse_synth(spec: str) -> dict:
     body = spec[len("synth:") :]
     preset, _, query = body.partition("?")
     try:
-        params = {k: v[-1] for k, v in parse_qs(query, strict_parsing=bool(query)).items()} if query else {}
+        given = parse_qs(query, strict_parsing=bool(query)) if query else {}
     except ValueError as exc:
         raise CMGError(f"{spec}: malformed parameters ({exc})") from exc
+    twice = sorted(k for k, v in given.items() if len(v) > 1)
+    if twice:
+        raise CMGError(f"{spec}: parameter(s) given twice: {', '.join(twice)}")
+    params = {k: v[0] for k, v in given.items()}
     unknown = set(params) - {"fps", "seed", "n"}
     if unknown:
         raise CMGError(f"{spec}: unknown parameter(s) {', '.join(sorted(unknown))} (expected fps, seed, n)")
@@ -126,6 +143,8 @@ def parse_synth(spec: str) -> dict:
         raise CMGError(f"{spec}: fps must be a finite number > 0")
     if opts["n"] is not None and opts["n"] < 0:
         raise CMGError(f"{spec}: n must be >= 0")
+    if not 0 <= opts["seed"] <= MAX_SEED:
+        raise CMGError(f"{spec}: seed must be 0 ... {MAX_SEED}")
     return opts
 
 
@@ -173,6 +192,8 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     if spec.startswith("synth:"):
         return SynthSource(spec)
     path = Path(spec)
+    if path.is_file() and path.suffix.lower() not in VIDEO_EXTS:  # a name with [ ] is that file, not a glob
+        return FileSource([path], path.parent, max_pixels)
     if path.is_dir():
         paths = iter_image_paths([path])
         if not paths:
@@ -185,8 +206,6 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
         if not paths:
             raise CMGError(f"glob {spec} matches no files")
         return FileSource(paths, None, max_pixels)
-    if path.is_file():
-        return FileSource([path], path.parent, max_pixels)
     raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
 
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,9 +83,9 @@ async def _stream_locked(opts: StreamOptions, summary: StreamSummary, pool: Serv
     try:
         await _stream_into(opts, summary, source, pool, size)
     finally:
-        if own_pool:
+        if own_pool:  # a shared pool's reconnects are per server (`stats`), not this source's
             await pool.close()
-        summary.reconnects = pool.reconnects
+            summary.reconnects = pool.reconnects
 
 
 async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Source, pool: ServerPool,
@@ -176,11 +177,12 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
             summary.aborted = scorer.fatal[0]
 
 
-def run_stream(opts: StreamOptions) -> StreamSummary:
-    """Stream SRC into OUT; returns the summary (also when aborted: OUT holds every line so far).
+def run_stream(opts: StreamOptions, summary: StreamSummary | None = None) -> StreamSummary:
+    """Stream SRC into OUT; returns the summary (also when aborted: OUT holds every line so far;
+    `summary`, when given, is filled as it goes: what an interrupted caller can still report).
 
     With `opts.dashboard` the live page (cmg_clients.dashboard) is served while it streams."""
-    summary = StreamSummary(out=str(opts.out))
+    summary = summary if summary is not None else StreamSummary(out=str(opts.out))
     if opts.dashboard is None:
         asyncio.run(_stream(opts, summary))
         return summary
@@ -210,10 +212,12 @@ async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSum
     return pool.stats()
 
 
-def run_streams(urls: list[str], options: list[StreamOptions]) -> tuple[list[StreamSummary], dict[str, dict]]:
+def run_streams(urls: list[str], options: list[StreamOptions],
+                summaries: list[StreamSummary] | None = None) -> tuple[list[StreamSummary], dict[str, dict]]:
     """Several sources (each its own StreamOptions and file) over the servers at `urls`;
-    returns each source's summary and what each server did."""
-    jobs = [(opts, StreamSummary(out=str(opts.out))) for opts in options]
+    returns each source's summary and what each server did (`summaries`: filled as it goes)."""
+    summaries = summaries if summaries is not None else [StreamSummary(out=str(o.out)) for o in options]
+    jobs = list(zip(options, summaries, strict=True))
     if not options or options[0].dashboard is None:
         return [summary for _, summary in jobs], asyncio.run(_stream_all(urls, jobs))
     from cmg_clients.dashboard.app import Dashboard  # starlette and uvicorn: only with --dashboard
@@ -277,7 +281,9 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if len(args.source) == 1 and len(urls) == 1:
-        summary = run_stream(options(source_name(args.source[0])[1], args.out, None))
+        summary = StreamSummary(out=str(args.out))
+        with _said_when_interrupted([summary]):
+            run_stream(options(source_name(args.source[0])[1], args.out, None), summary)
         print(f"cmg stream: {summary.line()}", file=sys.stderr)
         print(json.dumps(asdict(summary)))
         return 1 if summary.aborted or summary.errors_in_out else 0
@@ -285,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
         plan = [(None, source_name(args.source[0])[1], args.out)]
     else:
         plan = plan_sources(args.source, args.out)
-    summaries, servers = run_streams(urls, [options(src, out, False, name) for name, src, out in plan])
+    summaries = [StreamSummary(out=str(out)) for _, _, out in plan]
+    with _said_when_interrupted(summaries):
+        _, servers = run_streams(urls, [options(src, out, False, name) for name, src, out in plan], summaries)
     for (name, _, _), summary in zip(plan, summaries, strict=True):
         print(f"cmg stream{' ' + name if name else ''}: {summary.line()}", file=sys.stderr)
     for url, stat in servers.items():
@@ -293,3 +301,15 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"sources": {str(out): asdict(s) for (_, _, out), s in zip(plan, summaries, strict=True)},
                       "servers": servers}))
     return 1 if any(s.aborted or s.errors_in_out for s in summaries) else 0
+
+
+@contextlib.contextmanager
+def _said_when_interrupted(summaries: list[StreamSummary]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM mid-stream: what each OUT holds now, before the exit line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for s in summaries:
+            print(f"cmg stream: stopped with {s.frames} frames written to {s.out} by this run ({s.results} "
+                  f"results, {s.errors} errors; every line whole): `--resume` continues it", file=sys.stderr)
+        raise

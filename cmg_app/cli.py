@@ -69,7 +69,14 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen).parse_args(argv)
+    args, extra = build_parser(chosen).parse_known_args(argv)
+    if extra:  # said by the verb, with the likely cause: an unquoted glob the shell expanded
+        files = [a for a in extra if not a.startswith("-")]
+        hint = (" (a pattern the shell expanded into several files? quote it, e.g. 'DIR/*.png', or give the "
+                "option once per file)") if files else ""
+        print(f"cmg {getattr(args, 'verb', None) or ''}: error: unrecognized arguments: {' '.join(extra)}{hint}"
+              .replace("cmg : ", "cmg: "), file=sys.stderr)
+        return 2
     if getattr(args, "_missing", None):
         print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
         return 2

@@ -53,6 +53,19 @@ def test_a_deadline_reads_the_same_over_grpc_and_http():
         assert InferError("no answer", status, core.DEADLINE).server_gone
 
 
+def test_overlay_files_are_one_per_image(tmp_path):
+    """Same-named images of two lines (or `f.png` and `f.jpg`) had shared one overlay file."""
+    from cmg_clients.infer import overlay_paths
+
+    images = [tmp_path / "line1/test/hole/000.png", tmp_path / "line2/test/hole/000.png",
+              tmp_path / "a/f.png", tmp_path / "a/f.jpg", tmp_path / "test/good/001.png"]
+    got = overlay_paths(tmp_path / "ov", images)
+    assert len(set(got.values())) == len(images)
+    assert got[images[0]].name == "line1__test__hole__000.png"
+    assert got[images[4]].name == "test__good__001.png"  # the last three parts where those are unique
+    assert got[images[2]].name.endswith("f_png.png") and got[images[3]].name.endswith("f_jpg.png")
+
+
 def test_normalize_url():
     assert normalize_url("grpc://127.0.0.1:9001/") == "127.0.0.1:9001"
     assert normalize_url("localhost", "http") == "localhost:8000"

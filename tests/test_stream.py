@@ -67,6 +67,78 @@ def test_sources(tmp_path):
         parse_synth("synth:tiny?speed=3")
 
 
+def test_a_file_named_like_a_glob_is_that_file(tmp_path):
+    """`cam[1].png` had been read as the glob `cam1.png` and scored another file."""
+    a, b = _write_frames(tmp_path / "d", 2)
+    named = a.rename(tmp_path / "d" / "cam[1].png")
+    b.rename(tmp_path / "d" / "cam1.png")
+    src = open_source(str(named))
+    assert [i.frame_id for i in src.items()] == ["cam[1].png"]
+
+
+def test_symlinked_folders_are_followed_once_and_a_dangling_image_link_is_kept(tmp_path):
+    """rglob had skipped linked folders and dropped dangling links silently (no error line)."""
+    from cmg_clients.client import iter_image_paths
+
+    real = tmp_path / "real"
+    _write_frames(real, 2)
+    line = tmp_path / "line"
+    _write_frames(line, 1)
+    (line / "linked").symlink_to(real)
+    (line / "loop").symlink_to(line)
+    (line / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    got = [p.relative_to(line).as_posix() for p in iter_image_paths([line])]
+    assert got == ["f0000.png", "gone.png", "linked/f0000.png", "linked/f0001.png"]
+
+
+def test_a_video_is_checked_when_opened_before_any_output(tmp_path):
+    """A file OpenCV cannot read, or one without a frame, had emptied --overwrite's OUT first,
+    or streamed 0 frames with exit 0."""
+    cv2 = pytest.importorskip("cv2")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24)).release()
+    for path in (garbage, empty):
+        with pytest.raises(CMGError, match="video"):
+            open_source(str(path))
+
+
+def test_synth_parameters_given_twice_or_a_seed_out_of_range_are_refused():
+    with pytest.raises(CMGError, match="given twice: n"):
+        parse_synth("synth:tiny?n=2&n=3")
+    for seed in ("-1", "99999999999999999999"):
+        with pytest.raises(CMGError, match=r"seed must be 0 \.\.\. 2147483647"):
+            parse_synth(f"synth:tiny?seed={seed}")
+
+
+def test_an_unquoted_glob_is_named_with_its_likely_cause(capsys):
+    from cmg_app.cli import main
+
+    assert main(["stream", "--source", "a.png", "b.png", "--out", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cmg stream: error: unrecognized arguments: b.png (a pattern the shell expanded")
+
+
+def test_a_deadline_past_what_grpc_can_hold_is_refused():
+    from cmg_clients import core
+
+    assert core.positive_seconds(1e6) == 1e6
+    with pytest.raises(CMGError, match="at most 1e"):
+        core.positive_seconds(1e10, "--timeout")
+
+
+def test_an_interrupted_stream_says_what_its_files_hold(capsys):
+    from cmg_clients.scorer import StreamSummary
+    from cmg_clients.stream import _said_when_interrupted
+
+    summary = StreamSummary(out="cam.jsonl", frames=54, results=53, errors=1)
+    with pytest.raises(KeyboardInterrupt), _said_when_interrupted([summary]):
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == ("cmg stream: stopped with 54 frames written to cam.jsonl by this run (53 "
+                                       "results, 1 errors; every line whole): `--resume` continues it\n")
+
+
 def test_synth_source_skips_and_picks_without_redrawing():
     """Frame i depends only on (seed, i): a resumed stream starts at i, a re-score picks i."""
     src = open_source("synth:tiny?n=6&seed=2")
@@ -91,7 +163,7 @@ def test_outage_notice_per_server_at_most_every_interval(capsys):
     once when it answers again; another server's answers do not end its outage."""
     from cmg_clients import scorer
 
-    clock = iter([0.0, 1.0, 1.5, 2.0, 12.5, 13.0])
+    clock = iter([0.0, 1.0, 1.5, 2.0, 12.5, 13.0, 13.5, 14.5, 23.6, 23.7])
     notice = scorer.OutageNotice("cam1", every=10.0, clock=lambda: next(clock))
     notice.failed("a:1", 5, 1, 30, "UNAVAILABLE")  # t=0: said
     notice.failed("a:1", 6, 2, 30, "UNAVAILABLE")  # t=1: within 10 s, quiet
@@ -100,12 +172,19 @@ def test_outage_notice_per_server_at_most_every_interval(capsys):
     notice.answered("c:3")  # no outage: quiet, no clock read
     notice.failed("a:1", 9, 3, 30, "deadline")  # t=12.5: said again
     notice.answered("a:1")  # t=13
+    notice.failed("a:1", 10, 1, 30, "deadline")  # t=13.5: a new outage within 10 s of the last line: quiet
+    notice.answered("a:1")  # an outage never said is not "answering again" (no clock read)
+    notice.failed("a:1", 11, 1, 30, "deadline")  # t=14.5: quiet again (a server slower than --timeout)
+    notice.failed("a:1", 11, 2, 30, "deadline")  # t=23.6: 10 s after the last line: said
+    notice.answered("a:1")  # t=23.7
     assert capsys.readouterr().err.splitlines() == [
         "cmg stream [cam1]: a:1 not answering for 0 s; frame 5 retry 1 of 30; last: UNAVAILABLE",
         "cmg stream [cam1]: b:2 not answering for 0 s; frame 6 retry 1 (no limit); last: UNAVAILABLE",
         "cmg stream [cam1]: b:2 answering again after 0 s",
         "cmg stream [cam1]: a:1 not answering for 12 s; frame 9 retry 3 of 30; last: deadline",
         "cmg stream [cam1]: a:1 answering again after 13 s",
+        "cmg stream [cam1]: a:1 not answering for 9 s; frame 11 retry 2 of 30; last: deadline",
+        "cmg stream [cam1]: a:1 answering again after 9 s",
     ]
 
 
@@ -310,6 +389,21 @@ def test_stream_gives_up_cleanly_when_server_stays_away(tmp_path):
     rc = main(["stream", "--url", f"127.0.0.1:{free_port()}", "--source", str(tmp_path / "src"),
                "--out", str(out), "--timeout", "2", "--no-progress"])
     assert rc == 2 and not out.exists()
+
+
+def test_a_server_down_at_the_start_is_said_and_counted(triton, tmp_path, capsys):
+    """Two --url, the second never up: every frame goes to the first, and the second is named
+    at once and "marked down 1 times" (it had been silent, marked down 0 times)."""
+    from cmg_build.server import free_port
+    from cmg_clients.stream import run_streams
+
+    dead = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "out.jsonl"
+    summaries, servers = run_streams([triton.grpc_url, dead], [_opts(triton, "synth:tiny?n=6", out)])
+    assert summaries[0].results == 6 and len(_lines(out)) == 6
+    assert servers[dead]["failures"] == 1 and servers[dead]["frames"] == 0
+    err = capsys.readouterr().err
+    assert f"cmg stream: {dead}: " in err and "not answering at the start: streaming to the others" in err
 
 
 def test_stream_synthetic_source(triton, tmp_path):
