@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from cmg.errors import CMGError
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version served here
 QUEUE_METRIC = "triton_queue_time_us"  # per pod, from the adapter rule below
@@ -115,12 +116,35 @@ def adapter_rules(namespace: str = "monitoring") -> dict:
             "data": {"config.yaml": rules}}
 
 
+MARK = "# Written by `cmg build --k8s` (build/k8s.py); written again by the next one.\n"
+ADAPTER_NOTE = ("# This ConfigMap is prometheus-adapter's whole config.yaml: applied over an adapter that has\n"
+                "# rules of its own, it replaces them. There, add the rule under `rules:` to its config instead.\n")
+FILES = ("triton.yaml", "prometheus-adapter-rules.yaml")
+
+
+def check_out(out: Path, others: list[Path]) -> None:
+    """`--k8s DIR` must be a folder of its own: not a file, not the run or the repository, and
+    never holding manifests of the same names that this command did not write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CMGError(f"--k8s {out} is a file, not a folder")
+    for other in others:
+        if out.resolve() == Path(other).resolve():
+            raise CMGError(f"--k8s {out} is also --run or --out: give the manifests a folder of their own")
+    for name in FILES:
+        path = out / name
+        if path.is_file() and not path.read_text(errors="replace").startswith(MARK):
+            raise CMGError(f"--k8s {out}: {path} exists and was not written by `cmg build --k8s`: "
+                           "choose another folder")
+
+
 def write(out: Path, opts: K8sOptions) -> list[Path]:
     """DIR/triton.yaml and DIR/prometheus-adapter-rules.yaml."""
     out = Path(out)
+    check_out(out, [])
     out.mkdir(parents=True, exist_ok=True)
-    main = out / "triton.yaml"
-    main.write_text(yaml.safe_dump_all(manifests(opts), sort_keys=False))
-    rules = out / "prometheus-adapter-rules.yaml"
-    rules.write_text(yaml.safe_dump(adapter_rules(), sort_keys=False))
+    main = out / FILES[0]
+    main.write_text(MARK + yaml.safe_dump_all(manifests(opts), sort_keys=False))
+    rules = out / FILES[1]
+    rules.write_text(MARK + ADAPTER_NOTE + yaml.safe_dump(adapter_rules(), sort_keys=False))
     return [main, rules]

@@ -148,6 +148,9 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
+    if kind == "gpu" and target == "cpu":  # its report (and --k8s) would claim a GPU nothing uses
+        raise CMGError("--kind gpu: the cpu target runs ONNX Runtime on CPU instances only; "
+                       "for GPU instances use --target onnxruntime --kind gpu, or --target tensorrt")
     if is_training_output(out):
         raise CMGError(f"--out {out} is a training run or export folder, not a model repository: "
                        "write the repository to a folder of its own")
@@ -255,9 +258,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                        and "__pycache__" not in p.parts):
         report["files"][str(path.relative_to(out))] = file_sha256(path)
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
-    if missing is not None:
+    if missing is not None and not skip_engines:
         raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {out / 'trtexec.sh'} are written "
-                       "(run it on a host with TensorRT 10 and a GPU)")
+                       "(run it on a host with TensorRT 10 and a GPU; --skip-engines asks for just that, "
+                       "exit 0, with --k8s manifests)")
     return report
 
 
@@ -319,20 +323,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k8s", type=Path, default=None, metavar="DIR",
                         help="also write Kubernetes manifests (official Triton image, N replicas, HPA) into DIR")
     parser.add_argument("--replicas", type=int, default=2, help="--k8s: Triton replicas (default 2)")
+    parser.add_argument("--max-replicas", type=int, default=None,
+                        help="--k8s: the autoscaler's ceiling (default the larger of --replicas and 8)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
+    max_replicas = args.max_replicas if args.max_replicas is not None else max(args.replicas, 8)
+    if max_replicas < args.replicas:
+        raise CMGError(f"--max-replicas {max_replicas} is below --replicas {args.replicas}")
+    if args.k8s is not None:  # before the build: a bad DIR must not cost one
+        k8s.check_out(args.k8s, [args.run, args.out])
     report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
                    args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
                    args.precision, args.cpu_cmg, args.data)
+    precision = report["precision"]
+    int8 = (f"; int8 {', '.join(precision['models'])}, calibrated on {precision['calibration_images']} normal "
+            "training images" if precision.get("precision") == "int8" else "")
     print(f"built {report['target']} repository {args.out} "
-          f"({', '.join(report['models'])}; max batch {report['max_batch']}); report {args.out / 'build_report.json'}")
+          f"({', '.join(report['models'])}; max batch {report['max_batch']}{int8}); "
+          f"report {args.out / 'build_report.json'}")
+    if report.get("engines_missing"):
+        print(f"no TensorRT engines ({report['engines_missing']}): run {args.out / 'trtexec.sh'} on a host with "
+              "TensorRT 10 and a GPU")
     if args.k8s is not None:
-
         gpus = 1 if report["kind"] == "gpu" else 0
-        paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, gpus=gpus))
+        paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, max_replicas=max_replicas, gpus=gpus))
         print(f"Kubernetes manifests: {', '.join(map(str, paths))} (put {args.out} on the volume "
               f"'{k8s.K8sOptions.claim}')")
     return 0

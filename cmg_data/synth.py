@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
+from cmg.argtypes import MAX_SEED, seed_int
 from cmg.errors import CMGError
 
 CATEGORIES: tuple[str, ...] = ("hex_nut", "washer", "screw", "gear", "bottle_cap")
@@ -688,13 +689,18 @@ def _prepare(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not (out / "synth.json").is_file():
             raise CMGError(f"output folder {out} is not empty and holds no synth.json; refusing to overwrite it")
-        for name in _OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _clear(out: Path) -> None:
+    """Remove what this generator writes (and nothing else) from `out`."""
+    for name in _OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = True,
@@ -719,8 +725,23 @@ def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = T
     counts.update({f"test/{a}": per for a in ANOMALIES})
     if any(v < 0 for v in counts.values()) or counts["train/good"] < 1:
         raise ValueError(f"synthesize: bad image counts {counts}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise CMGError(f"--seed must be 0 ... {MAX_SEED}, got {seed}")
     out = Path(out)
+    created = not out.exists()
     _prepare(out)
+    try:
+        _write_line(out, p, preset, seed, clutter, category, counts, progress)
+    except BaseException:  # Ctrl-C, a full disk: a half-written folder would block the next run
+        _clear(out)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_line(out: Path, p: Preset, preset: str, seed: int, clutter: bool, category: str,
+                counts: dict[str, int], progress: bool) -> None:
     captions, metas = [], []
     total = sum(counts.values())
     with tqdm(total=total, desc=f"synth {preset} {category}", unit="img", disable=not progress) as bar:
@@ -750,8 +771,7 @@ def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = T
     (out / "meta.jsonl").write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metas))
     info = {"preset": preset, "seed": seed, "clutter": clutter, "category": category,
             "image_size": p.image_size, "counts": counts}
-    (out / "synth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return out
+    (out / "synth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: the folder is whole
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -764,7 +784,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "captions, defects and ground-truth masks.")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="dataset size (default tiny)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--no-clutter", dest="clutter", action="store_false",
                    help="clean variant: the same scenes without clutter")
     p.add_argument("--category", default="hex_nut", choices=CATEGORIES, help="product line")

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import yaml
 from toy_graphs import write_toy_export
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -118,6 +119,25 @@ def test_tensorrt_configs_without_tensorrt(toy_run, tmp_path):
     assert "IMAGE:1x32x32x3" in script and "IMAGE:4x32x32x3" in script and "IMAGE:16x32x32x3" in script
     report = json.loads((repo / "build_report.json").read_text())
     assert len(report["trtexec"]) == 3 and report["engines_missing"]
+
+
+def test_skip_engines_is_a_success_that_writes_the_manifests_too(toy_run, tmp_path):
+    """--skip-engines asks for configs and trtexec.sh only: exit 0 (it was exit 2, and --k8s
+    was never reached)."""
+    res = subprocess.run([*CMG, "build", "--run", str(toy_run), "--target", "tensorrt", "--out", str(tmp_path / "r"),
+                          "--skip-engines", "--k8s", str(tmp_path / "k8s"), "--replicas", "9"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "no TensorRT engines (engine build skipped (--skip-engines)): run" in res.stdout
+    docs = list(yaml.safe_load_all((tmp_path / "k8s" / "triton.yaml").read_text()))
+    assert docs[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert docs[2]["spec"]["minReplicas"] == 9 and docs[2]["spec"]["maxReplicas"] == 9  # the default ceiling
+
+
+def test_the_cpu_target_refuses_gpu_instances(toy_run, tmp_path):
+    """It built CPU instances and then asked Kubernetes for a GPU per pod."""
+    with pytest.raises(CMGError, match="--kind gpu: the cpu target"):
+        repository.build(toy_run, "cpu", tmp_path / "repo", kind="gpu")
 
 
 def test_tensorrt_cli_exits_nonzero_with_message(toy_run, tmp_path):

@@ -42,3 +42,27 @@ def test_the_validator_refuses_a_broken_manifest(tmp_path):
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kv.ValidationError):
         kv.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_the_manifests_folder_is_checked_and_only_our_files_are_rewritten(tmp_path):
+    """A file as DIR, DIR = the run or the repository, and a user's own triton.yaml are refused
+    (the first after a whole build, the last overwritten silently, before)."""
+    from cmg.errors import CMGError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CMGError, match="is a file, not a folder"):
+        k8s.check_out(tmp_path / "afile", [])
+    with pytest.raises(CMGError, match="is also --run or --out"):
+        k8s.check_out(tmp_path / "repo", [tmp_path / "run", tmp_path / "repo"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "triton.yaml").write_text("kind: Deployment\n")
+    with pytest.raises(CMGError, match="was not written by `cmg build --k8s`"):
+        k8s.write(mine, k8s.K8sOptions())
+    assert (mine / "triton.yaml").read_text() == "kind: Deployment\n"
+    ours = tmp_path / "ours"
+    k8s.write(ours, k8s.K8sOptions(replicas=2))
+    k8s.write(ours, k8s.K8sOptions(replicas=12, max_replicas=20))  # ours: written again
+    hpa = list(yaml.safe_load_all((ours / "triton.yaml").read_text()))[2]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (12, 20)
+    assert "replaces them" in (ours / "prometheus-adapter-rules.yaml").read_text()

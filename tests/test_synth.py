@@ -260,3 +260,36 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["data", "synth", "--out", str(tmp_path / "y"), "--preset", "huge"])
     assert exc.value.code == 2
+
+
+def test_a_bad_seed_touches_nothing_and_an_interrupted_run_leaves_no_half_folder(tmp_path, monkeypatch):
+    """`--seed -1` had deleted an existing folder's data before numpy refused the seed; an
+    interrupted run had left a folder the next run refused ("holds no synth.json")."""
+    from cmg_data import synth as synthmod
+
+    out = synthmod.synthesize(tmp_path / "line", n_train=2, n_test_good=1, n_test_per_anomaly=0, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for seed in (-1, 2**31):
+        with pytest.raises(CMGError, match="--seed must be 0"):
+            synthmod.synthesize(out, seed=seed, n_train=2, n_test_good=1, n_test_per_anomaly=0, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+    calls = {"n": 0}
+    real = synthmod.render_scene
+
+    def stop_on_the_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(synthmod, "render_scene", stop_on_the_third)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        synthmod.synthesize(fresh, n_train=4, n_test_good=1, n_test_per_anomaly=0, progress=False)
+    assert not fresh.exists()
+    (out / "notes.txt").write_text("mine")
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        synthmod.synthesize(out, n_train=4, n_test_good=1, n_test_per_anomaly=0, progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
