@@ -211,7 +211,8 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     if not need_captions:
         return summary
     cap_path = root / "captions.jsonl"
-    hint = "add one caption per training image, or set cmle.enabled: false in the config"
+    off = "or train without CMLE: `cmle.enabled: false` in a copy of the config, given as --config PATH"
+    hint = f"add one caption per training image (`cmg captions --data {root}` writes them), {off}"
     if not cap_path.is_file():
         raise CMGError(f"dataset {root}: no captions.jsonl, which CMLE needs ({hint})")
     captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, root, ("file", "caption")).items()}
@@ -225,8 +226,10 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
         raise CMGError(f"{cap_path}: {len(empty)} training images have an empty caption (first: {empty[0]})")
     unique = len({captions[r] for r in rels})  # as CMLE counts them
     if unique < min_unique_captions:
+        more = ("captions that tell the images apart" if len(rels) >= min_unique_captions
+                else f"at least {min_unique_captions} training images with captions that tell them apart")
         raise CMGError(f"{cap_path}: only {unique} distinct captions among {len(rels)} training images; "
-                       f"CMLE needs at least {min_unique_captions} ({hint})")
+                       f"CMLE needs at least {min_unique_captions} (give it {more}, {off})")
     summary.update(captions=len(rels), unique_captions=unique)
     return summary
 

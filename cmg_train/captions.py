@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
+import string
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,14 +51,28 @@ def file_words(path: Path) -> str:
     return "".join(f", {p}" for p in parts)
 
 
+def check_template(template: str) -> None:
+    """Fields as str.format reads them: `{{part}}` is a literal, not the part; `{part!r}` is."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise CMGError(f"caption template {template!r}: {exc}") from None
+    other = sorted({f for f in fields if f not in ("part", "file")})
+    if other:
+        raise CMGError(f"caption template {template!r}: only {{part}} and {{file}} can be filled "
+                       f"({', '.join(repr(f) for f in other)})")
+    if "part" not in fields:
+        raise CMGError(f"caption template {template!r} has no {{part}} placeholder")
+
+
 def template_captions(paths: Sequence[Path], part: str, template: str = TEMPLATE) -> list[str]:
     """The fallback: the template filled with the part name and each file's own name."""
-    if "{part}" not in template:
-        raise CMGError(f"caption template {template!r} has no {{part}} placeholder")
+    check_template(template)
     try:
-        return [template.format(part=part.replace("_", " "), file=file_words(p)).strip() for p in paths]
+        captions = [template.format(part=part.replace("_", " "), file=file_words(p)) for p in paths]
     except (KeyError, IndexError, ValueError) as exc:
         raise CMGError(f"caption template {template!r}: only {{part}} and {{file}} can be filled ({exc})") from None
+    return [" ".join(c.split()).replace(" ,", ",") for c in captions]  # "a {part} {file}": no " ," or doubled spaces
 
 
 def load_captioner(arch: str, weights: str):
@@ -69,12 +85,19 @@ def load_captioner(arch: str, weights: str):
     if arch not in open_clip.list_models() or not arch.startswith("coca"):
         coca = [m for m in open_clip.list_models() if m.startswith("coca")]
         raise CMGError(f"captioner: {arch!r} is not an open_clip CoCa architecture ({', '.join(coca)})")
+    if not weights.strip():
+        raise CMGError("--weights is empty: give a CoCa weights file, or leave --weights out for the template")
+    if Path(weights).is_dir():
+        raise CMGError(f"captioner weights {weights} is a folder: give the weights file in it")
     if (os.sep in weights or Path(weights).suffix) and not Path(weights).is_file():  # a path, not a tag
         raise CMGError(f"captioner weights not found: {weights}")
+    logging.disable(logging.ERROR)  # open_clip and the hub log each failed try; the one line below says it
     try:
         model = open_clip.create_model(arch, pretrained=weights)
     except Exception as exc:  # noqa: BLE001 - torch.load, pickle, zip, download errors all differ
         raise open_clip_error("captioner", weights, arch, exc) from exc
+    finally:
+        logging.disable(logging.NOTSET)
     return model.eval()
 
 
@@ -127,6 +150,9 @@ def write_captions(root: Path, rows: dict[str, str], force: bool = False) -> Pat
     if path.exists() and not force:
         raise CMGError(f"{path} exists: cmg captions never replaces captions without --force")
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".captions.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the captions from the training account
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for rel, caption in rows.items():
@@ -156,7 +182,8 @@ def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH
     paths = training_images(root)
     category = MVTecFolder(root, captions=False).category
     rels = [p.relative_to(root).as_posix() for p in paths]
-    if model is None and weights:
+    check_template(template)  # the fallback's template: before minutes of captioning, not after
+    if model is None and weights is not None:
         model = load_captioner(arch, weights)
     if model is not None:
         captions = coca_captions(model, paths, arch, seq_len, batch=batch, progress=progress)

@@ -57,6 +57,45 @@ def test_template_needs_the_part():
         template_captions([Path("a.png")], "nut", "a {part} by {camera}")
 
 
+def test_template_fields_are_read_as_str_format_reads_them():
+    """`{{part}}` is a literal (the part never appeared), `{part!r}` is the part (it was refused
+    as "no {part}"), and a space before {file} leaves no " ,"."""
+    with pytest.raises(CMGError, match="no {part} placeholder"):
+        template_captions([Path("000.png")], "nut", "{{part}}{file}")
+    assert template_captions([Path("000.png")], "hex_nut", "a {part!r}") == ["a 'hex nut'"]
+    assert template_captions([Path("000.png")], "hex_nut", "a {part}  {file}") == ["a hex nut, number 0"]
+    with pytest.raises(CMGError, match="only {part} and {file} can be filled \\('foo'\\)"):
+        template_captions([Path("000.png")], "nut", "{part} {foo}")
+
+
+def test_a_bad_template_or_weights_argument_fails_before_the_captioner_loads(tmp_path, monkeypatch):
+    """A CoCa run captioned every image (a minute here) before the fallback's template was read."""
+    import cmg_train.captions as cap
+
+    root = uncaptioned(tmp_path, 3)
+    monkeypatch.setattr(cap, "load_captioner", lambda *a: pytest.fail("the captioner was loaded"))
+    with pytest.raises(CMGError, match="only {part} and {file}"):
+        caption_folder(root, weights="coca.pt", template="{part} {foo}", progress=False)
+    monkeypatch.undo()
+    for weights, needle in (("", "--weights is empty"), (str(tmp_path), "is a folder")):
+        with pytest.raises(CMGError, match=needle):
+            caption_folder(root, weights=weights, progress=False)
+
+
+def test_captions_file_is_readable_by_other_accounts(tmp_path):
+    """mkstemp's 0600 had hidden captions.jsonl from a training container of another uid."""
+    import os
+    import stat
+
+    root = uncaptioned(tmp_path, 3)
+    old = os.umask(0o022)
+    try:
+        caption_folder(root, progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((root / "captions.jsonl").stat().st_mode) == 0o644
+
+
 def test_fallback_captions_are_accepted_by_cmg_train(tmp_path, capsys):
     root = uncaptioned(tmp_path, 30)
     assert main(["captions", "--data", str(root), "--no-progress"]) == 0

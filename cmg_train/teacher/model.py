@@ -236,8 +236,13 @@ def open_clip_error(what: str, weights: str | None, arch: str, exc: BaseExceptio
     (state-dict mismatch) reads differently from one that is no checkpoint at all (truncated,
     another format), and a pretrained tag that cannot be fetched differently again."""
     text = " ".join(str(exc).split())
-    if not (weights and Path(weights).is_file()):
-        return CMGError(f"{what}: cannot create open_clip {arch} ({weights}): {text[:200]}")
+    if not weights:
+        return CMGError(f"{what}: cannot create open_clip {arch}: {text[:240]}")
+    if not Path(weights).is_file():
+        # a pretrained tag: the end of the message holds the last failure (the start, the tag)
+        tail = text if len(text) <= 240 else "... " + text[-240:]
+        return CMGError(f"{what}: cannot create open_clip {arch} with the pretrained tag {weights!r} (no network "
+                        f"here? download the weights once where there is and give the file): {tail}")
     if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in text:
         detail = ", ".join(label for label, there in (
             (f"{text.count('size mismatch for')} tensor(s) of another shape", "size mismatch for" in text),
