@@ -26,6 +26,7 @@ The occlusion teacher (`cmer_teacher`, the exact mode's P+1 passes) stays float3
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,17 @@ def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], reci
 
     keep_float = float_convs(onnx.load(str(src)))
     activation, symmetric, reduce_range = RECIPES[recipe]
-    quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
-                    activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=keep_float,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    # quantize_static logs "Please consider pre-processing before quantization" per graph: the
+    # graphs are exported shape-inferred, and users read such lines as their own mistake.
+    logging.disable(logging.WARNING)
+    try:
+        quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
+                        activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES),
+                        nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    finally:
+        logging.disable(logging.NOTSET)
     onnx.checker.check_model(onnx.load(str(dst)))
     return len(keep_float)
 
@@ -119,12 +126,18 @@ def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], co
 
     frames = calibration_frames(run, contract, limit, data)
     chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
-    scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), providers=["CPUExecutionProvider"])
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # errors only: THRESHOLD is an input with a default (an initializer) by design
+    scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), quiet, providers=["CPUExecutionProvider"])
     patch_scores = [scorer.run([C.PATCH_SCORES], {C.IMAGE: x})[0] for x in chunks]
     feeds = {C.CMER_SCORER: [{C.IMAGE: x} for x in chunks],
              C.CMLE_ENCODER: [{C.IMAGE: x, C.PATCH_SCORES: ps} for x, ps in zip(chunks, patch_scores, strict=True)]}
     recipe = recipe_for(target)
-    kept = {name: quantize_file(graphs[name], out[name], feeds[name], recipe) for name in QUANTIZED}
+    ort.set_default_logger_severity(3)  # the calibration sessions quantize_static makes: the same warning
+    try:
+        kept = {name: quantize_file(graphs[name], out[name], feeds[name], recipe) for name in QUANTIZED}
+    finally:
+        ort.set_default_logger_severity(2)
     activation, symmetric, reduce_range = RECIPES[recipe]
     return {"precision": "int8", "format": "QDQ", "models": list(QUANTIZED), "op_types": list(OP_TYPES),
             "calibration_images": len(frames), "calibration": "MinMax on normal training frames",

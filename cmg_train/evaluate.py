@@ -213,9 +213,12 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     mask_grid(test.frames.numpy()[pick], shown["keeps"][pick], shown["maps"][pick],
               [test.defects[i] for i in pick], eval_dir / f"{stem}_masks.png", gt=test.gt[pick])
     worst = worst_frames(test.labels, out["scores"])
+    thr = float(run.detector.threshold)
     mask_grid(test.frames.numpy()[worst], out["keeps"][worst], out["maps"][worst],
-              [f"{test.defects[i]} {out['scores'][i]:.2f}" for i in worst], eval_dir / f"{stem}_errors.png",
-              gt=test.gt[worst])
+              [f"{test.defects[i]} {out['scores'][i]:.2f}" + (" (flagged)" if out["scores"][i] > thr else "")
+               for i in worst], eval_dir / f"{stem}_errors.png", gt=test.gt[worst],
+              suptitle=f"{cfg.name}: the highest-scoring normal frames, then the lowest-scoring defects "
+                       f"(titles: kind and score; the run flags scores above {thr:.2f})")
     return report
 
 
@@ -453,7 +456,7 @@ def markdown_table(rows: list[dict], defects: list[str] | None = None) -> str:
             ci = r.get("image_auroc_ci95")
             auc = _fmt(r.get("image_auroc")) + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
             d, dci = r.get("delta_vs_baseline"), r.get("delta_vs_baseline_ci95")
-        delta = f"{d:+.3f} ({dci[0]:+.2f} to {dci[1]:+.2f})" if d is not None else "-"
+        delta = f"{d:+.3f} ({dci[0]:+.3f} to {dci[1]:+.3f})" if d is not None else "-"
         lines.append(f"| {r['name']} | {auc} | {delta} | {_fmt(r.get('pixel_auroc'))} | {_fmt(r.get('pixel_aupro'))} | "
                      + " | ".join(per) + " |")
     return "\n".join(lines) + "\n"

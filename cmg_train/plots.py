@@ -16,26 +16,30 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 def roc_plot(labels: np.ndarray, rows: dict[str, np.ndarray], path: Path, title: str,
              point: tuple[float | None, float | None, str] | None = None) -> Path:
     """ROC curve per row; `point` = (FPR, TPR, label) marks an operating point (a threshold)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, scores in rows.items():
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the ablation has 11 rows
+    for i, (name, scores) in enumerate(rows.items()):
         fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
+        ax.plot(fpr, tpr, color=colours[(2 * i) % 20 + (2 * i // 20) % 2],
+                label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
     if point is not None and point[0] is not None and point[1] is not None:
         ax.plot([point[0]], [point[1]], "ko", ms=6, label=f"{point[2]} (FPR {point[0]:.2f}, TPR {point[1]:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside the curves
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend outside the axes stays in the picture
     plt.close(fig)
     return path
 
 
 def mask_grid(frames: np.ndarray, keeps: np.ndarray, maps: np.ndarray, titles: list[str],
-              path: Path, gt: np.ndarray | None = None) -> Path:
-    """One column per image: frame (+ ground truth outline), keep-mask overlay, anomaly map."""
+              path: Path, gt: np.ndarray | None = None, suptitle: str | None = None) -> Path:
+    """One column per image: frame (+ ground truth outline in red), keep-mask overlay (green:
+    kept), anomaly map."""
     n = len(frames)
-    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2 + (0.4 if suptitle else 0)), squeeze=False)
     vmax = float(np.percentile(maps, 99)) or 1.0
     h, w = frames.shape[1:3]
     for i in range(n):
@@ -50,8 +54,11 @@ def mask_grid(frames: np.ndarray, keeps: np.ndarray, maps: np.ndarray, titles: l
     for ax in axes.flat:
         ax.axis("off")
     axes[0, 0].text(-0.1, 0.5, "frame", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
-    axes[1, 0].text(-0.1, 0.5, "keep-mask", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.1, 0.5, "keep-mask (green: kept)", transform=axes[1, 0].transAxes, rotation=90,
+                    va="center", ha="right", fontsize=8)
     axes[2, 0].text(-0.1, 0.5, "anomaly map", transform=axes[2, 0].transAxes, rotation=90, va="center", ha="right")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -73,7 +80,8 @@ def alpha_plot(sweeps: list[list[dict]], alpha: float | None, path: Path, title:
     kept.set_ylabel("share of the frame kept")
     kept.set_ylim(0, 1.05)
     handles = ax.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
+    # on the twin axes, drawn last: the "frame kept" line must not paint over the legend
+    kept.legend(handles=handles, fontsize=7, loc="best", framealpha=0.9).set_zorder(10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
