@@ -330,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.data is not None and args.precision != "int8":
+        raise CMGError("--data is the int8 calibration's folder: it goes with --precision int8")
     max_replicas = args.max_replicas if args.max_replicas is not None else max(args.replicas, 8)
     if max_replicas < args.replicas:
         raise CMGError(f"--max-replicas {max_replicas} is below --replicas {args.replicas}")
@@ -344,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"built {report['target']} repository {args.out} "
           f"({', '.join(report['models'])}; max batch {report['max_batch']}{int8}); "
           f"report {args.out / 'build_report.json'}")
+    if precision.get("precision") == "int8" and precision["calibration_images"] < 16:
+        print(f"note: int8 scales from only {precision['calibration_images']} images: check its accuracy "
+              f"(`cmg bench sweep --run {args.run} --modes ort_inprocess,ort_int8`)")
     if report.get("engines_missing"):
         print(f"no TensorRT engines ({report['engines_missing']}): run {args.out / 'trtexec.sh'} on a host with "
               "TensorRT 10 and a GPU")
