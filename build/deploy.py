@@ -131,7 +131,8 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="cmg-deploy-") as tmp:
         staged = Path(tmp) / "repo"
         cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
-        build(run, built["target"], staged, built.get("kind", "cpu"), serving.get("max_batch"),
+        kind = "cpu" if built["target"] == "cpu" else built.get("kind", "cpu")  # a cpu repository is CPU-only
+        build(run, built["target"], staged, kind, serving.get("max_batch"),
               serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg)
         staged_texts = {name: (staged / name / "config.pbtxt").read_text() for name in configs}
         for name in configs:

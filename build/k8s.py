@@ -129,13 +129,18 @@ def check_out(out: Path, others: list[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise CMGError(f"--k8s {out} is a file, not a folder")
     for other in others:
-        if out.resolve() == Path(other).resolve():
-            raise CMGError(f"--k8s {out} is also --run or --out: give the manifests a folder of their own")
+        if out.resolve() == Path(other).resolve() or Path(other).resolve() in out.resolve().parents:
+            raise CMGError(f"--k8s {out} is (inside) --run or --out {other}: give the manifests a folder of their own")
     for name in FILES:
         path = out / name
-        if path.is_file() and not path.read_text(errors="replace").startswith(MARK):
-            raise CMGError(f"--k8s {out}: {path} exists and was not written by `cmg build --k8s`: "
+        if path.is_file() and not _ours(path.read_text(errors="replace")):
+            raise CMGError(f"--k8s {out}: {path} exists and is not a `cmg build --k8s` manifest: "
                            "choose another folder")
+
+
+def _ours(text: str) -> bool:
+    """Written by this module: its header, or (before the header existed) its queue metric."""
+    return text.startswith(MARK) or QUEUE_METRIC in text
 
 
 def write(out: Path, opts: K8sOptions) -> list[Path]:

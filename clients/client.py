@@ -55,6 +55,11 @@ def _close_live_shm_clients() -> None:
             client.close()
 
 
+# A forked child (a pre-forking web server's worker) inherits the set: its exit must not
+# unregister and delete the regions its parent still uses.
+os.register_at_fork(after_in_child=_LIVE_SHM.clear)
+
+
 class InferError(CMGError):
     """Triton refused or did not answer a request.
 
@@ -108,6 +113,7 @@ class CMGClient:
         self._made_lock = threading.Lock()
         self._shared: Any = None  # gRPC: one client for every thread
         self._closed = False
+        self._pid = os.getpid()  # the process that owns the shm regions
         if protocol not in PROTOCOLS:
             raise CMGError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
@@ -144,7 +150,17 @@ class CMGClient:
         client = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = self._connect()
+            # closed with its thread: short-lived threads must not pile up open connections
+            weakref.finalize(threading.current_thread(), self._forget, client)
         return client
+
+    def _forget(self, client: Any) -> None:
+        with self._made_lock:
+            if client not in self._made:
+                return
+            self._made.remove(client)
+        with contextlib.suppress(Exception):
+            client.close()
 
     def _connect(self):
         if self.protocol == "grpc":
@@ -310,6 +326,8 @@ class CMGClient:
             return core.decode(result)
         thr = None if threshold is None else core.threshold_values(frames.shape[0], threshold)
         with self._shm_lock:  # one input and one output region: one request at a time
+            if self._closed or not self._shm_regions:
+                raise CMGError(f"the client for {self.url} is closed")
             try:
                 return self._infer_shm(frames, thr, inputs, outputs)
             except InferError as exc:
@@ -400,18 +418,26 @@ class CMGClient:
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
-        """Unregister and destroy shared memory regions, then close the connections."""
+        """Unregister and destroy shared memory regions (after a request in flight on them
+        ends), then close the connections. In a forked child, the parent's regions are left
+        to the parent."""
         if getattr(self, "_closed", True):
             return
         if self._shm_regions:
             import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
-            for name, handle, _ in self._shm_regions:
-                self._unregister(name)
-                # also when the server is gone: the region is still ours to destroy
-                with contextlib.suppress(Exception):
-                    shm.destroy_shared_memory_region(handle)
-            self._shm_regions = []
+            locked = self._shm_lock.acquire(timeout=self.timeout_s)
+            try:
+                if os.getpid() == self._pid:
+                    for name, handle, _ in self._shm_regions:
+                        self._unregister(name)
+                        # also when the server is gone: the region is still ours to destroy
+                        with contextlib.suppress(Exception):
+                            shm.destroy_shared_memory_region(handle)
+                self._shm_regions = []
+            finally:
+                if locked:
+                    self._shm_lock.release()
         _LIVE_SHM.discard(self)
         self._closed = True
         with self._made_lock:
@@ -470,6 +496,7 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
                 dirs[:] = []
                 continue
             seen.add(real)
+            dirs.sort()  # which path reaches a folder linked twice: the first in sorted order, every run
             found += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
         out.extend(sorted(found))
     return out

@@ -235,11 +235,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                first = seen.get(key)
+            except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                    None, None, "a key that is a list or a mapping, not a name", key_node.start_mark) from None
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
+        self.flatten_mapping(node)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -234,19 +234,23 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     return summary
 
 
-def resolve_data(run_dir: Path, data: Path | None) -> Path:
-    """The data folder a run used: --data, else the run's training data. Runs store it resolved; an older run's relative
-    path is tried against the working directory and the run folder's parents."""
+def resolve_data(run_dir: Path, data: Path | None, stored: str | None = None) -> Path:
+    """The data folder a run used: --data, else the run's training data as RUN/metrics.json
+    names it (or, for a run copied without that file, `stored`: its checkpoint's metrics).
+    Runs store it resolved; an older run's relative path is tried against the working
+    directory and the run folder's parents."""
     if data is not None:
         return Path(data)
     metrics = run_dir / "metrics.json"
-    try:
-        stored = Path(json.loads(metrics.read_text())["data"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
+    if stored is None or metrics.is_file():
+        try:
+            stored = json.loads(metrics.read_text())["data"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CMGError(f"no --data given and {metrics} names no training data ({exc})") from exc
+    stored = Path(stored)
     if stored.is_absolute():
         if not stored.is_dir():
-            raise CMGError(f"{metrics} names the training data {stored}, which is not there any more: "
+            raise CMGError(f"run {run_dir} trained on {stored}, which is not there any more: "
                            "pass --data DIR (where that folder is now)")
         return stored
     run_abs = run_dir.resolve()

@@ -19,18 +19,22 @@ class OutputLock:
     rename, and a lock on the old inode would not stop a writer that opens the new one.
     The holder writes its pid into the lock file so a refused stream can name it. The
     kernel drops the lock when the holder dies however it dies (SIGKILL too), so a stale
-    lock file never blocks anyone. OUT that is not a regular file (/dev/full, a FIFO) has
-    its lock under the temporary folder, keyed by OUT's resolved path, and so has a folder
-    (`folder=True`: whether it exists yet or not, every writer finds the same lock).
+    lock file never blocks anyone. A folder (`folder=True`, a training's run: existing or
+    not yet) has its sibling too, so every writer on any host or temporary folder that sees
+    the folder sees the lock (its parent must exist). Other OUT that is not a regular file
+    (/dev/full, a FIFO) has its lock under the temporary folder, keyed by OUT's resolved path.
     """
 
     def __init__(self, out: Path, folder: bool = False) -> None:
         self.out = out = Path(out)
-        if folder or (out.exists() and not out.is_file()):
+        if not folder and out.exists() and not out.is_file():
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-            folder = Path(tempfile.gettempdir()) / "cmg-locks"
-            folder.mkdir(exist_ok=True)
-            self.path = folder / f"{key}.lock"
+            locks = Path(tempfile.gettempdir()) / "cmg-locks"
+            if not locks.is_dir():
+                locks.mkdir(exist_ok=True)
+                with contextlib.suppress(OSError):
+                    locks.chmod(0o1777)  # shared by every account, as /tmp is
+            self.path = locks / f"{key}.lock"
         else:
             self.path = out.with_name(f".{out.name}.lock")
         self._fd: int | None = None

@@ -102,8 +102,15 @@ def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: 
         "metrics": metrics,
     }
     path = write_checkpoint(state, out / "checkpoint.pt")
-    with naming(out / "config.yaml"):
-        (out / "config.yaml").write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_config_record(out, cfg)
+    return path
+
+
+def write_config_record(out: Path, cfg: Config) -> Path:
+    """RUN/config.yaml: the run's config, marked as a record (RECORD_HEADER)."""
+    path = out / "config.yaml"
+    with naming(path):
+        path.write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 
 

@@ -285,9 +285,13 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
 
 
 def test_split_fingerprint(data: Path) -> str:
-    """Names, sizes and modification times of the files the evaluation reads (test/ and
-    ground_truth/): a report is reused only while they are what it scored."""
+    """Names, sizes and modification times of the files the evaluation reads (test/,
+    ground_truth/ and meta.jsonl, which can name masks): a report is reused only while they
+    are what it scored."""
     entries = []
+    meta = Path(data) / "meta.jsonl"  # its gt_mask entries may name masks outside ground_truth/
+    if meta.is_file():
+        entries.append(f"meta.jsonl\t{meta.stat().st_size}\t{meta.stat().st_mtime_ns}")
     for sub in ("test", "ground_truth"):
         root = Path(data) / sub
         if root.is_dir():
@@ -475,7 +479,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.run]
-    data = resolve_data(runs[0].path, args.data)
+    data = resolve_data(runs[0].path, args.data, runs[0].metrics.get("data"))
     if not Path(data).is_dir():
         raise CMGError(f"dataset folder not found: {data}")
     test: TestSet | None = None

@@ -99,7 +99,7 @@ def parity_frames(run: Run, n: int = 7, data: Path | None = None) -> np.ndarray:
     """Frames from the run's own data folder (or `data`): test images (normal and defective)
     where the folder has them, else training images. Never generated: parity is checked on
     the kind of frames the line will send."""
-    ds = MVTecFolder(resolve_data(run.path, data))
+    ds = MVTecFolder(resolve_data(run.path, data, run.metrics.get("data")))
     try:
         samples = ds.samples("test")
     except CMGError:

@@ -18,8 +18,9 @@ def append_jsonl(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-# What a run folder holds: `cmg train`'s files, `cmg eval`'s eval/, `cmg export`'s onnx/.
-RUN_ENTRIES = {"checkpoint.pt", "config.yaml", "metrics.json", "train_log.jsonl", "eval", "onnx"}
+# What a run folder holds: `cmg train`'s files, `cmg eval`'s eval/, `cmg export`'s onnx/, the
+# benches' record of a training; hidden names are the temporary files of killed writers.
+RUN_ENTRIES = {"checkpoint.pt", "config.yaml", "metrics.json", "train_log.jsonl", "eval", "onnx", "bench_train.json"}
 PARTIAL_LOG = ".train_log.jsonl.partial-"
 
 
@@ -27,7 +28,7 @@ def foreign_entries(out: Path) -> list[str]:
     """What an existing `--out` holds besides a run's own files (training must not mix in)."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(PARTIAL_LOG))
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
 
 
 @contextlib.contextmanager
@@ -52,24 +53,29 @@ def run_folder(out: Path) -> Iterator[Path]:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CMGError(f"--out {out} holds files that are not a training run's ({shown}): "
                        "train into a new or empty folder, or into a run folder to replace that run")
-    with OutputLock(out, folder=True):
-        created = [d for d in (out, *out.parents) if not d.exists()]
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(PARTIAL_LOG + "*"):  # a killed training's (the lock says none runs)
-            stale.unlink(missing_ok=True)
-        partial = out / f"{PARTIAL_LOG}{os.getpid()}"
-        partial.write_text("")
-        try:
-            yield partial
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-                for parent in created[1:]:  # innermost first; only while empty
-                    with contextlib.suppress(OSError):
-                        parent.rmdir()
-            raise
-        os.replace(partial, out / "train_log.jsonl")
-        stale = out / "onnx"
-        if (stale / "export.json").is_file():  # `cmg export`'s, of the checkpoint just replaced
-            shutil.rmtree(stale)
+    created = [d for d in (out, *out.parents) if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the run
+    try:
+        with OutputLock(out, folder=True):
+            out.mkdir(exist_ok=True)
+            for stale in out.glob(PARTIAL_LOG + "*"):  # a killed training's (the lock says none runs)
+                stale.unlink(missing_ok=True)
+            partial = out / f"{PARTIAL_LOG}{os.getpid()}"
+            partial.write_text("")
+            try:
+                yield partial
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                if out in created:
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+            os.replace(partial, out / "train_log.jsonl")
+            stale = out / "onnx"
+            if (stale / "export.json").is_file():  # `cmg export`'s, of the checkpoint just replaced
+                shutil.rmtree(stale)
+    except BaseException:
+        if out in created:
+            for parent in created[1:]:  # innermost first; only while empty (the lock file is gone)
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        raise

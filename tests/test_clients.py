@@ -219,6 +219,46 @@ def test_shm_client_outlives_a_server_restart_and_dead_clients_regions_go(cpu_re
         server.cleanup()
 
 
+def test_a_forked_child_leaves_the_parents_shm_regions_and_close_waits_for_a_request(triton, grpc_client):
+    """A pre-forking server's worker inherited the exit hook and the client: its exit (or its
+    close()) unregistered and deleted the regions its parent still used. And close() from
+    another thread tore the regions down under a request in flight (a TypeError)."""
+    import threading
+
+    from cmg_clients import client as client_mod
+
+    frames = _frames(grpc_client, 2, seed=13)
+    want = grpc_client.infer(frames)
+    with CMGClient(triton.grpc_url, shm=True) as client:
+        names = [n for n, *_ in client._shm_regions]
+        pid = os.fork()
+        if pid == 0:  # the child: what its exit would run, and an explicit close()
+            client_mod._close_live_shm_clients()
+            client.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names) and set(names) <= _registered(grpc_client)
+        _assert_same(want, client.infer(frames))
+
+        real = client._infer_shm
+        started = threading.Event()
+
+        def slow(*a, **k):
+            started.set()
+            time.sleep(0.5)
+            return real(*a, **k)
+
+        client._infer_shm = slow
+        got: dict = {}
+        worker = threading.Thread(target=lambda: got.setdefault("r", client.infer(frames)))
+        worker.start()
+        started.wait(10)
+        client.close()  # waits for the request on the regions
+        worker.join(30)
+    _assert_same(want, got["r"])
+    assert not set(names) & _registered(grpc_client)
+
+
 def test_the_guides_python_example_runs(triton, tiny_data, tmp_path):
     """docs/guide.md's `CMGClient` example, as printed there, against the real server (only
     its URL and folder replaced)."""

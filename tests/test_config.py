@@ -220,3 +220,16 @@ def test_a_seed_past_what_every_stage_can_derive_from_is_refused_on_the_command_
             seed_int(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="must be <= 2147483647"):
         seed_list(f"0,{MAX_SEED + 1}")
+
+
+def test_yaml_merge_keys_still_load_and_an_unhashable_key_is_one_line(tmp_path: Path):
+    """The duplicate-key loader must not refuse YAML that safe_load reads (`<<: *anchor`)."""
+    shipped = (config_dir() / "tiny.yaml").read_text()
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-defaults: &d {alpha: 0.5}\n" + shipped.replace("cmer:\n", "cmer:\n  <<: *d\n", 1))
+    with pytest.raises(ValueError, match="unknown key"):  # the anchor's own top-level key, not a YAML error
+        load_config(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("? [1, 2]\n: x\n")
+    with pytest.raises(ValueError, match="a key that is a list or a mapping"):
+        load_config(bad)

@@ -242,4 +242,6 @@ def test_a_run_whose_training_folder_moved_takes_data(tiny_run, tiny_data, tmp_p
         assert "which is not there any more: pass --data DIR" in capsys.readouterr().err
     run = load_run(moved)
     assert parity_frames(run, 7, data=tiny_data).shape == (7, 64, 64, 3)
+    (moved / "metrics.json").unlink()  # a run copied as its checkpoint alone: the checkpoint names the data
+    assert parity_frames(load_run(moved), 7).shape == (7, 64, 64, 3)
     assert calibration_frames(moved, run.contract, 4, data=tiny_data).shape == (4, 64, 64, 3)

@@ -52,12 +52,13 @@ def test_the_manifests_folder_is_checked_and_only_our_files_are_rewritten(tmp_pa
     (tmp_path / "afile").write_text("")
     with pytest.raises(CMGError, match="is a file, not a folder"):
         k8s.check_out(tmp_path / "afile", [])
-    with pytest.raises(CMGError, match="is also --run or --out"):
-        k8s.check_out(tmp_path / "repo", [tmp_path / "run", tmp_path / "repo"])
+    for inside in (tmp_path / "repo", tmp_path / "repo" / "k8s"):
+        with pytest.raises(CMGError, match=r"is \(inside\) --run or --out"):
+            k8s.check_out(inside, [tmp_path / "run", tmp_path / "repo"])
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "triton.yaml").write_text("kind: Deployment\n")
-    with pytest.raises(CMGError, match="was not written by `cmg build --k8s`"):
+    with pytest.raises(CMGError, match="is not a `cmg build --k8s` manifest"):
         k8s.write(mine, k8s.K8sOptions())
     assert (mine / "triton.yaml").read_text() == "kind: Deployment\n"
     ours = tmp_path / "ours"
@@ -66,3 +67,8 @@ def test_the_manifests_folder_is_checked_and_only_our_files_are_rewritten(tmp_pa
     hpa = list(yaml.safe_load_all((ours / "triton.yaml").read_text()))[2]
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (12, 20)
     assert "replaces them" in (ours / "prometheus-adapter-rules.yaml").read_text()
+    older = tmp_path / "older"  # written before the header existed: still ours
+    k8s.write(older, k8s.K8sOptions())
+    for name in k8s.FILES:
+        (older / name).write_text((older / name).read_text().removeprefix(k8s.MARK))
+    k8s.write(older, k8s.K8sOptions(replicas=3))
