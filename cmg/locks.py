@@ -20,7 +20,7 @@ class OutputLock:
     The holder writes its pid into the lock file so a refused stream can name it. The
     kernel drops the lock when the holder dies however it dies (SIGKILL too), so a stale
     lock file never blocks anyone. A folder (`folder=True`, a training's run: existing or
-    not yet) has its sibling too, so every writer on any host or temporary folder that sees
+    not yet) has its sibling too (`.RUN.cmg-lock`), so every writer on any host or temporary folder that sees
     the folder sees the lock (its parent must exist). Other OUT that is not a regular file
     (/dev/full, a FIFO) has its lock under the temporary folder, keyed by OUT's resolved path.
     """
@@ -35,6 +35,8 @@ class OutputLock:
                 with contextlib.suppress(OSError):
                     locks.chmod(0o1777)  # shared by every account, as /tmp is
             self.path = locks / f"{key}.lock"
+        elif folder:  # not `.NAME.lock`: the name filelock users (our tests too) give their own locks
+            self.path = out.with_name(f".{out.name}.cmg-lock")
         else:
             self.path = out.with_name(f".{out.name}.lock")
         self._fd: int | None = None

@@ -116,6 +116,10 @@ def test_one_training_per_run_folder_and_only_into_a_run_or_empty_folder(tmp_pat
             run_folder(run):
         pass
     assert not run.exists()
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / ".run.lock")), run_folder(run):  # a tool's own `.NAME.lock` (our tests') is not ours
+        pass
     mine = tmp_path / "mine"
     (mine / "onnx").mkdir(parents=True)
     (mine / "onnx" / "model.onnx").write_text("a user's model")
@@ -127,7 +131,7 @@ def test_one_training_per_run_folder_and_only_into_a_run_or_empty_folder(tmp_pat
     (mine / ".checkpoint.pt.tmp-999999").write_text("")  # a killed writer's: hidden names are not foreign
     (mine / "bench_train.json").write_text("{}")  # the benches' record of a training
     with run_folder(mine):
-        assert (tmp_path / ".mine.lock").is_file()  # beside the run: every host that sees it sees the lock
+        assert (tmp_path / ".mine.cmg-lock").is_file()  # beside the run: every host that sees it sees the lock
     assert sorted(p.name for p in mine.iterdir()) == [".checkpoint.pt.tmp-999999", "bench_train.json", "onnx",
                                                       "train_log.jsonl"]
     assert (mine / "onnx" / "model.onnx").is_file()
