@@ -419,8 +419,8 @@ class CMGClient:
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
         """Unregister and destroy shared memory regions (after a request in flight on them
-        ends), then close the connections. In a forked child, the parent's regions are left
-        to the parent."""
+        ends), then close the connections. In a forked child, the parent's regions and
+        connections are left to the parent."""
         if getattr(self, "_closed", True):
             return
         if self._shm_regions:
@@ -442,6 +442,8 @@ class CMGClient:
         self._closed = True
         with self._made_lock:
             made, self._made = self._made, []
+        if os.getpid() != self._pid:  # a forked child: the connections are the parent's (a gRPC
+            return  # channel's shutdown would be sent on the parent's socket)
         for client in made:  # another thread's HTTP client may refuse: its socket goes with it
             with contextlib.suppress(Exception):
                 client.close()
