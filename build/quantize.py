@@ -126,15 +126,16 @@ def quantize_graphs(run: Path, graphs: dict[str, Path], out: dict[str, Path], co
 
     frames = calibration_frames(run, contract, limit, data)
     chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
-    quiet = ort.SessionOptions()
-    quiet.log_severity_level = 3  # errors only: THRESHOLD is an input with a default (an initializer) by design
-    scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), quiet, providers=["CPUExecutionProvider"])
-    patch_scores = [scorer.run([C.PATCH_SCORES], {C.IMAGE: x})[0] for x in chunks]
-    feeds = {C.CMER_SCORER: [{C.IMAGE: x} for x in chunks],
-             C.CMLE_ENCODER: [{C.IMAGE: x, C.PATCH_SCORES: ps} for x, ps in zip(chunks, patch_scores, strict=True)]}
     recipe = recipe_for(target)
-    ort.set_default_logger_severity(3)  # the calibration sessions quantize_static makes: the same warning
+    # Errors only, for this session and the calibration sessions quantize_static makes: ONNX
+    # Runtime warns that THRESHOLD is an input with a default (an initializer), by design.
+    ort.set_default_logger_severity(3)
     try:
+        scorer = ort.InferenceSession(str(graphs[C.CMER_SCORER]), providers=["CPUExecutionProvider"])
+        patch_scores = [scorer.run([C.PATCH_SCORES], {C.IMAGE: x})[0] for x in chunks]
+        feeds = {C.CMER_SCORER: [{C.IMAGE: x} for x in chunks],
+                 C.CMLE_ENCODER: [{C.IMAGE: x, C.PATCH_SCORES: ps}
+                                  for x, ps in zip(chunks, patch_scores, strict=True)]}
         kept = {name: quantize_file(graphs[name], out[name], feeds[name], recipe) for name in QUANTIZED}
     finally:
         ort.set_default_logger_severity(2)

@@ -371,9 +371,6 @@ class CMGClient:
             self._call(f"shared memory registration of /{name}", self._client.register_system_shared_memory,
                        name, f"/{name}", nbytes)
 
-    def _unregister_quietly(self, name: str) -> None:
-        self._call(f"shared memory unregistration of {name}", self._client.unregister_system_shared_memory, name)
-
     def _drop_stale_regions(self) -> None:
         """Unregister regions of clients that died without close(): named like ours, their
         /dev/shm file already gone (unlinked), so no live client can be using them."""
@@ -387,7 +384,8 @@ class CMGClient:
             name, key = str(region.get("name", "")), str(region.get("key", ""))
             if name.startswith(SHM_PREFIX) and key and not Path("/dev/shm", key.lstrip("/")).exists():
                 with contextlib.suppress(InferError):
-                    self._unregister_quietly(name)
+                    self._call(f"unregistration of the stale region {name}",
+                               self._client.unregister_system_shared_memory, name)
 
     def _infer_shm(self, frames, thr, inputs, outputs) -> dict[str, np.ndarray]:
         import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory

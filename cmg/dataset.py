@@ -235,14 +235,14 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
 
 
 def resolve_data(run_dir: Path, data: Path | None, stored: str | None = None) -> Path:
-    """The data folder a run used: --data, else the run's training data as RUN/metrics.json
-    names it (or, for a run copied without that file, `stored`: its checkpoint's metrics).
-    Runs store it resolved; an older run's relative path is tried against the working
-    directory and the run folder's parents."""
+    """The data folder a run used: --data, else the run's training data as `stored` (a loaded
+    run's own record, the checkpoint's) or RUN/metrics.json names it. Runs store it resolved;
+    an older run's relative path is tried against the working directory and the run folder's
+    parents."""
     if data is not None:
         return Path(data)
     metrics = run_dir / "metrics.json"
-    if stored is None or metrics.is_file():
+    if stored is None:
         try:
             stored = json.loads(metrics.read_text())["data"]
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:

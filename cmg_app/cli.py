@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [a for a in extra if not a.startswith("-")]
         hint = (" (a pattern the shell expanded into several files? quote it, e.g. 'DIR/*.png', or give the "
                 "option once per file)") if files else ""
-        print(f"cmg {getattr(args, 'verb', None) or ''}: error: unrecognized arguments: {' '.join(extra)}{hint}"
-              .replace("cmg : ", "cmg: "), file=sys.stderr)
+        print(f"cmg {args.verb}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
         return 2
     if getattr(args, "_missing", None):
         print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)

@@ -18,6 +18,7 @@ import yaml
 
 from cmg.config import Config, config_from_dict
 from cmg.contract import Contract
+from cmg.dataset import resolve_data
 from cmg.errors import CMGError, naming
 from cmg_train.cmer.model import (
     CMERScorer,
@@ -60,8 +61,13 @@ class Run:
 
     @property
     def data(self) -> Path:
-        """The training folder, as stored resolved by `cmg train`."""
-        return Path(self.metrics["data"])
+        """The training folder, as `cmg train` stored it (one that moved is named)."""
+        return self.data_folder()
+
+    def data_folder(self, data: Path | None = None) -> Path:
+        """`data` (a `--data` option), else the training folder (`resolve_data`: RUN/metrics.json,
+        else the checkpoint's own record for a run copied as its checkpoint alone)."""
+        return resolve_data(self.path, data, self.metrics.get("data"))
 
 
 def detector_state(det: CMGDetector) -> dict:

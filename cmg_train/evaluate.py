@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cmg.dataset import MVTecFolder, resolve_data
+from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
 from cmg_train.checkpoint import Run, load_run
 from cmg_train.cmer.model import keep_mask_cfg
@@ -479,7 +479,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.run]
-    data = resolve_data(runs[0].path, args.data, runs[0].metrics.get("data"))
+    data = runs[0].data_folder(args.data)
     if not Path(data).is_dir():
         raise CMGError(f"dataset folder not found: {data}")
     test: TestSet | None = None

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from cmg import contract as C
 from cmg.checksum import file_sha256
-from cmg.dataset import MVTecFolder, resolve_data
+from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError, naming
 from cmg_train.checkpoint import Run, load_run
 
@@ -99,7 +99,7 @@ def parity_frames(run: Run, n: int = 7, data: Path | None = None) -> np.ndarray:
     """Frames from the run's own data folder (or `data`): test images (normal and defective)
     where the folder has them, else training images. Never generated: parity is checked on
     the kind of frames the line will send."""
-    ds = MVTecFolder(resolve_data(run.path, data, run.metrics.get("data")))
+    ds = MVTecFolder(run.data_folder(data))
     try:
         samples = ds.samples("test")
     except CMGError:

@@ -228,20 +228,24 @@ def test_parity_frames_fall_back_to_training_images(run, tiny_data, tmp_path):
 def test_a_run_whose_training_folder_moved_takes_data(tiny_run, tiny_data, tmp_path, capsys):
     """Export (parity frames), eval and the int8 calibration read the run's training folder:
     once it has moved, each says to pass --data, and takes it."""
+    import torch
+
     from cmg_app.cli import main
     from cmg_build.quantize import calibration_frames
 
-    moved = tmp_path / "run"
+    moved = tmp_path / "run"  # both records of the training folder (checkpoint, metrics.json) name a gone one
     moved.mkdir()
-    shutil.copy(tiny_run / "checkpoint.pt", moved / "checkpoint.pt")
-    metrics = json.loads((tiny_run / "metrics.json").read_text())
-    metrics["data"] = str(tmp_path / "gone")
-    (moved / "metrics.json").write_text(json.dumps(metrics))
+    state = torch.load(tiny_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state["metrics"]["data"] = str(tmp_path / "gone")
+    torch.save(state, moved / "checkpoint.pt")
+    (moved / "metrics.json").write_text(json.dumps(state["metrics"]))
     for argv in (["export", "--run", str(moved)], ["eval", "--run", str(moved)]):
         assert main(argv) == 2
         assert "which is not there any more: pass --data DIR" in capsys.readouterr().err
     run = load_run(moved)
     assert parity_frames(run, 7, data=tiny_data).shape == (7, 64, 64, 3)
-    (moved / "metrics.json").unlink()  # a run copied as its checkpoint alone: the checkpoint names the data
-    assert parity_frames(load_run(moved), 7).shape == (7, 64, 64, 3)
+    alone = tmp_path / "alone"  # a run copied as its checkpoint alone: the checkpoint names the data
+    alone.mkdir()
+    shutil.copy(tiny_run / "checkpoint.pt", alone / "checkpoint.pt")
+    assert parity_frames(load_run(alone), 7).shape == (7, 64, 64, 3)
     assert calibration_frames(moved, run.contract, 4, data=tiny_data).shape == (4, 64, 64, 3)
