@@ -38,6 +38,9 @@ from cmg_model_repository.model import session_options
 
 SERVED_CMG = "served_cmg"
 SERVED_EXACT = "served_cmg_exact"
+# Deadline of a served mode's handshake and untimed accuracy pass: long, since nothing is
+# timed there and a dead server is named by its refused connection, not by this deadline.
+ACCURACY_TIMEOUT_S = 120.0
 TORCH_EAGER = "torch_eager"
 ORT_INPROCESS = "ort_inprocess"
 ORT_INT8 = "ort_int8"
@@ -198,8 +201,9 @@ class Served(Mode):
     """
 
     def __init__(self, name: str, url: str, frames: np.ndarray, loop: asyncio.AbstractEventLoop,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = ACCURACY_TIMEOUT_S) -> None:
         self.name = name
+        self.timeout_s = timeout_s
         self.model = SERVED_MODEL[name]
         with CMGClient(url, "grpc", model=self.model, timeout_s=timeout_s) as probe:
             self.url = probe.url
@@ -237,8 +241,10 @@ class Served(Mode):
 
     def scores(self, frames: np.ndarray, chunk: int = 32) -> np.ndarray:
         """The accuracy pass (untimed): the line client, which splits into chunks of the
-        model's max_batch_size itself (`chunk` is for the in-process modes)."""
-        with CMGClient(self.url, "grpc", model=self.model) as client:
+        model's max_batch_size itself (`chunk` is for the in-process modes). It keeps the
+        mode's own deadline: the exact teacher's P+1 passes per frame on a busy 2-core
+        machine outlast the line client's 10 s default (a CI run failed on that)."""
+        with CMGClient(self.url, "grpc", model=self.model, timeout_s=self.timeout_s) as client:
             return client.infer_arrays(frames, self.threshold)[C.ANOMALY_SCORE].reshape(-1)
 
     def close(self) -> None:
