@@ -20,7 +20,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.source) == 1 and len(urls) == 1:
         summary = StreamSummary(out=str(args.out))
-        with _said_when_interrupted([summary]):
+        with _said_when_interrupted([summary], lambda: asdict(summary)):
             run_stream(options(source_name(args.source[0])[1], args.out, None), summary)
         print(f"cmg stream: {summary.line()}", file=sys.stderr)
         print(json.dumps(asdict(summary)))
@@ -292,24 +292,31 @@ def run(args: argparse.Namespace) -> int:
     else:
         plan = plan_sources(args.source, args.out)
     summaries = [StreamSummary(out=str(out)) for _, _, out in plan]
-    with _said_when_interrupted(summaries):
+
+    def by_source() -> dict:
+        return {str(out): asdict(s) for (_, _, out), s in zip(plan, summaries, strict=True)}
+
+    with _said_when_interrupted(summaries, lambda: {"sources": by_source()}):
         _, servers = run_streams(urls, [options(src, out, False, name) for name, src, out in plan], summaries)
     for (name, _, _), summary in zip(plan, summaries, strict=True):
         print(f"cmg stream{' ' + name if name else ''}: {summary.line()}", file=sys.stderr)
     for url, stat in servers.items():
         print(f"  server {url}: {stat['frames']} frames, marked down {stat['failures']} times", file=sys.stderr)
-    print(json.dumps({"sources": {str(out): asdict(s) for (_, _, out), s in zip(plan, summaries, strict=True)},
-                      "servers": servers}))
+    print(json.dumps({"sources": by_source(), "servers": servers}))
     return 1 if any(s.aborted or s.errors_in_out for s in summaries) else 0
 
 
 @contextlib.contextmanager
-def _said_when_interrupted(summaries: list[StreamSummary]) -> Iterator[None]:
-    """Ctrl-C or SIGTERM mid-stream: what each OUT holds now, before the exit line."""
+def _said_when_interrupted(summaries: list[StreamSummary], report: Callable[[], dict]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM mid-stream: what each OUT holds now, before the exit line, and the
+    JSON summary on stdout as a finished run prints it (`aborted: interrupted`), so a
+    script reading stdout gets its counts either way."""
     try:
         yield
     except KeyboardInterrupt:
         for s in summaries:
+            s.aborted = s.aborted or "interrupted"
             print(f"cmg stream: stopped with {s.frames} frames written to {s.out} by this run ({s.results} "
                   f"results, {s.errors} errors; every line whole): `--resume` continues it", file=sys.stderr)
+        print(json.dumps(report()))
         raise

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -133,10 +135,14 @@ def test_an_interrupted_stream_says_what_its_files_hold(capsys):
     from cmg_clients.stream import _said_when_interrupted
 
     summary = StreamSummary(out="cam.jsonl", frames=54, results=53, errors=1)
-    with pytest.raises(KeyboardInterrupt), _said_when_interrupted([summary]):
+    with pytest.raises(KeyboardInterrupt), _said_when_interrupted([summary], lambda: asdict(summary)):
         raise KeyboardInterrupt
-    assert capsys.readouterr().err == ("cmg stream: stopped with 54 frames written to cam.jsonl by this run (53 "
-                                       "results, 1 errors; every line whole): `--resume` continues it\n")
+    said = capsys.readouterr()
+    assert said.err == ("cmg stream: stopped with 54 frames written to cam.jsonl by this run (53 "
+                        "results, 1 errors; every line whole): `--resume` continues it\n")
+    # stdout still gets the JSON summary a script reads, marked as cut short
+    printed = json.loads(said.out)
+    assert printed["frames"] == 54 and printed["errors"] == 1 and printed["aborted"] == "interrupted"
 
 
 def test_synth_source_skips_and_picks_without_redrawing():
@@ -336,6 +342,27 @@ def test_one_writer_per_output_file(triton, tmp_path):
     again = _stream_proc(triton, source, out, "--resume")
     again.communicate(timeout=60)
     assert again.returncode == 0 and len(_lines(out)) == n
+
+
+def test_ctrl_c_still_prints_the_json_summary_that_matches_the_file(triton, tmp_path):
+    """SIGINT mid-stream: exit 130, and stdout carries the summary a finished run prints
+    (marked `aborted: interrupted`), whose frame count is the file's line count."""
+    out = tmp_path / "out.jsonl"
+    proc = _stream_proc(triton, "synth:tiny?n=100000&fps=25&seed=1", out)
+    try:
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.read_bytes().count(b"\n") < 5) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["aborted"] == "interrupted" and summary["frames"] == len(_lines(out)) >= 5, (summary, err)
 
 
 def test_stream_full_disk_names_the_file(triton, tmp_path):
