@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import os
 import threading
 import time
@@ -480,12 +481,28 @@ def _region_unknown(exc: InferError) -> bool:
     return "unable to find shared memory region" in str(exc).lower()
 
 
+def glob_files(pattern: str) -> list[Path]:
+    """The files a quoted pattern names (`'DIR/*.png'`, `**` across folders), sorted."""
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+
+
+def is_pattern(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
 def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (recursively, sorted) into image files; plain files are kept as given.
+    """Expand folders (recursively, sorted) into image files and quoted patterns into their
+    files; plain files are kept as given (a name with [ ] that exists is that file).
     Symlinked folders are followed (each real folder once: no loops); an image name whose
     link leads nowhere is kept, so it gets an error line like any unreadable frame."""
     out: list[Path] = []
     for p in map(Path, paths):
+        if not os.path.lexists(p) and is_pattern(str(p)):
+            matched = glob_files(str(p))
+            if not matched:
+                raise CMGError(f"glob {p} matches no files")
+            out.extend(matched)
+            continue
         if not p.is_dir():
             out.append(p)
             continue

@@ -3,7 +3,6 @@ in memory, each a Source of lazily read frames in a fixed order (seq = position)
 
 from __future__ import annotations
 
-import glob as globlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 from cmg.argtypes import MAX_SEED
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
-from cmg_clients.client import iter_image_paths
+from cmg_clients.client import glob_files, is_pattern, iter_image_paths
 from cmg_data import synth
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -201,8 +200,8 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
         return FileSource(paths, path, max_pixels)
     if path.is_file() and path.suffix.lower() in VIDEO_EXTS:
         return VideoSource(path)
-    if any(ch in spec for ch in "*?["):
-        paths = [Path(p) for p in sorted(globlib.glob(spec, recursive=True)) if Path(p).is_file()]
+    if is_pattern(spec):
+        paths = glob_files(spec)
         if not paths:
             raise CMGError(f"glob {spec} matches no files")
         return FileSource(paths, None, max_pixels)

@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args, extra = build_parser(chosen).parse_known_args(argv)
-    if extra:  # said by the verb, with the likely cause: an unquoted glob the shell expanded
-        files = [a for a in extra if not a.startswith("-")]
+    if extra and isinstance(getattr(args, "inputs", None), list) and not any(a.startswith("-") for a in extra):
+        args.inputs += extra  # `cmg infer a.png --threshold 1 b.png`: images after an option are images too
+        extra = []
+    if extra:  # said by the verb, with the likely cause when it is one: an unquoted glob the shell expanded
+        files = [a for a in extra if not a.startswith("-") and os.path.exists(a)]
         hint = (" (a pattern the shell expanded into several files? quote it, e.g. 'DIR/*.png', or give the "
                 "option once per file)") if files else ""
         print(f"cmg {args.verb}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)

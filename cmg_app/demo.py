@@ -40,6 +40,8 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, repo = workdir / "data", workdir / "run", workdir / "repo"
     timings: dict[str, float] = {}
+    for old in (workdir / "demo_report.json", workdir / "demo_roc.png"):  # an interrupted demo leaves no report
+        old.unlink(missing_ok=True)  # that describes an earlier run beside this run's stream.jsonl
 
     t = _stage(f"synthesize {cfg.data.preset} data -> {data}")
     made = json.loads((data / "synth.json").read_text()) if (data / "synth.json").is_file() else None

@@ -352,7 +352,9 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
+    p.add_argument("--config", default="small",
+                   help="config name under configs/ or a YAML path (default small, the accurate one; "
+                        "tiny is sized for CI and the demo, not for accuracy)")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--seed", type=seed_int, default=None, help="override the config's seed")

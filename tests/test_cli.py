@@ -44,3 +44,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"cmg {args[0]}") and message in last, err
     assert "Traceback" not in err
+
+
+def test_train_defaults_to_the_config_the_docs_call_the_default():
+    """`cmg train --data D --out R` trains `small` (what README's accuracy figures are), as
+    `cmg bench shots` and `peer` do; `tiny` is asked for by name (CI, the demo)."""
+    from cmg_app.cli import build_parser
+
+    args = build_parser("train").parse_args(["train", "--data", "d", "--out", "r"])
+    assert args.config == "small"

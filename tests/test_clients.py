@@ -406,3 +406,10 @@ def test_cmg_infer_cli(triton, grpc_client, tmp_path, capsys):
     rc = main(["infer", "--http", "--url", triton.http_url, "--shm", str(folder / "img0.png")])
     (rec,) = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert rc == 0 and rec["score"] == pytest.approx(good[0]["score"], abs=1e-5)
+
+    # Images after an option are images too, and a quoted pattern is expanded as stream's is.
+    rc = main(["infer", str(folder / "img0.png"), "--url", triton.grpc_url, str(folder / "img[12].png")])
+    names = [Path(json.loads(s)["file"]).name for s in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and names == ["img0.png", "img1.png", "img2.png"]
+    assert main(["infer", "--url", triton.grpc_url, str(folder / "*.jpg")]) == 2
+    assert f"glob {folder / '*.jpg'} matches no files" in capsys.readouterr().err

@@ -114,12 +114,19 @@ def test_synth_parameters_given_twice_or_a_seed_out_of_range_are_refused():
             parse_synth(f"synth:tiny?seed={seed}")
 
 
-def test_an_unquoted_glob_is_named_with_its_likely_cause(capsys):
+def test_an_unquoted_glob_is_named_with_its_likely_cause(capsys, tmp_path):
+    """Files the shell expanded get the glob hint; a mistyped option's value does not."""
     from cmg_app.cli import main
 
-    assert main(["stream", "--source", "a.png", "b.png", "--out", "x.jsonl"]) == 2
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.touch()
+    b.touch()
+    assert main(["stream", "--source", str(a), str(b), "--out", "x.jsonl"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cmg stream: error: unrecognized arguments: b.png (a pattern the shell expanded")
+    assert err.startswith(f"cmg stream: error: unrecognized arguments: {b} (a pattern the shell expanded")
+    assert main(["demo", "--out", str(tmp_path / "demoA")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"cmg demo: error: unrecognized arguments: --out {tmp_path / 'demoA'}"
 
 
 def test_a_deadline_past_what_grpc_can_hold_is_refused():
