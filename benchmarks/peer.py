@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,6 +171,11 @@ def cmg_run(args: argparse.Namespace, out: Path) -> tuple[Path, dict]:
         if not (run_dir / "checkpoint.pt").is_file():
             raise CMGError(f"--run {run_dir}: no checkpoint.pt (a `cmg train` output folder?)")
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+        trained_on = metrics.get("data")
+        if trained_on and Path(trained_on).resolve() != Path(args.data).resolve():  # allowed: said, not refused
+            print(f"cmg bench peer: note: --run {run_dir} was trained on {trained_on}, the peers train on "
+                  f"--data {args.data}'s images: the accuracy rows compare models trained on different images",
+                  file=sys.stderr)
         train_s = metrics.get("timings", {}).get("total_s")
         return run_dir, {"source": "existing run (--run)", "train_s": train_s,
                          "train_s_note": "RUN/metrics.json timings.total_s, measured when it was trained"}
@@ -263,6 +270,22 @@ def folder_datamodule(data: Path, kinds: list[str], seed: int):
                   val_split_mode="same_as_test", seed=seed)
 
 
+@contextlib.contextmanager
+def _coreset_bar(enabled: bool) -> Iterator[None]:
+    """anomalib's coreset selection draws its own tqdm bar, which the Engine's
+    `enable_progress_bar` does not reach (thousands of refresh lines in a `--no-progress`
+    log); tqdm reads TQDM_DISABLE only when imported, so the module's name is rebound."""
+    from anomalib.models.components.sampling import k_center_greedy
+
+    bar = k_center_greedy.tqdm
+    if not enabled:
+        k_center_greedy.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        k_center_greedy.tqdm = bar
+
+
 def fit_and_predict(name: str, data: Path, kinds: list[str], out: Path, cmg: dict, args) -> dict:
     """Fit with anomalib's Engine (timed), predict the test split, keep scores by file."""
     from anomalib.engine import Engine  # optional 'peer' extra: only this sub-verb needs it
@@ -273,7 +296,8 @@ def fit_and_predict(name: str, data: Path, kinds: list[str], out: Path, cmg: dic
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=str(out / "anomalib" / name),
                     enable_progress_bar=not args.no_progress, enable_model_summary=False)
     t0 = time.perf_counter()
-    engine.fit(model=model, datamodule=dm)
+    with _coreset_bar(enabled=not args.no_progress):
+        engine.fit(model=model, datamodule=dm)
     train_s = time.perf_counter() - t0
     preds = engine.predict(model=model, dataloaders=dm.test_dataloader(), return_predictions=True)
     by_path: dict[str, tuple[float, np.ndarray]] = {}

@@ -43,6 +43,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {name} | {a['mode']} c{a['concurrency']} b{a['batch']} | {b['mode']} c{b['concurrency']} "
                      f"b{b['batch']} | {r['median']:.3g} | {pairs} | {r.get('goal', '')} | "
                      f"{'' if 'met' not in r else ('yes' if r['met'] else 'NO')} |")
+    for pair, why in result.get("ratio_pairs_not_measured", {}).items():
+        lines.append(f"| {pair} | not measured: {why} | | | | | |")
     acc = result["accuracy"]
     if "int8_auroc_delta" in acc:
         lines += ["", f"int8 image AUROC delta (fp32 minus int8, ONNX Runtime in-process): "

@@ -56,19 +56,33 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
-    """OUT: DIR with `n` of its training images (drawn with `seed`), everything else linked.
+SUBSET = "subset.json"  # in each subset folder: which folder and images it was drawn from
 
-    Lines of captions.jsonl and meta.jsonl about training images that were not drawn are
-    left out; every other line is kept as it is. Made again from scratch each call."""
+
+def draw(data: Path, n: int, seed: int) -> list[Path]:
+    """The `n` training images of DIR that `seed` draws (sorted)."""
     from cmg.dataset import training_images
 
-    data = Path(data).resolve()
     images = training_images(data)
     if n > len(images):
         raise CMGError(f"--shots {n}: {data}/train/good has only {len(images)} images")
     rng = np.random.default_rng(seed)
-    drawn = sorted(images[i] for i in rng.choice(len(images), size=n, replace=False))
+    return sorted(images[i] for i in rng.choice(len(images), size=n, replace=False))
+
+
+def subset_record(data: Path, drawn: list[Path]) -> dict:
+    return {"source": str(Path(data).resolve()), "images": [p.name for p in drawn]}
+
+
+def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
+    """OUT: DIR with `n` of its training images (drawn with `seed`), everything else linked.
+
+    Lines of captions.jsonl and meta.jsonl about training images that were not drawn are
+    left out; every other line is kept as it is. Made again from scratch each call; OUT/
+    subset.json names the folder and images, so a run trained on it is not taken for a run
+    of another folder's subset (every subset of an --out has the same path)."""
+    data = Path(data).resolve()
+    drawn = draw(data, n, seed)
     if out.exists():
         import shutil
 
@@ -86,7 +100,19 @@ def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
         if rows:
             lines = [json.dumps(r) for r in rows if not str(r.get("file", "")).startswith("train/") or r["file"] in kept]
             (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / SUBSET).write_text(json.dumps(subset_record(data, drawn), indent=1), encoding="utf-8")
     return out
+
+
+def check_reuse(data: Path, subset: Path, run_dir: Path, n: int, seed: int) -> None:
+    """A run already in OUT/runs must have been trained on this folder's draw: refuse otherwise."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return
+    record = json.loads((subset / SUBSET).read_text()) if (subset / SUBSET).is_file() else None
+    if record != subset_record(data, draw(Path(data).resolve(), n, seed)):
+        source = record["source"] if record else "a folder it does not record"
+        raise CMGError(f"{run_dir} was trained on {n} images drawn from {source}, not this draw from "
+                       f"{Path(data).resolve()}: remove that run folder or choose another --out")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -138,8 +164,10 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, progress: bool) -> dict:
     """Train (unless OUT/runs/nN_sSEED already holds a run) and score one shot count and seed."""
-    folder = data if n == ALL else subset_folder(data, out / "data" / f"n{n}_s{seed}", n, seed)
     run_dir = out / "runs" / f"n{shot_label(n)}_s{seed}"
+    if n != ALL:
+        check_reuse(data, out / "data" / f"n{n}_s{seed}", run_dir, n, seed)
+    folder = data if n == ALL else subset_folder(data, out / "data" / f"n{n}_s{seed}", n, seed)
     return {"shots": n} | train_and_score(config, folder, run_dir, seed, ablation, progress, cmle_if_it_fits=True)
 
 
@@ -159,8 +187,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cmg.config import load_config, resolve_config
+    from cmg.dataset import training_images
+    from cmg_train.train import min_training_images
+
     if not (args.data / "train" / "good").is_dir():
         raise CMGError(f"--data {args.data}: no train/good folder")
+    # Every count checked before the first training: a typo found after hours of training loses them
+    cfg = load_config(resolve_config(args.config))
+    have, need = len(training_images(args.data)), min_training_images(cfg.data.val_fraction)
+    for n in (n for n in args.shots if n != ALL):
+        if n > have:
+            raise CMGError(f"--shots {n}: {args.data}/train/good has only {have} images")
+        if n < need:
+            raise CMGError(f"--shots {n}: training needs at least {need} images")
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(n, s) for n in args.shots for s in args.seeds]
     rows = []

@@ -28,6 +28,7 @@ from cmg_bench.common import add_run_arguments, run_frames, start_local_server
 from cmg_bench.loadgen import Window
 from cmg_bench.memory import rss_bytes
 from cmg_bench.modes import SERVED_CMG, Served
+from cmg_clients.scorer import StreamSummary
 from cmg_clients.sources import ArraySource
 from cmg_clients.stream import StreamOptions, run_stream
 
@@ -136,6 +137,7 @@ def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data:
 
     started = time.time()
     server = None
+    stopped: KeyboardInterrupt | None = None  # Ctrl-C / SIGTERM mid-stream: results so far are written, then raised
     try:
         if url is None:
             server = start_local_server(run_dir, out)
@@ -159,7 +161,17 @@ def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data:
         opts = StreamOptions(url=url, source="memory", out=out / "soak.jsonl", overwrite=True, fps=fps,
                              window=window, progress=progress, on_line=on_line,
                              frames=ArraySource(frames, planned, label="soak"))
-        summary = run_stream(opts)
+        summary = StreamSummary(out=str(opts.out))
+        try:
+            run_stream(opts, summary)
+        except KeyboardInterrupt as exc:  # a long soak stopped near its end keeps its minutes and RSS samples
+            stopped = exc
+            summary.aborted = "interrupted"
+            summary.elapsed_s = summary.elapsed_s or time.perf_counter() - t_start[0]
+            lat = [v for _, v in events if v is not None]
+            if lat and summary.p50_ms is None:
+                summary.p50_ms, summary.p99_ms = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+                summary.fps = len(events) / summary.elapsed_s if summary.elapsed_s else 0.0
         rss_end = sampler.stop() if sampler else None
     finally:
         if server is not None:
@@ -183,6 +195,8 @@ def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data:
     (out / "soak.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "soak.md")
     write_plot(result, out / "soak.png")
+    if stopped is not None:
+        raise stopped
     return result
 
 

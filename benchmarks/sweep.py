@@ -41,6 +41,7 @@ from cmg_bench.common import (
     ensure_export,
     load_test_frames,
     measure_grid,
+    memory_refusal,
     parse_ints,
 )
 from cmg_bench.loadgen import Window
@@ -127,8 +128,21 @@ def _ratio_entry(name: str, a: dict, b: dict, metric: str, pairs: list[tuple[dic
     return entry
 
 
-def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, int]], progress) -> dict:
-    """Key-point pairs re-measured `repeats` times, sides interleaved (ABBA)."""
+def refused_point(mode, point: tuple[int, int], settings: Settings) -> str | None:
+    """Why a ratio side may not run `point`: the grid's memory guard skipped it, or (a key point
+    outside the grid) the guard would, or None. Measuring it anyway can get the whole sweep
+    OOM-killed, which is what the guard is for."""
+    conc, batch = point
+    if conc in settings.concurrency and batch in settings.batch:
+        return next((s["reason"] for s in getattr(mode, "skipped", [])
+                     if (s["concurrency"], s["batch"]) == point), None)
+    return memory_refusal(conc, mode.call_bytes(batch) if hasattr(mode, "call_bytes") else None, 0)
+
+
+def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, int]],
+                   progress) -> tuple[dict, dict[str, str]]:
+    """Key-point pairs re-measured `repeats` times, sides interleaved (ABBA); the pairs with
+    a side the memory guard refuses are left out, with the reason (second return value)."""
     plan = {  # pair -> (side A (mode, point), side B)
         "onepass_vs_exact": ((SERVED_CMG, settings.exact_key), (SERVED_EXACT, settings.exact_key)),
         "served_vs_torch_eager_best": ((SERVED_CMG, best.get(SERVED_CMG, settings.single)),
@@ -139,6 +153,15 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
         "int8_vs_fp32": ((ORT_INT8, settings.exact_key), (ORT_INPROCESS, settings.exact_key)),
     }
     plan = {k: v for k, v in plan.items() if v[0][0] in modes and v[1][0] in modes}
+    refused: dict[str, str] = {}
+    for key, sides in list(plan.items()):
+        why = next((f"{mode} c{point[0]} b{point[1]}: {reason}" for mode, point in sides
+                    if (reason := refused_point(modes[mode], point, settings))), None)
+        if why:
+            refused[key] = why
+            del plan[key]
+            progress.write(f"cmg bench: ratio pair {key} not measured: {why}")
+            progress.update(2 * settings.repeats)
     got: dict[str, list[tuple[dict, dict]]] = {k: [] for k in plan}
     for r in range(settings.repeats):
         for key, sides in plan.items():
@@ -169,7 +192,7 @@ def measure_ratios(modes: dict, settings: Settings, best: dict[str, tuple[int, i
         if key in plan:
             a, b = plan[key]
             ratios[name] = _ratio_entry(name, side(a), side(b), metric, got[key])
-    return ratios
+    return ratios, refused
 
 
 def fit_served_batches(settings: Settings, modes: dict) -> Settings:
@@ -207,7 +230,9 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         raise CMGError(f"unknown mode(s) {unknown}: expected some of {', '.join(MODES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("latency_throughput_*.png"), out / "ratios.png"]:  # an earlier sweep's, maybe other modes
+    # An earlier sweep's results go first: one interrupted here must not leave them looking current
+    for stale in [*out.glob("latency_throughput_*.png"), out / "ratios.png", out / "bench.json", out / "bench.md",
+                  out / "readme_performance.md"]:
         stale.unlink(missing_ok=True)
     onnx_dir, meta = ensure_export(run_dir)
     contract = Contract.from_dict(meta["contract"])
@@ -282,7 +307,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
                             / peak["measured_gemm"]["gflops"]})
         best_pts = {r["name"]: (r["best"]["concurrency"], r["best"]["batch"]) for r in results}
         bar.set_postfix_str("ratios")
-        ratios = measure_ratios(modes, settings, best_pts, bar)
+        ratios, ratios_refused = measure_ratios(modes, settings, best_pts, bar)
         bar.close()
     finally:
         close_all(modes.values(), loop, [server])
@@ -306,6 +331,7 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         "machine": machine_info(peak),
         "modes": results,
         "ratios": ratios,
+        "ratio_pairs_not_measured": ratios_refused,
         "flops": {"per_model": per_model, "per_mode": mode_flops, "counted_ops": list(flops.COUNTED_OPS),
                   "note": "MatMul/Gemm/Conv multiply-adds x2 per frame at batch 1 (ONNX shape inference)"},
         "accuracy": {"test_images": int(len(labels)), "anomalous": int(labels.sum()), **accuracy},

@@ -202,6 +202,37 @@ def test_soak_short(tiny_run, tmp_path, capsys, private_tmp):
     assert "| tritonserver |" in md and "| minute | frames | errors | p50 ms | p99 ms |" in md
 
 
+@pytest.mark.slow
+def test_an_interrupted_soak_still_writes_what_it_measured(tiny_run, triton, tmp_path, monkeypatch):
+    """Ctrl-C mid-stream (the interrupt raised from the 10th line's callback): soak.json,
+    .md and .png hold the frames so far, marked interrupted, and the interrupt goes on."""
+    from cmg_bench import soak as soak_mod
+
+    real = soak_mod.run_stream
+
+    def cut_short(opts, summary):
+        counted, inner = [], opts.on_line
+
+        def on_line(line):
+            inner(line)
+            counted.append(line)
+            if len(counted) == 10:
+                raise KeyboardInterrupt
+
+        opts.on_line = on_line
+        return real(opts, summary)
+
+    monkeypatch.setattr(soak_mod, "run_stream", cut_short)
+    out = tmp_path / "soak"
+    with pytest.raises(KeyboardInterrupt):
+        soak_mod.soak(tiny_run, out, minutes=5, url=triton.grpc_url, progress=False)
+    data = json.loads((out / "soak.json").read_text())
+    assert data["aborted"] == "interrupted" and data["frames"] == 10 < data["planned_frames"]
+    assert sum(m["frames"] for m in data["per_minute"]) == 10 and data["p50_ms"] > 0
+    assert "ABORTED: interrupted" in (out / "soak.md").read_text()
+    assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_sweep_keeps_client_batches_within_the_served_models_limit(capsys):
     """`small` serves at most 8 frames per request; the full sweep's batch 32 is dropped with
     a note instead of failing mid-run, and a served mode refuses a larger batch by name."""
@@ -272,6 +303,22 @@ def test_in_process_points_that_would_not_fit_in_memory_are_skipped(monkeypatch)
     assert "8 concurrent calls need about 2." in mode.skipped[0]["reason"]
     assert bar.lines and "holder c8 b1 not measured" in bar.lines[0]
 
+    # The ratio pairs obey the same guard: a point the grid skipped, or a key point outside
+    # the grid that would not fit, is not measured there either; the pair says why.
+    from cmg_bench.modes import ORT_INPROCESS, ORT_INT8
+    from cmg_bench.sweep import measure_ratios
+
+    twin = Holder(np.zeros((4, 8, 8, 3), np.uint8))
+    common.measure_grid("twin", twin, Settings((1, 2, 8), (1,), window), bar)
+    for key in ((8, 1), (16, 1)):  # skipped in the grid; outside it
+        settings = Settings((1, 2, 8), (1,), window, repeats=1, exact_key=key)
+        ratios, refused = measure_ratios({ORT_INT8: twin, ORT_INPROCESS: mode}, settings, {}, bar)
+        assert ratios == {} and set(refused) == {"int8_vs_fp32"}
+        assert f"c{key[0]} b1: {key[0]} concurrent calls need about" in refused["int8_vs_fp32"]
+    ratios, refused = measure_ratios({ORT_INT8: twin, ORT_INPROCESS: mode},
+                                     Settings((1, 2, 8), (1,), window, repeats=1, exact_key=(2, 1)), {}, bar)
+    assert refused == {} and ratios["int8_vs_fp32_throughput"]["a"]["concurrency"] == 2
+
 
 def test_a_signal_mid_point_ends_the_async_workers_before_it_propagates():
     """SIGTERM (cmg_app raises it as an exception) or Ctrl-C while an async point runs: the
@@ -295,3 +342,27 @@ def test_a_signal_mid_point_ends_the_async_workers_before_it_propagates():
         assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
     finally:
         loop.close()
+
+
+def test_a_sweep_stopped_early_leaves_no_earlier_results_looking_current(tmp_path, monkeypatch):
+    """bench.json, bench.md, readme_performance.md and the PNGs of an earlier sweep go before
+    anything is measured: a sweep interrupted after that leaves none of them behind."""
+    from cmg_bench import sweep
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").touch()
+    out = tmp_path / "bench"
+    out.mkdir()
+    earlier = ["bench.json", "bench.md", "readme_performance.md", "ratios.png", "latency_throughput_served_cmg.png"]
+    for name in earlier:
+        (out / name).write_text("an earlier sweep's")
+    (out / "notes.txt").write_text("the user's")
+
+    def interrupted(_run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "ensure_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.bench(run, out, sweep.Settings.quick())
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

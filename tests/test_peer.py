@@ -67,13 +67,16 @@ def test_peer_report_names_each_sides_backbones() -> None:
 
 @pytest.mark.slow
 @NEEDS_ANOMALIB
-def test_peer_side_by_side(tmp_path, tiny_data, tiny_run) -> None:
+def test_peer_side_by_side(tmp_path, tiny_data, tiny_run, capfd) -> None:
     data = _cut(Path(tiny_data), tmp_path / "data")
     out = tmp_path / "peer"
     rc = main(["bench", "peer", "--data", str(data), "--run", str(tiny_run), "--out", str(out),
                "--models", "patchcore", "--runtimes", "torch,onnx", "--coreset-ratio", "0.01",
                "--quick", "--batch", "1", "--no-progress"])
     assert rc == 0
+    err = capfd.readouterr().err
+    assert "the accuracy rows compare models trained on different images" in err  # the run saw all of tiny_data
+    assert "Selecting Coreset" not in err  # anomalib's own coreset bar obeys --no-progress too
     res = json.loads((out / "bench.json").read_text())
     assert set(res["rows"]) == {"cmg", "patchcore"}
     for row in res["rows"].values():

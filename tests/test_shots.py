@@ -15,7 +15,7 @@ from cmg.config import resolve_config
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
 from cmg_app.cli import main
-from cmg_bench.shots import ALL, markdown, parse_shots, subset_folder, summarise
+from cmg_bench.shots import ALL, check_reuse, markdown, parse_shots, subset_folder, summarise
 from cmg_data.synth import synthesize
 
 
@@ -58,6 +58,36 @@ def test_subset_draw_follows_the_seed_and_is_made_afresh(source, tmp_path):
 def test_subset_larger_than_the_folder_is_refused(source, tmp_path):
     with pytest.raises(CMGError, match="only 20 images"):
         subset_folder(source, tmp_path / "n99", 99, seed=0)
+
+
+def test_a_run_of_another_folders_subset_is_not_reused(source, tmp_path):
+    """Every subset of an --out has the same path, so the run's recorded training folder
+    cannot tell two source folders apart: the subset's own record does."""
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    sub, run_dir = tmp_path / "out" / "data" / "n6_s0", tmp_path / "out" / "runs" / "n6_s0"
+    subset_folder(source, sub, 6, seed=0)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").touch()
+    check_reuse(source, sub, run_dir, 6, 0)  # the same draw of the same folder: reused
+    with pytest.raises(CMGError, match=f"drawn from {source.resolve()}, not this draw from {other.resolve()}"):
+        check_reuse(other, sub, run_dir, 6, 0)
+    with pytest.raises(CMGError, match="not this draw"):
+        check_reuse(source, sub, run_dir, 6, 1)  # another seed draws other images
+    (sub / "subset.json").unlink()
+    with pytest.raises(CMGError, match="a folder it does not record"):
+        check_reuse(source, sub, run_dir, 6, 0)
+
+
+def test_every_shot_count_is_checked_before_anything_trains(source, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["bench", "shots", "--config", "tiny", "--data", str(source), "--out", str(out), "--seeds", "0"]
+    assert main([*base, "--shots", "12,99"]) == 2
+    err = capsys.readouterr().err
+    assert "--shots 99:" in err and "has only 20 images" in err, err
+    assert main([*base, "--shots", "12,3"]) == 2
+    assert "--shots 3: training needs at least" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_shot_and_seed_lists(tmp_path, capsys):
