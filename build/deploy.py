@@ -101,8 +101,37 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     return str(result.get_response().model_version)
 
 
-def deploy(run: Path, repository: Path, url: str) -> dict:
-    """Stage, check, switch, retire (module docstring); returns what was done."""
+RECOVERY = ".cmg-deploy.json"  # in the repository while a deploy has it staged: what undoes it
+
+
+def _with_served_threads(served_text: str, staged_text: str) -> str:
+    """The staged config with the served one's ONNX Runtime thread count: a setting of the
+    repository and its machine (`--cpu-threads`, the cores at build time), not of the run."""
+    served, staged = mcfg.parse(served_text), mcfg.parse(staged_text)
+    if mcfg.INTRA_OP_THREADS in served.parameters and mcfg.INTRA_OP_THREADS in staged.parameters:
+        staged.parameters[mcfg.INTRA_OP_THREADS].string_value = served.parameters[mcfg.INTRA_OP_THREADS].string_value
+    return mcfg.text(staged)
+
+
+def undo_interrupted(repo: Path) -> int | None:
+    """A deploy stopped between stage and retire (Ctrl-C, SIGTERM, a crash) left its version
+    folders and pinned configs, which refuse every later deploy: put the repository back as
+    it was before it. Returns the version undone, or None when there was nothing to undo."""
+    path = repo / RECOVERY
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    for name, text in record["originals"].items():
+        (repo / name / "config.pbtxt").write_text(text)
+    for name in record["originals"]:
+        shutil.rmtree(repo / name / str(record["new"]), ignore_errors=True)
+    path.unlink()
+    return int(record["new"])
+
+
+def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> dict:
+    """Stage, check, switch, retire (module docstring); returns what was done.
+    `data`: the run's training folder when it moved (int8 repositories calibrate on it)."""
 
     repo = Path(repository)
     report_path = repo / "build_report.json"
@@ -112,6 +141,12 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
     client = _client(url)
     try:
         live = {m.name: m for m in _index(client) if m.state == "READY"}
+        undone = undo_interrupted(repo)
+        if undone is not None:  # the server may still serve the undone version: it reloads what is on disk
+            for name in (n for n in ENSEMBLES if n in live):
+                client.load_model(name)
+            live = {m.name: m for m in _index(client) if m.state == "READY"}
+            print(f"cmg deploy: an interrupted deploy of version {undone} was undone first", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
     configs = {name: mcfg.read(repo / name / "config.pbtxt")
@@ -132,15 +167,20 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
         staged = Path(tmp) / "repo"
         cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
         kind = "cpu" if built["target"] == "cpu" else built.get("kind", "cpu")  # a cpu repository is CPU-only
+        precision = built.get("precision", {}).get("precision", "fp32")  # an int8 repository stays int8
         build(run, built["target"], staged, kind, serving.get("max_batch"),
-              serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg)
-        staged_texts = {name: (staged / name / "config.pbtxt").read_text() for name in configs}
+              serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg,
+              precision=precision, data=data)
+        staged_texts = {name: _with_served_threads(originals[name], (staged / name / "config.pbtxt").read_text())
+                        for name in configs}
         for name in configs:
             # The calibrated threshold (GPU targets' ensembles) belongs to the run: it may differ.
             served, wanted = _without_threshold(originals[name]), _without_threshold(staged_texts[name])
             if wanted != served:
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
                                f"({first_difference(served, wanted)}): build a new repository for it")
+        # From here until retire, the record beside the models says how to undo this deploy
+        (repo / RECOVERY).write_text(json.dumps({"run": str(run), "new": new, "old": old, "originals": originals}))
         for name in configs:
             shutil.copytree(staged / name / str(new), repo / name / str(new))
 
@@ -172,10 +212,7 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
                 client.unload_model(name)
 
     def roll_back(reason: str) -> CMGError:
-        for name, text in originals.items():
-            (repo / name / "config.pbtxt").write_text(text)
-        for name in configs:
-            shutil.rmtree(repo / name / str(new), ignore_errors=True)
+        undo_interrupted(repo)
         try:
             load_all()
             release()
@@ -183,62 +220,91 @@ def deploy(run: Path, repository: Path, url: str) -> dict:
             reason += f" (reload of version {old} after it: {_reason(exc)})"
         return CMGError(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
 
-    # 1. stage
-    for name in steps:
-        cfg = mcfg.read(repo / name / "config.pbtxt")
-        cfg.version_policy.specific.versions[:] = [old, new]
-        write(name, cfg)
-    for e in ensembles:
-        write(e, pinned(e, old))
-    try:
-        load_all()
-    except Exception as exc:  # noqa: BLE001 - the server's reason is the message
-        raise roll_back(_reason(exc)) from exc
-    if failed_versions():
-        raise roll_back("; ".join(failed_versions()))
-    # 2. check every step at NEW
-
-    with CMGClient(url, "grpc", model=ensembles[0], timeout_s=30) as probe:
-        frame = np.zeros((1, *probe.size, 3), dtype=np.uint8)
-    for name in steps:
+    def _stage_check_switch() -> None:
+        """Steps 1-3 of the module docstring; a failure the server names raises roll_back's error."""
+        # 1. stage
+        for name in steps:
+            cfg = mcfg.read(repo / name / "config.pbtxt")
+            cfg.version_policy.specific.versions[:] = [old, new]
+            write(name, cfg)
+        for e in ensembles:
+            write(e, pinned(e, old))
         try:
-            _infer(client, name, new, configs[name], frame)
+            load_all()
+        except Exception as exc:  # noqa: BLE001 - the server's reason is the message
+            raise roll_back(_explained(_reason(exc))) from exc
+        if failed_versions():
+            raise roll_back("; ".join(failed_versions()))
+        # 2. check every step at NEW
+        with CMGClient(url, "grpc", model=ensembles[0], timeout_s=30) as probe:
+            frame = np.zeros((1, *probe.size, 3), dtype=np.uint8)
+        for name in steps:
+            try:
+                _infer(client, name, new, configs[name], frame)
+            except Exception as exc:  # noqa: BLE001
+                raise roll_back(f"{name} version {new} does not answer: {_reason(exc)}") from exc
+        # 3. switch (with the new run's calibrated threshold where the ensemble carries one)
+        for e in ensembles:
+            cfg = pinned(e, new)
+            new_thr = mcfg.default_threshold(mcfg.parse(staged_texts[e]))
+            if new_thr is not None:
+                mcfg.set_default_threshold(cfg, new_thr)
+            write(e, cfg)
+        try:
+            load_all()
+            answered = [_infer(client, e, new, configs[e], frame) for e in ensembles]
         except Exception as exc:  # noqa: BLE001
-            raise roll_back(f"{name} version {new} does not answer: {_reason(exc)}") from exc
-    # 3. switch (with the new run's calibrated threshold where the ensemble carries one)
-    for e in ensembles:
-        cfg = pinned(e, new)
-        new_thr = mcfg.default_threshold(mcfg.parse(staged_texts[e]))
-        if new_thr is not None:
-            mcfg.set_default_threshold(cfg, new_thr)
-        write(e, cfg)
+            raise roll_back(_reason(exc)) from exc
+        if failed_versions() or any(v != str(new) for v in answered):
+            raise roll_back("; ".join(failed_versions()) or f"answered by versions {answered}")
+
     try:
-        load_all()
-        answered = [_infer(client, e, new, configs[e], frame) for e in ensembles]
-    except Exception as exc:  # noqa: BLE001
-        raise roll_back(_reason(exc)) from exc
-    if failed_versions() or any(v != str(new) for v in answered):
-        raise roll_back("; ".join(failed_versions()) or f"answered by versions {answered}")
+        _stage_check_switch()
+    except CMGError:
+        raise  # made by roll_back: the repository is as it was and OLD serves
+    except BaseException as exc:  # Ctrl-C, SIGTERM, a lost server: undo first, then let it go on
+        err = roll_back(f"{type(exc).__name__}: {_reason(exc)}" if isinstance(exc, Exception) else "interrupted")
+        if isinstance(exc, Exception):
+            raise err from exc
+        print(f"cmg deploy: {err}", file=sys.stderr)
+        raise
     # 4. retire (the new run's configs: the same as the old but for the threshold)
     for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
-    load_all()
-    release()
-    state = {(m.name, m.version): m.state for m in _index(client)}
-    client.close()
+    (repo / RECOVERY).unlink(missing_ok=True)  # the repository now holds the new run as built: nothing to undo
+    try:
+        load_all()
+        release()
+        state = {(m.name, m.version): m.state for m in _index(client)}
+    except Exception as exc:  # noqa: BLE001 - version NEW answered; only unloading OLD is left undone
+        raise CMGError(f"version {new} of {run} serves and {repo} holds it, but unloading version {old} "
+                       f"failed: {_reason(exc)}; a restart of the server serves version {new} alone") from exc
+    finally:
+        client.close()
     return {"run": str(run), "repository": str(repo), "url": url, "old_version": old, "new_version": new,
             "ensembles": ensembles, "steps": steps,
             "old_state": {n: state.get((n, str(old)), "") for n in steps + ensembles}}
+
+
+def _explained(reason: str) -> str:
+    """The server's reason, with the fix where Triton's words do not name it."""
+    if "not allowed if polling is enabled" in reason:
+        return (f"{reason} (the server does not take explicit loads: start it with "
+                "`cmg serve --repository REPO --model-control-mode explicit --load-model cmg`)")
+    return reason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="retrained run (with onnx/ from `cmg export`)")
     parser.add_argument("--repository", type=Path, required=True, help="the repository the live server serves")
     parser.add_argument("--url", required=True, help="gRPC HOST:PORT of that server (explicit model control)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the run's training folder, when it moved since `cmg train` (an int8 repository "
+                             "calibrates the new version on its normal images)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = deploy(args.run, args.repository, args.url)
+    result = deploy(args.run, args.repository, args.url, args.data)
     print(f"deployed {args.run} as version {result['new_version']} of {', '.join(result['ensembles'])}; "
           f"version {result['old_version']} retired", file=sys.stderr)
     print(json.dumps(result))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,9 +39,9 @@ def _outputs(grid: int = 4, size: int = 8, score: float = 2.5) -> dict[str, np.n
 
 
 def _get(port: int, path: str, method: str = "GET", body: bytes | None = None,
-         headers: dict | None = None) -> tuple[int, bytes, dict]:
+         headers: dict | None = None, host: str = LOOPBACK) -> tuple[int, bytes, dict]:
     """A raw request: the path goes out byte for byte (no client-side normalisation of `..`)."""
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -129,6 +131,61 @@ def test_loopback_refuses_foreign_host_header(board):
     assert _get(board.port, "/", headers={"Host": f"localhost:{board.port}"})[0] == 200
 
 
+def test_any_loopback_address_serves_its_own_host_header():
+    """`--dashboard 127.0.0.2:PORT` is loopback too: the page answers under the name it was
+    announced with (it used to bind, announce, and refuse every request as a foreign host)."""
+    with Dashboard(DashboardState(["cam-a"]), host="127.0.0.2", announce=False) as dash:
+        assert dash.url == f"http://127.0.0.2:{dash.port}/"
+        status, body, _ = _get(dash.port, "/", host="127.0.0.2")
+        assert status == 200 and b"<title>CMG line dashboard</title>" in body
+        assert _get(dash.port, "/", host="127.0.0.2", headers={"Host": "evil.example"})[0] == 400
+
+
+def _read_events(resp: http.client.HTTPResponse, count: int) -> list[dict]:
+    """The next `count` snapshots pushed on an open /events response."""
+    out = []
+    while len(out) < count:
+        line = resp.fp.readline().decode()
+        assert line, "the event stream ended"
+        if line.startswith("data: "):
+            out.append(json.loads(line[6:]))
+    return out
+
+
+class _CountingState(DashboardState):
+    """The real state, counting the snapshots taken of it."""
+
+    snapshots = 0
+
+    def snapshot(self) -> dict:
+        self.snapshots += 1
+        return super().snapshot()
+
+
+def test_open_pages_share_one_snapshot_a_second():
+    """Each snapshot costs the stream time (the GIL, the lock's copies): several open pages
+    share one a push interval instead of taking one each."""
+    pages, pushes = 8, 2
+    state = _CountingState(["cam-a"])
+    with Dashboard(state, announce=False) as dash:
+        conns = [http.client.HTTPConnection(LOOPBACK, dash.port, timeout=10) for _ in range(pages)]
+        try:
+            responses = []
+            for conn in conns:
+                conn.request("GET", "/events")
+                responses.append(conn.getresponse())
+            for resp in responses:
+                assert [s["cameras"][0]["name"] for s in _read_events(resp, pushes)] == ["cam-a"] * pushes
+            taken = state.snapshots
+        finally:
+            for conn in conns:
+                conn.close()
+    # One each would be pages x pushes (16); shared, about one a second (2-3 here). Half of
+    # that would need the 2 pushes to span 4 s or more: no timing threshold that a loaded
+    # machine trips.
+    assert 1 <= taken <= pages * pushes // 2, taken
+
+
 def test_events_push_snapshots(board):
     conn = http.client.HTTPConnection(LOOPBACK, board.port, timeout=10)
     try:
@@ -169,6 +226,129 @@ nv_cpu_utilization 0.5
     assert models["cmg"]["success"] == 10 and models["cmg"]["failure"] == 2 and models["cmg"]["queue_us"] == 5000
     port = free_port()  # nothing listens there: an error text, no raise
     assert MetricsReader(f"{LOOPBACK}:{port}").read()["error"]
+
+
+def _triton_text(success: float, queue_us: float, compute_us: float) -> str:
+    """Triton's metrics page for one model, as its Prometheus endpoint writes it."""
+    return f"""# HELP nv_inference_request_success Number of successful inference requests
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{{model="cmg",version="1"}} {success}
+# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{{model="cmg",version="1"}} {queue_us}
+# HELP nv_inference_compute_infer_duration_us Cumulative compute inference duration in microseconds
+# TYPE nv_inference_compute_infer_duration_us counter
+nv_inference_compute_infer_duration_us{{model="cmg",version="1"}} {compute_us}
+"""
+
+
+@contextlib.contextmanager
+def _metrics_endpoint(page: list[str]):
+    """A real HTTP metrics endpoint answering with `page[0]` as it is at each request: yields HOST:PORT."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = page[0].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_metrics_counter_reset_gives_no_rate():
+    """A Triton restart, or `cmg deploy` unloading a version (it drops out of the sum), lowers
+    the counters: that reading has no rate and no per-request times (it once showed
+    -4782.8 req/s); the next reading measures from it."""
+    page = [_triton_text(1000, 50_000, 200_000)]
+    with _metrics_endpoint(page) as url:
+        reader = MetricsReader(url)
+        first = reader.read()
+        assert first["error"] is None and first["models"][0]["req_per_s"] is None  # nothing to compare yet
+        page[0] = _triton_text(1100, 60_000, 240_000)
+        row = reader.read()["models"][0]
+        assert row["req_per_s"] > 0
+        assert row["queue_ms"] == pytest.approx(0.1) and row["compute_ms"] == pytest.approx(0.4)
+        page[0] = _triton_text(30, 1_000, 5_000)  # restarted: counters from zero again
+        row = reader.read()["models"][0]
+        assert row["success"] == 30
+        assert row["req_per_s"] is None and row["queue_ms"] is None and row["compute_ms"] is None, row
+        page[0] = _triton_text(40, 2_000, 9_000)
+        row = reader.read()["models"][0]
+        assert row["req_per_s"] > 0
+        assert row["queue_ms"] == pytest.approx(0.1) and row["compute_ms"] == pytest.approx(0.4)
+
+
+class _WatchedLock:
+    """A real lock that notes every function its holder calls while it holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: list[str] = []
+        self._before = None
+
+    def __enter__(self) -> _WatchedLock:
+        self._lock.acquire()
+        self._before = sys.getprofile()
+        sys.setprofile(self._note)  # this thread only: the calls made under the lock
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self._before)
+        self._lock.release()
+
+    def _note(self, frame, event: str, arg) -> None:
+        if event == "call":
+            self.calls.append(frame.f_code.co_name)
+        elif event == "c_call":
+            self.calls.append(getattr(arg, "__name__", "?"))
+
+
+def _history(cameras: int, fps: int, seconds: float) -> DashboardState:
+    """A state holding `seconds` of scored frames at `fps` per camera, ending now."""
+    names = [f"cam-{i}" for i in range(cameras)]
+    state = DashboardState(names)
+    frame = np.zeros((16, 16, 3), np.uint8)
+    for name in names:  # a few through the stream's hook, for the counts and the slider's range
+        for seq in range(3):
+            state.on_frame(name, {"seq": seq, "frame_id": f"f{seq}", "score": 0.1 * seq, "is_anomaly": False,
+                                  "latency_ms": 5.0}, frame, _outputs())
+    start = time.time() - seconds
+    for cam in state.cameras:  # the rest of the minute, at the times the stream would have added it
+        for i in range(int(fps * seconds)):
+            cam.add(start + i / fps, 5.0 + i % 10, i % 50 == 0)
+    return state
+
+
+def test_snapshot_computes_outside_the_lock():
+    """The stream's per-frame hook waits on the lock the page's snapshot takes: under it only
+    copies, so what is done there does not grow with the minute of history (4 cameras at
+    200 fps once kept the lock ~62 ms per snapshot, per open page). Counted, not timed."""
+    results = {}
+    for size, state in (("small", _history(4, 10, 1.0)), ("full", _history(4, 200, 59.0))):
+        lock = _WatchedLock()
+        state._lock = lock
+        snap = state.snapshot()
+        results[size] = lock.calls, snap
+    calls, snap = results["full"]
+    assert "percentile" not in calls and "_quantile" not in calls, calls
+    assert len(calls) == len(results["small"][0]), (len(calls), len(results["small"][0]))
+    cam = snap["cameras"][0]  # and the figures are still the minute's
+    assert cam["frames"] == 3 and len(cam["chart"]["t"]) >= 59 and cam["score_range"] == pytest.approx([0.0, 0.2])
+    assert cam["p50_ms"] == pytest.approx(9.0) and cam["anomaly_rate"] == pytest.approx(0.02, abs=1e-3)
 
 
 # -- real server ------------------------------------------------------------------------------

@@ -139,6 +139,22 @@ def _wait(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def test_deploy_keeps_the_served_thread_count():
+    """The ONNX Runtime threads are the repository's (its machine's cores, `--cpu-threads`),
+    not the run's: a deploy from a machine with other cores must not refuse on them."""
+    from cmg import model_config as mcfg
+    from cmg_build.deploy import _with_served_threads
+
+    def config(threads: str) -> str:
+        cfg = mcfg.mc.ModelConfig(name="cmer_scorer", backend="python", max_batch_size=8)
+        cfg.parameters[mcfg.INTRA_OP_THREADS].string_value = threads
+        return mcfg.text(cfg)
+
+    kept = mcfg.parse(_with_served_threads(config("3"), config("1")))
+    assert kept.parameters[mcfg.INTRA_OP_THREADS].string_value == "3"
+    assert _with_served_threads(config("3"), config("1")) == config("3")
+
+
 def test_deploy_refusal_names_the_first_config_difference():
     from cmg_build.deploy import first_difference
 
@@ -184,7 +200,7 @@ def test_three_sources_two_servers_one_killed(cpu_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path):
+def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
     from cmg_build.deploy import deploy
 
     repo = tmp_path / "repo"
@@ -236,6 +252,48 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path):
         run_streams([server.grpc_url], [StreamOptions(url=server.grpc_url, source="synth:tiny?n=3", out=check,
                                                       progress=False)])
         assert [x.get("model_version") for x in _lines(check)] == ["2", "2", "2"]
+
+        # Ctrl-C mid-deploy (here at the check of version 3): undone before the interrupt goes on.
+        from cmg_build import deploy as deploy_mod
+
+        def interrupted(*_args, **_kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as mp:
+            mp.setattr(deploy_mod, "_infer", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                deploy(tiny_run, repo, server.grpc_url)
+        assert not list(repo.glob("*/3")) and configs == {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+        assert not (repo / deploy_mod.RECOVERY).exists()
+        _wait(lambda: ready() == {(C.CMG, "2")}, 60, "version 2 does not serve alone after the interrupt")
+        # A deploy killed outright (no undo ran: its staged configs and version 3 stay, with the
+        # record): the next deploy undoes it first instead of refusing every run from then on.
+        with monkeypatch.context() as mp:
+            mp.setattr(deploy_mod, "_infer", interrupted)
+            mp.setattr(deploy_mod, "undo_interrupted", lambda _repo: None)
+            with pytest.raises(KeyboardInterrupt):
+                deploy(tiny_run, repo, server.grpc_url)
+        assert list(repo.glob("*/3")) and (repo / deploy_mod.RECOVERY).is_file()
+        done = deploy(tiny_run, repo, server.grpc_url)
+        assert "an interrupted deploy of version 3 was undone first" in capsys.readouterr().err
+        assert (done["old_version"], done["new_version"]) == (2, 3) and not (repo / deploy_mod.RECOVERY).exists()
+        _wait(lambda: ready() == {(C.CMG, "3")}, 60, "version 3 does not serve alone after the deploy")
+
+        # An int8 repository's next version is built int8 too, calibrated on --data when given.
+        report = json.loads((repo / "build_report.json").read_text())
+        asked = {}
+
+        def spy(*args, **kwargs):
+            asked.update(kwargs)
+            raise CMGError("stopped by the test")
+
+        with monkeypatch.context() as mp:
+            report["precision"] = {"precision": "int8"}
+            mp.setattr(deploy_mod, "build", spy)
+            (repo / "build_report.json").write_text(json.dumps(report))
+            with pytest.raises(CMGError, match="stopped by the test"):
+                deploy(tiny_run, repo, server.grpc_url, data=tmp_path / "moved")
+        assert asked["precision"] == "int8" and asked["data"] == tmp_path / "moved"
     finally:
         server.cleanup()
 
