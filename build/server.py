@@ -552,8 +552,14 @@ class TritonServer:
         model (the server's own log lines) when it dies, refuses its models or times out."""
         if self.is_running():
             return self
-        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
-                           ("--metrics-port", self.metrics_port)):
+        if ":" in (self.address or ""):  # tritonserver joins address and port unbracketed: "::1:8001" fails
+            raise CMGError(f"--address {self.address}: IPv6 addresses are not supported by this launcher; "
+                           "use 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
+        ports = (("--http-port", self.http_port), ("--grpc-port", self.grpc_port), ("--metrics-port", self.metrics_port))
+        for i, (flag, port) in enumerate(ports):
+            same = [other for other, p in ports[:i] if p == port]
+            if same:  # tritonserver says why only in its log, after 25 lines of usage text
+                raise CMGError(f"{same[0]} and {flag} are both {port}: each service needs a port of its own")
             check_port(port, self.address, flag)
         free = shm_free_bytes()
         if free is not None and free < MIN_SHM_BYTES:
@@ -777,15 +783,27 @@ def run(args: argparse.Namespace) -> int:
         load_models=args.load_model, address=args.address, cuda_pool_bytes=pool,
     )
     stop = threading.Event()
+    starting = threading.Event()
+    on_term = signal.getsignal(signal.SIGTERM)  # the console script's: raises, so SIGTERM exits 143
 
-    def _on_signal(signum: int, _frame: object) -> None:
+    def _on_signal(signum: int, frame: object) -> None:
         stop.set()
+        if starting.is_set():  # start-up may take minutes (model loads): stop now, not once it is ready
+            if signum == signal.SIGTERM and callable(on_term):
+                on_term(signum, frame)
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     failed = True
     try:
-        server.start(timeout=args.timeout)
+        starting.set()
+        try:
+            server.start(timeout=args.timeout)
+        except KeyboardInterrupt:
+            failed = False  # stopped by its user, not failed: no log kept
+            raise
+        starting.clear()
         print(f"tritonserver ready on {server.repository} (pid {server.pid}, log {server.log_file})", flush=True)
         print(f"  grpc    {server.grpc_url}\n  http    {server.http_url}\n  metrics {server.metrics_url}", flush=True)
         while not stop.is_set():

@@ -592,6 +592,59 @@ def test_port_taken_is_named_in_the_last_line(toy_repo, tmp_path, monkeypatch, c
     assert not list(tmp_path.glob("cmg-triton-*"))
 
 
+def test_one_port_for_two_services_or_an_ipv6_address_is_refused_before_launching(toy_repo, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import tempfile
+
+    from cmg_app.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    port, other = _free(), _free()
+    assert main(["serve", "--repository", str(toy_repo), "--http-port", str(port), "--grpc-port", str(port),
+                 "--metrics-port", str(other)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"cmg serve: error: --http-port and --grpc-port are both {port}: each service needs a port of its own"
+    assert main(["serve", "--repository", str(toy_repo), "--address", "::1"]) == 2
+    assert "--address ::1: IPv6 addresses are not supported" in capsys.readouterr().err
+    assert not list(tmp_path.glob("cmg-triton-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_a_slow_start_stops_serve_at_once(toy_repo, tmp_path, signum, code):
+    """A model whose initialize takes a minute: Ctrl-C or SIGTERM while it loads stops the
+    server within seconds (not at --timeout), exits 130 / 143, and leaves no folder or log."""
+    slow = tmp_path / "repo"
+    shutil.copytree(toy_repo, slow)
+    for model_py in slow.glob("*/1/model.py"):
+        text = model_py.read_text()
+        model_py.write_text(text.replace("    def initialize(self, args: dict) -> None:\n",
+                                         "    def initialize(self, args: dict) -> None:\n        time.sleep(120)\n", 1)
+                            .replace("\nimport ", "\nimport time\nimport ", 1))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    ports = [str(_free()) for _ in range(3)]
+    cmd = [str(VENV_BIN / "cmg"), "serve", "--repository", str(slow), "--http-port", ports[0],
+           "--grpc-port", ports[1], "--metrics-port", ports[2], "--timeout", "300"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp.glob("cmg-triton-*/tritonserver.log")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the stubs are in initialize now
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert "not ready after" not in err, err
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("cmg-triton-")]
+
+
 def test_port_taken_after_the_check_is_named_from_the_server_log(toy_repo, monkeypatch):
     """A port taken between the check and the bind: the server's own bind line is the error,
     not the model lines it logs afterwards."""
