@@ -41,7 +41,7 @@ from tritonclient.utils import triton_to_np_dtype
 from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
-from cmg_build.repository import build
+from cmg_build.repository import build, file_checksums
 from cmg_clients import core
 from cmg_clients.client import CMGClient
 
@@ -125,6 +125,8 @@ def undo_interrupted(repo: Path) -> int | None:
         (repo / name / "config.pbtxt").write_text(text)
     for name in record["originals"]:
         shutil.rmtree(repo / name / str(record["new"]), ignore_errors=True)
+    if "report" in record:
+        (repo / "build_report.json").write_text(record["report"])
     path.unlink()
     return int(record["new"])
 
@@ -168,7 +170,7 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
         cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
         kind = "cpu" if built["target"] == "cpu" else built.get("kind", "cpu")  # a cpu repository is CPU-only
         precision = built.get("precision", {}).get("precision", "fp32")  # an int8 repository stays int8
-        build(run, built["target"], staged, kind, serving.get("max_batch"),
+        staged_report = build(run, built["target"], staged, kind, serving.get("max_batch"),
               serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg,
               precision=precision, data=data)
         staged_texts = {name: _with_served_threads(originals[name], (staged / name / "config.pbtxt").read_text())
@@ -180,7 +182,8 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
                                f"({first_difference(served, wanted)}): build a new repository for it")
         # From here until retire, the record beside the models says how to undo this deploy
-        (repo / RECOVERY).write_text(json.dumps({"run": str(run), "new": new, "old": old, "originals": originals}))
+        (repo / RECOVERY).write_text(json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
+                                                 "report": report_path.read_text()}))
         for name in configs:
             shutil.copytree(staged / name / str(new), repo / name / str(new))
 
@@ -271,6 +274,11 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
     # 4. retire (the new run's configs: the same as the old but for the threshold)
     for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
+    # The report says what the repository serves now (the engine runner and the bench read its
+    # version and threshold): the new build's, with the deploys so far
+    history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]
+    (repo / "build_report.json").write_text(json.dumps(
+        staged_report | {"deployed": history, "files": file_checksums(repo)}, indent=2))
     (repo / RECOVERY).unlink(missing_ok=True)  # the repository now holds the new run as built: nothing to undo
     try:
         load_all()

@@ -128,6 +128,13 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
+def file_checksums(repo: Path) -> dict[str, str]:
+    """SHA-256 of every file of a repository but its report: what was built (or deployed) into it."""
+    return {str(path.relative_to(repo)): file_sha256(path)
+            for path in sorted(p for p in Path(repo).rglob("*") if p.is_file() and p.name != "build_report.json"
+                               and "__pycache__" not in p.parts)}
+
+
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
@@ -254,9 +261,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                     int8=int8)
         report["engines_missing"] = missing
 
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "build_report.json"
-                       and "__pycache__" not in p.parts):
-        report["files"][str(path.relative_to(out))] = file_sha256(path)
+    report["files"] = file_checksums(out)
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     if missing is not None and not skip_engines:
         raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {out / 'trtexec.sh'} are written "

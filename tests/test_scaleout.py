@@ -277,10 +277,12 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
         done = deploy(tiny_run, repo, server.grpc_url)
         assert "an interrupted deploy of version 3 was undone first" in capsys.readouterr().err
         assert (done["old_version"], done["new_version"]) == (2, 3) and not (repo / deploy_mod.RECOVERY).exists()
+        report = json.loads((repo / "build_report.json").read_text())  # what the engine runner and bench read
+        assert report["version"] == 3 and report["run"] == str(tiny_run) and "cmg/3/model.onnx" in report["files"]
+        assert [d["version"] for d in report["deployed"]] == [2, 3]
         _wait(lambda: ready() == {(C.CMG, "3")}, 60, "version 3 does not serve alone after the deploy")
 
         # An int8 repository's next version is built int8 too, calibrated on --data when given.
-        report = json.loads((repo / "build_report.json").read_text())
         asked = {}
 
         def spy(*args, **kwargs):
