@@ -2,12 +2,13 @@
 
 It serves exactly: `/` (the page), `/static/<name>` for the few assets shipped in this
 package (read into memory at start, looked up by name: no request path ever reaches the
-file system), `/events` (server-sent events, one JSON snapshot a second), the overlays of
-the flagged frames the running stream holds (`/frames/<id>/thumb.png|full.png`), and
-`POST /cameras/<index>/threshold` (the slider). Anything else is 404. It binds
-127.0.0.1 unless told otherwise; bound to loopback it also refuses requests whose Host
-header is not a loopback name (DNS rebinding), and the slider takes only JSON bodies (a
-cross-site form post cannot send one without a CORS preflight, which is not answered).
+file system), `/events` (server-sent events, one JSON snapshot a second, one shared by
+every open page), the overlays of the flagged frames the running stream holds
+(`/frames/<id>/thumb.png|full.png`), and `POST /cameras/<index>/threshold` (the slider).
+Anything else is 404. It binds 127.0.0.1 unless told otherwise; bound to loopback it also
+refuses requests whose Host header is neither a loopback name nor the bound address (DNS
+rebinding), and the slider takes only JSON bodies (a cross-site form post cannot send one
+without a CORS preflight, which is not answered).
 """
 
 from __future__ import annotations
@@ -71,9 +72,23 @@ def default_metrics_url(grpc_url: str) -> str:
     return f"{host}:{DEFAULT_METRICS_PORT}"
 
 
-def create_app(state: DashboardState, metrics_url: str | None = None, loopback_only: bool = True) -> Starlette:
-    """The ASGI app over `state`; with `metrics_url` it reads Triton's metrics every 2 s."""
+def create_app(state: DashboardState, metrics_url: str | None = None, loopback_only: bool = True,
+               host: str = LOOPBACK) -> Starlette:
+    """The ASGI app over `state`; with `metrics_url` it reads Triton's metrics every 2 s.
+    `host`: the address it is bound to, a Host header it must accept when `loopback_only`
+    (127.0.0.2 is loopback too, and the name the page was announced under)."""
     assets = _load_assets()
+    taken_at, taken = float("-inf"), ""
+
+    def current() -> str:
+        """One snapshot a push interval for every open page, not one per page (each costs the
+        stream time: the GIL and the lock's copies); at most 0.9 s old when pushed. Called on
+        the event loop only, so no lock."""
+        nonlocal taken_at, taken
+        now = time.monotonic()
+        if now - taken_at >= 0.9 * PUSH_INTERVAL_S:
+            taken_at, taken = now, json.dumps(state.snapshot())
+        return taken
 
     def _headers(media: str) -> dict[str, str]:
         return {**SECURITY_HEADERS, "Content-Type": media}
@@ -112,7 +127,7 @@ def create_app(state: DashboardState, metrics_url: str | None = None, loopback_o
         async def push():
             yield "retry: 1000\n\n"
             while not state.closed.is_set():
-                yield f"data: {json.dumps(state.snapshot())}\n\n"
+                yield f"data: {current()}\n\n"
                 for _ in range(int(PUSH_INTERVAL_S / 0.1)):
                     if state.closed.is_set():
                         break
@@ -151,8 +166,10 @@ def create_app(state: DashboardState, metrics_url: str | None = None, loopback_o
         Route("/frames/{frame_no:int}/{kind}.png", frame_png),
         Route("/cameras/{index:int}/threshold", threshold, methods=["POST"]),
     ]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])] \
-        if loopback_only else []
+    # The middleware compares the Host header's host part (port dropped; IPv6 in brackets).
+    bound = [host, f"[{host}]"] if ":" in host else [host]
+    allowed = list(dict.fromkeys(["127.0.0.1", "localhost", "[::1]", "::1", *bound]))
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed)] if loopback_only else []
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
@@ -196,7 +213,7 @@ class Dashboard:
             raise CMGError(f"--dashboard {self.host}:{self.port}: cannot listen there ({exc.strerror or exc})") from exc
         sock.listen(64)
         self.port = sock.getsockname()[1]
-        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host))
+        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host), host=self.host)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)

@@ -2,7 +2,8 @@
 8002 by default, see cmg_build.server) and parsed with prometheus_client's parser.
 
 Per model: successes, failures, inferences and executions (counters since the server
-started) and, between two reads, the rate and the mean queue / compute time per request.
+started) and, between two reads, the rate and the mean queue / compute time per request;
+none of these where a counter went down between the two (a restart, a version unloaded).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class MetricsReader:
 
     def read(self) -> dict:
         """{'url', 'error', 'models': [{model, success, failure, inferences, executions,
-        req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise."""
+        req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise;
+        the rates are None on a first read and on one where a counter went down (reset)."""
         try:
             now, models = time.monotonic(), parse(fetch(self.url))
         except Exception as exc:  # noqa: BLE001 - the page says why; the stream goes on
@@ -69,7 +71,9 @@ class MetricsReader:
             out = {"model": model, **{k: row[k] for k in ("success", "failure", "inferences", "executions")},
                    "req_per_s": None, "queue_ms": None, "compute_ms": None}
             prev = self._last[1].get(model) if self._last else None
-            if prev is not None:
+            # A counter that went down was reset (Triton restarted) or lost a version from the sum
+            # (`cmg deploy` unloading one): no rate from that reading; the next one starts from it.
+            if prev is not None and not any(row[k] < prev[k] for k in row):
                 dt = now - self._last[0]
                 done = row["success"] - prev["success"]
                 out["req_per_s"] = done / dt if dt > 0 else None

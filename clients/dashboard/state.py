@@ -4,7 +4,8 @@ browser asks), the threshold the slider set, and Triton's own metrics.
 
 The stream calls `on_frame`/`on_error`/`threshold` on its event loop (cmg_clients.stream's
 StreamObserver), the web server reads `snapshot` from its own thread: one lock, held for
-appends and copies only, so the stream never waits on the page.
+appends and copies only (`Camera.copy`; the percentiles are computed after it is released,
+by `figures`), so the stream never waits on the page.
 """
 
 from __future__ import annotations
@@ -78,33 +79,50 @@ class Camera:
         while self.recent and self.recent[0][0] < now - WINDOW_S:
             self.recent.popleft()
 
-    def snapshot(self, now: float) -> dict:
-        recent = [r for r in self.recent if r[0] >= now - WINDOW_S]
-        lat = np.array([r[1] for r in recent if r[1] is not None], dtype=np.float64)
-        last_fps = sum(1 for r in recent if r[0] >= now - FPS_WINDOW_S)
-        span = min(FPS_WINDOW_S, now - recent[0][0]) if recent else 0.0
-        scored = [r for r in recent if r[1] is not None]
-        # Per-second p50/p99 for the chart: x = whole seconds, oldest first.
-        buckets: dict[int, list[float]] = {}
-        for t, v, _ in scored:
-            buckets.setdefault(int(t), []).append(v)
-        xs = sorted(buckets)
-        p50 = [float(np.percentile(buckets[x], 50)) for x in xs]
-        p99 = [float(np.percentile(buckets[x], 99)) for x in xs]
-        scores = np.array(self.scores) if self.scores else np.zeros(0)
+    def copy(self) -> dict:
+        """What the page's figures need, copied: taken under the state's lock, so copies only
+        (C-level list copies and the few kept frames' facts), the arithmetic comes after."""
         return {
             "index": self.index, "name": self.name, "frames": self.frames, "results": self.results,
             "errors": self.errors, "anomalies": self.anomalies, "last_error": self.last_error,
-            "fps": last_fps / span if span > 0.5 else 0.0,
-            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
-            "anomaly_rate": sum(1 for r in scored if r[2]) / len(scored) if scored else None,
-            "anomaly_rate_all": self.anomalies / self.results if self.results else None,
-            "chart": {"t": xs, "p50": p50, "p99": p99},
             "threshold": self.threshold, "last_threshold": self.last_threshold,
-            "score_range": [float(scores.min()), float(scores.max())] if scores.size else None,
+            "recent": list(self.recent), "scores": list(self.scores),
             "flagged": [f.info() for f in reversed(self.flagged)],  # newest first
         }
+
+
+def figures(copy: dict, now: float) -> dict:
+    """A camera's figures for the page from its `Camera.copy`, computed outside the lock: the
+    minute's percentiles (overall and per second for the chart) are the costly part."""
+    recent = [r for r in copy["recent"] if r[0] >= now - WINDOW_S]
+    n = len(recent)
+    t = np.fromiter((r[0] for r in recent), np.float64, n)
+    lat = np.fromiter((np.nan if r[1] is None else r[1] for r in recent), np.float64, n)  # NaN: an error
+    hit = np.fromiter((r[2] for r in recent), bool, n)
+    scored = ~np.isnan(lat)
+    last_fps = int(np.count_nonzero(t >= now - FPS_WINDOW_S))
+    span = min(FPS_WINDOW_S, now - float(t[0])) if n else 0.0
+    # Per-second p50/p99 for the chart: x = whole seconds, oldest first.
+    secs, values = t[scored].astype(np.int64), lat[scored]
+    order = np.argsort(secs, kind="stable")
+    secs, values = secs[order], values[order]
+    xs, starts = np.unique(secs, return_index=True)
+    per_second = [np.percentile(v, [50, 99]) for v in np.split(values, starts[1:])] if values.size else []
+    overall = np.percentile(values, [50, 99]) if values.size else None
+    scores = np.array(copy["scores"], dtype=np.float64)
+    return {
+        **{k: copy[k] for k in ("index", "name", "frames", "results", "errors", "anomalies", "last_error")},
+        "fps": last_fps / span if span > 0.5 else 0.0,
+        "p50_ms": None if overall is None else float(overall[0]),
+        "p99_ms": None if overall is None else float(overall[1]),
+        "anomaly_rate": int(np.count_nonzero(hit & scored)) / values.size if values.size else None,
+        "anomaly_rate_all": copy["anomalies"] / copy["results"] if copy["results"] else None,
+        "chart": {"t": xs.tolist(), "p50": [float(p[0]) for p in per_second],
+                  "p99": [float(p[1]) for p in per_second]},
+        "threshold": copy["threshold"], "last_threshold": copy["last_threshold"],
+        "score_range": [float(scores.min()), float(scores.max())] if scores.size else None,
+        "flagged": copy["flagged"],
+    }
 
 
 class DashboardState:
@@ -174,10 +192,13 @@ class DashboardState:
 
     # -- the page's side ---------------------------------------------------------------
     def snapshot(self) -> dict:
+        """The page's figures: copies under the lock, the arithmetic after releasing it, so the
+        stream's `on_frame` waits for the copies only, never for the page's percentiles."""
         now = time.time()
         with self._lock:
-            cameras = [c.snapshot(now) for c in self.cameras]
+            copies = [c.copy() for c in self.cameras]
             metrics = dict(self.metrics)
+        cameras = [figures(c, now) for c in copies]
         return {"t": now, "uptime_s": now - self.started, "cameras": cameras, "metrics": metrics}
 
     def flagged(self, frame_no: int) -> Flagged | None:
