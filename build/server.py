@@ -158,6 +158,9 @@ def sweep_stale_work_dirs() -> list[Path]:
         try:
             text = owner.read_text()
         except OSError:
+            if _old_kept_log(folder):  # a failed start's evidence, kept for a week, then it goes too
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
             continue
         if not _owner_alive(text):
             shutil.rmtree(folder, ignore_errors=True)
@@ -168,6 +171,19 @@ def sweep_stale_work_dirs() -> list[Path]:
             region.unlink(missing_ok=True)
             removed.append(region)
     return removed + sweep_orphaned_triton_regions()
+
+
+KEPT_LOG_DAYS = 7  # how long a failed start's log stays in its temporary folder
+
+
+def _old_kept_log(folder: Path) -> bool:
+    """A work folder that `cleanup(keep_log=True)` reduced to its log, untouched for a week."""
+    try:
+        entries = list(folder.iterdir())
+        return (len(entries) == 1 and entries[0].name == "tritonserver.log"
+                and time.time() - entries[0].stat().st_mtime > KEPT_LOG_DAYS * 86400)
+    except OSError:
+        return False
 
 
 def sweep_orphaned_triton_regions(min_age_s: float = 3600) -> list[Path]:

@@ -697,6 +697,26 @@ def test_dead_owners_shared_memory_goes_and_a_live_owners_stays(tmp_path):
         live.unlink(missing_ok=True)
 
 
+def test_a_failed_starts_kept_log_goes_after_a_week(tmp_path, monkeypatch):
+    """cleanup(keep_log=True) leaves a folder holding only the log (no owner file, so the
+    dead-owner sweep never took it): the sweep removes it once untouched for a week, and
+    leaves a recent one, and a folder with anything else in it, alone."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    week = server_mod.KEPT_LOG_DAYS * 86400
+    old, recent, other = (tmp_path / f"{server_mod.WORK_PREFIX}{name}" for name in ("old", "recent", "other"))
+    for folder in (old, recent, other):
+        folder.mkdir()
+        (folder / "tritonserver.log").write_text("E failed to load")
+    (other / "notes.txt").write_text("someone's")
+    for log in (old / "tritonserver.log", other / "tritonserver.log"):
+        os.utime(log, (time.time() - week - 60, time.time() - week - 60))
+    removed = server_mod.sweep_stale_work_dirs()
+    assert old in removed and not old.exists()
+    assert recent.exists() and other.exists()
+
+
 def test_orphaned_default_named_regions_go_and_mapped_or_recent_ones_stay(tmp_path):
     """Python-backend regions with Triton's default name (servers SIGKILLed elsewhere, or by
     this project before it named its own) go when no process maps them and they are old."""
