@@ -230,14 +230,15 @@ def bench(run_dir: Path, out: Path, settings: Settings, url: str | None = None, 
         raise CMGError(f"unknown mode(s) {unknown}: expected some of {', '.join(MODES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # An earlier sweep's results go first: one interrupted here must not leave them looking current
-    for stale in [*out.glob("latency_throughput_*.png"), out / "ratios.png", out / "bench.json", out / "bench.md",
-                  out / "readme_performance.md"]:
-        stale.unlink(missing_ok=True)
     onnx_dir, meta = ensure_export(run_dir)
     contract = Contract.from_dict(meta["contract"])
     data = resolve_data(run_dir, data)
     frames, labels = load_test_frames(data, contract.height, contract.width)
+    # The inputs hold: an earlier sweep's results go now, so one stopped from here on does not
+    # leave them looking current (and a mistyped --data did not cost them)
+    for stale in [*out.glob("latency_throughput_*.png"), out / "ratios.png", out / "bench.json", out / "bench.md",
+                  out / "readme_performance.md"]:
+        stale.unlink(missing_ok=True)
 
     # The one source of thread counts: the built cpu repository (served here, or the same
     # build as the --url server's when it was built with the same settings on this machine).

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from tritonclient.utils import triton_to_np_dtype
 from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
+from cmg.locks import OutputLock
 from cmg_build.repository import build, file_checksums
 from cmg_clients import core
 from cmg_clients.client import CMGClient
@@ -113,14 +115,30 @@ def _with_served_threads(served_text: str, staged_text: str) -> str:
     return mcfg.text(staged)
 
 
-def undo_interrupted(repo: Path) -> int | None:
+class RolledBack(CMGError):
+    """A deploy undone: the repository is as it was and version OLD serves."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: a record cut off mid-write would block every later deploy."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def undo_interrupted(repo: Path) -> dict | None:
     """A deploy stopped between stage and retire (Ctrl-C, SIGTERM, a crash) left its version
     folders and pinned configs, which refuse every later deploy: put the repository back as
-    it was before it. Returns the version undone, or None when there was nothing to undo."""
+    it was before it. Returns that deploy's record, or None when there was nothing to undo."""
     path = repo / RECOVERY
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CMGError(f"{path}: the record of an interrupted deploy cannot be read ({exc}): put back "
+                       f"{repo}'s config.pbtxt files and remove the version folders it added, or build the "
+                       "repository again") from exc
     for name, text in record["originals"].items():
         (repo / name / "config.pbtxt").write_text(text)
     for name in record["originals"]:
@@ -128,29 +146,57 @@ def undo_interrupted(repo: Path) -> int | None:
     if "report" in record:
         (repo / "build_report.json").write_text(record["report"])
     path.unlink()
+    return record
+
+
+def _recover(client, repo: Path) -> int | None:
+    """Undo an interrupted deploy on disk, then on the server: the ensembles it serves reload
+    what is on disk now, and what that deploy loaded beside them (the fused graphs it
+    checked) goes. Returns the version undone, or None."""
+    record = undo_interrupted(repo)
+    if record is None:
+        return None
+    loaded = {m.name for m in _index(client) if m.state == "READY"}
+    for name in (n for n in ENSEMBLES if n in loaded):
+        client.load_model(name)
+    for name in sorted(loaded - set(record.get("live", loaded)) - set(ENSEMBLES)):
+        client.unload_model(name)
     return int(record["new"])
 
 
 def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> dict:
     """Stage, check, switch, retire (module docstring); returns what was done.
-    `data`: the run's training folder when it moved (int8 repositories calibrate on it)."""
+    `data`: the run's training folder when it moved (int8 repositories calibrate on it).
+    One deploy per repository at a time (a lock beside it): a second one would take the
+    first's staged versions for an interrupted deploy's and undo them."""
 
     repo = Path(repository)
+    if not (repo / "build_report.json").is_file():
+        raise CMGError(f"{repo / 'build_report.json'} not found: --repository must be a folder written by `cmg build`")
+    lock = OutputLock(repo, folder=True, refusal=f"{repo} is being deployed to by another `cmg deploy` "
+                      "(pid {pid}, lock {lock}): one deploy at a time; wait for it to end")
+    with lock:
+        return _deploy(run, repo, url, data)
+
+
+def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     report_path = repo / "build_report.json"
-    if not report_path.is_file():
-        raise CMGError(f"{report_path} not found: --repository must be a folder written by `cmg build`")
-    built = json.loads(report_path.read_text())
     client = _client(url)
     try:
-        live = {m.name: m for m in _index(client) if m.state == "READY"}
-        undone = undo_interrupted(repo)
-        if undone is not None:  # the server may still serve the undone version: it reloads what is on disk
-            for name in (n for n in ENSEMBLES if n in live):
-                client.load_model(name)
-            live = {m.name: m for m in _index(client) if m.state == "READY"}
-            print(f"cmg deploy: an interrupted deploy of version {undone} was undone first", file=sys.stderr)
+        _index(client)
     except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
+    try:
+        undone = _recover(client, repo)
+    except CMGError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the files are back; the server did not take them
+        raise CMGError(f"server {url}: reloading {repo} after undoing an interrupted deploy failed: "
+                       f"{_reason(exc)}") from exc
+    if undone is not None:
+        print(f"cmg deploy: an interrupted deploy of version {undone} was undone first", file=sys.stderr)
+    live = {m.name: m for m in _index(client) if m.state == "READY"}
+    built = json.loads(report_path.read_text())  # after the undo: the report of what serves
     configs = {name: mcfg.read(repo / name / "config.pbtxt")
                for name in built["models"] if (repo / name / "config.pbtxt").is_file()}
     # The models clients call: ensembles, and the cpu target's fused cmg (a plain model).
@@ -182,10 +228,14 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
                                f"({first_difference(served, wanted)}): build a new repository for it")
         # From here until retire, the record beside the models says how to undo this deploy
-        (repo / RECOVERY).write_text(json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
-                                                 "report": report_path.read_text()}))
-        for name in configs:
-            shutil.copytree(staged / name / str(new), repo / name / str(new))
+        _write_atomic(repo / RECOVERY, json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
+                                                   "report": report_path.read_text(), "live": sorted(live)}))
+        try:
+            for name in configs:
+                shutil.copytree(staged / name / str(new), repo / name / str(new))
+        except BaseException:
+            undo_interrupted(repo)
+            raise
 
     def write(name: str, cfg) -> None:
         mcfg.write(cfg, repo / name)
@@ -221,7 +271,7 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
             release()
         except Exception as exc:  # noqa: BLE001 - the old version's own state decides
             reason += f" (reload of version {old} after it: {_reason(exc)})"
-        return CMGError(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
+        return RolledBack(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
 
     def _stage_check_switch() -> None:
         """Steps 1-3 of the module docstring; a failure the server names raises roll_back's error."""
@@ -263,8 +313,8 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
 
     try:
         _stage_check_switch()
-    except CMGError:
-        raise  # made by roll_back: the repository is as it was and OLD serves
+    except RolledBack:
+        raise  # the repository is as it was and OLD serves
     except BaseException as exc:  # Ctrl-C, SIGTERM, a lost server: undo first, then let it go on
         err = roll_back(f"{type(exc).__name__}: {_reason(exc)}" if isinstance(exc, Exception) else "interrupted")
         if isinstance(exc, Exception):
@@ -277,8 +327,8 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
     # The report says what the repository serves now (the engine runner and the bench read its
     # version and threshold): the new build's, with the deploys so far
     history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]
-    (repo / "build_report.json").write_text(json.dumps(
-        staged_report | {"deployed": history, "files": file_checksums(repo)}, indent=2))
+    _write_atomic(report_path, json.dumps(staged_report | {"deployed": history, "files": file_checksums(repo)},
+                                          indent=2))
     (repo / RECOVERY).unlink(missing_ok=True)  # the repository now holds the new run as built: nothing to undo
     try:
         load_all()

@@ -129,10 +129,11 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
 
 
 def file_checksums(repo: Path) -> dict[str, str]:
-    """SHA-256 of every file of a repository but its report: what was built (or deployed) into it."""
+    """SHA-256 of every file of a repository but its report and hidden files (a deploy's
+    record): what was built (or deployed) into it."""
     return {str(path.relative_to(repo)): file_sha256(path)
             for path in sorted(p for p in Path(repo).rglob("*") if p.is_file() and p.name != "build_report.json"
-                               and "__pycache__" not in p.parts)}
+                               and not p.name.startswith(".") and "__pycache__" not in p.parts)}
 
 
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,

@@ -805,6 +805,7 @@ def run(args: argparse.Namespace) -> int:
     def _on_signal(signum: int, frame: object) -> None:
         stop.set()
         if starting.is_set():  # start-up may take minutes (model loads): stop now, not once it is ready
+            starting.clear()  # once: a second signal while the half-started server stops only sets `stop`
             if signum == signal.SIGTERM and callable(on_term):
                 on_term(signum, frame)
             raise KeyboardInterrupt
@@ -819,7 +820,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             failed = False  # stopped by its user, not failed: no log kept
             raise
-        starting.clear()
+        finally:
+            starting.clear()
         print(f"tritonserver ready on {server.repository} (pid {server.pid}, log {server.log_file})", flush=True)
         print(f"  grpc    {server.grpc_url}\n  http    {server.http_url}\n  metrics {server.metrics_url}", flush=True)
         while not stop.is_set():

@@ -25,8 +25,11 @@ class OutputLock:
     (/dev/full, a FIFO) has its lock under the temporary folder, keyed by OUT's resolved path.
     """
 
-    def __init__(self, out: Path, folder: bool = False) -> None:
+    def __init__(self, out: Path, folder: bool = False, refusal: str | None = None) -> None:
+        """`refusal`: the error when another process holds it, formatted with {pid} and {lock}
+        (default: OUT is being written by another process)."""
         self.out = out = Path(out)
+        self.refusal = refusal
         if not folder and out.exists() and not out.is_file():
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
             locks = Path(tempfile.gettempdir()) / "cmg-locks"
@@ -53,6 +56,8 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                if self.refusal:
+                    raise CMGError(self.refusal.format(pid=holder, lock=self.path)) from None
                 raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
                                f"{self.path}): one writer at a time; wait for it to end or choose another --out") from None
             try:  # the holder before us may have removed the file between our open and flock

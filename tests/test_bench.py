@@ -345,8 +345,9 @@ def test_a_signal_mid_point_ends_the_async_workers_before_it_propagates():
 
 
 def test_a_sweep_stopped_early_leaves_no_earlier_results_looking_current(tmp_path, monkeypatch):
-    """bench.json, bench.md, readme_performance.md and the PNGs of an earlier sweep go before
-    anything is measured: a sweep interrupted after that leaves none of them behind."""
+    """An earlier sweep's bench.json, bench.md, readme_performance.md and PNGs stay while the
+    inputs are checked (a mistyped --data costs nothing) and go before anything is built or
+    measured: a sweep interrupted after that leaves none of them behind."""
     from cmg_bench import sweep
 
     run = tmp_path / "run"
@@ -358,11 +359,48 @@ def test_a_sweep_stopped_early_leaves_no_earlier_results_looking_current(tmp_pat
     for name in earlier:
         (out / name).write_text("an earlier sweep's")
     (out / "notes.txt").write_text("the user's")
+    contract = {"height": 64, "width": 64, "grid": 8, "embed_dim": 32, "map_size": 16}
+    monkeypatch.setattr(sweep, "ensure_export", lambda _run: (run / "onnx", {"contract": contract}))
+    with pytest.raises(FileNotFoundError, match="typo"):
+        sweep.bench(run, out, sweep.Settings.quick(), data=tmp_path / "typo")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*earlier, "notes.txt"])
 
-    def interrupted(_run):
+    def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep, "ensure_export", interrupted)
+    monkeypatch.setattr(sweep, "resolve_data", lambda _run, data: data)
+    monkeypatch.setattr(sweep, "load_test_frames", lambda *_a: (np.zeros((2, 64, 64, 3), np.uint8), np.array([0, 1])))
+    monkeypatch.setattr(sweep, "build", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sweep.bench(run, out, sweep.Settings.quick())
+        sweep.bench(run, out, sweep.Settings.quick(), data=tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_served_modes_accuracy_pass_keeps_the_modes_long_deadline(monkeypatch):
+    """The untimed accuracy pass of a served mode uses the mode's deadline (120 s), not the
+    line client's 10 s default: the exact teacher's chunks outlasted 10 s on a busy CI host.
+    (The client is a stand-in that records what it is given: a deadline cannot be shown to
+    be long enough by a server fast enough to answer in time.)"""
+    from cmg import contract as C
+    from cmg_bench import modes
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, url, protocol, model, timeout_s):
+            seen["timeout_s"] = timeout_s
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def infer_arrays(self, frames, threshold):
+            return {C.ANOMALY_SCORE: np.zeros(len(frames), np.float32)}
+
+    monkeypatch.setattr(modes, "CMGClient", Recorder)
+    served = object.__new__(modes.Served)
+    served.url, served.model, served.threshold, served.timeout_s = "127.0.0.1:1", C.CMG, None, modes.ACCURACY_TIMEOUT_S
+    assert served.scores(np.zeros((3, 8, 8, 3), np.uint8)).shape == (3,)
+    assert seen["timeout_s"] == modes.ACCURACY_TIMEOUT_S >= 60

@@ -9,7 +9,11 @@ versions 1 then 2 in the lines, version 1 unloaded at the end.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 
 from cmg import contract as C
 from cmg.errors import CMGError
+from cmg.locks import OutputLock
 from cmg_build.server import TritonServer, free_port
 from cmg_clients.planning import plan_sources, source_name
 from cmg_clients.servers import ServerPool
@@ -266,14 +271,21 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
         assert not list(repo.glob("*/3")) and configs == {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
         assert not (repo / deploy_mod.RECOVERY).exists()
         _wait(lambda: ready() == {(C.CMG, "2")}, 60, "version 2 does not serve alone after the interrupt")
-        # A deploy killed outright (no undo ran: its staged configs and version 3 stay, with the
-        # record): the next deploy undoes it first instead of refusing every run from then on.
-        with monkeypatch.context() as mp:
-            mp.setattr(deploy_mod, "_infer", interrupted)
-            mp.setattr(deploy_mod, "undo_interrupted", lambda _repo: None)
-            with pytest.raises(KeyboardInterrupt):
-                deploy(tiny_run, repo, server.grpc_url)
+        # One deploy per repository at a time: a second is refused, naming the first.
+        with OutputLock(repo, folder=True), pytest.raises(
+                CMGError, match=f"being deployed to by another `cmg deploy` \\(pid {os.getpid()}"):
+            deploy(tiny_run, repo, server.grpc_url)
+        # A deploy SIGKILLed at its check (no undo runs: its staged configs, version 3, the fused
+        # graphs it loaded and its record stay): the next deploy undoes it first, on disk and
+        # on the server, instead of refusing every run from then on.
+        killer = ("import os, signal, sys\nfrom pathlib import Path\nimport cmg_build.deploy as d\n"
+                  "d._infer = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "d.deploy(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])\n")
+        killed = subprocess.run([sys.executable, "-c", killer, str(tiny_run), str(repo), server.grpc_url],
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert list(repo.glob("*/3")) and (repo / deploy_mod.RECOVERY).is_file()
+        assert {C.CMER_SCORER, C.CMLE_ENCODER} <= {name for name, _ in ready()}, ready()
         done = deploy(tiny_run, repo, server.grpc_url)
         assert "an interrupted deploy of version 3 was undone first" in capsys.readouterr().err
         assert (done["old_version"], done["new_version"]) == (2, 3) and not (repo / deploy_mod.RECOVERY).exists()
@@ -281,6 +293,12 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
         assert report["version"] == 3 and report["run"] == str(tiny_run) and "cmg/3/model.onnx" in report["files"]
         assert [d["version"] for d in report["deployed"]] == [2, 3]
         _wait(lambda: ready() == {(C.CMG, "3")}, 60, "version 3 does not serve alone after the deploy")
+
+        # A record cut off (a full disk) is named, not taken for a lost server.
+        (repo / deploy_mod.RECOVERY).write_text('{"run": "x", "orig')
+        with pytest.raises(CMGError, match="the record of an interrupted deploy cannot be read"):
+            deploy(tiny_run, repo, server.grpc_url)
+        (repo / deploy_mod.RECOVERY).unlink()
 
         # An int8 repository's next version is built int8 too, calibrated on --data when given.
         asked = {}
