@@ -104,11 +104,22 @@ def subset_folder(data: Path, out: Path, n: int, seed: int) -> Path:
     return out
 
 
+def _linked(subset: Path) -> dict | None:
+    """The record of a subset made before subset.json was written, read off its links
+    (train/good/NAME -> SOURCE/train/good/NAME), or None when it has none."""
+    good = subset / "train" / "good"
+    links = sorted(p for p in good.iterdir() if p.is_symlink()) if good.is_dir() else []
+    sources = {Path(os.readlink(p)).parent.parent.parent for p in links}
+    if not links or len(sources) != 1:
+        return None
+    return {"source": str(sources.pop()), "images": [p.name for p in links]}
+
+
 def check_reuse(data: Path, subset: Path, run_dir: Path, n: int, seed: int) -> None:
     """A run already in OUT/runs must have been trained on this folder's draw: refuse otherwise."""
     if not (run_dir / "checkpoint.pt").is_file():
         return
-    record = json.loads((subset / SUBSET).read_text()) if (subset / SUBSET).is_file() else None
+    record = json.loads((subset / SUBSET).read_text()) if (subset / SUBSET).is_file() else _linked(subset)
     if record != subset_record(data, draw(Path(data).resolve(), n, seed)):
         source = record["source"] if record else "a folder it does not record"
         raise CMGError(f"{run_dir} was trained on {n} images drawn from {source}, not this draw from "

@@ -74,7 +74,11 @@ def test_a_run_of_another_folders_subset_is_not_reused(source, tmp_path):
         check_reuse(other, sub, run_dir, 6, 0)
     with pytest.raises(CMGError, match="not this draw"):
         check_reuse(source, sub, run_dir, 6, 1)  # another seed draws other images
-    (sub / "subset.json").unlink()
+    (sub / "subset.json").unlink()  # an --out made before the record: its links say the same
+    check_reuse(source, sub, run_dir, 6, 0)
+    with pytest.raises(CMGError, match=f"drawn from {source.resolve()}, not this draw"):
+        check_reuse(other, sub, run_dir, 6, 0)
+    shutil.rmtree(sub / "train")
     with pytest.raises(CMGError, match="a folder it does not record"):
         check_reuse(source, sub, run_dir, 6, 0)
 
