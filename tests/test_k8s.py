@@ -72,3 +72,18 @@ def test_the_manifests_folder_is_checked_and_only_our_files_are_rewritten(tmp_pa
     for name in k8s.FILES:
         (older / name).write_text((older / name).read_text().removeprefix(k8s.MARK))
     k8s.write(older, k8s.K8sOptions(replicas=3))
+
+
+def test_the_queue_metric_counts_each_frame_once():
+    """Triton counts a success for the ensemble and for each step it runs: the adapter's
+    denominator is the `cmg` requests alone (frames), the numerator every model's queue time
+    (the ensemble's own is nearly nil), so the HPA reads the wait per frame, not a third of it."""
+    import yaml
+
+    from cmg.contract import CMG
+    from cmg_build.k8s import adapter_rules
+
+    query = yaml.safe_load(adapter_rules()["data"]["config.yaml"])["rules"][0]["metricsQuery"]
+    numerator, denominator = query.split(" / ", 1)
+    assert "nv_inference_queue_duration_us{<<.LabelMatchers>>}" in numerator and "model=" not in numerator
+    assert f'nv_inference_request_success{{<<.LabelMatchers>>,model="{CMG}"}}' in denominator
