@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -158,19 +159,36 @@ def check_torch(run_dir: Path, device: str, iterations: int, warmup: int,
     return result
 
 
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties at half): sklearn's roc_auc_score, for the
+    GPU machine that does not have sklearn (tests/test_engine_runner.py checks the two agree)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(scores, kind="mergesort")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # 1-based, ties averaged
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
 def check_accuracy(run_dir: Path, data: Path, device: str, batch: int = 16) -> dict:
     """Scores of the test split per precision against CPU fp32 (see the module docstring)."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
+    from cmg.dataset import MVTecFolder
     from cmg_train.checkpoint import load_run
-    from cmg_train.evaluate import TestSet
 
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__}: CUDA not available")
     run = load_run(run_dir)
-    test = TestSet(data, run.contract.height, progress=False)
+    # Frames and labels only, read as `cmg eval` reads them: the GPU machine has no sklearn,
+    # scipy or matplotlib (what cmg_train.evaluate imports), and the carry has no room for them
+    folder = MVTecFolder(data)
+    samples = folder.samples("test")
+    size = (run.contract.height, run.contract.width)
+    test = SimpleNamespace(frames=torch.from_numpy(folder.frames(samples, size, progress=False)),
+                           labels=np.array([s.label for s in samples]))
     result: dict = {"device": device, "run": str(run_dir), "data": str(data), "frames": len(test.labels),
                     "what": "scorer_graph + detector scores of the test split; changes against CPU fp32",
                     "modes": {}, "skipped": {}}
@@ -194,7 +212,7 @@ def check_accuracy(run_dir: Path, data: Path, device: str, batch: int = 16) -> d
     for label, (dev, autocast) in modes.items():
         s = ref if label == "cpu_fp32" else scores(dev, autocast)
         result["modes"][label] = {
-            "auroc": float(roc_auc_score(test.labels, s)),
+            "auroc": rank_auroc(test.labels, s),
             "max_abs_change": float(np.abs(s - ref).max()),
             "max_change_in_normal_std": float(np.abs(s - ref).max() / spread),
             "flag_changes": int(((s > threshold) != (ref > threshold)).sum())}

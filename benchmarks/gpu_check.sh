@@ -74,7 +74,8 @@ setup_venv() {
       > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host_python3.pth"
     "$VENV/bin/python" -m pip install -q --no-index --no-deps --find-links "$CARRY/wheels" "$CARRY"/wheels/*.whl
   fi
-  "$VENV/bin/python" -c "import cmg, cmg_train, cmg_bench, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  # Every step's imports, here: a missing or mismatched carried wheel fails this step, not a later one
+  "$VENV/bin/python" -c "import cmg, cmg_train.checkpoint, cmg.dataset, cmg_bench.gpu_check, cmg_build.repository, onnx, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 }
 export VENV=${VENV:-$ROOT/.venv}
 [ -d "$CARRY/wheels" ] && export VENV=$ROOT/.gpu_venv

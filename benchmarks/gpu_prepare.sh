@@ -7,8 +7,10 @@
 #
 # gpu_carry/wheels: this project as a wheel plus exactly what the GPU machine lacks for the
 #   check (its Python 3.12 has torch, numpy, onnx, onnxruntime, PyYAML, tqdm, cuda-python):
-#   tritonclient + grpcio + protobuf, which `cmg build` needs for Triton's ModelConfig.
-#   No open_clip: loading a run and its graphs needs only torch.
+#   tritonclient + grpcio + protobuf + python-rapidjson, which `cmg build` needs for Triton's
+#   ModelConfig, at this venv's versions (tritonclient's generated code needs its protobuf).
+#   No open_clip, sklearn or matplotlib: loading a run, its graphs and the test split needs
+#   only torch, numpy and Pillow.
 # gpu_carry/run: RUN's checkpoint, config and ONNX export (no eval plots, no logs).
 # Fails when the folder exceeds 56 MiB (the device tool carries 64 MiB with the working tree).
 set -euo pipefail
@@ -17,13 +19,14 @@ RUN=${1:-out/demo/run}
 CARRY=gpu_carry
 PY=${PYTHON:-.venv/bin/python}
 [ -f "$RUN/checkpoint.pt" ] || { echo "gpu_prepare: no trained run at $RUN (run ./dev demo first)" >&2; exit 2; }
+ver() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
 rm -rf "$CARRY"
 mkdir -p "$CARRY/wheels" "$CARRY/run/onnx"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY/wheels" .
 "$PY" -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$CARRY/wheels" \
-  "tritonclient==$("$PY" -c 'from importlib.metadata import version; print(version("tritonclient"))')" \
-  "grpcio>=1.63,<2" "protobuf>=4.25,<6"
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$CARRY/wheels" \
+  "tritonclient==$(ver tritonclient)" "grpcio==$(ver grpcio)" "protobuf==$(ver protobuf)" \
+  "python-rapidjson==$(ver python-rapidjson)"
 cp "$RUN/checkpoint.pt" "$RUN/config.yaml" "$CARRY/run/"
 cp "$RUN"/onnx/*.onnx "$RUN"/onnx/*.json "$CARRY/run/onnx/"
 if [ -n "${2:-}" ]; then

@@ -119,3 +119,34 @@ def test_gpu_check_script_dry_run_on_cpu(tiny_run, tiny_data, tmp_path):
     ref = accuracy["modes"]["cpu_fp32"]  # the reference against itself: no change, a real AUROC
     assert 0.0 <= ref["auroc"] <= 1.0 and ref["max_abs_change"] == 0 and ref["flag_changes"] == 0
     assert accuracy["frames"] > 0 and set(accuracy["skipped"]) == {"cuda_fp32", "cuda_fp16_autocast"}
+
+
+def test_rank_auroc_is_sklearns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from cmg_bench.gpu_check import rank_auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 40)
+        labels[:2] = [0, 1]
+        scores = rng.integers(0, 6, 40).astype(np.float32)  # many ties
+        assert rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_gpu_check_accuracy_needs_only_what_the_gpu_machine_has(tiny_run, tiny_data, tmp_path):
+    """The lent machine has torch, numpy, Pillow, onnx, onnxruntime, PyYAML and tqdm, and the
+    carry has no room for sklearn, scipy, matplotlib or open_clip: the accuracy step runs
+    with those made unimportable."""
+    code = ("import sys\n"
+            "for name in ('sklearn', 'scipy', 'matplotlib', 'open_clip', 'tritonclient'):\n"
+            "    sys.modules[name] = None\n"
+            "from pathlib import Path\n"
+            "from cmg_bench.gpu_check import check_accuracy\n"
+            "r = check_accuracy(Path(sys.argv[1]), Path(sys.argv[2]), 'cpu')\n"
+            "print(r['modes']['cpu_fp32']['auroc'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_run), str(tiny_data)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0.0 <= float(proc.stdout.strip().splitlines()[-1]) <= 1.0
