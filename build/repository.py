@@ -128,6 +128,11 @@ def strip_threshold_initializer(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
+# The TensorRT container of the serving image's NGC release: the same TensorRT version, so
+# the plans it builds load in Triton (a plan from another 10.x does not).
+TRT_IMAGE = k8s.TRITON_IMAGE.replace("/tritonserver:", "/tensorrt:")
+
+
 def file_checksums(repo: Path) -> dict[str, str]:
     """SHA-256 of every file of a repository but its report and hidden files (a deploy's
     record): what was built (or deployed) into it."""
@@ -250,6 +255,9 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     if target == "tensorrt":
         script = out / "trtexec.sh"
         script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
+                          "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
+                          f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
+                          "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
                           "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
         script.chmod(0o755)
 
@@ -363,4 +371,8 @@ def run(args: argparse.Namespace) -> int:
         paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, max_replicas=max_replicas, gpus=gpus))
         print(f"Kubernetes manifests: {', '.join(map(str, paths))} (put {args.out} on the volume "
               f"'{k8s.K8sOptions.claim}')")
+        if report["target"] == "cpu":  # the stock image has the Python backend but not onnxruntime for it
+            print(f"note: the cpu target's models run ONNX Runtime inside Triton's Python backend, which "
+                  f"{k8s.TRITON_IMAGE} lacks: build an image FROM it with `pip install onnxruntime`, or build with "
+                  "--target onnxruntime for the stock image", file=sys.stderr)
     return 0

@@ -577,6 +577,7 @@ class TritonServer:
             if same:  # tritonserver says why only in its log, after 25 lines of usage text
                 raise CMGError(f"{same[0]} and {flag} are both {port}: each service needs a port of its own")
             check_port(port, self.address, flag)
+        drop_bytecode_cache(self.repository)
         free = shm_free_bytes()
         if free is not None and free < MIN_SHM_BYTES:
             raise CMGError(f"not enough shared memory to start tritonserver: {_shm_advice()}")
@@ -746,6 +747,15 @@ def is_training_output(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("checkpoint.pt", "onnx/export.json", "export.json"))
 
 
+def drop_bytecode_cache(repository: Path) -> None:
+    """The default repository folder is also the `cmg_model_repository` package (model.py),
+    so importing it leaves `__pycache__/` there, which Triton takes for a model and fails on.
+    Only Python's own cache goes (a folder of .pyc files), rebuilt on the next import."""
+    cache = Path(repository) / "__pycache__"
+    if cache.is_dir() and all(p.suffix == ".pyc" for p in cache.iterdir()):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def check_repository(repository: Path) -> None:
     """Refuse what is plainly not a model repository before starting a server on it."""
     repository = Path(repository)
@@ -759,6 +769,12 @@ def check_repository(repository: Path) -> None:
     if not any(p.is_dir() for p in repository.iterdir()):
         raise CMGError(f"no models in {repository}: a model repository has one folder per model "
                        "(`cmg build --run RUN --out REPO` writes one)")
+    drop_bytecode_cache(repository)
+    strays = sorted(p.name for p in repository.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and not (p / "config.pbtxt").is_file())
+    if strays:  # Triton takes every folder for a model and refuses to start on one it cannot load
+        raise CMGError(f"{repository} holds folders that are not models (no config.pbtxt): {', '.join(strays)}; "
+                       "move them out of the repository")
     if not shutil.which("tritonserver"):  # the nvidia-pytriton binary: its only backend is Python
         foreign = backends_needed(repository) - {"python"}
         if foreign:

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args, extra = build_parser(chosen).parse_known_args(argv)
+    if getattr(args, "_missing", None):  # before `extra`: a verb that could not load has no options to match
+        print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
+        return 2
     if extra and isinstance(getattr(args, "inputs", None), list) and not any(a.startswith("-") for a in extra):
         args.inputs += extra  # `cmg infer a.png --threshold 1 b.png`: images after an option are images too
         extra = []
@@ -78,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = (" (a pattern the shell expanded into several files? quote it, e.g. 'DIR/*.png', or give the "
                 "option once per file)") if files else ""
         print(f"cmg {args.verb}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
-        return 2
-    if getattr(args, "_missing", None):
-        print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
         return 2
     module = importlib.import_module(args._module)
     debug = bool(os.environ.get("CMG_DEBUG"))

@@ -116,6 +116,8 @@ def test_tensorrt_configs_without_tensorrt(toy_run, tmp_path):
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     script = (repo / "trtexec.sh").read_text()
     assert script.count("trtexec --onnx=") == 3 and "--fp16" in script
+    assert "nvcr.io/nvidia/tensorrt:24.10-py3" in script  # a plan loads only in the TensorRT that built it
+    assert subprocess.run(["bash", "-n", str(repo / "trtexec.sh")]).returncode == 0
     assert "IMAGE:1x32x32x3" in script and "IMAGE:4x32x32x3" in script and "IMAGE:16x32x32x3" in script
     report = json.loads((repo / "build_report.json").read_text())
     assert len(report["trtexec"]) == 3 and report["engines_missing"]
@@ -132,6 +134,17 @@ def test_skip_engines_is_a_success_that_writes_the_manifests_too(toy_run, tmp_pa
     docs = list(yaml.safe_load_all((tmp_path / "k8s" / "triton.yaml").read_text()))
     assert docs[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert docs[2]["spec"]["minReplicas"] == 9 and docs[2]["spec"]["maxReplicas"] == 9  # the default ceiling
+
+
+def test_manifests_for_the_cpu_target_say_what_the_stock_image_lacks(toy_run, tmp_path):
+    res = subprocess.run([*CMG, "build", "--run", str(toy_run), "--out", str(tmp_path / "r"),
+                          "--k8s", str(tmp_path / "k8s")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pip install onnxruntime" in res.stderr and "--target onnxruntime" in res.stderr
+    res = subprocess.run([*CMG, "build", "--run", str(toy_run), "--target", "onnxruntime", "--out",
+                          str(tmp_path / "o"), "--k8s", str(tmp_path / "k8s_o")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "onnxruntime" not in res.stderr, res.stderr
 
 
 def test_the_cpu_target_refuses_gpu_instances(toy_run, tmp_path):

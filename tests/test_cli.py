@@ -53,3 +53,17 @@ def test_train_defaults_to_the_config_the_docs_call_the_default():
 
     args = build_parser("train").parse_args(["train", "--data", "d", "--out", "r"])
     assert args.config == "small"
+
+
+def test_a_verb_whose_dependency_is_missing_says_so_whatever_its_options():
+    """On a host without a verb's dependency (a client machine without torch, a GPU machine
+    without tritonclient) the one line names the missing module, not the options given."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['tritonclient'] = None\nfrom cmg_app.cli import main\n"
+            "sys.exit(main(['build', '--run', 'RUN', '--target', 'cpu']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cmg build: error:") and "tritonclient" in last and "needs it installed" in last, last

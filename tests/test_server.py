@@ -697,6 +697,24 @@ def test_dead_owners_shared_memory_goes_and_a_live_owners_stays(tmp_path):
         live.unlink(missing_ok=True)
 
 
+def test_python_bytecode_cache_goes_and_other_stray_folders_are_named(toy_repo, tmp_path):
+    """The default repository folder is the `cmg_model_repository` package too: importing it
+    leaves __pycache__/ there, which Triton takes for a model and fails to start on. That
+    cache goes; a folder of the user's is named, not removed."""
+    from cmg.errors import CMGError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo)
+    (repo / "__pycache__").mkdir()
+    (repo / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\x00")
+    server_mod.check_repository(repo)
+    assert not (repo / "__pycache__").exists()
+    (repo / "notes").mkdir()
+    with pytest.raises(CMGError, match="folders that are not models \\(no config.pbtxt\\): notes"):
+        server_mod.check_repository(repo)
+    assert (repo / "notes").is_dir()
+
+
 def test_a_failed_starts_kept_log_goes_after_a_week(tmp_path, monkeypatch):
     """cleanup(keep_log=True) leaves a folder holding only the log (no owner file, so the
     dead-owner sweep never took it): the sweep removes it once untouched for a week, and
