@@ -74,7 +74,8 @@ def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
             height, width = size
             if img.size != (width, height):
                 img = img.resize((width, height), Image.NEAREST)
-            return np.asarray(img) > 127
+            values = np.asarray(img)
+            return values > (127 if values.max() > 1 else 0)  # 0/255 masks (MVTec AD), and 0/1 ones
     except FileNotFoundError:
         raise CMGError(f"mask not found: {path}") from None
     except OSError as exc:

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError
 from cmg_train.checkpoint import Run, load_run
@@ -100,14 +102,17 @@ class TestSet:
         self.gt = np.stack([ds.gt_mask(s, (size, size)) for s in self.samples])
         if self.labels.min() == self.labels.max():
             raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC")
-        # Pixel metrics read the frames whose masks are known: a defect image without its mask
-        # would count as all-normal pixels (a folder without ground_truth/ has none: '-').
-        unmasked = [s for s in self.samples if s.label and s.mask_path is None]
-        self.pixel = np.array([not s.label or s.mask_path is not None for s in self.samples])
+        # Pixel metrics read the frames whose masks are known: a defect image without its mask,
+        # or with one that marks no pixel, would count as all-normal pixels (a folder without
+        # ground_truth/ has none: '-').
+        marked = self.gt.reshape(len(self.samples), -1).any(1)
+        unmasked = [s for s, m in zip(self.samples, marked, strict=True) if s.label and not m]
+        self.pixel = np.array([not s.label or m for s, m in zip(self.samples, marked, strict=True)])
         if unmasked and len(unmasked) < int(self.labels.sum()):
-            first = unmasked[0].path.relative_to(data)
-            print(f"{data}: {len(unmasked)} defect image(s) have no mask under ground_truth/ (first: {first}): "
-                  "left out of the pixel metrics", file=sys.stderr)
+            first = unmasked[0]
+            why = "no mask under ground_truth/" if first.mask_path is None else f"a mask that marks no pixel ({first.mask_path.name})"
+            print(f"{data}: {len(unmasked)} defect image(s) have no mask or an empty one (first: "
+                  f"{first.path.relative_to(data)}, {why}): left out of the pixel metrics", file=sys.stderr)
 
     def pixel_metrics(self, maps: np.ndarray | None) -> dict:
         return pixel_metrics(None if maps is None else maps[self.pixel], self.gt[self.pixel])
@@ -164,6 +169,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     if not progress:
         quiet_library_progress()  # the ablation loads MiniLM for the caption graph
     cfg = run.cfg
+    fingerprint = test_split_fingerprint(data)  # before reading: an edit while scoring makes the report stale
     test = test or TestSet(data, cfg.data.image_size, progress)
     (test_ps,) = batched(run.scorer_graph(), test.frames)
     rows: list[dict] = []
@@ -186,7 +192,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     sweep: list[dict] = []
     if ablation:
         # the retrained `cmg` row's masks; the run's own where that row is skipped (no caption graph)
-        shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress) or out
+        shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress, data) or out
         sweep = alpha_sweep(run.detector, test, test_ps, test_maps)
     for row in rows:
         if "baseline" in scores and row["name"] != "baseline":
@@ -194,8 +200,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
             row["delta_vs_baseline_ci95"] = paired_bootstrap(test.labels, [(scores[row["name"]], scores["baseline"])])
     eval_dir = run.path / "eval"
     eval_dir.mkdir(exist_ok=True)
-    report = {"rows": rows, "data": str(Path(data).resolve()), "data_fingerprint": test_split_fingerprint(data),
-              "seed": cfg.seed, "config": cfg.name,
+    report = {"rows": rows, "data": str(Path(data).resolve()), "data_fingerprint": fingerprint,
+              "checkpoint_sha256": file_sha256(run.path / "checkpoint.pt"), "seed": cfg.seed, "config": cfg.name,
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
@@ -204,7 +210,9 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
-    (eval_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    tmp = eval_dir / f".{stem}.json.tmp"  # whole or not at all: a torn report would block the next eval
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, eval_dir / f"{stem}.json")
     (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"], report["defects"]) + threshold_table([report])
                                          + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
@@ -223,13 +231,18 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
 
 
 def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: torch.Tensor, add_row, cover: dict,
-                   progress: bool) -> dict:
+                   progress: bool, data: Path | None = None) -> dict:
     """The ablation's rows (each retrained on the run's training split) added with `add_row`;
     returns the `cmg` row's outputs, {} where CMLE's caption graph cannot be built (its rows
     are then listed as skipped, with the reason)."""
     cfg = run.cfg
     size = cfg.data.image_size
-    ds = MVTecFolder(run.data)
+    try:  # the rows train on what the run trained on; the folder `--data` names when that one moved
+        ds = MVTecFolder(run.data_folder())
+    except CMGError:
+        if data is None:
+            raise
+        ds = MVTecFolder(run.data_folder(data))
     samples = ds.samples("train")
     frames = torch.from_numpy(ds.frames(samples, (size, size), progress=progress))
     captions = [s.caption for s in samples]
@@ -292,6 +305,16 @@ def test_split_fingerprint(data: Path) -> str:
     meta = Path(data) / "meta.jsonl"  # its gt_mask entries may name masks outside ground_truth/
     if meta.is_file():
         entries.append(f"meta.jsonl\t{meta.stat().st_size}\t{meta.stat().st_mtime_ns}")
+        named = set()
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                named.add(json.loads(line).get("gt_mask") or "")
+            except (ValueError, AttributeError):
+                continue
+        for rel in sorted(named - {""}):
+            f = Path(data) / rel
+            st = f.stat() if f.is_file() else None
+            entries.append(f"{rel}\t{st.st_size if st else '-'}\t{st.st_mtime_ns if st else '-'}")
     for sub in ("test", "ground_truth"):
         root = Path(data) / sub
         if root.is_dir():
@@ -303,13 +326,18 @@ def test_split_fingerprint(data: Path) -> str:
 
 
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
-    """RUN/eval/{ablation,eval}.json when it scored the same data, unchanged since, after the
-    checkpoint was written."""
+    """RUN/eval/{ablation,eval}.json when it scored the same data, unchanged since, with this
+    checkpoint (its hash: a copy with an older time is another model all the same); an
+    unreadable report is no report (scored again)."""
     path = run.path / "eval" / ("ablation.json" if ablation else "eval.json")
-    if not path.is_file() or path.stat().st_mtime < (run.path / "checkpoint.pt").stat().st_mtime:
+    if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
     same = (report.get("data") == str(Path(data).resolve())
+            and report.get("checkpoint_sha256") == file_sha256(run.path / "checkpoint.pt")
             and report.get("data_fingerprint") == test_split_fingerprint(data))
     return report if same else None
 

@@ -177,10 +177,18 @@ def export_run(run_dir: str | Path, out: Path | None = None, data: Path | None =
     """Export into a temporary folder beside OUT (default RUN/onnx) and move it in whole:
     a failed export (parity, a kill, a full disk) never leaves a half-written OUT over a
     good one. export.json records the checkpoint's sha256 (`cmg build` compares it)."""
-    run = load_run(run_dir)
-    final = Path(out) if out else run.path / "onnx"
+    run_path = Path(run_dir)
+    final = Path(out) if out else run_path / "onnx"
     if final.exists() and not final.is_dir():
         raise CMGError(f"--out {final} is a file, not a folder")
+    # The old export is replaced whole (and removed): only a folder that holds one, or nothing
+    if final.resolve() in (run_path.resolve(), *run_path.resolve().parents):
+        raise CMGError(f"--out {final} is the run folder or holds it: an export replaces its folder whole; "
+                       f"choose a folder of its own (default {run_path / 'onnx'})")
+    if final.is_dir() and any(final.iterdir()) and not (final / "export.json").is_file():
+        raise CMGError(f"--out {final} holds files but no export (no export.json): an export replaces its "
+                       "folder whole; choose an empty folder or an earlier export's")
+    run = load_run(run_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(out, ignore_errors=True)

@@ -133,10 +133,16 @@ def test_aupro_agrees_with_anomalib():
     for i in range(1, 12, 2):
         y, x = rng.integers(4, 36, 2)
         gt[i, y:y + rng.integers(2, 12), x:x + rng.integers(2, 12)] = True
+    for i in range(0, 12, 4):  # thin diagonal scratches: one region each when 8-connected
+        y, x = rng.integers(4, 30, 2)
+        for d in range(rng.integers(6, 14)):
+            gt[i, y + d, x + d] = True
     maps = rng.random(gt.shape) + 0.8 * gt * rng.random(gt.shape)
-    metric = anomalib_metrics.aupro._AUPRO(fpr_limit=0.3)  # the metric itself; AUPRO wraps it for anomalib's batches
-    metric.update(torch.from_numpy(maps).float(), torch.from_numpy(gt).int())
-    assert aupro(gt, maps) == pytest.approx(float(metric.compute()), abs=0.002)  # measured: 1e-4 apart
+    for case in (maps, np.round(maps * 4) / 4, np.where(rng.random(gt.shape) < 0.6, 0.0, maps)):
+        # as is; plateaus (ties above the minimum); a gated map's zeros (ties at the minimum)
+        metric = anomalib_metrics.aupro._AUPRO(fpr_limit=0.3)  # the metric itself; AUPRO wraps it for batches
+        metric.update(torch.from_numpy(case).float(), torch.from_numpy(gt).int())
+        assert aupro(gt, case) == pytest.approx(float(metric.compute()), abs=1e-4)
 
 
 # -- paired bootstrap ------------------------------------------------------------------
@@ -481,8 +487,11 @@ def test_a_cached_report_is_reused_only_while_the_test_split_is_unchanged(tmp_pa
         (data / f).write_bytes(b"x")
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
-    (run / "checkpoint.pt").write_bytes(b"")
-    report = {"data": str(data.resolve()), "data_fingerprint": test_split_fingerprint(data), "rows": []}
+    (run / "checkpoint.pt").write_bytes(b"the model")
+    from cmg.checksum import file_sha256
+
+    report = {"data": str(data.resolve()), "data_fingerprint": test_split_fingerprint(data), "rows": [],
+              "checkpoint_sha256": file_sha256(run / "checkpoint.pt")}
     (run / "eval" / "eval.json").write_text(json.dumps(report))
     r = SimpleNamespace(path=run)
     assert cached_report(r, data, ablation=False) == report
@@ -492,6 +501,24 @@ def test_a_cached_report_is_reused_only_while_the_test_split_is_unchanged(tmp_pa
     report["data_fingerprint"] = test_split_fingerprint(data)
     (run / "eval" / "eval.json").write_text(json.dumps(report))
     assert cached_report(r, data, ablation=False) == report
+    # another checkpoint put in with an older time (cp -p, rsync -a): another model all the same
+    old = (run / "eval" / "eval.json").stat().st_mtime_ns - 10**12
+    (run / "checkpoint.pt").write_bytes(b"another model")
+    os.utime(run / "checkpoint.pt", ns=(old, old))
+    assert cached_report(r, data, ablation=False) is None
+    (run / "checkpoint.pt").write_bytes(b"the model")
+    assert cached_report(r, data, ablation=False) == report
+    # a mask that meta.jsonl names outside ground_truth/ is part of what was scored
+    (data / "masks").mkdir()
+    (data / "masks" / "m.png").write_bytes(b"m")
+    (data / "meta.jsonl").write_text(json.dumps({"file": "test/stain/000.png", "gt_mask": "masks/m.png"}) + "\n")
+    report["data_fingerprint"] = test_split_fingerprint(data)
+    (run / "eval" / "eval.json").write_text(json.dumps(report))
+    assert cached_report(r, data, ablation=False) == report
+    (data / "masks" / "m.png").write_bytes(b"redrawn")
+    assert cached_report(r, data, ablation=False) is None
+    (run / "eval" / "eval.json").write_text(json.dumps(report)[:40])  # torn: scored again, not an error
+    assert cached_report(r, data, ablation=False) is None
     (data / "test/stain/000.png").unlink()  # a kind removed
     assert cached_report(r, data, ablation=False) is None
 
@@ -512,10 +539,24 @@ def test_a_defect_image_without_its_mask_is_left_out_of_the_pixel_metrics(tiny_d
     gone = [i for i, s in enumerate(test.samples) if s.path.name == mask.name.replace("_mask", "")
             and s.defect == "hole"]
     assert len(gone) == 1 and not test.pixel[gone[0]] and test.pixel.sum() == len(test.samples) - 1
-    assert "1 defect image(s) have no mask under ground_truth/ (first: test/hole/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 defect image(s) have no mask or an empty one (first: test/hole/" in err and "no mask under" in err
     maps = np.random.default_rng(0).random((len(test.samples), 16, 16)).astype(np.float32)
     want = ev.pixel_metrics(maps[test.pixel], test.gt[test.pixel])
     assert test.pixel_metrics(maps) == want
+    # a mask that marks no pixel is no mask either; a 0/1 mask (not 0/255) marks its pixels
+    from PIL import Image
+
+    masks = sorted((data / "ground_truth" / "hole").glob("*_mask.png"))
+    with Image.open(masks[0]) as im:
+        marked = np.asarray(im.convert("L")) > 127
+    Image.fromarray(np.zeros(marked.shape, np.uint8)).save(masks[0])
+    Image.fromarray(marked.astype(np.uint8)).save(masks[1])  # values 0 and 1
+    test = TestSet(data, 64, progress=False)
+    err = capsys.readouterr().err
+    assert "2 defect image(s) have no mask or an empty one" in err and test.pixel.sum() == len(test.samples) - 2
+    one = next(i for i, s in enumerate(test.samples) if s.mask_path == masks[1])
+    assert test.pixel[one] and test.gt[one].any()
     shutil.rmtree(data / "ground_truth")  # no masks at all: pixel metrics are '-', no warning
     test = TestSet(data, 64, progress=False)
     assert test.pixel_metrics(maps)["pixel_auroc"] is None and not capsys.readouterr().err

@@ -249,3 +249,23 @@ def test_a_run_whose_training_folder_moved_takes_data(tiny_run, tiny_data, tmp_p
     shutil.copy(tiny_run / "checkpoint.pt", alone / "checkpoint.pt")
     assert parity_frames(load_run(alone), 7).shape == (7, 64, 64, 3)
     assert calibration_frames(moved, run.contract, 4, data=tiny_data).shape == (4, 64, 64, 3)
+
+
+def test_an_out_holding_anything_but_an_export_is_refused_before_anything_goes(tmp_path):
+    """An export replaces its folder whole: `--out` the run folder (or a folder above it) had
+    deleted the checkpoint, and a folder of other files lost them."""
+    from cmg.errors import CMGError
+    from cmg_train.export import export_run
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"the model")
+    for out in (run, tmp_path / "runs", tmp_path):
+        with pytest.raises(CMGError, match="is the run folder or holds it"):
+            export_run(run, out)
+    other = tmp_path / "elsewhere"
+    (other / "keep").mkdir(parents=True)
+    (other / "keep" / "notes.txt").write_text("mine")
+    with pytest.raises(CMGError, match="holds files but no export"):
+        export_run(run, other)
+    assert (run / "checkpoint.pt").read_bytes() == b"the model" and (other / "keep" / "notes.txt").is_file()
