@@ -276,10 +276,7 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while (not out.exists() or len(out.read_text().splitlines()) < 50) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
+        _wait_for_lines(proc, out, 50)
         written_before_kill = len(out.read_text().splitlines())
         assert written_before_kill < n, "stream finished before the kill; the test proves nothing"
         triton.kill()
@@ -311,6 +308,14 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     assert summary["p99_ms"] == pytest.approx(np.percentile([r["latency_ms"] for r in lines], 99), abs=0.01)
 
 
+def _wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 60) -> None:
+    """Until OUT holds `n` lines, while the stream that writes it still runs."""
+    deadline = time.monotonic() + timeout
+    while (not out.exists() or out.read_bytes().count(b"\n") < n) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+
+
 def _stream_proc(triton, source: str, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", source,
            "--out", str(out), "--no-progress", *extra]
@@ -326,10 +331,7 @@ def test_one_writer_per_output_file(triton, tmp_path):
     out = tmp_path / "out.jsonl"
     first = _stream_proc(triton, source, out)
     try:
-        deadline = time.monotonic() + 60
-        while (not out.exists() or out.read_bytes().count(b"\n") < 5) and time.monotonic() < deadline:
-            assert first.poll() is None, first.communicate()
-            time.sleep(0.02)
+        _wait_for_lines(first, out, 5)
         for extra in (["--overwrite"], ["--resume"], []):
             second = _stream_proc(triton, source, out, *extra)
             _, err = second.communicate(timeout=60)
@@ -357,10 +359,7 @@ def test_ctrl_c_still_prints_the_json_summary_that_matches_the_file(triton, tmp_
     out = tmp_path / "out.jsonl"
     proc = _stream_proc(triton, "synth:tiny?n=100000&fps=25&seed=1", out)
     try:
-        deadline = time.monotonic() + 60
-        while (not out.exists() or out.read_bytes().count(b"\n") < 5) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
+        _wait_for_lines(proc, out, 5)
         proc.send_signal(signal.SIGINT)
         stdout, err = proc.communicate(timeout=60)
     finally:
