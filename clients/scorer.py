@@ -4,8 +4,11 @@ window of requests over the server pool, retried within the budget, delivered in
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
+from array import array
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,13 +168,47 @@ class OutageNotice:
             tqdm.write(f"{self.prefix} {url} answering again after {self.clock() - began:.0f} s", file=sys.stderr)
 
 
+class Latencies:
+    """Every frame's latency for the summary's percentiles, in bounded memory: exact up to
+    `cap` frames (float32, 4 bytes each), then a uniform sample of `cap` of them (reservoir
+    sampling), so a line's stream that runs for weeks holds 4 MB, not a Python float (32
+    bytes) per frame. The bar reads the last `RECENT`."""
+
+    RECENT = 2000
+
+    def __init__(self, cap: int = 1_000_000, seed: int = 0) -> None:
+        self.cap, self.count = cap, 0
+        self._values = array("f")
+        self._recent: deque[float] = deque(maxlen=self.RECENT)
+        self._rng = random.Random(seed)
+
+    def append(self, ms: float) -> None:
+        self.count += 1
+        self._recent.append(ms)
+        if len(self._values) < self.cap:
+            self._values.append(ms)
+        else:
+            slot = self._rng.randrange(self.count)  # keep each frame with probability cap / count
+            if slot < self.cap:
+                self._values[slot] = ms
+
+    def __len__(self) -> int:
+        return self.count
+
+    def percentiles(self, q: list[float]) -> np.ndarray:
+        return np.percentile(np.frombuffer(self._values, np.float32).astype(np.float64), q)
+
+    def recent(self) -> np.ndarray:
+        return np.asarray(self._recent)
+
+
 class Scorer:
     """Scores (seq, item) jobs with a bounded window; hands lines to `sink` in job order."""
 
     def __init__(self, opts: StreamOptions, pool: ServerPool, size: tuple[int, int], summary: StreamSummary):
         self.opts, self.size, self.summary = opts, size, summary
         self.pool = pool
-        self.latencies: list[float] = []
+        self.latencies = Latencies()
         self.fatal: list[str] = []
         self.outage = OutageNotice(opts.name)  # the camera name only where several stream
 
@@ -317,9 +354,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.frames = 0
         self.last = 0.0
-        self._seen: tuple[list[float], StreamSummary | None] = ([], None)
+        self._seen: tuple[Latencies | None, StreamSummary | None] = (None, None)
 
-    def update(self, latencies: list[float], summary: StreamSummary) -> None:
+    def update(self, latencies: Latencies, summary: StreamSummary) -> None:
         self.bar.update(1)
         self.frames += 1
         self._seen = (latencies, summary)
@@ -333,7 +370,7 @@ class Progress:
         latencies, summary = self._seen
         post = {"fps": f"{self.frames / max(now - self.t0, 1e-9):.1f}"}
         if latencies:
-            p50, p99 = np.percentile(np.asarray(latencies[-2000:]), [50, 99])
+            p50, p99 = np.percentile(latencies.recent(), [50, 99])
             post.update(p50=f"{p50:.1f}ms", p99=f"{p99:.1f}ms")
         if summary is not None and summary.retries:
             post["retries"] = str(summary.retries)

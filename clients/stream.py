@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from cmg import contract as C
 from cmg.argtypes import positive_float, positive_int, retries_int, threshold_float
 from cmg.errors import CMGError, naming
@@ -170,7 +168,7 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
         summary.elapsed_s = time.perf_counter() - t_begin
         summary.fps = summary.frames / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
         if scorer.latencies:
-            p50, p99 = np.percentile(np.asarray(scorer.latencies), [50, 99])
+            p50, p99 = scorer.latencies.percentiles([50, 99])
             summary.p50_ms, summary.p99_ms = float(p50), float(p99)
         summary.errors_in_out = len(found.errors) - summary.fixed + summary.errors
         if scorer.fatal:

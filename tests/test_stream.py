@@ -204,12 +204,15 @@ def test_outage_notice_per_server_at_most_every_interval(capsys):
 def test_progress_bar_ends_on_the_last_figures():
     """A stream shorter than the bar's refresh interval used to keep the first frame's fps and
     latency on the bar (the demo showed 18.7 fps beside 290 frames/s)."""
-    from cmg_clients.scorer import Progress, StreamSummary
+    from cmg_clients.scorer import Latencies, Progress, StreamSummary
 
     bar = Progress(total=2, initial=0, enabled=True)
     summary = StreamSummary(out="x.jsonl")
-    bar.update([10.0], summary)  # the first frame refreshes the postfix
-    bar.update([10.0, 30.0], summary)  # within the refresh interval: not shown yet
+    latencies = Latencies()
+    latencies.append(10.0)
+    bar.update(latencies, summary)  # the first frame refreshes the postfix
+    latencies.append(30.0)
+    bar.update(latencies, summary)  # within the refresh interval: not shown yet
     assert "p99=10.0ms" in bar.bar.postfix
     bar.close()
     assert "p99=29.8ms" in bar.bar.postfix
@@ -464,3 +467,24 @@ def test_stream_video_source(triton, tmp_path):
     summary = run_stream(_opts(triton, path, out))
     lines = _lines(out)
     assert summary.results == 7 and [r["frame_id"] for r in lines] == [f"line.avi#{i}" for i in range(7)]
+
+
+def test_latencies_are_exact_then_a_fixed_size_uniform_sample():
+    """A line's stream runs for weeks: the summary's percentiles keep `cap` latencies (4 bytes
+    each), exact while fewer frames came, a uniform sample of all of them after."""
+    from cmg_clients.scorer import Latencies
+
+    rng = np.random.default_rng(5)
+    few = rng.exponential(20.0, 500)
+    exact = Latencies(cap=1000)
+    for v in few:
+        exact.append(float(v))
+    assert np.allclose(exact.percentiles([50, 99]), np.percentile(few.astype(np.float32), [50, 99]))
+    many = Latencies(cap=1000)
+    values = rng.uniform(0.0, 100.0, 50_000)
+    for v in values:
+        many.append(float(v))
+    assert len(many) == 50_000 and len(many._values) == 1000  # memory stays at the cap
+    p50, p99 = many.percentiles([50, 99])
+    assert abs(p50 - 50.0) < 5.0 and abs(p99 - 99.0) < 2.0  # the sample spans the whole run
+    assert np.array_equal(many.recent(), values[-Latencies.RECENT:].astype(np.float64))
