@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from cmg.errors import CMGError
 from cmg_build.engine_runner import latency_stats, open_repository
 
 BATCHES = (1, 8, 32)
@@ -168,6 +169,8 @@ def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     ranks = np.empty(len(scores))
     ranks[order] = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # 1-based, ties averaged
     n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not (n1 and n0):
+        raise CMGError("the test split needs normal and anomalous images to measure AUROC")
     return float((ranks[positive].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 

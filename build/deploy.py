@@ -128,8 +128,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def undo_interrupted(repo: Path) -> dict | None:
     """A deploy stopped between stage and retire (Ctrl-C, SIGTERM, a crash) left its version
-    folders and pinned configs, which refuse every later deploy: put the repository back as
-    it was before it. Returns that deploy's record, or None when there was nothing to undo."""
+    folders and pinned configs, which refuse every later deploy: put the repository's files
+    back as they were before it. Returns that deploy's record, or None when there was nothing
+    to undo. The record stays until the server holds the same (`_forget`): undoing twice is
+    harmless, and the record's list of what was loaded is still there for the next try."""
     path = repo / RECOVERY
     if not path.is_file():
         return None
@@ -145,8 +147,11 @@ def undo_interrupted(repo: Path) -> dict | None:
         shutil.rmtree(repo / name / str(record["new"]), ignore_errors=True)
     if "report" in record:
         (repo / "build_report.json").write_text(record["report"])
-    path.unlink()
     return record
+
+
+def _forget(repo: Path) -> None:
+    (repo / RECOVERY).unlink(missing_ok=True)
 
 
 def _recover(client, repo: Path) -> int | None:
@@ -161,6 +166,7 @@ def _recover(client, repo: Path) -> int | None:
         client.load_model(name)
     for name in sorted(loaded - set(record.get("live", loaded)) - set(ENSEMBLES)):
         client.unload_model(name)
+    _forget(repo)
     return int(record["new"])
 
 
@@ -173,7 +179,8 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
     repo = Path(repository)
     if not (repo / "build_report.json").is_file():
         raise CMGError(f"{repo / 'build_report.json'} not found: --repository must be a folder written by `cmg build`")
-    lock = OutputLock(repo, folder=True, refusal=f"{repo} is being deployed to by another `cmg deploy` "
+    # resolved: `--repository .` or a link to it is the same repository, with the same lock
+    lock = OutputLock(repo.resolve(), folder=True, refusal=f"{repo} is being deployed to by another `cmg deploy` "
                       "(pid {pid}, lock {lock}): one deploy at a time; wait for it to end")
     with lock:
         return _deploy(run, repo, url, data)
@@ -234,7 +241,8 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
             for name in configs:
                 shutil.copytree(staged / name / str(new), repo / name / str(new))
         except BaseException:
-            undo_interrupted(repo)
+            undo_interrupted(repo)  # nothing was loaded yet: the files alone
+            _forget(repo)
             raise
 
     def write(name: str, cfg) -> None:
@@ -269,6 +277,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
         try:
             load_all()
             release()
+            _forget(repo)  # files and server agree again; kept otherwise, for the next deploy to finish
         except Exception as exc:  # noqa: BLE001 - the old version's own state decides
             reason += f" (reload of version {old} after it: {_reason(exc)})"
         return RolledBack(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from cmg.contract import CMG
+from cmg.contract import ENSEMBLES
 from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from cmg.errors import CMGError
 
@@ -102,13 +102,14 @@ def manifests(opts: K8sOptions) -> list[dict]:
 
 def adapter_rules(namespace: str = "monitoring") -> dict:
     """prometheus-adapter ConfigMap: the queue time a frame waits over the last minute, per pod:
-    every model's `nv_inference_queue_duration_us` over the `cmg` requests only. Triton counts a
+    every model's `nv_inference_queue_duration_us` over the requests to the ensembles clients
+    call (`cmg`, `cmg_exact`) only. Triton counts a
     success for the ensemble and for each step it runs (measured: 19 `cmg`, 19 and 20 for its
     two steps), and the ensemble's own queue time is nearly nil (35 us against 29 ms in its
     steps): over every model's successes the mean came out a third of a frame's wait."""
     query = ("sum(rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>) / "
-             f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=\"{CMG}\"}}[1m])) "
-             "by (<<.GroupBy>>), 1e-9)")
+             f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=~\"{'|'.join(ENSEMBLES)}\"}}"
+             "[1m])) by (<<.GroupBy>>), 1e-9)")
     rules = (
         "rules:\n"
         "- seriesQuery: 'nv_inference_queue_duration_us{namespace!=\"\",pod!=\"\"}'\n"

@@ -756,7 +756,7 @@ def drop_bytecode_cache(repository: Path) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def check_repository(repository: Path) -> None:
+def check_repository(repository: Path, control_mode: str = "none") -> None:
     """Refuse what is plainly not a model repository before starting a server on it."""
     repository = Path(repository)
     if not repository.exists():
@@ -771,10 +771,12 @@ def check_repository(repository: Path) -> None:
                        "(`cmg build --run RUN --out REPO` writes one)")
     drop_bytecode_cache(repository)
     strays = sorted(p.name for p in repository.iterdir()
-                    if p.is_dir() and not p.name.startswith(".") and not (p / "config.pbtxt").is_file())
-    if strays:  # Triton takes every folder for a model and refuses to start on one it cannot load
-        raise CMGError(f"{repository} holds folders that are not models (no config.pbtxt): {', '.join(strays)}; "
-                       "move them out of the repository")
+                    if p.is_dir() and not p.name.startswith(".") and not (p / "config.pbtxt").is_file()
+                    and not any(v.is_dir() and v.name.isdigit() for v in p.iterdir()))
+    if strays and control_mode != "explicit":  # Triton loads every folder then, and stops on one that is no model
+        raise CMGError(f"{repository} holds folders that are not models (no config.pbtxt, no version folder): "
+                       f"{', '.join(strays)}; move them out of the repository (or serve with "
+                       "--model-control-mode explicit, which loads only the models named)")
     if not shutil.which("tritonserver"):  # the nvidia-pytriton binary: its only backend is Python
         foreign = backends_needed(repository) - {"python"}
         if foreign:
@@ -807,7 +809,7 @@ def backends_needed(repository: Path) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_repository(args.repository)
+    check_repository(args.repository, args.model_control_mode)
     pool = cuda_memory_pool_bytes(args.repository, args.in_flight) if gpu_present() else None
     server = TritonServer(
         args.repository, args.http_port, args.grpc_port, args.metrics_port,

@@ -66,20 +66,41 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
     return rows
 
 
+def _mask_levels(img: Image.Image, path: Path) -> np.ndarray:
+    """A mask's own values, 2-D: palette indices (index 0 is the background), grey or 16-bit
+    levels as stored, or the strongest channel of a colour mask (alpha dropped)."""
+    if img.mode == "P":
+        return np.asarray(img)
+    if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+        return np.asarray(img)
+    return np.asarray(to_rgb8(img, f"mask {path}")).max(axis=2)
+
+
 def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A binary mask image resized with NEAREST (interpolation must not invent labels)."""
+    """A binary mask image, read from its own values before any scaling, so the formats
+    datasets ship read alike: 0/255 (MVTec AD), 0/1, 16-bit, palette label masks, colour
+    masks; two levels split at the lower, a soft mask at half its range; then resized with
+    NEAREST (interpolation must not invent labels)."""
     try:
         with Image.open(path) as img:
-            img = to_rgb8(img, f"mask {path}").convert("L")  # the frames' conversion (16-bit masks too)
-            height, width = size
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.NEAREST)
-            values = np.asarray(img)
-            return values > (127 if values.max() > 1 else 0)  # 0/255 masks (MVTec AD), and 0/1 ones
+            img.load()
+            levels = _mask_levels(img, path).astype(np.float64)
     except FileNotFoundError:
         raise CMGError(f"mask not found: {path}") from None
     except OSError as exc:
         raise CMGError(f"unreadable mask {path}: {exc}") from exc
+    found = np.unique(levels)
+    if found.size == 1:
+        marked = levels > 0  # all background, or all defect
+    elif found.size == 2:
+        marked = levels > found[0]
+    else:
+        marked = levels > (found[0] + found[-1]) / 2
+    height, width = size
+    if marked.shape != (height, width):
+        resized = Image.fromarray(marked.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+        marked = np.asarray(resized) > 127
+    return marked
 
 
 class MVTecFolder:

@@ -56,8 +56,8 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                if self.refusal:
-                    raise CMGError(self.refusal.format(pid=holder, lock=self.path)) from None
+                if self.refusal:  # replace, not format: a path may hold braces
+                    raise CMGError(self.refusal.replace("{pid}", holder).replace("{lock}", str(self.path))) from None
                 raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
                                f"{self.path}): one writer at a time; wait for it to end or choose another --out") from None
             try:  # the holder before us may have removed the file between our open and flock

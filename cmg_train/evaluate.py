@@ -108,9 +108,11 @@ class TestSet:
         marked = self.gt.reshape(len(self.samples), -1).any(1)
         unmasked = [s for s, m in zip(self.samples, marked, strict=True) if s.label and not m]
         self.pixel = np.array([not s.label or m for s, m in zip(self.samples, marked, strict=True)])
-        if unmasked and len(unmasked) < int(self.labels.sum()):
-            first = unmasked[0]
-            why = "no mask under ground_truth/" if first.mask_path is None else f"a mask that marks no pixel ({first.mask_path.name})"
+        empty = [s for s in unmasked if s.mask_path is not None]  # said always: a mask file that reads as nothing
+        if empty or (unmasked and len(unmasked) < int(self.labels.sum())):
+            first = (empty or unmasked)[0]
+            why = ("no mask under ground_truth/" if first.mask_path is None
+                   else f"{first.mask_path.name} marks no pixel at {size} x {size}")
             print(f"{data}: {len(unmasked)} defect image(s) have no mask or an empty one (first: "
                   f"{first.path.relative_to(data)}, {why}): left out of the pixel metrics", file=sys.stderr)
 
@@ -164,12 +166,15 @@ def alpha_sweep(det: CMGDetector, test: TestSet, patch_scores: torch.Tensor, map
     return rows
 
 
-def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None) -> dict:
-    """Score the test split of `data` with the run (and, with `ablation`, every row)."""
+def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: TestSet | None = None,
+             fingerprint: str | None = None) -> dict:
+    """Score the test split of `data` with the run (and, with `ablation`, every row).
+    `fingerprint`: `test_split_fingerprint(data)` taken before `test` was read, with `test`."""
     if not progress:
         quiet_library_progress()  # the ablation loads MiniLM for the caption graph
     cfg = run.cfg
-    fingerprint = test_split_fingerprint(data)  # before reading: an edit while scoring makes the report stale
+    if test is None or fingerprint is None:  # before reading: an edit while scoring makes the report stale
+        fingerprint = test_split_fingerprint(data)
     test = test or TestSet(data, cfg.data.image_size, progress)
     (test_ps,) = batched(run.scorer_graph(), test.frames)
     rows: list[dict] = []
@@ -210,7 +215,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
-    tmp = eval_dir / f".{stem}.json.tmp"  # whole or not at all: a torn report would block the next eval
+    tmp = eval_dir / f".{stem}.json.tmp-{os.getpid()}"  # whole or not at all: a torn report blocked the next eval
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, eval_dir / f"{stem}.json")
     (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"], report["defects"]) + threshold_table([report])
@@ -501,7 +506,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true", help="baseline / +CMER / +CMLE / CMG + reference rows")
     p.add_argument("--out", type=Path, default=None, help="with several runs: where the seeds table goes")
     p.add_argument("--recompute", action="store_true",
-                   help="score again even where RUN/eval holds a report of the same data newer than the checkpoint")
+                   help="score again even where RUN/eval holds a report of the same data and checkpoint")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -511,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(data).is_dir():
         raise CMGError(f"dataset folder not found: {data}")
     test: TestSet | None = None
+    fingerprint = None
     reports = []
     for r in runs:
         report = None if args.recompute else cached_report(r, data, args.ablation)
@@ -518,8 +524,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r.path}: the report of this data, unchanged since it was scored, from {r.path / 'eval'} "
                   "(--recompute scores again)", file=sys.stderr)
         else:
-            test = test or TestSet(data, r.cfg.data.image_size, not args.no_progress)
-            report = evaluate(r, data, args.ablation, not args.no_progress, test)
+            if test is None:  # the fingerprint before the frames are read: an edit meanwhile makes it stale
+                fingerprint = test_split_fingerprint(data)
+                test = TestSet(data, r.cfg.data.image_size, not args.no_progress)
+            report = evaluate(r, data, args.ablation, not args.no_progress, test, fingerprint)
         reports.append(report)
     if len(reports) == 1:
         print(markdown_table(reports[0]["rows"], reports[0].get("defects")) + threshold_table(reports)

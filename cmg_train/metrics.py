@@ -36,8 +36,8 @@ def aupro(gt: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float | Non
         sizes = np.bincount(regions.ravel())
         weights[i] = np.where(regions > 0, 1.0 / sizes[regions], 0.0)  # each region sums to 1
         regions_total += n
-    scores = maps.ravel()
-    order = np.argsort(-scores, kind="stable")  # highest first: lowering the threshold flags more
+    scores = maps.ravel().astype(np.float64)  # signed: an unsigned map's negation wraps around
+    order = np.argsort(-scores)  # highest first: lowering the threshold flags more (ties collapse below)
     ends = np.append(np.flatnonzero(np.diff(scores[order])), scores.size - 1)  # the last of each tie
     fpr = np.append(0.0, np.cumsum(~gt.ravel()[order])[ends] / np.count_nonzero(~gt))
     pro = np.append(0.0, np.cumsum(weights.ravel()[order])[ends] / regions_total)

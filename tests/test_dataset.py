@@ -177,3 +177,35 @@ def test_sample_is_a_frozen_record(source):
     assert isinstance(s, Sample)
     with pytest.raises(AttributeError):
         s.label = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("form", ["0/255", "0/1", "16-bit 0/1", "16-bit 0/65535", "1-bit", "red on black",
+                                  "soft, peak 100", "palette index 1", "empty"])
+def test_a_mask_reads_the_same_in_every_format_datasets_ship(tmp_path, form):
+    """Masks were read after scaling to 8-bit grey at > 127: 0/1, 16-bit 0/1, palette label and
+    colour masks read as empty and their defect images left the pixel metrics."""
+    from PIL import Image
+
+    from cmg.dataset import _load_mask
+
+    m = np.zeros((32, 32), bool)
+    m[8:16, 8:16] = True
+    images = {
+        "0/255": lambda: Image.fromarray(m.astype(np.uint8) * 255),
+        "0/1": lambda: Image.fromarray(m.astype(np.uint8)),
+        "16-bit 0/1": lambda: Image.fromarray(m.astype(np.uint16)),
+        "16-bit 0/65535": lambda: Image.fromarray(m.astype(np.uint16) * 65535),
+        "1-bit": lambda: Image.fromarray(m).convert("1"),
+        "red on black": lambda: Image.fromarray(np.stack([m * 255, m * 0, m * 0], -1).astype(np.uint8)),
+        "soft, peak 100": lambda: Image.fromarray((m * 100).astype(np.uint8)),
+        "empty": lambda: Image.fromarray(np.zeros((32, 32), np.uint8)),
+    }
+    if form == "palette index 1":
+        img = Image.fromarray(m.astype(np.uint8), "P")
+        img.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)  # index 1 is dark red: luma 38
+    else:
+        img = images[form]()
+    img.save(tmp_path / "mask.png")
+    want = np.zeros_like(m) if form == "empty" else m
+    assert np.array_equal(_load_mask(tmp_path / "mask.png", (32, 32)), want)
+    assert _load_mask(tmp_path / "mask.png", (16, 16)).sum() == want.sum() // 4  # NEAREST halves each side

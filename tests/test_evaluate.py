@@ -103,6 +103,8 @@ def test_aupro_of_a_random_map_is_the_area_under_the_diagonal():
     maps = np.random.default_rng(1).random(gt.shape)
     assert aupro(gt, maps) == pytest.approx(0.15, abs=0.02)  # PRO = FPR: 0.3^2 / 2 / 0.3
     assert aupro(np.zeros_like(gt), maps) is None and aupro(np.ones_like(gt), maps) is None
+    perfect = (gt * 200 + 10).astype(np.uint8)  # an unsigned map: its negation must not wrap around
+    assert aupro(gt, perfect) == pytest.approx(1.0) and aupro(gt, gt) == pytest.approx(1.0)
 
 
 def test_aupro_closes_the_curve_over_tied_zeros():
@@ -123,7 +125,7 @@ def test_aupro_closes_the_curve_over_tied_zeros():
 @pytest.mark.slow
 def test_aupro_agrees_with_anomalib():
     """The field's reference implementation (anomalib's AUPRO, the `peer` extra) on the same
-    maps: within the 301-point curve's discretisation."""
+    maps, thin diagonal regions and tied values included."""
     anomalib_metrics = pytest.importorskip("anomalib.metrics")
     import anomalib.metrics.aupro  # noqa: F401 - the module, for its _AUPRO
     import torch

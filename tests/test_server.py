@@ -97,6 +97,7 @@ def test_a_repository_for_another_backend_is_refused_before_the_server_starts(tm
     with pytest.raises(CMGError, match="needs Triton's onnxruntime backend.*official image.*--target cpu"):
         server_mod.check_repository(tmp_path)
     (tmp_path / "scorer" / "config.pbtxt").unlink()
+    (tmp_path / "scorer" / "1").mkdir()  # a model whose config Triton completes: its backend is not read here
     server_mod.check_repository(tmp_path)
 
 
@@ -710,9 +711,12 @@ def test_python_bytecode_cache_goes_and_other_stray_folders_are_named(toy_repo, 
     server_mod.check_repository(repo)
     assert not (repo / "__pycache__").exists()
     (repo / "notes").mkdir()
-    with pytest.raises(CMGError, match="folders that are not models \\(no config.pbtxt\\): notes"):
+    with pytest.raises(CMGError, match="folders that are not models \\(no config.pbtxt, no version folder\\): notes"):
         server_mod.check_repository(repo)
     assert (repo / "notes").is_dir()
+    server_mod.check_repository(repo, "explicit")  # loads only the models named: a stray folder is no matter
+    (repo / "notes" / "1").mkdir()  # a model whose config Triton completes itself (ONNX, TensorRT)
+    server_mod.check_repository(repo)
 
 
 def test_a_failed_starts_kept_log_goes_after_a_week(tmp_path, monkeypatch):
