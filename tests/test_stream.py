@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -277,8 +279,7 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
         "--out", str(out), "--window", "16", "--fps", "100", "--timeout", "5", "--no-progress",
         "--backoff-max", "1", "--max-retries", "200",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _reaped(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as proc:
         _wait_for_lines(proc, out, 50)
         written_before_kill = len(out.read_text().splitlines())
         assert written_before_kill < n, "stream finished before the kill; the test proves nothing"
@@ -286,10 +287,6 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
         time.sleep(0.5)
         triton.start()
         stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, stderr
     # The outage is said on stderr as it starts and as it ends (retries alone are silent).
     notices = [s for s in stderr.splitlines() if s.startswith("cmg stream:")]
@@ -309,6 +306,17 @@ def test_stream_survives_server_kill_and_restart(triton, tmp_path):
     assert retried and all(r["latency_ms"] >= r["attempt_ms"] for r in lines)
     assert max(r["latency_ms"] - r["attempt_ms"] for r in retried) >= 500, retried[:3]  # the 0.5 s outage
     assert summary["p99_ms"] == pytest.approx(np.percentile([r["latency_ms"] for r in lines], 99), abs=0.01)
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The stream process, killed and reaped however the block ends (a failed assert too)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 60) -> None:
@@ -332,8 +340,7 @@ def test_one_writer_per_output_file(triton, tmp_path):
     n = 300  # 12 s at 25 fps: the second writer starts while the first still streams, even on a loaded machine
     source = f"synth:tiny?n={n}&fps=25&seed=4"
     out = tmp_path / "out.jsonl"
-    first = _stream_proc(triton, source, out)
-    try:
+    with _reaped(_stream_proc(triton, source, out)) as first:
         _wait_for_lines(first, out, 5)
         for extra in (["--overwrite"], ["--resume"], []):
             second = _stream_proc(triton, source, out, *extra)
@@ -343,10 +350,6 @@ def test_one_writer_per_output_file(triton, tmp_path):
             assert f"pid {first.pid}" in last and "another process" in last, last
             assert first.poll() is None, "the first stream ended before the second tried: the test proves nothing"
         _, err = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
     assert first.returncode == 0, err
     lines = _lines(out)
     assert [r["seq"] for r in lines] == list(range(n)) and all("score" in r for r in lines)
@@ -360,15 +363,10 @@ def test_ctrl_c_still_prints_the_json_summary_that_matches_the_file(triton, tmp_
     """SIGINT mid-stream: exit 130, and stdout carries the summary a finished run prints
     (marked `aborted: interrupted`), whose frame count is the file's line count."""
     out = tmp_path / "out.jsonl"
-    proc = _stream_proc(triton, "synth:tiny?n=100000&fps=25&seed=1", out)
-    try:
+    with _reaped(_stream_proc(triton, "synth:tiny?n=100000&fps=25&seed=1", out)) as proc:
         _wait_for_lines(proc, out, 5)
         proc.send_signal(signal.SIGINT)
         stdout, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 130, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["aborted"] == "interrupted" and summary["frames"] == len(_lines(out)) >= 5, (summary, err)
