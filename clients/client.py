@@ -513,8 +513,10 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
                 dirs[:] = []
                 continue
             seen.add(real)
-            dirs.sort()  # which path reaches a folder linked twice: the first in sorted order, every run
-            found += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+            # sorted: which path reaches a folder linked twice is the first in sorted order, every run;
+            # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [Path(folder, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS]
         out.extend(sorted(found))
     return out
 

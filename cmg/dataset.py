@@ -12,6 +12,7 @@ the clients send. numpy/PIL only: no torch.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,38 @@ class Sample:
     meta: dict | None
 
 
+def _relative(name: str, root: Path) -> str:
+    """A line's `file` as a path under `root`, written with `/`: Windows backslashes and a path
+    that starts at `root` itself (absolute) name the same image as `train/good/000.png`."""
+    path = Path(name.replace("\\", "/"))
+    if path.is_absolute():
+        for base in (root, root.resolve()):
+            if path.is_relative_to(base):
+                return path.relative_to(base).as_posix()
+    return path.as_posix()
+
+
+def visible(path: Path) -> bool:
+    """Not a hidden name: macOS copies put an AppleDouble `._NAME.png` (not an image) beside
+    every file, and a hidden folder (.thumbnails) is no defect kind."""
+    return not path.name.startswith(".")
+
+
+def nested_images(folder: Path) -> int:
+    """Images in subfolders of `folder`, which the flat MVTec layout does not read."""
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.parent != folder and p.suffix.lower() in IMAGE_SUFFIXES
+               and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, dict]:
     """Lines keyed by their `file` (relative to `root`); errors name the file and line. A line
     naming a training image that is not there is an error (a misspelt name would leave an
     image without its caption); one naming another image is skipped (test images removed
     from a folder leave their lines behind, and nothing reads a test image's caption)."""
     rows: dict[str, dict] = {}
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a BOM (Notepad, Excel) is not part of line 1
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -56,7 +82,7 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
             if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
                 raise CMGError(f"{path}:{lineno}: malformed line: expected an object with string "
                                f"keys {', '.join(required)}")
-            rel = Path(row["file"]).as_posix()
+            rel = _relative(row["file"], root)
             if not (root / rel).is_file():
                 if not rel.startswith("train/"):
                     continue
@@ -122,7 +148,7 @@ class MVTecFolder:
                 self.info = json.loads(synth.read_text())
             except json.JSONDecodeError as exc:
                 raise CMGError(f"{synth}: not valid JSON ({exc.msg})") from exc
-        self.category = category or (self.info or {}).get("category") or self.root.name
+        self.category = category or (self.info or {}).get("category") or self.root.resolve().name
         self.prompt = prompt.format(category=self.category.replace("_", " "))
         cap_path = self.root / "captions.jsonl"
         self.captions: dict[str, str] = {}
@@ -136,7 +162,18 @@ class MVTecFolder:
         return bool(self.captions)
 
     def _images(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def _masks(self, kind: str) -> dict[str, Path]:
+        """ground_truth/<kind>'s mask images by lower-case stem (any image suffix, any case)."""
+        folder = self.root / "ground_truth" / kind
+        if not folder.is_dir():
+            return {}
+        found: dict[str, Path] = {}
+        for p in sorted(folder.iterdir(), key=lambda q: (q.suffix != ".png", q.name)):  # .png first
+            if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(p.stem.lower(), p)
+        return found
 
     def samples(self, split: str) -> list[Sample]:
         """`train`: train/good; `test`: every test/<kind> folder (sorted, so order is stable)."""
@@ -148,19 +185,21 @@ class MVTecFolder:
         else:
             if not base.is_dir():
                 raise CMGError(f"dataset {self.root}: missing folder {base}")
-            folders = sorted(p for p in base.iterdir() if p.is_dir())
+            folders = sorted(p for p in base.iterdir() if p.is_dir() and visible(p))
         out: list[Sample] = []
         for folder in folders:
             kind = folder.name
+            masks = self._masks(kind) if kind != "good" else {}
             for path in self._images(folder):
                 rel = path.relative_to(self.root).as_posix()
                 meta = self.meta.get(rel)
                 mask = None
                 if kind != "good":
-                    gt = self.root / "ground_truth" / kind / f"{path.stem}_mask.png"
+                    # MVTec AD's NAME_mask.png; NAME_mask or NAME with another image suffix too
+                    gt = masks.get(f"{path.stem}_mask".lower()) or masks.get(path.stem.lower())
                     if meta and meta.get("gt_mask"):
                         gt = self.root / meta["gt_mask"]
-                    mask = gt if gt.is_file() else None
+                    mask = gt if gt is not None and gt.is_file() else None
                 out.append(Sample(path=path, split=split, defect=kind, label=int(kind != "good"),
                                   caption=self.captions.get(rel, self.prompt), mask_path=mask, meta=meta))
         if not out:
@@ -200,7 +239,7 @@ def training_images(root: str | Path) -> list[Path]:
     """The images of `root/train/good`, sorted: what `cmg train` learns from and `cmg
     captions` captions (without reading a captions.jsonl that may be about to be replaced)."""
     good = Path(root) / "train" / "good"
-    return sorted(p for p in good.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in good.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
@@ -224,6 +263,10 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     if not good.is_dir():
         raise CMGError(f"dataset {root}: missing folder {good} (expected the MVTec layout train/good/*.png)")
     images = training_images(root)
+    nested = nested_images(good)
+    if nested:  # said, not read: the MVTec layout is flat, and a subfolder may hold anything
+        print(f"dataset {root}: {nested} image(s) in subfolders of {good} are not used (the layout is flat: "
+              "move them into train/good to train on them)", file=sys.stderr)
     if len(images) < min_images:
         raise CMGError(f"dataset {root}: {good} has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}); "
                        f"training needs at least {min_images}" + (f" ({why_min})" if why_min else ""))
@@ -240,9 +283,9 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, root, ("file", "caption")).items()}
     rels = [p.relative_to(root).as_posix() for p in images]
     missing = [r for r in rels if r not in captions]
-    if missing:
+    if missing:  # the file exists: `cmg captions` replaces it only with --force
         raise CMGError(f"{cap_path}: {len(missing)} of {len(rels)} training images have no caption "
-                       f"(first: {', '.join(missing[:3])}); {hint}")
+                       f"(first: {', '.join(missing[:3])}); {hint.replace('--data', '--force --data')}")
     empty = [r for r in rels if not captions[r].strip()]
     if empty:
         raise CMGError(f"{cap_path}: {len(empty)} training images have an empty caption (first: {empty[0]})")

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pixels an image file may declare before it is refused unread: a PNG header can claim
 # 20000 x 20000 in a few bytes and decoding it would take gigabytes. Pillow's own limit
@@ -141,7 +141,9 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
             if width == 0 or height == 0:
                 raise FrameError(f"image {name} is empty ({width} x {height})")
             img.load()
-            return to_frame(img, size, f"image {name}")
+            # as a viewer shows it (a phone's or camera's JPEG stores rotation as an EXIF tag): masks
+            # drawn on the image as displayed then line up
+            return to_frame(ImageOps.exif_transpose(img), size, f"image {name}")
     except FrameError:
         raise
     except Image.DecompressionBombError as exc:

@@ -43,7 +43,7 @@ TEMPLATE = "a photo of a {part}{file}"  # {file}: ", <words of the file name>, n
 def file_words(path: Path) -> str:
     """', cam two left, number 12' for 'cam2_left_0012.png': the name's words, then its number."""
     stem = path.stem
-    words = [w.lower() for w in re.findall(r"[A-Za-z]+", stem)]
+    words = [w.lower() for w in re.findall(r"[^\W\d_]+", stem)]  # letters of any script: tête, 日本語
     numbers = [str(int(n)) for n in re.findall(r"\d+", stem)]
     parts = [" ".join(words)] if words else []
     if numbers:

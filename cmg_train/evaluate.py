@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cmg.checksum import file_sha256
-from cmg.dataset import MVTecFolder
+from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
 from cmg_train.checkpoint import Run, load_run
 from cmg_train.cmer.model import keep_mask_cfg
@@ -98,6 +98,11 @@ class TestSet:
         self.samples = ds.samples("test")
         self.frames = torch.from_numpy(ds.frames(self.samples, (size, size), progress=progress))
         self.labels = np.array([s.label for s in self.samples])
+        kinds = [p for p in (Path(data) / "test").iterdir() if p.is_dir() and visible(p)]
+        nested = sum(nested_images(kind) for kind in kinds)
+        if nested:
+            print(f"{data}: {nested} image(s) in subfolders of test/<kind> are not scored (the layout is flat)",
+                  file=sys.stderr)
         self.defects = [s.defect for s in self.samples]
         self.gt = np.stack([ds.gt_mask(s, (size, size)) for s in self.samples])
         if self.labels.min() == self.labels.max():
@@ -109,10 +114,11 @@ class TestSet:
         unmasked = [s for s, m in zip(self.samples, marked, strict=True) if s.label and not m]
         self.pixel = np.array([not s.label or m for s, m in zip(self.samples, marked, strict=True)])
         empty = [s for s in unmasked if s.mask_path is not None]  # said always: a mask file that reads as nothing
-        if empty or (unmasked and len(unmasked) < int(self.labels.sum())):
+        has_gt = (Path(data) / "ground_truth").is_dir()  # masks were meant: a missing one is said too
+        if empty or (unmasked and (has_gt or len(unmasked) < int(self.labels.sum()))):
             first = (empty or unmasked)[0]
-            why = ("no mask under ground_truth/" if first.mask_path is None
-                   else f"{first.mask_path.name} marks no pixel at {size} x {size}")
+            why = (f"no ground_truth/{first.defect}/{first.path.stem}_mask.png (or {first.path.stem}.png)"
+                   if first.mask_path is None else f"{first.mask_path.name} marks no pixel at {size} x {size}")
             print(f"{data}: {len(unmasked)} defect image(s) have no mask or an empty one (first: "
                   f"{first.path.relative_to(data)}, {why}): left out of the pixel metrics", file=sys.stderr)
 

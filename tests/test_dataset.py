@@ -209,3 +209,57 @@ def test_a_mask_reads_the_same_in_every_format_datasets_ship(tmp_path, form):
     want = np.zeros_like(m) if form == "empty" else m
     assert np.array_equal(_load_mask(tmp_path / "mask.png", (32, 32)), want)
     assert _load_mask(tmp_path / "mask.png", (16, 16)).sum() == want.sum() // 4  # NEAREST halves each side
+
+
+def test_what_a_users_copied_folder_holds_besides_the_images(data, capsys):
+    """A folder copied from a Mac has an AppleDouble `._NAME.png` (not an image) beside every
+    file, and may hold a hidden folder of thumbnails; images may sit in a subfolder. The
+    hidden ones are not read (they had stopped training: "unreadable image"), the nested
+    ones are said."""
+    from cmg.dataset import check_training_folder
+    from cmg_clients.client import iter_image_paths
+
+    before = MVTecFolder(data)
+    train, test = len(before.samples("train")), [(s.path.name, s.defect) for s in before.samples("test")]
+    kind = next(d for d in ANOMALIES if (data / "test" / d).is_dir())
+    for folder in (data / "train" / "good", data / "test" / kind):
+        (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (data / "test" / ".thumbnails").mkdir()
+    shutil.copy(next((data / "test" / "good").iterdir()), data / "test" / ".thumbnails" / "t.png")
+    after = MVTecFolder(data)
+    assert len(after.samples("train")) == train and [(s.path.name, s.defect) for s in after.samples("test")] == test
+    assert not [p for p in iter_image_paths([data / "test"]) if p.name.startswith(".") or ".thumbnails" in p.parts]
+    (data / "train" / "good" / "day2").mkdir()
+    shutil.copy(next((data / "train" / "good").glob("0*.png")), data / "train" / "good" / "day2" / "x.png")
+    check_training_folder(data, 64, min_unique_captions=1)
+    assert "1 image(s) in subfolders of" in capsys.readouterr().err
+
+
+def test_masks_named_as_users_name_them_are_found(data):
+    """MVTec AD's NAME_mask.png, and NAME.png / NAME_mask with another suffix or case."""
+    (data / "meta.jsonl").unlink()  # synthetic data names its masks there: here the folder decides
+    kind = next(d for d in ANOMALIES if (data / "ground_truth" / d).is_dir())
+    masks = sorted((data / "ground_truth" / kind).glob("*_mask.png"))
+    masks[0].rename(masks[0].with_name(masks[0].name.replace("_mask", "")))
+    masks[1].rename(masks[1].with_name(masks[1].stem + ".PNG"))
+    found = {s.path.stem: s.mask_path for s in MVTecFolder(data).samples("test") if s.defect == kind}
+    assert all(found.values()), found
+
+
+def test_caption_lines_written_on_windows_or_with_absolute_paths(data):
+    """A BOM (Notepad, Excel), backslashes and a path that starts at the folder itself name
+    the same images: they had been refused as 'no caption' for every training image."""
+    want = _captions(data)
+    lines = []
+    for i, (rel, caption) in enumerate(want.items()):
+        name = rel.replace("/", "\\") if i % 2 else str(data / rel)
+        lines.append(json.dumps({"file": name, "caption": caption}))
+    (data / "captions.jsonl").write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    got = {s.path.relative_to(data).as_posix(): s.caption for s in MVTecFolder(data).samples("train")}
+    assert got == {k: v for k, v in want.items() if k.startswith("train/")}
+
+
+def test_the_category_of_a_folder_given_as_dot_is_its_name(data, monkeypatch):
+    monkeypatch.chdir(data)
+    (data / "synth.json").unlink()
+    assert MVTecFolder(".").category == data.name

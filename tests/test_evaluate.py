@@ -542,7 +542,8 @@ def test_a_defect_image_without_its_mask_is_left_out_of_the_pixel_metrics(tiny_d
             and s.defect == "hole"]
     assert len(gone) == 1 and not test.pixel[gone[0]] and test.pixel.sum() == len(test.samples) - 1
     err = capsys.readouterr().err
-    assert "1 defect image(s) have no mask or an empty one (first: test/hole/" in err and "no mask under" in err
+    assert "1 defect image(s) have no mask or an empty one (first: test/hole/" in err
+    assert "no ground_truth/hole/" in err and "_mask.png (or " in err  # the name it looked for
     maps = np.random.default_rng(0).random((len(test.samples), 16, 16)).astype(np.float32)
     want = ev.pixel_metrics(maps[test.pixel], test.gt[test.pixel])
     assert test.pixel_metrics(maps) == want
@@ -559,6 +560,10 @@ def test_a_defect_image_without_its_mask_is_left_out_of_the_pixel_metrics(tiny_d
     assert "2 defect image(s) have no mask or an empty one" in err and test.pixel.sum() == len(test.samples) - 2
     one = next(i for i, s in enumerate(test.samples) if s.mask_path == masks[1])
     assert test.pixel[one] and test.gt[one].any()
+    for other in (data / "ground_truth").rglob("*.png"):  # ground_truth/ there, no mask found: said
+        other.rename(other.with_name(other.stem + "_old.txt"))
+    TestSet(data, 64, progress=False)
+    assert "have no mask or an empty one" in capsys.readouterr().err
     shutil.rmtree(data / "ground_truth")  # no masks at all: pixel metrics are '-', no warning
     test = TestSet(data, 64, progress=False)
     assert test.pixel_metrics(maps)["pixel_auroc"] is None and not capsys.readouterr().err

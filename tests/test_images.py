@@ -229,3 +229,17 @@ def test_training_masks_and_frames_share_the_conversion(tmp_path):
     mask[0, 0] = 100  # 100 / 257 -> 0: below the mask's half level
     Image.fromarray(mask).save(tmp_path / "m.png")
     np.testing.assert_array_equal(_load_mask(tmp_path / "m.png", (4, 4)), mask > 32768)
+
+
+def test_a_jpeg_is_read_the_way_a_viewer_shows_it(tmp_path):
+    """Phones and cameras store a rotation as the EXIF Orientation tag: the frame follows it,
+    so a mask drawn on the image as displayed lines up."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = 255  # left half white as stored
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    frame = load_frame(tmp_path / "phone.jpg", (60, 60))
+    top, bottom = frame[:20].mean(), frame[40:].mean()
+    assert top > 200 and bottom < 50, (top, bottom)  # displayed: the white half is on top
