@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+ORIENTATION = 0x0112  # the EXIF tag a phone or camera stores its rotation in
+
 # Pixels an image file may declare before it is refused unread: a PNG header can claim
 # 20000 x 20000 in a few bytes and decoding it would take gigabytes. Pillow's own limit
 # by default; `--max-pixels` on `cmg infer` / `cmg stream` changes it.
@@ -143,7 +145,9 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
             img.load()
             # as a viewer shows it (a phone's or camera's JPEG stores rotation as an EXIF tag): masks
             # drawn on the image as displayed then line up
-            return to_frame(ImageOps.exif_transpose(img), size, f"image {name}")
+            if img.getexif().get(ORIENTATION, 1) != 1:  # transposing copies: only where a tag says to
+                img = ImageOps.exif_transpose(img)
+            return to_frame(img, size, f"image {name}")
     except FrameError:
         raise
     except Image.DecompressionBombError as exc:
