@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from tritonclient.utils import triton_to_np_dtype
 from cmg import model_config as mcfg
 from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
+from cmg.files import write_atomic
 from cmg.locks import OutputLock
 from cmg_build.repository import build, file_checksums
 from cmg_clients import core
@@ -117,13 +117,6 @@ def _with_served_threads(served_text: str, staged_text: str) -> str:
 
 class RolledBack(CMGError):
     """A deploy undone: the repository is as it was and version OLD serves."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Whole or not at all: a record cut off mid-write would block every later deploy."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def undo_interrupted(repo: Path) -> dict | None:
@@ -235,7 +228,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
                 raise CMGError(f"run {run}: model {name} needs another config.pbtxt than {repo} serves "
                                f"({first_difference(served, wanted)}): build a new repository for it")
         # From here until retire, the record beside the models says how to undo this deploy
-        _write_atomic(repo / RECOVERY, json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
+        write_atomic(repo / RECOVERY, json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
                                                    "report": report_path.read_text(), "live": sorted(live)}))
         try:
             for name in configs:
@@ -336,9 +329,9 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     # The report says what the repository serves now (the engine runner and the bench read its
     # version and threshold): the new build's, with the deploys so far
     history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]
-    _write_atomic(report_path, json.dumps(staged_report | {"deployed": history, "files": file_checksums(repo)},
+    write_atomic(report_path, json.dumps(staged_report | {"deployed": history, "files": file_checksums(repo)},
                                           indent=2))
-    (repo / RECOVERY).unlink(missing_ok=True)  # the repository now holds the new run as built: nothing to undo
+    _forget(repo)  # the repository now holds the new run as built: nothing to undo
     try:
         load_all()
         release()

@@ -57,6 +57,11 @@ def visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def is_image(path: Path) -> bool:
+    """A file this layout reads as an image: a visible name with an image suffix."""
+    return path.is_file() and visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def nested_images(folder: Path) -> int:
     """Images in subfolders of `folder`, which the flat MVTec layout does not read."""
     if not folder.is_dir():
@@ -95,9 +100,7 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
 def _mask_levels(img: Image.Image, path: Path) -> np.ndarray:
     """A mask's own values, 2-D: palette indices (index 0 is the background), grey or 16-bit
     levels as stored, or the strongest channel of a colour mask (alpha dropped)."""
-    if img.mode == "P":
-        return np.asarray(img)
-    if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+    if img.mode in ("P", "1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
         return np.asarray(img)
     return np.asarray(to_rgb8(img, f"mask {path}")).max(axis=2)
 
@@ -162,7 +165,7 @@ class MVTecFolder:
         return bool(self.captions)
 
     def _images(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in folder.iterdir() if is_image(p))
 
     def _masks(self, kind: str) -> dict[str, Path]:
         """ground_truth/<kind>'s mask images by lower-case stem (any image suffix, any case)."""
@@ -171,7 +174,7 @@ class MVTecFolder:
             return {}
         found: dict[str, Path] = {}
         for p in sorted(folder.iterdir(), key=lambda q: (q.suffix != ".png", q.name)):  # .png first
-            if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image(p):
                 found.setdefault(p.stem.lower(), p)
         return found
 
@@ -239,7 +242,7 @@ def training_images(root: str | Path) -> list[Path]:
     """The images of `root/train/good`, sorted: what `cmg train` learns from and `cmg
     captions` captions (without reading a captions.jsonl that may be about to be replaced)."""
     good = Path(root) / "train" / "good"
-    return sorted(p for p in good.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in good.iterdir() if is_image(p))
 
 
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,

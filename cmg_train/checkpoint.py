@@ -9,7 +9,6 @@ evaluation and benchmarks start from the same file.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cmg.config import Config, config_from_dict
 from cmg.contract import Contract
 from cmg.dataset import resolve_data
 from cmg.errors import CMGError, naming
+from cmg.files import write_atomic
 from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
@@ -132,15 +132,7 @@ def write_checkpoint(state: dict, path: Path) -> Path:
     RuntimeError ("unexpected pos"), a plain write an OSError that names the problem."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming(path):
-            with tmp.open("wb") as fh:
-                fh.write(buffer.getbuffer())
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, buffer.getbuffer())
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
+from cmg.files import write_atomic
 from cmg_train.checkpoint import Run, load_run
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
@@ -221,9 +221,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
-    tmp = eval_dir / f".{stem}.json.tmp-{os.getpid()}"  # whole or not at all: a torn report blocked the next eval
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, eval_dir / f"{stem}.json")
+    write_atomic(eval_dir / f"{stem}.json", json.dumps(report, indent=2))  # a torn report blocked the next eval
     (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"], report["defects"]) + threshold_table([report])
                                          + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
