@@ -165,13 +165,8 @@ def soak(run_dir: Path, out: Path, minutes: float, url: str | None = None, data:
         try:
             run_stream(opts, summary)
         except KeyboardInterrupt as exc:  # a long soak stopped near its end keeps its minutes and RSS samples
-            stopped = exc
+            stopped = exc  # (the stream filled `summary` on its way out: frames, fps, percentiles)
             summary.aborted = "interrupted"
-            summary.elapsed_s = summary.elapsed_s or time.perf_counter() - t_start[0]
-            lat = [v for _, v in events if v is not None]
-            if lat and summary.p50_ms is None:
-                summary.p50_ms, summary.p99_ms = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
-                summary.fps = len(events) / summary.elapsed_s if summary.elapsed_s else 0.0
         rss_end = sampler.stop() if sampler else None
     finally:
         if server is not None:
