@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from cmg import contract as C
 from cmg import model_config as mcfg
 from cmg.contract import Contract
-from cmg.dataset import visible
+from cmg.dataset import image_name, visible
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
 from cmg_clients import core
@@ -517,9 +517,7 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
             # sorted: which path reaches a folder linked twice is the first in sorted order, every run;
             # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
             dirs[:] = sorted(d for d in dirs if visible(Path(d)))
-            found += [Path(folder, f) for f in files if visible(Path(f)) and Path(f).suffix.lower() in IMAGE_EXTS]
+            found += [Path(folder, f) for f in files if image_name(Path(f))]
         out.extend(sorted(found))
     return out
 
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

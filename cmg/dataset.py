@@ -23,7 +23,9 @@ from tqdm import tqdm
 from cmg.errors import CMGError
 from cmg.frames import load_frame, to_rgb8
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# one list for training folders and the clients' folder walk: a line whose camera writes .webp
+# trains on the same files it streams
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "test")
 
 
@@ -57,17 +59,22 @@ def visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def image_name(path: Path) -> bool:
+    """A visible name with an image suffix (whether the file is there is the reader's to say)."""
+    return visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def is_image(path: Path) -> bool:
     """A file this layout reads as an image: a visible name with an image suffix."""
-    return path.is_file() and visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
+    return path.is_file() and image_name(path)
 
 
 def nested_images(folder: Path) -> int:
     """Images in subfolders of `folder`, which the flat MVTec layout does not read."""
     if not folder.is_dir():
         return 0
-    return sum(1 for p in folder.rglob("*") if p.is_file() and p.parent != folder and p.suffix.lower() in IMAGE_SUFFIXES
-               and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sum(1 for p in folder.rglob("*") if p.parent != folder and is_image(p)
+               and all(visible(Path(part)) for part in p.relative_to(folder).parts))
 
 
 def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, dict]:

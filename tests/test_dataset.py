@@ -235,6 +235,23 @@ def test_what_a_users_copied_folder_holds_besides_the_images(data, capsys):
     assert "1 image(s) in subfolders of" in capsys.readouterr().err
 
 
+def test_training_folder_and_the_clients_walk_read_the_same_image_files(data):
+    """One list of image suffixes: a camera that writes .webp trains on the files it streams
+    (the dataset had read six suffixes, the clients' folder walk nine)."""
+    from cmg_clients.client import iter_image_paths
+
+    for name in ("captions.jsonl", "meta.jsonl"):  # they name the .png files
+        (data / name).unlink()
+    good = data / "train" / "good"
+    for png in sorted(good.glob("*.png"))[:3]:
+        Image.open(png).save(png.with_suffix(".webp"), lossless=True)
+        png.unlink()
+    (good / "notes.txt").write_text("not an image")
+    listed = {s.path for s in MVTecFolder(data).samples("train")}
+    assert sum(p.suffix == ".webp" for p in listed) == 3
+    assert set(iter_image_paths([good])) == listed
+
+
 def test_masks_named_as_users_name_them_are_found(data):
     """MVTec AD's NAME_mask.png, and NAME.png / NAME_mask with another suffix or case."""
     (data / "meta.jsonl").unlink()  # synthetic data names its masks there: here the folder decides
