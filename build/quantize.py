@@ -34,6 +34,7 @@ import numpy as np
 from cmg import contract as C
 from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError
+from cmg.quiet import quiet_logs
 
 PRECISIONS = ("fp32", "int8")
 QUANTIZED = (C.CMER_SCORER, C.CMLE_ENCODER)
@@ -105,15 +106,12 @@ def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], reci
     activation, symmetric, reduce_range = RECIPES[recipe]
     # quantize_static logs "Please consider pre-processing before quantization" per graph: the
     # graphs are exported shape-inferred, and users read such lines as their own mistake.
-    logging.disable(logging.WARNING)
-    try:
+    with quiet_logs(logging.WARNING):
         quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
                         activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
                         per_channel=True, reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES),
                         nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
-    finally:
-        logging.disable(logging.NOTSET)
     onnx.checker.check_model(onnx.load(str(dst)))
     return len(keep_float)
 

@@ -34,6 +34,7 @@ from cmg.config import CMLEConfig
 from cmg.dataset import MVTecFolder, check_training_folder, training_images
 from cmg.errors import CMGError
 from cmg.frames import load_frame
+from cmg.quiet import quiet_logs
 
 CAPTIONS = "captions.jsonl"
 COCA_ARCH = "coca_ViT-B-32"
@@ -91,13 +92,11 @@ def load_captioner(arch: str, weights: str):
         raise CMGError(f"captioner weights {weights} is a folder: give the weights file in it")
     if (os.sep in weights or Path(weights).suffix) and not Path(weights).is_file():  # a path, not a tag
         raise CMGError(f"captioner weights not found: {weights}")
-    logging.disable(logging.ERROR)  # open_clip and the hub log each failed try; the one line below says it
-    try:
-        model = open_clip.create_model(arch, pretrained=weights)
+    try:  # open_clip and the hub log each failed try; the one line below says it
+        with quiet_logs(logging.ERROR):
+            model = open_clip.create_model(arch, pretrained=weights)
     except Exception as exc:  # noqa: BLE001 - torch.load, pickle, zip, download errors all differ
         raise open_clip_error("captioner", weights, arch, exc) from exc
-    finally:
-        logging.disable(logging.NOTSET)
     return model.eval()
 
 

@@ -15,7 +15,6 @@ side. Three sources:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from cmg.config import BackboneConfig, TeacherConfig
 from cmg.errors import CMGError
+from cmg.quiet import quiet_logs
 from cmg_train.backbone import LITE_MEAN, LITE_STD, EfficientNetLite, backbone_taps, default_taps
 from cmg_train.preprocess import Preprocess
 from cmg_train.text import MINILM_DIM, minilm_embeddings
@@ -273,18 +273,6 @@ def teacher_weights(cfg: TeacherConfig) -> str:
                    "open_clip download it once")
 
 
-@contextlib.contextmanager
-def _quiet(on: bool):
-    """Silence open_clip's log warnings (it logs through the root logger) while `on`."""
-    before = logging.root.manager.disable
-    if on:
-        logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(before)
-
-
 def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
     if not cfg.arch:
         raise CMGError("teacher: source open_clip needs teacher.arch (e.g. ViT-B-32)")
@@ -296,7 +284,7 @@ def _open_clip(cfg: TeacherConfig, image_size: int, load_weights: bool):
     try:
         # open_clip's own loading: a file goes through open_clip.load_checkpoint (state-dict
         # conversions, position-embedding resize), exactly as a user's downloaded file would.
-        with _quiet(not load_weights):  # weights follow from the run's state dict: "initialized randomly" misleads
+        with quiet_logs(logging.WARNING, on=not load_weights):  # weights follow from the run's state dict: "initialized randomly" misleads
             model = open_clip.create_model(cfg.arch, pretrained=weights, force_image_size=image_size)
     except Exception as exc:  # noqa: BLE001 - torch.load, pickle, zip and safetensors all raise their own
         raise open_clip_error("teacher", weights, cfg.arch, exc) from exc
