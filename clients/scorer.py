@@ -63,7 +63,7 @@ class StreamOptions:
     frames: Source | None = None  # a ready source instead of `source` (bench --soak)
     observer: StreamObserver | None = None  # sees every scored frame; may set THRESHOLD (--dashboard)
     dashboard: str | None = None  # [HOST:]PORT to serve the live page on while streaming
-    metrics_url: str | None = None  # Triton's Prometheus endpoint for the page (default: URL's host:8002)
+    metrics_url: str | list[str] | None = None  # Triton's Prometheus endpoint(s) for the page, summed (default: URL's host:8002)
     name: str | None = None  # the camera's NAME (from NAME=SRC) when several sources stream
 
     @property

@@ -220,7 +220,7 @@ def run_streams(urls: list[str], options: list[StreamOptions],
         return [summary for _, summary in jobs], asyncio.run(_stream_all(urls, jobs))
     from cmg_clients.dashboard.app import Dashboard  # starlette and uvicorn: only with --dashboard
 
-    with Dashboard.for_stream(options[0], names=[o.source_name for o in options]) as board:
+    with Dashboard.for_stream(options[0], names=[o.source_name for o in options], urls=urls) as board:
         for opts in options:  # one page, a tile per camera
             opts.observer = board.state
         stats = asyncio.run(_stream_all(urls, jobs))
@@ -259,8 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", default=None, metavar="[HOST:]PORT",
                         help="serve the live line page while streaming (host default 127.0.0.1)")
-    parser.add_argument("--metrics-url", default=None, metavar="HOST:PORT",
-                        help="Triton's Prometheus metrics for the page (default: --url's host, port 8002)")
+    parser.add_argument("--metrics-url", action="append", default=None, metavar="HOST:PORT",
+                        help="Triton's Prometheus metrics for the page, repeatable, summed (default: each "
+                             "--url's host, port 8002)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -292,6 +292,31 @@ def test_metrics_counter_reset_gives_no_rate():
         assert row["queue_ms"] == pytest.approx(0.1) and row["compute_ms"] == pytest.approx(0.4)
 
 
+def test_metrics_of_several_servers_are_summed_and_a_lost_one_is_said():
+    """`cmg stream --url A --url B --dashboard`: the page showed the first server's counters
+    alone (half the line's requests); now one endpoint per --url, summed, and one that stops
+    answering is named while the other's figures stay on the page."""
+    from types import SimpleNamespace
+
+    a, b = [_triton_text(100, 1_000, 4_000)], [_triton_text(300, 3_000, 8_000)]
+    with _metrics_endpoint(a) as url_a, _metrics_endpoint(b) as url_b:
+        opts = SimpleNamespace(dashboard="0", metrics_url=None, url="grpc://127.0.0.9:8001", source_name="cam")
+        board = Dashboard.for_stream(opts, urls=["127.0.0.7:9001", "grpc://127.0.0.8:9011"])
+        assert board.metrics_url == ["127.0.0.7:8002", "127.0.0.8:8002"]  # one beside each server
+        assert Dashboard.for_stream(opts).metrics_url == ["127.0.0.9:8002"]
+        reader = MetricsReader([url_a, url_b])
+        first = reader.read()
+        assert first["error"] is None and first["models"][0]["success"] == 400
+        a[0], b[0] = _triton_text(200, 2_000, 9_000), _triton_text(400, 4_000, 13_000)
+        row = reader.read()["models"][0]
+        assert row["success"] == 600 and row["queue_ms"] == pytest.approx(0.01) and row["compute_ms"] == pytest.approx(0.05)
+    dead = free_port()
+    with _metrics_endpoint([_triton_text(7, 0, 0)]) as url_a:
+        got = MetricsReader([url_a, f"{LOOPBACK}:{dead}"]).read()
+        assert got["models"][0]["success"] == 7 and f"{LOOPBACK}:{dead}" in got["error"]
+    assert MetricsReader([f"{LOOPBACK}:{dead}"]).read()["models"] == []
+
+
 class _WatchedLock:
     """A real lock that notes every function its holder calls while it holds it."""
 

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -72,7 +73,7 @@ def default_metrics_url(grpc_url: str) -> str:
     return f"{host}:{DEFAULT_METRICS_PORT}"
 
 
-def create_app(state: DashboardState, metrics_url: str | None = None, loopback_only: bool = True,
+def create_app(state: DashboardState, metrics_url: str | Sequence[str] | None = None, loopback_only: bool = True,
                host: str = LOOPBACK) -> Starlette:
     """The ASGI app over `state`; with `metrics_url` it reads Triton's metrics every 2 s.
     `host`: the address it is bound to, a Host header it must accept when `loopback_only`
@@ -181,18 +182,20 @@ class Dashboard:
     """The page served by uvicorn in a daemon thread while the caller streams (a context manager)."""
 
     def __init__(self, state: DashboardState, host: str = LOOPBACK, port: int = 0,
-                 metrics_url: str | None = None, announce: bool = True) -> None:
+                 metrics_url: str | Sequence[str] | None = None, announce: bool = True) -> None:
         self.state, self.host, self.port, self.metrics_url = state, host, port, metrics_url
         self.announce = announce
         self._server = None
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_stream(cls, opts, names: list[str] | None = None) -> Dashboard:
-        """From `cmg stream`'s options: `--dashboard [HOST:]PORT`, `--metrics-url` (default beside --url);
-        `names`: every camera of a multi-source stream (default: this one)."""
+    def for_stream(cls, opts, names: list[str] | None = None, urls: Sequence[str] | None = None) -> Dashboard:
+        """From `cmg stream`'s options: `--dashboard [HOST:]PORT`, `--metrics-url` (default: one
+        beside each of `urls`, the servers the stream uses, else beside opts.url); `names`: every
+        camera of a multi-source stream (default: this one)."""
         host, port = parse_address(opts.dashboard)
-        metrics = opts.metrics_url or default_metrics_url(opts.url)
+        given = [opts.metrics_url] if isinstance(opts.metrics_url, str) else list(opts.metrics_url or [])
+        metrics = given or [default_metrics_url(u) for u in (urls or [opts.url])]
         return cls(DashboardState(names or [opts.source_name]), host, port, metrics)
 
     @property

@@ -4,12 +4,15 @@
 Per model: successes, failures, inferences and executions (counters since the server
 started) and, between two reads, the rate and the mean queue / compute time per request;
 none of these where a counter went down between the two (a restart, a version unloaded).
+With several servers (`cmg stream --url A --url B`) their counters are summed: the page
+shows what the line's servers did together, not the first one's share.
 """
 
 from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,20 +55,34 @@ def fetch(url: str, timeout_s: float = 2.0) -> str:
 
 
 class MetricsReader:
-    """Reads the endpoint and derives per-interval figures from two consecutive reads."""
+    """Reads the endpoints and derives per-interval figures from two consecutive reads."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("MetricsReader needs at least one metrics endpoint")
+        self.url = ", ".join(self.urls)
         self._last: tuple[float, dict[str, dict[str, float]]] | None = None
 
     def read(self) -> dict:
         """{'url', 'error', 'models': [{model, success, failure, inferences, executions,
-        req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise;
-        the rates are None on a first read and on one where a counter went down (reset)."""
-        try:
-            now, models = time.monotonic(), parse(fetch(self.url))
-        except Exception as exc:  # noqa: BLE001 - the page says why; the stream goes on
-            return {"url": self.url, "error": f"{type(exc).__name__}: {exc}", "models": []}
+        req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise
+        (the others are still summed); the rates are None on a first read and on one where a
+        counter went down (a reset, or a server that stopped answering)."""
+        now, models, errors = time.monotonic(), {}, []
+        for url in self.urls:
+            try:
+                one = parse(fetch(url))
+            except Exception as exc:  # noqa: BLE001 - the page says why; the stream goes on
+                errors.append(f"{url}: {type(exc).__name__}: {exc}" if len(self.urls) > 1 else f"{type(exc).__name__}: {exc}")
+                continue
+            for model, row in one.items():
+                total = models.setdefault(model, dict.fromkeys(row, 0.0))
+                for key, value in row.items():
+                    total[key] += value
+        error = "; ".join(errors) or None
+        if len(errors) == len(self.urls):
+            return {"url": self.url, "error": error, "models": []}
         rows = []
         for model, row in sorted(models.items()):
             out = {"model": model, **{k: row[k] for k in ("success", "failure", "inferences", "executions")},
@@ -82,4 +99,4 @@ class MetricsReader:
                     out["compute_ms"] = (row["compute_us"] - prev["compute_us"]) / done / 1000.0
             rows.append(out)
         self._last = (now, models)
-        return {"url": self.url, "error": None, "models": rows}
+        return {"url": self.url, "error": error, "models": rows}
