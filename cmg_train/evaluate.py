@@ -256,7 +256,8 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
     frames = torch.from_numpy(ds.frames(samples, (size, size), progress=progress))
     captions = [s.caption for s in samples]
     tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
-    (ps,) = batched(run.scorer_graph(), frames)
+    one_pass = run.scorer_graph()
+    (ps,) = batched(one_pass, frames)
     try:
         graph = build_caption_graph([captions[i] for i in tr.tolist()], cfg.cmle, caption_embedder(cfg, run.teacher))
         note = None
@@ -281,7 +282,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
         test_m, val_m = maps[use_mask]
         det, _ = fit_detector(cfg, run.teacher, locals_[use_mask], frames[tr], ps[tr], frames[va], ps[va],
                               graph if use_cmle else None, use_mask, cfg.cmle.lam if use_cmle else 0.0,
-                              progress=False, val_maps=val_m, features=features)
+                              progress=False, val_maps=val_m, features=features, scorer=one_pass)
         o = score_detector(det, test.frames, test_ps, test_m)
         add_row(name, o["scores"], o["maps"])
         if name == "cmg":

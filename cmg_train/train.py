@@ -89,7 +89,8 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
                  log: Callable[[dict], None] | None = None,
                  val_maps: torch.Tensor | None = None,
                  features: dict[bool, torch.Tensor] | None = None,
-                 train_frames_for_threshold: int = 0) -> tuple[CMGDetector, dict]:
+                 train_frames_for_threshold: int = 0,
+                 scorer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[CMGDetector, dict]:
     """Train the CMLE head on the teacher's embeddings of masked images, fill the global
     memory bank, normalise both scores and calibrate the threshold on held-out normals.
 
@@ -99,6 +100,8 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
     the ablation's four rows need two, not four, passes of the teacher.
     `train_frames_for_threshold` (the trained run: `scoring.train_frames`) adds that many
     training frames, scored as if left out, to the threshold's normals (`left_out_scores`).
+    `scorer`: the one-pass CMER scorer, which gives the fusion weight's synthetic anomalies
+    their own keep-masks (`choose_global_weight`).
     """
     torch.manual_seed(cfg.seed)
     head = CMLEHead(teacher.embed_dim, cfg.cmle.embed_dim)
@@ -125,7 +128,7 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
     det.stats.copy_(torch.stack([g.mean(), g.std().clamp_min(1e-6), lmax.mean(), lmax.std().clamp_min(1e-6)]))
     fusion = None
     if cfg.scoring.fusion == "auto":
-        fusion = choose_global_weight(det, val_frames, val_scores, g, lmax, cfg.seed)
+        fusion = choose_global_weight(det, val_frames, val_scores, g, lmax, cfg.seed, scorer)
         det.global_weight.fill_(fusion["global_weight"])
     fused = det.fuse(g, lmax)
     left_out = torch.zeros(0)
@@ -175,7 +178,8 @@ FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @torch.no_grad()
 def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores: torch.Tensor, g: torch.Tensor,
-                         lmax: torch.Tensor, seed: int) -> dict:
+                         lmax: torch.Tensor, seed: int,
+                         scorer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """The fusion weight of the global score, from the user's own held-out normals: synthetic
     anomalies (local/anomalies.py, the U-Net's training task) are pasted onto them, and the
     weight whose fused score separates them best from the clean frames wins, but only when
@@ -186,13 +190,16 @@ def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores:
     below chance on a third-party parts set and best on a synthetic gear line), and no
     defect of the user's is known at training time. A few dozen held-out normals cannot tell
     weights a point or two apart, and the synthetic anomalies are not the user's defects, so
-    the global branch is added only when it clearly helps. Nothing of the test split is used."""
+    the global branch is added only when it clearly helps. Nothing of the test split is used.
+    Each anomalous frame is scored as served: with `scorer` (the one-pass CMER scorer) its
+    keep-mask is its own, not its clean frame's (`val_scores`, only without a scorer)."""
     gen = torch.Generator().manual_seed(seed + 7)
     unit = Preprocess.to_unit(val_frames)
     shapes = anomalies.random_shapes(len(unit), unit.shape[-1], gen)
     bad, _ = anomalies.synthesize(unit, shapes.float(), gen, prob=1.0)
     frames = (bad.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, val_scores)
+    bad_scores = batched(scorer, frames)[0] if scorer is not None else val_scores
+    gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, bad_scores)
     labels = np.r_[np.zeros(len(g)), np.ones(len(gb))]
     g_all, l_all = torch.cat([g, gb]), torch.cat([lmax, lb])
     fused = {}
@@ -318,7 +325,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     det, det_metrics = fit_detector(
         cfg, teacher, local, frames[tr], scores[tr], frames[va], scores[va], graph,
         use_mask=cfg.cmer.enabled, lam=cfg.cmle.lam if graph is not None else 0.0, progress=progress, log=log,
-        train_frames_for_threshold=cfg.scoring.train_frames,
+        train_frames_for_threshold=cfg.scoring.train_frames, scorer=one_pass,
     )
     timings["cmle_s"] = time.perf_counter() - t
 

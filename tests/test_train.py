@@ -25,6 +25,7 @@ from cmg_train.loop import batched, fit
 from cmg_train.masking import upsample_keep
 from cmg_train.train import (
     MIN_SCORER_IMAGES,
+    choose_global_weight,
     min_training_images,
     pick_weight,
     practice_regions,
@@ -320,6 +321,29 @@ def test_scorer_keep_mask_beats_chance(metrics):
     chance = a * b / (a + b - a * b)  # expected IoU of independent random masks keeping as much
     assert chance < c["keep_iou"]
     assert c["scorer"]["relative"]["part_recall"] > c["scorer"]["random"]["part_recall"]
+
+
+def test_fusion_weight_scores_each_synthetic_anomaly_with_its_own_keep_mask(run, test_frames):
+    """The served formula runs the CMER scorer on the frame it scores: the synthetic anomalies
+    that choose the fusion weight were scored with their clean frames' keep-masks instead."""
+    det, one_pass = run.detector, run.scorer_graph()
+    normals = test_frames[:8]
+    (clean,) = batched(one_pass, normals)
+    g, lmax = batched(lambda f, s: det.raw(f, s)[:2], normals, clean)
+    seen = []
+
+    def scorer(frames: torch.Tensor) -> torch.Tensor:
+        seen.append(frames)
+        return one_pass(frames)
+
+    weight = float(det.global_weight)
+    try:
+        out = choose_global_weight(det, normals, clean, g, lmax, seed=0, scorer=scorer)
+    finally:
+        det.global_weight.fill_(weight)
+    scored = torch.cat(seen)
+    assert scored.shape == normals.shape and not torch.equal(scored, normals)  # the pasted frames
+    assert out["images"] == len(normals) and set(out["synthetic_auroc"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
 def test_train_log_has_a_line_per_logged_step_of_every_stage(tiny_run):
