@@ -53,6 +53,19 @@ def _relative(name: str, root: Path) -> str:
     return path.as_posix()
 
 
+def caption_text(text: str) -> str:
+    """A caption as every model reads it: case, runs of spaces and a closing full stop do not
+    make it another caption. CMLE counts and weighs distinct captions: "A red nut." beside "a
+    red nut" had passed the distinct-caption minimum as two and taken most of each other's
+    locally linear weight (a degenerate W); the text encoders lowercase anyway."""
+    return " ".join(text.casefold().split()).rstrip(" .")
+
+
+def read_captions(path: Path, root: Path) -> dict[str, str]:
+    """captions.jsonl -> {file relative to `root`: caption_text(caption)}."""
+    return {k: caption_text(v["caption"]) for k, v in _read_jsonl(path, root, ("file", "caption")).items()}
+
+
 def visible(path: Path) -> bool:
     """Not a hidden name: macOS copies put an AppleDouble `._NAME.png` (not an image) beside
     every file, and a hidden folder (.thumbnails) is no defect kind."""
@@ -163,7 +176,7 @@ class MVTecFolder:
         cap_path = self.root / "captions.jsonl"
         self.captions: dict[str, str] = {}
         if captions and cap_path.is_file():  # captions=False: `cmg captions --force` replaces the file
-            self.captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, self.root, ("file", "caption")).items()}
+            self.captions = read_captions(cap_path, self.root)
         meta_path = self.root / "meta.jsonl"
         self.meta: dict[str, dict] = _read_jsonl(meta_path, self.root, ("file",)) if meta_path.is_file() else {}
 
@@ -290,7 +303,7 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     hint = f"add one caption per training image (`cmg captions --data {root}` writes them), {off}"
     if not cap_path.is_file():
         raise CMGError(f"dataset {root}: no captions.jsonl, which CMLE needs ({hint})")
-    captions = {k: v["caption"] for k, v in _read_jsonl(cap_path, root, ("file", "caption")).items()}
+    captions = read_captions(cap_path, root)
     rels = [p.relative_to(root).as_posix() for p in images]
     missing = [r for r in rels if r not in captions]
     if missing:  # the file exists: `cmg captions` replaces it only with --force

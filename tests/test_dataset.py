@@ -276,6 +276,28 @@ def test_caption_lines_written_on_windows_or_with_absolute_paths(data):
     assert got == {k: v for k, v in want.items() if k.startswith("train/")}
 
 
+def test_captions_differing_only_in_case_spaces_or_a_full_stop_are_one_caption(data):
+    """Twenty captions and their "Capitalised." twins had counted as forty distinct ones: past
+    CMLE's minimum, and each twin took most of the other's locally linear weight."""
+    from cmg.dataset import check_training_folder
+
+    want = _captions(data)
+    train = sorted(k for k in want if k.startswith("train/"))
+    base = sorted({want[k] for k in train})
+    lines = []
+    for i, rel in enumerate(train):
+        text = base[(i // 2) % 4]
+        if i % 2:
+            text = "  " + text[0].upper() + text[1:].replace(" ", "   ") + ". "
+        lines.append(json.dumps({"file": rel, "caption": text}))
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    assert len(train) >= 8 and len(base) >= 4
+    assert {s.caption for s in MVTecFolder(data).samples("train")} == set(base[:4])
+    assert check_training_folder(data, 64, min_unique_captions=4)["unique_captions"] == 4
+    with pytest.raises(CMGError, match="only 4 distinct captions"):
+        check_training_folder(data, 64, min_unique_captions=5)
+
+
 def test_the_category_of_a_folder_given_as_dot_is_its_name(data, monkeypatch):
     monkeypatch.chdir(data)
     (data / "synth.json").unlink()
