@@ -20,7 +20,7 @@ from cmg_train.cmer.fit import attention_relevance, occlusion_relevance
 from cmg_train.cmer.model import OcclusionTeacher
 from cmg_train.export import _export
 from cmg_train.preprocess import Preprocess
-from cmg_train.teacher.fit import random_keep, train_teacher
+from cmg_train.teacher.fit import learned_from_captions, random_keep, train_teacher
 from cmg_train.teacher.model import (
     ImageTower,
     Teacher,
@@ -259,7 +259,7 @@ def test_train_teacher_learns_retrieval_and_logs():
     logs: list[dict] = []
     teacher, m = train_teacher(cfg, f, caps, tr, va, progress=False, log=logs.append)
     assert m["steps"] == 40 and m["unique_captions"] == 6
-    assert m["loss_last"] < m["loss_first"]
+    assert m["loss_last"] < m["loss_first"] and m["learned_from_captions"]
     assert m["retrieval_chance"] == pytest.approx(1 / 12)
     assert m["retrieval_top1"] > 0.5 > m["retrieval_chance"]
     assert logs and {r["stage"] for r in logs} == {"teacher"} and logs[-1]["step"] == 39
@@ -267,6 +267,20 @@ def test_train_teacher_learns_retrieval_and_logs():
     np.testing.assert_allclose(teacher.preprocess.mean, Preprocess.fit(f[tr]).mean, atol=1e-6)
     np.testing.assert_allclose(m["mean"], teacher.preprocess.mean, atol=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_a_teacher_whose_captions_tell_nothing_apart_is_said(capsys):
+    """One caption for every image leaves the contrastive loss at log(batch): the keep-mask's
+    attention then learned from no language, which training says instead of reporting CMER."""
+    f, _ = colour_pairs(24)
+    cfg = Config()
+    cfg.data.image_size, cfg.cmer.grid = 32, 4
+    cfg.teacher.channels, cfg.teacher.steps, cfg.teacher.batch_size, cfg.teacher.lr = [8, 16], 3, 16, 3e-3
+    tr, va = torch.arange(8, 24), torch.arange(8)
+    _, m = train_teacher(cfg, f, ["a photo of a square"] * 24, tr, va, progress=False)
+    assert not m["learned_from_captions"] and m["loss_last"] >= 0.99 * m["loss_chance"]
+    assert "learned nothing from the captions" in capsys.readouterr().err
+    assert learned_from_captions(1.15, 64) and not learned_from_captions(3.9, 64)
 
 
 # -- the attention tower: a teacher that localises ---------------------------------------
