@@ -239,6 +239,17 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     return report
 
 
+def training_folder(run: Run, data: Path | None = None) -> MVTecFolder:
+    """The folder the run trained on, which the ablation's rows retrain from; the one `data`
+    (`--data`) names when that one moved (a run copied to another machine with its data)."""
+    try:
+        return MVTecFolder(run.data_folder())
+    except CMGError:
+        if data is None:
+            raise
+        return MVTecFolder(run.data_folder(data))
+
+
 def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: torch.Tensor, add_row, cover: dict,
                    progress: bool, data: Path | None = None) -> dict:
     """The ablation's rows (each retrained on the run's training split) added with `add_row`;
@@ -246,12 +257,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
     are then listed as skipped, with the reason)."""
     cfg = run.cfg
     size = cfg.data.image_size
-    try:  # the rows train on what the run trained on; the folder `--data` names when that one moved
-        ds = MVTecFolder(run.data_folder())
-    except CMGError:
-        if data is None:
-            raise
-        ds = MVTecFolder(run.data_folder(data))
+    ds = training_folder(run, data)
     samples = ds.samples("train")
     frames = torch.from_numpy(ds.frames(samples, (size, size), progress=progress))
     captions = [s.caption for s in samples]

@@ -424,6 +424,21 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
 
 
+def test_the_ablation_retrains_from_the_data_option_when_the_runs_folder_moved(tiny_run, tiny_data, tmp_path):
+    """A run copied to another machine names a training folder that is not there: the rows
+    retrain from the folder --data names, and without one the error says to pass it."""
+    from cmg.errors import CMGError
+    from cmg_train.checkpoint import load_run
+    from cmg_train.evaluate import training_folder
+
+    run = load_run(tiny_run)
+    assert training_folder(run).root.resolve() == tiny_data.resolve()
+    run.metrics["data"] = str(tmp_path / "moved_away")
+    assert training_folder(run, tiny_data).root == tiny_data
+    with pytest.raises(CMGError, match="not there any more: pass --data"):
+        training_folder(run)
+
+
 def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_run, tiny_data, tmp_path,
                                                                           fast_bootstrap):
     """A training folder whose captions cannot make CMLE's graph (here: one caption for every
