@@ -163,6 +163,8 @@ def test_keep_mask_relative_threshold_and_growth():
     assert g.sum() == 18  # two 3x3 blocks, no overlap
     assert g[0, 3, 3] == 1 and g[0, 5, 5] == 1 and g[0, 0, 0] == 1 and g[0, 6, 6] == 0
     assert keep_mask(s, "relative", alpha=0.1, grow=False).sum() == 3
+    s[0, 2, 6] = 0.25  # exactly 0.25 * max: kept only above it (r > alpha max), as the design says
+    assert keep_mask(s, "relative", alpha=0.25, grow=False).sum() == 1
 
 
 def test_keep_mask_keeps_everything_when_nothing_is_relevant():

@@ -41,6 +41,16 @@ def test_lle_weights_differ_from_uniform_on_structured_points():
     assert np.abs(w - 0.2).mean() > 0.05
 
 
+def test_lle_weights_do_not_depend_on_the_embeddings_scale():
+    """More neighbours than dimensions make the local Gram matrix singular; its regulariser is
+    relative to the Gram's trace, so scaled embeddings give the same weights."""
+    emb = np.random.default_rng(2).normal(size=(30, 2))
+    idx, w = lle_weights(emb, k=5)
+    idx_big, w_big = lle_weights(emb * 1000.0, k=5)
+    assert np.array_equal(idx, idx_big)
+    np.testing.assert_allclose(w_big, w, atol=1e-4)
+
+
 def test_lle_needs_more_rows_than_neighbours():
     with pytest.raises(CMGError, match="more than k=5 distinct captions, got 5"):
         lle_weights(np.eye(5, dtype=np.float32), k=5)

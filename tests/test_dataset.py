@@ -84,6 +84,18 @@ def test_gt_part_and_clutter_masks(source):
     assert ds.part_mask(bad, (32, 32)).shape == (32, 32)
 
 
+def test_a_soft_mask_is_split_at_half_its_range(tmp_path):
+    """A soft mask's faint halo (40 of 200) is not defect: only what lies above half the range
+    is marked, not everything above the background."""
+    from cmg.dataset import _load_mask
+
+    levels = np.zeros((32, 32), np.uint8)
+    levels[4:20, 4:20] = 40
+    levels[8:16, 8:16] = 200
+    Image.fromarray(levels).save(tmp_path / "soft.png")
+    assert np.array_equal(_load_mask(tmp_path / "soft.png", (32, 32)), levels == 200)
+
+
 def test_plain_mvtec_folder_without_captions_or_meta(data, tmp_path):
     for name in ("captions.jsonl", "meta.jsonl", "synth.json"):
         (data / name).unlink()

@@ -122,6 +122,19 @@ def test_aupro_closes_the_curve_over_tied_zeros():
     assert got == pytest.approx(want, abs=1e-3)
 
 
+def test_aupro_counts_a_diagonal_scratch_as_one_region():
+    """Regions are 8-connected, as MVTec AD's and anomalib's: a diagonal scratch is one region,
+    not ten. The map finds the square only: PRO 1/2 at FPR 0, a line to (1, 1) from there."""
+    gt = np.zeros((1, 24, 24), bool)
+    for d in range(10):
+        gt[0, 2 + d, 2 + d] = True
+    gt[0, 16:19, 16:19] = True
+    maps = gt * 0.0
+    maps[0, 16:19, 16:19] = 1.0
+    pro_at_03 = 0.5 + 0.3 * 0.5  # interpolated at FPR 0.3 on the line from (0, 0.5) to (1, 1)
+    assert aupro(gt, maps) == pytest.approx(0.3 * (0.5 + pro_at_03) / 2 / 0.3)  # 4-connected: 1/11 at FPR 0
+
+
 @pytest.mark.slow
 def test_aupro_agrees_with_anomalib():
     """The field's reference implementation (anomalib's AUPRO, the `peer` extra) on the same
@@ -163,6 +176,18 @@ def test_bootstrap_interval_contains_a_clear_difference_and_excludes_zero():
     lo, hi = paired_bootstrap(LABELS, [(good, weak)], n=N_BOOT)
     assert diff > 0.3 and lo < diff < hi
     assert lo > 0
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_of_resampled_sklearn_gains():
+    """The interval against an independent reference: the same resampled images (the seeded
+    generator's draw), sklearn's AUROC per resample, the central 95%."""
+    from sklearn.metrics import roc_auc_score
+
+    a, b = _scores(1.0, 4), _scores(0.6, 5)
+    idx = np.random.default_rng(0).integers(0, len(LABELS), (N_BOOT, len(LABELS)))
+    gains = [roc_auc_score(LABELS[i], a[i]) - roc_auc_score(LABELS[i], b[i]) for i in idx]
+    want = np.percentile(gains, [2.5, 97.5])
+    assert paired_bootstrap(LABELS, [(a, b)], n=N_BOOT, seed=0) == pytest.approx(want, abs=1e-12)
 
 
 def test_bootstrap_interval_contains_zero_when_there_is_no_difference():
@@ -512,6 +537,11 @@ def test_a_cached_report_is_reused_only_while_the_test_split_is_unchanged(tmp_pa
     (run / "eval" / "eval.json").write_text(json.dumps(report))
     r = SimpleNamespace(path=run)
     assert cached_report(r, data, ablation=False) == report
+    import shutil
+
+    twin = Path(shutil.copytree(data, tmp_path / "twin"))  # copy2 keeps the times: the same fingerprint
+    assert test_split_fingerprint(twin) == report["data_fingerprint"]
+    assert cached_report(r, twin, ablation=False) is None  # another folder: its report names its own path
     mask = data / "ground_truth/stain/000_mask.png"
     os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))  # a mask redrawn
     assert cached_report(r, data, ablation=False) is None
