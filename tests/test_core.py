@@ -164,6 +164,8 @@ def test_retry_policy():
     for attempt in range(1, 10):
         assert 0.05 / 2 <= policy.delay(attempt) <= 0.5
     assert policy.delay(1) <= 0.1 and policy.delay(9) >= 0.25
+    waits = [policy.delay(3) for _ in range(50)]  # jittered: clients that failed together do not retry together
+    assert len(set(waits)) > 1 and all(0.2 <= w <= 0.4 for w in waits)
 
 
 TENSOR_NAMES = {v for k, v in vars(C).items() if k.isupper() and isinstance(v, str) and k not in

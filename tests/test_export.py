@@ -58,6 +58,13 @@ def test_parity_is_judged_relative_to_the_scores_scale():
     assert judge(scores, 5e-2) and C.ANOMALY_SCORE in judge(scores, 5e-2)[0]
     assert judge(torch.full((7,), 3.0), 2e-5)
     assert judge(torch.full((7,), 3.0), 5e-6) == []
+    # parity is checked in batches: one bad batch after good ones fails the export, and the
+    # scale is that of every batch together
+    good, bad = (_compare([scores], [scores.numpy() + d], [C.ANOMALY_SCORE]) for d in (0.0, 5e-2))
+    assert parity_failures(_merge([good, bad])) and parity_failures(_merge([bad, good]))
+    merged = _merge([_compare([scores[:3]], [scores[:3].numpy()], [C.ANOMALY_SCORE]),
+                     _compare([scores[3:]], [scores[3:].numpy()], [C.ANOMALY_SCORE])])
+    assert merged[C.ANOMALY_SCORE]["scale"] == pytest.approx(20.0)
 
 
 def _copy_run(tiny_run, tiny_onnx, dst):

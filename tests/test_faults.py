@@ -256,6 +256,14 @@ def test_retry_errors_rescores_error_lines_safely(triton, tmp_path, capsys):
     for i in bad:  # the camera delivers the frames again
         _png(folder / f"f{i:03d}.png", i)
 
+    # Re-scored to the end on a copy: every error line fixed, none left in the file.
+    twin = tmp_path / "twin.jsonl"
+    twin.write_bytes(before)
+    capsys.readouterr()
+    assert main([*base[:-3], "--out", str(twin), "--no-progress", "--resume", "--retry-errors"]) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["rescored"] == done["fixed"] == len(bad) and done["errors_in_out"] == 0
+
     # Killed while re-scoring: OUT is the old file or the new one, never a mix or a stub.
     cmd = [sys.executable, "-m", "cmg_app.cli", *base, "--resume", "--retry-errors"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

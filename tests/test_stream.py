@@ -61,7 +61,9 @@ def test_sources(tmp_path):
     assert [i.frame_id for i in src.items()] == ["f0000.png", "f0001.png", "f0002.png"]
     assert [i.frame_id for i in src.items(1)] == ["f0001.png", "f0002.png"]
     assert [(s, i.frame_id) for s, i in src.pick([2, 0])] == [(0, "f0000.png"), (2, "f0002.png")]
-    assert open_source(str(tmp_path / "d" / "f000[12].png")).count == 2
+    assert [s for s, _ in src.pick([0, 3, 99, -1])] == [0]  # a resumed file's seqs past the folder's end
+    globbed = open_source(str(tmp_path / "d" / "f000[21].png"))
+    assert [Path(i.frame_id).name for i in globbed.items()] == ["f0001.png", "f0002.png"]  # sorted, as listed
     with pytest.raises(CMGError, match="matches no files"):
         open_source(str(tmp_path / "*.jpg"))
     with pytest.raises(CMGError, match="not a folder"):
@@ -467,6 +469,19 @@ def test_stream_video_source(triton, tmp_path):
     assert summary.results == 7 and [r["frame_id"] for r in lines] == [f"line.avi#{i}" for i in range(7)]
 
 
+def test_a_resumed_source_is_the_same_source_however_its_path_is_written(tmp_path, monkeypatch):
+    """--resume checks the file's `source` against today's: `cam1`, `./cam1/` and its absolute
+    path are one folder; another folder, or a synthetic source against a path, is not."""
+    from cmg_clients.output import same_source
+
+    (tmp_path / "cam1").mkdir()
+    (tmp_path / "cam2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert same_source("cam1", "./cam1/") and same_source(str(tmp_path / "cam1"), "cam1")
+    assert not same_source("cam1", "cam2") and not same_source(None, "cam1")
+    assert same_source("synth:tiny?seed=1", "synth:tiny?seed=1") and not same_source("synth:tiny", "cam1")
+
+
 def test_latencies_are_exact_then_a_fixed_size_uniform_sample():
     """A line's stream runs for weeks: the summary's percentiles keep `cap` latencies (4 bytes
     each), exact while fewer frames came, a uniform sample of all of them after."""
@@ -486,3 +501,8 @@ def test_latencies_are_exact_then_a_fixed_size_uniform_sample():
     p50, p99 = many.percentiles([50, 99])
     assert abs(p50 - 50.0) < 5.0 and abs(p99 - 99.0) < 2.0  # the sample spans the whole run
     assert np.array_equal(many.recent(), values[-Latencies.RECENT:].astype(np.float64))
+    drift = Latencies(cap=1000)  # a run whose latency rose halfway: the sample keeps both halves
+    for v in np.r_[rng.uniform(0.0, 10.0, 25_000), rng.uniform(90.0, 100.0, 25_000)]:
+        drift.append(float(v))
+    low, high = drift.percentiles([25, 75])
+    assert low < 10.0 and high > 90.0
