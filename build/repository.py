@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import sys
@@ -66,7 +67,8 @@ def find_export(run: Path) -> tuple[Path, dict]:
     try:
         meta = json.loads(meta_path.read_text())
         Contract.from_dict(meta["contract"])
-        float(meta["threshold"])
+        if not math.isfinite(float(meta["threshold"])):  # a NaN threshold flags nothing
+            raise ValueError(f"threshold {meta['threshold']} is not a finite number; retrain the run")
         models = meta["models"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CMGError(f"{meta_path}: malformed export metadata ({type(exc).__name__}: {exc})") from exc

@@ -14,6 +14,7 @@ import argparse
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -208,6 +209,8 @@ def _export_into(run: Run, out: Path, data: Path | None = None) -> dict:
     ft = torch.from_numpy(frames)
     scorer, encoder, teacher = run.scorer_graph(), run.detector, run.exact_graph()
     threshold = float(run.detector.threshold)
+    if not math.isfinite(threshold):  # it would flag nothing on the line, without a word
+        raise CMGError(f"run {run.path}: its threshold is {threshold}; retrain it (`cmg train`)")
     modules = {C.CMER_SCORER: scorer, C.CMLE_ENCODER: encoder, C.CMER_TEACHER: teacher}
     specs = {name: (module, [t.name for t in contract.models[name].inputs],
                     [t.name for t in contract.models[name].outputs]) for name, module in modules.items()}

@@ -110,6 +110,9 @@ def normal_threshold(normal_scores: np.ndarray, fpr: float) -> tuple[float, floa
     s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     if s.size == 0:
         raise ValueError("no held-out normal scores to set a threshold on")
+    if not np.isfinite(s).all():  # a threshold of NaN flags nothing, and nothing would say so
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} of {s.size} normal scores are not finite: "
+                         "no threshold can be set on them")
     n = s.size
     k = min(math.ceil((n + 1) * (1.0 - fpr)), n)
     return float(s[k - 1]), (n + 1 - k) / (n + 1)

@@ -291,6 +291,8 @@ def test_normal_threshold_order_statistic_and_bound():
     assert thr == 9.0 and bound == pytest.approx(1 / 11) and bound > 0.05
     with pytest.raises(ValueError, match="no held-out normal scores"):
         normal_threshold(np.array([]), 0.05)
+    with pytest.raises(ValueError, match="1 of 3 normal scores are not finite"):  # NaN sorts last: no error, a NaN
+        normal_threshold(np.array([1.0, np.nan, 2.0]), 0.05)
 
 
 def test_operating_point_counts_flags_above_the_threshold():

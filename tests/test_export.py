@@ -108,6 +108,19 @@ def test_failed_export_never_touches_the_good_one(tiny_run, tiny_onnx, tmp_path,
     assert os.stat(run / "onnx" / "export.json").st_ino != before["export.json"][0]  # the new folder, moved in
 
 
+def test_a_run_whose_threshold_is_not_a_number_is_not_exported(tiny_run, tmp_path):
+    """A NaN threshold flags nothing on the line: export refuses it instead of shipping it."""
+    from cmg.errors import CMGError
+    from cmg_train.checkpoint import load_run
+    from cmg_train.export import _export_into
+
+    run = load_run(tiny_run)
+    run.detector.threshold.fill_(float("nan"))
+    with pytest.raises(CMGError, match="its threshold is nan; retrain it"):
+        _export_into(run, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_build_refuses_an_export_of_another_checkpoint(tiny_run, tiny_onnx, tmp_path, capsys):
     """`cmg train` into a run replaced its checkpoint: the old onnx/ must not be built."""
     from cmg_app.cli import main

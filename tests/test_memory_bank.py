@@ -92,3 +92,18 @@ def test_knn_excluding_rows_equals_a_bank_without_them(k):
         torch.testing.assert_close(got[b], KNNDistance(bank[~exclude[b]], k)(x[b]))
     flat = KNNDistance(bank, k).excluding(x[:, 0], exclude)  # [B, D] queries: one row each
     torch.testing.assert_close(flat, got[:, 0])
+
+
+def test_knn_excluding_with_k_near_the_bank_size_stays_finite():
+    """`scoring.k_global` above the training images: k is the whole bank, and leaving a
+    frame's own row out had put -inf into the mean (a NaN threshold, a model that flags
+    nothing); k is now what each query has left."""
+    g = torch.Generator().manual_seed(4)
+    bank, x = torch.randn(6, 8, generator=g), torch.randn(3, 8, generator=g)
+    own = torch.eye(3, 6, dtype=torch.bool)
+    got = KNNDistance(bank, 100).excluding(x, own)
+    assert torch.isfinite(got).all()
+    for b in range(3):
+        torch.testing.assert_close(got[b], KNNDistance(bank[~own[b]], 5)(x[b:b + 1])[0])
+    with pytest.raises(ValueError, match="every one of the bank's 6 rows"):
+        KNNDistance(bank, 1).excluding(x, torch.ones(3, 6, dtype=torch.bool))
