@@ -33,10 +33,13 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False,
+def demo(workdir: Path, config: str = "tiny", seed: int | None = None, fresh: bool = False,
          progress: bool = True) -> dict:
+    """`seed`: the data's and the training's; None keeps the config's own `seed`."""
     cfg = load_config(resolve_config(config))
-    cfg.seed = seed
+    if seed is not None:
+        cfg.seed = seed
+    seed = cfg.seed
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, repo = workdir / "data", workdir / "run", workdir / "repo"
     timings: dict[str, float] = {}
@@ -120,7 +123,7 @@ def demo(workdir: Path, config: str = "tiny", seed: int = 0, fresh: bool = False
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes")
     p.add_argument("--config", default="tiny", help="tiny (default, sized for CI) or small")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=None, help="data and training seed (default: the config's)")
     p.add_argument("--fresh", action="store_true", help="redo data and training even if present")
     p.add_argument("--no-progress", action="store_true")
 

@@ -156,15 +156,38 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, cfg, teacher, scorer, det, state["caption_bank"], state["captions"], state["metrics"])
 
 
+def _settings(cfg: Config) -> dict[str, object]:
+    """Every setting as dotted keys, but the seed and `cmle.enabled` (the benches turn CMLE off
+    on a folder whose captions cannot carry it; that run is still the config's run)."""
+    flat: dict[str, object] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(cfg.to_dict(), "")
+    for key in ("seed", "cmle.enabled"):
+        flat.pop(key, None)
+    return flat
+
+
 def run_mismatch(run: Run, cfg: Config, data: str | Path | None) -> str | None:
     """Why a finished run is not what training `cfg` on `data` would make now (its config
-    name, seed or, unless `data` is None, training folder differ), or None. The benches and
-    the demo reuse runs they find; without this check they reported another config's run
-    under this one's name."""
+    name, seed, any setting or, unless `data` is None, training folder differ), or None. The
+    benches and the demo reuse runs they find; without this check they reported another
+    config's run under this one's name (and, comparing only the name, a YAML edited under
+    the same name)."""
     trained_on = Path(run.metrics.get("data", "")).resolve()
     want = Path(data).resolve() if data is not None else trained_on
-    if (run.cfg.name, run.cfg.seed, trained_on) == (cfg.name, cfg.seed, want):
+    had, now = _settings(run.cfg), _settings(cfg)
+    changed = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
+    if (run.cfg.name, run.cfg.seed, trained_on) == (cfg.name, cfg.seed, want) and not changed:
         return None
     on = f", on {want}" if data is not None else ""
+    edits = (f" (settings that differ: {', '.join(f'{k} {had.get(k)!r} -> {now.get(k)!r}' for k in changed[:3])}"
+             f"{', ...' if len(changed) > 3 else ''})") if changed else ""
     return (f"{run.path} holds a run of config {run.cfg.name!r}, seed {run.cfg.seed}, trained on {trained_on}, "
-            f"not {cfg.name!r}, seed {cfg.seed}{on}")
+            f"not {cfg.name!r}, seed {cfg.seed}{on}{edits}")

@@ -20,3 +20,29 @@ def test_an_interrupted_demo_leaves_no_earlier_report_beside_its_stream(tmp_path
     with pytest.raises(KeyboardInterrupt):
         demo_mod.demo(tmp_path, progress=False)
     assert not (tmp_path / "demo_report.json").exists() and not (tmp_path / "demo_roc.png").exists()
+
+
+@pytest.mark.parametrize(("flag", "want"), [(None, 7), (3, 3)])
+def test_the_demo_keeps_the_configs_seed_unless_told(tmp_path, monkeypatch, flag, want):
+    """`cmg demo --config my.yaml` with `seed: 7` in it had trained with seed 0 (the flag's
+    default), without a word."""
+    import argparse
+
+    from cmg.config import config_dir
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((config_dir() / "tiny.yaml").read_text().replace("seed: 0", "seed: 7"))
+    seen = {}
+
+    def stop(_data, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_mod, "synthesize", stop)
+    p = argparse.ArgumentParser()
+    demo_mod.add_arguments(p)
+    args = p.parse_args(["--workdir", str(tmp_path / "w"), "--config", str(mine)]
+                        + ([] if flag is None else ["--seed", str(flag)]))
+    with pytest.raises(KeyboardInterrupt):
+        demo_mod.run(args)
+    assert seen["seed"] == want

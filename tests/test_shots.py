@@ -172,5 +172,11 @@ def test_run_mismatch_names_what_differs(tiny_run, tiny_data, tmp_path):
     assert run_mismatch(run, cfg, tiny_data) is None
     assert run_mismatch(run, cfg, None) is None  # the demo's moved workdir: data not compared
     assert "on " + str((tmp_path / "other").resolve()) in run_mismatch(run, cfg, tmp_path / "other")
+    cfg.cmle.enabled = False  # what the benches set on a folder whose captions cannot carry CMLE
+    assert run_mismatch(run, cfg, None) is None
+    cfg.cmer.alpha, cfg.local.bank_size = 0.45, 123  # a YAML edited under the same name
+    why = run_mismatch(run, cfg, None)
+    assert why and "cmer.alpha" in why and "local.bank_size" in why and "-> 123" in why
+    cfg = load_config(resolve_config("tiny"))
     cfg.seed = 3
     assert "not 'tiny', seed 3" in run_mismatch(run, cfg, None)
