@@ -29,7 +29,7 @@ from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
 from cmg.files import write_atomic
-from cmg_train.checkpoint import Run, load_run
+from cmg_train.checkpoint import Run, load_run, run_mismatch
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
 from cmg_train.cmle.fit import build_caption_graph
@@ -523,6 +523,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.run]
+    for r in runs[1:]:  # medians over seeds of one config: another config's run is no seed of it
+        why = run_mismatch(r, dataclasses.replace(runs[0].cfg, seed=r.cfg.seed), None)
+        if why is not None:
+            raise CMGError(f"--run {r.path} is not another seed of --run {runs[0].path}: {why}")
+    if len(runs) == 1 and args.out is not None:
+        print(f"--out {args.out}: a single run's report goes to {runs[0].path / 'eval'} (--out is where "
+              "several runs' seeds table goes)", file=sys.stderr)
     data = runs[0].data_folder(args.data)
     if not Path(data).is_dir():
         raise CMGError(f"dataset folder not found: {data}")

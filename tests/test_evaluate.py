@@ -451,6 +451,28 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
 
 
+def test_eval_of_several_runs_refuses_a_run_of_another_config(tiny_run, tmp_path):
+    """`cmg eval --run A --run B`: medians over seeds of one config. A run of another config had
+    been scored with A's test frames (an internal error on another image size) or, from cached
+    reports, folded into A's table without a word."""
+    import argparse
+    import shutil
+
+    import torch
+
+    from cmg.errors import CMGError
+
+    other = Path(shutil.copytree(tiny_run, tmp_path / "other", ignore=shutil.ignore_patterns("eval", "onnx")))
+    state = torch.load(other / "checkpoint.pt", weights_only=False)
+    state["config"]["cmer"]["alpha"] = 0.45
+    torch.save(state, other / "checkpoint.pt")
+    args = argparse.Namespace(run=[tiny_run, other], data=None, ablation=False, out=tmp_path / "seeds",
+                              recompute=False, no_progress=True)
+    with pytest.raises(CMGError, match=r"is not another seed of .*cmer.alpha 0\.45 -> 0\.2"):
+        ev.run(args)
+    assert not (tmp_path / "seeds").exists()
+
+
 def test_the_ablation_retrains_from_the_data_option_when_the_runs_folder_moved(tiny_run, tiny_data, tmp_path):
     """A run copied to another machine names a training folder that is not there: the rows
     retrain from the folder --data names, and without one the error says to pass it."""
