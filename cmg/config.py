@@ -225,6 +225,19 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     if cfg.scoring.map_sigma and gaussian_kernel_size(cfg.scoring.map_sigma) > cfg.scoring.map_size:
         raise ValueError(f"config: scoring.map_sigma {cfg.scoring.map_sigma} is too wide for the "
                          f"{cfg.scoring.map_size} x {cfg.scoring.map_size} map (its kernel must be shorter than the map)")
+    # What would otherwise fail only after the teacher and the scorer have trained:
+    if cfg.local.model == "unet" and (cfg.local.crop % 8 or len(cfg.local.channels) != 3):
+        raise ValueError(f"config: local.model unet needs local.crop a multiple of 8 and 3 local.channels (its "
+                         f"three poolings), got crop {cfg.local.crop} and channels {cfg.local.channels}")
+    strides = {2, 4, 8, 16, 32}  # every EfficientNet-Lite variant's block strides
+    if cfg.backbone.taps is None and not set(cfg.backbone.strides) <= strides:
+        raise ValueError(f"config: backbone.strides {cfg.backbone.strides}: the backbones have blocks at strides "
+                         f"{sorted(strides)}")
+    if cfg.backbone.taps is not None and min(cfg.backbone.taps) < 0:
+        raise ValueError(f"config: backbone.taps {cfg.backbone.taps}: block indices start at 0")
+    if cfg.serving.opt_batch > cfg.serving.max_batch:
+        raise ValueError(f"config: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
+                         f"{cfg.serving.max_batch}")
     return cfg
 
 

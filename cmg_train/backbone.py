@@ -16,6 +16,7 @@ has constant pads.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Sequence
@@ -189,3 +190,11 @@ def default_taps(variant: str, strides: Sequence[int] = (8, 16)) -> list[int]:
 def backbone_taps(cfg: BackboneConfig) -> list[int]:
     """The block indices a config names: `taps` when given, else the last block at each of `strides`."""
     return list(cfg.taps) if cfg.taps else default_taps(cfg.variant, cfg.strides)
+
+
+def check_backbones(cfg: BackboneConfig) -> None:
+    """Raise now if a variant of `cfg` (the teacher's and the ensemble's) has no block at the
+    named taps or strides: a probe without weights, so `cmg train` says it before reading
+    the folder instead of after."""
+    for variant in [cfg.variant, *(cfg.ensemble or [])]:
+        EfficientNetLite(variant, 64, backbone_taps(dataclasses.replace(cfg, variant=variant)))

@@ -26,6 +26,7 @@ from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError, naming
+from cmg_train.backbone import check_backbones
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
 from cmg_train.cmer.fit import attention_relevance, occlusion_relevance, train_scorer
@@ -272,6 +273,7 @@ def quiet_library_progress() -> None:
 def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Path) -> dict:
     t0 = time.perf_counter()
     data = Path(data).resolve()
+    check_backbones(cfg.backbone)
     check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
                           min_unique_captions=unique_captions_needed(cfg.cmle),
                           min_images=min_training_images(cfg.data.val_fraction),

@@ -94,6 +94,12 @@ def test_unknown_keys_are_errors(values, where):
      r"backbone.ensemble\[1\]: expected one of efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, got 'resnet50'"),
     ({"backbone": {"ensemble": ["efficientnet_lite2"]}, "local": {"model": "bank", "colour": "grey+rgb"}},
      "backbone.ensemble needs local.model bank and local.colour rgb or grey, got bank / grey\\+rgb"),
+    # each had failed only after the teacher and the scorer trained (or at `cmg build`):
+    ({"local": {"model": "unet", "crop": 12}}, "unet needs local.crop a multiple of 8 .* crop 12"),
+    ({"local": {"model": "unet", "channels": [16]}}, r"3 local.channels .* channels \[16\]"),
+    ({"backbone": {"strides": [3]}}, r"backbone.strides \[3\]: the backbones have blocks at strides \[2, 4, 8, 16, 32\]"),
+    ({"backbone": {"strides": [8, 64]}}, r"backbone.strides \[8, 64\]"),
+    ({"serving": {"opt_batch": 64, "max_batch": 32}}, "serving.opt_batch 64 is above serving.max_batch 32"),
 ])
 def test_inconsistent_values_are_errors(values, message):
     with pytest.raises(ValueError, match=message):

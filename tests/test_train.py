@@ -81,6 +81,22 @@ def test_too_few_captions_in_the_training_split_fail_before_training(tiny_data, 
     assert not out.exists()  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize("backbone", [{"taps": [99]},  # the ensemble's Lite0 has 16 blocks, Lite1 21
+                                      {"variant": "efficientnet_lite1", "ensemble": ["efficientnet_lite0"], "taps": [2, 18]}])
+def test_taps_past_a_backbones_last_block_fail_before_the_frames_load(tiny_data, tmp_path, backbone):
+    """They had failed after the whole folder was read (42 s on the tiny preset)."""
+    import dataclasses
+
+    from cmg.config import load_config, resolve_config
+    from cmg_train.train import train_run
+
+    cfg = load_config(resolve_config("tiny"))
+    cfg.backbone = dataclasses.replace(cfg.backbone, **backbone)
+    with pytest.raises(CMGError, match="taps .* outside blocks"):
+        train_run(cfg, tiny_data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_folder_changes_only_on_success(tmp_path):
     """Success: the new log replaces the old one and the stale RUN/onnx goes. Failure: an
     existing run keeps its log and export; a folder made for the failed run is removed."""
