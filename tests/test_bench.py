@@ -404,3 +404,52 @@ def test_a_served_modes_accuracy_pass_keeps_the_modes_long_deadline(monkeypatch)
     served.url, served.model, served.threshold, served.timeout_s = "127.0.0.1:1", C.CMG, None, modes.ACCURACY_TIMEOUT_S
     assert served.scores(np.zeros((3, 8, 8, 3), np.uint8)).shape == (3,)
     assert seen["timeout_s"] == modes.ACCURACY_TIMEOUT_S >= 60
+
+
+def _pairs(metric: str, a: list[float], b: list[float]) -> list[tuple[dict, dict]]:
+    return [({metric: x}, {metric: y}) for x, y in zip(a, b, strict=True)]
+
+
+def test_ratio_entry_is_a_over_b_and_met_follows_the_goal():
+    """Guards the sweep's ratio direction (A / B, not B / A) and its `met` against the goal."""
+    from cmg_bench.sweep import GOALS, _ratio_entry
+
+    a, b = {"mode": "ort_int8"}, {"mode": "ort_inprocess"}
+    fast = _ratio_entry("int8_vs_fp32_throughput", a, b, "throughput", _pairs("throughput", [30, 20, 45], [10, 10, 10]))
+    assert fast["median"] == pytest.approx(3.0) and [p["ratio"] for p in fast["pairs"]] == pytest.approx([3, 2, 4.5])
+    assert fast["met"] is True and fast["goal"] == f">= {GOALS['int8_vs_fp32_throughput'][1]}"
+    slow = _ratio_entry("int8_vs_fp32_throughput", a, b, "throughput", _pairs("throughput", [10, 10, 10], [30, 20, 45]))
+    assert slow["median"] == pytest.approx(1 / 3) and slow["met"] is False
+    assert "met" not in _ratio_entry("x_p50_latency", a, b, "p50_ms", _pairs("p50_ms", [2], [1]))
+
+
+def _bench_result(ratios: dict) -> dict:
+    """The least of a bench.json that report.write_markdown / write_readme_section read."""
+    peak = {"measured_gemm": {"gflops": 50.0, "method": "gemm"}, "int8_gops": 200.0, "int8_method": "vnni"}
+    return {"machine": {"cpus_usable": 2, "cpu_count": 2, "cpu_model": "", "platform": "linux", "python": "3",
+                        "gpu": False, "peak_gflops": 100.0, "peak_method": "fma", "peak": peak},
+            "threads": {"ort": 2}, "run": "r", "data": "d", "accuracy": {"test_images": 4, "anomalous": 2},
+            "settings": {"window": {"warmup_s": 1, "window_s": 3, "min_requests": 20}, "repeats": 3,
+                         "ort_key": [4, 1]},
+            "ratios": ratios, "modes": [], "parity_max_abs_score_diff": {"reference": "x", "modes": {}},
+            "flops": {"note": "n", "per_model": {}}, "seconds": 1.0}
+
+
+def test_bench_tables_say_which_ratio_goals_were_not_met(tmp_path):
+    """Guards bench.md's (and the results section's) "met" column: a missed goal reads NO, not yes."""
+    from cmg_bench import report
+    from cmg_bench.sweep import _ratio_entry
+
+    a, b = {"mode": "a", "concurrency": 1, "batch": 1}, {"mode": "b", "concurrency": 1, "batch": 1}
+    ratios = {"int8_vs_fp32_throughput": _ratio_entry("int8_vs_fp32_throughput", a, b, "throughput",
+                                                      _pairs("throughput", [30], [10])),
+              "served_vs_ort_inprocess_throughput": _ratio_entry("served_vs_ort_inprocess_throughput", a, b,
+                                                                 "throughput", _pairs("throughput", [5], [10]))}
+    report.write_markdown(_bench_result(ratios), tmp_path / "bench.md")
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "bench.md").read_text().splitlines()
+            if line.startswith("| ") and "_vs_" in line}
+    assert rows["int8_vs_fp32_throughput"].endswith("| >= 1.5 | yes |")
+    assert rows["served_vs_ort_inprocess_throughput"].endswith("| >= 0.85 | NO |")
+    report.write_readme_section(_bench_result(ratios), tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "| >= 0.85 | **no** |" in text and "| >= 1.5 | yes |" in text

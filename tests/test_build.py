@@ -222,9 +222,11 @@ def test_config_mismatch_names_the_tensor(toy_run, tmp_path):
         mcfg.read(path)
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash"])
+@pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash", "nan_threshold"])
 def test_bad_run_folder_one_line_error(toy_run, tmp_path, case):
     run = tmp_path / "run"
+    if case == "nan_threshold":  # it would serve a model that flags nothing
+        write_toy_export(run / "onnx", CONTRACT, threshold=float("nan"))
     if case == "no_export":
         (run / "onnx").mkdir(parents=True)
     elif case == "bad_hash":
@@ -235,5 +237,35 @@ def test_bad_run_folder_one_line_error(toy_run, tmp_path, case):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cmg build: error: ")
-    expect = {"no_run": "does not exist", "no_export": "export.json not found", "bad_hash": "sha256 differs"}[case]
+    expect = {"no_run": "does not exist", "no_export": "export.json not found", "bad_hash": "sha256 differs",
+              "nan_threshold": "threshold nan is not a finite number"}[case]
     assert expect in lines[0]
+
+
+@pytest.mark.parametrize(("opt_batch", "want"), [(4, [4]), (1, [])])
+def test_preferred_batch_size_is_the_opt_batch(toy_run, tmp_path, opt_batch, want):
+    """Guards dynamic_batching.preferred_batch_size: --opt-batch above 1 is written (ONNX-backed models)."""
+    _, repo = _build(toy_run, tmp_path, "cpu", max_batch=8, opt_batch=opt_batch)
+    models = [mcfg.read(p) for p in sorted(repo.glob("*/config.pbtxt"))]
+    backed = [m for m in models if m.platform != "ensemble"]
+    assert {m.name for m in backed} >= set(ONNX_MODELS)
+    for m in backed:
+        assert list(m.dynamic_batching.preferred_batch_size) == want, m.name
+
+
+def test_validation_refuses_a_wrongly_optional_input_and_a_wrong_first_step(tmp_path):
+    """Guards validate_config: IMAGE marked optional, and an ensemble whose first step is another model."""
+    from cmg.config import ServingConfig
+    from cmg.contract import CMER_SCORER, CMG_EXACT, IMAGE
+
+    spec = CONTRACT.models[CMLE_ENCODER]
+    cfg = cfgmod.model_config(spec, "cpu", ServingConfig())
+    next(t for t in cfg.input if t.name == IMAGE).optional = True
+    with pytest.raises(CMGError, match="input 'IMAGE' marked optional but the contract requires it"):
+        cfgmod.validate_config(mcfg.write(cfg, tmp_path / "enc"), spec)
+    spec = CONTRACT.models[CMG_EXACT]
+    cfg = cfgmod.model_config(spec, "cpu", ServingConfig())
+    cfgmod.validate_config(mcfg.write(cfg, tmp_path / "ok"), spec)  # as generated: valid
+    cfg.ensemble_scheduling.step[0].model_name = CMER_SCORER  # the one-pass scorer, not the teacher
+    with pytest.raises(CMGError, match=r"steps \['cmer_scorer', 'cmle_encoder'\], contract says"):
+        cfgmod.validate_config(mcfg.write(cfg, tmp_path / "exact"), spec)

@@ -558,5 +558,6 @@ def test_bench_dashboard_cost_smoke(tiny_run, tiny_onnx, triton, tmp_path):
     pair = res["pairs"][0]
     assert pair["without"]["frames"] == pair["with"]["frames"] == 40
     assert pair["with"]["snapshots"] >= 1 and res["ratio_median"] > 0
+    assert res["ratio_median"] == pytest.approx(pair["with"]["fps"] / pair["without"]["fps"])  # with / without
     assert res["metrics_url"].endswith(":8002")  # --url given: the default metrics port beside it
     assert "Median ratio" in (tmp_path / "dashboard_cost.md").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -92,6 +93,28 @@ def test_peer_side_by_side(tmp_path, tiny_data, tiny_run, capfd) -> None:
     assert res["mode_notes"]["anomalib_onnx_patchcore_max_abs_diff_vs_torch"] < 1e-3
     for key in ("cmg_vs_patchcore_auroc", "cmg_vs_patchcore_throughput"):
         assert res["ratios"][key]["median"] > 0
+    auroc, speed = res["ratios"]["cmg_vs_patchcore_auroc"], res["ratios"]["cmg_vs_patchcore_throughput"]
+    assert auroc["median"] == pytest.approx(res["rows"]["cmg"]["image_auroc"] / res["rows"]["patchcore"]["image_auroc"])
+    assert speed["median"] == pytest.approx(statistics.median(p["a"] / p["b"] for p in speed["pairs"]))  # CMG / peer
     assert res["backbone"]["variant"] == "efficientnet_lite0" and res["backbone"]["cmg_ensemble"] == []
     assert "Backbones: same backbone and weights" in (out / "peer.md").read_text()
     assert (out / "peer.png").stat().st_size > 10_000 and (out / "peer.md").is_file()
+
+
+def test_peer_ratio_is_a_over_b_interleaved() -> None:
+    """Guards the peer bench's speed ratio: per pair A's throughput over B's, median over pairs."""
+    import types
+
+    from cmg_bench.peer import _ratio
+
+    class Mode:
+        def __init__(self, name: str, fps: list[float]) -> None:
+            self.name, self.fps = name, iter(fps)
+
+        def measure(self, concurrency, batch, window):
+            return types.SimpleNamespace(throughput=next(self.fps))
+
+    bar = types.SimpleNamespace(update=lambda n: None)
+    got = _ratio(Mode("cmg", [30.0, 20.0, 45.0]), (4, 1), Mode("peer", [10.0, 10.0, 10.0]), (1, 1), None, 3, bar)
+    assert [p["ratio"] for p in got["pairs"]] == pytest.approx([3.0, 2.0, 4.5]) and got["median"] == pytest.approx(3.0)
+    assert got["a"] == {"mode": "cmg", "concurrency": 4, "batch": 1} and got["b"]["mode"] == "peer"

@@ -216,3 +216,27 @@ def test_fused_vs_ensemble_bench(tiny_run, tiny_onnx, tmp_path):
     assert built["fused"]["models"][C.CMG].get("fused") and built["ensemble"]["models"][C.CMG]["platform"] == "ensemble"
     assert "fused/ensemble frames/s" in (out / "cpu_cmg.md").read_text()
     assert (out / "cpu_cmg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_recipe_quantizes_weights_to_7_bits(tmp_path):
+    """Guards the cpu int8 recipe's reduce_range: weights within +-64 there, the full +-127 for TensorRT."""
+    from onnx import TensorProto, helper
+
+    from cmg_build.quantize import quantize_file
+
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, (8, 16, 1, 1), rng.normal(size=8 * 16).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="pointwise")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], [w])
+    src = tmp_path / "f32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = [{"x": rng.normal(size=(1, 16, 4, 4)).astype(np.float32)} for _ in range(4)]
+    peak = {}
+    for recipe in ("cpu", "tensorrt"):
+        quantize_file(src, tmp_path / f"{recipe}.onnx", feeds, recipe)
+        weights = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{recipe}.onnx")).graph.initializer
+                   if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+        assert weights, recipe
+        peak[recipe] = max(int(np.abs(a.astype(int)).max()) for a in weights)
+    assert peak["cpu"] <= 64 < peak["tensorrt"], peak

@@ -327,4 +327,5 @@ def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
     assert all(t["frames"] == 24 for t in res["tries"])
     assert len(res["tries"][1]["per_server"]) == 2 and all(res["tries"][1]["per_server"].values())
     assert res["ratio_two_over_one"] > 0
+    assert res["ratios"] == pytest.approx([res["tries"][1]["fps"] / res["tries"][0]["fps"]])  # two / one
     assert {p.name for p in (tmp_path / "b").iterdir()} >= {"servers.json", "servers.md", "servers.png"}

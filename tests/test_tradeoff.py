@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 
+import numpy as np
 import pytest
 
 from cmg.config import resolve_config
@@ -77,6 +78,8 @@ def test_tradeoff_smoke(tiny_data, tiny_run, tiny_onnx, tmp_path, capsys):
         assert r["served_auroc"] == pytest.approx(r["image_auroc"], abs=0.02)  # the served graph is the run
         assert r["flops_per_frame"] > 0 and r["batch1_p50_ms"] > 0
     assert by["tiny"]["vs_first"] == pytest.approx(1.0)
+    rounds = [report["served"][name]["rounds"] for name in ("tiny", str(twin))]
+    assert by[str(twin)]["vs_first"] == pytest.approx(np.median([t / f for f, t in zip(*rounds, strict=True)]))
     assert (out / "tradeoff.png").stat().st_size > 1000
     assert f"| `{twin}` |" in capsys.readouterr().out
     for served in report["served"].values():  # both servers stopped: nothing listens on their ports
