@@ -39,7 +39,7 @@ import onnxruntime as ort
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from cmg.argtypes import positive_float, positive_int
+from cmg.argtypes import positive_float, positive_int, seed_int
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
 from cmg_bench.common import close_all, ensure_export, measure_grid, parse_ints, start_local_server
@@ -677,14 +677,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PatchCore coreset_sampling_ratio (anomalib's default 0.1)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help="anomalib inference paths to time (torch always; default torch,onnx,openvino)")
-    parser.add_argument("--seed", type=int, default=0, help="anomalib datamodule seed")
-    parser.add_argument("--concurrency", type=lambda s: _ints(s), default=(1, 2), help="concurrency levels (1,2)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="anomalib datamodule seed")
+    parser.add_argument("--concurrency", type=lambda s: _ints(s), default=None, help="concurrency levels (1,2)")
     parser.add_argument("--batch", type=lambda s: _ints(s), default=(1, 8), help="batch sizes (1,8)")
-    parser.add_argument("--window", type=positive_float, default=3.0, help="measurement window per point, s")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up per point, s")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats of each ratio pair")
-    parser.add_argument("--quick", action="store_true", help="short windows, one repeat, concurrency 1: smoke checks")
+    parser.add_argument("--window", type=positive_float, default=None, help="measurement window per point, s (3)")
+    parser.add_argument("--warmup", type=positive_float, default=None, help="warm-up per point, s (1)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats of each ratio pair (3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short windows, one repeat, concurrency 1 (smoke checks); the flags above still win")
     parser.add_argument("--no-progress", action="store_true")
+
+
+# The measurement settings without flags, and with --quick (smoke checks: short, one repeat).
+FULL = {"concurrency": (1, 2), "window": 3.0, "warmup": 1.0, "repeats": 3}
+QUICK = {"concurrency": (1,), "window": 0.6, "warmup": 0.2, "repeats": 1}
+
+
+def measurement_defaults(args: argparse.Namespace) -> None:
+    """Fill what was not given from FULL or, with --quick, QUICK: a flag given wins over
+    --quick (as in `cmg bench sweep`; --quick had overwritten them)."""
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -695,8 +709,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.concurrency, args.window, args.warmup, args.repeats = (1,), 0.6, 0.2, 1
+    if args.coreset_ratio > 1:
+        raise CMGError(f"--coreset-ratio {args.coreset_ratio}: a share of the training patches, at most 1")
+    measurement_defaults(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = peer(args)
     rows = res["rows"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmg.argtypes import finite_float, seed_list
+from cmg.argtypes import positive_float, seed_list
 from cmg.errors import CMGError
 from cmg_bench import flops
 from cmg_bench.common import (
@@ -180,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the one the frame-rate ratios are against (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", type=seed_list,
                    help="training seeds, comma-separated; the first one's run is served (default %(default)s)")
-    p.add_argument("--target-fps", type=finite_float, default=None,
+    p.add_argument("--target-fps", type=positive_float, default=None,
                    help="a line's frame rate: drawn on the plot, and the table says which configs reach it")
     add_settings_arguments(p)
     p.add_argument("--no-progress", action="store_true")

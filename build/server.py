@@ -30,7 +30,7 @@ import time
 import weakref
 from pathlib import Path
 
-from cmg.argtypes import port_int, positive_float
+from cmg.argtypes import port_int, positive_float, positive_int
 from cmg.contract import CMG, NUMPY_DTYPES, Contract
 from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
 from cmg.errors import CMGError
@@ -736,7 +736,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model to load at start in explicit mode (repeatable)")
     parser.add_argument("--log-file", type=Path, default=None)
     parser.add_argument("--timeout", type=positive_float, default=180, help="seconds to wait for readiness")
-    parser.add_argument("--in-flight", type=int, default=8,
+    parser.add_argument("--in-flight", type=positive_int, default=8,
                         help="in-flight requests the CUDA memory pool is sized for (GPU hosts)")
 
 
@@ -809,6 +809,9 @@ def backends_needed(repository: Path) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.load_model and args.model_control_mode != "explicit":  # tritonserver would exit 1 after its start-up
+        raise CMGError(f"--load-model {args.load_model[0]} needs --model-control-mode explicit (in mode "
+                       f"{args.model_control_mode} Triton loads every model of the repository)")
     check_repository(args.repository, args.model_control_mode)
     pool = cuda_memory_pool_bytes(args.repository, args.in_flight) if gpu_present() else None
     server = TritonServer(

@@ -55,6 +55,24 @@ def test_peer_without_anomalib_names_the_extra(tmp_path, tiny_data, monkeypatch,
     assert '.[peer]' in capsys.readouterr().err
 
 
+def test_peer_flags_given_win_over_quick_and_a_ratio_above_1_is_refused(tmp_path, tiny_data, capsys) -> None:
+    """`--quick --repeats 3` had measured one repeat: --quick overwrote the flags given."""
+    import argparse
+
+    from cmg_bench.peer import FULL, add_arguments, measurement_defaults
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--data", "d", "--out", "o", "--quick", "--repeats", "3", "--concurrency", "1,4"])
+    measurement_defaults(args)
+    assert (args.repeats, args.concurrency, args.window) == (3, (1, 4), 0.6)
+    args = p.parse_args(["--data", "d", "--out", "o"])
+    measurement_defaults(args)
+    assert {k: getattr(args, k) for k in FULL} == FULL
+    assert main(["bench", "peer", "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--coreset-ratio", "2"]) == 2
+    assert "--coreset-ratio 2.0: a share of the training patches, at most 1" in capsys.readouterr().err
+
+
 def test_peer_report_names_each_sides_backbones() -> None:
     """anomalib's models take one backbone: with a two-backbone CMG run the report must say
     that anomalib ran only the first, not "same backbone"."""

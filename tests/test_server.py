@@ -607,6 +607,9 @@ def test_one_port_for_two_services_or_an_ipv6_address_is_refused_before_launchin
     assert last == f"cmg serve: error: --http-port and --grpc-port are both {port}: each service needs a port of its own"
     assert main(["serve", "--repository", str(toy_repo), "--address", "::1"]) == 2
     assert "--address ::1: IPv6 addresses are not supported" in capsys.readouterr().err
+    # tritonserver itself refuses it, but only after its start-up, as "exited with code 1"
+    assert main(["serve", "--repository", str(toy_repo), "--load-model", "cmg"]) == 2
+    assert "--load-model cmg needs --model-control-mode explicit" in capsys.readouterr().err
     assert not list(tmp_path.glob("cmg-triton-*"))
 
 
