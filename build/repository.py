@@ -348,6 +348,16 @@ def run(args: argparse.Namespace) -> int:
         raise CMGError(f"--replicas must be >= 1, got {args.replicas}")
     if args.data is not None and args.precision != "int8":
         raise CMGError("--data is the int8 calibration's folder: it goes with --precision int8")
+    # flags of one target or of --k8s, given where nothing reads them (they had been ignored)
+    alone = [(args.cpu_threads, "--cpu-threads", args.target == "cpu", "goes with --target cpu"),
+             (args.cpu_cmg != CPU_CMG[0], "--cpu-cmg", args.target == "cpu", "goes with --target cpu"),
+             (args.timing_cache, "--timing-cache", args.target == "tensorrt", "goes with --target tensorrt"),
+             (args.skip_engines, "--skip-engines", args.target == "tensorrt", "goes with --target tensorrt"),
+             (args.replicas != 2 or args.max_replicas is not None, "--replicas/--max-replicas",
+              args.k8s is not None, "go with --k8s DIR")]
+    for given, flag, read, what in alone:
+        if given and not read:
+            raise CMGError(f"{flag} {what} (here --target {args.target}{'' if args.k8s else ', no --k8s'})")
     max_replicas = args.max_replicas if args.max_replicas is not None else max(args.replicas, 8)
     if max_replicas < args.replicas:
         raise CMGError(f"--max-replicas {max_replicas} is below --replicas {args.replicas}")

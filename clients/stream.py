@@ -267,6 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise CMGError(f"--limit must be >= 0, got {args.limit}")
+    if args.metrics_url and args.dashboard is None:  # only the page reads them: it had been ignored
+        raise CMGError("--metrics-url is what the live page (--dashboard) reads: give --dashboard too")
     urls = args.url or [core.default_url("grpc")]
 
     def options(source: str, out: Path, progress: bool | None, name: str | None = None) -> StreamOptions:

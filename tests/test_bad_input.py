@@ -118,6 +118,8 @@ CASES: list[Case] = [
     ("stream", lambda f: ["--source", "synth:tiny", "--source", "b=synth:tiny", "--out", str(f["file"])], "is a file"),
     ("stream", lambda f: ["--url", _dead(), "--url", _dead(), "--source", "synth:tiny", "--source", "b=synth:tiny",
                           "--out", str(f["root"] / "m"), "--timeout", "3"], "no server answers"),
+    ("stream", lambda f: ["--source", "synth:tiny", "--out", str(f["root"] / "m.jsonl"), "--metrics-url", "h:8002"],
+     "give --dashboard too"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--k8s", str(f["root"] / "k"),
                          "--replicas", "0"], "--replicas"),
     # deploy
@@ -156,6 +158,10 @@ CASES: list[Case] = [
     ("export", lambda f: ["--run", str(f["root"] / "nothing")], "run folder not found"),
     ("build", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "r")], "does not exist"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--cpu-threads", "-1"], ">= 0"),
+    ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--target", "onnxruntime",
+                         "--cpu-threads", "3"], "--cpu-threads goes with --target cpu"),  # had been ignored
+    ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--replicas", "5"],
+     "--replicas/--max-replicas go with --k8s DIR"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["run"])], "training run or export folder"),
     ("serve", lambda f: ["--repository", str(f["root"]), "--grpc-port", "99999"], "1..65535"),
     ("serve", lambda f: ["--repository", str(f["root"]), "--http-port=-1"], "1..65535"),
