@@ -267,6 +267,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_config(path: str | Path) -> Config:
     """Load a YAML config; a missing or malformed file raises with the path named."""
     path = Path(path)
+    if path.is_dir():  # a run folder, most likely: its config is inside
+        raise FileNotFoundError(f"config {path} is a folder: give a YAML file (a run's own is {path / 'config.yaml'})")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:

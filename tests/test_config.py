@@ -114,6 +114,8 @@ def test_every_divisor_of_the_local_maps_side_is_a_valid_map_size(map_size):
 def test_bad_files(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match=r"is a folder: give a YAML file \(a run's own is .*config.yaml\)"):
+        load_config(tmp_path)  # `--config RUN`: it had said "not found" of a folder that is there
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
