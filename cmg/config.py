@@ -87,6 +87,9 @@ class LocalConfig:
     model: str = "bank"           # bank: kNN to a coreset of normal backbone patch features (PatchCore)
                                   # | unet: a U-Net trained here on synthetic anomalies
     bank_size: int = 10000        # bank: greedy-coreset rows kept of all training patches
+    max_patches: int = 2_000_000  # bank: the coreset is chosen among at most this many training patches, an even
+                                  # random share of every frame's (0: all): memory and time stay bounded on a
+                                  # folder of thousands of images (2,000,000 x 352 FP32 features: 2.8 GB)
     k: int = 1                    # bank: neighbours averaged for a patch's distance
     colour: str = "rgb"           # bank: rgb | grey (the backbone sees the luma only: for lines whose
                                   # normal parts vary in colour; hue-only defects are then missed)

@@ -45,6 +45,7 @@ RANGES: dict[str, Range] = {
     "pool": (1, None, False, False),
     "k": (1, None, False, False),
     "bank_size": (1, None, False, False),
+    "max_patches": (0, None, False, False),
     "self_radius": (0, None, False, False),
     "upsample": (1, 8, False, False),
     "hidden": (1, None, False, False),

@@ -266,6 +266,18 @@ def bank_from_state(state: dict) -> PatchBank:
 
 
 @torch.no_grad()
+def kept_patches(frames: int, cells: int, limit: int, seed: int) -> Tensor | None:
+    """[frames, cells] bool: which training patches the coreset is chosen among, at most
+    `limit` (0: all, then None), the same share of every frame so that no frame's rare parts
+    are dropped whole; seeded."""
+    if not limit or frames * cells <= limit:
+        return None
+    per_frame = max(1, limit // frames)
+    gen = torch.Generator().manual_seed(seed + 11)
+    ranks = torch.rand(frames, cells, generator=gen).argsort(1)
+    return ranks < per_frame
+
+
 def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32,
                    held_out: Tensor | None = None) -> tuple[PatchBank, dict]:
     """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics.
@@ -278,20 +290,29 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
                              colour=cfg.local.colour,
                              ensemble=[(v, default_taps(v, bb.strides)) for v in bb.ensemble or ()]).eval()
     self_distance = SelfDistance(features.side, cfg.local.self_radius) if cfg.local.self_radius else None
+    frames = torch.as_tensor(frames)
+    cells = features.side ** 2
+    keep = kept_patches(len(frames), cells, cfg.local.max_patches, cfg.seed)
 
-    def patch_rows(chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def patch_rows(chunk: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = features(chunk).flatten(2).transpose(1, 2)
         s = self_distance(f).flatten() if self_distance is not None else f.new_zeros(0)
-        return f.reshape(-1, f.shape[-1]), s
+        rows = f.reshape(-1, f.shape[-1])
+        frame_of_row = ids.repeat_interleave(cells)
+        if keep is not None:  # a frame's own share, chosen before its features exist: memory stays bounded
+            mask = keep[ids].flatten()
+            rows, frame_of_row = rows[mask], frame_of_row[mask]
+        return rows, frame_of_row, s
 
-    flat, self_d = batched(patch_rows, torch.as_tensor(frames), batch_size=batch, progress=progress,
-                          desc="patch features")
+    flat, frame_of_row, self_d = batched(patch_rows, frames, torch.arange(len(frames)), batch_size=batch,
+                                         progress=progress, desc="patch features")
     views = flat.split(features.view_dims, 1)
     chosen = [greedy_coreset(view, cfg.local.bank_size, seed=cfg.seed, progress=progress) for view in views]
     banks = [view[idx] for view, idx in zip(views, chosen, strict=True)]
     net = PatchBank(features, banks, cfg.local.k, self_radius=cfg.local.self_radius).eval()
-    net.row_frames = [idx // (features.side ** 2) for idx in chosen]  # rows are frame-major
-    metrics = {"model": "bank", "backbone": "+".join(b.variant for b in features.backbones), "colour": cfg.local.colour, "patches": int(flat.shape[0]),
+    net.row_frames = [frame_of_row[idx] for idx in chosen]
+    metrics = {"model": "bank", "backbone": "+".join(b.variant for b in features.backbones), "colour": cfg.local.colour,
+               "patches": int(flat.shape[0]), "training_patches": len(frames) * cells,
                "bank_rows": int(banks[0].shape[0]), "feature_dim": int(flat.shape[1]), "map_side": features.side}
     if features.views > 1 and held_out is not None and len(held_out):
         views = batched(net.view_distances, torch.as_tensor(held_out), batch_size=batch)
