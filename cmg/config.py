@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -242,6 +243,36 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         raise ValueError(f"config: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
                          f"{cfg.serving.max_batch}")
     return cfg
+
+
+# Settings that one mode does not read: (section, keys, when they are not read, why).
+_UNET_KEYS = ("channels", "steps", "batch_size", "crop", "lr", "anomaly_prob", "shapes", "placement", "pool")
+_TRAINED_TEACHER = ("channels", "downsample", "hidden", "steps", "batch_size", "lr", "shift", "brightness",
+                    "fill_prob", "fill_max_share", "pool")
+_NOT_READ: tuple[tuple[str, tuple[str, ...], Callable[[Config], bool], str], ...] = (
+    ("local", _UNET_KEYS, lambda c: c.local.model == "bank", "local.model bank (they are the U-Net's)"),
+    ("teacher", _TRAINED_TEACHER, lambda c: c.teacher.source == "open_clip",
+     "teacher.source open_clip (its weights are used as they are)"),
+    ("teacher", ("arch", "pretrained", "checkpoint"), lambda c: c.teacher.source != "open_clip",
+     "a teacher.source other than open_clip"),
+    ("cmer", ("rho",), lambda c: c.cmer.rule == "relative", "cmer.rule relative"),
+    ("cmer", ("alpha", "grow"), lambda c: c.cmer.rule == "top_rho", "cmer.rule top_rho"),
+)
+
+
+def unread_settings(cfg: Config) -> list[str]:
+    """Settings given another value than the default that this config's modes do not read:
+    `cmg train` says so (a U-Net's crop set on a bank config changes nothing)."""
+    default = Config()
+    out = []
+    for section, keys, applies, why in _NOT_READ:
+        if not applies(cfg):
+            continue
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value != getattr(getattr(default, section), key):
+                out.append(f"{section}.{key} {value!r} is not read with {why}")
+    return out
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cmg.argtypes import seed_int
-from cmg.config import Config, load_config, resolve_config
+from cmg.config import Config, load_config, resolve_config, unread_settings
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError, naming
 from cmg_train.backbone import check_backbones
@@ -384,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.teacher.checkpoint = str(args.teacher_weights.resolve())
     if cfg.teacher.source == "open_clip":
         teacher_weights(cfg.teacher)  # a missing or absent weights file stops here, before the data is read
+    for line in unread_settings(cfg):
+        print(f"note: {line}", file=sys.stderr)
     metrics = train_run(cfg, args.data, args.out, progress=not args.no_progress)
     print(json.dumps({"run": str(args.out), "threshold": metrics["cmle"]["threshold"],
                       "total_s": round(metrics["timings"]["total_s"], 1)}))

@@ -241,3 +241,18 @@ def test_yaml_merge_keys_still_load_and_an_unhashable_key_is_one_line(tmp_path: 
     bad.write_text("? [1, 2]\n: x\n")
     with pytest.raises(ValueError, match="a key that is a list or a mapping"):
         load_config(bad)
+
+
+def test_settings_a_config_does_not_read_are_named():
+    """A U-Net's crop on a bank config, an open_clip teacher's training steps, rho under the
+    relative rule: accepted and changing nothing; `cmg train` names them (no shipped config has one)."""
+    from cmg.config import unread_settings
+
+    for path in sorted(config_dir().glob("*.yaml")):
+        assert unread_settings(load_config(path)) == [], path.name
+    cfg = config_from_dict({"local": {"model": "bank", "crop": 32}, "cmer": {"rho": 0.5},
+                            "teacher": {"source": "open_clip", "arch": "ViT-B-32", "steps": 10}})
+    assert unread_settings(cfg) == ["local.crop 32 is not read with local.model bank (they are the U-Net's)",
+                                    "teacher.steps 10 is not read with teacher.source open_clip (its weights are "
+                                    "used as they are)",
+                                    "cmer.rho 0.5 is not read with cmer.rule relative"]
