@@ -248,6 +248,9 @@ def _metrics_endpoint(page: list[str]):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if page[0] is None:  # the server is down for this read
+                self.send_error(503)
+                return
             body = page[0].encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -310,6 +313,13 @@ def test_metrics_of_several_servers_are_summed_and_a_lost_one_is_said():
         a[0], b[0] = _triton_text(200, 2_000, 9_000), _triton_text(400, 4_000, 13_000)
         row = reader.read()["models"][0]
         assert row["success"] == 600 and row["queue_ms"] == pytest.approx(0.01) and row["compute_ms"] == pytest.approx(0.05)
+        b[0] = None  # B misses a read, then answers again: its lifetime count is no new traffic
+        assert reader.read()["models"][0]["success"] == 200
+        a[0], b[0] = _triton_text(300, 3_000, 14_000), _triton_text(410, 4_100, 13_500)
+        row = reader.read()["models"][0]
+        assert row["success"] == 710 and row["req_per_s"] < 1e6  # A's 100 over the interval, B's first read again
+        assert row["queue_ms"] == pytest.approx(0.01) and row["compute_ms"] == pytest.approx(0.05)
+        assert MetricsReader([url_a, url_a]).read()["models"][0]["success"] == 300  # one endpoint, read once
     dead = free_port()
     with _metrics_endpoint([_triton_text(7, 0, 0)]) as url_a:
         got = MetricsReader([url_a, f"{LOOPBACK}:{dead}"]).read()

@@ -196,6 +196,9 @@ class Dashboard:
         host, port = parse_address(opts.dashboard)
         given = [opts.metrics_url] if isinstance(opts.metrics_url, str) else list(opts.metrics_url or [])
         metrics = given or [default_metrics_url(u) for u in (urls or [opts.url])]
+        if not given and len(set(metrics)) < len(metrics):  # servers on one host: one default port for all
+            print(f"dashboard: several --url share the metrics endpoint {', '.join(sorted(set(metrics)))}: it is "
+                  "read once; give --metrics-url once per server to see each", file=sys.stderr)
         return cls(DashboardState(names or [opts.source_name]), host, port, metrics)
 
     @property

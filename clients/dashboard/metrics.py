@@ -55,48 +55,63 @@ def fetch(url: str, timeout_s: float = 2.0) -> str:
 
 
 class MetricsReader:
-    """Reads the endpoints and derives per-interval figures from two consecutive reads."""
+    """Reads the endpoints and derives per-interval figures from two consecutive reads of each."""
 
     def __init__(self, urls: str | Sequence[str]) -> None:
-        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.urls = list(dict.fromkeys([urls] if isinstance(urls, str) else urls))  # one endpoint is read once
         if not self.urls:
             raise ValueError("MetricsReader needs at least one metrics endpoint")
         self.url = ", ".join(self.urls)
-        self._last: tuple[float, dict[str, dict[str, float]]] | None = None
+        self._last: dict[str, tuple[float, dict[str, dict[str, float]]]] = {}  # per endpoint: its last read
 
     def read(self) -> dict:
         """{'url', 'error', 'models': [{model, success, failure, inferences, executions,
         req_per_s, queue_ms, compute_ms}]}; an unreachable endpoint is an error text, not a raise
-        (the others are still summed); the rates are None on a first read and on one where a
-        counter went down (a reset, or a server that stopped answering)."""
-        now, models, errors = time.monotonic(), {}, []
+        (the others are still summed). The counters are the answering servers' sums; the rates
+        come from each server's own change since its last read, summed over the servers that
+        answered both times (a server back from an outage adds no lifetime count as traffic),
+        and are None on a first read and where one of them has a counter that went down (a
+        restart, or `cmg deploy` unloading a version: it drops out of the sum)."""
+        now, errors = time.monotonic(), []
+        totals: dict[str, dict[str, float]] = {}
+        changes: dict[str, dict[str, float] | None] = {}  # model -> summed change; None: a reset somewhere
+        seconds: dict[str, float] = {}  # model -> the interval its change was measured over
         for url in self.urls:
             try:
                 one = parse(fetch(url))
             except Exception as exc:  # noqa: BLE001 - the page says why; the stream goes on
                 errors.append(f"{url}: {type(exc).__name__}: {exc}" if len(self.urls) > 1 else f"{type(exc).__name__}: {exc}")
+                self._last.pop(url, None)  # its next answer is a first read again
                 continue
+            before = self._last.get(url)
+            self._last[url] = (now, one)
             for model, row in one.items():
-                total = models.setdefault(model, dict.fromkeys(row, 0.0))
+                total = totals.setdefault(model, dict.fromkeys(row, 0.0))
                 for key, value in row.items():
                     total[key] += value
+                prev = before[1].get(model) if before else None
+                if prev is None:
+                    continue
+                if any(row[k] < prev[k] for k in row) or changes.get(model, {}) is None:
+                    changes[model] = None
+                    continue
+                change = changes.setdefault(model, dict.fromkeys(row, 0.0))
+                for key in row:
+                    change[key] += row[key] - prev[key]
+                seconds[model] = max(seconds.get(model, 0.0), now - before[0])
         error = "; ".join(errors) or None
         if len(errors) == len(self.urls):
             return {"url": self.url, "error": error, "models": []}
         rows = []
-        for model, row in sorted(models.items()):
+        for model, row in sorted(totals.items()):
             out = {"model": model, **{k: row[k] for k in ("success", "failure", "inferences", "executions")},
                    "req_per_s": None, "queue_ms": None, "compute_ms": None}
-            prev = self._last[1].get(model) if self._last else None
-            # A counter that went down was reset (Triton restarted) or lost a version from the sum
-            # (`cmg deploy` unloading one): no rate from that reading; the next one starts from it.
-            if prev is not None and not any(row[k] < prev[k] for k in row):
-                dt = now - self._last[0]
-                done = row["success"] - prev["success"]
-                out["req_per_s"] = done / dt if dt > 0 else None
+            change, dt = changes.get(model), seconds.get(model, 0.0)
+            if change is not None and dt > 0:
+                done = change["success"]
+                out["req_per_s"] = done / dt
                 if done > 0:
-                    out["queue_ms"] = (row["queue_us"] - prev["queue_us"]) / done / 1000.0
-                    out["compute_ms"] = (row["compute_us"] - prev["compute_us"]) / done / 1000.0
+                    out["queue_ms"] = change["queue_us"] / done / 1000.0
+                    out["compute_ms"] = change["compute_us"] / done / 1000.0
             rows.append(out)
-        self._last = (now, models)
         return {"url": self.url, "error": error, "models": rows}
