@@ -239,9 +239,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
                          f"{sorted(strides)}")
     if cfg.backbone.taps is not None and min(cfg.backbone.taps) < 0:
         raise ValueError(f"config: backbone.taps {cfg.backbone.taps}: block indices start at 0")
-    if cfg.serving.opt_batch > cfg.serving.max_batch:
-        raise ValueError(f"config: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
-                         f"{cfg.serving.max_batch}")
     return cfg
 
 
@@ -316,11 +313,17 @@ def load_config(path: str | Path) -> Config:
     if values is None:  # an empty file must not silently train the defaults
         raise ValueError(f"config {path} is empty: copy a shipped config (configs/tiny.yaml) and edit it")
     try:
-        return config_from_dict(values)
+        cfg = config_from_dict(values)
     except ValueError as exc:  # name the file once: "config PATH: data: unknown key(s) ..."
         text = str(exc)
         text = text[len("config: "):] if text.startswith("config: ") else text.removeprefix("config ")
         raise ValueError(f"config {path}: {text}") from None
+    # A new config's, not a saved run's (config_from_dict reads those too): `cmg build` clamps
+    # opt_batch for runs trained before this check, which would otherwise no longer load.
+    if cfg.serving.opt_batch > cfg.serving.max_batch:
+        raise ValueError(f"config {path}: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
+                         f"{cfg.serving.max_batch}")
+    return cfg
 
 
 def config_dir() -> Path:

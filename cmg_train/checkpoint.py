@@ -157,8 +157,10 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _settings(cfg: Config) -> dict[str, object]:
-    """Every setting as dotted keys, but the seed and `cmle.enabled` (the benches turn CMLE off
-    on a folder whose captions cannot carry it; that run is still the config's run)."""
+    """Every setting as dotted keys, but the seed, `cmle.enabled` (the benches turn CMLE off
+    on a folder whose captions cannot carry it; that run is still the config's run) and where
+    an open_clip teacher's weights were read from (`--teacher-weights` saves the file's path
+    resolved; a bench or a second machine names it otherwise or not at all)."""
     flat: dict[str, object] = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -169,7 +171,7 @@ def _settings(cfg: Config) -> dict[str, object]:
                 flat[f"{prefix}{k}"] = v
 
     walk(cfg.to_dict(), "")
-    for key in ("seed", "cmle.enabled"):
+    for key in ("seed", "cmle.enabled", "teacher.checkpoint", "teacher.pretrained"):
         flat.pop(key, None)
     return flat
 

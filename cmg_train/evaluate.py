@@ -524,7 +524,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.run]
     for r in runs[1:]:  # medians over seeds of one config: another config's run is no seed of it
-        why = run_mismatch(r, dataclasses.replace(runs[0].cfg, seed=r.cfg.seed), None)
+        why = run_mismatch(r, dataclasses.replace(runs[0].cfg, seed=r.cfg.seed), runs[0].metrics.get("data"))
         if why is not None:
             raise CMGError(f"--run {r.path} is not another seed of --run {runs[0].path}: {why}")
     if len(runs) == 1 and args.out is not None:

@@ -99,7 +99,6 @@ def test_unknown_keys_are_errors(values, where):
     ({"local": {"model": "unet", "channels": [16]}}, r"3 local.channels .* channels \[16\]"),
     ({"backbone": {"strides": [3]}}, r"backbone.strides \[3\]: the backbones have blocks at strides \[2, 4, 8, 16, 32\]"),
     ({"backbone": {"strides": [8, 64]}}, r"backbone.strides \[8, 64\]"),
-    ({"serving": {"opt_batch": 64, "max_batch": 32}}, "serving.opt_batch 64 is above serving.max_batch 32"),
 ])
 def test_inconsistent_values_are_errors(values, message):
     with pytest.raises(ValueError, match=message):
@@ -116,6 +115,11 @@ def test_bad_files(tmp_path: Path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(FileNotFoundError, match=r"is a folder: give a YAML file \(a run's own is .*config.yaml\)"):
         load_config(tmp_path)  # `--config RUN`: it had said "not found" of a folder that is there
+    batches = tmp_path / "batches.yaml"
+    batches.write_text("serving: {max_batch: 4}\n")  # opt_batch's default, 8, above it: refused at build before
+    with pytest.raises(ValueError, match="serving.opt_batch 8 is above serving.max_batch 4"):
+        load_config(batches)
+    assert config_from_dict({"serving": {"max_batch": 4}}).serving.opt_batch == 8  # a saved run's still loads
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):

@@ -451,7 +451,8 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert few[1]["image_auroc"] == pytest.approx(rows["run"]["image_auroc"], abs=1e-9)
 
 
-def test_eval_of_several_runs_refuses_a_run_of_another_config(tiny_run, tmp_path):
+@pytest.mark.parametrize("change", ["alpha", "data"])
+def test_eval_of_several_runs_refuses_a_run_of_another_config(tiny_run, tmp_path, change):
     """`cmg eval --run A --run B`: medians over seeds of one config. A run of another config had
     been scored with A's test frames (an internal error on another image size) or, from cached
     reports, folded into A's table without a word."""
@@ -464,11 +465,15 @@ def test_eval_of_several_runs_refuses_a_run_of_another_config(tiny_run, tmp_path
 
     other = Path(shutil.copytree(tiny_run, tmp_path / "other", ignore=shutil.ignore_patterns("eval", "onnx")))
     state = torch.load(other / "checkpoint.pt", weights_only=False)
-    state["config"]["cmer"]["alpha"] = 0.45
+    if change == "alpha":
+        state["config"]["cmer"]["alpha"] = 0.45
+    else:  # the same config trained on another folder (`cmg bench shots` runs of 10 and 25 images)
+        state["metrics"]["data"] = str(tmp_path / "another folder")
     torch.save(state, other / "checkpoint.pt")
     args = argparse.Namespace(run=[tiny_run, other], data=None, ablation=False, out=tmp_path / "seeds",
                               recompute=False, no_progress=True)
-    with pytest.raises(CMGError, match=r"is not another seed of .*cmer.alpha 0\.45 -> 0\.2"):
+    want = r"cmer.alpha 0\.45 -> 0\.2" if change == "alpha" else "trained on .*another folder"
+    with pytest.raises(CMGError, match=r"is not another seed of .*" + want):
         ev.run(args)
     assert not (tmp_path / "seeds").exists()
 

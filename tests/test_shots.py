@@ -173,6 +173,7 @@ def test_run_mismatch_names_what_differs(tiny_run, tiny_data, tmp_path):
     assert run_mismatch(run, cfg, None) is None  # the demo's moved workdir: data not compared
     assert "on " + str((tmp_path / "other").resolve()) in run_mismatch(run, cfg, tmp_path / "other")
     cfg.cmle.enabled = False  # what the benches set on a folder whose captions cannot carry CMLE
+    cfg.teacher.checkpoint = "/elsewhere/open_clip.bin"  # where weights are read from is no setting
     assert run_mismatch(run, cfg, None) is None
     cfg.cmer.alpha, cfg.local.bank_size = 0.45, 123  # a YAML edited under the same name
     why = run_mismatch(run, cfg, None)
