@@ -67,16 +67,19 @@ class KNNDistance(nn.Module):
         """x [B, ..., D] -> [B, ...] distances with the bank rows marked in `exclude` [B, M]
         left out for that query: a training frame scored as if it had not been in the bank
         (threshold calibration; not in the served graph)."""
-        # k at most the rows a query has left: a k near the bank's size (`scoring.k_global`
-        # above the training images) had taken left-out rows' -inf into the mean: a NaN threshold
-        k = min(self.k, self.rows - int(exclude.sum(-1).max()))
-        if k < 1:
+        if bool(exclude.all(-1).any()):
             raise ValueError(f"every one of the bank's {self.rows} rows is left out for some query")
         s = torch.matmul(x, self.bank_t).add_(self.neg_half_sq)
         s.masked_fill_(exclude.reshape(exclude.shape[0], *[1] * (x.ndim - 2), -1), float("-inf"))
         # k = 1: a plain maximum, a third of TopK's time over [B, 2304, 10000]
-        best = s.amax(-1, keepdim=True) if k == 1 else torch.topk(s, k, dim=-1).values
-        return self._mean_distance(x, best)
+        best = s.amax(-1, keepdim=True) if self.k == 1 else torch.topk(s, self.k, dim=-1).values
+        found = torch.isfinite(best)  # -inf: a left-out row, there only when fewer than k rows are left
+        if bool(found.all()):
+            return self._mean_distance(x, best)
+        # a query with fewer than k rows left (`scoring.k_global` near the training images' count)
+        # averages the rows it has: the left-out rows' -inf had made the mean, and the threshold, NaN
+        d = torch.sqrt(torch.clamp((x**2).sum(-1, keepdim=True) - 2.0 * best, min=0.0))
+        return torch.where(found, d, 0.0).sum(-1) / found.sum(-1)
 
     def _nearest(self, x: torch.Tensor, block_rows: int) -> torch.Tensor:
         """The k nearest rows' mean distance, the bank taken `block_rows` rows at a time. The

@@ -101,9 +101,11 @@ def test_knn_excluding_with_k_near_the_bank_size_stays_finite():
     g = torch.Generator().manual_seed(4)
     bank, x = torch.randn(6, 8, generator=g), torch.randn(3, 8, generator=g)
     own = torch.eye(3, 6, dtype=torch.bool)
+    own[1, 3:] = True  # queries leave out 1, 4 and 1 rows: each its own rows, whatever its batch
     got = KNNDistance(bank, 100).excluding(x, own)
     assert torch.isfinite(got).all()
     for b in range(3):
-        torch.testing.assert_close(got[b], KNNDistance(bank[~own[b]], 5)(x[b:b + 1])[0])
+        torch.testing.assert_close(got[b], KNNDistance(bank[~own[b]], 100)(x[b:b + 1])[0])
+        torch.testing.assert_close(got[b], KNNDistance(bank, 100).excluding(x[b:b + 1], own[b:b + 1])[0])
     with pytest.raises(ValueError, match="every one of the bank's 6 rows"):
         KNNDistance(bank, 1).excluding(x, torch.ones(3, 6, dtype=torch.bool))
