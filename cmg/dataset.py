@@ -57,7 +57,8 @@ def caption_text(text: str) -> str:
     """A caption as every model reads it: case, runs of spaces and a closing full stop do not
     make it another caption. CMLE counts and weighs distinct captions: "A red nut." beside "a
     red nut" had passed the distinct-caption minimum as two and taken most of each other's
-    locally linear weight (a degenerate W); the text encoders lowercase anyway."""
+    locally linear weight (a degenerate W). The text encoders lowercase anyway; the full stop
+    they would have read is gone (a run trained before reads its captions without it)."""
     return " ".join(text.casefold().split()).rstrip(" .")
 
 
@@ -172,7 +173,7 @@ class MVTecFolder:
             except json.JSONDecodeError as exc:
                 raise CMGError(f"{synth}: not valid JSON ({exc.msg})") from exc
         self.category = category or (self.info or {}).get("category") or self.root.resolve().name
-        self.prompt = prompt.format(category=self.category.replace("_", " "))
+        self.prompt = caption_text(prompt.format(category=self.category.replace("_", " ")))
         cap_path = self.root / "captions.jsonl"
         self.captions: dict[str, str] = {}
         if captions and cap_path.is_file():  # captions=False: `cmg captions --force` replaces the file

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cmg.config import CMLEConfig
-from cmg.dataset import MVTecFolder, check_training_folder, training_images
+from cmg.dataset import MVTecFolder, caption_text, check_training_folder, training_images
 from cmg.errors import CMGError
 from cmg.frames import load_frame
 from cmg.quiet import quiet_logs
@@ -73,7 +73,7 @@ def template_captions(paths: Sequence[Path], part: str, template: str = TEMPLATE
         captions = [template.format(part=part.replace("_", " "), file=file_words(p)) for p in paths]
     except (KeyError, IndexError, ValueError) as exc:
         raise CMGError(f"caption template {template!r}: only {{part}} and {{file}} can be filled ({exc})") from None
-    return [" ".join(c.split()).replace(" ,", ",") for c in captions]  # "a {part} {file}": no " ," or doubled spaces
+    return [caption_text(c).replace(" ,", ",") for c in captions]  # "a {part} {file}": no " ," or doubled spaces
 
 
 def load_captioner(arch: str, weights: str):
@@ -138,7 +138,7 @@ def coca_captions(model, images: Sequence[Path], arch: str = COCA_ARCH, seq_len:
                     break
             for row in tokens:
                 text = open_clip.decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "")
-                out.append(" ".join(text.split()).strip(" ."))
+                out.append(caption_text(text))
     return out
 
 
@@ -195,7 +195,8 @@ def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH
         captions, empty, source = template_captions(paths, category, template), [], "template"
     path = write_captions(root, dict(zip(rels, captions, strict=True)), force)
     need = unique_captions_needed(CMLEConfig())
-    return {"captions": str(path), "source": source, "images": len(rels), "distinct": len(set(captions)),
+    return {"captions": str(path), "source": source, "images": len(rels),
+            "distinct": len({caption_text(c) for c in captions}),  # as training counts them
             "cmle_needs": need, "empty_filled_from_template": len(empty)}
 
 
