@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cmg.argtypes import seed_int
-from cmg.config import load_config, resolve_config
+from cmg.config import Config, load_config, resolve_config
 from cmg.errors import CMGError
 from cmg_build.repository import build
 from cmg_build.server import TritonServer
@@ -33,12 +33,18 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def demo(workdir: Path, config: str = "tiny", seed: int | None = None, fresh: bool = False,
-         progress: bool = True) -> dict:
-    """`seed`: the data's and the training's; None keeps the config's own `seed`."""
+def demo_config(config: str, seed: int | None = None) -> Config:
+    """The config the demo trains: `seed` (the data's and the training's) when given, else the
+    config's own (a YAML with `seed: 7` had trained with the flag's default, 0)."""
     cfg = load_config(resolve_config(config))
     if seed is not None:
         cfg.seed = seed
+    return cfg
+
+
+def demo(workdir: Path, config: str = "tiny", seed: int | None = None, fresh: bool = False,
+         progress: bool = True) -> dict:
+    cfg = demo_config(config, seed)
     seed = cfg.seed
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, repo = workdir / "data", workdir / "run", workdir / "repo"

@@ -281,6 +281,7 @@ def test_a_teacher_whose_captions_tell_nothing_apart_is_said(capsys):
     assert not m["learned_from_captions"] and m["loss_last"] >= 0.99 * m["loss_chance"]
     assert "learned nothing from the captions" in capsys.readouterr().err
     assert learned_from_captions(1.15, 64) and not learned_from_captions(3.9, 64)
+    assert not learned_from_captions(0.0, 1)  # one image per batch: nothing to tell apart
 
 
 # -- the attention tower: a teacher that localises ---------------------------------------

@@ -101,7 +101,11 @@ def train_teacher(cfg: Config, frames: Tensor, captions: list[str], train_idx: T
         "mean": pp.mean,
         "std": pp.std,
     }
-    if not metrics["learned_from_captions"]:
+    if batch < 2:
+        print("warning: the teacher trained on batches of 1 image, where a caption has no other to be told "
+              "apart from: it learned nothing from the captions (teacher.batch_size, or more training images)",
+              file=sys.stderr)
+    elif not metrics["learned_from_captions"]:
         print(f"warning: the teacher learned nothing from the captions: its contrastive loss ended at "
               f"{stats['loss_last']:.3f}, chance is log(batch) = {math.log(batch):.3f} ({len(unique)} distinct "
               "captions). The keep-mask and CMLE then carry no language: give captions that say what differs "
@@ -115,4 +119,4 @@ def learned_from_captions(loss_last: float, batch: int) -> bool:
     keep it there, and the attention weights the keep-mask is distilled from are then shaped
     by no caption at all; 10% below chance is well inside what any real caption set reaches
     (the tiny run: 4.16 -> 1.15)."""
-    return loss_last < 0.9 * math.log(batch)
+    return batch > 1 and loss_last < 0.9 * math.log(batch)
