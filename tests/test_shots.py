@@ -126,11 +126,19 @@ def test_summary_takes_medians_and_ranges_per_count():
 @pytest.mark.slow
 def test_shots_smoke(tiny_data, tiny_run, tmp_path, capsys):
     """12 drawn images (10 after the held-out split: below CMLE's 20 captions, so CMLE off)
-    trained for real; `all` is the session's tiny run, copied so its folder stays untouched."""
+    trained for real; `all` is the session's tiny run, copied so its folder stays untouched,
+    its saved config given the quick config's step counts (a run is reused only when every
+    setting matches: the wiring is tested here, not the steps)."""
+    import torch
+
     out = tmp_path / "shots"
     shutil.copytree(tiny_run, out / "runs" / "nall_s0", ignore=shutil.ignore_patterns("eval", "onnx"))
     cfg = yaml.safe_load(resolve_config("tiny").read_text())  # tiny with fewer steps: the wiring is tested
     cfg["teacher"]["steps"] = cfg["cmer"]["scorer"]["steps"] = 20
+    ckpt = out / "runs" / "nall_s0" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["teacher"]["steps"] = state["config"]["cmer"]["scorer"]["steps"] = 20
+    torch.save(state, ckpt)
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["bench", "shots", "--config", str(tmp_path / "quick.yaml"), "--data", str(tiny_data), "--shots", "12,all",
                  "--seeds", "0", "--out", str(out), "--no-progress"]) == 0
