@@ -323,6 +323,10 @@ def load_config(path: str | Path) -> Config:
     if cfg.serving.opt_batch > cfg.serving.max_batch:
         raise ValueError(f"config {path}: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
                          f"{cfg.serving.max_batch}")
+    cell = cfg.data.image_size // cfg.cmer.grid
+    if cfg.teacher.shift > cell:  # torch.roll wraps: a part shifted out comes in on the other side
+        raise ValueError(f"config {path}: teacher.shift {cfg.teacher.shift} moves frames by more than one CMER "
+                         f"cell ({cell} px); captions name positions, which a larger shift makes untrue")
     return cfg
 
 

@@ -120,6 +120,9 @@ def test_bad_files(tmp_path: Path):
     with pytest.raises(ValueError, match="serving.opt_batch 8 is above serving.max_batch 4"):
         load_config(batches)
     assert config_from_dict({"serving": {"max_batch": 4}}).serving.opt_batch == 8  # a saved run's still loads
+    batches.write_text("teacher: {shift: 1000}\n")  # torch.roll wraps the part round to the other side
+    with pytest.raises(ValueError, match=r"teacher.shift 1000 moves frames by more than one CMER cell \(8 px\)"):
+        load_config(batches)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
