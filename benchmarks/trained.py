@@ -51,8 +51,11 @@ def train_and_score(config: str, folder: Path, run_dir: Path, seed: int, ablatio
     cfg = load_config(resolve_config(config))  # a misspelt config fails here, reused run or not
     cfg.seed = seed
     if (run_dir / "checkpoint.pt").is_file():
-        run = load_run(run_dir)
-        why = run_mismatch(run, cfg, folder)
+        try:
+            run = load_run(run_dir)
+            why = run_mismatch(run, cfg, folder)
+        except CMGError as exc:  # a checkpoint this version cannot read
+            why = str(exc)
         if why is not None:
             raise CMGError(f"{why}: remove that run folder or choose another --out")
     else:

@@ -98,7 +98,8 @@ def check_export_matches_checkpoint(onnx_dir: Path, meta: dict, meta_path: Path)
     want = meta.get("checkpoint_sha256")
     if not want:
         raise CMGError(f"{meta_path} does not say which checkpoint it was exported from (an older export): "
-                       f"re-run `cmg export --run {run}`")
+                       f"re-run `cmg export --run {run}`; a checkpoint too old for this version's export "
+                       f"builds from a copy of {onnx_dir} on its own (`cmg build --run COPY`), or train it again")
     if file_sha256(checkpoint) != want:
         raise CMGError(f"{onnx_dir} was exported from another checkpoint than {checkpoint} "
                        f"(sha256 {want[:12]}... in export.json): re-run `cmg export --run {run}`")

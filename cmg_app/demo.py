@@ -64,7 +64,12 @@ def demo(workdir: Path, config: str = "tiny", seed: int | None = None, fresh: bo
 
     t = _stage(f"train ({config}) -> {run}")
     reuse = (run / "checkpoint.pt").is_file() and not new_data  # a workdir may move: its data is checked above
-    why = run_mismatch(load_run(run), cfg, None) if reuse else None
+    why = None
+    if reuse:
+        try:
+            why = run_mismatch(load_run(run), cfg, None)
+        except CMGError as exc:  # a run this version cannot read (an older checkpoint): the demo's own to redo
+            why = str(exc)
     if reuse and why is None:
         print(f"   reusing {run} (--fresh trains again)")
     else:

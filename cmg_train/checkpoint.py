@@ -8,6 +8,7 @@ evaluation and benchmarks start from the same file.
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,20 @@ def write_checkpoint(state: dict, path: Path) -> Path:
     return write_atomic(path, buffer.getbuffer())
 
 
+def saved_config(values: dict, detector: dict) -> Config:
+    """A saved run's config, the settings added after it was trained given what the run
+    computed then, not today's defaults: runs trained before `local.model` and `local.score`
+    existed (2026-12-03) carry a U-Net or a bank and scored the kept map's maximum; loaded
+    with the defaults (bank, max minus p90) they scored otherwise than their own reports and
+    served threshold, without a word. Later settings' defaults are what the code did before."""
+    values = copy.deepcopy(values)
+    local = values.setdefault("local", {})
+    if "model" not in local:
+        local["model"] = "bank" if detector["local"].get("kind") == "bank" else "unet"
+    local.setdefault("score", "max")
+    return config_from_dict(values)
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Rebuild a run; a missing folder or checkpoint is a one-line error."""
     run_dir = Path(run_dir)
@@ -148,8 +163,11 @@ def load_run(run_dir: str | Path) -> Run:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise CMGError(f"unreadable checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CMGError(f"{path} is not a {FORMAT} checkpoint (retrain it with this version)")
-    cfg = config_from_dict(state["config"])
+        found = state.get("format") if isinstance(state, dict) else None
+        what = f"written by an older version ({found})" if found else "not a checkpoint of `cmg train`"
+        raise CMGError(f"{path} is {what}; this version reads {FORMAT} checkpoints: train the run again "
+                       f"(`cmg train --config small --data DATA --out {run_dir}`)")
+    cfg = saved_config(state["config"], state["detector"])
     teacher = teacher_from_state(state["teacher"]).eval().requires_grad_(False)
     scorer = scorer_from_state(state["scorer"]).requires_grad_(False)
     det = detector_from_state(cfg, teacher, state["detector"])

@@ -61,6 +61,13 @@ SEEDED_ROWS = ("baseline", "cmer", "cmle", "cmg", "cmg_exact", "patchcore", "tea
 SWEEP_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
+# What a cached report was scored with: bump it when the scores or rows of an unchanged
+# checkpoint change (2: the ablation rows' fusion weight chosen on synthetic anomalies scored
+# with their own keep-masks, captions compared as one text), so that a user's runs are scored
+# again after an upgrade instead of answering with last month's figures.
+EVAL_VERSION = 2
+
+
 def image_metrics(labels: np.ndarray, defects: list[str], scores: np.ndarray) -> dict:
     per = {}
     good = np.array([d == "good" for d in defects])
@@ -212,7 +219,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     eval_dir = run.path / "eval"
     eval_dir.mkdir(exist_ok=True)
     report = {"rows": rows, "data": str(Path(data).resolve()), "data_fingerprint": fingerprint,
-              "checkpoint_sha256": file_sha256(run.path / "checkpoint.pt"), "seed": cfg.seed, "config": cfg.name,
+              "checkpoint_sha256": file_sha256(run.path / "checkpoint.pt"), "eval_version": EVAL_VERSION,
+              "seed": cfg.seed, "config": cfg.name,
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
@@ -343,8 +351,8 @@ def test_split_fingerprint(data: Path) -> str:
 
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
     """RUN/eval/{ablation,eval}.json when it scored the same data, unchanged since, with this
-    checkpoint (its hash: a copy with an older time is another model all the same); an
-    unreadable report is no report (scored again)."""
+    checkpoint (its hash: a copy with an older time is another model all the same) and this
+    version of the scoring (EVAL_VERSION); an unreadable report is no report (scored again)."""
     path = run.path / "eval" / ("ablation.json" if ablation else "eval.json")
     if not path.is_file():
         return None
@@ -353,6 +361,7 @@ def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
     except (OSError, ValueError):
         return None
     same = (report.get("data") == str(Path(data).resolve())
+            and report.get("eval_version") == EVAL_VERSION
             and report.get("checkpoint_sha256") == file_sha256(run.path / "checkpoint.pt")
             and report.get("data_fingerprint") == test_split_fingerprint(data))
     return report if same else None

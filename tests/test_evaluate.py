@@ -562,10 +562,14 @@ def test_a_cached_report_is_reused_only_while_the_test_split_is_unchanged(tmp_pa
     from cmg.checksum import file_sha256
 
     report = {"data": str(data.resolve()), "data_fingerprint": test_split_fingerprint(data), "rows": [],
-              "checkpoint_sha256": file_sha256(run / "checkpoint.pt")}
+              "checkpoint_sha256": file_sha256(run / "checkpoint.pt"), "eval_version": ev.EVAL_VERSION}
     (run / "eval" / "eval.json").write_text(json.dumps(report))
     r = SimpleNamespace(path=run)
     assert cached_report(r, data, ablation=False) == report
+    older = {k: v for k, v in report.items() if k != "eval_version"}  # scored by an older version
+    (run / "eval" / "eval.json").write_text(json.dumps(older))
+    assert cached_report(r, data, ablation=False) is None
+    (run / "eval" / "eval.json").write_text(json.dumps(report))
     import shutil
 
     twin = Path(shutil.copytree(data, tmp_path / "twin"))  # copy2 keeps the times: the same fingerprint

@@ -138,6 +138,9 @@ def test_build_refuses_an_export_of_another_checkpoint(tiny_run, tiny_onnx, tmp_
     rc = main(["build", "--run", str(run), "--out", str(tmp_path / "repo")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "re-run `cmg export" in err[0], err
+    assert "builds from a copy of" in err[0]  # the way out when the checkpoint is too old to export
+    copy = shutil.copytree(run / "onnx", tmp_path / "copy")
+    assert main(["build", "--run", str(copy), "--out", str(tmp_path / "repo")]) == 0
 
 
 def test_report_describes_the_run(report, run, tiny_onnx):

@@ -167,6 +167,9 @@ def test_a_run_of_another_config_or_seed_is_not_reused(tiny_data, tiny_run, tmp_
     assert "remove that run folder or choose another --out" in err
     assert main([*base, "--config", "tiyn"]) == 2
     assert "tiyn" in capsys.readouterr().err
+    (out / "runs" / "nall_s0" / "checkpoint.pt").write_bytes(b"a checkpoint this version cannot read")
+    assert main([*base, "--config", "tiny"]) == 2  # said with what to do, not a traceback
+    assert "unreadable checkpoint" in (err := capsys.readouterr().err) and "remove that run folder" in err, err
     assert not (out / "shots.json").exists()
 
 

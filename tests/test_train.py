@@ -381,6 +381,34 @@ def test_the_runs_config_yaml_is_a_record_that_trains_the_same_config(run, tiny_
     assert record.read_text().startswith(RECORD_HEADER) and load_config(record) == run.cfg
 
 
+def test_a_run_saved_before_a_setting_existed_scores_as_it_did(run, test_frames, tmp_path):
+    """A run trained before `local.model` and `local.score` (2026-12-03) carries neither: loaded
+    with today's defaults it scored max minus p90 where it had scored the map's maximum (image
+    AUROC 0.350 in its own report, 0.510 loaded), against a threshold set for the old scores."""
+    import shutil
+
+    old = Path(shutil.copytree(run.path, tmp_path / "old", ignore=shutil.ignore_patterns("eval", "onnx")))
+    state = torch.load(old / "checkpoint.pt", weights_only=False)
+    del state["config"]["local"]["model"], state["config"]["local"]["score"]
+    torch.save(state, old / "checkpoint.pt")
+    legacy = load_run(old)
+    assert (legacy.cfg.local.model, legacy.cfg.local.score) == ("bank", "max")
+    th = torch.zeros(len(test_frames), 1)
+    with torch.no_grad():
+        run.detector.local_score = "max"
+        try:
+            want = run.detector(test_frames, run.scorer_graph()(test_frames), th)
+        finally:
+            run.detector.local_score = run.cfg.local.score
+        got = legacy.detector(test_frames, legacy.scorer_graph()(test_frames), th)
+    torch.testing.assert_close(got.anomaly_score, want.anomaly_score)
+    assert not torch.equal(want.anomaly_score, run.detector(test_frames, run.scorer_graph()(test_frames), th).anomaly_score)
+    state["format"] = "cmg-run/1"
+    torch.save(state, old / "checkpoint.pt")
+    with pytest.raises(CMGError, match=r"written by an older version \(cmg-run/1\); .* train the run again"):
+        load_run(old)
+
+
 def test_contract_follows_the_config(run):
     tiny = yaml.safe_load((config_dir() / "tiny.yaml").read_text())
     c = run.contract
