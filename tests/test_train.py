@@ -451,7 +451,10 @@ def test_missing_or_foreign_run_is_a_one_line_error(tmp_path):
     with pytest.raises(CMGError, match="unreadable checkpoint"):
         load_run(tmp_path)
     torch.save({"format": "cmg-run/1"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(CMGError, match=f"not a {FORMAT} checkpoint"):
+    with pytest.raises(CMGError, match=rf"written by an older version \(cmg-run/1\); this version reads {FORMAT}"):
+        load_run(tmp_path)
+    torch.save({"weights": []}, tmp_path / "checkpoint.pt")  # some other program's
+    with pytest.raises(CMGError, match="not a checkpoint of `cmg train`"):
         load_run(tmp_path)
     res = subprocess.run([sys.executable, "-m", "cmg_app.cli", "export", "--run", str(tmp_path / "nope")],
                          capture_output=True, text=True)
