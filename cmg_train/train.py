@@ -178,6 +178,16 @@ def left_out_scores(det: CMGDetector, frames: torch.Tensor, patch_scores: torch.
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def synthetic_anomaly_frames(frames: torch.Tensor, seed: int) -> torch.Tensor:
+    """uint8 [N,H,W,3] normals -> the same frames, each with one synthetic anomaly pasted on
+    (local/anomalies.py), seeded: what the fusion weight is chosen on."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    unit = Preprocess.to_unit(frames)
+    shapes = anomalies.random_shapes(len(unit), unit.shape[-1], gen)
+    bad, _ = anomalies.synthesize(unit, shapes.float(), gen, prob=1.0)
+    return (bad.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 @torch.no_grad()
 def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores: torch.Tensor, g: torch.Tensor,
                          lmax: torch.Tensor, seed: int,
@@ -195,11 +205,7 @@ def choose_global_weight(det: CMGDetector, val_frames: torch.Tensor, val_scores:
     the global branch is added only when it clearly helps. Nothing of the test split is used.
     Each anomalous frame is scored as served: with `scorer` (the one-pass CMER scorer) its
     keep-mask is its own, not its clean frame's (`val_scores`, only without a scorer)."""
-    gen = torch.Generator().manual_seed(seed + 7)
-    unit = Preprocess.to_unit(val_frames)
-    shapes = anomalies.random_shapes(len(unit), unit.shape[-1], gen)
-    bad, _ = anomalies.synthesize(unit, shapes.float(), gen, prob=1.0)
-    frames = (bad.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    frames = synthetic_anomaly_frames(val_frames, seed)
     bad_scores = batched(scorer, frames)[0] if scorer is not None else val_scores
     gb, lb = batched(lambda f, s: det.raw(f, s)[:2], frames, bad_scores)
     labels = np.r_[np.zeros(len(g)), np.ones(len(gb))]

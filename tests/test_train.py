@@ -30,6 +30,7 @@ from cmg_train.train import (
     pick_weight,
     practice_regions,
     split_train_val,
+    synthetic_anomaly_frames,
 )
 
 # -- what training may learn from -----------------------------------------------------
@@ -357,8 +358,7 @@ def test_fusion_weight_scores_each_synthetic_anomaly_with_its_own_keep_mask(run,
         out = choose_global_weight(det, normals, clean, g, lmax, seed=0, scorer=scorer)
     finally:
         det.global_weight.fill_(weight)
-    scored = torch.cat(seen)
-    assert scored.shape == normals.shape and not torch.equal(scored, normals)  # the pasted frames
+    assert torch.equal(torch.cat(seen), synthetic_anomaly_frames(normals, 0))  # the pasted frames, not the clean ones
     assert out["images"] == len(normals) and set(out["synthetic_auroc"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
