@@ -265,6 +265,8 @@ class Scorer:
                     )
                     arrays = core.decode(res)
                 except InferenceServerException as exc:
+                    if stopping:  # torn down (Ctrl-C): a call that failed under it is not retried or written
+                        raise asyncio.CancelledError from exc
                     failure = core.classify(exc)
                     if failure.kind == core.PERMANENT:  # about this frame: its error line
                         failed(k, {**base, "error": failure.line()})
@@ -275,6 +277,8 @@ class Scorer:
                         raise
                     reason = "call cancelled by the channel"  # grpc.aio: the channel went away under it
                 except Exception as exc:  # noqa: BLE001 - e.g. grpc.aio.UsageError on a closed channel
+                    if stopping:
+                        raise asyncio.CancelledError from exc
                     reason = f"{type(exc).__name__}: {exc}"
                 else:
                     now = time.perf_counter()
@@ -290,6 +294,8 @@ class Scorer:
                     return
                 finally:
                     server.in_flight -= 1
+                if stopping:  # the run is being torn down while this frame waited: no retry
+                    raise asyncio.CancelledError
                 attempt += 1
                 summary.retries += 1
                 self.outage.failed(server.url, seq, attempt, opts.max_retries, reason)

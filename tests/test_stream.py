@@ -330,9 +330,21 @@ def _wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 
 
 
 def _stream_proc(triton, source: str, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", source,
+    # -X faulthandler: a stream that hangs is made to say where (`_exits`: SIGABRT dumps every thread)
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "cmg_app.cli", "stream", "--url", triton.grpc_url, "--source", source,
            "--out", str(out), "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _exits(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """The process's stdout and stderr once it exits; one that has not within `timeout` is
+    aborted, and the test fails with the stack of every thread it was stuck in."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"the stream did not exit within {timeout:g} s; where it was:\n{err[-8000:]}")
 
 
 def test_one_writer_per_output_file(triton, tmp_path):
@@ -368,7 +380,7 @@ def test_ctrl_c_still_prints_the_json_summary_that_matches_the_file(triton, tmp_
     with _reaped(_stream_proc(triton, "synth:tiny?n=100000&fps=25&seed=1", out)) as proc:
         _wait_for_lines(proc, out, 5)
         proc.send_signal(signal.SIGINT)
-        stdout, err = proc.communicate(timeout=60)
+        stdout, err = _exits(proc)
     assert proc.returncode == 130, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["aborted"] == "interrupted" and summary["frames"] == len(_lines(out)) >= 5, (summary, err)
