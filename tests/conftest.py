@@ -12,6 +12,7 @@ instead of training its own. Each worker starts its own tritonserver.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,17 @@ from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config) -> None:
+    """Ctrl-C reaches the processes the tests start, however the suite was launched. A shell
+    that starts a command in the background (`nohup ./dev test &`, a CI runner's `cmd &`)
+    gives it SIGINT ignored, and every child inherits that: the test that stops `cmg stream`
+    with SIGINT then waited out its 60 s while the stream went on (the stream relies on
+    asyncio's own Ctrl-C handling, which Python installs only where SIGINT is not ignored).
+    A Python-level handler here is reset to the default in each child at exec."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Tests that use these train a model or talk to a server started for them: marked slow
