@@ -265,7 +265,6 @@ def bank_from_state(state: dict) -> PatchBank:
                      state.get("scales"), state.get("self_radius", 0), state.get("self_median", 1.0)).eval()
 
 
-@torch.no_grad()
 def kept_patches(frames: int, cells: int, limit: int, seed: int) -> Tensor | None:
     """[frames, cells] bool: which training patches the coreset is chosen among, at most
     `limit` (0: all, then None), the same share of every frame so that no frame's rare parts
@@ -278,6 +277,7 @@ def kept_patches(frames: int, cells: int, limit: int, seed: int) -> Tensor | Non
     return ranks < per_frame
 
 
+@torch.no_grad()
 def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: int = 32,
                    held_out: Tensor | None = None) -> tuple[PatchBank, dict]:
     """frames uint8 [N,H,W,3] normal training images -> the fitted bank and its metrics.
