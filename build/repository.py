@@ -339,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-engines", action="store_true", help="tensorrt: write configs/trtexec.sh only")
     parser.add_argument("--k8s", type=Path, default=None, metavar="DIR",
                         help="also write Kubernetes manifests (official Triton image, N replicas, HPA) into DIR")
-    parser.add_argument("--replicas", type=int, default=2, help="--k8s: Triton replicas (default 2)")
+    parser.add_argument("--replicas", type=int, default=k8s.K8sOptions.replicas,
+                        help="--k8s: Triton replicas (default %(default)s)")
     parser.add_argument("--max-replicas", type=int, default=None,
                         help="--k8s: the autoscaler's ceiling (default the larger of --replicas and 8)")
 
@@ -354,12 +355,12 @@ def run(args: argparse.Namespace) -> int:
              (args.cpu_cmg != CPU_CMG[0], "--cpu-cmg", args.target == "cpu", "goes with --target cpu"),
              (args.timing_cache, "--timing-cache", args.target == "tensorrt", "goes with --target tensorrt"),
              (args.skip_engines, "--skip-engines", args.target == "tensorrt", "goes with --target tensorrt"),
-             (args.replicas != 2 or args.max_replicas is not None, "--replicas/--max-replicas",
+             (args.replicas != k8s.K8sOptions.replicas or args.max_replicas is not None, "--replicas/--max-replicas",
               args.k8s is not None, "go with --k8s DIR")]
     for given, flag, read, what in alone:
         if given and not read:
             raise CMGError(f"{flag} {what} (here --target {args.target}{'' if args.k8s else ', no --k8s'})")
-    max_replicas = args.max_replicas if args.max_replicas is not None else max(args.replicas, 8)
+    max_replicas = args.max_replicas if args.max_replicas is not None else max(args.replicas, k8s.K8sOptions.max_replicas)
     if max_replicas < args.replicas:
         raise CMGError(f"--max-replicas {max_replicas} is below --replicas {args.replicas}")
     if args.k8s is not None:  # before the build: a bad DIR must not cost one
