@@ -347,18 +347,29 @@ def test_fusion_weight_scores_each_synthetic_anomaly_with_its_own_keep_mask(run,
     normals = test_frames[:8]
     (clean,) = batched(one_pass, normals)
     g, lmax = batched(lambda f, s: det.raw(f, s)[:2], normals, clean)
-    seen = []
+    seen, returned, used = [], [], []
 
     def scorer(frames: torch.Tensor) -> torch.Tensor:
         seen.append(frames)
-        return one_pass(frames)
+        returned.append(one_pass(frames))
+        return returned[-1]
+
+    raw = det.raw
+
+    def recording_raw(frames: torch.Tensor, scores: torch.Tensor):
+        used.append(scores)
+        return raw(frames, scores)
 
     weight = float(det.global_weight)
     try:
+        det.raw = recording_raw  # an instance attribute: what choose_global_weight scores with
         out = choose_global_weight(det, normals, clean, g, lmax, seed=0, scorer=scorer)
     finally:
+        del det.raw
         det.global_weight.fill_(weight)
     assert torch.equal(torch.cat(seen), synthetic_anomaly_frames(normals, 0))  # the pasted frames, not the clean ones
+    assert torch.equal(torch.cat(used), torch.cat(returned))  # and their own keep-masks score them
+    assert not torch.equal(torch.cat(used), clean)
     assert out["images"] == len(normals) and set(out["synthetic_auroc"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
