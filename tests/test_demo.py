@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cmg_app import demo as demo_mod
@@ -36,3 +38,35 @@ def test_the_demo_keeps_the_configs_seed_unless_told(tmp_path, flag, want):
     demo_mod.add_arguments(p)
     args = p.parse_args(["--config", str(mine)] + ([] if flag is None else ["--seed", str(flag)]))
     assert demo_mod.demo_config(args.config, args.seed).seed == want
+
+
+@pytest.mark.parametrize("checkpoint", [b"not a checkpoint", None])
+def test_the_demo_trains_again_over_a_run_it_cannot_read(tmp_path, monkeypatch, capsys, checkpoint):
+    """A demo folder left by an older version (a checkpoint this one cannot read) is the
+    demo's own to redo: it says why and trains again instead of stopping on the old run; a
+    folder without a run is trained without a reason printed."""
+    cfg = demo_mod.demo_config("tiny", None)
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "synth.json").write_text(json.dumps(
+        {"preset": cfg.data.preset, "seed": cfg.seed, "category": cfg.data.category}))  # the data is reused
+    if checkpoint is not None:
+        run.mkdir()
+        (run / "checkpoint.pt").write_bytes(checkpoint)
+    trained = []
+
+    class Trained(Exception):
+        pass
+
+    def train_run(cfg_, data_, run_, progress=True):
+        trained.append((data_, run_))
+        raise Trained  # the decision is what is tested; the whole demo runs in test_install
+
+    monkeypatch.setattr(demo_mod, "synthesize", lambda *a, **k: pytest.fail("the data was made again"))
+    monkeypatch.setattr(demo_mod, "train_run", train_run)
+    with pytest.raises(Trained):
+        demo_mod.demo(tmp_path, progress=False)
+    assert trained == [(data, run)]
+    said = capsys.readouterr().out
+    assert ("training again" in said) == (checkpoint is not None)
+    assert checkpoint is None or "checkpoint" in said.split("training again")[0].lower()
