@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +159,14 @@ def load_run(run_dir: str | Path) -> Run:
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
         raise CMGError(f"no checkpoint in run folder {run_dir} (expected {path.name}; run `cmg train` first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: a run folder from elsewhere must not run code when read
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # a torn or foreign file, not a refused object
+            why = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(exc)
+            raise CMGError(f"unreadable checkpoint {path}: {why}") from exc
+        raise CMGError(f"refused checkpoint {path}: it holds objects other than tensors and plain values, "
+                       "which `cmg train` never writes (loading them could run code)") from exc
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise CMGError(f"unreadable checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:

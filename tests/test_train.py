@@ -453,6 +453,27 @@ def test_detector_outputs_follow_the_contract(run, test_frames):
     assert torch.all(out.anomaly_map[keep == 0] == 0)  # zero where the keep-mask discarded
 
 
+class _RunsCode:
+    """A pickled object whose loading runs code (writes the file named in `marker`)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    """A run folder from elsewhere is read as tensors and plain values only: its pickle's
+    code had run before the format check (torch.load with weights_only=False)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "ran.txt"
+    run_dir.mkdir()
+    torch.save({"format": FORMAT, "config": _RunsCode(marker)}, run_dir / "checkpoint.pt")
+    with pytest.raises(CMGError, match="refused checkpoint .* objects other than tensors and plain values"):
+        load_run(run_dir)
+    assert not marker.exists()
+
+
 def test_missing_or_foreign_run_is_a_one_line_error(tmp_path):
     with pytest.raises(CMGError, match="run folder not found"):
         load_run(tmp_path / "nope")
