@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import shutil
 import sys
@@ -44,12 +45,28 @@ from cmg.errors import CMGError
 from cmg.files import write_atomic
 from cmg.locks import OutputLock
 from cmg_build.repository import build, file_checksums
+from cmg_build.server import ADMIN_KEY_FILE, admin_headers
 from cmg_clients import core
 from cmg_clients.client import CMGClient
 
 
-def _client(url: str):
-    return grpcclient.InferenceServerClient(core.normalize_url(url, "grpc"))
+class _AdminClient:
+    """A gRPC client that sends the repository's admin key (cmg_build.server) with every
+    model-repository call: a server in explicit mode refuses load, unload and index without it."""
+
+    RESTRICTED = ("load_model", "unload_model", "get_model_repository_index")
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self._client = grpcclient.InferenceServerClient(core.normalize_url(url, "grpc"))
+        self._headers = headers
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        return functools.partial(attr, headers=self._headers) if name in self.RESTRICTED else attr
+
+
+def _client(url: str, repo: Path) -> _AdminClient:
+    return _AdminClient(url, admin_headers(repo))
 
 
 def _reason(exc: Exception) -> str:
@@ -181,10 +198,14 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
 
 def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     report_path = repo / "build_report.json"
-    client = _client(url)
+    client = _client(url, repo)
     try:
         _index(client)
     except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
+        if "restricted" in _reason(exc):
+            raise CMGError(f"server {url} refused {repo}'s admin key ({ADMIN_KEY_FILE}): it serves another "
+                           "repository, or was not started with `cmg serve --model-control-mode explicit` "
+                           "on this one") from exc
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
     try:
         undone = _recover(client, repo)

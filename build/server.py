@@ -238,6 +238,61 @@ def _mapped_shm_names() -> set[str] | None:
     return names
 
 
+# -- the admin key --------------------------------------------------------------------
+# Triton's model-repository API (load, unload, index) loads whatever a caller uploads,
+# Python-backend code included, and its shared-memory API makes the server write into any
+# /dev/shm object its account can write. A server in explicit mode (what `cmg deploy`
+# needs) restricts the first to callers that send the repository's key (REPO/.cmg-admin-key,
+# mode 0600: the serving account's), and a server bound beyond loopback restricts the second
+# too (a remote client has no use for the server's /dev/shm). The key is on tritonserver's
+# command line, so any account on the host can read it with `ps`: it keeps the network
+# out, not the host's other users (serve under an account of its own for that).
+ADMIN_HEADER = "cmg-admin-key"
+ADMIN_KEY_FILE = ".cmg-admin-key"
+
+
+def admin_key(repository: Path, create: bool = False) -> str | None:
+    """REPO/.cmg-admin-key (made 0600 when `create` and missing); None when there is none
+    to read. A repository this account cannot write gets a key nobody holds (`create`)."""
+    import secrets
+
+    path = Path(repository) / ADMIN_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if not create:
+            return None
+        key = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:  # another server of this repository made it first
+            return admin_key(repository)
+        except OSError:  # a read-only repository (a mounted volume): nothing can be deployed into it
+            return key
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+    except OSError as exc:
+        raise CMGError(f"cannot read {path} ({exc.strerror}): the model-repository API of a server in "
+                       "explicit mode takes that key; run as the account that serves the repository") from exc
+    with os.fdopen(fd) as f:
+        return f.read().strip() or None
+
+
+def key_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
+    """The request header that carries `key` (Triton reads gRPC's under a prefix of its own)."""
+    return {("triton-grpc-protocol-" if protocol == "grpc" else "") + ADMIN_HEADER: key}
+
+
+def admin_headers(repository: Path, protocol: str = "grpc") -> dict[str, str]:
+    """The header that opens the model-repository API of a server of `repository`."""
+    key = admin_key(repository)
+    if key is None:
+        raise CMGError(f"no {ADMIN_KEY_FILE} in {repository}: the server was not started by `cmg serve` "
+                       "in explicit mode (which writes it); start it that way to deploy into it")
+    return key_headers(key, protocol)
+
+
 # -- shared memory ---------------------------------------------------------------------
 # The Python backend keeps each model instance's tensors in a POSIX shared-memory region
 # (/dev/shm, 1 MiB at start, growing with the batch). tritonserver removes its regions
@@ -395,6 +450,9 @@ class TritonServer:
         self.verbose = verbose
         self.require_models = require_models
         sweep_stale_work_dirs()
+        self.restricted = (["model-repository"] if model_control_mode == "explicit" else []) + (
+            [] if address in (LOOPBACK, "localhost", "::1") else ["shared-memory"])
+        self.admin_key = admin_key(self.repository, create=True) if self.restricted else None
         self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
         started = _process_start_time(os.getpid()) or ""
         (self._work / OWNER_FILE).write_text(f"{os.getpid()} {started}\n")
@@ -420,6 +478,10 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"{self._host()}:{self.metrics_port}"
+
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str] | None:
+        """What opens this server's restricted APIs (None: none are restricted)."""
+        return key_headers(self.admin_key, protocol) if self.admin_key else None
 
     @property
     def pid(self) -> int | None:
@@ -450,6 +512,10 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         cmd.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         cmd += [f"--load-model={m}" for m in self.load_models]
+        if self.restricted:  # (the admin key above)
+            apis = ",".join(self.restricted)
+            cmd += [f"--http-restricted-api={apis}:{ADMIN_HEADER}={self.admin_key}",
+                    f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={self.admin_key}"]
         if self.model_control_mode == "explicit":
             # A version that failed to load (a refused `cmg deploy`) would keep a strict server
             # "not ready" for good although every loaded model serves; clients check the
@@ -546,7 +612,7 @@ class TritonServer:
 
         client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=10.0)
         try:
-            return list(client.get_model_repository_index())
+            return list(client.get_model_repository_index(headers=self.admin_headers("http")))
         finally:
             client.close()
 

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from cmg import contract as C
-from cmg_build.server import TritonServer, free_port
+from cmg_build.server import TritonServer, admin_headers, free_port
 from cmg_clients.stream import StreamOptions, run_stream
 
 pytestmark = pytest.mark.slow
@@ -144,13 +144,14 @@ class Served:
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(self.url)
+        headers = admin_headers(self.repo)  # explicit mode: the repository's key opens load/unload
         try:
-            client.unload_model(C.CMG, unload_dependents=True)
+            client.unload_model(C.CMG, unload_dependents=True, headers=headers)
             deadline = time.monotonic() + 60
             while client.is_model_ready(C.CMG) and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.5)
-            client.load_model(C.CMG)
+            client.load_model(C.CMG, headers=headers)
         finally:
             client.close()
 

@@ -210,10 +210,51 @@ def test_explicit_mode_loads_new_version(toy_repo, tmp_path):
         v2dir.mkdir()
         shutil.copyfile(repo / CMER_SCORER / "1" / "model.py", v2dir / "model.py")
         onnx.save(scorer_graph(CONTRACT, CMER_SCORER, invert=True), str(v2dir / "model.onnx"))
-        client.load_model(CMER_SCORER)
+        with pytest.raises(InferenceServerException, match="restricted"):  # the repository's key opens it
+            client.load_model(CMER_SCORER)
+        client.load_model(CMER_SCORER, headers=srv.admin_headers())
         assert client.is_model_ready(CMER_SCORER, "2")
         v2 = _infer(srv.grpc_url, CMER_SCORER, images)[PATCH_SCORES]
         np.testing.assert_allclose(v2, reference(CONTRACT, images, THR, exact=True)[PATCH_SCORES], atol=1e-5)
+
+
+def test_explicit_mode_keys_the_model_repository_api(toy_repo, tmp_path, tiny_run):
+    """Triton's load API takes uploaded files, Python-backend code included: in explicit mode
+    (what `cmg deploy` needs) a caller without the repository's key loads nothing, and
+    `cmg deploy` from another repository's key is refused with a reason."""
+    from cmg_build.deploy import deploy
+    from cmg_build.server import ADMIN_KEY_FILE
+
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo)
+    with TritonServer(repo, model_control_mode="explicit", load_models=[CMER_SCORER]) as srv:
+        key_file = repo / ADMIN_KEY_FILE
+        assert (key_file.stat().st_mode & 0o777) == 0o600 and key_file.read_text().strip() == srv.admin_key
+        plain, wide = TritonServer(repo), TritonServer(repo, address="0.0.0.0")
+        try:  # mode none on loopback: nothing restricted; bound beyond it: the shared-memory API
+            assert not [a for a in plain.command() if "restricted" in a] and plain.admin_headers() is None
+            assert wide.admin_key == srv.admin_key  # one key per repository
+            assert f"--http-restricted-api=shared-memory:cmg-admin-key={wide.admin_key}" in wide.command()
+        finally:
+            plain.cleanup(), wide.cleanup()
+        code = 'raise SystemExit("ran code sent by a client")\n'
+        config = '{"backend": "python", "max_batch_size": 0, "input": [], "output": []}'
+        for protocol, client in (("grpc", grpcclient.InferenceServerClient(srv.grpc_url)),
+                                 ("http", httpclient.InferenceServerClient(srv.http_url))):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.load_model("uploaded", config=config, files={"file:1/model.py": code.encode()})
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.unload_model(CMER_SCORER)
+            assert client.is_model_ready(CMER_SCORER), protocol
+            names = client.get_model_repository_index(headers=srv.admin_headers(protocol))
+            assert CMER_SCORER in str(names)
+        other = tmp_path / "other"
+        shutil.copytree(toy_repo, other)
+        (other / ADMIN_KEY_FILE).write_text("another repository's key\n")
+        (other / "build_report.json").write_text("{}")
+        with pytest.raises(CMGError, match="refused .*admin key"):
+            deploy(tiny_run, other, srv.grpc_url)
+        assert not (repo / "uploaded").exists()
 
 
 def _port_open(url: str) -> bool:
