@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,7 +24,10 @@ class OutputLock:
     lock file never blocks anyone. A folder (`folder=True`, a training's run: existing or
     not yet) has its sibling too (`.RUN.cmg-lock`), so every writer on any host or temporary folder that sees
     the folder sees the lock (its parent must exist). Other OUT that is not a regular file
-    (/dev/full, a FIFO) has its lock under the temporary folder, keyed by OUT's resolved path.
+    (/dev/full, a FIFO) has its lock in the account's own folder under the temporary folder
+    (`cmg-locks-UID`, mode 0700), keyed by OUT's resolved path: a folder shared by every
+    account let one plant a link there that another's lock then truncated. A lock file is
+    never opened through a symbolic link.
     """
 
     def __init__(self, out: Path, folder: bool = False, refusal: str | None = None) -> None:
@@ -32,12 +37,7 @@ class OutputLock:
         self.refusal = refusal
         if not folder and out.exists() and not out.is_file():
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-            locks = Path(tempfile.gettempdir()) / "cmg-locks"
-            if not locks.is_dir():
-                locks.mkdir(exist_ok=True)
-                with contextlib.suppress(OSError):
-                    locks.chmod(0o1777)  # shared by every account, as /tmp is
-            self.path = locks / f"{key}.lock"
+            self.path = private_lock_dir() / f"{key}.lock"
         elif folder:  # not `.NAME.lock`: the name filelock users (our tests too) give their own locks
             self.path = out.with_name(f".{out.name}.cmg-lock")
         else:
@@ -50,7 +50,13 @@ class OutputLock:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise CMGError(f"lock file {self.path} is a symbolic link: a lock is never taken through "
+                               "one (remove it if you made it)") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -85,3 +91,15 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def private_lock_dir() -> Path:
+    """TMPDIR/cmg-locks-UID, this account's alone (0700, its own, no link): refused otherwise."""
+    locks = Path(tempfile.gettempdir()) / f"cmg-locks-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        locks.mkdir(mode=0o700)
+    st = os.lstat(locks)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CMGError(f"lock folder {locks} is not this account's own folder (a link, another owner, or "
+                       "open to other accounts): remove it, and it is made again")
+    return locks

@@ -1,0 +1,55 @@
+"""cmg.locks: one writer per output, and nothing another account planted is followed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from cmg.errors import CMGError
+from cmg.locks import OutputLock, private_lock_dir
+
+
+@pytest.fixture
+def tmpdir_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_a_non_file_outputs_lock_is_in_the_accounts_own_folder(tmpdir_here):
+    with OutputLock("/dev/null") as held:
+        folder = held.path.parent
+        assert folder == tmpdir_here / f"cmg-locks-{os.getuid()}" and (folder.stat().st_mode & 0o777) == 0o700
+        with pytest.raises(CMGError, match="being written by another process"):
+            OutputLock("/dev/null").acquire()
+    with OutputLock("/dev/null"):
+        pass
+
+
+def test_a_lock_is_never_taken_through_a_planted_link(tmpdir_here):
+    """A link planted where the lock goes had the lock's holder truncate its target."""
+    victim = tmpdir_here / "victim.txt"
+    victim.write_text("IMPORTANT DATA")
+    lock = OutputLock("/dev/null")
+    lock.path.symlink_to(victim)
+    with pytest.raises(CMGError, match="is a symbolic link"):
+        lock.acquire()
+    out = tmpdir_here / "out.jsonl"
+    (tmpdir_here / ".out.jsonl.lock").symlink_to(victim)  # a regular file's sibling lock too
+    with pytest.raises(CMGError, match="is a symbolic link"):
+        OutputLock(out).acquire()
+    assert victim.read_text() == "IMPORTANT DATA"
+
+
+@pytest.mark.parametrize("planted", ["link", "open"])
+def test_a_lock_folder_that_is_not_the_accounts_own_is_refused(tmpdir_here, planted):
+    folder = tmpdir_here / f"cmg-locks-{os.getuid()}"
+    if planted == "link":
+        (tmpdir_here / "elsewhere").mkdir()
+        folder.symlink_to(tmpdir_here / "elsewhere")
+    else:
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o1777)  # as the shared folder of earlier versions was
+    with pytest.raises(CMGError, match="not this account's own folder"):
+        private_lock_dir()
