@@ -190,6 +190,8 @@ def export_run(run_dir: str | Path, out: Path | None = None, data: Path | None =
         raise CMGError(f"--out {final} holds files but no export (no export.json): an export replaces its "
                        "folder whole; choose an empty folder or an earlier export's")
     run = load_run(run_dir)
+    if final.is_symlink():  # `--out current` -> exports/v3: replace the folder it names, keep the link
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(out, ignore_errors=True)

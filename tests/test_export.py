@@ -106,6 +106,15 @@ def test_failed_export_never_touches_the_good_one(tiny_run, tiny_onnx, tmp_path,
     assert report["checkpoint_sha256"] == hashlib.sha256((run / "checkpoint.pt").read_bytes()).hexdigest()
     assert json.loads((run / "onnx" / "export.json").read_text()) == report
     assert os.stat(run / "onnx" / "export.json").st_ino != before["export.json"][0]  # the new folder, moved in
+    # --out through a link ("current" -> a versioned folder): the export replaces the link's
+    # folder and the link stays (the swap had replaced the link, then stopped on rmtree of one)
+    current, exported = tmp_path / "current", run / "onnx"
+    current.symlink_to(exported)
+    inode = os.stat(exported / "export.json").st_ino
+    export.export_run(run, current)
+    assert current.is_symlink() and current.resolve() == exported.resolve()
+    assert os.stat(exported / "export.json").st_ino != inode
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_run_whose_threshold_is_not_a_number_is_not_exported(tiny_run, tmp_path):
