@@ -151,7 +151,15 @@ def undo_interrupted(repo: Path) -> dict | None:
         raise CMGError(f"{path}: the record of an interrupted deploy cannot be read ({exc}): put back "
                        f"{repo}'s config.pbtxt files and remove the version folders it added, or build the "
                        "repository again") from exc
-    for name, text in record["originals"].items():
+    names = [d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file()]
+    originals = record.get("originals") if isinstance(record, dict) else None
+    if (not isinstance(originals, dict) or not set(originals) <= set(names)
+            or not all(isinstance(t, str) for t in originals.values())
+            or type(record.get("new")) is not int or record["new"] < 1):
+        raise CMGError(f"{path} is not a record this program writes (its models must be {repo}'s and its "
+                       "version a number): nothing was undone; remove it, then check the repository or "
+                       "build it again")
+    for name, text in originals.items():
         (repo / name / "config.pbtxt").write_text(text)
     for name in record["originals"]:
         shutil.rmtree(repo / name / str(record["new"]), ignore_errors=True)

@@ -329,3 +329,26 @@ def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
     assert res["ratio_two_over_one"] > 0
     assert res["ratios"] == pytest.approx([res["tries"][1]["fps"] / res["tries"][0]["fps"]])  # two / one
     assert {p.name for p in (tmp_path / "b").iterdir()} >= {"servers.json", "servers.md", "servers.png"}
+
+
+@pytest.mark.parametrize("record", [
+    {"new": "../../victim", "originals": {"cmg": "x"}},        # a version that is a path
+    {"new": 2, "originals": {"../victim": "x"}},               # a model that is not the repository's
+    {"new": 2, "originals": {"cmg": ["not", "a", "config"]}},
+    ["not", "a", "record"],
+])
+def test_a_deploy_record_that_names_anything_but_the_repositorys_versions_undoes_nothing(tmp_path, record):
+    """REPO/.cmg-deploy.json is joined into paths that are removed and written: a crafted one
+    had deleted folders outside the repository."""
+    from cmg_build import deploy as deploy_mod
+
+    repo, victim = tmp_path / "a" / "repo", tmp_path / "a" / "victim"  # what "../" from the repository reaches
+    (repo / "cmg" / "1").mkdir(parents=True)
+    (repo / "cmg" / "config.pbtxt").write_text('name: "cmg"\n')
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    (repo / deploy_mod.RECOVERY).write_text(json.dumps(record))
+    with pytest.raises(CMGError, match="not a record this program writes"):
+        deploy_mod.undo_interrupted(repo)
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+    assert (repo / "cmg" / "config.pbtxt").read_text() == 'name: "cmg"\n'
