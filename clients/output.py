@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmg.errors import CMGError, check_parent_folders
+from cmg.files import keep_mode
 
 
 @dataclass
@@ -81,6 +82,7 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
                 dst.write(line)
         dst.flush()
         os.fsync(dst.fileno())
+    keep_mode(out, tmp)
     os.replace(tmp, out)
     _fsync_dir(out.parent)
 

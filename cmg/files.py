@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from cmg.errors import naming
@@ -20,7 +21,18 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> Path:
                 tmp.write_text(data, encoding="utf-8")
             else:
                 tmp.write_bytes(data)
+            keep_mode(path, tmp)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def keep_mode(path: Path, tmp: Path) -> None:
+    """Give `tmp` the permission bits of the `path` it is about to replace: a rewrite by
+    rename had turned a user's 0600 output or checkpoint into the umask's 0644."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, stat.S_IMODE(mode))
