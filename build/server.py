@@ -60,6 +60,16 @@ def _stub_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def python_lib_dirs() -> list[str]:
+    """Where this Python's libpython is, when it is a shared build: the Python-backend stubs
+    link it, and a pyenv or conda Python keeps it off the system's library path (every stub
+    then died, and the server waited for them until the start-up timeout)."""
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    return [libdir] if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir).is_dir() else []
+
+
 def find_tritonserver() -> tuple[Path, dict[str, str]]:
     """The tritonserver binary and the environment to run it in.
 
@@ -78,6 +88,7 @@ def find_tritonserver() -> tuple[Path, dict[str, str]]:
         )
     libs = root.parent.parent / "nvidia_pytriton.libs"
     ld = [str(libs)] if libs.is_dir() else []
+    ld += python_lib_dirs()
     ld += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     return root / "bin" / "tritonserver", env
@@ -551,7 +562,8 @@ class TritonServer:
 
     # Log lines after which a starting server never becomes ready (a Python stub that
     # fails to preinitialize leaves tritonserver waiting instead of exiting).
-    FATAL_MARKERS = ("Failed to preinitialize Python stub", "failed to load all models")
+    FATAL_MARKERS = ("Failed to preinitialize Python stub", "failed to load all models",
+                     "error while loading shared libraries")  # a stub that cannot start: Triton waits
     # Error lines that say nothing about the models (every CPU-only start logs them).
     NOISE = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")
 

@@ -76,6 +76,30 @@ def test_find_tritonserver_env():
         assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
 
 
+def test_the_stubs_find_a_shared_pythons_library(monkeypatch, tmp_path):
+    """The Python-backend stubs link libpython: a pyenv or conda Python keeps it off the
+    system's library path, so the server's environment names it; a stub that still cannot
+    load a library fails the start at once instead of after the whole timeout."""
+    import sysconfig
+
+    if shutil.which("tritonserver"):
+        pytest.skip("tritonserver on PATH: the official image's environment is its own")
+    values = {"Py_ENABLE_SHARED": 1, "LIBDIR": str(tmp_path)}
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: values.get(name))
+    assert str(tmp_path) in find_tritonserver()[1]["LD_LIBRARY_PATH"].split(os.pathsep)
+    values["Py_ENABLE_SHARED"] = 0  # a static build: its stub has no libpython to find
+    assert str(tmp_path) not in find_tritonserver()[1]["LD_LIBRARY_PATH"].split(os.pathsep)
+
+    log = tmp_path / "server.log"
+    log.write_text("I1207 10:00:00.000000 1 server.cc:1] starting\n/backends/python/triton_python_backend_stub: "
+                   "error while loading shared libraries: libpython3.12.so.1.0: cannot open shared object file\n")
+    server = TritonServer(tmp_path, log_file=log)
+    try:
+        assert "libpython3.12.so.1.0" in server._fatal_log_line()
+    finally:
+        server.cleanup(keep_log=True)
+
+
 def test_python_backend_dir(tmp_path):
     if shutil.which("tritonserver"):
         pytest.skip("tritonserver on PATH brings its own backends")
