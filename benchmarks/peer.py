@@ -56,7 +56,7 @@ from cmg_bench.sweep import Settings, machine_info
 from cmg_model_repository.model import session_options
 
 PEERS = ("patchcore", "padim")
-INSTALL_HINT = 'pip install -e ".[peer]"'
+INSTALL_HINT = "pip install 'cmg-triton[peer]' (in a checkout: pip install -e '.[peer]')"
 # mode names: served_cmg / ort_inprocess (cmg_bench.modes) and anomalib_<runtime>_<model>
 RUNTIMES = ("torch", "onnx", "openvino")
 

@@ -184,7 +184,7 @@ def one(config: str, data: Path, out: Path, n: int, seed: int, ablation: bool, p
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="MVTec-style folder (train/good, test/, captions.jsonl)")
-    p.add_argument("--config", default="small", help="config name under configs/ or a YAML path")
+    p.add_argument("--config", default="small", help="a shipped config's name (`cmg_configs`) or a YAML path")
     p.add_argument("--shots", default="25,50,100,all", type=parse_shots,
                    help="training image counts, comma-separated; 'all' is the whole folder (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", type=seed_list, help="seeds, comma-separated: each draws its own images and trains "

@@ -176,7 +176,7 @@ def plot(summary: list[dict], path: Path, title: str, target_fps: float | None) 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="MVTec-style folder (train/good, test/, captions.jsonl)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, type=config_list,
-                   help="configs to compare, comma-separated (names under configs/ or YAML paths); the first is "
+                   help="configs to compare, comma-separated (shipped configs' names or YAML paths); the first is "
                         "the one the frame-rate ratios are against (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", type=seed_list,
                    help="training seeds, comma-separated; the first one's run is served (default %(default)s)")

@@ -311,7 +311,7 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         raise ValueError(f"config {path}: not valid YAML ({exc})") from exc
     if values is None:  # an empty file must not silently train the defaults
-        raise ValueError(f"config {path} is empty: copy a shipped config (configs/tiny.yaml) and edit it")
+        raise ValueError(f"config {path} is empty: copy a shipped config ({config_dir() / 'tiny.yaml'}) and edit it")
     try:
         cfg = config_from_dict(values)
     except ValueError as exc:  # name the file once: "config PATH: data: unknown key(s) ..."

@@ -788,13 +788,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clutter", dest="clutter", action="store_false",
                    help="clean variant: the same scenes without clutter")
     p.add_argument("--category", default="hex_nut", choices=CATEGORIES, help="product line")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (logs, CI)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.data_verb != "synth":  # pragma: no cover - argparse enforces the choice
         raise CMGError(f"unknown data sub-verb {args.data_verb!r}")
     out = synthesize(args.out, preset=args.preset, seed=args.seed, clutter=args.clutter,
-                     category=args.category)
+                     category=args.category, progress=args.progress)
     info = json.loads((out / "synth.json").read_text())
     n_test = sum(v for k, v in info["counts"].items() if k.startswith("test/"))
     print(f"wrote {out}: {info['counts']['train/good']} train and {n_test} test images, "

@@ -369,7 +369,7 @@ def _part_clutter(ds: MVTecFolder, samples: list, size: tuple[int, int]) -> tupl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="small",
-                   help="config name under configs/ or a YAML path (default small, the accurate one; "
+                   help="a shipped config's name (`cmg_configs`: tiny, small, ...) or a YAML path (default small, the accurate one; "
                         "tiny is sized for CI and the demo, not for accuracy)")
     p.add_argument("--data", required=True, type=Path, help="MVTec-style folder (train/good + captions.jsonl)")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")

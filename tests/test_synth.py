@@ -293,3 +293,19 @@ def test_a_bad_seed_touches_nothing_and_an_interrupted_run_leaves_no_half_folder
     with pytest.raises(KeyboardInterrupt):
         synthmod.synthesize(out, n_train=4, n_test_good=1, n_test_per_anomaly=0, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_no_progress_is_passed_on(tmp_path, monkeypatch):
+    """`cmg data synth --no-progress`, as every other long verb takes it (logs, CI)."""
+    import cmg_data.synth as synth_mod
+
+    seen = {}
+
+    def record(out, **kw):
+        seen.update(kw)
+        return _mini(out)
+
+    monkeypatch.setattr(synth_mod, "synthesize", record)
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert seen["progress"] is False
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "d")]) == 0 and seen["progress"] is True
