@@ -30,7 +30,7 @@ from cmg import model_config as mcfg
 from cmg.contract import Contract
 from cmg.dataset import image_name, visible
 from cmg.errors import CMGError
-from cmg.frames import DEFAULT_MAX_PIXELS, load_frame, to_frame
+from cmg.frames import DEFAULT_MAX_PIXELS, batch_to_uint8, load_frame, to_frame
 from cmg_clients import core
 from cmg_clients.core import (  # noqa: F401 - re-exported: the client's public names
     DEFAULT_PORTS,
@@ -265,6 +265,7 @@ class CMGClient:
                 spec.check(batch)
                 return np.ascontiguousarray(batch)
             except ValueError:
+                batch = batch_to_uint8(batch)  # one 0..1 / 0..255 reading for the whole array
                 return np.stack([to_frame(f, self.size) for f in batch])
         if isinstance(images, (str, Path, bytes, Image.Image)) or (
             isinstance(images, np.ndarray) and images.ndim in (2, 3)

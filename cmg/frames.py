@@ -104,6 +104,14 @@ def to_rgb8(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image
         raise FrameError(f"{what}: image mode {mode} cannot be converted to RGB ({exc})") from exc
 
 
+def batch_to_uint8(batch: np.ndarray, what: str = "batch") -> np.ndarray:
+    """A float [N,H,W,C] batch -> uint8 with one range decision for the whole array (0..1 or
+    0..255, `_array_to_uint8`'s rule): decided frame by frame, a nearly black frame (a
+    lens cap, lights off) inside a 0..255 batch was read as 0..1, scaled by 255 and flagged.
+    Other dtypes are returned as they are (their scale is their type's)."""
+    return _array_to_uint8(batch, what) if np.issubdtype(batch.dtype, np.floating) else batch
+
+
 def to_frame(image: Image.Image | np.ndarray, size: tuple[int, int], what: str = "image") -> np.ndarray:
     """Convert a PIL image or an HWC/HW array to UINT8 RGB of `size` = (height, width)."""
     if not isinstance(image, np.ndarray) and (image.width == 0 or image.height == 0):

@@ -280,6 +280,16 @@ def test_an_empty_batch_of_any_size_or_dtype_scores_nothing(grpc_client):
     assert grpc_client.infer(np.zeros((0, 8, 8, 3), np.float32)) == []
 
 
+def test_a_float_batch_is_one_scale_for_the_client(grpc_client):
+    """CMGClient.frames read each frame of a float array on its own 0..1 / 0..255 scale."""
+    h, w = grpc_client.size
+    batch = np.zeros((2, h, w, 3), np.float32)
+    batch[0] = 200.0
+    batch[1, :4, :4] = 1.0  # nearly black
+    frames = grpc_client.frames(batch)
+    assert frames[0].max() == 200 and frames[1].max() == 1
+
+
 def test_batching_matches_single_requests(grpc_client):
     frames = _frames(grpc_client, 6, seed=3)
     batched = grpc_client.infer(frames, batch_size=4)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmg.frames import FrameError, load_frame
+from cmg.frames import FrameError, batch_to_uint8, load_frame
 from cmg_app.cli import main
 
 
@@ -243,3 +243,21 @@ def test_a_jpeg_is_read_the_way_a_viewer_shows_it(tmp_path):
     frame = load_frame(tmp_path / "phone.jpg", (60, 60))
     top, bottom = frame[:20].mean(), frame[40:].mean()
     assert top > 200 and bottom < 50, (top, bottom)  # displayed: the white half is on top
+
+
+def test_a_float_batch_is_read_on_one_scale():
+    """A nearly black frame (max 1.0) inside a 0..255 float batch had been read as 0..1 on
+    its own, scaled by 255 and flagged; the whole array decides its range."""
+    from cmg_clients.sources import ArraySource
+
+    bright = np.full((8, 8, 3), 200.0, np.float32)
+    dark = np.zeros((8, 8, 3), np.float32)
+    dark[2:4, 2:4] = 1.0
+    batch = np.stack([bright, dark])
+    out = batch_to_uint8(batch)
+    assert out.dtype == np.uint8 and out[0].max() == 200 and out[1].max() == 1
+    assert batch_to_uint8(batch / 255.0)[1].max() == 1  # a 0..1 batch: every frame x 255
+    ints = batch.astype(np.uint8)
+    assert batch_to_uint8(ints) is ints  # integer frames: their type's scale, untouched
+    item = list(ArraySource(batch, 2).items())[1]
+    assert item.load((8, 8)).max() == 1
