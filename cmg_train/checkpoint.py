@@ -107,11 +107,23 @@ def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: 
         "detector": detector_state(det),
         "caption_bank": caption_bank.detach().cpu(),
         "captions": list(captions),
-        "metrics": metrics,
+        "metrics": without_wall_clock(metrics),
     }
     path = write_checkpoint(state, out / "checkpoint.pt")
     write_config_record(out, cfg)
     return path
+
+
+def without_wall_clock(metrics: dict) -> dict:
+    """The metrics without what a clock measured (`timings`, `*_s`, `speed_ratio`; they stay in
+    RUN/metrics.json): the same training twice gives the same checkpoint bytes, so its sha256
+    (export.json, the eval cache's key) says whether a retrain reproduced."""
+    def keep(value):
+        if isinstance(value, dict):
+            return {k: keep(v) for k, v in value.items()
+                    if k not in ("timings", "speed_ratio") and not (isinstance(k, str) and k.endswith("_s"))}
+        return value
+    return keep(metrics)
 
 
 def write_config_record(out: Path, cfg: Config) -> Path:

@@ -347,10 +347,25 @@ def test_single_run_table():
 
 def test_seeds_table(seeds):
     lines = markdown_table(seeds["rows"]).splitlines()
-    assert lines[0].startswith("| row | image AUROC, median (range) | gain vs baseline (pooled paired 95% CI) |")
+    assert lines[0].startswith("| row | image AUROC, median (range) | gain vs baseline: median (range over seeds); "
+                               "mean, paired 95% CI |")
     assert lines[2] == "| baseline | 0.750 (0.60-0.90) | - | - | - | 0.500 |"
-    assert lines[3].startswith("| cmg | 1.000 (1.00-1.00) | +0.250 (+")
+    assert lines[3].startswith("| cmg | 1.000 (1.00-1.00) | +0.250 (+0.100 to +0.400); mean +0.250, CI +")
     assert lines[3].endswith("| 0.750 | - | 0.600 |")  # pixel AUROC, no AUPRO in these reports, scratch
+
+
+def test_the_seeds_gain_shows_the_mean_its_interval_is_of():
+    """The median gain was printed beside the interval of the mean gain: with gains 0.05,
+    0.05, 0.45 the cell read +0.050 (CI +0.1 to +0.2), a gain outside its own interval."""
+    reports = [_report(0, 1, None, 0.5), _report(1, 1, None, 0.5), _report(2, 9, None, 0.5)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "paired_bootstrap", functools.partial(paired_bootstrap, n=N_BOOT))
+        cmg = next(r for r in aggregate(reports)["rows"] if r["name"] == "cmg")
+    assert cmg["gain_vs_baseline"] == pytest.approx(0.05) and cmg["gain_vs_baseline_range"] == pytest.approx([0.05, 0.45])
+    assert cmg["gain_vs_baseline_mean"] == pytest.approx(0.55 / 3)
+    lo, hi = cmg["gain_vs_baseline_ci95"]
+    assert lo <= cmg["gain_vs_baseline_mean"] <= hi and not lo <= cmg["gain_vs_baseline"] <= hi
+    assert f"mean +0.183, CI {lo:+.3f} to {hi:+.3f}" in markdown_table([cmg])
 
 
 def _sweep_report(seed: int, aucs: tuple[float, float], alpha: float = 0.3) -> dict:

@@ -3,6 +3,7 @@ every stage in metrics.json, checkpoint round trip, contract, one-line errors fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -371,6 +372,24 @@ def test_fusion_weight_scores_each_synthetic_anomaly_with_its_own_keep_mask(run,
     assert torch.equal(torch.cat(used), torch.cat(returned))  # and their own keep-masks score them
     assert not torch.equal(torch.cat(used), clean)
     assert out["images"] == len(normals) and set(out["synthetic_auroc"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+def test_the_same_training_gives_the_same_checkpoint_bytes(run, tmp_path):
+    """Two identical trainings had checkpoints of different sha256 (the key export.json and
+    the eval cache use) only because the metrics inside carried wall-clock timings."""
+    from cmg_train.checkpoint import save_run
+
+    shas = []
+    for i, seconds in enumerate((1.5, 99.0)):
+        metrics = {**run.metrics, "timings": {"total_s": seconds},
+                   "cmer": {**run.metrics.get("cmer", {}), "exact_s": seconds, "speed_ratio": seconds}}
+        out = tmp_path / str(i)
+        out.mkdir()
+        path = save_run(out, run.cfg, run.teacher, run.scorer, run.detector, run.caption_bank, run.captions, metrics)
+        shas.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert shas[0] == shas[1]
+    saved = load_run(tmp_path / "0").metrics
+    assert "timings" not in saved and "exact_s" not in saved.get("cmer", {}) and saved["images"] == run.metrics["images"]
 
 
 def test_train_log_has_a_line_per_logged_step_of_every_stage(tiny_run):
