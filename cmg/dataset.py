@@ -267,7 +267,8 @@ def training_images(root: str | Path) -> list[Path]:
 
 
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
-                          min_unique_captions: int = 20, min_images: int = 8, why_min: str = "") -> dict:
+                          min_unique_captions: int = 20, min_images: int = 8, why_min: str = "",
+                          progress: bool = False) -> dict:
     """Everything `cmg train` needs from the data folder, checked before any training.
 
     Layout (`train/good` with at least `min_images` images), every training image readable
@@ -294,9 +295,16 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     if len(images) < min_images:
         raise CMGError(f"dataset {root}: {good} has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}); "
                        f"training needs at least {min_images}" + (f" ({why_min})" if why_min else ""))
-    for path in images:
+    other_shapes = 0
+    for path in tqdm(images, desc="checking images", unit="img", leave=False, disable=not progress):
         load_frame(path, (image_size, image_size))  # FrameError names the file
-    summary = {"images": len(images), "captions": 0, "unique_captions": 0}
+        with Image.open(path) as im:  # the header only: the size before the frame conversion
+            other_shapes += im.size[0] != im.size[1]
+    if other_shapes:  # said once: a user with 1024 x 768 frames should know what the model sees
+        print(f"dataset {root}: {other_shapes} of {len(images)} training images are not square: each frame is "
+              f"stretched to {image_size} x {image_size} px (crop them to the part's region to keep its "
+              "proportions)", file=sys.stderr)
+    summary = {"images": len(images), "captions": 0, "unique_captions": 0, "not_square": other_shapes}
     if not need_captions:
         return summary
     cap_path = root / "captions.jsonl"

@@ -285,7 +285,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
                           min_unique_captions=unique_captions_needed(cfg.cmle),
                           min_images=min_training_images(cfg.data.val_fraction),
                           why_min=f"{MIN_SCORER_IMAGES} to train the CMER scorer on, the rest held out "
-                                  f"by data.val_fraction {cfg.data.val_fraction}")
+                                  f"by data.val_fraction {cfg.data.val_fraction}", progress=progress)
     ds = MVTecFolder(data)
     samples = ds.samples("train")
     captions = [s.caption for s in samples]

@@ -163,7 +163,7 @@ def test_a_fitted_frame_left_out_scores_as_against_the_other_frames(colour):
         bank_from_state(bank_state(bank)).map_without_own_rows(train[:1], torch.tensor([0]))
 
 
-def test_the_coreset_is_chosen_among_at_most_max_patches_an_even_share_of_each_frame():
+def test_the_coreset_is_chosen_among_at_most_max_patches_an_even_share_of_each_frame(capsys):
     """A folder of thousands of images held every training patch's features (2,304 x 352 FP32
     numbers per frame with `small`): `local.max_patches` bounds memory and the coreset's time.
     Each kept row still knows its frame, which the left-out threshold scores need."""
@@ -172,6 +172,7 @@ def test_the_coreset_is_chosen_among_at_most_max_patches_an_even_share_of_each_f
     train = _frames(3, 32, 0)
     bank, metrics = fit_patch_bank(cfg, train, progress=False)
     assert (metrics["patches"], metrics["training_patches"], metrics["bank_rows"]) == (96, 192, 96)
+    assert "chosen among 96 of 192 training patches (local.max_patches 96" in capsys.readouterr().err
     frames_of_rows = bank.row_frames[0]
     assert torch.bincount(frames_of_rows).tolist() == [32, 32, 32]  # the same share of every frame
     with torch.no_grad():
@@ -181,6 +182,7 @@ def test_the_coreset_is_chosen_among_at_most_max_patches_an_even_share_of_each_f
     assert torch.equal(nearest, frames_of_rows)
     cfg.local.max_patches = 0  # all of them
     assert fit_patch_bank(cfg, train, progress=False)[1]["patches"] == 192
+    assert "max_patches" not in capsys.readouterr().err
 
 
 def test_patch_features_upsample_the_frame_before_the_backbone():

@@ -314,3 +314,17 @@ def test_the_category_of_a_folder_given_as_dot_is_its_name(data, monkeypatch):
     monkeypatch.chdir(data)
     (data / "synth.json").unlink()
     assert MVTecFolder(".").category == data.name
+
+
+def test_training_on_frames_that_are_not_square_says_they_are_stretched(data, capsys):
+    """A 1024 x 768 camera's frames become the model's square input without a word had been
+    said; the check counts them and says so once."""
+    from cmg.dataset import check_training_folder
+
+    check_training_folder(data, 64, min_unique_captions=1)
+    assert "not square" not in capsys.readouterr().err
+    wide = next((data / "train" / "good").glob("*.png"))
+    Image.new("RGB", (96, 64), (120, 120, 120)).save(wide)
+    summary = check_training_folder(data, 64, min_unique_captions=1)
+    assert summary["not_square"] == 1
+    assert "1 of " in (err := capsys.readouterr().err) and "stretched to 64 x 64 px" in err

@@ -15,6 +15,7 @@ score reads the bank distance alone.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -293,6 +294,10 @@ def fit_patch_bank(cfg: Config, frames: Tensor, progress: bool = True, batch: in
     frames = torch.as_tensor(frames)
     cells = features.side ** 2
     keep = kept_patches(len(frames), cells, cfg.local.max_patches, cfg.seed)
+    if keep is not None:  # said once: what the coreset could not see is the user's to know
+        print(f"patch bank: the coreset is chosen among {int(keep.sum()):,} of {len(frames) * cells:,} training "
+              f"patches (local.max_patches {cfg.local.max_patches:,}; the same share of every frame)",
+              file=sys.stderr)
 
     def patch_rows(chunk: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = features(chunk).flatten(2).transpose(1, 2)
