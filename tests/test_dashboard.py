@@ -109,7 +109,13 @@ def test_nothing_else_is_served(board, path):
 
 
 def test_threshold_endpoint(board):
-    post = {"Content-Type": "application/json"}
+    post = {"Content-Type": "application/json", "X-CMG-Token": board.token}
+    for headers in ({"Content-Type": "application/json"}, {**post, "X-CMG-Token": "guessed"}):
+        status, body, _ = _get(board.port, "/cameras/0/threshold", "POST", b'{"value": 1e30}', headers)
+        assert status == 403 and b"announced" in body  # the line's threshold is not anyone's to set
+    assert board.state.threshold("cam-a", None) is None
+    big = b'{"value": 1, "pad": "' + b"x" * 5000 + b'"}'
+    assert _get(board.port, "/cameras/0/threshold", "POST", big, post)[0] == 413
     status, body, _ = _get(board.port, "/cameras/0/threshold", "POST", b'{"value": 1.25}', post)
     assert status == 200 and json.loads(body)["threshold"] == 1.25
     assert board.state.threshold("cam-a", None) == 1.25
@@ -118,7 +124,7 @@ def test_threshold_endpoint(board):
     for bad in (b'{"value": NaN}', b'{"value": 1e39}', b'{"value": -1e39}', b'{"value": "1"}', b'{"value": true}', b"[]", b"{", b'{"v": 1}'):
         assert _get(board.port, "/cameras/0/threshold", "POST", bad, post)[0] == 400, bad
     # A cross-site form post cannot set it (no JSON content type without a CORS preflight).
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    form = {"Content-Type": "application/x-www-form-urlencoded", "X-CMG-Token": board.token}
     assert _get(board.port, "/cameras/0/threshold", "POST", b"value=1", form)[0] == 415
     assert _get(board.port, "/cameras/0/threshold")[0] == 405
     status, body, _ = _get(board.port, "/cameras/0/threshold", "POST", b'{"value": null}', post)
@@ -135,7 +141,7 @@ def test_any_loopback_address_serves_its_own_host_header():
     """`--dashboard 127.0.0.2:PORT` is loopback too: the page answers under the name it was
     announced with (it used to bind, announce, and refuse every request as a foreign host)."""
     with Dashboard(DashboardState(["cam-a"]), host="127.0.0.2", announce=False) as dash:
-        assert dash.url == f"http://127.0.0.2:{dash.port}/"
+        assert dash.url == f"http://127.0.0.2:{dash.port}/?token={dash.token}"
         status, body, _ = _get(dash.port, "/", host="127.0.0.2")
         assert status == 200 and b"<title>CMG line dashboard</title>" in body
         assert _get(dash.port, "/", host="127.0.0.2", headers={"Host": "evil.example"})[0] == 400
@@ -471,11 +477,13 @@ def test_dashboard_in_headless_chromium(triton, tmp_path):
     driver = None
     try:
         deadline = time.monotonic() + 30
-        while "dashboard on" not in _peek_started(proc, deadline):
+        while "dashboard on" not in (line := _peek_started(proc, deadline)):
             pass
+        url = line.split("dashboard on ", 1)[1].strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/?token=")
         driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=found[1]), options=options)
         wait = WebDriverWait(driver, 30, poll_frequency=0.2)
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(url)  # the announced URL: its token lets the page's slider set the threshold
         tile = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".camera[data-index='0']"))
         assert "synth:tiny" in tile.find_element(By.CSS_SELECTOR, ".name").text
         frames = wait.until(lambda d: int(tile.find_element(By.CSS_SELECTOR, ".frames").text or 0) or None)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import secrets
 import socket
 import sys
 import threading
@@ -73,11 +75,18 @@ def default_metrics_url(grpc_url: str) -> str:
     return f"{host}:{DEFAULT_METRICS_PORT}"
 
 
+MAX_BODY = 4096  # a threshold request is a few bytes; a 300 MB body had been read whole
+TOKEN_HEADER = "X-CMG-Token"
+
+
 def create_app(state: DashboardState, metrics_url: str | Sequence[str] | None = None, loopback_only: bool = True,
-               host: str = LOOPBACK) -> Starlette:
+               host: str = LOOPBACK, token: str | None = None) -> Starlette:
     """The ASGI app over `state`; with `metrics_url` it reads Triton's metrics every 2 s.
     `host`: the address it is bound to, a Host header it must accept when `loopback_only`
-    (127.0.0.2 is loopback too, and the name the page was announced under)."""
+    (127.0.0.2 is loopback too, and the name the page was announced under). `token`: what a
+    threshold change must carry (TOKEN_HEADER; the announced URL's `?token=`, which the page
+    sends): the threshold decides what the line flags, and anyone who can reach the port (every
+    account on the host, on loopback) could otherwise set it. Watching needs no token."""
     assets = _load_assets()
     taken_at, taken = float("-inf"), ""
 
@@ -111,10 +120,20 @@ def create_app(state: DashboardState, metrics_url: str | Sequence[str] | None = 
         return Response(item.png(kind), headers=_headers("image/png"))
 
     async def threshold(request: Request) -> Response:
+        if token is not None and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, ""), token):
+            return PlainTextResponse("the threshold is set from the page at the URL the stream announced "
+                                     "(it carries the dashboard's token)", status_code=403)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return PlainTextResponse("send JSON: {\"value\": number or null}", status_code=415)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return PlainTextResponse(f"a threshold request is at most {MAX_BODY} bytes", status_code=413)
+        raw = b""
+        async for chunk in request.stream():  # a body sent without a length is bounded as it comes
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                return PlainTextResponse(f"a threshold request is at most {MAX_BODY} bytes", status_code=413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             if not isinstance(body, dict) or "value" not in body:
                 raise ValueError("expected {\"value\": number or null}")
             now = state.set_threshold(request.path_params["index"], body["value"])
@@ -185,6 +204,7 @@ class Dashboard:
                  metrics_url: str | Sequence[str] | None = None, announce: bool = True) -> None:
         self.state, self.host, self.port, self.metrics_url = state, host, port, metrics_url
         self.announce = announce
+        self.token = secrets.token_urlsafe(16)  # in the announced URL: who has the page may set thresholds
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -204,7 +224,7 @@ class Dashboard:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"http://{host}:{self.port}/?token={self.token}"
 
     def start(self, timeout_s: float = 10.0) -> Dashboard:
         import uvicorn  # heavy: only serving needs it; create_app() works without it
@@ -219,7 +239,8 @@ class Dashboard:
             raise CMGError(f"--dashboard {self.host}:{self.port}: cannot listen there ({exc.strerror or exc})") from exc
         sock.listen(64)
         self.port = sock.getsockname()[1]
-        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host), host=self.host)
+        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host), host=self.host,
+                         token=self.token)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)

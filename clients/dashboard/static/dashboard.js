@@ -29,7 +29,8 @@
   }
 
   function setThreshold(index, value) {
-    fetch(`/cameras/${index}/threshold`, {method: "POST", headers: {"Content-Type": "application/json"},
+    const token = new URLSearchParams(location.search).get("token") || "";  // the announced URL's
+    fetch(`/cameras/${index}/threshold`, {method: "POST", headers: {"Content-Type": "application/json", "X-CMG-Token": token},
       body: JSON.stringify({value})}).then((r) => {
       if (!r.ok) r.text().then((m) => { $("#status").textContent = `threshold refused: ${m}`; });
     });
