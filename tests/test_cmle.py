@@ -189,3 +189,15 @@ def test_cmle_term_lowers_the_caption_residual_without_collapse():
 def test_training_without_a_graph_reports_no_residual():
     m, _ = _train(1.0, None)
     assert "cmle_residual" not in m and m["loss_last"] < m["loss_first"]
+
+
+def test_lle_neighbours_are_the_k_nearest_other_captions():
+    """The neighbour search (sklearn's, in row blocks: no U x U matrix) finds what a brute-force
+    distance matrix finds, never the caption itself."""
+    emb = np.random.default_rng(3).normal(size=(300, 16)).astype(np.float32)
+    idx, _ = lle_weights(emb, k=6)
+    e = emb.astype(np.float64)
+    d = ((e[:, None, :] - e[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert np.array_equal(idx, np.argsort(d, axis=1)[:, :6])
+    assert not (idx == np.arange(300)[:, None]).any()
