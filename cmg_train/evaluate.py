@@ -103,8 +103,13 @@ class TestSet:
     def __init__(self, data: Path, size: int, progress: bool):
         ds = MVTecFolder(data)
         self.samples = ds.samples("test")
-        self.frames = torch.from_numpy(ds.frames(self.samples, (size, size), progress=progress))
         self.labels = np.array([s.label for s in self.samples])
+        if not len(self.labels) or self.labels.min() == self.labels.max():  # before decoding every frame
+            have = "no images" if not len(self.labels) else (
+                "only anomalous images (no test/good)" if self.labels.min() == 1 else "only normal images (test/good)")
+            raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC; it has "
+                           f"{have}")
+        self.frames = torch.from_numpy(ds.frames(self.samples, (size, size), progress=progress))
         kinds = [p for p in (Path(data) / "test").iterdir() if p.is_dir() and visible(p)]
         nested = sum(nested_images(kind) for kind in kinds)
         if nested:
@@ -112,8 +117,6 @@ class TestSet:
                   file=sys.stderr)
         self.defects = [s.defect for s in self.samples]
         self.gt = np.stack([ds.gt_mask(s, (size, size)) for s in self.samples])
-        if self.labels.min() == self.labels.max():
-            raise CMGError(f"{data}: the test split needs normal and anomalous images to measure AUROC")
         # Pixel metrics read the frames whose masks are known: a defect image without its mask,
         # or with one that marks no pixel, would count as all-normal pixels (a folder without
         # ground_truth/ has none: '-').

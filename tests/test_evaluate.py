@@ -660,3 +660,19 @@ def test_a_defect_image_without_its_mask_is_left_out_of_the_pixel_metrics(tiny_d
     shutil.rmtree(data / "ground_truth")  # no masks at all: pixel metrics are '-', no warning
     test = TestSet(data, 64, progress=False)
     assert test.pixel_metrics(maps)["pixel_auroc"] is None and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("keep", "said"), [("good", "only normal images"), ("bad", "only anomalous images")])
+def test_a_test_split_of_one_kind_is_refused_naming_what_is_missing(tmp_path, keep, said):
+    import shutil
+
+    from cmg.errors import CMGError
+    from cmg_data.synth import synthesize
+    from cmg_train.evaluate import TestSet
+
+    data = synthesize(tmp_path / "d", "tiny", seed=0, n_train=4, n_test_good=2, n_test_per_anomaly=1, progress=False)
+    for kind in (data / "test").iterdir():
+        if (kind.name == "good") != (keep == "good"):
+            shutil.rmtree(kind)
+    with pytest.raises(CMGError, match=f"needs normal and anomalous images to measure AUROC; it has {said}"):
+        TestSet(data, 64, progress=False)
