@@ -211,9 +211,10 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
         _index(client)
     except Exception as exc:  # noqa: BLE001 - any transport failure: say which server
         if "restricted" in _reason(exc):
-            raise CMGError(f"server {url} refused {repo}'s admin key ({ADMIN_KEY_FILE}): it serves another "
-                           "repository, or was not started with `cmg serve --model-control-mode explicit` "
-                           "on this one") from exc
+            held = (f"refused {repo}'s admin key ({ADMIN_KEY_FILE})" if (repo / ADMIN_KEY_FILE).is_file()
+                    else f"restricts its model-repository API, and {repo} holds no {ADMIN_KEY_FILE}")
+            raise CMGError(f"server {url} {held}: it serves another repository, or was not started with "
+                           "`cmg serve --model-control-mode explicit` on this one") from exc
         raise CMGError(f"server {url} does not answer: {_reason(exc)}") from exc
     try:
         undone = _recover(client, repo)

@@ -263,31 +263,43 @@ ADMIN_KEY_FILE = ".cmg-admin-key"
 
 
 def admin_key(repository: Path, create: bool = False) -> str | None:
-    """REPO/.cmg-admin-key (made 0600 when `create` and missing); None when there is none
-    to read. A repository this account cannot write gets a key nobody holds (`create`)."""
+    """REPO/.cmg-admin-key; None when there is none to read (missing or empty). With `create`
+    a missing or empty one is written whole (a temporary file linked into place: a reader never
+    sees it half-written), mode 0600; a repository this account cannot write gets a key
+    nobody holds (nothing can be deployed into it anyway)."""
     import secrets
 
     path = Path(repository) / ADMIN_KEY_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        if not create:
-            return None
-        key = secrets.token_urlsafe(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:  # another server of this repository made it first
-            return admin_key(repository)
-        except OSError:  # a read-only repository (a mounted volume): nothing can be deployed into it
-            return key
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        return key
+        key = None
     except OSError as exc:
         raise CMGError(f"cannot read {path} ({exc.strerror}): the model-repository API of a server in "
                        "explicit mode takes that key; run as the account that serves the repository") from exc
-    with os.fdopen(fd) as f:
-        return f.read().strip() or None
+    else:
+        with os.fdopen(fd) as f:
+            key = f.read().strip() or None
+    if key is not None or not create:
+        return key
+    key = secrets.token_urlsafe(32)
+    tmp = path.with_name(f"{ADMIN_KEY_FILE}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        try:
+            os.link(tmp, path)  # fails when another server of this repository made one first
+        except FileExistsError:
+            existing = admin_key(repository)
+            if existing is not None:
+                return existing
+            os.replace(tmp, path)  # an empty one (a crash between create and write)
+    except OSError:  # a read-only repository (a mounted volume)
+        return key
+    finally:
+        tmp.unlink(missing_ok=True)
+    return admin_key(repository) or key
 
 
 def key_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
@@ -296,12 +308,11 @@ def key_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
 
 
 def admin_headers(repository: Path, protocol: str = "grpc") -> dict[str, str]:
-    """The header that opens the model-repository API of a server of `repository`."""
+    """The header that opens the model-repository API of a server of `repository`; none when
+    the repository has no key (a server started by an older version, or by `tritonserver`
+    itself, restricts nothing)."""
     key = admin_key(repository)
-    if key is None:
-        raise CMGError(f"no {ADMIN_KEY_FILE} in {repository}: the server was not started by `cmg serve` "
-                       "in explicit mode (which writes it); start it that way to deploy into it")
-    return key_headers(key, protocol)
+    return key_headers(key, protocol) if key is not None else {}
 
 
 # -- shared memory ---------------------------------------------------------------------
@@ -463,6 +474,8 @@ class TritonServer:
         sweep_stale_work_dirs()
         self.restricted = (["model-repository"] if model_control_mode == "explicit" else []) + (
             [] if address in (LOOPBACK, "localhost", "::1") else ["shared-memory"])
+        if self.restricted:  # and what a caller could change about the server's own logs
+            self.restricted += ["logging", "trace"]
         self.admin_key = admin_key(self.repository, create=True) if self.restricted else None
         self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
         started = _process_start_time(os.getpid()) or ""

@@ -197,6 +197,9 @@ class CMGClient:
             failure = core.classify(exc)
             if failure.kind == core.DEADLINE:
                 raise self._deadline(what, failure) from exc
+            if core.RESTRICTED_MARK in failure.message:  # it answered: refused, not unreachable
+                raise InferError(f"{self._where()} refused {what}: {failure.message} ({core.RESTRICTED_HINT})",
+                                 failure.status, failure.kind) from exc
             if failure.status == "StatusCode.UNAVAILABLE" or (failure.status is None and failure.reconnect):
                 raise InferError(f"{self._where()} unreachable during {what}: {failure.message}",
                                  failure.status or "UNAVAILABLE", failure.kind) from exc
@@ -229,15 +232,16 @@ class CMGClient:
             raise CMGError(f"Triton server at {self.url} is up but not ready")
         if not self._call("model readiness check", self._client.is_model_ready, self.model):
             names = self._model_names()
-            raise CMGError(
-                f"model '{self.model}' is not ready on {self.url} (models there: {', '.join(names) or 'none'})"
-            )
+            there = ("the server lists its models only to callers with its admin key" if names is None
+                     else f"models there: {', '.join(names) or 'none'}")
+            raise CMGError(f"model '{self.model}' is not ready on {self.url} ({there})")
 
-    def _model_names(self) -> list[str]:
+    def _model_names(self) -> list[str] | None:
+        """The repository's models, or None when the server does not list them to this client."""
         try:
             index = self._call("repository index", self._client.get_model_repository_index)
-        except CMGError:
-            return []
+        except CMGError as exc:
+            return None if core.RESTRICTED_MARK in str(exc) else []
         if self.protocol == "grpc":
             return sorted(m.name for m in index.models)
         return sorted(m["name"] for m in index)

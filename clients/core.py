@@ -265,6 +265,14 @@ def _is_timeout(exc: BaseException) -> bool:
     return type(exc).__name__ == "Timeout" and type(exc).__module__.startswith("gevent")
 
 
+# Triton's answer to a call of an API restricted to callers with a header (`cmg serve`'s admin
+# key, cmg_build.server): "This API is restricted, ..." (HTTP), "This protocol is restricted, ..." (gRPC).
+RESTRICTED_MARK = "is restricted, expecting header"
+RESTRICTED_HINT = ("the server restricts this API to callers with its admin key: `cmg serve` restricts "
+                   "shared memory when bound beyond loopback (score without --shm) and, in explicit mode, "
+                   "the model repository (load, unload, the model list)")
+
+
 def classify(exc: BaseException) -> Failure:
     """The retry rule for every client: transient, deadline or permanent."""
     status_fn = getattr(exc, "status", None)
@@ -273,6 +281,8 @@ def classify(exc: BaseException) -> Failure:
         status = status_fn()
         status = None if status is None else str(status)
         message = str(message_fn() or "")
+        if RESTRICTED_MARK in message:  # gRPC says UNAVAILABLE, but no retry will carry the key
+            return Failure(PERMANENT, status, message)
         if status in _DEADLINE_STATUS:
             return Failure(DEADLINE, status, message, reconnect=True)
         if _is_timeout_message(message) and status is None:

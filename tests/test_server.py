@@ -258,7 +258,7 @@ def test_explicit_mode_keys_the_model_repository_api(toy_repo, tmp_path, tiny_ru
         try:  # mode none on loopback: nothing restricted; bound beyond it: the shared-memory API
             assert not [a for a in plain.command() if "restricted" in a] and plain.admin_headers() is None
             assert wide.admin_key == srv.admin_key  # one key per repository
-            assert f"--http-restricted-api=shared-memory:cmg-admin-key={wide.admin_key}" in wide.command()
+            assert f"--http-restricted-api=shared-memory,logging,trace:cmg-admin-key={wide.admin_key}" in wide.command()
         finally:
             plain.cleanup(), wide.cleanup()
         code = 'raise SystemExit("ran code sent by a client")\n'
@@ -269,6 +269,8 @@ def test_explicit_mode_keys_the_model_repository_api(toy_repo, tmp_path, tiny_ru
                 client.load_model("uploaded", config=config, files={"file:1/model.py": code.encode()})
             with pytest.raises(InferenceServerException, match="restricted"):
                 client.unload_model(CMER_SCORER)
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.update_log_settings({"log_verbose_level": 1})
             assert client.is_model_ready(CMER_SCORER), protocol
             names = client.get_model_repository_index(headers=srv.admin_headers(protocol))
             assert CMER_SCORER in str(names)
@@ -279,6 +281,71 @@ def test_explicit_mode_keys_the_model_repository_api(toy_repo, tmp_path, tiny_ru
         with pytest.raises(CMGError, match="refused .*admin key"):
             deploy(tiny_run, other, srv.grpc_url)
         assert not (repo / "uploaded").exists()
+
+
+def test_a_restricted_api_is_named_not_called_unreachable(toy_repo, tmp_path):
+    """Refused for want of the admin key, the client had said the server was unreachable (gRPC
+    answers UNAVAILABLE) and that it serves no models; now it names the restriction, and no
+    retry is spent on it."""
+    from cmg_clients import core as client_core
+    from cmg_clients.client import CMGClient, InferError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo)
+    srv = TritonServer(repo, model_control_mode="explicit", load_models=[CMER_SCORER])
+    srv.restricted.insert(0, "shared-memory")  # as a server bound beyond loopback has it
+    with srv:
+        srv.start()
+        with pytest.raises(CMGError, match="lists its models only to callers with its admin key"):
+            CMGClient(srv.grpc_url, model="cmg_exact")
+        raw = grpcclient.InferenceServerClient(srv.grpc_url)
+        with pytest.raises(InferenceServerException) as refused:
+            raw.register_system_shared_memory("r", "/r", 64)
+        assert client_core.classify(refused.value).kind == client_core.PERMANENT
+        client = CMGClient.__new__(CMGClient)  # only its call wrapper: the toy repository has no cmg
+        client.protocol, client.url, client.model, client.timeout_s = "grpc", srv.grpc_url, CMER_SCORER, 10.0
+        with pytest.raises(InferError, match=r"score without --shm") as said:
+            client._call("shared memory registration of /r", raw.register_system_shared_memory, "r", "/r", 64)
+        assert "unreachable" not in str(said.value)
+
+
+def test_an_empty_admin_key_is_made_again_never_none(tmp_path):
+    """A key file left empty (a crash between its create and its write) had put the key "None"
+    on tritonserver's command line (anyone sending it got in) and failed the start."""
+    from cmg_build.server import ADMIN_KEY_FILE, admin_headers, admin_key
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert admin_key(repo) is None and admin_headers(repo) == {}  # no key: no header (older servers)
+    (repo / ADMIN_KEY_FILE).write_text("")
+    assert admin_key(repo) is None
+    key = admin_key(repo, create=True)
+    assert key and (repo / ADMIN_KEY_FILE).read_text().strip() == key and admin_key(repo, create=True) == key
+    assert [p.name for p in repo.iterdir()] == [ADMIN_KEY_FILE]  # no temporary file left
+    server = TritonServer(repo, model_control_mode="explicit", require_models=False)
+    try:
+        restricted = [a for a in server.command() if "restricted" in a]
+        assert restricted and all(a.endswith(f"=model-repository,logging,trace:cmg-admin-key={key}") for a in restricted)
+    finally:
+        server.cleanup()
+
+
+def test_deploy_talks_to_a_server_that_restricts_nothing(toy_repo, tmp_path):
+    """A server started by an older version (or by tritonserver itself) checks no key and its
+    repository has none: deploy sends no header instead of refusing it."""
+    from cmg_build.deploy import _client
+
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo)
+    srv = TritonServer(repo, model_control_mode="explicit", load_models=[CMER_SCORER])
+    srv.restricted, srv.admin_key = [], None  # as an older version started it
+    (repo / ".cmg-admin-key").unlink()
+    with srv:
+        srv.start()
+        client = _client(srv.grpc_url, repo)
+        client.unload_model(CMER_SCORER)
+        client.load_model(CMER_SCORER)
+        assert client.is_model_ready(CMER_SCORER)
 
 
 def _port_open(url: str) -> bool:
