@@ -153,9 +153,12 @@ def undo_interrupted(repo: Path) -> dict | None:
                        "repository again") from exc
     names = [d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file()]
     originals = record.get("originals") if isinstance(record, dict) else None
+    live = record.get("live", []) if isinstance(record, dict) else None
     if (not isinstance(originals, dict) or not set(originals) <= set(names)
             or not all(isinstance(t, str) for t in originals.values())
-            or type(record.get("new")) is not int or record["new"] < 1):
+            or type(record.get("new")) is not int or record["new"] < 1
+            or not isinstance(record.get("report", ""), str)
+            or not (isinstance(live, list) and all(isinstance(n, str) for n in live))):
         raise CMGError(f"{path} is not a record this program writes (its models must be {repo}'s and its "
                        "version a number): nothing was undone; remove it, then check the repository or "
                        "build it again")

@@ -67,7 +67,10 @@ def python_lib_dirs() -> list[str]:
     import sysconfig
 
     libdir = sysconfig.get_config_var("LIBDIR")
-    return [libdir] if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir).is_dir() else []
+    if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir).is_dir()):
+        return []
+    system = ("/lib", "/usr/lib", "/lib64", "/usr/lib64")  # the loader's own: naming one would only reorder it
+    return [] if libdir.rstrip("/").startswith(system) else [libdir]
 
 
 def find_tritonserver() -> tuple[Path, dict[str, str]]:
@@ -88,8 +91,8 @@ def find_tritonserver() -> tuple[Path, dict[str, str]]:
         )
     libs = root.parent.parent / "nvidia_pytriton.libs"
     ld = [str(libs)] if libs.is_dir() else []
-    ld += python_lib_dirs()
     ld += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    ld += [p for p in python_lib_dirs() if p not in ld]  # after the user's own: theirs win
     env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     return root / "bin" / "tritonserver", env
 

@@ -75,6 +75,7 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
         return
     tmp = out.with_name(out.name + ".rewrite.tmp")
     with out.open("rb") as src, tmp.open("wb") as dst:
+        keep_mode(out, tmp)  # before the lines are written
         for seq, line in enumerate(src):
             if seq in new:
                 dst.write(json.dumps(new[seq]).encode() + b"\n")
@@ -82,7 +83,6 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
                 dst.write(line)
         dst.flush()
         os.fsync(dst.fileno())
-    keep_mode(out, tmp)
     os.replace(tmp, out)
     _fsync_dir(out.parent)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from cmg.argtypes import MAX_SEED
 from cmg.errors import CMGError
-from cmg.frames import DEFAULT_MAX_PIXELS, batch_to_uint8, load_frame, to_frame
+from cmg.frames import DEFAULT_MAX_PIXELS, batch_scale, frame_on_scale, load_frame, to_frame
 from cmg_clients.client import glob_files, is_pattern, iter_image_paths
 from cmg_data import synth
 
@@ -178,12 +178,14 @@ class ArraySource(Source):
     def __init__(self, frames: np.ndarray, count: int, label: str = "memory") -> None:
         if frames.ndim != 4 or not len(frames):
             raise CMGError(f"ArraySource needs frames [N, H, W, 3], got shape {list(frames.shape)}")
-        self.frames, self.count, self.label = batch_to_uint8(frames), int(count), label  # one range reading
+        self.frames, self.count, self.label = frames, int(count), label
+        self.scale = batch_scale(frames)  # one range reading for the array; each frame converted when sent
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         n = len(self.frames)
         for i in range(start, self.count):
-            yield SourceItem(f"{i:07d}", self.label, lambda size, a=self.frames[i % n]: to_frame(a, size))
+            yield SourceItem(f"{i:07d}", self.label,
+                             lambda size, a=self.frames[i % n]: to_frame(frame_on_scale(a, self.scale), size))
 
 
 def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:

@@ -268,7 +268,7 @@ def training_images(root: str | Path) -> list[Path]:
 
 def check_training_folder(root: str | Path, image_size: int, need_captions: bool = True,
                           min_unique_captions: int = 20, min_images: int = 8, why_min: str = "",
-                          progress: bool = False) -> dict:
+                          progress: bool = False, say_shapes: bool = True) -> dict:
     """Everything `cmg train` needs from the data folder, checked before any training.
 
     Layout (`train/good` with at least `min_images` images), every training image readable
@@ -300,7 +300,7 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
         load_frame(path, (image_size, image_size))  # FrameError names the file
         with Image.open(path) as im:  # the header only: the size before the frame conversion
             other_shapes += im.size[0] != im.size[1]
-    if other_shapes:  # said once: a user with 1024 x 768 frames should know what the model sees
+    if other_shapes and say_shapes:  # said once: a user with 1024 x 768 frames should know what the model sees
         print(f"dataset {root}: {other_shapes} of {len(images)} training images are not square: each frame is "
               f"stretched to {image_size} x {image_size} px (crop them to the part's region to keep its "
               "proportions)", file=sys.stderr)

@@ -17,11 +17,9 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path):
-            if isinstance(data, str):
-                tmp.write_text(data, encoding="utf-8")
-            else:
-                tmp.write_bytes(data)
-            keep_mode(path, tmp)
+            with tmp.open("wb") as f:
+                keep_mode(path, tmp)  # before the data: the new bytes are never readable beyond the old file's
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -29,8 +27,9 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> Path:
 
 
 def keep_mode(path: Path, tmp: Path) -> None:
-    """Give `tmp` the permission bits of the `path` it is about to replace: a rewrite by
-    rename had turned a user's 0600 output or checkpoint into the umask's 0644."""
+    """Give `tmp` (just made, still empty) the permission bits of the `path` it is about to
+    replace: a rewrite by rename had turned a user's 0600 output or checkpoint into the
+    umask's 0644."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

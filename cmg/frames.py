@@ -31,7 +31,7 @@ class FrameError(ValueError):
 _MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255) -> np.ndarray:
+def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255, scale: float | None = None) -> np.ndarray:
     """Scale an array of any numeric dtype to UINT8 by the dtype's range, never by clipping.
 
     uint8 as is; bool 0/255; uint16 by 255/65535 (x / 257, rounded: 16-bit cameras);
@@ -62,7 +62,10 @@ def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255) -> np.ndar
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0 or hi > 255:
             raise FrameError(f"{what}: floating-point pixels {lo:g}..{hi:g} are outside 0..1 and 0..255")
-        scale = 255.0 if hi <= 1.0 else 1.0
+        if scale is None:
+            scale = 255.0 if hi <= 1.0 else 1.0
+        if hi * scale > 255.0:
+            raise FrameError(f"{what}: floating-point pixels up to {hi:g} in a 0..1 batch")
         return np.rint(arr.astype(np.float64) * scale).astype(np.uint8)
     raise FrameError(f"{what}: pixels of dtype {arr.dtype} are not an image")
 
@@ -110,6 +113,22 @@ def batch_to_uint8(batch: np.ndarray, what: str = "batch") -> np.ndarray:
     lens cap, lights off) inside a 0..255 batch was read as 0..1, scaled by 255 and flagged.
     Other dtypes are returned as they are (their scale is their type's)."""
     return _array_to_uint8(batch, what) if np.issubdtype(batch.dtype, np.floating) else batch
+
+
+def batch_scale(batch: np.ndarray) -> float | None:
+    """The factor `batch_to_uint8` would apply, from the finite pixels alone (None for
+    integer batches): for converting the frames one at a time on the batch's scale, where
+    a frame with a NaN must fail alone."""
+    if not np.issubdtype(batch.dtype, np.floating) or not batch.size:
+        return None
+    finite = np.isfinite(batch)
+    hi = float(batch.max(where=finite, initial=0.0))
+    return 255.0 if hi <= 1.0 else 1.0
+
+
+def frame_on_scale(frame: np.ndarray, scale: float | None, what: str = "frame") -> np.ndarray:
+    """One frame of a batch -> uint8 on the batch's `scale` (`batch_scale`)."""
+    return frame if scale is None else _array_to_uint8(frame, what, scale=scale)
 
 
 def to_frame(image: Image.Image | np.ndarray, size: tuple[int, int], what: str = "image") -> np.ndarray:

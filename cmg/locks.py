@@ -94,12 +94,17 @@ class OutputLock:
 
 
 def private_lock_dir() -> Path:
-    """TMPDIR/cmg-locks-UID, this account's alone (0700, its own, no link): refused otherwise."""
-    locks = Path(tempfile.gettempdir()) / f"cmg-locks-{os.getuid()}"
+    """This account's own lock folder (0700, its own, no link; refused otherwise): under
+    XDG_RUNTIME_DIR, the session's private folder, where there is one (no other account can
+    take the name there), else TMPDIR/cmg-locks-UID."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
+    locks = base / f"cmg-locks-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         locks.mkdir(mode=0o700)
     st = os.lstat(locks)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise CMGError(f"lock folder {locks} is not this account's own folder (a link, another owner, or "
-                       "open to other accounts): remove it, and it is made again")
+                       "open to other accounts): remove it, and it is made again, or set TMPDIR to a folder "
+                       "of your own")
     return locks

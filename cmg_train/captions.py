@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from cmg.config import CMLEConfig
 from cmg.dataset import MVTecFolder, caption_text, check_training_folder, training_images
 from cmg.errors import CMGError
+from cmg.files import keep_mode
 from cmg.frames import load_frame
 from cmg.quiet import quiet_logs
 
@@ -152,6 +153,7 @@ def write_captions(root: Path, rows: dict[str, str], force: bool = False) -> Pat
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the captions from the training account
+    keep_mode(path, tmp)  # ... unless the file it replaces (--force) had its own
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for rel, caption in rows.items():
@@ -177,7 +179,7 @@ def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH
     root = Path(root)
     if (root / CAPTIONS).exists() and not force:  # before minutes of captioning, not after
         raise CMGError(f"{root / CAPTIONS} exists: cmg captions never replaces captions without --force")
-    check_training_folder(root, 8, need_captions=False, min_images=1)  # layout, every image readable
+    check_training_folder(root, 8, need_captions=False, min_images=1, say_shapes=False)  # layout, readable
     paths = training_images(root)
     category = MVTecFolder(root, captions=False).category
     rels = [p.relative_to(root).as_posix() for p in paths]

@@ -261,3 +261,9 @@ def test_a_float_batch_is_read_on_one_scale():
     assert batch_to_uint8(ints) is ints  # integer frames: their type's scale, untouched
     item = list(ArraySource(batch, 2).items())[1]
     assert item.load((8, 8)).max() == 1
+    bad = np.stack([bright, dark, bright])
+    bad[1, 0, 0, 0] = np.nan  # one bad frame fails alone; the others stream on the array's scale
+    items = list(ArraySource(bad, 3).items())
+    assert items[0].load((8, 8)).max() == 200 and items[2].load((8, 8)).max() == 200
+    with pytest.raises(FrameError, match="NaN"):
+        items[1].load((8, 8))

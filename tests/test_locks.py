@@ -14,7 +14,16 @@ from cmg.locks import OutputLock, private_lock_dir
 @pytest.fixture
 def tmpdir_here(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     return tmp_path
+
+
+def test_the_sessions_private_folder_is_preferred(tmp_path, monkeypatch):
+    """Under XDG_RUNTIME_DIR no other account can take the folder's name first."""
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert private_lock_dir() == runtime / f"cmg-locks-{os.getuid()}"
 
 
 def test_a_non_file_outputs_lock_is_in_the_accounts_own_folder(tmpdir_here):

@@ -336,6 +336,8 @@ def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
     {"new": 2, "originals": {"../victim": "x"}},               # a model that is not the repository's
     {"new": 2, "originals": {"cmg": ["not", "a", "config"]}},
     ["not", "a", "record"],
+    {"new": 2, "originals": {"cmg": "x"}, "report": {"not": "text"}},  # checked before any file is touched
+    {"new": 2, "originals": {"cmg": "x"}, "live": "cmg"},
 ])
 def test_a_deploy_record_that_names_anything_but_the_repositorys_versions_undoes_nothing(tmp_path, record):
     """REPO/.cmg-deploy.json is joined into paths that are removed and written: a crafted one

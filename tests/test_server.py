@@ -87,7 +87,11 @@ def test_the_stubs_find_a_shared_pythons_library(monkeypatch, tmp_path):
     values = {"Py_ENABLE_SHARED": 1, "LIBDIR": str(tmp_path)}
     monkeypatch.setattr(sysconfig, "get_config_var", lambda name: values.get(name))
     assert str(tmp_path) in find_tritonserver()[1]["LD_LIBRARY_PATH"].split(os.pathsep)
-    values["Py_ENABLE_SHARED"] = 0  # a static build: its stub has no libpython to find
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mylibs")
+    assert find_tritonserver()[1]["LD_LIBRARY_PATH"].split(os.pathsep)[-2:] == ["/opt/mylibs", str(tmp_path)]
+    values["LIBDIR"] = "/usr/lib/x86_64-linux-gnu"  # a system Python: the loader's own folder, not named
+    assert "/usr/lib/x86_64-linux-gnu" not in find_tritonserver()[1]["LD_LIBRARY_PATH"]
+    values["LIBDIR"], values["Py_ENABLE_SHARED"] = str(tmp_path), 0  # a static build: no libpython to find
     assert str(tmp_path) not in find_tritonserver()[1]["LD_LIBRARY_PATH"].split(os.pathsep)
 
     log = tmp_path / "server.log"
