@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -34,4 +35,5 @@ def keep_mode(path: Path, tmp: Path) -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return
-    os.chmod(tmp, stat.S_IMODE(mode))
+    with contextlib.suppress(FileNotFoundError):  # nothing made (a failing disk): the write says why
+        os.chmod(tmp, stat.S_IMODE(mode))
