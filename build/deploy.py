@@ -27,6 +27,7 @@ again, so OLD keeps serving; the command exits 2 with the server's reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import json
@@ -240,9 +241,63 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     fused_steps = sorted({m for e in ensembles for m in built["models"][e].get("fused", ())})
     steps = sorted({s.model_name for e in ensembles for s in configs[e].ensemble_scheduling.step} | set(fused_steps))
     old = max(int(live[e].version) for e in ensembles)
-    new = max(v for name in configs for v in _versions(repo, name)) + 1
+    # Above every version on disk and every one the server remembers: an undone deploy's number,
+    # reused, met the server's record of it ("unloaded") and every later deploy was refused.
+    known = [int(m.version) for m in _index(client) if m.name in configs and str(m.version).isdigit()]
+    new = max([v for name in configs for v in _versions(repo, name)] + known) + 1
 
     originals = {name: (repo / name / "config.pbtxt").read_text() for name in configs}
+
+    def write(name: str, cfg) -> None:
+        mcfg.write(cfg, repo / name)
+
+    def pinned(ensemble: str, version: int, text: str | None = None):
+        """The ensemble's config (on disk, or `text`) serving only `version`, every step pinned to it."""
+        cfg = mcfg.parse(text) if text is not None else mcfg.read(repo / ensemble / "config.pbtxt")
+        cfg.version_policy.specific.versions[:] = [version]
+        for step in cfg.ensemble_scheduling.step:
+            step.model_version = version
+        return cfg
+
+    def load_all() -> None:
+        # Ensembles first: loading a step makes Triton reload the ensembles that use it with the
+        # config it last loaded them with, not the one on disk; an ensemble still at "latest"
+        # then ran a new step beside an old one (cmg_exact mixed two runs' outputs).
+        for e in ensembles:
+            client.load_model(e)
+        for name in fused_steps:  # no ensemble loads them: loaded by name to be checked at NEW
+            client.load_model(name)
+
+    def pin_ensembles(version: int, texts: dict[str, str] | None = None) -> None:
+        """Every ensemble loaded pinned to `version` (its steps too) before any step changes:
+        whatever Triton reloads with its last config from then on stays at one version."""
+        for e in ensembles:
+            write(e, pinned(e, version, (texts or {}).get(e)))
+        for e in ensembles:
+            client.load_model(e)
+
+    def failed_versions() -> list[str]:
+        return [f"{m.name} version {m.version}: {m.reason}" for m in _index(client)
+                if m.name in steps + ensembles and m.version == str(new) and m.state != "READY"]
+
+    def release() -> None:
+        """Fused graphs loaded only to be checked go again: the server keeps what it served."""
+        for name in fused_steps:
+            if name not in live:
+                client.unload_model(name)
+
+    def roll_back(reason: str) -> CMGError:
+        with contextlib.suppress(Exception):  # (a lost server: the files are undone all the same)
+            pin_ensembles(old, originals)  # while the steps still hold OLD and NEW (OLD's threshold too)
+        undo_interrupted(repo)
+        try:
+            load_all()
+            release()
+            _forget(repo)  # files and server agree again; kept otherwise, for the next deploy to finish
+        except Exception as exc:  # noqa: BLE001 - the old version's own state decides
+            reason += f" (reload of version {old} after it: {_reason(exc)})"
+        return RolledBack(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
+
     serving = built.get("serving", {})
     with tempfile.TemporaryDirectory(prefix="cmg-deploy-") as tmp:
         staged = Path(tmp) / "repo"
@@ -264,59 +319,26 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
         write_atomic(repo / RECOVERY, json.dumps({"run": str(run), "new": new, "old": old, "originals": originals,
                                                    "report": report_path.read_text(), "live": sorted(live)}))
         try:
+            # The ensembles pinned to OLD before NEW exists on disk: reloaded now, their steps
+            # reload at OLD alone, and every reload Triton makes with their last config from here
+            # on (when a step they use is loaded) keeps them at one version.
+            pin_ensembles(old)
             for name in configs:
                 shutil.copytree(staged / name / str(new), repo / name / str(new))
-        except BaseException:
-            undo_interrupted(repo)  # nothing was loaded yet: the files alone
-            _forget(repo)
+        except BaseException as exc:
+            err = roll_back(f"{type(exc).__name__}: {_reason(exc)}" if isinstance(exc, Exception) else "interrupted")
+            if isinstance(exc, Exception):
+                raise err from exc
+            print(f"cmg deploy: {err}", file=sys.stderr)
             raise
-
-    def write(name: str, cfg) -> None:
-        mcfg.write(cfg, repo / name)
-
-    def pinned(ensemble: str, version: int):
-        """The ensemble's config serving only `version`, with every step pinned to it."""
-        cfg = mcfg.read(repo / ensemble / "config.pbtxt")
-        cfg.version_policy.specific.versions[:] = [version]
-        for step in cfg.ensemble_scheduling.step:
-            step.model_version = version
-        return cfg
-
-    def load_all() -> None:
-        for name in fused_steps:  # no ensemble loads them: loaded by name to be checked at NEW
-            client.load_model(name)
-        for e in ensembles:
-            client.load_model(e)
-
-    def failed_versions() -> list[str]:
-        return [f"{m.name} version {m.version}: {m.reason}" for m in _index(client)
-                if m.name in steps + ensembles and m.version == str(new) and m.state != "READY"]
-
-    def release() -> None:
-        """Fused graphs loaded only to be checked go again: the server keeps what it served."""
-        for name in fused_steps:
-            if name not in live:
-                client.unload_model(name)
-
-    def roll_back(reason: str) -> CMGError:
-        undo_interrupted(repo)
-        try:
-            load_all()
-            release()
-            _forget(repo)  # files and server agree again; kept otherwise, for the next deploy to finish
-        except Exception as exc:  # noqa: BLE001 - the old version's own state decides
-            reason += f" (reload of version {old} after it: {_reason(exc)})"
-        return RolledBack(f"deploy of {run} as version {new} failed, version {old} still serves: {reason}")
 
     def _stage_check_switch() -> None:
         """Steps 1-3 of the module docstring; a failure the server names raises roll_back's error."""
-        # 1. stage
+        # 1. stage (the ensembles serve OLD, pinned, since before NEW was copied in)
         for name in steps:
             cfg = mcfg.read(repo / name / "config.pbtxt")
             cfg.version_policy.specific.versions[:] = [old, new]
             write(name, cfg)
-        for e in ensembles:
-            write(e, pinned(e, old))
         try:
             load_all()
         except Exception as exc:  # noqa: BLE001 - the server's reason is the message

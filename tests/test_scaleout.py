@@ -258,7 +258,8 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
                                                       progress=False)])
         assert [x.get("model_version") for x in _lines(check)] == ["2", "2", "2"]
 
-        # Ctrl-C mid-deploy (here at the check of version 3): undone before the interrupt goes on.
+        # Ctrl-C mid-deploy (here at the check of version 4: the server remembers the refused 3,
+        # and a version number is never taken twice): undone before the interrupt goes on.
         from cmg_build import deploy as deploy_mod
 
         def interrupted(*_args, **_kwargs):
@@ -268,14 +269,14 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
             mp.setattr(deploy_mod, "_infer", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 deploy(tiny_run, repo, server.grpc_url)
-        assert not list(repo.glob("*/3")) and configs == {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+        assert not list(repo.glob("*/4")) and configs == {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
         assert not (repo / deploy_mod.RECOVERY).exists()
         _wait(lambda: ready() == {(C.CMG, "2")}, 60, "version 2 does not serve alone after the interrupt")
         # One deploy per repository at a time: a second is refused, naming the first.
         with OutputLock(repo, folder=True), pytest.raises(
                 CMGError, match=f"being deployed to by another `cmg deploy` \\(pid {os.getpid()}"):
             deploy(tiny_run, repo, server.grpc_url)
-        # A deploy SIGKILLed at its check (no undo runs: its staged configs, version 3, the fused
+        # A deploy SIGKILLed at its check (no undo runs: its staged configs, version 5, the fused
         # graphs it loaded and its record stay): the next deploy undoes it first, on disk and
         # on the server, instead of refusing every run from then on.
         killer = ("import os, signal, sys\nfrom pathlib import Path\nimport cmg_build.deploy as d\n"
@@ -284,15 +285,15 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
         killed = subprocess.run([sys.executable, "-c", killer, str(tiny_run), str(repo), server.grpc_url],
                                 capture_output=True, text=True, timeout=300)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-        assert list(repo.glob("*/3")) and (repo / deploy_mod.RECOVERY).is_file()
+        assert list(repo.glob("*/5")) and (repo / deploy_mod.RECOVERY).is_file()
         assert {C.CMER_SCORER, C.CMLE_ENCODER} <= {name for name, _ in ready()}, ready()
         done = deploy(tiny_run, repo, server.grpc_url)
-        assert "an interrupted deploy of version 3 was undone first" in capsys.readouterr().err
-        assert (done["old_version"], done["new_version"]) == (2, 3) and not (repo / deploy_mod.RECOVERY).exists()
+        assert "an interrupted deploy of version 5 was undone first" in capsys.readouterr().err
+        assert (done["old_version"], done["new_version"]) == (2, 6) and not (repo / deploy_mod.RECOVERY).exists()
         report = json.loads((repo / "build_report.json").read_text())  # what the engine runner and bench read
-        assert report["version"] == 3 and report["run"] == str(tiny_run) and "cmg/3/model.onnx" in report["files"]
-        assert [d["version"] for d in report["deployed"]] == [2, 3]
-        _wait(lambda: ready() == {(C.CMG, "3")}, 60, "version 3 does not serve alone after the deploy")
+        assert report["version"] == 6 and report["run"] == str(tiny_run) and "cmg/6/model.onnx" in report["files"]
+        assert [d["version"] for d in report["deployed"]] == [2, 6]
+        _wait(lambda: ready() == {(C.CMG, "6")}, 60, "version 6 does not serve alone after the deploy")
 
         # A record cut off (a full disk) is named, not taken for a lost server.
         (repo / deploy_mod.RECOVERY).write_text('{"run": "x", "orig')
@@ -315,6 +316,70 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
                 deploy(tiny_run, repo, server.grpc_url, data=tmp_path / "moved")
         assert asked["precision"] == "int8" and asked["data"] == tmp_path / "moved"
     finally:
+        server.cleanup()
+
+
+@pytest.mark.slow
+def test_deploy_keeps_every_loaded_ensemble_at_one_version(tiny_run, cpu_repo, tmp_path, monkeypatch):
+    """With cmg_exact loaded beside cmg, loading a step made Triton reload cmg_exact with the
+    config it had last loaded ("latest"), not the pinned one on disk: for seconds it answered as
+    the new version with the old teacher and the new encoder. And a deploy undone after its
+    switch left the server's record of that version ("unloaded"), which refused every later
+    deploy that took the same number."""
+    from cmg import model_config as mcfg
+    from cmg_build import deploy as deploy_mod
+
+    repo = tmp_path / "repo"
+    shutil.copytree(cpu_repo, repo)
+    server = _server(repo, tmp_path / "s.log", model_control_mode="explicit",
+                     load_models=[C.CMG, C.CMG_EXACT]).start()
+    seen: list[str] = []
+    pinned_to = {"1"}
+
+    def allowed(name: str) -> set[str]:
+        cfg = mcfg.read(repo / name / "config.pbtxt")
+        if cfg.version_policy.HasField("specific"):
+            return {str(v) for v in cfg.version_policy.specific.versions}
+        return {max((p.name for p in (repo / name).iterdir() if p.name.isdigit()), key=int)}
+
+    real_client = deploy_mod._client
+
+    def watched(url, repo_):
+        client = real_client(url, repo_)
+        load = client.load_model
+
+        def load_and_look(name, *a, **k):
+            load(name, *a, **k)
+            pinned_to.update(allowed(C.CMG_EXACT))  # every version its config has allowed so far
+            for m in client.get_model_repository_index().models:  # the ensemble as Triton holds it now
+                if m.name == C.CMG_EXACT and m.state == "READY" and m.version not in pinned_to:
+                    seen.append(f"after loading {name}: {m.name} {m.version} READY, its config never allowed it")
+
+        client.load_model = load_and_look
+        return client
+
+    try:
+        monkeypatch.setattr(deploy_mod, "_client", watched)
+        assert deploy_mod.deploy(tiny_run, repo, server.grpc_url)["new_version"] == 2
+        assert not seen, seen
+        real_infer = deploy_mod._infer
+
+        def the_switch_fails(client, name, version, cfg, frame):
+            if name in C.ENSEMBLES:
+                raise RuntimeError("planted: the new version answers wrong")
+            return real_infer(client, name, version, cfg, frame)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(deploy_mod, "_infer", the_switch_fails)
+            with pytest.raises(CMGError, match="as version 3 failed, version 2 still serves"):
+                deploy_mod.deploy(tiny_run, repo, server.grpc_url)
+        assert not list(repo.glob("*/3")) and not seen, seen
+        done = deploy_mod.deploy(tiny_run, repo, server.grpc_url)  # the server remembers 3 as unloaded
+        assert (done["old_version"], done["new_version"]) == (2, 4) and not seen, seen
+        ready = {(m["name"], m.get("version")) for m in server.model_states() if m.get("state") == "READY"}
+        assert {(C.CMG, "4"), (C.CMG_EXACT, "4")} <= ready and (C.CMG_EXACT, "2") not in ready, ready
+    finally:
+        server.stop()
         server.cleanup()
 
 
