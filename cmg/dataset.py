@@ -118,6 +118,26 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
     return rows
 
 
+def _unmatched_note(path: Path, root: Path) -> str:
+    """'; N lines name files that do not exist (first ..., ...)': captions written relative
+    to train/good instead of the data folder (a common slip) are otherwise skipped unseen."""
+    names = []
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for line in fh:
+            try:
+                name = json.loads(line).get("file")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(name, str) and not (root / _relative(name, root)).is_file():
+                names.append(name)
+    if not names:
+        return ""
+    first = names[0]
+    where = (f", which is train/good/{first}: name the files relative to {root}"
+             if (root / "train" / "good" / first).is_file() else "")
+    return f"; {len(names)} lines name files that do not exist (first: {first!r}{where})"
+
+
 def _mask_levels(img: Image.Image, path: Path) -> np.ndarray:
     """A mask's own values, 2-D: palette indices (index 0 is the background), grey or 16-bit
     levels as stored, or the strongest channel of a colour mask (alpha dropped)."""
@@ -315,9 +335,10 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     captions = read_captions(cap_path, root)
     rels = [p.relative_to(root).as_posix() for p in images]
     missing = [r for r in rels if r not in captions]
-    if missing:  # the file exists: `cmg captions` replaces it only with --force
+    if missing:  # the file exists: never hint at --force, which would replace the user's own captions
         raise CMGError(f"{cap_path}: {len(missing)} of {len(rels)} training images have no caption "
-                       f"(first: {', '.join(missing[:3])}); {hint.replace('--data', '--force --data')}")
+                       f"(first: {', '.join(missing[:3])}){_unmatched_note(cap_path, root)}; add a line "
+                       f'{{"file": "{missing[0]}", "caption": ...}} for each, {off}')
     empty = [r for r in rels if not captions[r].strip()]
     if empty:
         raise CMGError(f"{cap_path}: {len(empty)} training images have an empty caption (first: {empty[0]})")

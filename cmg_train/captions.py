@@ -22,8 +22,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import string
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,10 +148,17 @@ def coca_captions(model, images: Sequence[Path], arch: str = COCA_ARCH, seq_len:
 
 def write_captions(root: Path, rows: dict[str, str], force: bool = False) -> Path:
     """DIR/captions.jsonl (one {"file", "caption"} per image), atomically; never over an
-    existing file unless `force`."""
+    existing file unless `force`, and then the old one is kept beside it
+    (captions.jsonl.bak-TIME): hand-written captions are a user's work, replaced in one step."""
     path = root / CAPTIONS
     if path.exists() and not force:
         raise CMGError(f"{path} exists: cmg captions never replaces captions without --force")
+    if path.exists():
+        backup = path.with_name(f"{CAPTIONS}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(path, backup)
+        kept = sum(1 for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+        print(f"cmg captions: replacing {path} ({kept} lines); the old file is kept as {backup.name}",
+              file=sys.stderr)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".captions.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)

@@ -243,6 +243,11 @@ BREAKS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "caption missing": (lambda d: (_rewrite_captions(d, lambda rows: [r for r in rows
                                                                       if r["file"] != "train/good/007.png"]), d)[1],
                         "have no caption"),
+    # names written relative to train/good: said, and --force (which replaces every caption) not offered
+    "captions named from train/good": (lambda d: (_rewrite_captions(d, lambda rows: [
+        {**r, "file": r["file"].removeprefix("train/good/")} for r in rows]), d)[1],
+        "30 lines name files that do not exist (first: '000.png', which is train/good/000.png: name the "
+        "files relative to"),
     "empty caption": (lambda d: (_rewrite_captions(d, lambda rows: [{**r, "caption": " "} if
                                                                     r["file"] == "train/good/001.png" else r
                                                                     for r in rows]), d)[1], "empty caption"),
@@ -337,3 +342,21 @@ def test_train_counts_the_scorer_images_after_the_held_out_split(good_data, tmp_
                                        r"the rest held out by data.val_fraction 0.3\)"):
         train_run(cfg, data, out, progress=False)
     assert not out.exists()
+
+
+def test_a_partial_captions_file_is_never_answered_with_force(good_data, tmp_path, capsys):
+    """`cmg captions --force` replaces every caption: it was the hint for a file missing some,
+    and following it lost 370 hand-written captions; now --force keeps the old file."""
+    from cmg.dataset import check_training_folder
+    from cmg_train.captions import write_captions
+
+    data = Path(shutil.copytree(good_data, tmp_path / "data"))
+    _rewrite_captions(data, lambda rows: [r for r in rows if r["file"] != "train/good/007.png"])
+    with pytest.raises(CMGError) as info:
+        check_training_folder(data, 64)
+    assert "--force" not in str(info.value) and '{"file": "train/good/007.png", "caption": ...}' in str(info.value)
+    mine = (data / "captions.jsonl").read_text()
+    write_captions(data, {"train/good/000.png": "generated"}, force=True)
+    backups = list(data.glob("captions.jsonl.bak-*"))
+    assert len(backups) == 1 and backups[0].read_text() == mine
+    assert "the old file is kept as captions.jsonl.bak-" in capsys.readouterr().err
