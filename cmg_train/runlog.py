@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def run_folder(out: Path) -> Iterator[Path]:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CMGError(f"--out {out} holds files that are not a training run's ({shown}): "
                        "train into a new or empty folder, or into a run folder to replace that run")
+    if (out / "checkpoint.pt").is_file():  # said before the minutes of training, not after
+        print(f"cmg train: {out} holds a run; this training replaces it (its export and eval reports "
+              "go with it) when it succeeds", file=sys.stderr)
     created = [d for d in (out, *out.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the run
     try:
@@ -73,6 +77,8 @@ def run_folder(out: Path) -> Iterator[Path]:
             stale = out / "onnx"
             if (stale / "export.json").is_file():  # `cmg export`'s, of the checkpoint just replaced
                 shutil.rmtree(stale)
+            if (out / "eval").is_dir():  # `cmg eval`'s reports and pictures of that checkpoint
+                shutil.rmtree(out / "eval")
     except BaseException:
         if out in created:
             for parent in created[1:]:  # innermost first; only while empty (the lock file is gone)

@@ -161,6 +161,23 @@ def test_one_training_per_run_folder_and_only_into_a_run_or_empty_folder(tmp_pat
             pass
 
 
+def test_training_over_a_run_says_so_and_takes_its_eval_reports_along(tmp_path, capsys):
+    """A small run trained over with tiny: replaced without a word, its eval/ (the old
+    model's report and pictures) left beside the new checkpoint."""
+    from cmg_train.runlog import run_folder
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval.md").write_text("the old model's report")
+    (run / "onnx").mkdir()
+    (run / "onnx" / "export.json").write_text("{}")
+    (run / "checkpoint.pt").write_text("the old model")
+    with run_folder(run):
+        assert "holds a run; this training replaces it" in capsys.readouterr().err
+        assert (run / "eval" / "eval.md").is_file()  # nothing goes before the training succeeds
+    assert not (run / "eval").exists() and not (run / "onnx").exists()
+
+
 @pytest.mark.slow
 def test_failed_train_keeps_the_run_and_is_quiet_under_no_progress(tiny_data, tmp_path, monkeypatch, capfd):
     """`cmg train --no-progress --out RUN` failing after the teacher (MiniLM loaded): RUN's
