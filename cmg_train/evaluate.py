@@ -227,14 +227,17 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
+              "files": [_relative_name(s.path, data) for s in test.samples],  # which frame each score is
               "global_weight": float(run.detector.global_weight)}
     if sweep:
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
     write_atomic(eval_dir / f"{stem}.json", json.dumps(report, indent=2))  # a torn report blocked the next eval
-    (eval_dir / f"{stem}.md").write_text(markdown_table(report["rows"], report["defects"]) + threshold_table([report])
-                                         + alpha_table([report]))
+    head = (f"{cfg.name} run {run.path} (checkpoint sha256 {report['checkpoint_sha256'][:12]}, seed {cfg.seed}) "
+            f"on {report['test_images']} test images of {report['data']}\n\n")  # the file is the run's, whichever data
+    (eval_dir / f"{stem}.md").write_text(head + markdown_table(report["rows"], report["defects"])
+                                         + threshold_table([report]) + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
              point=(at["false_positive_rate"], at["recall"], "run at its calibrated threshold"))
     pick = _showcase(test.defects)
@@ -243,7 +246,8 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     worst = worst_frames(test.labels, out["scores"])
     thr = float(run.detector.threshold)
     mask_grid(test.frames.numpy()[worst], out["keeps"][worst], out["maps"][worst],
-              [f"{test.defects[i]} {out['scores'][i]:.2f}" + (" (flagged)" if out["scores"][i] > thr else "")
+              [f"{test.defects[i]}/{test.samples[i].path.stem} {out['scores'][i]:.2f}"
+               + (" (flagged)" if out["scores"][i] > thr else "")
                for i in worst], eval_dir / f"{stem}_errors.png", gt=test.gt[worst],
               suptitle=f"{cfg.name}: the highest-scoring normal frames, then the lowest-scoring defects "
                        f"(titles: kind and score; the run flags scores above {thr:.2f})")
@@ -350,6 +354,12 @@ def test_split_fingerprint(data: Path) -> str:
                     st = f.stat()
                     entries.append(f"{f.relative_to(data)}\t{st.st_size}\t{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _relative_name(path: Path, data: Path) -> str:
+    """test/KIND/NAME as the report and the stream's frame ids name a frame (absolute if outside)."""
+    path, root = Path(path).resolve(), Path(data).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
@@ -580,6 +590,9 @@ def run(args: argparse.Namespace) -> int:
     if len(reports) == 1:
         print(markdown_table(reports[0]["rows"], reports[0].get("defects")) + threshold_table(reports)
               + alpha_table(reports), end="")
+        stem = "ablation" if args.ablation else "eval"
+        print(f"cmg eval: {runs[0].path / 'eval'}/{stem}.md, {stem}.json and {stem}_*.png: this run's report of "
+              f"{reports[0]['data']} (the run's report of any other data is replaced)", file=sys.stderr)
         return 0
     agg = aggregate(reports)
     out = args.out or runs[0].path.parent / "eval_seeds"

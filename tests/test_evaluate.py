@@ -416,6 +416,9 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) >= {"run", *ABLATION, "cmg_exact", "patchcore", "teacher_knn", "pyod_ecod"}  # + diagnostic rows
     assert report["test_images"] == 135 and report["anomalies"] == 75
+    assert [f.startswith("test/good/") for f in report["files"]] == [lab == 0 for lab in report["labels"]]
+    head = (tiny_run / "eval" / "ablation.md").read_text().splitlines()[0]  # which data, which checkpoint
+    assert str(Path(tiny_data).resolve()) in head and report["checkpoint_sha256"][:12] in head
     for name in ("run", *ABLATION, "cmg_exact"):
         assert set(rows[name]["per_defect"]) == TINY_DEFECTS
         lo, hi = rows[name]["image_auroc_ci95"]
@@ -449,8 +452,8 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     for f in ("ablation.json", "ablation.md", "ablation_roc.png", "ablation_masks.png", "ablation_alpha.png",
               "ablation_errors.png"):
         assert (eval_dir / f).stat().st_size > 0
-    assert (eval_dir / "ablation.md").read_text() == (markdown_table(report["rows"], report["defects"])
-                                                      + threshold_table([report]) + alpha_table([report]))
+    assert (eval_dir / "ablation.md").read_text().split("\n\n", 1)[1] == (
+        markdown_table(report["rows"], report["defects"]) + threshold_table([report]) + alpha_table([report]))
     # The keep-mask threshold sweep: at the run's own alpha it is the run, exactly; a higher
     # threshold never keeps more; alpha 0 keeps every patch; the detector is left as it was.
     sweep = {r["alpha"]: r for r in report["alpha_sweep"]}
