@@ -83,6 +83,7 @@ class StreamSummary:
     out: str
     frames: int = 0  # lines appended by this run
     results: int = 0
+    flagged: int = 0  # results with IS_ANOMALY (at the calibrated threshold, or the one sent)
     errors: int = 0  # error lines appended by this run
     rescored: int = 0  # earlier error lines re-scored (--retry-errors)
     fixed: int = 0  # ... of which now have a score
@@ -99,7 +100,8 @@ class StreamSummary:
     def line(self) -> str:
         lat = "n/a" if self.p50_ms is None else f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
         return (
-            f"{self.frames} frames ({self.results} results, {self.errors} errors) in {self.elapsed_s:.1f}s, "
+            f"{self.frames} frames ({self.results} results, {self.errors} errors; {self.flagged} flagged"
+            f"{f' = {self.flagged / self.results:.0%}' if self.results else ''}) in {self.elapsed_s:.1f}s, "
             f"{self.fps:.1f} fps, latency {lat}, {self.retries} retries, {self.reconnects} reconnects"
             + (f", {self.skipped} already in {self.out}" if self.skipped else "")
             + (f", {self.fixed} of {self.rescored} earlier errors now scored" if self.rescored else "")

@@ -154,6 +154,7 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
                     summary.errors += 1
                 else:
                     summary.results += 1
+                    summary.flagged += bool(line.get("is_anomaly"))
                 if opts.on_line:
                     opts.on_line(line)
 

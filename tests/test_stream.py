@@ -461,6 +461,8 @@ def test_stream_synthetic_source(triton, tmp_path):
     lines = _lines(out)
     assert [r["seq"] for r in lines] == list(range(20)) and summary.results == 20
     assert all(r["source"].startswith("synth:tiny") for r in lines)
+    assert summary.flagged == sum(r["is_anomaly"] for r in lines)  # the summary says how many were flagged
+    assert f"; {summary.flagged} flagged = {summary.flagged / 20:.0%})" in summary.line()
 
 
 def test_stream_imports_no_torch():
