@@ -160,8 +160,12 @@ class OutageNotice:
         self.last[url] = now
         self.said.add(url)
         budget = "(no limit)" if limit < 0 else f"of {limit}"
+        # A deadline is what a busy server gives too: frames queued behind a full window wait
+        # their turn past --timeout although every one is answered.
+        busy = ("; past the deadline: the server may be busy rather than down (queued frames wait): "
+                "lower --window or raise --timeout" if "deadline" in reason.lower() else "")
         tqdm.write(f"{self.prefix} {url} not answering for {now - began:.0f} s; frame {seq} retry {attempt} "
-                   f"{budget}; last: {reason}", file=sys.stderr)
+                   f"{budget}; last: {reason}{busy}", file=sys.stderr)
 
     def answered(self, url: str) -> None:
         began = self.since.pop(url, None)
