@@ -45,9 +45,14 @@ def normalize_url(url: str, protocol: str = "grpc") -> str:
     """`HOST:PORT` as tritonclient wants it; accepts `grpc://`/`http://` prefixes and a bare host."""
     if protocol not in PROTOCOLS:
         raise CMGError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    for prefix in ("grpc://", "http://", "https://"):
-        if url.startswith(prefix):
-            url = url[len(prefix) :]
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        wanted = {"grpc": "grpc", "http": "http"}.get(scheme.lower())
+        if wanted != protocol:  # an HTTP URL spoken to in gRPC fails as "unreachable ... Socket closed"
+            flag = "" if protocol == "http" else " (--http speaks HTTP)"
+            raise CMGError(f"server URL {url!r} is a {scheme} URL but the client speaks {protocol}{flag}: "
+                           f"give HOST:PORT of the server's {protocol} port (default {DEFAULT_PORTS[protocol]})")
+        url = rest
     url = url.rstrip("/")
     if not url:
         raise CMGError("empty server URL")

@@ -70,8 +70,13 @@ def test_normalize_url():
     assert normalize_url("grpc://127.0.0.1:9001/") == "127.0.0.1:9001"
     assert normalize_url("localhost", "http") == "localhost:8000"
     assert normalize_url("localhost") == "localhost:8001"
+    assert normalize_url("http://localhost:8000/", "http") == "localhost:8000"
     with pytest.raises(CMGError):
         normalize_url("")
+    with pytest.raises(CMGError, match=r"is a http URL but the client speaks grpc \(--http speaks HTTP\)"):
+        normalize_url("http://10.0.0.5:8000")  # had failed later as "unreachable ... Socket closed"
+    with pytest.raises(CMGError, match="is a https URL"):
+        normalize_url("https://10.0.0.5:8000", "http")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
