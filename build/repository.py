@@ -60,6 +60,9 @@ def find_export(run: Path) -> tuple[Path, dict]:
     run = Path(run)
     if not run.exists():
         raise CMGError(f"run folder {run} does not exist")
+    if run.is_file():  # RUN/onnx/export.json, RUN/checkpoint.pt: the folder that holds it is meant
+        folder = run.parent.parent if run.parent.name == "onnx" else run.parent
+        raise CMGError(f"--run {run} is a file: give the run folder ({folder})")
     onnx_dir = run / "onnx" if (run / "onnx").is_dir() else run
     meta_path = onnx_dir / "export.json"
     if not meta_path.is_file():

@@ -222,9 +222,12 @@ def test_config_mismatch_names_the_tensor(toy_run, tmp_path):
         mcfg.read(path)
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash", "nan_threshold"])
+@pytest.mark.parametrize("case", ["no_run", "no_export", "bad_hash", "nan_threshold", "a_file"])
 def test_bad_run_folder_one_line_error(toy_run, tmp_path, case):
     run = tmp_path / "run"
+    if case == "a_file":  # RUN/onnx/export.json given for RUN: had been told to `cmg export --run` that file
+        write_toy_export(run / "onnx", CONTRACT)
+        run = run / "onnx" / "export.json"
     if case == "nan_threshold":  # it would serve a model that flags nothing
         write_toy_export(run / "onnx", CONTRACT, threshold=float("nan"))
     if case == "no_export":
@@ -238,7 +241,8 @@ def test_bad_run_folder_one_line_error(toy_run, tmp_path, case):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cmg build: error: ")
     expect = {"no_run": "does not exist", "no_export": "export.json not found", "bad_hash": "sha256 differs",
-              "nan_threshold": "threshold nan is not a finite number"}[case]
+              "nan_threshold": "threshold nan is not a finite number",
+              "a_file": f"is a file: give the run folder ({tmp_path / 'run'})"}[case]
     assert expect in lines[0]
 
 
