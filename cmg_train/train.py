@@ -396,4 +396,18 @@ def run(args: argparse.Namespace) -> int:
     metrics = train_run(cfg, args.data, args.out, progress=not args.no_progress)
     print(json.dumps({"run": str(args.out), "threshold": metrics["cmle"]["threshold"],
                       "total_s": round(metrics["timings"]["total_s"], 1)}))
+    print(next_steps(metrics, args.out), file=sys.stderr)
     return 0
+
+
+def next_steps(metrics: dict, out: Path) -> str:
+    """What the run promises and what comes next, in words (the JSON line above is for scripts)."""
+    c = metrics["cmle"]
+    normals = sum((c.get("threshold_normals") or {}).values())
+    fused = {float(w): a for w, a in ((c.get("fusion") or {}).get("synthetic_auroc") or {}).items()}
+    weight = float((c.get("fusion") or {}).get("global_weight") or 0.0)
+    on_synthetic = f"; synthetic defects on held-out normals: AUROC {fused[weight]:.2f}" if weight in fused else ""
+    return (f"cmg train: threshold {c['threshold']:.4g}, set to flag at most {c['false_positive_rate_bound']:.1%} of "
+            f"normal frames like the {normals} it was calibrated on (held-out normals flagged: "
+            f"{c['val_false_positive_rate']:.1%}){on_synthetic}. Next: `cmg eval --run {out}` on a test split with "
+            f"defects (how good it is), then `cmg export --run {out}` and `cmg build --run {out}`")

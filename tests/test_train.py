@@ -590,3 +590,15 @@ def test_a_full_disk_while_saving_the_checkpoint_names_it_and_keeps_the_old_one(
         write_checkpoint({"new": torch.ones(1000)}, path)
     assert info.value.filename == str(path)
     assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_training_ends_saying_what_the_threshold_promises_and_what_comes_next():
+    """`cmg train` had ended on a JSON line of the run, threshold and time only."""
+    from cmg_train.train import next_steps
+
+    metrics = {"cmle": {"threshold": 2.5, "false_positive_rate_bound": 0.049, "val_false_positive_rate": 0.033,
+                        "threshold_normals": {"held_out": 30, "training_left_out": 170},
+                        "fusion": {"global_weight": 0.0, "synthetic_auroc": {0.0: 0.91, 0.25: 0.9}}}}
+    said = next_steps(metrics, Path("runs/line3"))
+    assert "flag at most 4.9% of normal frames like the 200" in said and "AUROC 0.91" in said
+    assert "`cmg eval --run runs/line3`" in said and "`cmg export --run runs/line3`" in said
