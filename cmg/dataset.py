@@ -177,11 +177,12 @@ class MVTecFolder:
     """One product line's folder: samples per split, frames, and ground-truth masks."""
 
     def __init__(self, root: str | Path, prompt: str = "a photo of a {category}",
-                 category: str | None = None, captions: bool = True) -> None:
+                 category: str | None = None, captions: bool = True, need_train: bool = True) -> None:
+        """`need_train=False`: a folder of test frames alone (`cmg eval --data` on new frames)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        if not (self.root / "train" / "good").is_dir():
+        if need_train and not (self.root / "train" / "good").is_dir():
             raise CMGError(f"dataset {self.root}: missing folder {self.root / 'train' / 'good'}")
         if "{category}" not in prompt:
             raise CMGError(f"prompt template {prompt!r} has no {{category}} placeholder")

@@ -101,7 +101,7 @@ class TestSet:
     """The test split as frames, labels, defect kinds and pixel masks."""
 
     def __init__(self, data: Path, size: int, progress: bool):
-        ds = MVTecFolder(data)
+        ds = MVTecFolder(data, captions=False, need_train=False)  # only test/ (and ground_truth/) is scored
         self.samples = ds.samples("test")
         self.labels = np.array([s.label for s in self.samples])
         if not len(self.labels) or self.labels.min() == self.labels.max():  # before decoding every frame

@@ -679,3 +679,19 @@ def test_a_test_split_of_one_kind_is_refused_naming_what_is_missing(tmp_path, ke
             shutil.rmtree(kind)
     with pytest.raises(CMGError, match=f"needs normal and anomalous images to measure AUROC; it has {said}"):
         TestSet(data, 64, progress=False)
+
+
+def test_a_folder_of_test_frames_alone_is_scored(tmp_path):
+    """`cmg eval --data NEW` on frames from the line (test/ and ground_truth/, no train/) had
+    been refused for a missing train/good, which eval never reads."""
+    import shutil
+
+    from cmg_data.synth import synthesize
+    from cmg_train.evaluate import TestSet
+
+    data = synthesize(tmp_path / "d", "tiny", seed=0, n_train=4, n_test_good=2, n_test_per_anomaly=1, progress=False)
+    shutil.rmtree(data / "train")
+    for index in ("meta.jsonl", "captions.jsonl"):  # the generator's indexes name the training images too
+        (data / index).unlink()
+    test = TestSet(data, 64, progress=False)
+    assert len(test.labels) > 2 and 0 < test.labels.sum() < len(test.labels) and test.gt.any()
