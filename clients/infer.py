@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shm", action="store_true", help="send tensors through system shared memory")
     parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--overlays", type=Path, default=None, help="write an overlay PNG per flagged image here")
+    parser.add_argument("--overlays-for", choices=("flagged", "all"), default="flagged",
+                        help="with --overlays: the flagged images (default), or every image (a missed defect's "
+                             "map is the one to look at)")
     parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--retries", type=int, default=3,
                         help="retries of a request the server answered 'not now' (model reloading, busy); default 3")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                     for (i, frame), res in zip(good, results_from_arrays(arrays), strict=True):
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
-                        if args.overlays is not None and res.is_anomaly:
+                        if args.overlays is not None and (res.is_anomaly or args.overlays_for == "all"):
                             line["overlay"] = str(save_overlay(frame, res, overlays[chunk[i]]))
                         lines[i] = line
             for line in lines:

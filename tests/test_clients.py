@@ -417,6 +417,16 @@ def test_cmg_infer_cli(triton, grpc_client, tmp_path, capsys):
         with Image.open(rec["overlay"]) as im:
             assert im.format == "PNG" and im.size[0] >= w
 
+    # A missed defect's map is what one looks at: every image's overlay on request, none by default.
+    rc = main(["infer", "--url", triton.grpc_url, "--threshold=1e9", "--overlays", str(tmp_path / "all"),
+               "--overlays-for", "all", str(folder / "img0.png")])
+    (rec,) = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and rec["is_anomaly"] is False and Path(rec["overlay"]).is_file()
+    rc = main(["infer", "--url", triton.grpc_url, "--threshold=1e9", "--overlays", str(tmp_path / "flagged"),
+               str(folder / "img0.png")])
+    (rec,) = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and "overlay" not in rec
+
     # HTTP + shared memory gives the same scores.
     rc = main(["infer", "--http", "--url", triton.http_url, "--shm", str(folder / "img0.png")])
     (rec,) = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
