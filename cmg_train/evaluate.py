@@ -435,16 +435,23 @@ def alpha_table(reports: list[dict]) -> str:
     if not rows:
         return ""
     mine = {rep.get("alpha") for rep in reports}
+    seeded = len(reports) > 1  # one run has no range to show: a range of one value read as a measured spread
     lines = ["", "The run at other keep-mask thresholds (`cmer.alpha`; 0 keeps every patch; scorer, bank and "
              "calibration as trained):", "",
-             "| alpha | image AUROC, median (range) | gain over alpha 0 (range over seeds) | pixel AUROC | frame kept |",
+             "| alpha | image AUROC, median (range) | gain over alpha 0 (range over seeds) | pixel AUROC | frame kept |"
+             if seeded else "| alpha | image AUROC | gain over alpha 0 | pixel AUROC | frame kept |",
              "|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["image_auroc_range"]
         glo, ghi = r["gain_range"]
         name = f"{r['alpha']:.2f}" + (" (run)" if r["alpha"] in mine else "")
-        lines.append(f"| {name} | {r['image_auroc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['gain']:+.3f} ({glo:+.3f} to "
-                     f"{ghi:+.3f}) | {_fmt(r['pixel_auroc'])} | {r['kept']:.2f} |")
+        auc, gain = f"{r['image_auroc']:.3f}", f"{r['gain']:+.3f}"
+        if seeded:
+            auc, gain = f"{auc} ({lo:.3f}-{hi:.3f})", f"{gain} ({glo:+.3f} to {ghi:+.3f})"
+        lines.append(f"| {name} | {auc} | {gain} | {_fmt(r['pixel_auroc'])} | {r['kept']:.2f} |")
+    if not seeded:
+        lines += ["", "One run: a gain of a point or two between rows is within its test images' noise (the "
+                  "run's image AUROC interval above); compare alphas over seeds (`benchmarks/seeds.sh`)."]
     if any(rep.get("global_weight", 0.0) > 0 for rep in reports):
         lines += ["", "Rows other than the run's are estimates: the run gives the global score a weight, and "
                   "its CMLE head and global bank were fitted on frames masked at the run's alpha."]

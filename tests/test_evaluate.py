@@ -389,6 +389,15 @@ def test_alpha_sweep_over_seeds_is_paired_with_each_seeds_alpha_0():
     assert alpha_table(reports).splitlines()[-1].startswith("Rows other than the run's are estimates")
 
 
+def test_one_runs_alpha_table_shows_no_range_and_says_what_a_difference_is_worth():
+    """One run's table was headed "median (range)" and "range over seeds", with a range of one
+    value, and invited a change of cmer.alpha on a 0.005 difference."""
+    lines = alpha_table([_sweep_report(0, (0.80, 0.83))]).splitlines()
+    assert "| alpha | image AUROC | gain over alpha 0 | pixel AUROC | frame kept |" in lines
+    assert "| 0.30 (run) | 0.830 | +0.030 | 0.900 | 0.70 |" in lines
+    assert lines[-1].startswith("One run: a gain of a point or two between rows is within")
+
+
 def test_alpha_sweep_needs_the_same_sweep_in_every_report():
     assert alpha_medians([_sweep_report(0, (0.8, 0.9)), {"seed": 1}]) == []  # a report cached before the sweep
     assert alpha_table([{"seed": 0}]) == ""
