@@ -136,9 +136,11 @@ class TestSet:
         return pixel_metrics(None if maps is None else maps[self.pixel], self.gt[self.pixel])
 
 
-def local_maps(det: CMGDetector, frames: torch.Tensor) -> torch.Tensor:
-    """The local model's ungated maps, once for every row that shares the model."""
-    (maps,) = batched(lambda f: det.local_map(f, det.teacher.preprocess(f)), frames)
+def local_maps(det: CMGDetector, frames: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """The local model's ungated maps, once for every row that shares the model (the long pass
+    of an eval: the backbones and the bank's kNN over every test frame)."""
+    (maps,) = batched(lambda f: det.local_map(f, det.teacher.preprocess(f)), frames, progress=progress,
+                      desc="anomaly maps")
     return maps
 
 
@@ -192,7 +194,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     if test is None or fingerprint is None:  # before reading: an edit while scoring makes the report stale
         fingerprint = test_split_fingerprint(data)
     test = test or TestSet(data, cfg.data.image_size, progress)
-    (test_ps,) = batched(run.scorer_graph(), test.frames)
+    (test_ps,) = batched(run.scorer_graph(), test.frames, progress=progress, desc="keep-masks")
     rows: list[dict] = []
     scores: dict[str, np.ndarray] = {}
 
@@ -201,7 +203,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
                      **test.pixel_metrics(maps), **(extra or {})})
         scores[name] = s
 
-    test_maps = local_maps(run.detector, test.frames)
+    test_maps = local_maps(run.detector, test.frames, progress)
     out = score_detector(run.detector, test.frames, test_ps, test_maps)
     shown = out
     cover = {"scorer": defect_coverage(keep_mask_cfg(test_ps, cfg.cmer), test.gt)}

@@ -704,3 +704,19 @@ def test_a_folder_of_test_frames_alone_is_scored(tmp_path):
         (data / index).unlink()
     test = TestSet(data, 64, progress=False)
     assert len(test.labels) > 2 and 0 < test.labels.sum() < len(test.labels) and test.gt.any()
+
+
+def test_the_long_pass_of_an_eval_shows_progress(capsys):
+    """`cmg eval` had shown one bar (frames, under a second), then minutes of silence."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cmg_train.evaluate import local_maps
+
+    det = SimpleNamespace(teacher=SimpleNamespace(preprocess=lambda f: f.float()),
+                          local_map=lambda f, p: p.mean(dim=-1))
+    maps = local_maps(det, torch.zeros(3, 4, 4, 3, dtype=torch.uint8), progress=True)
+    assert maps.shape == (3, 4, 4) and "anomaly maps" in capsys.readouterr().err
+    local_maps(det, torch.zeros(3, 4, 4, 3, dtype=torch.uint8))
+    assert "anomaly maps" not in capsys.readouterr().err
