@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -294,4 +295,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = export_run(args.run, args.out, args.data)
     print(json.dumps({"onnx": str(args.out or args.run / "onnx"), "parity": report["parity"]}))
+    print(parity_verdict(report["parity"], args.out or args.run / "onnx"), file=sys.stderr)
     return 0
+
+
+def parity_verdict(parity: dict, out: Path) -> str:
+    """One line for people (the JSON above is for scripts): the graphs agree with PyTorch."""
+    rel = [v["relative_diff"] for model in parity.values() if isinstance(model, dict)
+           for v in model.values() if isinstance(v, dict) and "relative_diff" in v]
+    flips = sum(v.get("mismatches", 0) for model in parity.values() if isinstance(model, dict)
+                for v in model.values() if isinstance(v, dict))
+    return (f"cmg export: {len(parity)} graphs in {out}, each output within {max(rel, default=0.0):.1e} of its "
+            f"scale of PyTorch's (the rule: {PARITY_REL_TOL:g}), {flips} flags or keep-mask cells differ. "
+            f"Next: `cmg build --run {out.parent if out.name == 'onnx' else out}`")

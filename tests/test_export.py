@@ -301,3 +301,16 @@ def test_an_out_holding_anything_but_an_export_is_refused_before_anything_goes(t
     with pytest.raises(CMGError, match="holds files but no export"):
         export_run(run, other)
     assert (run / "checkpoint.pt").read_bytes() == b"the model" and (other / "keep" / "notes.txt").is_file()
+
+
+def test_export_ends_with_a_verdict_a_person_reads():
+    """`cmg export` printed one long JSON line and no verdict."""
+    from pathlib import Path
+
+    from cmg_train.export import parity_verdict
+
+    parity = {"cmer_scorer": {"PATCH_SCORES": {"relative_diff": 2e-7}, "batches": [1, 7]},
+              "cmle_encoder": {"ANOMALY_SCORE": {"relative_diff": 4e-6}, "IS_ANOMALY": {"mismatches": 0}}}
+    said = parity_verdict(parity, Path("runs/a/onnx"))
+    assert "2 graphs in runs/a/onnx, each output within 4.0e-06 of its scale" in said
+    assert "0 flags or keep-mask cells differ" in said and "`cmg build --run runs/a`" in said
