@@ -236,8 +236,11 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
     stem = "ablation" if ablation else "eval"
     write_atomic(eval_dir / f"{stem}.json", json.dumps(report, indent=2))  # a torn report blocked the next eval
-    head = (f"{cfg.name} run {run.path} (checkpoint sha256 {report['checkpoint_sha256'][:12]}, seed {cfg.seed}) "
-            f"on {report['test_images']} test images of {report['data']}\n\n")  # the file is the run's, whichever data
+    head = (f"Run {run.path} (config {cfg.name}, seed {cfg.seed}, checkpoint sha256 {report['checkpoint_sha256'][:12]}) "
+            f"on {report['test_images']} test images of {report['data']}"
+            + ("; no defect image has a ground-truth mask (ground_truth/KIND/NAME_mask.png), so the pixel "
+               "metrics are '-'" if _run_row(report).get("pixel_auroc") is None else "")
+            + "\n\n")  # the file is the run's, whichever data
     (eval_dir / f"{stem}.md").write_text(head + markdown_table(report["rows"], report["defects"])
                                          + threshold_table([report]) + alpha_table([report]))
     roc_plot(test.labels, scores, eval_dir / f"{stem}_roc.png", f"{cfg.name}: image-level ROC",
