@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config, unread_settings
@@ -301,11 +302,17 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     frames = torch.from_numpy(ds.frames(samples, size, progress=progress))
     timings: dict[str, float] = {}
 
+    def stage(i: int, what: str) -> None:  # the stages in order, with the time so far: no bar spans them all
+        if progress:
+            tqdm.write(f"cmg train [{i}/4] {what} ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr)
+
     t = time.perf_counter()
+    stage(1, "teacher: image and caption embeddings")
     teacher, teacher_metrics = train_teacher(cfg, frames, captions, tr, va, progress, log)
     timings["teacher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    stage(2, "CMER: relevance, the one-pass scorer, keep-mask checks")
     text = teacher.encode_text(captions)
     if cfg.cmer.relevance == "attention":
         relevance = attention_relevance(teacher, frames, cfg.grid)
@@ -313,7 +320,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
         relevance = occlusion_relevance(teacher, frames, text, cfg.grid, cfg.cmer.occlusion_batch, progress)
     scorer, scorer_metrics = train_scorer(cfg, teacher, frames[tr], relevance[tr], progress, log)
     one_pass = ScorerGraph(teacher.preprocess, scorer).eval()
-    (scores,) = batched(one_pass, frames)
+    (scores,) = batched(one_pass, frames, progress=progress, desc="keep-masks")
     parts = _part_clutter(ds, [samples[i] for i in va.tolist()], size)
     unique = sorted(set(captions))
     caption_bank = teacher.encode_text(unique)
@@ -324,10 +331,12 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     timings["cmer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    stage(3, f"local model: {cfg.local.model}")
     local, local_metrics = fit_local(cfg, teacher, frames, relevance, tr, va, progress, log)
     timings["local_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    stage(4, "CMLE head, fusion weight and threshold")
     graph = None
     if cfg.cmle.enabled:
         graph = build_caption_graph(tr_captions, cfg.cmle, caption_embedder(cfg, teacher))

@@ -602,3 +602,23 @@ def test_training_ends_saying_what_the_threshold_promises_and_what_comes_next():
     said = next_steps(metrics, Path("runs/line3"))
     assert "flag at most 4.9% of normal frames like the 200" in said and "AUROC 0.91" in said
     assert "`cmg eval --run runs/line3`" in said and "`cmg export --run runs/line3`" in said
+
+
+def test_training_names_its_stages_in_order_with_the_time_so_far(tmp_path, monkeypatch, capsys):
+    """A bar per stage and nothing across them: a third of a large training had shown no bar."""
+    import cmg_train.train as train
+    from cmg.config import load_config, resolve_config
+    from cmg_data.synth import synthesize
+
+    data = synthesize(tmp_path / "d", "tiny", seed=0, n_train=40, n_test_good=1, n_test_per_anomaly=1, progress=False)
+
+    def stop(*_a, **_k):
+        raise RuntimeError("stopped after the first stage began")
+
+    monkeypatch.setattr(train, "train_teacher", stop)
+    with pytest.raises(RuntimeError, match="stopped after"):
+        train.train_run(load_config(resolve_config("tiny")), data, tmp_path / "run", progress=True)
+    assert "cmg train [1/4] teacher: image and caption embeddings (" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="stopped after"):
+        train.train_run(load_config(resolve_config("tiny")), data, tmp_path / "run", progress=False)
+    assert "[1/4]" not in capsys.readouterr().err
