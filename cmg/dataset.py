@@ -62,9 +62,11 @@ def caption_text(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip(" .")
 
 
-def read_captions(path: Path, root: Path) -> dict[str, str]:
-    """captions.jsonl -> {file relative to `root`: caption_text(caption)}."""
-    return {k: caption_text(v["caption"]) for k, v in _read_jsonl(path, root, ("file", "caption")).items()}
+def read_captions(path: Path, root: Path, skipped: list[str] | None = None) -> dict[str, str]:
+    """captions.jsonl -> {file relative to `root`: caption_text(caption)}; `skipped` gets the
+    names of lines whose file does not exist (`_read_jsonl`)."""
+    rows = _read_jsonl(path, root, ("file", "caption"), skipped)
+    return {k: caption_text(v["caption"]) for k, v in rows.items()}
 
 
 def visible(path: Path) -> bool:
@@ -91,11 +93,13 @@ def nested_images(folder: Path) -> int:
                and all(visible(Path(part)) for part in p.relative_to(folder).parts))
 
 
-def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, dict]:
+def _read_jsonl(path: Path, root: Path, required: tuple[str, ...],
+                skipped: list[str] | None = None) -> dict[str, dict]:
     """Lines keyed by their `file` (relative to `root`); errors name the file and line. A line
     naming a training image that is not there is an error (a misspelt name would leave an
     image without its caption); one naming another image is skipped (test images removed
-    from a folder leave their lines behind, and nothing reads a test image's caption)."""
+    from a folder leave their lines behind, and nothing reads a test image's caption), its
+    name as written added to `skipped`."""
     rows: dict[str, dict] = {}
     with path.open(encoding="utf-8-sig") as fh:  # -sig: a BOM (Notepad, Excel) is not part of line 1
         for lineno, line in enumerate(fh, 1):
@@ -111,6 +115,8 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
             rel = _relative(row["file"], root)
             if not (root / rel).is_file():
                 if not rel.startswith("train/"):
+                    if skipped is not None:
+                        skipped.append(row["file"])
                     continue
                 raise CMGError(f"{path}:{lineno}: file {rel!r} does not exist under {root} "
                                "(if the image was removed on purpose, remove its line)")
@@ -118,18 +124,10 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...]) -> dict[str, 
     return rows
 
 
-def _unmatched_note(path: Path, root: Path) -> str:
-    """'; N lines name files that do not exist (first ..., ...)': captions written relative
-    to train/good instead of the data folder (a common slip) are otherwise skipped unseen."""
-    names = []
-    with path.open(encoding="utf-8-sig", errors="replace") as fh:
-        for line in fh:
-            try:
-                name = json.loads(line).get("file")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(name, str) and not (root / _relative(name, root)).is_file():
-                names.append(name)
+def _unmatched_note(names: list[str], root: Path) -> str:
+    """'; N lines name files that do not exist (first ..., ...)' for the lines `read_captions`
+    skipped: captions written relative to train/good instead of the data folder (a common
+    slip) are otherwise skipped unseen."""
     if not names:
         return ""
     first = names[0]
@@ -333,12 +331,13 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     hint = f"add one caption per training image (`cmg captions --data {root}` writes them), {off}"
     if not cap_path.is_file():
         raise CMGError(f"dataset {root}: no captions.jsonl, which CMLE needs ({hint})")
-    captions = read_captions(cap_path, root)
+    unmatched: list[str] = []
+    captions = read_captions(cap_path, root, unmatched)
     rels = [p.relative_to(root).as_posix() for p in images]
     missing = [r for r in rels if r not in captions]
     if missing:  # the file exists: never hint at --force, which would replace the user's own captions
         raise CMGError(f"{cap_path}: {len(missing)} of {len(rels)} training images have no caption "
-                       f"(first: {', '.join(missing[:3])}){_unmatched_note(cap_path, root)}; add a line "
+                       f"(first: {', '.join(missing[:3])}){_unmatched_note(unmatched, root)}; add a line "
                        f'{{"file": "{missing[0]}", "caption": ...}} for each, {off}')
     empty = [r for r in rels if not captions[r].strip()]
     if empty:
