@@ -25,7 +25,6 @@ import re
 import shutil
 import string
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from cmg.config import CMLEConfig
 from cmg.dataset import MVTecFolder, caption_text, check_training_folder, training_images
 from cmg.errors import CMGError
-from cmg.files import keep_mode
+from cmg.files import write_atomic
 from cmg.frames import load_frame
 from cmg.quiet import quiet_logs
 
@@ -159,20 +158,10 @@ def write_captions(root: Path, rows: dict[str, str], force: bool = False) -> Pat
         kept = sum(1 for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
         print(f"cmg captions: replacing {path} ({kept} lines); the old file is kept as {backup.name}",
               file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".captions.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the captions from the training account
-    keep_mode(path, tmp)  # ... unless the file it replaces (--force) had its own
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rel, caption in rows.items():
-                fh.write(json.dumps({"file": rel, "caption": caption}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # write_atomic: the umask's mode for a new file (the training account reads it), the old
+    # file's own for a replaced one
+    return write_atomic(path, "".join(json.dumps({"file": rel, "caption": caption}) + "\n"
+                                      for rel, caption in rows.items()))
 
 
 def caption_folder(root: Path, weights: str | None = None, arch: str = COCA_ARCH, force: bool = False,
