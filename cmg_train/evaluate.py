@@ -103,6 +103,7 @@ class TestSet:
     def __init__(self, data: Path, size: int, progress: bool):
         ds = MVTecFolder(data, captions=False, need_train=False)  # only test/ (and ground_truth/) is scored
         self.samples = ds.samples("test")
+        self.files = [s.path.relative_to(ds.root).as_posix() for s in self.samples]  # test/KIND/NAME
         self.labels = np.array([s.label for s in self.samples])
         if not len(self.labels) or self.labels.min() == self.labels.max():  # before decoding every frame
             have = "no images" if not len(self.labels) else (
@@ -229,7 +230,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
               "test_images": int(len(test.labels)), "anomalies": int(test.labels.sum()),
               "keep_mask_on_test": cover, "scores": {k: v.tolist() for k, v in scores.items()},
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
-              "files": [_relative_name(s.path, data) for s in test.samples],  # which frame each score is
+              "files": test.files,  # which frame each score is
               "global_weight": float(run.detector.global_weight)}
     if sweep:
         report["alpha_sweep"] = sweep
@@ -359,12 +360,6 @@ def test_split_fingerprint(data: Path) -> str:
                     st = f.stat()
                     entries.append(f"{f.relative_to(data)}\t{st.st_size}\t{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def _relative_name(path: Path, data: Path) -> str:
-    """test/KIND/NAME as the report and the stream's frame ids name a frame (absolute if outside)."""
-    path, root = Path(path).resolve(), Path(data).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
