@@ -229,7 +229,8 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
                        f"{_reason(exc)}") from exc
     if undone is not None:
         print(f"cmg deploy: an interrupted deploy of version {undone} was undone first", file=sys.stderr)
-    live = {m.name: m for m in _index(client) if m.state == "READY"}
+    index = _index(client)  # what serves, and every version the server remembers (below)
+    live = {m.name: m for m in index if m.state == "READY"}
     built = json.loads(report_path.read_text())  # after the undo: the report of what serves
     configs = {name: mcfg.read(repo / name / "config.pbtxt")
                for name in built["models"] if (repo / name / "config.pbtxt").is_file()}
@@ -243,7 +244,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     old = max(int(live[e].version) for e in ensembles)
     # Above every version on disk and every one the server remembers: an undone deploy's number,
     # reused, met the server's record of it ("unloaded") and every later deploy was refused.
-    known = [int(m.version) for m in _index(client) if m.name in configs and str(m.version).isdigit()]
+    known = [int(m.version) for m in index if m.name in configs and str(m.version).isdigit()]
     new = max([v for name in configs for v in _versions(repo, name)] + known) + 1
 
     originals = {name: (repo / name / "config.pbtxt").read_text() for name in configs}
