@@ -47,8 +47,7 @@ def normalize_url(url: str, protocol: str = "grpc") -> str:
         raise CMGError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     scheme, sep, rest = url.partition("://")
     if sep:
-        wanted = {"grpc": "grpc", "http": "http"}.get(scheme.lower())
-        if wanted != protocol:  # an HTTP URL spoken to in gRPC fails as "unreachable ... Socket closed"
+        if scheme.lower() != protocol:  # an HTTP URL spoken to in gRPC fails as "unreachable ... Socket closed"
             flag = "" if protocol == "http" else " (--http speaks HTTP)"
             raise CMGError(f"server URL {url!r} is a {scheme} URL but the client speaks {protocol}{flag}: "
                            f"give HOST:PORT of the server's {protocol} port (default {DEFAULT_PORTS[protocol]})")

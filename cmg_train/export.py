@@ -294,8 +294,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = export_run(args.run, args.out, args.data)
-    print(json.dumps({"onnx": str(args.out or args.run / "onnx"), "parity": report["parity"]}))
-    print(parity_verdict(report["parity"], args.out or args.run / "onnx"), file=sys.stderr)
+    out = args.out or args.run / "onnx"
+    print(json.dumps({"onnx": str(out), "parity": report["parity"]}))
+    print(parity_verdict(report["parity"], out), file=sys.stderr)
     return 0
 
 

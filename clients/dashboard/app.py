@@ -125,13 +125,14 @@ def create_app(state: DashboardState, metrics_url: str | Sequence[str] | None = 
                                      "(it carries the dashboard's token)", status_code=403)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return PlainTextResponse("send JSON: {\"value\": number or null}", status_code=415)
+        too_big = PlainTextResponse(f"a threshold request is at most {MAX_BODY} bytes", status_code=413)
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return PlainTextResponse(f"a threshold request is at most {MAX_BODY} bytes", status_code=413)
+            return too_big
         raw = b""
         async for chunk in request.stream():  # a body sent without a length is bounded as it comes
             raw += chunk
             if len(raw) > MAX_BODY:
-                return PlainTextResponse(f"a threshold request is at most {MAX_BODY} bytes", status_code=413)
+                return too_big
         try:
             body = json.loads(raw)
             if not isinstance(body, dict) or "value" not in body:
