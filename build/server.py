@@ -302,7 +302,7 @@ def admin_key(repository: Path, create: bool = False) -> str | None:
         return key
     finally:
         tmp.unlink(missing_ok=True)
-    return admin_key(repository) or key
+    return key  # linked or moved into place: the file holds it
 
 
 def key_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
