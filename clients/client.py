@@ -132,8 +132,9 @@ class CMGClient:
             metadata, config = self._read_model()
             self.contract = contract or contract_from_metadata(metadata, model)
             self.max_batch = max(1, int(config.max_batch_size or 1))
-            # GPU targets: THRESHOLD is required (engines have no defaults); send the calibrated one.
-            self.default_threshold = mcfg.threshold_to_send(config)
+            # GPU targets: THRESHOLD is required (engines have no defaults); send the calibrated one,
+            # per version (a deploy may bring another run's).
+            self.calibrated = mcfg.CalibratedThreshold(config, metadata.get("versions") or ())
             self.use_shm = shm
             if shm:
                 self._setup_shm()
@@ -253,6 +254,17 @@ class CMGClient:
             meta = self._call("model metadata", self._client.get_model_metadata, self.model)
         return meta, self._call("model config", mcfg.from_server, self._client, self.model)
 
+    @property
+    def default_threshold(self) -> float | None:
+        """What frames are sent with when the caller gives no threshold: None on the cpu
+        target (each version applies its own), else the served ensemble's calibrated one."""
+        return self.calibrated.value
+
+    def _learn_threshold(self) -> None:
+        """Read the served config again (a version this client has not seen answered)."""
+        metadata, config = self._read_model()
+        self.calibrated.learn(config, metadata.get("versions") or ())
+
     # -- frames -----------------------------------------------------------------------
     @property
     def size(self) -> tuple[int, int]:
@@ -300,17 +312,35 @@ class CMGClient:
     ) -> dict[str, np.ndarray]:
         """Raw batched outputs for UINT8 [B, H, W, 3] frames (sent as given: no checks here)."""
         threshold = core.finite_threshold(threshold)
-        if threshold is None:
-            threshold = self.default_threshold
         step = self.max_batch if not batch_size else max(1, min(int(batch_size), self.max_batch))
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, frames.shape[0], step):
-            parts.append(self._with_retries(frames[start : start + step], threshold))
+            parts.append(self._scored(frames[start : start + step], threshold))
         if not parts:
             return core.empty_outputs(self.contract, self.model)
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
 
-    def _with_retries(self, frames: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+    def _scored(self, frames: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+        """One chunk's outputs. With no threshold given on a GPU target, flagged at the
+        calibrated threshold of the version that answered: a chunk a newly deployed version
+        answered at the old one's threshold is sent again with the new one (at most twice)."""
+        if threshold is not None or self.calibrated.value is None:
+            return self._with_retries(frames, threshold)[0]
+        sent = self.calibrated.value
+        for _ in range(core.RESCORES):
+            arrays, version = self._with_retries(frames, sent)
+            if not self.calibrated.known(version):
+                try:
+                    self._learn_threshold()
+                except CMGError:
+                    break  # the answer stands, flagged at the threshold it was sent with
+            again = self.calibrated.resend_with(version, sent)
+            if again is None:
+                break
+            sent = again
+        return arrays
+
+    def _with_retries(self, frames: np.ndarray, threshold: float | None) -> tuple[dict[str, np.ndarray], str | None]:
         attempt = 0
         while True:
             try:
@@ -324,13 +354,14 @@ class CMGClient:
                 self.retries += 1
                 time.sleep(self.retry.delay(attempt))
 
-    def _infer_chunk(self, frames: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+    def _infer_chunk(self, frames: np.ndarray, threshold: float | None) -> tuple[dict[str, np.ndarray], str | None]:
+        """The chunk's outputs and the model version that answered."""
         mod = self._mod
         inputs = core.build_inputs(mod, frames, threshold, data=not self.use_shm)
         outputs = core.requested_outputs(mod)
         if not self.use_shm:
             result = self._call("inference", self._client.infer, self.model, inputs, outputs=outputs)
-            return core.decode(result)
+            return core.decode(result), core.model_version(result)
         thr = None if threshold is None else core.threshold_values(frames.shape[0], threshold)
         with self._shm_lock:  # one input and one output region: one request at a time
             if self._closed or not self._shm_regions:
@@ -394,7 +425,7 @@ class CMGClient:
                     self._call(f"unregistration of the stale region {name}",
                                self._client.unregister_system_shared_memory, name)
 
-    def _infer_shm(self, frames, thr, inputs, outputs) -> dict[str, np.ndarray]:
+    def _infer_shm(self, frames, thr, inputs, outputs) -> tuple[dict[str, np.ndarray], str | None]:
         import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
         layout = self._shm_layout
@@ -413,13 +444,13 @@ class CMGClient:
         for out in outputs:
             off, nbytes, _, _, _ = layout["out"][out.name()]
             out.set_shared_memory(out_name, nbytes, off)
-        self._call("inference (shared memory)", self._client.infer, self.model, inputs, outputs=outputs)
+        result = self._call("inference (shared memory)", self._client.infer, self.model, inputs, outputs=outputs)
         arrays = {}
         for name in OUTPUTS:
             off, _, _, shape, dtype = layout["out"][name]
             view = shm.get_contents_as_numpy(out_handle, dtype, [n, *shape], offset=off)
             arrays[name] = np.array(view, copy=True)  # the region is reused by the next request
-        return arrays
+        return arrays, core.model_version(result)
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

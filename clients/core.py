@@ -33,6 +33,9 @@ ENSEMBLE: ModelSpec = _NAMES_ONLY.models[C.CMG]
 IMAGE: TensorSpec = ENSEMBLE.input(C.IMAGE)
 THRESHOLD: TensorSpec = ENSEMBLE.input(C.THRESHOLD)
 OUTPUTS: tuple[str, ...] = tuple(t.name for t in ENSEMBLE.outputs)
+# Sends of one frame at most when the version that answers has another calibrated threshold
+# than the one sent (GPU targets through a `cmg deploy`; `CalibratedThreshold`).
+RESCORES = 3
 
 
 # -- addresses and arguments ------------------------------------------------------------

@@ -252,15 +252,20 @@ class Scorer:
             except Exception as exc:  # noqa: BLE001 - every image problem is this frame's error line
                 failed(k, {**base, "error": _frame_error(exc)})
                 return
-            threshold = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
-            if threshold is not None:  # the THRESHOLD this frame was scored with, in its line
-                base["threshold"] = threshold
-            inputs = core.build_inputs(grpcclient, frame[None], threshold)
-            attempt = 0
-            server = None
+            # Given (--threshold, the page's slider), or None: the server's calibrated one (GPU
+            # targets), per server and version, sent again where a deploy changed it under the frame
+            given = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
+            inputs, sent = None, None
+            attempt = rescores = 0
+            server = avoid = None
             t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
             while True:
-                server = pool.pick(avoid=server)
+                server = pool.pick(avoid=avoid)
+                threshold = given if given is not None else pool.threshold(server)
+                if inputs is None or threshold != sent:
+                    inputs, sent = core.build_inputs(grpcclient, frame[None], threshold), threshold
+                    if threshold is not None:  # the THRESHOLD this frame was scored with, in its line
+                        base["threshold"] = threshold
                 generation = server.channel.generation
                 t0 = time.perf_counter()
                 reconnect = True
@@ -287,6 +292,13 @@ class Scorer:
                         raise asyncio.CancelledError from exc
                     reason = f"{type(exc).__name__}: {exc}"
                 else:
+                    again = None
+                    if given is None and sent is not None and rescores < core.RESCORES - 1:
+                        again = await pool.resend_with(server, core.model_version(res), sent)
+                    if again is not None:  # scored at another version's threshold: once more
+                        rescores += 1
+                        avoid = None
+                        continue
                     now = time.perf_counter()
                     latency = (now - t_first) * 1000.0
                     self.latencies.append(latency)  # the summary's percentiles: first send to result
@@ -302,6 +314,7 @@ class Scorer:
                     server.in_flight -= 1
                 if stopping:  # the run is being torn down while this frame waited: no retry
                     raise asyncio.CancelledError
+                avoid = server
                 attempt += 1
                 summary.retries += 1
                 self.outage.failed(server.url, seq, attempt, opts.max_retries, reason)

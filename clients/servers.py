@@ -18,6 +18,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 
+from cmg import model_config as mcfg
 from cmg.errors import CMGError
 from cmg_clients import core
 from cmg_clients.channel import Channel
@@ -33,6 +34,7 @@ class Server:
     in_flight: int = 0
     up: bool = True
     frames: int = 0  # answers received from it
+    calibrated: mcfg.CalibratedThreshold | None = None  # its ensemble's threshold per version (GPU targets)
     failures: int = 0  # times it was marked down
     probe: asyncio.Task | None = field(default=None, repr=False)
 
@@ -48,7 +50,6 @@ class ServerPool:
             raise CMGError(f"--url given twice: {', '.join(normalized)}")
         self.model, self.timeout_s, self.probe_s = model, timeout_s, probe_s
         self.servers = [Server(u, Channel(u, timeout_s)) for u in normalized]
-        self.default_threshold: float | None = None  # from the ensemble config (GPU targets only)
 
     @property
     def multi(self) -> bool:
@@ -63,6 +64,30 @@ class ServerPool:
         is up, the least busy of all (its failure then counts against the retry budget)."""
         up = [s for s in self.servers if s.up and s is not avoid] or [s for s in self.servers if s.up]
         return min(up or self.servers, key=lambda s: s.in_flight)
+
+    def threshold(self, server: Server) -> float | None:
+        """THRESHOLD to send to `server` when the caller gives none: its ensemble's calibrated
+        one (GPU targets), another server's until it has answered; None on the cpu target."""
+        known = server.calibrated or next((s.calibrated for s in self.servers if s.calibrated), None)
+        return None if known is None else known.value
+
+    async def resend_with(self, server: Server, version: str | None, sent: float) -> float | None:
+        """The threshold to score a frame again with, when `version` of `server` answered it
+        sent with `sent` and calibrated otherwise (a deploy switched runs); None: the answer
+        stands (also when the config cannot be read now: it was flagged at `sent`)."""
+        cal = server.calibrated
+        if cal is None or not cal.known(version):
+            client = server.channel.client
+            try:
+                cfg = (await client.get_model_config(self.model, client_timeout=self.timeout_s)).config
+                ready = (await client.get_model_metadata(self.model, client_timeout=self.timeout_s)).versions
+                if cal is None:
+                    server.calibrated = cal = mcfg.CalibratedThreshold(cfg, ready)
+                else:
+                    cal.learn(cfg, ready)
+            except Exception:  # noqa: BLE001 - a failed read keeps the answer: it was flagged at `sent`
+                return None
+        return cal.resend_with(version, sent)
 
     def another_up(self, server: Server) -> bool:
         return any(s.up and s is not server for s in self.servers)
@@ -110,8 +135,7 @@ class ServerPool:
             try:
                 with CMGClient(server.url, "grpc", model=self.model, timeout_s=self.timeout_s) as probe:
                     got = probe.size
-                    if self.default_threshold is None:  # GPU targets: sent when the caller gives none
-                        self.default_threshold = probe.default_threshold
+                    server.calibrated = probe.calibrated
             except CMGError as exc:
                 if not self.multi:
                     raise

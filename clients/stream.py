@@ -88,8 +88,6 @@ async def _stream_locked(opts: StreamOptions, summary: StreamSummary, pool: Serv
 
 async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Source, pool: ServerPool,
                        size: tuple[int, int]) -> None:
-    if opts.threshold is None:  # GPU targets require one: the calibrated default from the config
-        opts.threshold = pool.default_threshold
     fps = opts.fps if opts.fps is not None else source.fps
     total = source.count if opts.limit is None else (
         min(source.count, opts.limit) if source.count is not None else opts.limit)

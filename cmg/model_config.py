@@ -9,6 +9,7 @@ Core layer: the clients and the triton layer both use it; imports no torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,39 @@ def threshold_to_send(cfg: ModelConfig) -> float | None:
         return threshold_value(param.string_value)
     except ValueError as exc:
         raise CMGError(str(exc)) from None
+
+
+class CalibratedThreshold:
+    """The THRESHOLD a client sends when its caller gives none (`threshold_to_send`), kept per
+    ensemble version. Why per version: `cmg deploy` switches the ensemble to another run with
+    its own calibrated threshold, and a frame answered by that version must be flagged at
+    that run's threshold, not at the one read when the client connected."""
+
+    def __init__(self, cfg: ModelConfig, ready: Sequence[str] = ()) -> None:
+        self.value: float | None = None  # what the next frames are sent with (None: nothing to send)
+        self._by_version: dict[str, float] = {}
+        self.learn(cfg, ready)
+
+    def learn(self, cfg: ModelConfig, ready: Sequence[str] = ()) -> float | None:
+        """Take a config just read from the server: its threshold is what the next frames are
+        sent with, and the threshold of the one version it serves (the one it is pinned to
+        during a deploy, else the one the server names ready)."""
+        self.value = threshold_to_send(cfg)
+        policy = cfg.version_policy
+        served = [str(v) for v in policy.specific.versions] if policy.HasField("specific") else list(ready)
+        if self.value is not None and len(served) == 1:
+            self._by_version[served[0]] = self.value
+        return self.value
+
+    def known(self, version: str | None) -> bool:
+        """Whether `version`'s threshold is known (None: the server named no version)."""
+        return version is None or version in self._by_version
+
+    def resend_with(self, version: str | None, sent: float) -> float | None:
+        """The threshold to score again with when `version` answered a frame sent with `sent`
+        (its own, or the served config's when the server moved on again); None: the answer stands."""
+        want = self._by_version.get(version, self.value) if version is not None else self.value
+        return None if want is None or want == sent else want
 
 
 def intra_op_threads(cfg: ModelConfig, where: str = "config") -> int:

@@ -100,6 +100,31 @@ def test_threshold_to_send_follows_the_ensemble_config():
         _threshold_to_send({**required, "parameters": {"default_threshold": {"string_value": "nan"}}})
 
 
+def test_calibrated_threshold_is_kept_per_version():
+    """What a deploy does to a GPU target's ensemble: pinned to version 2 with another threshold.
+    A frame answered by a version is sent again only when that version's threshold differs."""
+    def config(value: str, pinned: list[int] | None = None) -> mcfg.ModelConfig:
+        cfg = mcfg.from_json({"name": "cmg", "input": [{"name": C.THRESHOLD}],
+                              "parameters": {"default_threshold": {"string_value": value}}})
+        if pinned is not None:
+            cfg.version_policy.specific.versions[:] = pinned
+        return cfg
+
+    cal = mcfg.CalibratedThreshold(config("0.4"), ready=["1"])  # as built: latest, one version ready
+    assert cal.value == pytest.approx(0.4) and cal.known("1") and not cal.known("2") and cal.known(None)
+    assert cal.resend_with("1", cal.value) is None
+    cal.learn(config("0.7", pinned=[2]), ready=["1", "2"])  # switched: the pin names the version
+    assert cal.known("2") and cal.value == pytest.approx(0.7)
+    assert cal.resend_with("2", 0.4) == pytest.approx(0.7)  # version 2 answered at 0.4: again at 0.7
+    assert cal.resend_with("1", 0.7) == pytest.approx(0.4)  # still version 1 there: its own
+    assert cal.resend_with("3", 0.7) is None  # unknown and already the served config's
+    cal.learn(config("0.9"), ready=["2", "3"])  # two versions ready, no pin: none is named
+    assert not cal.known("3") and cal.value == pytest.approx(0.9)
+    optional = mcfg.from_json({"name": "cmg", "input": [{"name": C.THRESHOLD, "optional": True}]})
+    cpu = mcfg.CalibratedThreshold(optional, ready=["1"])  # the cpu target: nothing is ever sent
+    assert cpu.value is None and cpu.resend_with("2", 0.5) is None
+
+
 def test_frames_must_be_uint8():
     with pytest.raises(CMGError, match="UINT8"):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.float32))

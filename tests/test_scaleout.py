@@ -419,3 +419,69 @@ def test_a_deploy_record_that_names_anything_but_the_repositorys_versions_undoes
         deploy_mod.undo_interrupted(repo)
     assert [p.name for p in victim.iterdir()] == ["keep.txt"]
     assert (repo / "cmg" / "config.pbtxt").read_text() == 'name: "cmg"\n'
+
+
+@pytest.mark.slow
+def test_calibrated_threshold_follows_the_version_that_answers(tmp_path):
+    """GPU targets send the ensemble's calibrated THRESHOLD (engines have no input defaults).
+    When the ensemble moves to a version with another one (what `cmg deploy` does), a running
+    stream and an open client flag each frame at the threshold of the version that answered
+    it, not at the one read when they connected."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from PIL import Image
+    from toy_graphs import engine_shaped_repo, reference
+
+    from cmg import model_config as mcfg
+    from cmg.contract import Contract
+    from cmg_clients.client import CMGClient
+
+    contract, old_thr, new_thr = Contract(32, 32, 4, 8), 0.0, 2.0  # every toy score flagged / none
+    repo = engine_shaped_repo(tmp_path, contract, old_thr)
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    rng = np.random.default_rng(3)
+    n = 40
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(frames_dir / f"f{i:03d}.png")
+    server = _server(repo, tmp_path / "s.log", model_control_mode="explicit", load_models=[C.CMG]).start()
+    try:
+        client = CMGClient(server.grpc_url, "grpc")
+        assert client.default_threshold == old_thr
+        out = tmp_path / "s.jsonl"
+        switched = threading.Event()
+        source = _Gated(open_source(str(frames_dir)), gate=30, event=switched)
+        opts = StreamOptions(url=server.grpc_url, source="gated", out=out, fps=20, window=4, timeout_s=5,
+                             progress=False, frames=source)
+        thread, result = _stream_in_thread([server.grpc_url], [opts])
+        try:
+            _wait(lambda: _count(out) >= 10 or "error" in result, 120, "stream did not start")
+            cfg = mcfg.read(repo / C.CMG / "config.pbtxt")
+            mcfg.set_default_threshold(cfg, new_thr)
+            mcfg.write(cfg, repo / C.CMG)
+            (repo / C.CMG / "2").mkdir()
+            admin = grpcclient.InferenceServerClient(server.grpc_url)
+            admin.load_model(C.CMG, headers=server.admin_headers())
+            admin.close()
+        finally:
+            switched.set()
+        thread.join(timeout=120)
+        assert not thread.is_alive() and "error" not in result, result
+        got = client.infer_arrays(images[:4])  # connected at version 1, answered by version 2
+        assert client.default_threshold == new_thr
+        want = reference(contract, images[:4], new_thr)
+        assert np.array_equal(got[C.IS_ANOMALY], want[C.IS_ANOMALY]) and not want[C.IS_ANOMALY].any()
+        assert np.array_equal(client.infer_arrays(images[:4], old_thr)[C.IS_ANOMALY],
+                              reference(contract, images[:4], old_thr)[C.IS_ANOMALY])  # a given one is kept
+        client.close()
+    finally:
+        server.cleanup()
+    lines = _lines(out)
+    assert [x["seq"] for x in lines] == list(range(n)) and not [x for x in lines if "error" in x]
+    by_version = {"1": old_thr, "2": new_thr}
+    assert {x["model_version"] for x in lines} == {"1", "2"}
+    for x in lines:
+        thr = by_version[x["model_version"]]
+        assert x["threshold"] == thr, x
+        assert x["is_anomaly"] == (x["score"] > thr), x

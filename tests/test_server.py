@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from toy_graphs import reference, scorer_graph, write_toy_export
+from toy_graphs import engine_shaped_repo, reference, scorer_graph, write_toy_export
 from tritonclient.utils import InferenceServerException
 
 from cmg import model_config as mcfg
-from cmg.config import ServingConfig
 from cmg.contract import CMER_SCORER, ENSEMBLES, IMAGE, PATCH_SCORES, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg_build import repository
@@ -419,26 +418,14 @@ def test_gpu_target_ensemble_has_no_python_step_and_clients_send_the_default(tmp
     with the two ONNX models on the Python backend (this server has no ORT/TensorRT backend):
     the client library fills in the config's calibrated default, a raw request without
     THRESHOLD is refused by Triton itself, an explicit THRESHOLD is used as sent."""
-    from cmg.contract import ONNX_MODELS
     from cmg.errors import CMGError
-    from cmg_build import config as cfgmod
     from cmg_clients.client import CMGClient
 
-    root = tmp_path
-    write_toy_export(root / "run" / "onnx", CONTRACT, threshold=THR)
-    repo = root / "repo"
-    repository.build(root / "run", "onnxruntime", repo, max_batch=8)
+    repo = engine_shaped_repo(tmp_path, CONTRACT, THR)
     ens = mcfg.read(repo / "cmg" / "config.pbtxt")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models["cmg"].steps)
     assert not next(t for t in ens.input if t.name == THRESHOLD).optional
     assert mcfg.default_threshold(ens) == pytest.approx(THR)
-    serving = ServingConfig(max_batch=8, opt_batch=4)
-    for name in ONNX_MODELS:  # swap the ORT-backend models for Python-backend ones, THRESHOLD required
-        cfg = cfgmod.model_config(CONTRACT.models[name], "cpu", serving, cpu_threads=1)
-        for t in cfg.input:
-            t.optional = False
-        mcfg.write(cfg, repo / name)
-        shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
     images = _frames(3, seed=5)
     with TritonServer(repo) as srv:
         with CMGClient(srv.grpc_url, "grpc") as client:

@@ -166,3 +166,29 @@ def write_toy_export(out: Path, contract: Contract | None = None, threshold: flo
     }
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def engine_shaped_repo(root: Path, contract: Contract, threshold: float, max_batch: int = 8) -> Path:
+    """ROOT/repo: the `onnxruntime` target's repository of a toy export (the GPU targets'
+    ensemble: scorer -> encoder, THRESHOLD required, the calibrated one in the ensemble's
+    `default_threshold`), its two ONNX models served by the Python backend instead (the
+    server here has no ORT or TensorRT backend), THRESHOLD required on them too, as on engines."""
+    import shutil
+
+    from cmg import model_config as mcfg
+    from cmg.config import ServingConfig
+    from cmg.contract import ONNX_MODELS
+    from cmg_build import config as cfgmod
+    from cmg_build import repository
+
+    write_toy_export(root / "run" / "onnx", contract, threshold=threshold)
+    repo = root / "repo"
+    repository.build(root / "run", "onnxruntime", repo, max_batch=max_batch)
+    serving = ServingConfig(max_batch=max_batch, opt_batch=4)
+    for name in ONNX_MODELS:
+        cfg = cfgmod.model_config(contract.models[name], "cpu", serving, cpu_threads=1)
+        for t in cfg.input:
+            t.optional = False
+        mcfg.write(cfg, repo / name)
+        shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
+    return repo
