@@ -32,7 +32,13 @@ from pathlib import Path
 
 from cmg.argtypes import port_int, positive_float, positive_int
 from cmg.contract import CMG, NUMPY_DTYPES, Contract
-from cmg.endpoints import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LOOPBACK
+from cmg.endpoints import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
+    LOOPBACK,
+    is_loopback,
+)
 from cmg.errors import CMGError
 
 
@@ -476,7 +482,7 @@ class TritonServer:
         self.require_models = require_models
         sweep_stale_work_dirs()
         self.restricted = (["model-repository"] if model_control_mode == "explicit" else []) + (
-            [] if address in (LOOPBACK, "localhost", "::1") else ["shared-memory"])
+            [] if is_loopback(address) else ["shared-memory"])
         if self.restricted:  # and what a caller could change about the server's own logs
             self.restricted += ["logging", "trace"]
         self.admin_key = admin_key(self.repository, create=True) if self.restricted else None

@@ -125,6 +125,17 @@ def test_calibrated_threshold_is_kept_per_version():
     assert cpu.value is None and cpu.resend_with("2", 0.5) is None
 
 
+@pytest.mark.parametrize(("host", "local"), [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("LOCALHOST", True), ("::1", True),
+    ("[::1]", True), ("0.0.0.0", False), ("", False), ("10.0.0.5", False), ("127.example.com", False),
+    ("::", False), ("camera-host", False)])
+def test_one_loopback_rule(host, local):
+    """The server's restrictions and the page's Host check read one rule (cmg.endpoints)."""
+    from cmg.endpoints import is_loopback
+
+    assert is_loopback(host) is local
+
+
 def test_frames_must_be_uint8():
     with pytest.raises(CMGError, match="UINT8"):
         core.build_inputs(grpcclient, np.zeros((1, 8, 8, 3), np.float32))

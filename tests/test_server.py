@@ -257,13 +257,15 @@ def test_explicit_mode_keys_the_model_repository_api(toy_repo, tmp_path, tiny_ru
     with TritonServer(repo, model_control_mode="explicit", load_models=[CMER_SCORER]) as srv:
         key_file = repo / ADMIN_KEY_FILE
         assert (key_file.stat().st_mode & 0o777) == 0o600 and key_file.read_text().strip() == srv.admin_key
-        plain, wide = TritonServer(repo), TritonServer(repo, address="0.0.0.0")
-        try:  # mode none on loopback: nothing restricted; bound beyond it: the shared-memory API
-            assert not [a for a in plain.command() if "restricted" in a] and plain.admin_headers() is None
+        plain, wide, other = TritonServer(repo), TritonServer(repo, address="0.0.0.0"), TritonServer(
+            repo, address="127.0.0.2")
+        try:  # mode none on loopback (all of 127/8): nothing restricted; beyond it: the shared-memory API
+            for local in (plain, other):
+                assert not [a for a in local.command() if "restricted" in a] and local.admin_headers() is None
             assert wide.admin_key == srv.admin_key  # one key per repository
             assert f"--http-restricted-api=shared-memory,logging,trace:cmg-admin-key={wide.admin_key}" in wide.command()
         finally:
-            plain.cleanup(), wide.cleanup()
+            plain.cleanup(), wide.cleanup(), other.cleanup()
         code = 'raise SystemExit("ran code sent by a client")\n'
         config = '{"backend": "python", "max_batch_size": 0, "input": [], "output": []}'
         for protocol, client in (("grpc", grpcclient.InferenceServerClient(srv.grpc_url)),

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cmg.endpoints import DEFAULT_METRICS_PORT, LOOPBACK
+from cmg.endpoints import DEFAULT_METRICS_PORT, LOOPBACK, is_loopback
 from cmg.errors import CMGError
 from cmg_clients import core
 from cmg_clients.dashboard.metrics import MetricsReader
@@ -194,10 +194,6 @@ def create_app(state: DashboardState, metrics_url: str | Sequence[str] | None = 
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 class Dashboard:
     """The page served by uvicorn in a daemon thread while the caller streams (a context manager)."""
 
@@ -240,7 +236,7 @@ class Dashboard:
             raise CMGError(f"--dashboard {self.host}:{self.port}: cannot listen there ({exc.strerror or exc})") from exc
         sock.listen(64)
         self.port = sock.getsockname()[1]
-        app = create_app(self.state, self.metrics_url, loopback_only=_is_loopback(self.host), host=self.host,
+        app = create_app(self.state, self.metrics_url, loopback_only=is_loopback(self.host), host=self.host,
                          token=self.token)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=3)
