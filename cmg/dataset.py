@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cmg.errors import CMGError
-from cmg.frames import load_frame, to_rgb8
+from cmg.frames import load_frame, to_rgb8, upright
 
 # one list for training folders and the clients' folder walk: a line whose camera writes .webp
 # trains on the same files it streams
@@ -152,7 +152,7 @@ def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            levels = _mask_levels(img, path).astype(np.float64)
+            levels = _mask_levels(upright(img), path).astype(np.float64)  # as its image is read
     except FileNotFoundError:
         raise CMGError(f"mask not found: {path}") from None
     except OSError as exc:

@@ -27,17 +27,19 @@ class FrameError(ValueError):
     """An image could not be turned into a frame; the message names the source."""
 
 
-# Pillow modes holding one 16-bit channel (camera mono PNG/TIFF): scaled by 255/65535.
+# Pillow modes holding one 16-bit channel (camera mono PNG/TIFF): their high byte.
 _MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255, scale: float | None = None) -> np.ndarray:
     """Scale an array of any numeric dtype to UINT8 by the dtype's range, never by clipping.
 
-    uint8 as is; bool 0/255; uint16 by 255/65535 (x / 257, rounded: 16-bit cameras);
-    other integers must lie within 0..`wide_ints` (255 for arrays: as is; 65535 for
-    Pillow's 32-bit mode I, which holds 16-bit camera data: / 257) and are refused
-    otherwise; floats (mode F) must be finite and within 0..1 (x 255) or 0..255 (as is).
+    uint8 as is; bool 0/255; uint16 (either byte order) by its high byte, x >> 8, which is
+    how Pillow reads 16-bit colour files, so a 16-bit grey file, a 16-bit colour file and
+    the same pixels as an array all read alike; other integers must lie within
+    0..`wide_ints` (255 for arrays: as is; 65535 for Pillow's 32-bit mode I, which holds
+    16-bit camera data: x >> 8) and are refused otherwise; floats (mode F) must be finite
+    and within 0..1 (x 255) or 0..255 (as is).
     Anything else is refused: a frame silently saturated to 255 (the old I;16 path) scores
     as a plausible normal image.
     """
@@ -48,14 +50,16 @@ def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255, scale: flo
     if arr.size == 0:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        top = 65535 if arr.dtype == np.uint16 else wide_ints
+        sixteen = arr.dtype.kind == "u" and arr.dtype.itemsize == 2  # uint16, big-endian (>u2) too
+        top = 65535 if sixteen else wide_ints
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > top:
-            raise FrameError(f"{what}: {arr.dtype} pixel values {lo}..{hi} are outside 0..{top}; "
-                             "save the image with 8 or 16 bits per channel")
+            fix = ("save the image with 8 or 16 bits per channel" if wide_ints > 255
+                   else "give uint8 (0..255) or uint16 (0..65535) pixels")
+            raise FrameError(f"{what}: {arr.dtype} pixel values {lo}..{hi} are outside 0..{top}; {fix}")
         if top == 255:
             return arr.astype(np.uint8)
-        return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise FrameError(f"{what}: floating-point pixels include NaN or inf")
@@ -71,12 +75,13 @@ def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255, scale: flo
 
 
 def to_rgb8(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
-    """Any image (PIL in any mode, or an HW/HWx1/HWx3/HWx4 array) -> 8-bit RGB PIL image.
+    """Any image (PIL in any mode, or an HW/HWx1/HWx2/HWx3/HWx4 array) -> 8-bit RGB PIL image.
 
     The one conversion: frames (`to_frame`, hence training, infer, stream, bench) and the
     ground-truth masks all go through it, so an image reads the same everywhere. 16-bit
     and float pixels are scaled by their type's range (`_array_to_uint8`); alpha is
-    dropped (LA, RGBA, PA, palette with transparency: the stored colours, not composited);
+    dropped (LA, RGBA, PA, palette with transparency, HxWx2 and HxWx4 arrays: the stored
+    colours, not composited);
     CMYK and YCbCr use Pillow's conversions; a mode Pillow cannot turn into RGB is a
     FrameError naming it.
     """
@@ -84,11 +89,11 @@ def to_rgb8(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image
         arr = image
         if arr.ndim >= 2 and (arr.shape[0] == 0 or arr.shape[1] == 0):
             raise FrameError(f"{what}: array of shape {list(image.shape)} is an empty image")
-        if arr.ndim == 3 and arr.shape[-1] == 1:
+        if arr.ndim == 3 and arr.shape[-1] in (1, 2):  # grey, grey + alpha (as an LA file reads)
             arr = arr[..., 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-            raise FrameError(f"{what}: array of shape {list(image.shape)} is not an HxW, HxWx1, HxWx3 "
-                             "or HxWx4 image")
+            raise FrameError(f"{what}: array of shape {list(image.shape)} is not an HxW, HxWx1, HxWx2, "
+                             "HxWx3 or HxWx4 image")
         arr = _array_to_uint8(np.asarray(arr[..., :3] if arr.ndim == 3 else arr), what)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -131,10 +136,27 @@ def frame_on_scale(frame: np.ndarray, scale: float | None, what: str = "frame") 
     return frame if scale is None else _array_to_uint8(frame, what, scale=scale)
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """As a viewer shows it: a phone's or camera's JPEG (and some PNG/TIFF) stores its rotation
+    as an EXIF tag, and a mask drawn on the image as displayed must line up with the frame.
+    Transposing copies: only where a tag says to."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def to_frame(image: Image.Image | np.ndarray, size: tuple[int, int], what: str = "image") -> np.ndarray:
-    """Convert a PIL image or an HWC/HW array to UINT8 RGB of `size` = (height, width)."""
-    if not isinstance(image, np.ndarray) and (image.width == 0 or image.height == 0):
-        raise FrameError(f"{what}: size {image.width} x {image.height} is empty")
+    """Convert a PIL image or an HWC/HW array to UINT8 RGB of `size` = (height, width). A PIL
+    image is read upright (`upright`) and loaded here, so a truncated file opened lazily is a
+    FrameError naming `what`, as its path would be."""
+    if not isinstance(image, np.ndarray):
+        if image.width == 0 or image.height == 0:
+            raise FrameError(f"{what}: size {image.width} x {image.height} is empty")
+        try:
+            image = upright(image)
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise FrameError(f"unreadable {what}: {exc}") from exc
     height, width = size
     image = to_rgb8(image, what)
     if image.size != (width, height):
@@ -151,6 +173,8 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    # the callers that take a limit (cmg infer, cmg stream, the client) have the option; training does not
+    fix = " (--max-pixels)" if max_pixels is not None else " (downscale the image)"
     if limit < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if limit > 2 * (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
@@ -166,18 +190,16 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
             width, height = img.size
             if width * height > limit:
                 raise FrameError(f"image {name} declares {width} x {height} = {width * height} pixels, "
-                                 f"over the limit of {limit} (--max-pixels)")
+                                 f"over the limit of {limit}{fix}")
             if width == 0 or height == 0:
                 raise FrameError(f"image {name} is empty ({width} x {height})")
             img.load()
-            # as a viewer shows it (a phone's or camera's JPEG stores rotation as an EXIF tag): masks
-            # drawn on the image as displayed then line up
-            if img.getexif().get(ORIENTATION, 1) != 1:  # transposing copies: only where a tag says to
-                img = ImageOps.exif_transpose(img)
-            return to_frame(img, size, f"image {name}")
+            return to_frame(img, size, f"image {name}")  # upright, as a viewer shows it
     except FrameError:
         raise
     except Image.DecompressionBombError as exc:
-        raise FrameError(f"image {name} is over the pixel limit of {limit} (--max-pixels): {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise FrameError(f"image {name} is over the pixel limit of {limit}{fix}: {exc}") from exc
+    except UnidentifiedImageError:  # Pillow's text names its BytesIO object, not the file
+        raise FrameError(f"unreadable image {name}: not an image format Pillow reads") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise FrameError(f"unreadable image {name}: {exc}") from exc

@@ -13,6 +13,8 @@ process so it can be killed like a real one.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,7 +177,10 @@ SERVER_FAULTS = ["sigterm_tritonserver", "sigint_tritonserver", "sigterm_cmg_ser
 
 @pytest.mark.parametrize("fault", SERVER_FAULTS)
 def test_stream_through_server_fault(fault, cpu_repo, clean, tmp_path):
-    served = Served(cpu_repo, via_cli=fault.endswith("cmg_serve"), log=tmp_path / "server.log")
+    # A linked copy: explicit mode writes the admin key into the repository it serves, and the
+    # session's repository is shared with every other test
+    repo = shutil.copytree(cpu_repo, tmp_path / "repo", copy_function=os.link)
+    served = Served(repo, via_cli=fault.endswith("cmg_serve"), log=tmp_path / "server.log")
     served.start()
     out = tmp_path / "out.jsonl"
     proc = _client(served.url, out)

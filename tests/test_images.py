@@ -146,12 +146,12 @@ def _saved(img: Image.Image, fmt: str, path: Path) -> Path:
     return path
 
 
-RAMP16 = np.array([[0, 257, 32896], [65535, 1000, 51400]], dtype=np.uint16)  # x / 257 -> 0, 1, 128, 255, 4, 200
+RAMP16 = np.array([[0, 257, 32896], [65535, 1000, 51400]], dtype=np.uint16)  # x >> 8 -> 0, 1, 128, 255, 3, 200
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_16bit_grayscale_is_scaled_not_saturated(mode, tmp_path):
-    """A mono camera's 16-bit PNG/TIFF becomes x/257, not all-255 (Pillow's own `convert`)."""
+    """A mono camera's 16-bit PNG/TIFF becomes its high byte, not all-255 (Pillow's own `convert`)."""
     if mode == "I;16":
         img = Image.fromarray(RAMP16)
     elif mode == "I;16B":
@@ -163,7 +163,7 @@ def test_16bit_grayscale_is_scaled_not_saturated(mode, tmp_path):
     with Image.open(path) as check:
         assert check.mode == mode  # the file really is that mode
     frame = load_frame(path, (2, 3))
-    want = np.rint(RAMP16 / 257.0).astype(np.uint8)
+    want = (RAMP16 >> 8).astype(np.uint8)
     assert frame.dtype == np.uint8 and frame.shape == (2, 3, 3)
     np.testing.assert_array_equal(frame, np.repeat(want[..., None], 3, axis=-1))
 
@@ -226,7 +226,7 @@ def test_training_masks_and_frames_share_the_conversion(tmp_path):
 
     mask = np.zeros((4, 4), np.uint16)
     mask[1:3, 1:3] = 65535
-    mask[0, 0] = 100  # 100 / 257 -> 0: below the mask's half level
+    mask[0, 0] = 100  # 100 >> 8 -> 0: below the mask's half level
     Image.fromarray(mask).save(tmp_path / "m.png")
     np.testing.assert_array_equal(_load_mask(tmp_path / "m.png", (4, 4)), mask > 32768)
 
@@ -243,6 +243,83 @@ def test_a_jpeg_is_read_the_way_a_viewer_shows_it(tmp_path):
     frame = load_frame(tmp_path / "phone.jpg", (60, 60))
     top, bottom = frame[:20].mean(), frame[40:].mean()
     assert top > 200 and bottom < 50, (top, bottom)  # displayed: the white half is on top
+
+
+def test_a_16bit_file_and_its_pixels_as_an_array_read_alike(tmp_path):
+    """Pillow reads a 16-bit colour file by its high byte; a 16-bit grey file, the same pixels
+    as a uint16 array (either byte order) and as a PIL image read the same way."""
+    import cv2
+
+    from cmg.frames import to_frame
+
+    rgb16 = np.random.default_rng(0).integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "c16.png"), rgb16[..., ::-1])  # Pillow cannot write 16-bit colour
+    from_file = load_frame(tmp_path / "c16.png", (6, 5))
+    np.testing.assert_array_equal(from_file, (rgb16 >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(to_frame(rgb16, (6, 5)), from_file)
+    np.testing.assert_array_equal(to_frame(rgb16.astype(">u2"), (6, 5)), from_file)  # big-endian too
+    grey = rgb16[..., 1]
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    np.testing.assert_array_equal(load_frame(tmp_path / "g16.png", (6, 5)), to_frame(grey, (6, 5)))
+    with pytest.raises(FrameError, match=r"give uint8 \(0..255\) or uint16"):
+        to_frame(grey.astype(np.int32) * 2, (6, 5))  # an array says what an array can be
+
+
+def test_every_input_kind_reads_as_its_file(tmp_path):
+    """A PIL image with an EXIF rotation, an HxWx2 (grey + alpha) array, a lazily opened
+    truncated file: the client's image and array inputs read as the file's path does."""
+    from cmg.frames import to_frame
+
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :15] = 255
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 8
+    img.save(tmp_path / "tagged.png", exif=exif)
+    with Image.open(tmp_path / "tagged.png") as opened:
+        np.testing.assert_array_equal(to_frame(opened, (30, 30)), load_frame(tmp_path / "tagged.png", (30, 30)))
+    la = np.stack([np.arange(6, dtype=np.uint8).reshape(2, 3) * 40, np.zeros((2, 3), np.uint8)], axis=-1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(to_frame(la, (2, 3)), load_frame(tmp_path / "la.png", (2, 3)))
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # a long scan to cut
+    Image.fromarray(noise).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(tmp_path / "cut.jpg") as cut, pytest.raises(FrameError, match="unreadable cut image"):
+        to_frame(cut, (8, 8), "cut image")
+    with pytest.raises(FrameError, match="not an image format") as info:
+        load_frame(b"not an image", (8, 8))
+    assert "BytesIO" not in str(info.value)
+
+
+def test_a_mask_is_read_upright_like_its_image(tmp_path):
+    """An image and its mask both stored rotated with the same EXIF tag line up as read."""
+    from cmg.dataset import _load_mask
+
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:5, :] = 255  # a defect along the stored top edge
+    mask = (pixels[..., 0] > 0).astype(np.uint8) * 255
+    for arr, name in ((pixels, "img.png"), (mask, "mask.png")):
+        im = Image.fromarray(arr)
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(tmp_path / name, exif=exif)
+    frame = load_frame(tmp_path / "img.png", (30, 20))
+    np.testing.assert_array_equal(_load_mask(tmp_path / "mask.png", (30, 20)), frame[..., 0] > 0)
+
+
+def test_the_pixel_limit_names_the_option_only_where_there_is_one(tmp_path):
+    Image.new("L", (20, 10)).save(tmp_path / "big.png")
+    with pytest.raises(FrameError, match=r"over the limit of 100 \(--max-pixels\)"):
+        load_frame(tmp_path / "big.png", (4, 4), max_pixels=100)
+    from cmg import frames
+
+    with pytest.raises(FrameError, match=r"downscale the image"):  # training reads with the default limit
+        frames.DEFAULT_MAX_PIXELS, saved = 100, frames.DEFAULT_MAX_PIXELS
+        try:
+            load_frame(tmp_path / "big.png", (4, 4))
+        finally:
+            frames.DEFAULT_MAX_PIXELS = saved
 
 
 def test_a_float_batch_is_read_on_one_scale():
