@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from cmg import contract as C
 from cmg import model_config as mcfg
 from cmg.contract import Contract
-from cmg.dataset import image_name, visible
+from cmg.dataset import IMAGE_SUFFIXES, image_name, visible
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, batch_to_uint8, load_frame, to_frame
 from cmg_clients import core
@@ -519,8 +519,15 @@ def _region_unknown(exc: InferError) -> bool:
 
 
 def glob_files(pattern: str) -> list[Path]:
-    """The files a quoted pattern names (`'DIR/*.png'`, `**` across folders), sorted."""
-    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+    """The images a quoted pattern names (`'DIR/*.png'`, `'DIR/*'`, `**` across folders), sorted:
+    names with an image suffix, as a folder walk reads them (a sidecar .json or .npy beside
+    the frames is no frame); a name whose link leads nowhere is kept, for its error line."""
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))
+            if image_name(Path(p)) and not Path(p).is_dir()]
+
+
+def no_match(pattern: str | Path) -> CMGError:
+    return CMGError(f"glob {pattern} matches no files with an image suffix ({', '.join(IMAGE_SUFFIXES)})")
 
 
 def is_pattern(spec: str) -> bool:
@@ -537,7 +544,7 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
         if not os.path.lexists(p) and is_pattern(str(p)):
             matched = glob_files(str(p))
             if not matched:
-                raise CMGError(f"glob {p} matches no files")
+                raise no_match(p)
             out.extend(matched)
             continue
         if not p.is_dir():

@@ -13,7 +13,7 @@ import numpy as np
 from cmg.argtypes import MAX_SEED
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, batch_scale, frame_on_scale, load_frame, to_frame
-from cmg_clients.client import glob_files, is_pattern, iter_image_paths
+from cmg_clients.client import glob_files, is_pattern, iter_image_paths, no_match
 from cmg_data import synth
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -205,7 +205,7 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     if is_pattern(spec):
         paths = glob_files(spec)
         if not paths:
-            raise CMGError(f"glob {spec} matches no files")
+            raise no_match(spec)
         return FileSource(paths, None, max_pixels)
     raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
 

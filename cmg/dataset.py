@@ -25,7 +25,7 @@ from cmg.frames import load_frame, to_rgb8, upright
 
 # one list for training folders and the clients' folder walk: a line whose camera writes .webp
 # trains on the same files it streams
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 SPLITS = ("train", "test")
 
 
@@ -307,6 +307,10 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
     if not good.is_dir():
         raise CMGError(f"dataset {root}: missing folder {good} (expected the MVTec layout train/good/*.png)")
     images = training_images(root)
+    broken = sorted(p.name for p in good.iterdir() if image_name(p) and not p.exists())
+    if broken:  # said, not read: a link whose target moved is no image, but the user meant one
+        print(f"dataset {root}: {len(broken)} name(s) in {good} link to nothing and are not used: "
+              f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}", file=sys.stderr)
     nested = nested_images(good)
     if nested:  # said, not read: the MVTec layout is flat, and a subfolder may hold anything
         print(f"dataset {root}: {nested} image(s) in subfolders of {good} are not used (the layout is flat: "

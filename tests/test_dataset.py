@@ -245,6 +245,9 @@ def test_what_a_users_copied_folder_holds_besides_the_images(data, capsys):
     shutil.copy(next((data / "train" / "good").glob("0*.png")), data / "train" / "good" / "day2" / "x.png")
     check_training_folder(data, 64, min_unique_captions=1)
     assert "1 image(s) in subfolders of" in capsys.readouterr().err
+    (data / "train" / "good" / "moved.png").symlink_to(data / "nowhere" / "moved.png")  # its target moved
+    check_training_folder(data, 64, min_unique_captions=1)
+    assert "1 name(s) in" in (err := capsys.readouterr().err) and "moved.png" in err
 
 
 def test_training_folder_and_the_clients_walk_read_the_same_image_files(data):
