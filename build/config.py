@@ -103,6 +103,9 @@ def model_config(spec: ModelSpec, target: str, serving: ServingConfig, kind: str
     elif target == "onnxruntime":
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
+        if not gpu:  # the backend's default is every core per session: two steps at once oversubscribe them
+            cfg.parameters[mcfg.ORT_INTRA_OP_THREADS].string_value = str(
+                resolve_threads(cpu_threads, serving.instances))
     else:
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = "model.plan"

@@ -128,8 +128,9 @@ def _with_served_threads(served_text: str, staged_text: str) -> str:
     """The staged config with the served one's ONNX Runtime thread count: a setting of the
     repository and its machine (`--cpu-threads`, the cores at build time), not of the run."""
     served, staged = mcfg.parse(served_text), mcfg.parse(staged_text)
-    if mcfg.INTRA_OP_THREADS in served.parameters and mcfg.INTRA_OP_THREADS in staged.parameters:
-        staged.parameters[mcfg.INTRA_OP_THREADS].string_value = served.parameters[mcfg.INTRA_OP_THREADS].string_value
+    for key in mcfg.THREAD_PARAMETERS:
+        if key in served.parameters and key in staged.parameters:
+            staged.parameters[key].string_value = served.parameters[key].string_value
     return mcfg.text(staged)
 
 

@@ -36,15 +36,17 @@ class K8sOptions:
     claim: str = "cmg-model-repository"  # PVC holding the built repository
     gpus: int = 0
     queue_time_us: int = 20000  # scale out above this average queue time per request
+    memory_limit: str = "8Gi"  # twice the request: cmg_exact's teacher grows to about 3 GB under load
+    shm: str = "1Gi"  # /dev/shm (the Python backend's tensors; Kubernetes' default is 64 MiB)
 
 
 def manifests(opts: K8sOptions) -> list[dict]:
     """Deployment, Service and HorizontalPodAutoscaler (autoscaling/v2, Pods metric)."""
     labels = {"app.kubernetes.io/name": opts.name}
     ports = [("http", DEFAULT_HTTP_PORT), ("grpc", DEFAULT_GRPC_PORT), ("metrics", DEFAULT_METRICS_PORT)]
-    resources: dict = {"requests": {"cpu": "2", "memory": "4Gi"}}
+    resources: dict = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": opts.memory_limit}}
     if opts.gpus:
-        resources["limits"] = {"nvidia.com/gpu": opts.gpus}
+        resources["limits"]["nvidia.com/gpu"] = opts.gpus
     probe = {"periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
     container = {
         "name": "tritonserver",
@@ -58,7 +60,8 @@ def manifests(opts: K8sOptions) -> list[dict]:
         "startupProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5,
                          "failureThreshold": 60},
         "resources": resources,
-        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -75,7 +78,8 @@ def manifests(opts: K8sOptions) -> list[dict]:
                     "terminationGracePeriodSeconds": 40,
                     "containers": [container],
                     "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": opts.claim,
-                                                                            "readOnly": True}}],
+                                                                            "readOnly": True}},
+                                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm}}],
                 },
             },
         },

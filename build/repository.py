@@ -167,6 +167,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
+    if precision == "int8" and target == "onnxruntime" and kind == "gpu":
+        raise CMGError("--precision int8 with --target onnxruntime --kind gpu: the int8 graphs follow ONNX "
+                       "Runtime's CPU recipe, which its CUDA provider runs without int8 kernels (the accuracy "
+                       "cost, no speed-up); int8 on a GPU: --target tensorrt --precision int8")
     if kind == "gpu" and target == "cpu":  # its report (and --k8s) would claim a GPU nothing uses
         raise CMGError("--kind gpu: the cpu target runs ONNX Runtime on CPU instances only; "
                        "for GPU instances use --target onnxruntime --kind gpu, or --target tensorrt")
@@ -324,7 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=positive_int, default=None, help="instances per model")
     parser.add_argument("--version", type=positive_int, default=1, help="model version dir to write")
     parser.add_argument("--cpu-threads", type=nonnegative_int, default=0,
-                        help="cpu target: ONNX Runtime threads per instance (0 = cores // instances for the fused "
+                        help="cpu target and onnxruntime --kind cpu: ONNX Runtime threads per instance "
+                             "(0 = cores // instances for the fused "
                              "cmg, cores // (instances x 2) for ensemble steps, two of which run at once; written "
                              "resolved into config.pbtxt)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
@@ -354,7 +359,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and args.precision != "int8":
         raise CMGError("--data is the int8 calibration's folder: it goes with --precision int8")
     # flags of one target or of --k8s, given where nothing reads them (they had been ignored)
-    alone = [(args.cpu_threads, "--cpu-threads", args.target == "cpu", "goes with --target cpu"),
+    cpu_sessions = args.target == "cpu" or (args.target == "onnxruntime" and args.kind == "cpu")
+    alone = [(args.cpu_threads, "--cpu-threads", cpu_sessions, "goes with --target cpu or onnxruntime --kind cpu"),
              (args.cpu_cmg != CPU_CMG[0], "--cpu-cmg", args.target == "cpu", "goes with --target cpu"),
              (args.timing_cache, "--timing-cache", args.target == "tensorrt", "goes with --target tensorrt"),
              (args.skip_engines, "--skip-engines", args.target == "tensorrt", "goes with --target tensorrt"),

@@ -7,6 +7,7 @@ without a GPU) can still build the same engines by hand.
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +74,20 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, 
         profile.set_shape(tensor.name, (1, *dims), (opt_batch, *dims), (max_batch, *dims))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # TensorRT refuses (returns False) a cache another version or GPU made: start a new one
+    reused = bool(cache_bytes) and config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    if not reused:
+        if cache_bytes:
+            print(f"cmg build: timing cache {timing_cache} is another TensorRT's or GPU's: not used, "
+                  "a new one replaces it", file=sys.stderr)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CMGError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     plan_path.write_bytes(bytes(serialized))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"tensorrt": trt.__version__, "fp16": fp16, "int8": int8, "timing_cache_reused": bool(cache_bytes)}
+    return {"tensorrt": trt.__version__, "fp16": fp16, "int8": int8, "timing_cache_reused": bool(reused)}
 
 
 def run_engine(plan_path: Path, feeds: dict) -> dict:

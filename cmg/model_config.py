@@ -22,6 +22,8 @@ from cmg.errors import CMGError
 ModelConfig = mc.ModelConfig
 DEFAULT_THRESHOLD = "default_threshold"  # ensemble parameter: the calibrated threshold (GPU targets)
 INTRA_OP_THREADS = "intra_op_threads"  # cpu target: ONNX Runtime threads per instance, written resolved
+ORT_INTRA_OP_THREADS = "intra_op_thread_count"  # the same for Triton's ONNX Runtime backend (onnxruntime --kind cpu)
+THREAD_PARAMETERS = (INTRA_OP_THREADS, ORT_INTRA_OP_THREADS)  # settings of the repository's machine, not of a run
 
 
 def parse(text: str, where: str = "config") -> ModelConfig:

@@ -159,7 +159,8 @@ CASES: list[Case] = [
     ("build", lambda f: ["--run", str(f["root"] / "nothing"), "--out", str(f["root"] / "r")], "does not exist"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--cpu-threads", "-1"], ">= 0"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--target", "onnxruntime",
-                         "--cpu-threads", "3"], "--cpu-threads goes with --target cpu"),  # had been ignored
+                         "--kind", "gpu", "--cpu-threads", "3"],
+     "--cpu-threads goes with --target cpu or onnxruntime --kind cpu"),  # had been ignored
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["root"] / "r"), "--replicas", "5"],
      "--replicas/--max-replicas go with --k8s DIR"),
     ("build", lambda f: ["--run", str(f["run"]), "--out", str(f["run"])], "training run or export folder"),

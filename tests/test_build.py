@@ -89,6 +89,9 @@ def test_onnxruntime_target(toy_run, tmp_path, kind):
         cfg = cfgmod.validate_config(repo / name / "config.pbtxt", CONTRACT.models[name], repo / name / "1/model.onnx")
         assert cfg.platform == "onnxruntime_onnx" and cfg.instance_group[0].kind == want
         assert not any(i.optional for i in cfg.input)  # ORT backend refuses optional inputs when batching
+        # CPU sessions get the cpu target's share of the cores (the backend's default is all of them)
+        threads = cfg.parameters.get(mcfg.ORT_INTRA_OP_THREADS)
+        assert (threads is None) if kind == "gpu" else int(threads.string_value) >= 1
     # Every step is an ORT model (no Python step, no host hop); THRESHOLD is required end to end
     # and the calibrated default travels in the ensembles' config for clients to send.
     enc = onnx.load(str(repo / CMLE_ENCODER / "1/model.onnx"))

@@ -27,6 +27,11 @@ def test_manifests_validate_against_the_api_schemas(tmp_path):
     assert deployment["spec"]["replicas"] == 3 and spec["image"].startswith("nvcr.io/nvidia/tritonserver:")
     assert spec["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert spec["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # memory bounded (twice the request), a GPU where asked, /dev/shm larger than Kubernetes' 64 MiB
+    assert spec["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": 1}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["volumeMounts"]
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
     assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["metrics"][0]["type"] == "Pods"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == k8s.QUEUE_METRIC

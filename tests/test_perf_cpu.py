@@ -114,6 +114,8 @@ def test_fused_cmg_equals_the_two_steps(toy_run, tmp_path):
 def test_precision_checked_and_trtexec_int8_flag(toy_run, tmp_path):
     with pytest.raises(CMGError, match="--precision 'int4'"):
         repository.build(toy_run, "cpu", tmp_path / "repo", precision="int4")
+    with pytest.raises(CMGError, match="int8 on a GPU: --target tensorrt"):  # the CPU recipe on CUDA
+        repository.build(toy_run, "onnxruntime", tmp_path / "repo", kind="gpu", precision="int8")
     inputs = {C.IMAGE: (32, 32, 3)}
     assert "--int8" in trtexec_command("m.onnx", "m.plan", inputs, 8, 4, 256, "c", int8=True).split()
     assert "--int8" not in trtexec_command("m.onnx", "m.plan", inputs, 8, 4, 256, "c").split()
