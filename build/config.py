@@ -91,6 +91,8 @@ def model_config(spec: ModelSpec, target: str, serving: ServingConfig, kind: str
     gpu = target == "tensorrt" or (target == "onnxruntime" and kind == "gpu")
     cfg.instance_group.append(mc.ModelInstanceGroup(
         count=serving.instances, kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU))
+    if gpu:
+        add_warmup(cfg, serving.max_batch)
     if target == "cpu":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
@@ -111,6 +113,19 @@ def model_config(spec: ModelSpec, target: str, serving: ServingConfig, kind: str
         cfg.default_model_filename = "model.plan"
         cfg.optimization.cuda.graphs = True
     return cfg
+
+
+def add_warmup(cfg: mc.ModelConfig, max_batch: int) -> None:
+    """Zero frames at batch 1 and at the largest batch before the model reports ready: the
+    first requests on a GPU otherwise pay for lazy initialisation (kernel choice, memory
+    pools, CUDA graph capture), and a replica that turned ready would answer them slowly."""
+    for batch in sorted({1, max_batch}):
+        sample = cfg.model_warmup.add(name=f"zeros_batch_{batch}", batch_size=batch)
+        for tensor in cfg.input:
+            spec = sample.inputs[tensor.name]
+            spec.data_type = tensor.data_type
+            spec.dims.extend(tensor.dims)
+            spec.zero_data = True
 
 
 def _ensemble_steps(cfg: mc.ModelConfig, spec: ModelSpec) -> None:

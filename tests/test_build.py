@@ -92,6 +92,10 @@ def test_onnxruntime_target(toy_run, tmp_path, kind):
         # CPU sessions get the cpu target's share of the cores (the backend's default is all of them)
         threads = cfg.parameters.get(mcfg.ORT_INTRA_OP_THREADS)
         assert (threads is None) if kind == "gpu" else int(threads.string_value) >= 1
+        # GPU instances warm up at batch 1 and the largest batch before they report ready
+        warm = [(w.batch_size, sorted(w.inputs)) for w in cfg.model_warmup]
+        inputs = sorted(t.name for t in cfg.input)
+        assert warm == ([(1, inputs), (cfg.max_batch_size, inputs)] if kind == "gpu" else [])
     # Every step is an ORT model (no Python step, no host hop); THRESHOLD is required end to end
     # and the calibrated default travels in the ensembles' config for clients to send.
     enc = onnx.load(str(repo / CMLE_ENCODER / "1/model.onnx"))

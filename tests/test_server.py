@@ -424,6 +424,7 @@ def test_gpu_target_ensemble_has_no_python_step_and_clients_send_the_default(tmp
     from cmg_clients.client import CMGClient
 
     repo = engine_shaped_repo(tmp_path, CONTRACT, THR)
+    assert all(len(mcfg.read(repo / m / "config.pbtxt").model_warmup) == 2 for m in CONTRACT.models["cmg"].steps)
     ens = mcfg.read(repo / "cmg" / "config.pbtxt")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == list(CONTRACT.models["cmg"].steps)
     assert not next(t for t in ens.input if t.name == THRESHOLD).optional

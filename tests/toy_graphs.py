@@ -172,7 +172,8 @@ def engine_shaped_repo(root: Path, contract: Contract, threshold: float, max_bat
     """ROOT/repo: the `onnxruntime` target's repository of a toy export (the GPU targets'
     ensemble: scorer -> encoder, THRESHOLD required, the calibrated one in the ensemble's
     `default_threshold`), its two ONNX models served by the Python backend instead (the
-    server here has no ORT or TensorRT backend), THRESHOLD required on them too, as on engines."""
+    server here has no ORT or TensorRT backend), THRESHOLD required on them too, as on engines,
+    with the warmup samples the build wrote for the GPU."""
     import shutil
 
     from cmg import model_config as mcfg
@@ -183,12 +184,14 @@ def engine_shaped_repo(root: Path, contract: Contract, threshold: float, max_bat
 
     write_toy_export(root / "run" / "onnx", contract, threshold=threshold)
     repo = root / "repo"
-    repository.build(root / "run", "onnxruntime", repo, max_batch=max_batch)
+    repository.build(root / "run", "onnxruntime", repo, kind="gpu", max_batch=max_batch)
     serving = ServingConfig(max_batch=max_batch, opt_batch=4)
     for name in ONNX_MODELS:
+        built = mcfg.read(repo / name / "config.pbtxt")
         cfg = cfgmod.model_config(contract.models[name], "cpu", serving, cpu_threads=1)
         for t in cfg.input:
             t.optional = False
+        cfg.model_warmup.extend(built.model_warmup)  # the server runs the GPU targets' warmup as written
         mcfg.write(cfg, repo / name)
         shutil.copyfile(repository.MODEL_PY, repo / name / "1" / "model.py")
     return repo
