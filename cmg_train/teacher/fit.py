@@ -118,5 +118,5 @@ def learned_from_captions(loss_last: float, batch: int) -> bool:
     other). Captions that do not tell the images apart (one product prompt for every image)
     keep it there, and the attention weights the keep-mask is distilled from are then shaped
     by no caption at all; 10% below chance is well inside what any real caption set reaches
-    (the tiny run: 4.16 -> 1.15)."""
+    (the tiny run ends near a third of chance)."""
     return batch > 1 and loss_last < 0.9 * math.log(batch)
