@@ -18,11 +18,11 @@ import numpy as np
 
 from cmg import contract as C
 from cmg.argtypes import positive_float, positive_int, threshold_float
-from cmg.errors import CMGError, check_parent_folders
+from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
 from cmg_clients import core
 from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
-from cmg_clients.overlay import save_overlay
+from cmg_clients.overlay import check_overlay_dir, save_overlay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retries of a request the server answered 'not now' (model reloading, busy); default 3")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
-
-
-def check_overlay_dir(folder: Path | None) -> None:
-    """Fail before any request when overlays could not be written."""
-
-    if folder is None:
-        return
-    if folder.exists() and not folder.is_dir():
-        raise CMGError(f"--overlays {folder} is a file, not a folder")
-    check_parent_folders(folder, "--overlays")
 
 
 def run(args: argparse.Namespace) -> int:

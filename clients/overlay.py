@@ -11,7 +11,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cmg.errors import CMGError, check_parent_folders
 from cmg_clients.core import Result
+
+
+def check_overlay_dir(folder: Path | None) -> None:
+    """Fail before any request when overlays could not be written."""
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise CMGError(f"--overlays {folder} is a file, not a folder")
+    check_parent_folders(folder, "--overlays")
+
+
+def stream_overlay_name(seq: int, frame_id: str) -> str:
+    """A stream's overlay file: its sequence number first (unique, in stream order), then the
+    frame's own name made safe for a file name (a glob's frame_id is a path)."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(frame_id).stem)[:80]
+    return f"{seq:07d}_{stem or 'frame'}.png"
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from cmg import contract as C
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
 from cmg_clients import core
+from cmg_clients.overlay import save_overlay, stream_overlay_name
 from cmg_clients.servers import ServerPool
 from cmg_clients.sources import Source, SourceItem
 
@@ -65,6 +66,7 @@ class StreamOptions:
     dashboard: str | None = None  # [HOST:]PORT to serve the live page on while streaming
     metrics_url: str | list[str] | None = None  # Triton's Prometheus endpoint(s) for the page, summed (default: URL's host:8002)
     name: str | None = None  # the camera's NAME (from NAME=SRC) when several sources stream
+    overlays: Path | None = None  # an overlay PNG per flagged frame here (its line names it)
 
     @property
     def source_name(self) -> str:
@@ -306,6 +308,8 @@ class Scorer:
                     self.outage.answered(server.url)
                     line = scored_line(base, arrays, res, latency, attempt, server.url if pool.multi else None,
                                        attempt_ms=(now - t0) * 1000.0)
+                    if opts.overlays is not None and line["is_anomaly"]:
+                        await self._overlay(line, frame, arrays)
                     if observer is not None:
                         observer.on_frame(name, line, frame, arrays)
                     deliver(k, line)
@@ -358,6 +362,17 @@ class Scorer:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+
+    async def _overlay(self, line: dict, frame: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """A flagged frame's overlay PNG, named in its line; a failure to write it is said in
+        the line (`overlay_error`), never in place of the frame's score."""
+        path = self.opts.overlays / stream_overlay_name(line["seq"], line["frame_id"])
+        try:
+            await asyncio.to_thread(save_overlay, frame, core.results_from_arrays(arrays)[0], path)
+            line["overlay"] = str(path)
+        except OSError as exc:
+            line["overlay_error"] = f"{type(exc).__name__}: {exc}"
 
 
 def _really_cancelled() -> bool:

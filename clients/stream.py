@@ -38,6 +38,7 @@ from cmg_clients.output import (
     same_source,
     scan_existing,
 )
+from cmg_clients.overlay import check_overlay_dir
 from cmg_clients.planning import plan_sources, source_name
 from cmg_clients.scorer import Progress, Scorer, StreamOptions, StreamSummary
 from cmg_clients.servers import ServerPool
@@ -255,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--overlays", type=Path, default=None,
+                        help="write an overlay PNG per flagged frame here (several sources: a folder each, "
+                             "DIR/NAME); each flagged line names its file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", default=None, metavar="[HOST:]PORT",
                         help="serve the live line page while streaming (host default 127.0.0.1)")
@@ -269,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_url and args.dashboard is None:  # only the page reads them: it had been ignored
         raise CMGError("--metrics-url is what the live page (--dashboard) reads: give --dashboard too")
     urls = args.url or [core.default_url("grpc")]
+    check_overlay_dir(args.overlays)
 
     def options(source: str, out: Path, progress: bool | None, name: str | None = None) -> StreamOptions:
         return StreamOptions(
@@ -278,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
             progress=False if args.no_progress else progress, dashboard=args.dashboard,
             metrics_url=args.metrics_url, name=name,
+            overlays=None if args.overlays is None else (args.overlays / name if name else args.overlays),
         )
 
     if len(args.source) == 1 and len(urls) == 1:

@@ -474,6 +474,37 @@ def test_stream_synthetic_source(triton, tmp_path):
     assert f"; {summary.flagged} flagged = {summary.flagged / 20:.0%})" in summary.line()
 
 
+def test_stream_writes_an_overlay_per_flagged_frame(triton, tmp_path, capsys):
+    """`--overlays DIR`: each flagged line names its PNG (sequence number first), unflagged
+    lines name none; several sources write a folder each; a folder that is a file is refused."""
+    pytest.importorskip("cmg_data.synth")
+    from cmg_app.cli import main
+
+    out, folder = tmp_path / "out.jsonl", tmp_path / "ov"
+    summary = run_stream(_opts(triton, "synth:tiny?seed=2&n=12", out, overlays=folder))
+    lines = _lines(out)
+    flagged = [x for x in lines if x["is_anomaly"]]
+    assert summary.flagged == len(flagged) > 0, "nothing flagged: the test proves nothing"
+    assert all("overlay" not in x for x in lines if not x["is_anomaly"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(Path(x["overlay"]).name for x in flagged)
+    for x in flagged:
+        assert Path(x["overlay"]).name.startswith(f"{x['seq']:07d}_")
+        with Image.open(x["overlay"]) as im:
+            assert im.format == "PNG" and im.size[0] > 0
+    low = tmp_path / "low.jsonl"
+    every = run_stream(_opts(triton, "synth:tiny?seed=2&n=4", low, overlays=tmp_path / "all", threshold=-1e30))
+    assert every.flagged == 4 and len(list((tmp_path / "all").iterdir())) == 4  # a given threshold flags all
+    rc = main(["stream", "--url", triton.grpc_url, "--source", "a=synth:tiny?n=2&seed=1",
+               "--source", "b=synth:tiny?n=2&seed=2", "--out", str(tmp_path / "multi"), "--overlays", str(tmp_path / "mov"), "--threshold=-1e30",
+               "--no-progress"])
+    assert rc == 0 and {p.name for p in (tmp_path / "mov").iterdir()} == {"a", "b"}
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    assert main(["stream", "--url", triton.grpc_url, "--source", "synth:tiny?n=1", "--out", str(tmp_path / "x.jsonl"),
+                 "--overlays", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
 def test_stream_imports_no_torch():
     code = "import sys, cmg_clients.stream; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ})
