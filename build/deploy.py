@@ -124,13 +124,18 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
 RECOVERY = ".cmg-deploy.json"  # in the repository while a deploy has it staged: what undoes it
 
 
-def _with_served_threads(served_text: str, staged_text: str) -> str:
-    """The staged config with the served one's ONNX Runtime thread count: a setting of the
-    repository and its machine (`--cpu-threads`, the cores at build time), not of the run."""
+def _with_served_settings(served_text: str, staged_text: str) -> str:
+    """The staged config with the served one's settings of the repository and its machine,
+    not of the run: the ONNX Runtime thread counts (`--cpu-threads`, the cores at build time)
+    and the GPU warmup samples, as served (also where a build of an older version wrote none)."""
     served, staged = mcfg.parse(served_text), mcfg.parse(staged_text)
     for key in mcfg.THREAD_PARAMETERS:
-        if key in served.parameters and key in staged.parameters:
+        if key in served.parameters:
             staged.parameters[key].string_value = served.parameters[key].string_value
+        elif key in staged.parameters:
+            del staged.parameters[key]
+    del staged.model_warmup[:]
+    staged.model_warmup.extend(served.model_warmup)
     return mcfg.text(staged)
 
 
@@ -306,10 +311,14 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
         cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
         kind = "cpu" if built["target"] == "cpu" else built.get("kind", "cpu")  # a cpu repository is CPU-only
         precision = built.get("precision", {}).get("precision", "fp32")  # an int8 repository stays int8
+        if precision == "int8" and built["target"] == "onnxruntime" and kind == "gpu":
+            raise CMGError(f"{repo} is an int8 onnxruntime repository on GPU instances, which `cmg build` no "
+                           "longer makes (ONNX Runtime's CUDA provider runs those graphs without int8 kernels): "
+                           "build a new repository (fp32, or --target tensorrt --precision int8) and serve it")
         staged_report = build(run, built["target"], staged, kind, serving.get("max_batch"),
               serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg,
               precision=precision, data=data)
-        staged_texts = {name: _with_served_threads(originals[name], (staged / name / "config.pbtxt").read_text())
+        staged_texts = {name: _with_served_settings(originals[name], (staged / name / "config.pbtxt").read_text())
                         for name in configs}
         for name in configs:
             # The calibrated threshold (GPU targets' ensembles) belongs to the run: it may differ.

@@ -75,7 +75,8 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: dict[str, tuple[int, 
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     # TensorRT refuses (returns False) a cache another version or GPU made: start a new one
-    reused = bool(cache_bytes) and config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    earlier = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    reused = earlier is not None and config.set_timing_cache(earlier, False)
     if not reused:
         if cache_bytes:
             print(f"cmg build: timing cache {timing_cache} is another TensorRT's or GPU's: not used, "

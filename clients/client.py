@@ -135,6 +135,7 @@ class CMGClient:
             # GPU targets: THRESHOLD is required (engines have no defaults); send the calibrated one,
             # per version (a deploy may bring another run's).
             self.calibrated = mcfg.CalibratedThreshold(config, metadata.get("versions") or ())
+            self._given_default: float | None = None
             self.use_shm = shm
             if shm:
                 self._setup_shm()
@@ -256,9 +257,15 @@ class CMGClient:
 
     @property
     def default_threshold(self) -> float | None:
-        """What frames are sent with when the caller gives no threshold: None on the cpu
-        target (each version applies its own), else the served ensemble's calibrated one."""
-        return self.calibrated.value
+        """What frames are sent with when the caller gives no threshold: one set here, else
+        None on the cpu target (each version applies its own), else the served ensemble's
+        calibrated one, per version."""
+        return self._given_default if self._given_default is not None else self.calibrated.value
+
+    @default_threshold.setter
+    def default_threshold(self, value: float | None) -> None:
+        """Send `value` whenever the caller gives none (None: the served one again)."""
+        self._given_default = core.finite_threshold(value)
 
     def _learn_threshold(self) -> None:
         """Read the served config again (a version this client has not seen answered)."""
@@ -312,6 +319,8 @@ class CMGClient:
     ) -> dict[str, np.ndarray]:
         """Raw batched outputs for UINT8 [B, H, W, 3] frames (sent as given: no checks here)."""
         threshold = core.finite_threshold(threshold)
+        if threshold is None:
+            threshold = self._given_default
         step = self.max_batch if not batch_size else max(1, min(int(batch_size), self.max_batch))
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, frames.shape[0], step):
@@ -519,15 +528,20 @@ def _region_unknown(exc: InferError) -> bool:
 
 
 def glob_files(pattern: str) -> list[Path]:
-    """The images a quoted pattern names (`'DIR/*.png'`, `'DIR/*'`, `**` across folders), sorted:
-    names with an image suffix, as a folder walk reads them (a sidecar .json or .npy beside
-    the frames is no frame); a name whose link leads nowhere is kept, for its error line."""
+    """The files a quoted pattern names (`'DIR/*.png'`, `'DIR/*'`, `**` across folders), sorted.
+    A pattern whose name part leaves the suffix open (`*`, `cam1_*`) keeps the names with an
+    image suffix, as a folder walk does (a sidecar .json or .npy beside the frames is no
+    frame); one that spells its suffix (`*.jfif`) keeps what it names. A name whose link
+    leads nowhere is kept, for its error line."""
+    suffix = Path(pattern).suffix
+    spelt = bool(suffix) and not is_pattern(suffix)
     return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))
-            if image_name(Path(p)) and not Path(p).is_dir()]
+            if not Path(p).is_dir() and (spelt or image_name(Path(p)))]
 
 
 def no_match(pattern: str | Path) -> CMGError:
-    return CMGError(f"glob {pattern} matches no files with an image suffix ({', '.join(IMAGE_SUFFIXES)})")
+    return CMGError(f"glob {pattern} matches no files (a pattern that leaves the suffix open reads "
+                    f"{', '.join(IMAGE_SUFFIXES)})")
 
 
 def is_pattern(spec: str) -> bool:

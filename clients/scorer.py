@@ -257,13 +257,13 @@ class Scorer:
             # Given (--threshold, the page's slider), or None: the server's calibrated one (GPU
             # targets), per server and version, sent again where a deploy changed it under the frame
             given = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
-            inputs, sent = None, None
+            inputs, sent, again = None, None, None
             attempt = rescores = 0
             server = avoid = None
             t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
             while True:
                 server = pool.pick(avoid=avoid)
-                threshold = given if given is not None else pool.threshold(server)
+                threshold = given if given is not None else (again if again is not None else pool.threshold(server))
                 if inputs is None or threshold != sent:
                     inputs, sent = core.build_inputs(grpcclient, frame[None], threshold), threshold
                     if threshold is not None:  # the THRESHOLD this frame was scored with, in its line
@@ -294,7 +294,7 @@ class Scorer:
                         raise asyncio.CancelledError from exc
                     reason = f"{type(exc).__name__}: {exc}"
                 else:
-                    again = None
+                    again = None  # the threshold to score this frame again with, if any
                     if given is None and sent is not None and rescores < core.RESCORES - 1:
                         again = await pool.resend_with(server, core.model_version(res), sent)
                     if again is not None:  # scored at another version's threshold: once more

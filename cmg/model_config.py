@@ -136,8 +136,12 @@ class CalibratedThreshold:
 
     def resend_with(self, version: str | None, sent: float) -> float | None:
         """The threshold to score again with when `version` answered a frame sent with `sent`
-        (its own, or the served config's when the server moved on again); None: the answer stands."""
-        want = self._by_version.get(version, self.value) if version is not None else self.value
+        (its own, or the served config's when the server moved on again); None: the answer stands.
+        A known version that answers is what the server serves now (after a deploy undone, an
+        older one again): the next frames are sent with its threshold."""
+        if version in self._by_version:
+            self.value = self._by_version[version]
+        want = self.value
         return None if want is None or want == sent else want
 
 

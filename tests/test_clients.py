@@ -437,4 +437,4 @@ def test_cmg_infer_cli(triton, grpc_client, tmp_path, capsys):
     names = [Path(json.loads(s)["file"]).name for s in capsys.readouterr().out.splitlines()]
     assert rc == 0 and names == ["img0.png", "img1.png", "img2.png"]
     assert main(["infer", "--url", triton.grpc_url, str(folder / "*.jpg")]) == 2
-    assert f"glob {folder / '*.jpg'} matches no files with an image suffix" in capsys.readouterr().err
+    assert f"glob {folder / '*.jpg'} matches no files" in capsys.readouterr().err

@@ -115,9 +115,10 @@ def test_calibrated_threshold_is_kept_per_version():
     assert cal.resend_with("1", cal.value) is None
     cal.learn(config("0.7", pinned=[2]), ready=["1", "2"])  # switched: the pin names the version
     assert cal.known("2") and cal.value == pytest.approx(0.7)
+    assert cal.resend_with("3", 0.7) is None  # unknown, and already the served config's
     assert cal.resend_with("2", 0.4) == pytest.approx(0.7)  # version 2 answered at 0.4: again at 0.7
-    assert cal.resend_with("1", 0.7) == pytest.approx(0.4)  # still version 1 there: its own
-    assert cal.resend_with("3", 0.7) is None  # unknown and already the served config's
+    assert cal.resend_with("1", 0.7) == pytest.approx(0.4)  # version 1 again (a deploy undone): its own,
+    assert cal.value == pytest.approx(0.4)  # and the next frames are sent with it
     cal.learn(config("0.9"), ready=["2", "3"])  # two versions ready, no pin: none is named
     assert not cal.known("3") and cal.value == pytest.approx(0.9)
     optional = mcfg.from_json({"name": "cmg", "input": [{"name": C.THRESHOLD, "optional": True}]})

@@ -245,6 +245,10 @@ def test_what_a_users_copied_folder_holds_besides_the_images(data, capsys):
     shutil.copy(next((data / "train" / "good").glob("0*.png")), data / "train" / "good" / "day2" / "x.png")
     check_training_folder(data, 64, min_unique_captions=1)
     assert "1 image(s) in subfolders of" in capsys.readouterr().err
+    gif = data / "train" / "good" / "000.gif"  # GIF is an image suffix here as in the clients' walk
+    Image.open(next((data / "train" / "good").glob("0*.png"))).save(gif)
+    assert gif in {s.path for s in MVTecFolder(data).samples("train")} and gif in iter_image_paths([data / "train"])
+    gif.unlink()
     (data / "train" / "good" / "moved.png").symlink_to(data / "nowhere" / "moved.png")  # its target moved
     check_training_folder(data, 64, min_unique_captions=1)
     assert "1 name(s) in" in (err := capsys.readouterr().err) and "moved.png" in err

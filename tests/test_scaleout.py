@@ -144,20 +144,32 @@ def _wait(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_deploy_keeps_the_served_thread_count():
-    """The ONNX Runtime threads are the repository's (its machine's cores, `--cpu-threads`),
-    not the run's: a deploy from a machine with other cores must not refuse on them."""
+@pytest.mark.parametrize("key", ["intra_op_threads", "intra_op_thread_count"])
+def test_deploy_keeps_the_served_repository_settings(key):
+    """The ONNX Runtime threads (the cpu target's and the ORT backend's) and the GPU warmup are
+    the repository's (its machine's cores, `--cpu-threads`), not the run's: a deploy from a
+    machine with other cores, or into a repository an older version built without them, must
+    not refuse on them."""
     from cmg import model_config as mcfg
-    from cmg_build.deploy import _with_served_threads
+    from cmg_build.config import add_warmup
+    from cmg_build.deploy import _with_served_settings
 
-    def config(threads: str) -> str:
+    assert key in mcfg.THREAD_PARAMETERS
+
+    def config(threads: str | None, warm: bool = False) -> str:
         cfg = mcfg.mc.ModelConfig(name="cmer_scorer", backend="python", max_batch_size=8)
-        cfg.parameters[mcfg.INTRA_OP_THREADS].string_value = threads
+        cfg.input.add(name="IMAGE", data_type=mcfg.mc.TYPE_UINT8, dims=[8, 8, 3])
+        if threads is not None:
+            cfg.parameters[key].string_value = threads
+        if warm:
+            add_warmup(cfg, 8)
         return mcfg.text(cfg)
 
-    kept = mcfg.parse(_with_served_threads(config("3"), config("1")))
-    assert kept.parameters[mcfg.INTRA_OP_THREADS].string_value == "3"
-    assert _with_served_threads(config("3"), config("1")) == config("3")
+    kept = mcfg.parse(_with_served_settings(config("3"), config("1")))
+    assert kept.parameters[key].string_value == "3"
+    assert _with_served_settings(config("3"), config("1")) == config("3")
+    assert _with_served_settings(config(None), config("1", warm=True)) == config(None)  # built before both
+    assert _with_served_settings(config("2", warm=True), config("1")) == config("2", warm=True)
 
 
 def test_deploy_refusal_names_the_first_config_difference():
@@ -426,7 +438,8 @@ def test_calibrated_threshold_follows_the_version_that_answers(tmp_path):
     """GPU targets send the ensemble's calibrated THRESHOLD (engines have no input defaults).
     When the ensemble moves to a version with another one (what `cmg deploy` does), a running
     stream and an open client flag each frame at the threshold of the version that answered
-    it, not at the one read when they connected."""
+    it, not at the one read when they connected; and again when a deploy undone brings the
+    older version back (its threshold known, no config to read)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
     from PIL import Image
@@ -441,7 +454,7 @@ def test_calibrated_threshold_follows_the_version_that_answers(tmp_path):
     frames_dir = tmp_path / "frames"
     frames_dir.mkdir()
     rng = np.random.default_rng(3)
-    n = 40
+    n = 45
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     for i, im in enumerate(images):
         Image.fromarray(im).save(frames_dir / f"f{i:03d}.png")
@@ -450,37 +463,49 @@ def test_calibrated_threshold_follows_the_version_that_answers(tmp_path):
         client = CMGClient(server.grpc_url, "grpc")
         assert client.default_threshold == old_thr
         out = tmp_path / "s.jsonl"
-        switched = threading.Event()
-        source = _Gated(open_source(str(frames_dir)), gate=30, event=switched)
+        switched, undone = threading.Event(), threading.Event()
+        source = _Gated(_Gated(open_source(str(frames_dir)), gate=35, event=undone), gate=20, event=switched)
         opts = StreamOptions(url=server.grpc_url, source="gated", out=out, fps=20, window=4, timeout_s=5,
                              progress=False, frames=source)
         thread, result = _stream_in_thread([server.grpc_url], [opts])
+        original = (repo / C.CMG / "config.pbtxt").read_text()
+        admin = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             _wait(lambda: _count(out) >= 10 or "error" in result, 120, "stream did not start")
-            cfg = mcfg.read(repo / C.CMG / "config.pbtxt")
+            cfg = mcfg.read(repo / C.CMG / "config.pbtxt")  # the switch: version 2, its own threshold
             mcfg.set_default_threshold(cfg, new_thr)
             mcfg.write(cfg, repo / C.CMG)
             (repo / C.CMG / "2").mkdir()
-            admin = grpcclient.InferenceServerClient(server.grpc_url)
             admin.load_model(C.CMG, headers=server.admin_headers())
-            admin.close()
+            switched.set()
+            _wait(lambda: _count(out) >= 25 or "error" in result, 120, "stream did not go on")
+            got = client.infer_arrays(images[:4])  # connected at version 1, answered by version 2
+            assert client.default_threshold == new_thr
+            want = reference(contract, images[:4], new_thr)
+            assert np.array_equal(got[C.IS_ANOMALY], want[C.IS_ANOMALY]) and not want[C.IS_ANOMALY].any()
+            cfg = mcfg.parse(original)  # undone: version 1 again, pinned, with its threshold
+            cfg.version_policy.specific.versions[:] = [1]
+            mcfg.write(cfg, repo / C.CMG)
+            admin.load_model(C.CMG, headers=server.admin_headers())
         finally:
             switched.set()
+            undone.set()
+            admin.close()
         thread.join(timeout=120)
         assert not thread.is_alive() and "error" not in result, result
-        got = client.infer_arrays(images[:4])  # connected at version 1, answered by version 2
-        assert client.default_threshold == new_thr
-        want = reference(contract, images[:4], new_thr)
-        assert np.array_equal(got[C.IS_ANOMALY], want[C.IS_ANOMALY]) and not want[C.IS_ANOMALY].any()
-        assert np.array_equal(client.infer_arrays(images[:4], old_thr)[C.IS_ANOMALY],
-                              reference(contract, images[:4], old_thr)[C.IS_ANOMALY])  # a given one is kept
+        got = client.infer_arrays(images[:4])
+        assert client.default_threshold == old_thr
+        assert np.array_equal(got[C.IS_ANOMALY], reference(contract, images[:4], old_thr)[C.IS_ANOMALY])
+        assert np.array_equal(client.infer_arrays(images[:4], new_thr)[C.IS_ANOMALY],
+                              reference(contract, images[:4], new_thr)[C.IS_ANOMALY])  # a given one is kept
         client.close()
     finally:
         server.cleanup()
     lines = _lines(out)
     assert [x["seq"] for x in lines] == list(range(n)) and not [x for x in lines if "error" in x]
     by_version = {"1": old_thr, "2": new_thr}
-    assert {x["model_version"] for x in lines} == {"1", "2"}
+    versions = [x["model_version"] for x in lines]
+    assert "2" in versions and versions[-1] == "1", versions  # switched, then undone
     for x in lines:
         thr = by_version[x["model_version"]]
         assert x["threshold"] == thr, x

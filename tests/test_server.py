@@ -440,6 +440,11 @@ def test_gpu_target_ensemble_has_no_python_step_and_clients_send_the_default(tmp
                 assert np.array_equal(got["IS_ANOMALY"], want["IS_ANOMALY"])
             with pytest.raises(CMGError, match="not a finite number"):
                 client.infer_arrays(images, float("nan"))
+            client.default_threshold = 0.9  # set: sent whenever the caller gives none
+            assert np.array_equal(client.infer_arrays(images)["IS_ANOMALY"],
+                                  reference(CONTRACT, images, 0.9)["IS_ANOMALY"])
+            client.default_threshold = None  # the calibrated one again
+            assert client.default_threshold == pytest.approx(THR)
         raw = grpcclient.InferenceServerClient(srv.grpc_url)
         with pytest.raises(InferenceServerException) as info:
             raw.infer("cmg", core.build_inputs(grpcclient, images))  # no THRESHOLD

@@ -64,7 +64,7 @@ def test_sources(tmp_path):
     assert [s for s, _ in src.pick([0, 3, 99, -1])] == [0]  # a resumed file's seqs past the folder's end
     globbed = open_source(str(tmp_path / "d" / "f000[21].png"))
     assert [Path(i.frame_id).name for i in globbed.items()] == ["f0001.png", "f0002.png"]  # sorted, as listed
-    with pytest.raises(CMGError, match="matches no files with an image suffix"):
+    with pytest.raises(CMGError, match="matches no files"):
         open_source(str(tmp_path / "*.jpg"))
     (tmp_path / "d" / "f0000.json").write_text("{}")  # a sidecar beside each frame is no frame
     (tmp_path / "d" / "f0009.png").symlink_to(tmp_path / "gone.png")  # kept: its error line says so
@@ -72,6 +72,8 @@ def test_sources(tmp_path):
     assert [Path(i.frame_id).name for i in everything.items()] == ["f0000.png", "f0001.png", "f0002.png",
                                                                    "f0009.png"]
     (tmp_path / "d" / "f0009.png").unlink()
+    (tmp_path / "d" / "f0000.png").rename(tmp_path / "d" / "f0000.jfif")  # a suffix the pattern spells
+    assert [Path(i.frame_id).name for i in open_source(str(tmp_path / "d" / "*.jfif")).items()] == ["f0000.jfif"]
     with pytest.raises(CMGError, match="not a folder"):
         open_source(str(tmp_path / "nothing"))
     assert parse_synth("synth:tiny?fps=5&seed=3&n=10") == {"preset": "tiny", "fps": 5.0, "seed": 3, "n": 10}
