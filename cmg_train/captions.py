@@ -153,7 +153,10 @@ def write_captions(root: Path, rows: dict[str, str], force: bool = False) -> Pat
     if path.exists() and not force:
         raise CMGError(f"{path} exists: cmg captions never replaces captions without --force")
     if path.exists():
-        backup = path.with_name(f"{CAPTIONS}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup, n = path.with_name(f"{CAPTIONS}.bak-{stamp}"), 1
+        while backup.exists():  # two replacements in one second: the first backup holds the user's file
+            backup, n = path.with_name(f"{CAPTIONS}.bak-{stamp}-{n}"), n + 1
         shutil.copy2(path, backup)
         kept = sum(1 for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
         print(f"cmg captions: replacing {path} ({kept} lines); the old file is kept as {backup.name}",

@@ -167,3 +167,16 @@ def test_coca_captions_through_open_clip(tmp_path, capsys):
     assert caps["train/good/000.png"] == caps["train/good/003.png"]
     assert len(set(caps.values())) >= 2
     assert MVTecFolder(root).samples("train")[1].caption == caps["train/good/001.png"]
+
+
+def test_force_keeps_every_replaced_file(tmp_path):
+    """`--force` keeps the file it replaces beside it, also when two replacements fall in one
+    second (the second backup had overwritten the first, the user's own captions)."""
+    from cmg_train.captions import write_captions
+
+    (tmp_path / "captions.jsonl").write_text('{"file": "train/good/0.png", "caption": "mine"}\n')
+    write_captions(tmp_path, {"train/good/0.png": "first"}, force=True)
+    write_captions(tmp_path, {"train/good/0.png": "second"}, force=True)
+    kept = sorted(p.read_text() for p in tmp_path.glob("captions.jsonl.bak-*"))
+    assert len(kept) == 2 and any("mine" in k for k in kept) and any("first" in k for k in kept)
+    assert "second" in (tmp_path / "captions.jsonl").read_text()

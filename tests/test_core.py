@@ -228,3 +228,12 @@ def test_no_triton_dtype_literals_in_clients():
     found = [f"{p.relative_to(ROOT)}" for folder in ("clients", "benchmarks") for p in (ROOT / folder).rglob("*.py")
              if pattern.search(p.read_text())]
     assert not found, found
+
+
+def test_url_schemes_ignore_case_and_the_http_hint_goes_to_grpc_clients_only():
+    assert core.normalize_url("GRPC://h:1") == "h:1"
+    with pytest.raises(CMGError) as info:
+        core.normalize_url("grpc://h:8001", "http")
+    assert "--http speaks HTTP" not in str(info.value)
+    with pytest.raises(CMGError, match="--http speaks HTTP"):
+        core.normalize_url("http://h:8000", "grpc")

@@ -116,6 +116,17 @@ def test_threshold_endpoint(board):
     assert board.state.threshold("cam-a", None) is None
     big = b'{"value": 1, "pad": "' + b"x" * 5000 + b'"}'
     assert _get(board.port, "/cameras/0/threshold", "POST", big, post)[0] == 413
+    chunked = http.client.HTTPConnection(LOOPBACK, board.port, timeout=10)  # no Content-Length to refuse on
+    try:
+        chunked.request("POST", "/cameras/0/threshold", body=iter([big[:2000], big[2000:]]), headers=post,
+                        encode_chunked=True)
+        assert chunked.getresponse().status == 413
+    finally:
+        chunked.close()
+    from cmg_clients.dashboard.app import MAX_BODY
+
+    exact = b'{"value": 1.5, "p": "' + b"x" * (MAX_BODY - 23) + b'"}'  # exactly the cap: taken
+    assert len(exact) == MAX_BODY and _get(board.port, "/cameras/0/threshold", "POST", exact, post)[0] == 200
     status, body, _ = _get(board.port, "/cameras/0/threshold", "POST", b'{"value": 1.25}', post)
     assert status == 200 and json.loads(body)["threshold"] == 1.25
     assert board.state.threshold("cam-a", None) == 1.25

@@ -335,3 +335,20 @@ def test_training_on_frames_that_are_not_square_says_they_are_stretched(data, ca
     summary = check_training_folder(data, 64, min_unique_captions=1)
     assert summary["not_square"] == 1
     assert "1 of " in (err := capsys.readouterr().err) and "stretched to 64 x 64 px" in err
+
+
+def test_the_train_good_hint_only_for_a_name_under_train_good(tmp_path):
+    from cmg.dataset import _unmatched_note
+
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    assert "which is train/good" not in _unmatched_note(["test/bad/x.png"], tmp_path)
+
+
+def test_portrait_frames_count_as_not_square(tmp_path):
+    from cmg.dataset import check_training_folder
+
+    good = tmp_path / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (64, 96) if i == 0 else (64, 64), (100, 100, 100)).save(good / f"{i}.png")
+    assert check_training_folder(tmp_path, 32, need_captions=False)["not_square"] == 1

@@ -314,3 +314,5 @@ def test_export_ends_with_a_verdict_a_person_reads():
     said = parity_verdict(parity, Path("runs/a/onnx"))
     assert "2 graphs in runs/a/onnx, each output within 4.0e-06 of its scale" in said
     assert "0 flags or keep-mask cells differ" in said and "`cmg build --run runs/a`" in said
+    parity["cmle_encoder"]["IS_ANOMALY"]["mismatches"] = 2
+    assert "2 flags or keep-mask cells differ" in parity_verdict(parity, Path("runs/a/onnx"))

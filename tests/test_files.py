@@ -60,3 +60,8 @@ def test_captions_replaced_with_force_keep_their_mode(tmp_path):
     os.chmod(path, 0o600)
     write_captions(tmp_path, {"train/good/000.png": "a bolt"}, force=True)
     assert (path.stat().st_mode & 0o777) == 0o600 and "a bolt" in path.read_text()
+
+
+def test_write_atomic_writes_utf8(tmp_path):
+    path = write_atomic(tmp_path / "a.txt", "ø µ 部品")
+    assert path.read_text(encoding="utf-8") == "ø µ 部品"

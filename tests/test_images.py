@@ -347,3 +347,18 @@ def test_a_float_batch_is_read_on_one_scale():
     assert items[0].load((8, 8)).max() == 200 and items[2].load((8, 8)).max() == 200
     with pytest.raises(FrameError, match="NaN"):
         items[1].load((8, 8))
+
+
+def test_a_01_batch_with_a_white_pixel_and_a_frame_off_its_batch_scale():
+    """A 0..1 float batch whose maximum is exactly 1.0 is still 0..1; a frame with 0..255
+    values on a 0..1 batch's scale is refused, not wrapped."""
+    from cmg.frames import frame_on_scale
+    from cmg_clients.sources import ArraySource
+
+    batch = np.zeros((2, 8, 8, 3), np.float32)
+    batch[0, 0, 0] = 1.0
+    batch[1] = 0.5
+    items = list(ArraySource(batch, 2).items())
+    assert items[0].load((8, 8)).max() == 255 and items[1].load((8, 8)).max() == 128
+    with pytest.raises(FrameError, match="in a 0..1 batch"):
+        frame_on_scale(np.full((2, 2, 3), 200.0), 255.0)

@@ -62,3 +62,44 @@ def test_a_lock_folder_that_is_not_the_accounts_own_is_refused(tmpdir_here, plan
         folder.chmod(0o1777)  # as the shared folder of earlier versions was
     with pytest.raises(CMGError, match="not this account's own folder"):
         private_lock_dir()
+
+
+def _own_tmp(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+
+
+def test_a_lock_folder_others_can_read_is_refused(tmp_path, monkeypatch):
+    _own_tmp(tmp_path, monkeypatch)
+    folder = tmp_path / f"cmg-locks-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o750)
+    with pytest.raises(CMGError, match="not this account's own folder"):
+        private_lock_dir()
+
+
+def test_a_lock_folder_that_is_a_link_is_refused_even_to_a_private_folder(tmp_path, monkeypatch):
+    _own_tmp(tmp_path, monkeypatch)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / f"cmg-locks-{os.getuid()}").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CMGError, match="not this account's own folder"):
+        private_lock_dir()
+
+
+def test_a_lock_folder_of_another_account_is_refused(tmp_path, monkeypatch):
+    import cmg.locks as locks
+
+    _own_tmp(tmp_path, monkeypatch)
+    folder = tmp_path / f"cmg-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700)
+    real = os.lstat
+
+    def other_owner(path, *args, **kwargs):
+        st = real(path, *args, **kwargs)
+        if os.fspath(path) == os.fspath(folder):
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, os.getuid() + 1, *st[5:10]))
+        return st
+
+    monkeypatch.setattr(locks.os, "lstat", other_owner)
+    with pytest.raises(CMGError, match="not this account's own folder"):
+        private_lock_dir()

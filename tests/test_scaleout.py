@@ -411,6 +411,8 @@ def test_bench_one_vs_two_servers(tiny_run, tiny_onnx, tmp_path):
 @pytest.mark.parametrize("record", [
     {"new": "../../victim", "originals": {"cmg": "x"}},        # a version that is a path
     {"new": 2, "originals": {"../victim": "x"}},               # a model that is not the repository's
+    {"new": 2, "originals": {"cmg": "x", "../victim": "x"}},   # ... beside one that is
+    {"new": 0, "originals": {"cmg": "x"}},                     # no version 0 is ever deployed
     {"new": 2, "originals": {"cmg": ["not", "a", "config"]}},
     ["not", "a", "record"],
     {"new": 2, "originals": {"cmg": "x"}, "report": {"not": "text"}},  # checked before any file is touched

@@ -902,3 +902,31 @@ def test_full_shared_memory_is_refused_before_the_server_starts(toy_repo, monkey
         srv.start()
     assert srv.pid is None
     srv.cleanup()
+
+
+def test_the_admin_key_is_long_and_the_first_one_linked_wins(tmp_path, monkeypatch):
+    """Two servers of one repository starting at once: the key linked first is the one both
+    use (the second's would lock the first out); a key is 256 bits; a key file that is a link
+    is refused."""
+    import secrets
+
+    from cmg_build.server import ADMIN_KEY_FILE, admin_key
+
+    (tmp_path / "a").mkdir()
+    assert len(admin_key(tmp_path / "a", create=True)) >= 40
+    real = secrets.token_urlsafe
+
+    def another_server_first(n: int) -> str:
+        (tmp_path / ADMIN_KEY_FILE).write_text("theirs\n")  # made meanwhile by another server
+        return real(n)
+
+    monkeypatch.setattr(secrets, "token_urlsafe", another_server_first)
+    assert admin_key(tmp_path, create=True) == "theirs"
+    assert (tmp_path / ADMIN_KEY_FILE).read_text().strip() == "theirs"
+    monkeypatch.undo()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (tmp_path / "elsewhere").write_text("planted\n")
+    (linked / ADMIN_KEY_FILE).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CMGError, match="cannot read"):
+        admin_key(linked)

@@ -562,3 +562,11 @@ def test_latencies_are_exact_then_a_fixed_size_uniform_sample():
         drift.append(float(v))
     low, high = drift.percentiles([25, 75])
     assert low < 10.0 and high > 90.0
+
+
+def test_grpcs_own_deadline_words_get_the_busy_hint(capsys):
+    """gRPC says "Deadline Exceeded" (capitalised)."""
+    from cmg_clients.scorer import OutageNotice
+
+    OutageNotice("cam1", every=10.0, clock=lambda: 0.0).failed("a:1", 1, 1, 3, "Deadline Exceeded")
+    assert "busy rather than down" in capsys.readouterr().err
