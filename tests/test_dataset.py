@@ -344,7 +344,9 @@ def test_the_train_good_hint_only_for_a_name_under_train_good(tmp_path):
     assert "which is train/good" not in _unmatched_note(["test/bad/x.png"], tmp_path)
 
 
-def test_portrait_frames_count_as_not_square(tmp_path):
+def test_portrait_frames_count_as_not_square(tmp_path, capsys):
+    """Counted either way; said only where the caller asks (`cmg captions` does not: `cmg
+    train` says it, once)."""
     from cmg.dataset import check_training_folder
 
     good = tmp_path / "train" / "good"
@@ -352,3 +354,6 @@ def test_portrait_frames_count_as_not_square(tmp_path):
     for i in range(8):
         Image.new("RGB", (64, 96) if i == 0 else (64, 64), (100, 100, 100)).save(good / f"{i}.png")
     assert check_training_folder(tmp_path, 32, need_captions=False)["not_square"] == 1
+    assert "not square" in capsys.readouterr().err
+    assert check_training_folder(tmp_path, 32, need_captions=False, say_shapes=False)["not_square"] == 1
+    assert "not square" not in capsys.readouterr().err

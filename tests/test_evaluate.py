@@ -428,6 +428,7 @@ def test_ablation_table_on_the_tiny_run(tiny_run, tiny_data, fast_bootstrap):
     assert [f.startswith("test/good/") for f in report["files"]] == [lab == 0 for lab in report["labels"]]
     head = (tiny_run / "eval" / "ablation.md").read_text().splitlines()[0]  # which data, which checkpoint
     assert str(Path(tiny_data).resolve()) in head and report["checkpoint_sha256"][:12] in head
+    assert "no defect image has a ground-truth mask" not in head  # this data has masks
     for name in ("run", *ABLATION, "cmg_exact"):
         assert set(rows[name]["per_defect"]) == TINY_DEFECTS
         lo, hi = rows[name]["image_auroc_ci95"]

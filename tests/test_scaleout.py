@@ -362,6 +362,12 @@ def test_deploy_keeps_every_loaded_ensemble_at_one_version(tiny_run, cpu_repo, t
 
         def load_and_look(name, *a, **k):
             load(name, *a, **k)
+            for ensemble in C.ENSEMBLES:  # an ensemble pinned to a version runs its steps at that version
+                cfg = mcfg.read(repo / ensemble / "config.pbtxt")
+                pins = list(cfg.version_policy.specific.versions)
+                steps = {s.model_version for s in cfg.ensemble_scheduling.step}
+                if pins and steps and steps != set(pins):  # (the fused cpu `cmg` has no steps)
+                    seen.append(f"loading {name}: {ensemble} pinned to {pins} with its steps at {sorted(steps)}")
             pinned_to.update(allowed(C.CMG_EXACT))  # every version its config has allowed so far
             for m in client.get_model_repository_index().models:  # the ensemble as Triton holds it now
                 if m.name == C.CMG_EXACT and m.state == "READY" and m.version not in pinned_to:
@@ -372,6 +378,22 @@ def test_deploy_keeps_every_loaded_ensemble_at_one_version(tiny_run, cpu_repo, t
 
     try:
         monkeypatch.setattr(deploy_mod, "_client", watched)
+        def files() -> list[str]:  # (the Python backend compiles model.py where it runs)
+            return sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if "__pycache__" not in p.parts)
+
+        before = files()
+        copytree = shutil.copytree
+
+        def interrupted(src, dst, *a, **k):  # Ctrl-C while the new version's files are copied in
+            if Path(dst).is_relative_to(repo):
+                raise KeyboardInterrupt
+            return copytree(src, dst, *a, **k)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(deploy_mod.shutil, "copytree", interrupted)
+            with pytest.raises(KeyboardInterrupt):  # undone first, then let go on
+                deploy_mod.deploy(tiny_run, repo, server.grpc_url)
+        assert files() == before and not seen, seen
         assert deploy_mod.deploy(tiny_run, repo, server.grpc_url)["new_version"] == 2
         assert not seen, seen
         real_infer = deploy_mod._infer
