@@ -139,10 +139,11 @@ def frame_on_scale(frame: np.ndarray, scale: float | None, what: str = "frame") 
 def upright(image: Image.Image) -> Image.Image:
     """As a viewer shows it: a phone's or camera's JPEG (and some PNG/TIFF) stores its rotation
     as an EXIF tag, and a mask drawn on the image as displayed must line up with the frame.
-    Only an image that still holds its file's pixels (`format` set): Pillow carries the tag
-    over to an image rotated or cropped from it, whose caller has placed its pixels already.
+    The tag is what a viewer follows, so it is followed here too, also on an image derived
+    from the file (`Image.open(p).convert("RGB")` keeps it); `ImageOps.exif_transpose`
+    removes it once applied (a caller who rotates by hand should do the same).
     Transposing copies: only where a tag says to."""
-    if image.format is not None and image.getexif().get(ORIENTATION, 1) != 1:
+    if image.getexif().get(ORIENTATION, 1) != 1:
         return ImageOps.exif_transpose(image)
     return image
 

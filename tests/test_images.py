@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cmg.frames import FrameError, batch_to_uint8, load_frame
 from cmg_app.cli import main
@@ -278,9 +278,10 @@ def test_every_input_kind_reads_as_its_file(tmp_path):
     img.save(tmp_path / "tagged.png", exif=exif)
     with Image.open(tmp_path / "tagged.png") as opened:
         np.testing.assert_array_equal(to_frame(opened, (30, 30)), load_frame(tmp_path / "tagged.png", (30, 30)))
-        turned = opened.transpose(Image.Transpose.ROTATE_90)  # the caller placed the pixels: the tag
-        np.testing.assert_array_equal(to_frame(turned, (30, 30)),  # it carries over is not applied again
-                                      to_frame(np.asarray(turned), (30, 30)))
+        converted = opened.convert("RGB")  # what most code does first: the tag goes with it
+        np.testing.assert_array_equal(to_frame(converted, (30, 30)), load_frame(tmp_path / "tagged.png", (30, 30)))
+        placed = ImageOps.exif_transpose(opened)  # rotated by the caller, the tag removed: not again
+        np.testing.assert_array_equal(to_frame(placed, (30, 30)), load_frame(tmp_path / "tagged.png", (30, 30)))
     la = np.stack([np.arange(6, dtype=np.uint8).reshape(2, 3) * 40, np.zeros((2, 3), np.uint8)], axis=-1)
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
     np.testing.assert_array_equal(to_frame(la, (2, 3)), load_frame(tmp_path / "la.png", (2, 3)))
