@@ -311,10 +311,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
         cpu_cmg = "fused" if built["models"].get(CMG, {}).get("fused") else "ensemble"
         kind = "cpu" if built["target"] == "cpu" else built.get("kind", "cpu")  # a cpu repository is CPU-only
         precision = built.get("precision", {}).get("precision", "fp32")  # an int8 repository stays int8
-        if precision == "int8" and built["target"] == "onnxruntime" and kind == "gpu":
-            raise CMGError(f"{repo} is an int8 onnxruntime repository on GPU instances, which `cmg build` no "
-                           "longer makes (ONNX Runtime's CUDA provider runs those graphs without int8 kernels): "
-                           "build a new repository (fp32, or --target tensorrt --precision int8) and serve it")
+        refuse_unbuildable(repo, built["target"], kind, precision)
         staged_report = build(run, built["target"], staged, kind, serving.get("max_batch"),
               serving.get("opt_batch"), serving.get("instances"), version=new, cpu_cmg=cpu_cmg,
               precision=precision, data=data)
@@ -410,6 +407,14 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     return {"run": str(run), "repository": str(repo), "url": url, "old_version": old, "new_version": new,
             "ensembles": ensembles, "steps": steps,
             "old_state": {n: state.get((n, str(old)), "") for n in steps + ensembles}}
+
+
+def refuse_unbuildable(repo: Path, target: str, kind: str, precision: str) -> None:
+    """A repository `cmg build` no longer makes takes no new version: said before anything moves."""
+    if precision == "int8" and target == "onnxruntime" and kind == "gpu":
+        raise CMGError(f"{repo} is an int8 onnxruntime repository on GPU instances, which `cmg build` no longer "
+                       "makes (ONNX Runtime's CUDA provider runs those graphs without int8 kernels): build a new "
+                       "repository (fp32, or --target tensorrt --precision int8) and serve it")
 
 
 def _explained(reason: str) -> str:

@@ -257,13 +257,14 @@ class Scorer:
             # Given (--threshold, the page's slider), or None: the server's calibrated one (GPU
             # targets), per server and version, sent again where a deploy changed it under the frame
             given = opts.threshold if observer is None else observer.threshold(name, opts.threshold)
-            inputs, sent, again = None, None, None
+            inputs, sent = None, None
             attempt = rescores = 0
             server = avoid = None
             t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
             while True:
                 server = pool.pick(avoid=avoid)
-                threshold = given if given is not None else (again if again is not None else pool.threshold(server))
+                # (a resend's threshold is the answering version's: `resend_with` made it the server's own)
+                threshold = given if given is not None else pool.threshold(server)
                 if inputs is None or threshold != sent:
                     inputs, sent = core.build_inputs(grpcclient, frame[None], threshold), threshold
                     if threshold is not None:  # the THRESHOLD this frame was scored with, in its line

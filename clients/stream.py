@@ -257,8 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--overlays", type=Path, default=None,
-                        help="write an overlay PNG per flagged frame here (several sources: a folder each, "
-                             "DIR/NAME); each flagged line names its file")
+                        help="write an overlay PNG per flagged frame under DIR/OUT-NAME/ (a folder per output "
+                             "file: streams sharing DIR never overwrite each other's); each flagged line names "
+                             "its file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", default=None, metavar="[HOST:]PORT",
                         help="serve the live line page while streaming (host default 127.0.0.1)")
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
             progress=False if args.no_progress else progress, dashboard=args.dashboard,
             metrics_url=args.metrics_url, name=name,
-            overlays=None if args.overlays is None else (args.overlays / name if name else args.overlays),
+            overlays=None if args.overlays is None else args.overlays / out.stem,  # one folder per OUT
         )
 
     if len(args.source) == 1 and len(urls) == 1:

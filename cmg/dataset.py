@@ -101,6 +101,7 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...],
     from a folder leave their lines behind, and nothing reads a test image's caption), its
     name as written added to `skipped`."""
     rows: dict[str, dict] = {}
+    line_of: dict[str, int] = {}
     with path.open(encoding="utf-8-sig") as fh:  # -sig: a BOM (Notepad, Excel) is not part of line 1
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -120,7 +121,10 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...],
                     continue
                 raise CMGError(f"{path}:{lineno}: file {rel!r} does not exist under {root} "
                                "(if the image was removed on purpose, remove its line)")
-            rows[rel] = row
+            if rel in rows:  # which of the two the user meant is theirs to say, not the last line's
+                raise CMGError(f"{path}:{lineno}: file {rel!r} is named again (first on line {line_of[rel]}): "
+                               "keep one line per image")
+            rows[rel], line_of[rel] = row, lineno
     return rows
 
 

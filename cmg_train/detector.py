@@ -17,6 +17,7 @@ the same code, so the served scores are the evaluated ones (parity tested). Step
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,21 @@ class RawScores(NamedTuple):
     local_map: Tensor     # [B,C,h,w] gated (C = 2 with local.self_radius: score channel, shown channel)
     keep: Tensor          # [B,G,G] float
     z: Tensor             # [B,D]
+
+
+def spread(values: Tensor, what: str) -> Tensor:
+    """The held-out normals' standard deviation of a score: its unit in the fused score. Where
+    they do not vary (identical or constant training images; two held-out frames that tie),
+    1, said: a unit clamped to 1e-6 had made every score a million times its distance and the
+    threshold about 1e13, so the run flagged nothing and said nothing."""
+    sd = values.std() if values.numel() > 1 else values.new_zeros(())
+    if not torch.isfinite(sd) or float(sd) <= 1e-6 * max(1.0, float(values.abs().mean())):
+        print(f"warning: the {values.numel()} held-out normal frames' {what} does not vary (spread "
+              f"{float(sd):.2g}), so it is used unscaled: the training images are identical or nearly so, "
+              "or too few are held out to calibrate on. Train on more, and more varied, normal images",
+              file=sys.stderr)
+        return values.new_ones(())
+    return sd
 
 
 class CMGDetector(nn.Module):
@@ -133,8 +149,8 @@ class CMGDetector(nn.Module):
         if self.score_blur is None:
             return
         _, p = self.local_peaks(amap, keep)
-        std = p.std(0).clamp_min(1e-6)
-        self.view_stats.copy_(torch.stack([p[:, 0].mean(), std[0], p[:, 1].mean(), std[1]]))
+        self.view_stats.copy_(torch.stack([p[:, 0].mean(), spread(p[:, 0], "plain-map local score"),
+                                           p[:, 1].mean(), spread(p[:, 1], "smoothed-map local score")]))
 
     def set_bank(self, global_bank: Tensor) -> None:
         self.global_knn = KNNDistance(global_bank, self.k_global)

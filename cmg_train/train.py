@@ -42,7 +42,7 @@ from cmg_train.cmle.fit import (
     unique_captions_needed,
 )
 from cmg_train.cmle.model import CMLEHead
-from cmg_train.detector import CMGDetector
+from cmg_train.detector import CMGDetector, spread
 from cmg_train.local import anomalies
 from cmg_train.local.bank import PatchBank, fit_patch_bank
 from cmg_train.local.fit import synthetic_check, train_local
@@ -128,7 +128,7 @@ def fit_detector(cfg: Config, teacher: Teacher, local: LocalNet | PatchBank, tra
         g, lmax = batched(lambda f, s: det.raw(f, s)[:2], val_frames, val_scores)
     else:  # the local model's maps of these frames, computed once by the caller
         g, lmax = batched(lambda f, s, m: det.raw(f, s, m)[:2], val_frames, val_scores, val_maps)
-    det.stats.copy_(torch.stack([g.mean(), g.std().clamp_min(1e-6), lmax.mean(), lmax.std().clamp_min(1e-6)]))
+    det.stats.copy_(torch.stack([g.mean(), spread(g, "global score"), lmax.mean(), spread(lmax, "local score")]))
     fusion = None
     if cfg.scoring.fusion == "auto":
         fusion = choose_global_weight(det, val_frames, val_scores, g, lmax, cfg.seed, scorer)
@@ -292,10 +292,13 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     captions = [s.caption for s in samples]
     tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
     tr_captions = [captions[i] for i in tr.tolist()]
+    graph = None
     if cfg.cmle.enabled:
         # The folder check counted every training image; CMLE learns from the split without the
         # held-out normals, which can have fewer: fail on it now, not after minutes of training.
-        check_captions(tr_captions, cfg.cmle)
+        check_captions(tr_captions, cfg.cmle, held_out=len(va))
+        if cfg.cmle.text_encoder != "teacher":  # MiniLM's reading of them, checked now too
+            graph = build_caption_graph(tr_captions, cfg.cmle)
     log = functools.partial(append_jsonl, log_path)
     torch.manual_seed(cfg.seed)
     size = (cfg.data.image_size, cfg.data.image_size)
@@ -337,8 +340,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
 
     t = time.perf_counter()
     stage(4, "CMLE head, fusion weight and threshold")
-    graph = None
-    if cfg.cmle.enabled:
+    if cfg.cmle.enabled and graph is None:  # the teacher's own text side reads them
         graph = build_caption_graph(tr_captions, cfg.cmle, caption_embedder(cfg, teacher))
     det, det_metrics = fit_detector(
         cfg, teacher, local, frames[tr], scores[tr], frames[va], scores[va], graph,

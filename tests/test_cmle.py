@@ -71,6 +71,21 @@ def test_degenerate_captions_stop_cmle_with_a_clear_message(captions, cfg, messa
         build_caption_graph(captions, cfg, embed=lambda t: np.eye(len(t)))
 
 
+def test_captions_held_out_and_captions_the_encoder_reads_as_one_are_named():
+    """All distinct but too few after the held-out split: add images, not variety. Distinct as
+    text but one to MiniLM (past its 256 tokens; emoji it has no word for): refused, never a
+    uniform W."""
+    cfg = CMLEConfig(min_unique_captions=20)
+    with pytest.raises(CMGError, match=r"after 3 held out.*3 images are held out for calibration.*add training images"):
+        check_captions([f"a nut, number {i}" for i in range(17)], cfg, held_out=3)
+    with pytest.raises(CMGError, match=r"more varied captions"):
+        check_captions(["a nut"] * 5 + [f"a nut, number {i}" for i in range(12)], cfg, held_out=3)
+    long = "a photo of a part " * 400
+    for captions in ([f"{long} number {i}" for i in range(25)], ["\U0001F600" * (i + 1) for i in range(25)]):
+        with pytest.raises(CMGError, match=r"reads the 25 distinct captions as only 1 different ones"):
+            build_caption_graph(captions, cfg)
+
+
 def test_minilm_embeds_offline_and_similar_captions_are_neighbours():
     caps = ["a small red hex nut at the top left", "a small red hex nut at the top right",
             "a large blue gear in the centre", "a large blue gear at the bottom"]

@@ -337,6 +337,16 @@ def test_training_on_frames_that_are_not_square_says_they_are_stretched(data, ca
     assert "1 of " in (err := capsys.readouterr().err) and "stretched to 64 x 64 px" in err
 
 
+def test_an_image_named_twice_in_captions_is_refused_with_both_lines(data):
+    from cmg.dataset import read_captions
+
+    path = data / "captions.jsonl"
+    first = path.read_text().splitlines()[0]
+    path.write_text(path.read_text() + first.replace('"caption": "', '"caption": "another ') + "\n")
+    with pytest.raises(CMGError, match=r"is named again \(first on line 1\)"):
+        read_captions(path, data)
+
+
 def test_the_train_good_hint_only_for_a_name_under_train_good(tmp_path):
     from cmg.dataset import _unmatched_note
 

@@ -262,3 +262,16 @@ def test_detector_state_round_trip_reproduces_outputs():
         assert torch.equal(x, y), name
     assert float(clone.threshold) == pytest.approx(0.3) and clone.use_mask
     assert not clone.training
+
+
+def test_a_score_the_held_out_normals_do_not_spread_is_used_unscaled_and_said(capsys):
+    """Identical or constant training images (or two held-out frames that tie) give a zero
+    spread: its unit had been clamped to 1e-6, every score became a million times its
+    distance and the threshold about 1e13 (nothing flagged, nothing said)."""
+    from cmg_train.detector import spread
+
+    assert float(spread(torch.tensor([1.0, 2.0, 3.0]), "x")) == pytest.approx(1.0)
+    assert capsys.readouterr().err == ""
+    for tied in (torch.full((5,), 0.707), torch.zeros(5), torch.tensor([4.2])):
+        assert float(spread(tied, "local score")) == 1.0
+        assert "local score does not vary" in capsys.readouterr().err

@@ -103,3 +103,12 @@ def test_a_lock_folder_of_another_account_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(locks.os, "lstat", other_owner)
     with pytest.raises(CMGError, match="not this account's own folder"):
         private_lock_dir()
+
+
+def test_a_lock_folder_that_is_a_file_is_refused(tmp_path, monkeypatch):
+    _own_tmp(tmp_path, monkeypatch)
+    folder = tmp_path / f"cmg-locks-{os.getuid()}"
+    folder.write_text("")
+    folder.chmod(0o600)
+    with pytest.raises(CMGError, match="not this account's own folder"):
+        private_lock_dir()

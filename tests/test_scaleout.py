@@ -172,6 +172,16 @@ def test_deploy_keeps_the_served_repository_settings(key):
     assert _with_served_settings(config("2", warm=True), config("1")) == config("2", warm=True)
 
 
+def test_a_repository_build_no_longer_makes_takes_no_new_version(tmp_path):
+    from cmg_build.deploy import refuse_unbuildable
+
+    with pytest.raises(CMGError, match="int8 onnxruntime repository on GPU instances"):
+        refuse_unbuildable(tmp_path, "onnxruntime", "gpu", "int8")
+    for target, kind, precision in (("onnxruntime", "cpu", "int8"), ("tensorrt", "gpu", "int8"),
+                                    ("onnxruntime", "gpu", "fp32")):
+        refuse_unbuildable(tmp_path, target, kind, precision)
+
+
 def test_deploy_refusal_names_the_first_config_difference():
     from cmg_build.deploy import first_difference
 

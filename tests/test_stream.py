@@ -500,6 +500,15 @@ def test_stream_writes_an_overlay_per_flagged_frame(triton, tmp_path, capsys):
                "--source", "b=synth:tiny?n=2&seed=2", "--out", str(tmp_path / "multi"), "--overlays", str(tmp_path / "mov"), "--threshold=-1e30",
                "--no-progress"])
     assert rc == 0 and {p.name for p in (tmp_path / "mov").iterdir()} == {"a", "b"}
+    for cam in ("c1", "c2"):  # two streams, one DIR: a folder per output file, nothing overwritten
+        assert main(["stream", "--url", triton.grpc_url, "--source", f"synth:tiny?n=2&seed={cam[1]}",
+                     "--out", str(tmp_path / f"{cam}.jsonl"), "--overlays", str(tmp_path / "shared"),
+                     "--threshold=-1e30", "--no-progress"]) == 0
+    assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "shared").iterdir()} == {"c1": 2, "c2": 2}
+    from cmg_clients.overlay import stream_overlay_name
+
+    assert stream_overlay_name(7, "../../etc/x y?.png") == "0000007_x_y_.png"  # a name, never a path
+    assert stream_overlay_name(7, "") == "0000007_frame.png"
     (tmp_path / "afile").write_text("")
     capsys.readouterr()
     assert main(["stream", "--url", triton.grpc_url, "--source", "synth:tiny?n=1", "--out", str(tmp_path / "x.jsonl"),

@@ -80,15 +80,26 @@ def unique_captions_needed(cfg: CMLEConfig) -> int:
     return max(cfg.min_unique_captions, cfg.k + 1)
 
 
-def check_captions(image_captions: Sequence[str], cfg: CMLEConfig) -> None:
-    """Too few unique captions is an error, never a silently degenerate W."""
+def check_captions(image_captions: Sequence[str], cfg: CMLEConfig, held_out: int = 0) -> None:
+    """Too few unique captions is an error, never a silently degenerate W. `held_out`: the
+    images set aside for calibration before CMLE sees the rest (their captions are not here),
+    named in the error when they are what leaves too few."""
     unique = len(set(image_captions))
     need = unique_captions_needed(cfg)
     if unique < need:
+        fix = ("Provide more varied captions" if unique < len(image_captions) or not held_out
+               else f"{held_out} images are held out for calibration (data.val_fraction) and every caption "
+                    "of the rest is distinct already: add training images")
         raise CMGError(
-            f"CMLE: only {unique} unique captions among {len(image_captions)} images (minimum {need}); "
-            "captions carry no structure. Provide more varied captions or set cmle.enabled: false."
+            f"CMLE: only {unique} unique captions among {len(image_captions)} images"
+            f"{f' (after {held_out} held out)' if held_out else ''} (minimum {need}); {fix}, "
+            "or set cmle.enabled: false."
         )
+
+
+def distinct_rows(emb: np.ndarray) -> int:
+    """Rows that differ (to 1e-6): captions the text encoder reads as one are one to CMLE."""
+    return len(np.unique(np.round(np.asarray(emb, np.float64), 6), axis=0)) if len(emb) else 0
 
 
 def build_caption_graph(image_captions: Sequence[str], cfg: CMLEConfig,
@@ -98,6 +109,13 @@ def build_caption_graph(image_captions: Sequence[str], cfg: CMLEConfig,
     unique = sorted(set(image_captions))
     lookup = {c: i for i, c in enumerate(unique)}
     emb = (embed or minilm_embeddings)(unique)
+    distinct, need = distinct_rows(emb), unique_captions_needed(cfg)
+    if distinct < need:  # distinct as text, one to the encoder: W would be uniform, silently
+        raise CMGError(
+            f"CMLE: the text encoder reads the {len(unique)} distinct captions as only {distinct} different "
+            f"ones (minimum {need}). It reads a caption's first 256 tokens and has no word for emoji and "
+            "most non-Latin characters: say what differs between the images early in each caption, in "
+            "words, or set cmle.enabled: false.")
     nbr, w = lle_weights(np.asarray(emb), cfg.k, cfg.reg)
     return CaptionGraph(unique, np.array([lookup[c] for c in image_captions]), nbr, w)
 
