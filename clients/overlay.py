@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cmg.errors import CMGError, check_parent_folders
+from cmg.files import write_atomic
 from cmg_clients.core import Result
 
 
@@ -22,6 +23,25 @@ def check_overlay_dir(folder: Path | None) -> None:
     if folder.exists() and not folder.is_dir():
         raise CMGError(f"--overlays {folder} is a file, not a folder")
     check_parent_folders(folder, "--overlays")
+
+
+OWNER_FILE = ".cmg-stream-out"  # in a stream's overlay folder: the output file whose overlays it holds
+
+
+def claim_overlay_dir(folder: Path, out: Path) -> None:
+    """One output file's overlays per folder, said in it: streams whose `--out` share a name
+    (a/line3.jsonl, b/line3.jsonl) with one `--overlays` DIR would write the same file names
+    (sequence numbers start at 0 in each) over each other's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = str(Path(out).resolve())
+    try:
+        theirs = (folder / OWNER_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        write_atomic(folder / OWNER_FILE, mine + "\n")
+        return
+    if theirs != mine:
+        raise CMGError(f"--overlays: {folder} holds the overlays of the stream into {theirs}: give this one "
+                       f"(--out {out}) another --overlays folder")
 
 
 def stream_overlay_name(seq: int, frame_id: str) -> str:

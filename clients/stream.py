@@ -38,7 +38,7 @@ from cmg_clients.output import (
     same_source,
     scan_existing,
 )
-from cmg_clients.overlay import check_overlay_dir
+from cmg_clients.overlay import check_overlay_dir, claim_overlay_dir
 from cmg_clients.planning import plan_sources, source_name
 from cmg_clients.scorer import Progress, Scorer, StreamOptions, StreamSummary
 from cmg_clients.servers import ServerPool
@@ -59,6 +59,8 @@ async def _stream(opts: StreamOptions, summary: StreamSummary, pool: ServerPool 
         raise CMGError("--resume continues OUT and --overwrite starts it afresh: give one of them")
     check_out_path(opts.out)
     with OutputLock(opts.out):  # before OUT is read: a second writer or resume stops here, exit 2
+        if opts.overlays is not None:
+            claim_overlay_dir(opts.overlays, opts.out)
         await _stream_locked(opts, summary, pool, size, own_pool, url)
 
 
@@ -258,8 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--overlays", type=Path, default=None,
                         help="write an overlay PNG per flagged frame under DIR/OUT-NAME/ (a folder per output "
-                             "file: streams sharing DIR never overwrite each other's); each flagged line names "
-                             "its file")
+                             "file); each flagged line names its file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", default=None, metavar="[HOST:]PORT",
                         help="serve the live line page while streaming (host default 127.0.0.1)")

@@ -121,10 +121,12 @@ def _read_jsonl(path: Path, root: Path, required: tuple[str, ...],
                     continue
                 raise CMGError(f"{path}:{lineno}: file {rel!r} does not exist under {root} "
                                "(if the image was removed on purpose, remove its line)")
-            if rel in rows:  # which of the two the user meant is theirs to say, not the last line's
-                raise CMGError(f"{path}:{lineno}: file {rel!r} is named again (first on line {line_of[rel]}): "
-                               "keep one line per image")
-            rows[rel], line_of[rel] = row, lineno
+            # Which of two captions for one training image is meant is the user's to say
+            if rel in rows and row != rows[rel] and rel.startswith("train/"):
+                raise CMGError(f"{path}:{lineno}: file {rel!r} is named again with other values (first on "
+                               f"line {line_of[rel]}): keep one line per training image")
+            if rel not in rows:  # a copy of a line, or a test image's (nothing reads its caption): the first
+                rows[rel], line_of[rel] = row, lineno
     return rows
 
 

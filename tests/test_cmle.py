@@ -84,6 +84,13 @@ def test_captions_held_out_and_captions_the_encoder_reads_as_one_are_named():
     for captions in ([f"{long} number {i}" for i in range(25)], ["\U0001F600" * (i + 1) for i in range(25)]):
         with pytest.raises(CMGError, match=r"reads the 25 distinct captions as only 1 different ones"):
             build_caption_graph(captions, cfg)
+    # enough distinct ones beside them: the ones read as one are one caption (one node of W)
+    words = [f"a {c} {p} at the {w}" for c in ("red", "blue", "green", "grey") for p in ("nut", "gear")
+             for w in ("top", "left", "bottom")][:22]
+    emoji = ["\U0001F600" * (i + 1) for i in range(30)]
+    graph = build_caption_graph(words + emoji + emoji, cfg)
+    assert len(graph.captions) == 23 and graph.weights.shape == (23, cfg.k)
+    assert len(set(graph.image_caption[len(words):].tolist())) == 1  # every emoji image: one caption
 
 
 def test_minilm_embeds_offline_and_similar_captions_are_neighbours():

@@ -270,7 +270,7 @@ def test_a_score_the_held_out_normals_do_not_spread_is_used_unscaled_and_said(ca
     distance and the threshold about 1e13 (nothing flagged, nothing said)."""
     from cmg_train.detector import spread
 
-    assert float(spread(torch.tensor([1.0, 2.0, 3.0]), "x")) == pytest.approx(1.0)
+    assert float(spread(torch.tensor([1.0, 3.0, 5.0]), "x")) == pytest.approx(2.0)
     assert capsys.readouterr().err == ""
     for tied in (torch.full((5,), 0.707), torch.zeros(5), torch.tensor([4.2])):
         assert float(spread(tied, "local score")) == 1.0

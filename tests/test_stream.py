@@ -488,14 +488,14 @@ def test_stream_writes_an_overlay_per_flagged_frame(triton, tmp_path, capsys):
     flagged = [x for x in lines if x["is_anomaly"]]
     assert summary.flagged == len(flagged) > 0, "nothing flagged: the test proves nothing"
     assert all("overlay" not in x for x in lines if not x["is_anomaly"])
-    assert sorted(p.name for p in folder.iterdir()) == sorted(Path(x["overlay"]).name for x in flagged)
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(Path(x["overlay"]).name for x in flagged)
     for x in flagged:
         assert Path(x["overlay"]).name.startswith(f"{x['seq']:07d}_")
         with Image.open(x["overlay"]) as im:
             assert im.format == "PNG" and im.size[0] > 0
     low = tmp_path / "low.jsonl"
     every = run_stream(_opts(triton, "synth:tiny?seed=2&n=4", low, overlays=tmp_path / "all", threshold=-1e30))
-    assert every.flagged == 4 and len(list((tmp_path / "all").iterdir())) == 4  # a given threshold flags all
+    assert every.flagged == 4 and len(list((tmp_path / "all").glob("*.png"))) == 4  # a given threshold flags all
     rc = main(["stream", "--url", triton.grpc_url, "--source", "a=synth:tiny?n=2&seed=1",
                "--source", "b=synth:tiny?n=2&seed=2", "--out", str(tmp_path / "multi"), "--overlays", str(tmp_path / "mov"), "--threshold=-1e30",
                "--no-progress"])
@@ -504,7 +504,12 @@ def test_stream_writes_an_overlay_per_flagged_frame(triton, tmp_path, capsys):
         assert main(["stream", "--url", triton.grpc_url, "--source", f"synth:tiny?n=2&seed={cam[1]}",
                      "--out", str(tmp_path / f"{cam}.jsonl"), "--overlays", str(tmp_path / "shared"),
                      "--threshold=-1e30", "--no-progress"]) == 0
-    assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "shared").iterdir()} == {"c1": 2, "c2": 2}
+    assert {p.name: len(list(p.glob("*.png"))) for p in (tmp_path / "shared").iterdir()} == {"c1": 2, "c2": 2}
+    (tmp_path / "elsewhere").mkdir()  # another line3.jsonl of the same name: refused, nothing overwritten
+    assert main(["stream", "--url", triton.grpc_url, "--source", "synth:tiny?n=2&seed=5",
+                 "--out", str(tmp_path / "elsewhere" / "c1.jsonl"), "--overlays", str(tmp_path / "shared"),
+                 "--threshold=-1e30", "--no-progress"]) == 2
+    assert "holds the overlays of the stream into" in capsys.readouterr().err
     from cmg_clients.overlay import stream_overlay_name
 
     assert stream_overlay_name(7, "../../etc/x y?.png") == "0000007_x_y_.png"  # a name, never a path

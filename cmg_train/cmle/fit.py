@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
 
 from cmg.config import CMLEConfig
@@ -97,9 +99,15 @@ def check_captions(image_captions: Sequence[str], cfg: CMLEConfig, held_out: int
         )
 
 
-def distinct_rows(emb: np.ndarray) -> int:
-    """Rows that differ (to 1e-6): captions the text encoder reads as one are one to CMLE."""
-    return len(np.unique(np.round(np.asarray(emb, np.float64), 6), axis=0)) if len(emb) else 0
+def read_as_one(emb: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+    """A group per row, in first-seen order: rows within `tol` of each other, directly or through
+    others (captions the text encoder reads as one: past its 256 tokens, emoji it has no word
+    for), share one. CMLE takes each group as one caption: identical rows would be each
+    other's neighbours and their locally linear weights no structure at all."""
+    if not len(emb):
+        return np.zeros(0, dtype=np.int64)
+    near = NearestNeighbors(radius=tol).fit(np.asarray(emb, np.float64)).radius_neighbors_graph()
+    return connected_components(near, directed=False)[1]
 
 
 def build_caption_graph(image_captions: Sequence[str], cfg: CMLEConfig,
@@ -108,16 +116,23 @@ def build_caption_graph(image_captions: Sequence[str], cfg: CMLEConfig,
     check_captions(image_captions, cfg)
     unique = sorted(set(image_captions))
     lookup = {c: i for i, c in enumerate(unique)}
-    emb = (embed or minilm_embeddings)(unique)
-    distinct, need = distinct_rows(emb), unique_captions_needed(cfg)
+    emb = np.asarray((embed or minilm_embeddings)(unique))
+    group, need = read_as_one(emb), unique_captions_needed(cfg)
+    distinct = int(group.max()) + 1 if len(group) else 0
     if distinct < need:  # distinct as text, one to the encoder: W would be uniform, silently
         raise CMGError(
             f"CMLE: the text encoder reads the {len(unique)} distinct captions as only {distinct} different "
             f"ones (minimum {need}). It reads a caption's first 256 tokens and has no word for emoji and "
             "most non-Latin characters: say what differs between the images early in each caption, in "
             "words, or set cmle.enabled: false.")
-    nbr, w = lle_weights(np.asarray(emb), cfg.k, cfg.reg)
-    return CaptionGraph(unique, np.array([lookup[c] for c in image_captions]), nbr, w)
+    first = np.unique(group, return_index=True)[1]  # each group's first caption stands for it
+    if distinct < len(unique):
+        merged = np.flatnonzero(group == np.flatnonzero(np.bincount(group) > 1)[0])
+        print(f"CMLE: the text encoder reads {len(unique)} distinct captions as {distinct} (for one, "
+              f"{len(merged)} captions such as {unique[merged[0]][:60]!r}): each is one caption to CMLE",
+              file=sys.stderr)
+    nbr, w = lle_weights(emb[first], cfg.k, cfg.reg)
+    return CaptionGraph([unique[i] for i in first], group[[lookup[c] for c in image_captions]], nbr, w)
 
 
 def train_cmle_head(head: CMLEHead, pooled: torch.Tensor, graph: CaptionGraph | None, cfg: CMLEConfig,
