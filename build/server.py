@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -401,6 +402,17 @@ def check_port(port: int, address: str, flag: str) -> None:
             raise CMGError(f"{flag} {port}: cannot bind {address}:{port} ({exc.strerror})") from None
 
 
+# Triton's Python backend starts its stub through `bash -c` with the model's path unquoted, and
+# the stub's Python reads paths as ASCII: a repository path with a space, a shell character or
+# a non-ASCII letter fails to load (or hangs the start). Such a path is served through a link.
+_STUB_SAFE = re.compile(r"[A-Za-z0-9._/+,=@:%-]+")
+
+
+def stub_safe(path: Path | str) -> bool:
+    """Whether the Python backend can be given `path` as it is."""
+    return bool(_STUB_SAFE.fullmatch(str(path)))
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -486,7 +498,13 @@ class TritonServer:
         if self.restricted:  # and what a caller could change about the server's own logs
             self.restricted += ["logging", "trace"]
         self.admin_key = admin_key(self.repository, create=True) if self.restricted else None
-        self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+        # the stub binary is assembled here too: an unsafe TMPDIR falls back to /tmp
+        self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX,
+                                           dir=None if stub_safe(tempfile.gettempdir()) else "/tmp"))
+        self._served = self.repository  # what tritonserver is given: a safe link to it where needed
+        if not stub_safe(self.repository):
+            self._served = self._work / "repository"
+            self._served.symlink_to(self.repository, target_is_directory=True)
         started = _process_start_time(os.getpid()) or ""
         (self._work / OWNER_FILE).write_text(f"{os.getpid()} {started}\n")
         self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-{started}-{next(_SHM_SEQ)}-"
@@ -529,7 +547,7 @@ class TritonServer:
         binary, _ = find_tritonserver()
         cmd = [
             str(binary),
-            f"--model-repository={self.repository}",
+            f"--model-repository={self._served}",
             f"--http-address={self.address}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.address}",
@@ -894,8 +912,6 @@ PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensor
 
 def backends_needed(repository: Path) -> set[str]:
     """The backends the repository's models name (`backend:` or `platform:`)."""
-    import re
-
     needed = set()
     for config in Path(repository).glob("*/config.pbtxt"):
         text = config.read_text(errors="replace")

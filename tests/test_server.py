@@ -930,3 +930,20 @@ def test_the_admin_key_is_long_and_the_first_one_linked_wins(tmp_path, monkeypat
     (linked / ADMIN_KEY_FILE).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(CMGError, match="cannot read"):
         admin_key(linked)
+
+
+def test_a_repository_at_a_path_with_spaces_and_accents_is_served(toy_repo, tmp_path):
+    """Users' folders look like `Linie 3 (neu)/模型`: Triton's Python backend starts its stub
+    with the model's path unquoted in `bash -c` and reads it as ASCII (the load had hung, then
+    failed); such a repository is served through a link in the server's own folder."""
+    from cmg_build.server import stub_safe
+    from cmg_clients.client import CMGClient
+
+    repo = shutil.copytree(toy_repo, tmp_path / "Linie 3 (neu) $x ü 模型" / "repo")
+    assert not stub_safe(repo) and stub_safe("/tmp/cmg-triton-x/repository")
+    with TritonServer(repo) as srv:
+        assert str(repo) not in " ".join(srv.command()) and srv.repository == repo.resolve()
+        with CMGClient(srv.grpc_url, "grpc") as client:
+            got = client.infer_arrays(_frames(2, seed=3))
+        np.testing.assert_allclose(got["ANOMALY_SCORE"], reference(CONTRACT, _frames(2, seed=3), THR)["ANOMALY_SCORE"],
+                                   atol=1e-5)
