@@ -31,6 +31,7 @@ import contextlib
 import difflib
 import functools
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -244,7 +245,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     ensembles = [n for n in ENSEMBLES if n in configs and n in live]
     if not ensembles:
         raise CMGError(f"no ensemble of {repo} is loaded on {url}: start it with "
-                       f"`cmg serve --repository {repo} --model-control-mode explicit --load-model cmg`")
+                       f"`cmg serve --repository {shlex.quote(str(repo))} --model-control-mode explicit --load-model cmg`")
     fused_steps = sorted({m for e in ensembles for m in built["models"][e].get("fused", ())})
     steps = sorted({s.model_name for e in ensembles for s in configs[e].ensemble_scheduling.step} | set(fused_steps))
     old = max(int(live[e].version) for e in ensembles)

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -147,6 +148,13 @@ def file_checksums(repo: Path) -> dict[str, str]:
                                and not p.name.startswith(".") and "__pycache__" not in p.parts)}
 
 
+def _script_path(path: Path, out: Path) -> str:
+    """A path as trtexec.sh (run from OUT) names it: relative inside OUT, so the repository can
+    move or be mounted alone; absolute outside it (relative, it broke when OUT moved)."""
+    path = Path(path).resolve()
+    return os.path.relpath(path, out.resolve()) if path.is_relative_to(out.resolve()) else str(path)
+
+
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
@@ -243,7 +251,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
             engines.append((name, onnx_dst, plan, inputs, name in int8_models))
             report["trtexec"].append(
                 _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
-                         os.path.relpath(cache, out), name in int8_models))
+                         _script_path(cache, out), name in int8_models))
         report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
     scratch.cleanup()
@@ -268,7 +276,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                           "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
                           f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
                           "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
-                          "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
+                          "set -euo pipefail\ncd -- \"$(dirname -- \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
         script.chmod(0o755)
 
         missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
@@ -283,7 +291,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     report["files"] = file_checksums(out)
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     if missing is not None and not skip_engines:
-        raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {out / 'trtexec.sh'} are written "
+        raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {shlex.quote(str(out / 'trtexec.sh'))} are written "
                        "(run it on a host with TensorRT 10 and a GPU; --skip-engines asks for just that, "
                        "exit 0, with --k8s manifests)")
     return report

@@ -535,8 +535,19 @@ def glob_files(pattern: str) -> list[Path]:
     leads nowhere is kept, for its error line."""
     suffix = Path(pattern).suffix
     spelt = bool(suffix) and not is_pattern(suffix)
-    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))
+    return [Path(p) for p in sorted(glob.glob(_literal_folders(pattern), recursive=True))
             if not Path(p).is_dir() and (spelt or image_name(Path(p)))]
+
+
+def _literal_folders(pattern: str) -> str:
+    """The pattern with its leading folders that exist as written taken literally: a folder
+    named `cam [1]` is that folder, not the pattern `cam 1`."""
+    parts = Path(pattern).parts
+    for n in range(len(parts) - 1, 0, -1):
+        head = os.path.join(*parts[:n])
+        if is_pattern(head) and os.path.isdir(head):
+            return os.path.join(glob.escape(head), *parts[n:])
+    return pattern
 
 
 def no_match(pattern: str | Path) -> CMGError:

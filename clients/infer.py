@@ -9,6 +9,7 @@ both read every answer and notice the failures. A server that does not answer at
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -91,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
                         if args.overlays is not None and (res.is_anomaly or args.overlays_for == "all"):
-                            line["overlay"] = str(save_overlay(frame, res, overlays[chunk[i]]))
+                            try:  # the score stands either way; a picture not written is said in its line
+                                line["overlay"] = str(save_overlay(frame, res, overlays[chunk[i]]))
+                            except OSError as exc:
+                                line["overlay_error"] = f"{type(exc).__name__}: {exc}"
+                                failed += 1
                         lines[i] = line
             for line in lines:
                 print(json.dumps(line), flush=True)
@@ -105,6 +110,16 @@ def _frame_error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, FrameError) else f"{type(exc).__name__}: {exc}"
 
 
+def _within_name_limit(stem: str, limit: int = 255) -> str:
+    """`stem`.png, cut to the file system's name limit (bytes) with a hash of the whole kept,
+    so long folder names still give one distinct file each."""
+    if len(stem.encode()) + 4 <= limit:
+        return stem + ".png"
+    digest = hashlib.sha1(stem.encode()).hexdigest()[:12]
+    cut = stem.encode()[: limit - 4 - 13].decode(errors="ignore")
+    return f"{cut}_{digest}.png"
+
+
 def overlay_paths(folder: Path, images: list[Path]) -> dict[Path, Path]:
     """One flat overlay file per image: its last three path parts (`test__hole__000.png`),
     more of its folders where two images would share that name, and its extension where
@@ -115,7 +130,7 @@ def overlay_paths(folder: Path, images: list[Path]) -> dict[Path, Path]:
     def name(p: Path, ext: bool = False) -> str:
         tail = parts[p][-depth[p]:]
         stem = Path(tail[-1]).stem + (f"_{Path(tail[-1]).suffix.lstrip('.')}" if ext else "")
-        return "__".join([*tail[:-1], stem]) + ".png"
+        return _within_name_limit("__".join([*tail[:-1], stem]))
 
     while True:
         seen: dict[str, list[Path]] = {}

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from cmg.errors import CMGError, check_parent_folders
+from cmg_clients.client import glob_files, is_pattern
 from cmg_clients.sources import VIDEO_EXTS, parse_synth
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -16,7 +17,9 @@ def source_name(spec: str) -> tuple[str, str]:
     """`NAME=SRC` -> (NAME, SRC); otherwise a file-name-safe name made from SRC itself
     (a folder's or video's name, a synth spec with its seed)."""
     name, sep, rest = spec.partition("=")
-    if sep and _NAME.fullmatch(name) and rest and not Path(spec).exists():
+    # a path or a glob that names files as written (`line=2/*.png`) is the source, not NAME=SRC
+    if sep and _NAME.fullmatch(name) and rest and not Path(spec).exists() and not (
+            is_pattern(spec) and glob_files(spec)):
         return name, rest
     if spec.startswith("synth:"):
         o = parse_synth(spec)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -192,6 +193,10 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     if not progress:
         quiet_library_progress()  # the ablation loads MiniLM for the caption graph
     cfg = run.cfg
+    writable = run.path / "eval" if (run.path / "eval").is_dir() else run.path
+    if not os.access(writable, os.W_OK):  # said before minutes of scoring, not after them
+        raise CMGError(f"cmg eval writes its report into {run.path / 'eval'}, and {writable} is read-only: "
+                       "evaluate a copy of the run in a folder you can write")
     if test is None or fingerprint is None:  # before reading: an edit while scoring makes the report stale
         fingerprint = test_split_fingerprint(data)
     test = test or TestSet(data, cfg.data.image_size, progress)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -308,4 +309,4 @@ def parity_verdict(parity: dict, out: Path) -> str:
                 for v in model.values() if isinstance(v, dict))
     return (f"cmg export: {len(parity)} graphs in {out}, each output within {max(rel, default=0.0):.1e} of its "
             f"scale of PyTorch's (the rule: {PARITY_REL_TOL:g}), {flips} flags or keep-mask cells differ. "
-            f"Next: `cmg build --run {out.parent if out.name == 'onnx' else out}`")
+            f"Next: `cmg build --run {shlex.quote(str(out.parent if out.name == 'onnx' else out))}`")

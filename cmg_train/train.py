@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -418,7 +419,8 @@ def next_steps(metrics: dict, out: Path) -> str:
     fused = {float(w): a for w, a in ((c.get("fusion") or {}).get("synthetic_auroc") or {}).items()}
     weight = float((c.get("fusion") or {}).get("global_weight") or 0.0)
     on_synthetic = f"; synthetic defects on held-out normals: AUROC {fused[weight]:.2f}" if weight in fused else ""
+    q = shlex.quote(str(out))  # pasted into a shell as shown
     return (f"cmg train: threshold {c['threshold']:.4g}, set to flag at most {c['false_positive_rate_bound']:.1%} of "
             f"normal frames like the {normals} it was calibrated on (held-out normals flagged: "
-            f"{c['val_false_positive_rate']:.1%}){on_synthetic}. Next: `cmg eval --run {out}` on a test split with "
-            f"defects (how good it is), then `cmg export --run {out}` and `cmg build --run {out}`")
+            f"{c['val_false_positive_rate']:.1%}){on_synthetic}. Next: `cmg eval --run {q}` on a test split with "
+            f"defects (how good it is), then `cmg export --run {q}` and `cmg build --run {q}`")

@@ -125,6 +125,7 @@ def test_tensorrt_configs_without_tensorrt(toy_run, tmp_path):
     assert script.count("trtexec --onnx=") == 3 and "--fp16" in script
     assert "nvcr.io/nvidia/tensorrt:24.10-py3" in script  # a plan loads only in the TensorRT that built it
     assert subprocess.run(["bash", "-n", str(repo / "trtexec.sh")]).returncode == 0
+    assert 'cd -- "$(dirname -- "$0")"' in script  # an OUT named -trt had run trtexec in the caller's folder
     assert "IMAGE:1x32x32x3" in script and "IMAGE:4x32x32x3" in script and "IMAGE:16x32x32x3" in script
     report = json.loads((repo / "build_report.json").read_text())
     assert len(report["trtexec"]) == 3 and report["engines_missing"]
@@ -280,3 +281,13 @@ def test_validation_refuses_a_wrongly_optional_input_and_a_wrong_first_step(tmp_
     cfg.ensemble_scheduling.step[0].model_name = CMER_SCORER  # the one-pass scorer, not the teacher
     with pytest.raises(CMGError, match=r"steps \['cmer_scorer', 'cmle_encoder'\], contract says"):
         cfgmod.validate_config(mcfg.write(cfg, tmp_path / "exact"), spec)
+
+
+def test_trtexec_names_a_timing_cache_outside_the_repository_by_its_whole_path(tmp_path):
+    """Relative from OUT it broke when the repository moved or was mounted alone."""
+    from cmg_build.repository import _script_path
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    assert _script_path(out / "trt_timing.cache", out) == "trt_timing.cache"
+    assert _script_path(tmp_path / "caches" / "t.cache", out) == str(tmp_path / "caches" / "t.cache")

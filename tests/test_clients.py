@@ -64,6 +64,9 @@ def test_overlay_files_are_one_per_image(tmp_path):
     assert got[images[0]].name == "line1__test__hole__000.png"
     assert got[images[4]].name == "test__good__001.png"  # the last three parts where those are unique
     assert got[images[2]].name.endswith("f_png.png") and got[images[3]].name.endswith("f_jpg.png")
+    deep = [tmp_path / ("Linie 3 " * 12) / ("Kamera ü " * 10) / f"{'bild ' * 14}{i}.png" for i in range(2)]
+    names = [p.name for p in overlay_paths(tmp_path / "ov", deep).values()]  # within a name's 255 bytes, apart
+    assert all(len(n.encode()) <= 255 and n.endswith(".png") for n in names) and len(set(names)) == 2
 
 
 def test_normalize_url():

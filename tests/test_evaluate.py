@@ -721,3 +721,16 @@ def test_the_long_pass_of_an_eval_shows_progress(capsys):
     assert maps.shape == (3, 4, 4) and "anomaly maps" in capsys.readouterr().err
     local_maps(det, torch.zeros(3, 4, 4, 3, dtype=torch.uint8))
     assert "anomaly maps" not in capsys.readouterr().err
+
+
+def test_a_read_only_run_is_said_before_scoring(tiny_run, tiny_data, monkeypatch):
+    """A run on a read-only mount had been scored for minutes, then failed writing its report."""
+    import cmg_train.evaluate as ev
+    from cmg.errors import CMGError
+    from cmg_train.checkpoint import load_run
+
+    run = load_run(tiny_run)
+    monkeypatch.setattr(ev.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(ev, "TestSet", lambda *a, **k: pytest.fail("scored a run it cannot write the report of"))
+    with pytest.raises(CMGError, match="is read-only: evaluate a copy of the run"):
+        ev.evaluate(run, tiny_data, ablation=False, progress=False)

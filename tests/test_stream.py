@@ -81,6 +81,18 @@ def test_sources(tmp_path):
         parse_synth("synth:tiny?speed=3")
 
 
+def test_a_glob_in_a_folder_named_like_a_pattern_and_one_with_an_equals_sign(tmp_path, monkeypatch):
+    """`cam [1]/*.png`: the folder is that folder; `line=2/*.png` is a glob, not NAME=SRC."""
+    from cmg_clients.planning import source_name
+
+    _write_frames(tmp_path / "cam [1]", 2)
+    _write_frames(tmp_path / "line=2", 2)
+    monkeypatch.chdir(tmp_path)
+    assert [Path(i.frame_id).name for i in open_source("cam [1]/*.png").items()] == ["f0000.png", "f0001.png"]
+    assert source_name("line=2/*.png")[1] == "line=2/*.png"  # the whole spec is the source
+    assert source_name("cam1=synth:tiny") == ("cam1", "synth:tiny")
+
+
 def test_a_file_named_like_a_glob_is_that_file(tmp_path):
     """`cam[1].png` had been read as the glob `cam1.png` and scored another file."""
     a, b = _write_frames(tmp_path / "d", 2)

@@ -602,6 +602,7 @@ def test_training_ends_saying_what_the_threshold_promises_and_what_comes_next():
     said = next_steps(metrics, Path("runs/line3"))
     assert "flag at most 4.9% of normal frames like the 200" in said and "AUROC 0.91" in said
     assert "`cmg eval --run runs/line3`" in said and "`cmg export --run runs/line3`" in said
+    assert "`cmg eval --run 'runs/Linie 3 $x'`" in next_steps(metrics, Path("runs/Linie 3 $x"))  # pasted as shown
 
 
 def test_training_names_its_stages_in_order_with_the_time_so_far(tmp_path, monkeypatch, capsys):
