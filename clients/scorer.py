@@ -364,7 +364,6 @@ class Scorer:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-
     async def _overlay(self, line: dict, frame: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """A flagged frame's overlay PNG, named in its line; a failure to write it is said in
         the line (`overlay_error`), never in place of the frame's score."""
