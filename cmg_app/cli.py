@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from cmg.errors import CMGError
 from cmg.frames import FrameError
@@ -66,6 +67,16 @@ def _raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(f"signal {signum}")
 
 
+def _expand_home(args: argparse.Namespace) -> None:
+    """`~/line3` in a path option, which a shell leaves as written in `--run=~/line3` or in
+    quotes: the user's home, as everywhere else (it had been a folder named `~`)."""
+    for key, value in vars(args).items():
+        if isinstance(value, Path) and value.parts[:1] and value.parts[0].startswith("~"):
+            setattr(args, key, value.expanduser())
+        elif isinstance(value, list) and any(isinstance(v, Path) for v in value):
+            setattr(args, key, [v.expanduser() if isinstance(v, Path) else v for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -82,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "option once per file)") if files else ""
         print(f"cmg {args.verb}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
         return 2
+    _expand_home(args)
     module = importlib.import_module(args._module)
     debug = bool(os.environ.get("CMG_DEBUG"))
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None

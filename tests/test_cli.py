@@ -67,3 +67,12 @@ def test_a_verb_whose_dependency_is_missing_says_so_whatever_its_options():
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("cmg build: error:") and "tritonclient" in last and "needs it installed" in last, last
+
+
+def test_a_path_option_starting_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--run=~/runs/x` or a quoted `~/...`: the shell leaves the tilde; it had been a folder named `~`."""
+    from cmg_app.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["eval", "--run=~/runs/none"]) == 2
+    assert f"run folder not found: {tmp_path / 'runs' / 'none'}" in capsys.readouterr().err
