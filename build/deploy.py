@@ -46,7 +46,7 @@ from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
 from cmg.files import write_atomic
 from cmg.locks import OutputLock
-from cmg_build.repository import build, file_checksums
+from cmg_build.repository import build, file_checksums, int8_on_cuda
 from cmg_build.server import ADMIN_KEY_FILE, admin_headers
 from cmg_clients import core
 from cmg_clients.client import CMGClient
@@ -412,7 +412,7 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
 
 def refuse_unbuildable(repo: Path, target: str, kind: str, precision: str) -> None:
     """A repository `cmg build` no longer makes takes no new version: said before anything moves."""
-    if precision == "int8" and target == "onnxruntime" and kind == "gpu":
+    if int8_on_cuda(target, kind, precision):
         raise CMGError(f"{repo} is an int8 onnxruntime repository on GPU instances, which `cmg build` no longer "
                        "makes (ONNX Runtime's CUDA provider runs those graphs without int8 kernels): build a new "
                        "repository (fp32, or --target tensorrt --precision int8) and serve it")

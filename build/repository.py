@@ -148,6 +148,12 @@ def file_checksums(repo: Path) -> dict[str, str]:
                                and not p.name.startswith(".") and "__pycache__" not in p.parts)}
 
 
+def int8_on_cuda(target: str, kind: str, precision: str) -> bool:
+    """int8 graphs on ONNX Runtime's CUDA provider: they follow its CPU recipe, which that
+    provider runs without int8 kernels (the accuracy cost, no speed-up). Never built."""
+    return precision == "int8" and target == "onnxruntime" and kind == "gpu"
+
+
 def _script_path(path: Path, out: Path) -> str:
     """A path as trtexec.sh (run from OUT) names it: relative inside OUT, so the repository can
     move or be mounted alone; absolute outside it (relative, it broke when OUT moved)."""
@@ -175,7 +181,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
         raise CMGError(f"--cpu-cmg {cpu_cmg!r}: expected one of {', '.join(CPU_CMG)}")
     if kind not in ("cpu", "gpu"):
         raise CMGError(f"--kind {kind!r}: expected cpu or gpu")
-    if precision == "int8" and target == "onnxruntime" and kind == "gpu":
+    if int8_on_cuda(target, kind, precision):
         raise CMGError("--precision int8 with --target onnxruntime --kind gpu: the int8 graphs follow ONNX "
                        "Runtime's CPU recipe, which its CUDA provider runs without int8 kernels (the accuracy "
                        "cost, no speed-up); int8 on a GPU: --target tensorrt --precision int8")
