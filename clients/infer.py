@@ -23,7 +23,7 @@ from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
 from cmg_clients import core
 from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
-from cmg_clients.overlay import check_overlay_dir, save_overlay
+from cmg_clients.overlay import check_overlay_dir, overlay_into
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,11 +92,7 @@ def run(args: argparse.Namespace) -> int:
                         line = {"file": str(chunk[i]), **res.to_json(), "latency_ms": round(latency, 3),
                                 "batch": len(good)}
                         if args.overlays is not None and (res.is_anomaly or args.overlays_for == "all"):
-                            try:  # the score stands either way; a picture not written is said in its line
-                                line["overlay"] = str(save_overlay(frame, res, overlays[chunk[i]]))
-                            except OSError as exc:
-                                line["overlay_error"] = f"{type(exc).__name__}: {exc}"
-                                failed += 1
+                            failed += not overlay_into(line, frame, res, overlays[chunk[i]])
                         lines[i] = line
             for line in lines:
                 print(json.dumps(line), flush=True)

@@ -91,3 +91,14 @@ def save_overlay(frame: np.ndarray, result: Result, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     overlay_image(frame, result).save(path, format="PNG")
     return path
+
+
+def overlay_into(line: dict, frame: np.ndarray, result: Result, path: str | Path) -> bool:
+    """Write the overlay and name it in the frame's output `line` (`overlay`), or say there why
+    it was not written (`overlay_error`): the frame's score stands either way. True if written."""
+    try:
+        line["overlay"] = str(save_overlay(frame, result, path))
+        return True
+    except OSError as exc:
+        line["overlay_error"] = f"{type(exc).__name__}: {exc}"
+        return False

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from cmg import contract as C
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
 from cmg_clients import core
-from cmg_clients.overlay import save_overlay, stream_overlay_name
+from cmg_clients.overlay import overlay_into, stream_overlay_name
 from cmg_clients.servers import ServerPool
 from cmg_clients.sources import Source, SourceItem
 
@@ -365,14 +365,9 @@ class Scorer:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _overlay(self, line: dict, frame: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """A flagged frame's overlay PNG, named in its line; a failure to write it is said in
-        the line (`overlay_error`), never in place of the frame's score."""
+        """A flagged frame's overlay PNG, named in its line (`overlay_into`), off the event loop."""
         path = self.opts.overlays / stream_overlay_name(line["seq"], line["frame_id"])
-        try:
-            await asyncio.to_thread(save_overlay, frame, core.results_from_arrays(arrays)[0], path)
-            line["overlay"] = str(path)
-        except OSError as exc:
-            line["overlay_error"] = f"{type(exc).__name__}: {exc}"
+        await asyncio.to_thread(overlay_into, line, frame, core.results_from_arrays(arrays)[0], path)
 
 
 def _really_cancelled() -> bool:

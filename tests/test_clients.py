@@ -441,3 +441,20 @@ def test_cmg_infer_cli(triton, grpc_client, tmp_path, capsys):
     assert rc == 0 and names == ["img0.png", "img1.png", "img2.png"]
     assert main(["infer", "--url", triton.grpc_url, str(folder / "*.jpg")]) == 2
     assert f"glob {folder / '*.jpg'} matches no files" in capsys.readouterr().err
+
+
+def test_an_overlay_not_written_is_said_in_its_line_and_the_score_stands(tmp_path):
+    """`cmg infer` and `cmg stream` name the picture in the frame's line, or why it is missing."""
+    from cmg_clients.core import Result
+    from cmg_clients.overlay import overlay_into
+
+    res = Result(score=1.5, is_anomaly=True, anomaly_map=np.ones((4, 4), np.float32),
+                 patch_scores=np.ones((2, 2), np.float32), keep_mask=np.ones((2, 2), np.uint8))
+    frame = np.zeros((8, 8, 3), np.uint8)
+    line = {"score": 1.5}
+    assert overlay_into(line, frame, res, tmp_path / "ov" / "a.png") and line["overlay"] == str(tmp_path / "ov" / "a.png")
+    (tmp_path / "afile").write_text("")
+    line = {"score": 1.5}
+    assert not overlay_into(line, frame, res, tmp_path / "afile" / "b.png")  # a folder that is a file
+    assert line["score"] == 1.5 and "overlay" not in line and line["overlay_error"].startswith(
+        ("FileExistsError", "NotADirectoryError"))
