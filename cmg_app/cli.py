@@ -70,8 +70,8 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 def _expand_home(args: argparse.Namespace) -> None:
     """`~/line3` in a path option, which a shell leaves as written in `--run=~/line3` or in
     quotes: the user's home, as everywhere else (it had been a folder named `~`)."""
-    for key, value in vars(args).items():
-        if isinstance(value, Path) and value.parts[:1] and value.parts[0].startswith("~"):
+    for key, value in vars(args).items():  # (expanduser leaves every other path as it is)
+        if isinstance(value, Path):
             setattr(args, key, value.expanduser())
         elif isinstance(value, list) and any(isinstance(v, Path) for v in value):
             setattr(args, key, [v.expanduser() if isinstance(v, Path) else v for v in value])
