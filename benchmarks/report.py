@@ -28,9 +28,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result['accuracy']['anomalous']} anomalous).",
         f"Windows: warm-up {result['settings']['window']['warmup_s']} s, measurement "
         f"{result['settings']['window']['window_s']} s (extended to >= {result['settings']['window']['min_requests']}"
-        f" requests); ratio pairs repeated {result['settings']['repeats']}x, interleaved; medians reported.",
-        "Throughput is inferences (frames) per second, latency is per request (all frames of the batch), "
-        "as in Triton's perf_analyzer.",
+        f" requests; the warm-up lasts until every worker has had an answer); ratio pairs repeated "
+        f"{result['settings']['repeats']}x, interleaved; medians reported.",
+        "Throughput is inferences (frames) per second, each request counted by the share of its cycle "
+        "inside the window; latency is per request (all frames of the batch), as in Triton's perf_analyzer.",
         "",
         "## Ratios (A / B, medians over interleaved repeats)",
         "",

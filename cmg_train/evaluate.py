@@ -204,7 +204,10 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
     rows: list[dict] = []
     scores: dict[str, np.ndarray] = {}
 
-    def add_row(name: str, s: np.ndarray, maps: np.ndarray | None, extra: dict | None = None) -> None:
+    def add_row(name: str, s: np.ndarray | None, maps: np.ndarray | None, extra: dict | None = None) -> None:
+        if s is None:  # a row that could not be made: its reason only (no figures, curve or delta)
+            rows.append({"name": name, **(extra or {})})
+            return
         rows.append({"name": name, **image_metrics(test.labels, test.defects, s),
                      **test.pixel_metrics(maps), **(extra or {})})
         scores[name] = s
@@ -224,7 +227,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
         shown = _ablation_rows(run, test, test_ps, test_maps, add_row, cover, progress, data) or out
         sweep = alpha_sweep(run.detector, test, test_ps, test_maps)
     for row in rows:
-        if "baseline" in scores and row["name"] != "baseline":
+        if "baseline" in scores and row["name"] in scores and row["name"] != "baseline":
             row["delta_vs_baseline"] = auroc(test.labels, scores[row["name"]]) - auroc(test.labels, scores["baseline"])
             row["delta_vs_baseline_ci95"] = paired_bootstrap(test.labels, [(scores[row["name"]], scores["baseline"])])
     eval_dir = run.path / "eval"
@@ -309,7 +312,7 @@ def _ablation_rows(run: Run, test: TestSet, test_ps: torch.Tensor, test_maps: to
     features: dict[bool, torch.Tensor] = {}  # the teacher's embeddings of the training frames, by mask
     for name, (use_mask, use_cmle) in tqdm(ABLATION.items(), desc="ablation", disable=not progress):
         if use_cmle and graph is None:
-            add_row(name + " (skipped)", np.zeros(len(test.labels)), None, {"skipped": note})
+            add_row(name + " (skipped)", None, None, {"skipped": note})
             continue
         test_m, val_m = maps[use_mask]
         det, _ = fit_detector(cfg, run.teacher, locals_[use_mask], frames[tr], ps[tr], frames[va], ps[va],

@@ -453,3 +453,24 @@ def test_bench_tables_say_which_ratio_goals_were_not_met(tmp_path):
     report.write_readme_section(_bench_result(ratios), tmp_path / "results.md")
     text = (tmp_path / "results.md").read_text()
     assert "| >= 0.85 | **no** |" in text and "| >= 1.5 | yes |" in text
+
+
+def test_a_slow_points_rate_is_not_rounded_to_its_few_requests_and_skips_cold_requests():
+    """A slow point (few requests per window): its rate is each request's share of the window,
+    not whole answers over a window that opens after one answer and closes on another, which
+    read such points up to a third too fast (+24 to +33% measured at 0.5-2 s per request). And
+    the warm-up lasts until every worker has had an answer: a cold first request (4 times the
+    others here) set p99 before."""
+    from cmg_bench.loadgen import Window, run_threads
+
+    latencies: list[float] = []
+
+    def call(i: int) -> None:
+        t = time.perf_counter()
+        time.sleep(0.6 if i == 0 else 0.15)
+        latencies.append(time.perf_counter() - t)
+
+    point = run_threads(call, 1, 8, Window(warmup_s=0.0, window_s=0.2, min_requests=3, max_window_s=10.0))
+    true = 8 / float(np.median(latencies[1:]))  # one worker, back to back: batch / latency
+    assert abs(point.throughput / true - 1) < 0.05, (point.throughput, true)
+    assert point.p99_ms < 500 and point.requests >= 3

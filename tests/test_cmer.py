@@ -447,3 +447,17 @@ def test_onnx_export_of_teacher_and_scorer_graphs(tmp_path, scratch_teacher):
             (out,) = sess.run(None, {"IMAGE": f[:n].numpy()})
             assert out.shape == (n, G, G) and out.dtype == np.float32
             np.testing.assert_allclose(out, ref[:n], atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def test_false_alarm_peaks_take_the_middle_of_an_even_count():
+    """Two normal frames: the keep-mask leaves one peak (drop 0) and halves the other (drop
+    0.5). The median is 0.25 as numpy and every report take it; torch's `.median()` gave the
+    lower value, 0."""
+    import torch
+
+    from cmg_train.cmer.report import false_alarm_peaks
+
+    maps = torch.tensor([[[[1.0, 0.2], [0.1, 0.0]]], [[[1.0, 0.5], [0.1, 0.0]]]])
+    keep = torch.tensor([[[1, 1], [1, 1]], [[0, 1], [1, 1]]])
+    out = false_alarm_peaks(maps, keep)
+    assert out == {"normal_frames": 2, "peak_outside_keep": 0.5, "median_peak_drop": 0.25}

@@ -525,8 +525,9 @@ def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_ru
                                                                           fast_bootstrap):
     """A training folder whose captions cannot make CMLE's graph (here: one caption for every
     image, as a folder captioned by a name template is): the ablation still runs, its CMLE
-    rows say why they are skipped, and the masks pictures show the run itself (this crashed
-    with a KeyError before, in `cmg bench shots` on 10 images)."""
+    rows say why they are skipped and carry no figures (no AUROC, delta or ROC curve), and the
+    masks pictures show the run itself (this crashed with a KeyError before, in `cmg bench
+    shots` on 10 images)."""
     import json
     import shutil
 
@@ -548,6 +549,8 @@ def test_ablation_without_a_caption_graph_lists_the_cmle_rows_as_skipped(tiny_ru
     by = {r["name"]: r for r in report["rows"]}
     assert {"cmle (skipped)", "cmg (skipped)"} <= set(by) and "unique captions" in by["cmg (skipped)"]["skipped"]
     assert {"run", "baseline", "cmer", "patchcore"} <= set(by)
+    for name in ("cmle (skipped)", "cmg (skipped)"):  # no model, so no figure: they read 0.5 and a delta before
+        assert set(by[name]) == {"name", "skipped"} and name not in report["scores"]
     for f in ("ablation_masks.png", "ablation_errors.png"):
         assert (run_dir / "eval" / f).stat().st_size > 0
 
