@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fnmatch
 import glob
 import os
 import threading
@@ -535,8 +536,41 @@ def glob_files(pattern: str) -> list[Path]:
     leads nowhere is kept, for its error line."""
     suffix = Path(pattern).suffix
     spelt = bool(suffix) and not is_pattern(suffix)
-    return [Path(p) for p in sorted(glob.glob(_literal_folders(pattern), recursive=True))
-            if not Path(p).is_dir() and (spelt or image_name(Path(p)))]
+    found = _walk_glob(pattern) if "**" in Path(pattern).parts else glob.glob(_literal_folders(pattern))
+    return [Path(p) for p in sorted(found) if not Path(p).is_dir() and (spelt or image_name(Path(p)))]
+
+
+def _walk_glob(pattern: str) -> list[str]:
+    """What glob's `**` matches, found by a folder walk that reads each real folder once:
+    glob follows folder links into their loops (two links back to a parent: exponentially
+    many paths, `cmg infer` hung expanding them; one: the same frame scored 41 times)."""
+    parts = Path(pattern).parts
+    stop = parts.index("**")
+    n = max((k for k in range(stop + 1) if k == 0 or os.path.isdir(os.path.join(*parts[:k]))), default=0)
+    base, rest = (os.path.join(*parts[:n]) if n else "."), parts[n:]
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # which path reaches a folder linked twice: the first in sorted order, every run
+        rel = Path(os.path.relpath(folder, base)).parts if folder != base else ()
+        out += [os.path.join(*parts[:n], *rel, name) for name in (*dirs, *files) if _parts_match(rest, (*rel, name))]
+    return out
+
+
+def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """glob's rules per path part: `**` is any number of visible folders, a hidden name is
+    matched only by a pattern part that starts with a dot."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_parts_match(pattern[1:], names[i:]) for i in range(len(names) + 1)
+                   if all(visible(Path(name)) for name in names[:i]))
+    return (bool(names) and (visible(Path(names[0])) or pattern[0].startswith("."))
+            and fnmatch.fnmatchcase(names[0], pattern[0]) and _parts_match(pattern[1:], names[1:]))
 
 
 def _literal_folders(pattern: str) -> str:

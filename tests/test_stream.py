@@ -117,6 +117,31 @@ def test_symlinked_folders_are_followed_once_and_a_dangling_image_link_is_kept(t
     assert got == ["f0000.png", "gone.png", "linked/f0000.png", "linked/f0001.png"]
 
 
+def test_a_recursive_glob_reads_each_real_folder_once_as_the_folder_walk_does(tmp_path, monkeypatch):
+    """`'line/**/*.png'` through two links back to a parent: glob followed them into the loop
+    (exponentially many paths: `cmg infer` and `cmg stream` hung expanding the pattern); with
+    one link it named the same frame 41 times. Without links it matches what glob matches."""
+    import glob
+    import os
+
+    from cmg_clients.client import glob_files, iter_image_paths
+
+    line = tmp_path / "line"
+    _write_frames(line / "a", 1)
+    _write_frames(line / "b" / "c", 1)
+    _write_frames(line / ".hidden", 1)
+    monkeypatch.chdir(tmp_path)
+    plain = ["line/**/*.png", "line/*/**/*.png", "**/*.png", "line/**/c/*", "line/**/.hidden/*.png"]
+    expected = {pat: sorted(Path(p) for p in glob.glob(pat, recursive=True) if not os.path.isdir(p)) for pat in plain}
+    (line / "a" / "up").symlink_to("..")
+    (line / "a" / "up2").symlink_to("..")
+    assert [p.as_posix() for p in glob_files("line/**/*.png")] == ["line/a/f0000.png", "line/b/c/f0000.png"]
+    assert iter_image_paths(["line/**/*.png"]) == iter_image_paths(["line"])
+    (line / "a" / "up").unlink()
+    (line / "a" / "up2").unlink()
+    assert {pat: glob_files(pat) for pat in plain} == expected and expected["line/**/.hidden/*.png"]
+
+
 def test_a_video_is_checked_when_opened_before_any_output(tmp_path):
     """A file OpenCV cannot read, or one without a frame, had emptied --overwrite's OUT first,
     or streamed 0 frames with exit 0."""
