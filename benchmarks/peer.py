@@ -39,7 +39,7 @@ import onnxruntime as ort
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from cmg.argtypes import positive_float, positive_int, seed_int
+from cmg.argtypes import nonnegative_float, positive_float, positive_int, seed_int
 from cmg.config import load_config, resolve_config
 from cmg.errors import CMGError
 from cmg_bench.common import close_all, ensure_export, measure_grid, parse_ints, start_local_server
@@ -681,7 +681,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=lambda s: _ints(s), default=None, help="concurrency levels (1,2)")
     parser.add_argument("--batch", type=lambda s: _ints(s), default=(1, 8), help="batch sizes (1,8)")
     parser.add_argument("--window", type=positive_float, default=None, help="measurement window per point, s (3)")
-    parser.add_argument("--warmup", type=positive_float, default=None, help="warm-up per point, s (1)")
+    parser.add_argument("--warmup", type=nonnegative_float, default=None, help="warm-up per point, s (1)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats of each ratio pair (3)")
     parser.add_argument("--quick", action="store_true",
                         help="short windows, one repeat, concurrency 1 (smoke checks); the flags above still win")

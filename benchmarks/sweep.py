@@ -28,6 +28,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from cmg.argtypes import nonnegative_float, positive_float, positive_int
 from cmg.contract import CMER_SCORER, CMER_TEACHER, CMG, CMLE_ENCODER, Contract
 from cmg.dataset import resolve_data
 from cmg.errors import CMGError
@@ -370,21 +371,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """The sweep's overrides, read by `settings_from_args` (with a `quick` attribute beside them)."""
     parser.add_argument("--concurrency", default=None, help="override: comma-separated concurrency levels")
     parser.add_argument("--batch", default=None, help="override: comma-separated client batch sizes")
-    parser.add_argument("--window", type=float, default=None, help="override: measurement window, s")
-    parser.add_argument("--warmup", type=float, default=None, help="override: warm-up per point, s")
-    parser.add_argument("--repeats", type=int, default=None, help="override: repeats of the ratio pairs (>= 1)")
+    parser.add_argument("--window", type=positive_float, default=None, help="override: measurement window, s")
+    parser.add_argument("--warmup", type=nonnegative_float, default=None, help="override: warm-up per point, s")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="override: repeats of the ratio pairs (>= 1)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings.quick() if args.quick else Settings()
     win = s.window
-    if args.window is not None:
-        if args.window <= 0:
-            raise CMGError(f"--window {args.window}: must be > 0")
+    if args.window is not None:  # finite: an infinite window never closed (the cap is past the window)
         win = replace(win, window_s=args.window)
     if args.warmup is not None:
-        if args.warmup < 0:
-            raise CMGError(f"--warmup {args.warmup}: must be >= 0")
         win = replace(win, warmup_s=args.warmup)
     s = replace(s, window=win)
     if args.concurrency:
@@ -397,8 +394,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch = 8 if 8 in s.batch else max(s.batch)
         s = replace(s, exact_key=(conc, batch))
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise CMGError(f"--repeats {args.repeats}: must be >= 1")
         s = replace(s, repeats=args.repeats)
     return s
 

@@ -234,6 +234,15 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         raise ValueError(f"config: local.model unet needs local.crop a multiple of 8 and 3 local.channels (its "
                          f"three poolings), got crop {cfg.local.crop} and channels {cfg.local.channels}")
     strides = {2, 4, 8, 16, 32}  # every EfficientNet-Lite variant's block strides
+    teacher_side = size // cfg.teacher.downsample  # what the backbone teacher sees
+    if cfg.teacher.source == "backbone" and cfg.teacher.pool == "grid" and teacher_side < max(strides):
+        raise ValueError(f"config: teacher.downsample {cfg.teacher.downsample} leaves the teacher a {teacher_side} px "
+                         f"frame of data.image_size {size}; its backbone needs at least {max(strides)} px")
+    if cfg.teacher.source == "backbone" and cfg.teacher.pool == "attention" and (
+            teacher_side % grid or teacher_side // grid not in strides):
+        raise ValueError(f"config: teacher.pool attention puts a backbone block on the {grid} x {grid} CMER grid: "
+                         f"the teacher's {teacher_side} px frame (data.image_size {size} / teacher.downsample "
+                         f"{cfg.teacher.downsample}) needs {grid} x a block stride ({sorted(strides)})")
     if cfg.backbone.taps is None and not set(cfg.backbone.strides) <= strides:
         raise ValueError(f"config: backbone.strides {cfg.backbone.strides}: the backbones have blocks at strides "
                          f"{sorted(strides)}")
@@ -254,6 +263,18 @@ _NOT_READ: tuple[tuple[str, tuple[str, ...], Callable[[Config], bool], str], ...
      "a teacher.source other than open_clip"),
     ("cmer", ("rho",), lambda c: c.cmer.rule == "relative", "cmer.rule relative"),
     ("cmer", ("alpha", "grow"), lambda c: c.cmer.rule == "top_rho", "cmer.rule top_rho"),
+    ("cmer", ("occlusion_batch",), lambda c: c.cmer.relevance == "attention",
+     "cmer.relevance attention (no occlusion passes)"),
+    ("local", ("bank_size", "max_patches", "k", "colour"), lambda c: c.local.model == "unet",
+     "local.model unet (they are the patch bank's)"),
+    ("scoring", ("train_frames",), lambda c: c.local.model == "unet",
+     "local.model unet (the training frames are scored with the bank's own rows left out)"),
+    ("teacher", ("channels",), lambda c: c.teacher.source == "backbone", "teacher.source backbone (they are the "
+     "scratch tower's)"),
+    ("teacher", ("hidden", "pool"), lambda c: c.teacher.source == "scratch",
+     "teacher.source scratch (they are the backbone teacher's)"),
+    ("cmle", ("k", "reg", "lam", "text_encoder", "min_unique_captions"), lambda c: not c.cmle.enabled,
+     "cmle.enabled false (the global head trains on its one-class objective alone)"),
 )
 
 
@@ -303,7 +324,11 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        values = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as exc:  # one line: where and what
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -323,6 +348,10 @@ def load_config(path: str | Path) -> Config:
     if cfg.serving.opt_batch > cfg.serving.max_batch:
         raise ValueError(f"config {path}: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
                          f"{cfg.serving.max_batch}")
+    if cfg.local.model == "unet" and cfg.local.pool % 2 == 0:  # the filter is centred: an even one adds a row
+        raise ValueError(f"config {path}: local.pool {cfg.local.pool} must be odd (the U-Net's mean filter is "
+                         "centred on each pixel; an even one made the served map a row and a column larger than "
+                         "the contract's)")
     cell = cfg.data.image_size // cfg.cmer.grid
     if cfg.teacher.shift > cell:  # torch.roll wraps: a part shifted out comes in on the other side
         raise ValueError(f"config {path}: teacher.shift {cfg.teacher.shift} moves frames by more than one CMER "

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from cmg.argtypes import MAX_SEED
+from cmg.argtypes import INT32_MAX, MAX_SEED
 
 # name (any section) or full dotted path -> (low, high, low_open, high_open); None: unbounded.
 # A full path wins over a bare name. Lists (channels) are checked element by element.
@@ -54,16 +54,16 @@ RANGES: dict[str, Range] = {
     "reg": (0, None, True, False),
     "lam": (0, None, False, False),
     "min_unique_captions": (2, None, False, False),
-    "val_fraction": (0, 1, True, True),
+    "val_fraction": (0, 0.9, True, False),  # just below 1 hung the training-image minimum's search
     "alpha": (0, 1, True, False),
     "rho": (0, 1, True, False),
     "fpr": (0, 1, True, True),
     "train_frames": (0, None, False, False),
-    "max_batch": (1, None, False, False),
-    "opt_batch": (1, None, False, False),
-    "queue_delay_us": (0, None, False, False),
-    "instances": (1, None, False, False),
-    "workspace_mb": (1, None, False, False),
+    "max_batch": (1, INT32_MAX, False, False),
+    "opt_batch": (1, INT32_MAX, False, False),
+    "queue_delay_us": (0, INT32_MAX, False, False),  # ModelConfig's integers: more failed at `cmg build`
+    "instances": (1, INT32_MAX, False, False),
+    "workspace_mb": (1, INT32_MAX, False, False),
 }
 _VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Full dotted path -> allowed values of a string key (of each item, for a list of strings).

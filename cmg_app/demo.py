@@ -25,6 +25,7 @@ from cmg_data.synth import synthesize
 from cmg_train.checkpoint import load_run, run_mismatch
 from cmg_train.export import export_run
 from cmg_train.plots import roc_plot
+from cmg_train.teacher.model import teacher_weights
 from cmg_train.train import train_run
 
 
@@ -39,6 +40,12 @@ def demo_config(config: str, seed: int | None = None) -> Config:
     cfg = load_config(resolve_config(config))
     if seed is not None:
         cfg.seed = seed
+    if cfg.teacher.source == "open_clip":  # as `cmg train` checks, before the data is made
+        if not (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+            raise CMGError(f"config {config}: its open_clip teacher {cfg.teacher.arch} needs weights: set "
+                           "teacher.checkpoint FILE (a local open_clip checkpoint) or teacher.pretrained TAG in "
+                           "a copy of the config (`cmg demo` has no --teacher-weights)")
+        teacher_weights(cfg.teacher)
     return cfg
 
 

@@ -582,6 +582,12 @@ def run(args: argparse.Namespace) -> int:
         why = run_mismatch(r, dataclasses.replace(runs[0].cfg, seed=r.cfg.seed), runs[0].metrics.get("data"))
         if why is not None:
             raise CMGError(f"--run {r.path} is not another seed of --run {runs[0].path}: {why}")
+    seeds: dict[int, Path] = {}
+    for r in runs:  # a median over seeds counts each seed once: the same run twice is no second seed
+        first = seeds.setdefault(r.cfg.seed, r.path)
+        if first is not r.path:
+            same = "the same run" if first.resolve() == r.path.resolve() else f"seed {r.cfg.seed} too"
+            raise CMGError(f"--run {r.path} and --run {first} are {same}: give each training seed once")
     if len(runs) == 1 and args.out is not None:
         print(f"--out {args.out}: a single run's report goes to {runs[0].path / 'eval'} (--out is where "
               "several runs' seeds table goes)", file=sys.stderr)

@@ -3,6 +3,7 @@ structure from a real (smoke-sized) run. Never the speed: the machine is shared.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -474,3 +475,23 @@ def test_a_slow_points_rate_is_not_rounded_to_its_few_requests_and_skips_cold_re
     true = 8 / float(np.median(latencies[1:]))  # one worker, back to back: batch / latency
     assert abs(point.throughput / true - 1) < 0.05, (point.throughput, true)
     assert point.p99_ms < 500 and point.requests >= 3
+
+
+@pytest.mark.parametrize(("verb", "option", "value"), [
+    ("sweep", "--window", "inf"), ("sweep", "--window", "nan"), ("sweep", "--warmup", "inf"),
+    ("sweep", "--repeats", "0"), ("peer", "--warmup", "nan"), ("tradeoff", "--window", "inf")])
+def test_bench_windows_are_finite_on_the_command_line(verb, option, value, tmp_path, capsys):
+    """`--window inf` was accepted and never closed (the cap on a window is past the window),
+    `--window nan` measured 10 ms; `bench tradeoff` reached the hang only after every training."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", verb, "--run" if verb == "sweep" else "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+              option, value])
+    assert info.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_a_zero_warm_up_is_allowed_in_peer_as_in_sweep():
+    from cmg_bench import peer
+
+    parser = argparse.ArgumentParser()
+    peer.add_arguments(parser)
+    assert parser.parse_args(["--data", "d", "--out", "o", "--warmup", "0"]).warmup == 0.0

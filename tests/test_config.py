@@ -99,6 +99,11 @@ def test_unknown_keys_are_errors(values, where):
     ({"local": {"model": "unet", "channels": [16]}}, r"3 local.channels .* channels \[16\]"),
     ({"backbone": {"strides": [3]}}, r"backbone.strides \[3\]: the backbones have blocks at strides \[2, 4, 8, 16, 32\]"),
     ({"backbone": {"strides": [8, 64]}}, r"backbone.strides \[8, 64\]"),
+    # the teacher's frame, checked before training (a ZeroDivisionError and a CMGError after the data were read):
+    ({"teacher": {"pool": "grid", "downsample": 4}, "data": {"image_size": 64}},
+     "teacher.downsample 4 leaves the teacher a 16 px frame of data.image_size 64; its backbone needs at least 32 px"),
+    ({"data": {"image_size": 96}, "teacher": {"pool": "attention"}, "cmer": {"grid": 8}, "scoring": {"map_size": 8}},
+     r"the teacher's 96 px frame .* needs 8 x a block stride"),
 ])
 def test_inconsistent_values_are_errors(values, message):
     with pytest.raises(ValueError, match=message):
@@ -120,6 +125,12 @@ def test_bad_files(tmp_path: Path):
     with pytest.raises(ValueError, match="serving.opt_batch 8 is above serving.max_batch 4"):
         load_config(batches)
     assert config_from_dict({"serving": {"max_batch": 4}}).serving.opt_batch == 8  # a saved run's still loads
+    batches.write_text("local: {model: unet, pool: 4}\n")  # served a 33 x 33 map where the contract says 32
+    with pytest.raises(ValueError, match="local.pool 4 must be odd"):
+        load_config(batches)
+    batches.write_bytes(b"seed: 1\n# caf\xe9\n")  # Latin-1: the decode error had named neither file nor byte
+    with pytest.raises(ValueError, match=r"batches.yaml: not UTF-8 text \(byte 13\)"):
+        load_config(batches)
     batches.write_text("teacher: {shift: 1000}\n")  # torch.roll wraps the part round to the other side
     with pytest.raises(ValueError, match=r"teacher.shift 1000 moves frames by more than one CMER cell \(8 px\)"):
         load_config(batches)
@@ -174,7 +185,10 @@ def test_a_shipped_name_is_the_shipped_config_whatever_the_current_folder_holds(
     ("teacher: {source: clip}", "teacher.source: expected one of backbone, scratch, open_clip, got 'clip'"),
     ("seed: -1", "seed: expected a value >= 0 and <= 2147483647, got -1"),
     ("seed: 18446744073709551615", "seed: expected a value >= 0 and <= 2147483647, got 18446744073709551615"),
-    ("data: {val_fraction: 0}", "data.val_fraction: expected a value > 0 and < 1, got 0"),
+    ("data: {val_fraction: 0}", "data.val_fraction: expected a value > 0 and <= 0.9, got 0"),
+    ("data: {val_fraction: 0.9999999999}", "data.val_fraction: expected a value > 0 and <= 0.9"),  # hung before
+    ("serving: {queue_delay_us: 100000000000000000000}", "serving.queue_delay_us: expected a value >= 0 and <= 2147483647"),
+    ("serving: {max_batch: 3000000000}", "serving.max_batch: expected a value >= 1 and <= 2147483647"),
     ("cmer: {scorer: {steps: 2.5}}", "cmer.scorer.steps: expected an integer, got 2.5"),
     ("- 1\n- 2", "c.yaml: expected a mapping of keys, got a list"),
 ])
@@ -263,3 +277,34 @@ def test_settings_a_config_does_not_read_are_named():
                                     "teacher.steps 10 is not read with teacher.source open_clip (its weights are "
                                     "used as they are)",
                                     "cmer.rho 0.5 is not read with cmer.rule relative"]
+    cfg = config_from_dict({"teacher": {"channels": [8, 16]}, "scoring": {"train_frames": 50, "map_size": 8},
+                            "local": {"model": "unet", "colour": "grey", "bank_size": 5000, "k": 3},
+                            "cmle": {"enabled": False, "k": 8, "lam": 2.0}})  # each had passed unsaid
+    assert [line.split(" is not read")[0] for line in unread_settings(cfg)] == [
+        "local.bank_size 5000", "local.k 3", "local.colour 'grey'", "scoring.train_frames 50",
+        "teacher.channels [8, 16]", "cmle.k 8", "cmle.lam 2.0"]
+
+
+@pytest.mark.parametrize("size", [72, 96, 112, 152, 232])
+def test_the_grid_teacher_pools_any_frame_side_to_its_grid(size):
+    """A deepest block whose side is no multiple of 4 (96 px: side 6) failed with a shape error
+    in the teacher's first step; the pooling windows now overlap to give the 4 x 4 grid."""
+    import torch
+
+    from cmg.config import TeacherConfig
+    from cmg_train.teacher.model import build_teacher
+
+    config_from_dict({"data": {"image_size": size}, "scoring": {"map_size": 1}})  # the config is accepted
+    teacher = build_teacher(TeacherConfig(source="backbone", pool="grid"), size, load_weights=False)
+    assert teacher.visual(torch.zeros(1, 3, size, size)).shape == (1, teacher.visual.head[-1].out_features)
+
+
+@pytest.mark.parametrize("option", ["--max-batch", "--version"])
+def test_counts_on_the_command_line_fit_what_triton_reads(option, capsys):
+    """`--max-batch 3000000000` failed only in the ModelConfig write, and a 20-digit `--version`
+    was built and then crashed tritonserver at start (std::out_of_range)."""
+    from cmg_app.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--run", ".", option, "99999999999999999999"])
+    assert info.value.code == 2 and "must be >= 1 and <= 2147483647" in capsys.readouterr().err

@@ -40,6 +40,18 @@ def test_the_demo_keeps_the_configs_seed_unless_told(tmp_path, flag, want):
     assert demo_mod.demo_config(args.config, args.seed).seed == want
 
 
+def test_the_demo_checks_an_open_clip_teachers_weights_before_making_data(tmp_path):
+    """`cmg demo --config` with an open_clip teacher and no weights ran the synthesis first and
+    then failed naming `--teacher-weights`, an option the demo does not have."""
+    from cmg.config import config_dir
+    from cmg.errors import CMGError
+
+    mine = tmp_path / "myvit.yaml"
+    mine.write_text((config_dir() / "vit-b32.yaml").read_text())
+    with pytest.raises(CMGError, match=r"set teacher.checkpoint FILE .* \(`cmg demo` has no --teacher-weights\)"):
+        demo_mod.demo_config(str(mine))
+
+
 @pytest.mark.parametrize("checkpoint", [b"not a checkpoint", None])
 def test_the_demo_trains_again_over_a_run_it_cannot_read(tmp_path, monkeypatch, capsys, checkpoint):
     """A demo folder left by an older version (a checkpoint this one cannot read) is the

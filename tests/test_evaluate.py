@@ -737,3 +737,20 @@ def test_a_read_only_run_is_said_before_scoring(tiny_run, tiny_data, monkeypatch
     monkeypatch.setattr(ev, "TestSet", lambda *a, **k: pytest.fail("scored a run it cannot write the report of"))
     with pytest.raises(CMGError, match="is read-only: evaluate a copy of the run"):
         ev.evaluate(run, tiny_data, ablation=False, progress=False)
+
+
+def test_eval_of_several_runs_counts_each_seed_once(tiny_run, tmp_path):
+    """`cmg eval --run R --run ./R` printed a "median over seeds" of one run counted twice
+    (a copy of a run passed as another seed too)."""
+    import argparse
+    import shutil
+
+    from cmg.errors import CMGError
+
+    copy = Path(shutil.copytree(tiny_run, tmp_path / "copy", ignore=shutil.ignore_patterns("eval", "onnx")))
+    for runs, want in (([tiny_run, tiny_run / "."], "are the same run"), ([tiny_run, copy], "are seed 0 too")):
+        args = argparse.Namespace(run=runs, data=None, ablation=False, out=tmp_path / "seeds", recompute=False,
+                                  no_progress=True)
+        with pytest.raises(CMGError, match=want):
+            ev.run(args)
+    assert not (tmp_path / "seeds").exists()

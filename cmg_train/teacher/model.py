@@ -110,7 +110,6 @@ class FrozenBackboneTower(nn.Module):
 class BackboneTower(FrozenBackboneTower):
     """Normalised NCHW -> [B, embed_dim]: frozen pretrained backbone, its deepest tap pooled to a
     4 x 4 grid (position survives: captions name it), then a trained two-layer projection.
-    Frames must be a multiple of 16 x the grid per side after `downsample` (64 px for 4 x 4).
 
     Input is normalised with the teacher's (dataset) statistics, so CMER's fill value 0 is the
     dataset mean; one per-channel multiply-add converts it to the backbone's own scaling.
@@ -126,7 +125,11 @@ class BackboneTower(FrozenBackboneTower):
         self._attach_backbone(backbone.variant, image_size // self.downsample, [max(taps)], mean, std, load_weights)
         side = self.backbone.blocks[-1].out_size
         self.grid = min(self.GRID, side)
-        self.pool = side // self.grid  # a static kernel: ONNX cannot export adaptive pooling here
+        # Static pooling (ONNX cannot export adaptive pooling here) that gives grid x grid cells for
+        # any side: windows of `step` apart, the last ending at the edge (they overlap where the
+        # side is no multiple of the grid: a 96 px frame's side 6 failed with a shape error).
+        self.step = side // self.grid
+        self.pool = side - (self.grid - 1) * self.step
         width = self.backbone.channels[-1] * self.grid * self.grid
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
 
@@ -134,7 +137,7 @@ class BackboneTower(FrozenBackboneTower):
         if self.downsample > 1:  # what captions describe is visible at a fraction of the resolution
             x = F.avg_pool2d(x, self.downsample)
         (f,) = self.backbone(x * self.scale + self.shift)
-        return F.avg_pool2d(f, self.pool).flatten(1)
+        return F.avg_pool2d(f, self.pool, self.step).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pooled(x))
