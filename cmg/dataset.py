@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cmg.errors import CMGError
-from cmg.frames import load_frame, to_rgb8, upright
+from cmg.frames import FrameError, load_frame, opened_image, to_rgb8, upright
 
 # one list for training folders and the clients' folder walk: a line whose camera writes .webp
 # trains on the same files it streams
@@ -156,13 +156,10 @@ def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     masks; two levels split at the lower, a soft mask at half its range; then resized with
     NEAREST (interpolation must not invent labels)."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        with opened_image(path, "mask", fix=" (downscale the mask)") as img:
             levels = _mask_levels(upright(img), path).astype(np.float64)  # as its image is read
-    except FileNotFoundError:
-        raise CMGError(f"mask not found: {path}") from None
-    except OSError as exc:
-        raise CMGError(f"unreadable mask {path}: {exc}") from exc
+    except FrameError as exc:
+        raise CMGError(str(exc)) from exc
     found = np.unique(levels)
     if found.size == 1:
         marked = levels > 0  # all background, or all defect

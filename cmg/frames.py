@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +177,22 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
     one frame an error and go on.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     # the callers that take a limit (cmg infer, cmg stream, the client) have the option; training does not
     fix = " (--max-pixels)" if max_pixels is not None else " (downscale the image)"
+    with opened_image(source, "image", max_pixels, fix) as img:  # a decoding error in the body is said there too
+        return to_frame(img, size, f"image {name}")  # upright, as a viewer shows it
+
+
+@contextmanager
+def opened_image(source: str | Path | bytes, kind: str = "image", max_pixels: int | None = None,
+                 fix: str = "") -> Iterator[Image.Image]:
+    """An image file (or encoded bytes), decoded once its declared size is checked against
+    `max_pixels` (Pillow's limit by default); every problem with it a FrameError naming the
+    `kind` and the file, errors of the `with` body's decoding included. One rule for frames
+    and ground-truth masks (a mask's 30000 x 30000
+    header had been an internal error with no file named, a 12000 x 9000 one 2.3 GB)."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if limit < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if limit > 2 * (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
@@ -186,23 +201,25 @@ def load_frame(source: str | Path | bytes, size: tuple[int, int], max_pixels: in
         if isinstance(source, bytes):
             img = Image.open(io.BytesIO(source))
         else:
-            if not Path(source).is_file():
-                raise FrameError(f"image not found: {name}")
+            path = Path(source)
+            if not path.is_file():  # a FIFO would block the open; a folder or device is no image either
+                raise FrameError(f"{kind} not found: {name}" if not path.exists()
+                                 else f"{kind} {name} is not a regular file")
             img = Image.open(source)
         with img:
             width, height = img.size
             if width * height > limit:
-                raise FrameError(f"image {name} declares {width} x {height} = {width * height} pixels, "
+                raise FrameError(f"{kind} {name} declares {width} x {height} = {width * height} pixels, "
                                  f"over the limit of {limit}{fix}")
             if width == 0 or height == 0:
-                raise FrameError(f"image {name} is empty ({width} x {height})")
+                raise FrameError(f"{kind} {name} is empty ({width} x {height})")
             img.load()
-            return to_frame(img, size, f"image {name}")  # upright, as a viewer shows it
+            yield img
     except FrameError:
         raise
     except Image.DecompressionBombError as exc:
-        raise FrameError(f"image {name} is over the pixel limit of {limit}{fix}: {exc}") from exc
+        raise FrameError(f"{kind} {name} is over the pixel limit of {limit}{fix}: {exc}") from exc
     except UnidentifiedImageError:  # Pillow's text names its BytesIO object, not the file
-        raise FrameError(f"unreadable image {name}: not an image format Pillow reads") from None
+        raise FrameError(f"unreadable {kind} {name}: not an image format Pillow reads") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise FrameError(f"unreadable image {name}: {exc}") from exc
+        raise FrameError(f"unreadable {kind} {name}: {exc}") from exc

@@ -51,7 +51,14 @@ class Preprocess(nn.Module):
         return x * (255.0 * self.scale) + self.shift
 
     @classmethod
-    def fit(cls, frames: Tensor) -> Preprocess:
-        """Per-channel mean and std of the user's training frames (uint8 [N,H,W,3])."""
-        pix = frames.reshape(-1, 3).double() / 255.0
-        return cls(pix.mean(0).tolist(), pix.std(0).clamp_min(1e-3).tolist())
+    def fit(cls, frames: Tensor, chunk: int = 64) -> Preprocess:
+        """Per-channel mean and std of the user's training frames (uint8 [N,H,W,3]), summed in
+        float64 over `chunk` frames at a time: all pixels at once took 16 times the frames'
+        memory (2.3 GB for 1,000 frames of 224 px)."""
+        total, squares, n = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+        for part in torch.as_tensor(frames).split(chunk):
+            pix = part.reshape(-1, 3).double() / 255.0
+            total, squares, n = total + pix.sum(0), squares + pix.square().sum(0), n + len(pix)
+        mean = total / n
+        std = ((squares - n * mean.square()).clamp_min(0) / max(n - 1, 1)).sqrt()
+        return cls(mean.tolist(), std.clamp_min(1e-3).tolist())

@@ -363,3 +363,45 @@ def test_a_01_batch_with_a_white_pixel_and_a_frame_off_its_batch_scale():
     assert items[0].load((8, 8)).max() == 255 and items[1].load((8, 8)).max() == 128
     with pytest.raises(FrameError, match="in a 0..1 batch"):
         frame_on_scale(np.full((2, 2, 3), 200.0), 255.0)
+
+
+@pytest.mark.parametrize("kind", ["over_pixel_limit", "not_an_image", "truncated"])
+def test_a_mask_is_checked_as_a_frame_is_and_named(kind, tmp_path):
+    """A ground-truth mask whose header declares 900 Mpx had been an internal error naming no
+    file (Pillow's DecompressionBombError), and a 12000 x 9000 one was decoded (2.3 GB)."""
+    from cmg.dataset import _load_mask
+    from cmg.errors import CMGError
+
+    data = {"over_pixel_limit": png_header(30000, 30000), "not_an_image": b"hello",
+            "truncated": good_png()[:60]}[kind]
+    path = tmp_path / "000_mask.png"
+    path.write_bytes(data)
+    with pytest.raises(CMGError, match=r"(mask .*000_mask.png is over the pixel limit of \d+ \(downscale the mask\))"
+                                       r"|(unreadable mask .*000_mask.png)"):
+        _load_mask(path, (32, 32))
+
+
+def test_a_path_that_is_no_regular_file_is_said_so(tmp_path):
+    """A FIFO, a folder or a device given as an image had been "image not found" (and a FIFO
+    must not be opened: the open would block)."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "dir.png").mkdir()
+    for path in (tmp_path / "fifo.png", tmp_path / "dir.png", Path("/dev/null")):
+        with pytest.raises(FrameError, match=f"image {path} is not a regular file"):
+            load_frame(path, (8, 8))
+    with pytest.raises(FrameError, match="image not found"):
+        load_frame(tmp_path / "missing.png", (8, 8))
+
+
+def test_a_mask_over_the_frames_pixel_limit_is_not_decoded(tmp_path, monkeypatch):
+    """Below Pillow's own refusal, a mask over the limit frames have is refused before decoding."""
+    from cmg import frames
+    from cmg.dataset import _load_mask
+    from cmg.errors import CMGError
+
+    Image.new("L", (20, 10)).save(tmp_path / "big_mask.png")
+    monkeypatch.setattr(frames, "DEFAULT_MAX_PIXELS", 100)
+    with pytest.raises(CMGError, match=r"mask .*big_mask.png declares 20 x 10 = 200 pixels, over the limit of 100"):
+        _load_mask(tmp_path / "big_mask.png", (4, 4))
