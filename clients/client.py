@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -548,17 +548,27 @@ def _walk_glob(pattern: str) -> list[str]:
     stop = parts.index("**")
     n = max((k for k in range(stop + 1) if k == 0 or os.path.isdir(os.path.join(*parts[:k]))), default=0)
     base, rest = (os.path.join(*parts[:n]) if n else "."), parts[n:]
-    out, seen = [], set()
+    out = []
+    for folder, dirs, files in walk_once(base):
+        rel = Path(os.path.relpath(folder, base)).parts if folder != base else ()
+        out += [os.path.join(*parts[:n], *rel, name) for name in (*dirs, *files) if _parts_match(rest, (*rel, name))]
+    return out
+
+
+def walk_once(base: str | Path, keep: Callable[[str], bool] = lambda name: True) -> Iterator[
+        tuple[str, list[str], list[str]]]:
+    """os.walk following folder links, each real folder once (no loops), into the subfolders
+    `keep` accepts, in sorted order: which path reaches a folder linked twice is the first in
+    sorted order, every run."""
+    seen: set[str] = set()
     for folder, dirs, files in os.walk(base, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()  # which path reaches a folder linked twice: the first in sorted order, every run
-        rel = Path(os.path.relpath(folder, base)).parts if folder != base else ()
-        out += [os.path.join(*parts[:n], *rel, name) for name in (*dirs, *files) if _parts_match(rest, (*rel, name))]
-    return out
+        dirs[:] = sorted(d for d in dirs if keep(d))
+        yield folder, dirs, files
 
 
 def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...]) -> bool:
@@ -609,17 +619,9 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
         if not p.is_dir():
             out.append(p)
             continue
-        found, seen = [], set()
-        for folder, dirs, files in os.walk(p, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
-            # sorted: which path reaches a folder linked twice is the first in sorted order, every run;
-            # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
-            dirs[:] = sorted(d for d in dirs if visible(Path(d)))
-            found += [Path(folder, f) for f in files if image_name(Path(f))]
+        # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
+        found = [Path(folder, f) for folder, _, files in walk_once(p, lambda d: visible(Path(d)))
+                 for f in files if image_name(Path(f))]
         out.extend(sorted(found))
     return out
 
