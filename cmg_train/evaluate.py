@@ -240,11 +240,14 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
               "labels": test.labels.tolist(), "defects": test.defects, "alpha": cfg.cmer.alpha,
               "files": test.files,  # which frame each score is
               "global_weight": float(run.detector.global_weight)}
+    stem = "ablation" if ablation else "eval"
+    # STEM.json marks a finished report (cached_report reuses it): gone before the first file
+    # changes, written after the last. Written first, an eval stopped while drawing left a json
+    # that the rerun reused, claiming pictures missing or drawn from other data.
+    (eval_dir / f"{stem}.json").unlink(missing_ok=True)
     if sweep:
         report["alpha_sweep"] = sweep
         alpha_plot([sweep], cfg.cmer.alpha, eval_dir / "ablation_alpha.png", f"{cfg.name}: keep-mask threshold")
-    stem = "ablation" if ablation else "eval"
-    write_atomic(eval_dir / f"{stem}.json", json.dumps(report, indent=2))  # a torn report blocked the next eval
     head = (f"Run {run.path} (config {cfg.name}, seed {cfg.seed}, checkpoint sha256 {report['checkpoint_sha256'][:12]}) "
             f"on {report['test_images']} test images of {report['data']}"
             + ("; no defect image has a ground-truth mask (ground_truth/KIND/NAME_mask.png), so the pixel "
@@ -265,6 +268,7 @@ def evaluate(run: Run, data: Path, ablation: bool, progress: bool = True, test: 
                for i in worst], eval_dir / f"{stem}_errors.png", gt=test.gt[worst],
               suptitle=f"{cfg.name}: the highest-scoring normal frames, then the lowest-scoring defects "
                        f"(titles: kind and score; the run flags scores above {thr:.2f})")
+    write_atomic(eval_dir / f"{stem}.json", json.dumps(report, indent=2))  # a torn report blocked the next eval
     return report
 
 
@@ -373,7 +377,8 @@ def test_split_fingerprint(data: Path) -> str:
 def cached_report(run: Run, data: Path, ablation: bool) -> dict | None:
     """RUN/eval/{ablation,eval}.json when it scored the same data, unchanged since, with this
     checkpoint (its hash: a copy with an older time is another model all the same) and this
-    version of the scoring (EVAL_VERSION); an unreadable report is no report (scored again)."""
+    version of the scoring (EVAL_VERSION); an unreadable report is no report (scored again).
+    The json is written after the .md and the pictures (evaluate): there, they are too."""
     path = run.path / "eval" / ("ablation.json" if ablation else "eval.json")
     if not path.is_file():
         return None

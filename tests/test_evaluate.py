@@ -754,3 +754,25 @@ def test_eval_of_several_runs_counts_each_seed_once(tiny_run, tmp_path):
         with pytest.raises(CMGError, match=want):
             ev.run(args)
     assert not (tmp_path / "seeds").exists()
+
+
+def test_an_eval_stopped_while_drawing_leaves_no_report_to_reuse(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """STEM.json marks a finished report: written first, an eval stopped while drawing left it,
+    and the rerun answered from it, claiming pictures missing or drawn from other data."""
+    import shutil
+
+    from cmg_train.checkpoint import load_run
+
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "onnx")))
+    run = load_run(run_dir)
+    ev.evaluate(run, tiny_data, ablation=False, progress=False)
+    assert ev.cached_report(run, tiny_data, ablation=False) is not None  # a finished report is reused
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "mask_grid", stop)  # the pictures: drawn after the json, before the fix
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(run, tiny_data, ablation=False, progress=False)
+    assert ev.cached_report(run, tiny_data, ablation=False) is None
+    assert not (run_dir / "eval" / "eval.json").exists()
