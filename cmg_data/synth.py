@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from cmg.argtypes import MAX_SEED, seed_int
 from cmg.errors import CMGError
+from cmg.files import write_atomic
 
 CATEGORIES: tuple[str, ...] = ("hex_nut", "washer", "screw", "gear", "bottle_cap")
 DEFECTS: tuple[str, ...] = ("scratch", "hole", "stain", "deformation")
@@ -679,7 +680,13 @@ def _png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-_OWNED = ("train", "test", "ground_truth", "masks", "captions.jsonl", "meta.jsonl", "synth.json")
+# synth.json marks a whole folder (written last); INCOMPLETE one this generator is writing or
+# clearing (there from before the first image until after synth.json): a SIGKILLed run's folder,
+# which every rerun had refused ("holds no synth.json"), `cmg demo --fresh` too.
+INCOMPLETE = "synth.incomplete"
+# synth.json first, INCOMPLETE last: a kill while clearing had left synth.json over no images,
+# which `cmg demo` trusted
+_OWNED = ("synth.json", "train", "test", "ground_truth", "masks", "captions.jsonl", "meta.jsonl", INCOMPLETE)
 
 
 def _prepare(out: Path) -> None:
@@ -687,14 +694,17 @@ def _prepare(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CMGError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "synth.json").is_file():
+        if not ((out / "synth.json").is_file() or (out / INCOMPLETE).is_file()):
             raise CMGError(f"output folder {out} is not empty and holds no synth.json; refusing to overwrite it")
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE).touch()  # before the first image
 
 
 def _clear(out: Path) -> None:
-    """Remove what this generator writes (and nothing else) from `out`."""
+    """Remove what this generator writes (and nothing else) from `out`, marked as this
+    generator's until the end (INCOMPLETE)."""
+    (out / INCOMPLETE).touch()
     for name in _OWNED:
         p = out / name
         if p.is_dir():
@@ -771,7 +781,8 @@ def _write_line(out: Path, p: Preset, preset: str, seed: int, clutter: bool, cat
     (out / "meta.jsonl").write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metas))
     info = {"preset": preset, "seed": seed, "clutter": clutter, "category": category,
             "image_size": p.image_size, "counts": counts}
-    (out / "synth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: the folder is whole
+    write_atomic(out / "synth.json", json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: the folder is whole
+    (out / INCOMPLETE).unlink()
 
 
 # ----------------------------------------------------------------------------- CLI

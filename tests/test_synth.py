@@ -309,3 +309,49 @@ def test_no_progress_is_passed_on(tmp_path, monkeypatch):
     assert cli_main(["data", "synth", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     assert seen["progress"] is False
     assert cli_main(["data", "synth", "--out", str(tmp_path / "d")]) == 0 and seen["progress"] is True
+
+
+def test_a_folder_left_by_a_killed_run_is_written_again(tmp_path):
+    """SIGKILL runs no cleanup: the folder it left (images, no synth.json) had been refused by
+    every rerun, `cmg demo --fresh` too. A folder that is not ours is still refused (above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "line"
+    proc = subprocess.Popen([sys.executable, "-m", "cmg_app.cli", "data", "synth", "--out", str(out),
+                             "--preset", "tiny", "--no-progress"], env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not any((out / "train" / "good").glob("*.png")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no image was written"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "synth.json").exists()
+    synthesize(out, "tiny", n_train=2, n_test_good=1, n_test_per_anomaly=0, progress=False)
+    assert (out / "synth.json").is_file() and not (out / synth.INCOMPLETE).exists()
+    assert len(list((out / "train" / "good").iterdir())) == 2
+
+
+def test_a_run_stopped_while_clearing_leaves_no_synth_json_over_missing_images(tmp_path, monkeypatch):
+    """synth.json marks a whole folder (`cmg demo` reuses a folder that has one): removed last,
+    a kill while clearing left it over a folder whose images were gone."""
+    out = _mini(tmp_path / "line")
+    real = synth.shutil.rmtree
+
+    def stop(path, *args, **kwargs):
+        if Path(path).name == "test":  # train/ is gone, test/ not yet
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(synth.shutil, "rmtree", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _mini(out)
+    assert not (out / "synth.json").exists()
+    monkeypatch.undo()
+    _mini(out)  # the rerun takes it as its own
+    assert (out / "synth.json").is_file() and (out / "train" / "good").is_dir()
