@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import importlib.metadata
 import json
 import math
@@ -36,6 +37,8 @@ from cmg.checksum import file_sha256
 from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
+from cmg.files import staged_folder
+from cmg.locks import OutputLock
 from cmg_build import config as cfgmod
 from cmg_build import k8s, opcheck
 from cmg_build import tensorrt as trtmod
@@ -167,6 +170,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
           precision: str = "fp32", cpu_cmg: str = CPU_CMG[0], data: Path | None = None) -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
     configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
+    OUT changes whole or not at all: the build writes into a copy beside it and swaps it in.
     precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py),
     calibrated on the normal training frames of the run's folder, or of `data`.
     cpu_cmg (cpu target): "fused" (default) serves `cmg` as one graph in one Python-backend
@@ -204,100 +208,117 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     if target == "cpu" and not MODEL_PY.is_file():
         raise CMGError(f"{MODEL_PY} not found (the Python-backend model source; is the project checked out?)")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = contract.models
-    report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
-                    "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
-                    "max_batch": serving.max_batch, "opt_batch": serving.opt_batch,
-                    "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
-                    "models": {}, "files": {}, "trtexec": []}
+    given = Path(out)
+    if given.exists() and not given.is_dir():
+        raise CMGError(f"--out {given} is a file, not a folder")
+    # resolved: `--out .` has a name, and `--out current` -> repos/v3 replaces the folder it names (the link stays)
+    final = given.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    cwd = Path.cwd()
+    # Written into a copy beside OUT and swapped in whole: written in place, an interrupted build
+    # left two runs' models in OUT (cmg and cmg_exact answering differently), and it served.
+    lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
+                      "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
+    with lock:
+        for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):  # a killed build's (the lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
+        with staged_folder(final, copy=True) as out:
+            specs = contract.models
+            report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
+                            "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
+                            "max_batch": serving.max_batch, "opt_batch": serving.opt_batch,
+                            "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
+                            "models": {}, "files": {}, "trtexec": []}
 
-    sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
-    scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
-    report["precision"] = {"precision": precision}
-    if precision == "int8":
+            sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
+            scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
+            report["precision"] = {"precision": precision}
+            if precision == "int8":
 
-        int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
-        report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
-        sources.update(int8)
+                int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
+                report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
+                sources.update(int8)
 
-    # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
-    table = opcheck.load_table()
-    op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
-    report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
-    if target == "tensorrt" and any(op_problems.values()):
-        lines = [p for ps in op_problems.values() for p in ps]
-        raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
+            # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
+            table = opcheck.load_table()
+            op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
+            report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
+            if target == "tensorrt" and any(op_problems.values()):
+                lines = [p for ps in op_problems.values() for p in ps]
+                raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
 
-    cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
-    engines: list[tuple[str, Path, Path, dict, bool]] = []
-    int8_models = set(report["precision"].get("models", ()))
-    for name in ONNX_MODELS:
-        spec = specs[name]
-        model_dir = out / name
-        vdir = model_dir / str(version)
-        if vdir.exists():
-            shutil.rmtree(vdir)
-        vdir.mkdir(parents=True)
-        src = sources[name]
-        onnx_dst = vdir / "model.onnx"
-        if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
-            strip_threshold_initializer(src, onnx_dst)
-        else:
-            shutil.copyfile(src, onnx_dst)
-        if target == "cpu":
-            shutil.copyfile(MODEL_PY, vdir / "model.py")
-        cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
-        path = mcfg.write(cfg, model_dir)
-        cfgmod.validate_config(path, spec, onnx_dst)
-        if target == "tensorrt":
-            inputs = {t.name: t.dims for t in spec.inputs}
-            plan = vdir / "model.plan"
-            engines.append((name, onnx_dst, plan, inputs, name in int8_models))
-            report["trtexec"].append(
-                _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
-                         _script_path(cache, out), name in int8_models))
-        report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
+            cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
+            if cache.resolve().is_relative_to(final.resolve()):  # OUT's own is replaced: its copy's is updated
+                cache = out / cache.resolve().relative_to(final.resolve())
+            engines: list[tuple[str, Path, Path, dict, bool]] = []
+            int8_models = set(report["precision"].get("models", ()))
+            for name in ONNX_MODELS:
+                spec = specs[name]
+                model_dir = out / name
+                vdir = model_dir / str(version)
+                if vdir.exists():
+                    shutil.rmtree(vdir)
+                vdir.mkdir(parents=True)
+                src = sources[name]
+                onnx_dst = vdir / "model.onnx"
+                if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
+                    strip_threshold_initializer(src, onnx_dst)
+                else:
+                    shutil.copyfile(src, onnx_dst)
+                if target == "cpu":
+                    shutil.copyfile(MODEL_PY, vdir / "model.py")
+                cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
+                path = mcfg.write(cfg, model_dir)
+                cfgmod.validate_config(path, spec, onnx_dst)
+                if target == "tensorrt":
+                    inputs = {t.name: t.dims for t in spec.inputs}
+                    plan = vdir / "model.plan"
+                    engines.append((name, onnx_dst, plan, inputs, name in int8_models))
+                    report["trtexec"].append(
+                        _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
+                                 _script_path(cache, out), name in int8_models))
+                report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
-    scratch.cleanup()
-    fused = target == "cpu" and cpu_cmg == "fused"
-    report["cpu_cmg"] = cpu_cmg if target == "cpu" else None
-    if fused:
-        report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
-    for name in ENSEMBLES:
-        if fused and name == CMG:
-            continue
-        cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
-        path = mcfg.write(cfg, out / name)
-        cfgmod.validate_config(path, specs[name])
-        (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
-        report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
-                                  "steps": [s.model_name for s in cfg.ensemble_scheduling.step]}
+            scratch.cleanup()
+            fused = target == "cpu" and cpu_cmg == "fused"
+            report["cpu_cmg"] = cpu_cmg if target == "cpu" else None
+            if fused:
+                report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
+            for name in ENSEMBLES:
+                if fused and name == CMG:
+                    continue
+                cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
+                path = mcfg.write(cfg, out / name)
+                cfgmod.validate_config(path, specs[name])
+                (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
+                report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
+                                          "steps": [s.model_name for s in cfg.ensemble_scheduling.step]}
 
-    missing = None
-    if target == "tensorrt":
-        script = out / "trtexec.sh"
-        script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
-                          "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
-                          f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
-                          "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
-                          "set -euo pipefail\ncd -- \"$(dirname -- \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
-        script.chmod(0o755)
+            missing = None
+            if target == "tensorrt":
+                script = out / "trtexec.sh"
+                script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
+                                  "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
+                                  f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
+                                  "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
+                                  "set -euo pipefail\ncd -- \"$(dirname -- \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
+                script.chmod(0o755)
 
-        missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
-        if missing is None:
-            report["engines"] = {}
-            for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
-                report["engines"][name] = trtmod.build_engine(
-                    onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
-                    int8=int8)
-        report["engines_missing"] = missing
+                missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
+                if missing is None:
+                    report["engines"] = {}
+                    for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
+                        report["engines"][name] = trtmod.build_engine(
+                            onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
+                            int8=int8)
+                report["engines_missing"] = missing
 
-    report["files"] = file_checksums(out)
-    (out / "build_report.json").write_text(json.dumps(report, indent=2))
+            report["files"] = file_checksums(out)
+            (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    if cwd.is_relative_to(final):  # the working folder was the old OUT's (now gone): the same path in the new one
+        os.chdir(cwd)
     if missing is not None and not skip_engines:
-        raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {shlex.quote(str(out / 'trtexec.sh'))} are written "
+        raise CMGError(f"tensorrt target: {missing}; configs, ONNX files and {shlex.quote(str(given / 'trtexec.sh'))} are written "
                        "(run it on a host with TensorRT 10 and a GPU; --skip-engines asks for just that, "
                        "exit 0, with --k8s manifests)")
     return report

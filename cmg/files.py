@@ -1,10 +1,13 @@
-"""Writing a file whole or not at all."""
+"""Writing a file (or a folder) whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from cmg.errors import naming
@@ -37,3 +40,43 @@ def keep_mode(path: Path, tmp: Path) -> None:
         return
     with contextlib.suppress(FileNotFoundError):  # nothing made (a failing disk): the write says why
         os.chmod(tmp, stat.S_IMODE(mode))
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` (an export, a repository) at `out` in one step: an atomic
+    exchange of the two folders (Linux renameat2 RENAME_EXCHANGE) when `out` exists, then the
+    old one goes; a plain rename when it does not. A kill at any point leaves the old or the
+    new folder at `out`, never a mix (and at worst a stray hidden `.OUT.tmp-*` beside it)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out),
+                                           rename_exchange) == 0:
+        shutil.rmtree(tmp)  # now holds the old folder
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")  # no exchange here: two renames
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, copy: bool = False) -> Iterator[Path]:
+    """A hidden folder beside `out` to write into (`copy`: starting as a copy of `out`, where it
+    exists), put in its place whole (swap_in) when the block ends and removed when it raises:
+    a failed or interrupted writer never leaves its folder half-written over a good one."""
+    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    if copy and out.is_dir():
+        shutil.copytree(out, stage, symlinks=True)
+    else:
+        stage.mkdir()
+    try:
+        yield stage
+        swap_in(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

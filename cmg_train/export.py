@@ -11,13 +11,10 @@ Parity against the PyTorch modules is measured here and written to export.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import math
-import os
 import shlex
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +28,7 @@ from cmg import contract as C
 from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError, naming
+from cmg.files import staged_folder
 from cmg_train.checkpoint import Run, load_run
 
 OPSET = 17
@@ -155,27 +153,6 @@ def parity_failures(report: dict) -> list[str]:
             for name, v in report.items() if v.get("relative_diff", 0.0) > PARITY_REL_TOL]
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished export `tmp` at `out` in one step: an atomic exchange of the two
-    folders (Linux renameat2 RENAME_EXCHANGE) when `out` exists, then the old one goes;
-    a plain rename when it does not. A kill at any point leaves the old or the new export
-    at `out`, never a mix (and at worst a stray `.onnx.tmp-*` beside it)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out),
-                                           rename_exchange) == 0:
-        shutil.rmtree(tmp)  # now holds the old export
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")  # no exchange here: two renames
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_run(run_dir: str | Path, out: Path | None = None, data: Path | None = None) -> dict:
     """Export into a temporary folder beside OUT (default RUN/onnx) and move it in whole:
     a failed export (parity, a kill, a full disk) never leaves a half-written OUT over a
@@ -195,16 +172,8 @@ def export_run(run_dir: str | Path, out: Path | None = None, data: Path | None =
     if final.is_symlink():  # `--out current` -> exports/v3: replace the folder it names, keep the link
         final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    out = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    try:
-        report = _export_into(run, out, data)
-        _swap_in(out, final)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    return report
+    with staged_folder(final) as out:
+        return _export_into(run, out, data)
 
 
 def _export_into(run: Run, out: Path, data: Path | None = None) -> dict:

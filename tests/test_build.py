@@ -291,3 +291,50 @@ def test_trtexec_names_a_timing_cache_outside_the_repository_by_its_whole_path(t
     out.mkdir()
     assert _script_path(out / "trt_timing.cache", out) == "trt_timing.cache"
     assert _script_path(tmp_path / "caches" / "t.cache", out) == str(tmp_path / "caches" / "t.cache")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_build_leaves_the_repository_as_it_was(toy_run, tmp_path, monkeypatch):
+    """Written in place, a build stopped midway left the new run's scorer beside the old run's
+    encoder and fused `cmg`: two runs' models in one repository, and it served."""
+    _, repo = _build(toy_run, tmp_path, "cpu", version=2)
+    (repo / ".cmg-admin-key").write_text("key\n")  # a served repository's own files stay
+    before = _tree(repo)
+    other = tmp_path / "other"
+    write_toy_export(other / "onnx", CONTRACT, threshold=0.7)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repository, "_fused_cmg", stop)  # after the three step models are written
+    with pytest.raises(KeyboardInterrupt):
+        repository.build(other, "cpu", repo, version=2)
+    assert _tree(repo) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    report = repository.build(other, "cpu", repo, version=2)  # and a build that ends replaces it whole
+    assert report["threshold"] == pytest.approx(0.7) and (repo / ".cmg-admin-key").read_text() == "key\n"
+    assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
+
+
+def test_a_killed_builds_leftover_is_removed_by_the_next_build(toy_run, tmp_path):
+    """A SIGKILLed build leaves its hidden copy beside OUT (no handler runs); under OUT's lock
+    every such copy is a dead build's."""
+    leftover = tmp_path / ".repo.tmp-4194304"
+    (leftover / "cmg").mkdir(parents=True)
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    assert not leftover.exists() and (repo / "build_report.json").is_file()
+
+
+def test_a_build_into_the_working_folder_leaves_the_process_in_the_new_one(toy_run, tmp_path, monkeypatch):
+    """`--out .` is swapped in whole like any OUT: the working folder (the old one) is gone
+    after it, and a relative path (--k8s ../k8s) must still find its way."""
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    (repo / "cmg").mkdir(exist_ok=True)
+    monkeypatch.chdir(repo / "cmg")
+    repository.build(toy_run, "cpu", Path(".."))
+    assert Path("config.pbtxt").is_file() and Path("../build_report.json").is_file()
