@@ -17,17 +17,27 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> Path:
     """`data` into `path` through a hidden temporary file beside it, renamed over `path`: a
     kill or a full disk mid-write leaves the old file (a torn report or record had blocked
     the next run); an OSError names `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_atomic_all([(Path(path), data)])
+    return Path(path)
+
+
+def write_atomic_all(files: list[tuple[Path, str | bytes | memoryview]]) -> None:
+    """Several files as write_atomic writes one, renamed into place only once all are written,
+    in the order given (the file the others describe last): a kill or a full disk while
+    writing leaves every old file, not new ones beside old."""
+    staged = [(Path(path), Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}"), data)
+              for path, data in files]
     try:
-        with naming(path):
-            with tmp.open("wb") as f:
+        for path, tmp, data in staged:
+            with naming(path), tmp.open("wb") as f:
                 keep_mode(path, tmp)  # before the data: the new bytes are never readable beyond the old file's
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            os.replace(tmp, path)
+        for path, tmp, _ in staged:
+            with naming(path):
+                os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        for _, tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def keep_mode(path: Path, tmp: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ import yaml
 from cmg.config import Config, config_from_dict
 from cmg.contract import Contract
 from cmg.dataset import resolve_data
-from cmg.errors import CMGError, naming
-from cmg.files import write_atomic
+from cmg.errors import CMGError
+from cmg.files import write_atomic_all
 from cmg_train.cmer.model import (
     CMERScorer,
     OcclusionTeacher,
@@ -109,8 +110,12 @@ def save_run(out: Path, cfg: Config, teacher: Teacher, scorer: CMERScorer, det: 
         "captions": list(captions),
         "metrics": without_wall_clock(metrics),
     }
-    path = write_checkpoint(state, out / "checkpoint.pt")
-    write_config_record(out, cfg)
+    path = out / "checkpoint.pt"
+    # All three written before any is renamed, the checkpoint last: saved first, then the records
+    # with plain writes, an interrupted save left a new checkpoint beside the old run's records.
+    write_atomic_all([(out / "config.yaml", config_record(cfg)),
+                      (out / "metrics.json", json.dumps(metrics, indent=2, default=float)),
+                      (path, checkpoint_bytes(state))])
     return path
 
 
@@ -126,12 +131,9 @@ def without_wall_clock(metrics: dict) -> dict:
     return keep(metrics)
 
 
-def write_config_record(out: Path, cfg: Config) -> Path:
+def config_record(cfg: Config) -> str:
     """RUN/config.yaml: the run's config, marked as a record (RECORD_HEADER)."""
-    path = out / "config.yaml"
-    with naming(path):
-        path.write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return path
+    return RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # RUN/config.yaml is what the run was trained with, for people and `--config RUN/config.yaml`;
@@ -140,13 +142,13 @@ RECORD_HEADER = ("# The config this run was trained with (a record: the run read
                  "# this file changes nothing; train a copy of it with `cmg train --config THIS_FILE`).\n")
 
 
-def write_checkpoint(state: dict, path: Path) -> Path:
-    """torch.save into `path` through a temporary file: a kill or a full disk mid-save leaves
-    the old checkpoint. Serialised in memory first: torch.save into a full disk raises a
+def checkpoint_bytes(state: dict) -> memoryview:
+    """torch.save's bytes, serialised in memory, for a write through a temporary file (a kill
+    or a full disk mid-save leaves the old checkpoint): torch.save into a full disk raises a
     RuntimeError ("unexpected pos"), a plain write an OSError that names the problem."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    return write_atomic(path, buffer.getbuffer())
+    return buffer.getbuffer()
 
 
 def saved_config(values: dict, detector: dict) -> Config:

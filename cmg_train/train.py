@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config, unread_settings
 from cmg.dataset import MVTecFolder, check_training_folder
-from cmg.errors import CMGError, naming
+from cmg.errors import CMGError
 from cmg_train.backbone import check_backbones
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
@@ -361,9 +361,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
         "cmle": {"graph": graph.summary() if graph else None, **det_metrics},
         "timings": {**timings, "total_s": time.perf_counter() - t0},
     }
-    save_run(out, cfg, teacher, scorer, det, caption_bank, unique, metrics)
-    with naming(out / "metrics.json"):
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    save_run(out, cfg, teacher, scorer, det, caption_bank, unique, metrics)  # with config.yaml and metrics.json
     return metrics
 
 

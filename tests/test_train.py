@@ -409,6 +409,35 @@ def test_the_same_training_gives_the_same_checkpoint_bytes(run, tmp_path):
     assert "timings" not in saved and "exact_s" not in saved.get("cmer", {}) and saved["images"] == run.metrics["images"]
 
 
+@pytest.mark.parametrize("failing", ["config.yaml", "metrics.json"])
+def test_a_save_stopped_between_its_files_leaves_the_old_run_whole(run, tmp_path, monkeypatch, failing):
+    """The checkpoint was renamed into place first, then config.yaml and metrics.json written
+    plainly: a save stopped between them left a new checkpoint beside the old run's records."""
+    import dataclasses
+    import errno
+    import pathlib
+
+    from cmg_train.checkpoint import save_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_run(out, run.cfg, run.teacher, run.scorer, run.detector, run.caption_bank, run.captions, run.metrics)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_open = pathlib.Path.open
+
+    def full(self, *args, **kwargs):
+        if failing in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_run(out, dataclasses.replace(run.cfg, seed=run.cfg.seed + 1), run.teacher, run.scorer, run.detector,
+                 run.caption_bank, run.captions, {**run.metrics, "seed": run.cfg.seed + 1})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_train_log_has_a_line_per_logged_step_of_every_stage(tiny_run):
     lines = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
     stages = {r["stage"].split(" ")[0] for r in lines}
@@ -421,10 +450,11 @@ def test_the_runs_config_yaml_is_a_record_that_trains_the_same_config(run, tiny_
     """RUN/config.yaml is never read back by the run (its checkpoint holds the config): it
     says so, and `--config RUN/config.yaml` gives the run's own config."""
     from cmg.config import load_config
-    from cmg_train.checkpoint import RECORD_HEADER, write_config_record
+    from cmg_train.checkpoint import RECORD_HEADER, config_record
 
     assert load_config(tiny_run / "config.yaml") == run.cfg
-    record = write_config_record(tmp_path, run.cfg)  # what save_run writes (the cached run may predate it)
+    record = tmp_path / "config.yaml"
+    record.write_text(config_record(run.cfg))  # what save_run writes (the cached run may predate it)
     assert record.read_text().startswith(RECORD_HEADER) and load_config(record) == run.cfg
 
 
@@ -567,10 +597,11 @@ def test_a_full_disk_while_saving_the_checkpoint_names_it_and_keeps_the_old_one(
     import errno
     import pathlib
 
-    from cmg_train.checkpoint import write_checkpoint
+    from cmg.files import write_atomic
+    from cmg_train.checkpoint import checkpoint_bytes
 
     path = tmp_path / "checkpoint.pt"
-    write_checkpoint({"old": torch.zeros(3)}, path)
+    write_atomic(path, checkpoint_bytes({"old": torch.zeros(3)}))
     old = path.read_bytes()
 
     class Full:
@@ -587,7 +618,7 @@ def test_a_full_disk_while_saving_the_checkpoint_names_it_and_keeps_the_old_one(
     monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: Full() if ".tmp-" in self.name
                         else real_open(self, *a, **k))
     with pytest.raises(OSError, match="No space left on device") as info:
-        write_checkpoint({"new": torch.ones(1000)}, path)
+        write_atomic(path, checkpoint_bytes({"new": torch.ones(1000)}))
     assert info.value.filename == str(path)
     assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
