@@ -376,9 +376,11 @@ def _die_with_parent(parent: int, prctl) -> None:
 
 @atexit.register
 def _stop_live_servers() -> None:
-    """Last resort at interpreter exit: every server started here and not cleaned up goes."""
+    """Last resort at interpreter exit: every server started here and not cleaned up goes.
+    Silent whatever stops it: a Ctrl-C pressed again while a server stops (stop() has killed
+    its group by then) had printed a traceback under the one-line "interrupted"."""
     for server in list(_LIVE):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             server.cleanup()
 
 
@@ -762,6 +764,10 @@ class TritonServer:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self._killpg(proc)
+            except KeyboardInterrupt:  # Ctrl-C (again) while it stops: no more waiting, but no stub left
+                self._killpg(proc)
+                self._after_exit(proc)
+                raise
         self._after_exit(proc)
 
     def kill(self) -> None:
@@ -837,7 +843,7 @@ class TritonServer:
                 self.kill()
             if not self._cleaned:
                 shutil.rmtree(self._work, ignore_errors=True)
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001 - nothing leaves __del__: a Ctrl-C printed "Exception ignored in"
             pass
 
 

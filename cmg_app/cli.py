@@ -80,7 +80,11 @@ def _expand_home(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args, extra = build_parser(chosen).parse_known_args(argv)
+    try:  # imports the verb's module (torch: seconds): a Ctrl-C then had printed 25 frames of import
+        args, extra = build_parser(chosen).parse_known_args(argv)
+    except KeyboardInterrupt:
+        print(f"cmg{' ' + chosen if chosen in VERBS else ''}: interrupted", file=sys.stderr)
+        return 130
     if getattr(args, "_missing", None):  # before `extra`: a verb that could not load has no options to match
         print(f"cmg {args.verb}: error: {args._missing}", file=sys.stderr)
         return 2
@@ -94,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmg {args.verb}: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
         return 2
     _expand_home(args)
-    module = importlib.import_module(args._module)
     debug = bool(os.environ.get("CMG_DEBUG"))
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading_is_main() else None
     try:
+        module = importlib.import_module(args._module)  # in the try: a Ctrl-C here is one line too
         return int(module.run(args) or 0)
     except KeyboardInterrupt as exc:
         # Frames in flight were dropped on purpose: their coroutines' "never awaited" warnings

@@ -76,3 +76,17 @@ def test_a_path_option_starting_with_a_tilde_is_the_home_folder(tmp_path, monkey
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["eval", "--run=~/runs/none"]) == 2
     assert f"run folder not found: {tmp_path / 'runs' / 'none'}" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_while_a_verbs_module_loads_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """The verb's module is imported before the verb runs (torch: seconds); a Ctrl-C then had
+    printed 25 frames of import machinery instead of "interrupted"."""
+    (tmp_path / "cmg_slow_verb_fake.py").write_text("raise KeyboardInterrupt\n")  # Ctrl-C mid-import
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(VERBS, "train", ("cmg_slow_verb_fake", VERBS["train"][1]))
+    try:
+        code = main(["train", "--out", "x"])
+    except KeyboardInterrupt:
+        code = "a traceback"
+    assert code == 130
+    assert capsys.readouterr().err == "cmg train: interrupted\n"

@@ -947,3 +947,46 @@ def test_a_repository_at_a_path_with_spaces_and_accents_is_served(toy_repo, tmp_
             got = client.infer_arrays(_frames(2, seed=3))
         np.testing.assert_allclose(got["ANOMALY_SCORE"], reference(CONTRACT, _frames(2, seed=3), THR)["ANOMALY_SCORE"],
                                    atol=1e-5)
+
+
+def test_a_ctrl_c_while_the_server_stops_still_reaps_its_group_and_goes_on(toy_repo):
+    """Ctrl-C (again) while stop() waited for a slow server left it and its stubs running:
+    now the group is killed and reaped, and the interrupt goes on (it is not swallowed)."""
+    import threading
+
+    srv = TritonServer(toy_repo).start(timeout=180)
+    pgid = srv.pid
+    os.kill(pgid, signal.SIGSTOP)  # a server slow to stop: SIGTERM waits while it is stopped
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            srv.stop(timeout=60)
+        assert _wait_gone(pgid, timeout=5) == []
+    finally:
+        timer.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        srv.cleanup()
+
+
+def test_a_ctrl_c_at_exit_while_servers_stop_is_silent(toy_repo, monkeypatch):
+    """The exit hooks (the atexit one, __del__) let only an Exception pass: a Ctrl-C there printed
+    "Exception ignored in: TritonServer.__del__ ... KeyboardInterrupt" under "interrupted"."""
+    srv = TritonServer(toy_repo)  # not started: its stop is what a Ctrl-C meets
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(srv, "is_running", interrupted)
+    monkeypatch.setattr(srv, "cleanup", interrupted)
+    server_mod._LIVE.add(srv)
+    try:
+        server_mod._stop_live_servers()
+        srv.__del__()
+    except KeyboardInterrupt:  # (left to pytest, it ends the whole session)
+        pytest.fail("a Ctrl-C left an exit hook")
+    finally:
+        server_mod._LIVE.discard(srv)
+        monkeypatch.undo()
+        srv.cleanup()
