@@ -278,7 +278,7 @@ class CMGClient:
     def size(self) -> tuple[int, int]:
         return (self.contract.height, self.contract.width)
 
-    def frames(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
+    def frames(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Images, paths or a batch array -> UINT8 [B, H, W, 3] via cmg.frames (the one conversion)."""
         spec = self.contract.image()
         if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -308,11 +308,13 @@ class CMGClient:
     # -- inference --------------------------------------------------------------------
     def infer(
         self,
-        images: np.ndarray | Sequence[ImageLike],
+        images: ImageLike | Sequence[ImageLike],
         threshold: float | None = None,
         batch_size: int | None = None,
     ) -> list[Result]:
-        """Score frames; chunks of at most max_batch (or `batch_size`) per request."""
+        """Score frames (one image, a list of them, or an [N,H,W,3] array); chunks of at most
+        max_batch (or `batch_size`) per request. An image that cannot be read is a FrameError,
+        a CMGError naming the file."""
         return results_from_arrays(self.infer_arrays(self.frames(images), threshold, batch_size))
 
     def infer_arrays(

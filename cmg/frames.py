@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cmg.errors import CMGError
+
 ORIENTATION = 0x0112  # the EXIF tag a phone or camera stores its rotation in
 
 # Pixels an image file may declare before it is refused unread: a PNG header can claim
@@ -25,8 +27,11 @@ DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class FrameError(ValueError):
-    """An image could not be turned into a frame; the message names the source."""
+class FrameError(CMGError, ValueError):
+    """An image could not be turned into a frame; the message names the source.
+
+    A CMGError (bad input), so `except CMGError` around `CMGClient.infer` covers an
+    unreadable image too; still a ValueError for callers that caught it as one."""
 
 
 # Pillow modes holding one 16-bit channel (camera mono PNG/TIFF): their high byte.

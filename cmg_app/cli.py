@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 from cmg.errors import CMGError
-from cmg.frames import FrameError
 
 OWN_PACKAGES = {"cmg", "cmg_data", "cmg_app", "cmg_train", "cmg_build", "cmg_clients", "cmg_bench", "cmg_configs", "cmg_model_repository"}
 
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 143
         print(f"cmg {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except (CMGError, FrameError, OSError, ValueError) as exc:
+    except (CMGError, OSError, ValueError) as exc:  # FrameError is a CMGError
         # Bad input or a missing prerequisite: one line naming it (a folder that is a file,
         # a port with nothing behind it, a malformed file), exit 2.
         if debug:

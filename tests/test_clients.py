@@ -298,6 +298,15 @@ def test_a_float_batch_is_one_scale_for_the_client(grpc_client):
     assert frames[0].max() == 200 and frames[1].max() == 1
 
 
+def test_an_unreadable_image_is_a_cmg_error(grpc_client, tmp_path):
+    """The guide's `except CMGError` covers bad input: a missing or unreadable image raised
+    FrameError, a ValueError only, past it."""
+    with pytest.raises(CMGError, match="missing.png"):
+        grpc_client.infer(tmp_path / "missing.png")
+    with pytest.raises(CMGError, match="not an image format"):
+        grpc_client.infer(b"not an image")
+
+
 def test_batching_matches_single_requests(grpc_client):
     frames = _frames(grpc_client, 6, seed=3)
     batched = grpc_client.infer(frames, batch_size=4)
