@@ -114,6 +114,7 @@ class CMGClient:
         self._local = threading.local()  # HTTP: this thread's tritonclient
         self._made: list[Any] = []  # every tritonclient made (closed on close())
         self._made_lock = threading.Lock()
+        self._finalizers: list[weakref.finalize] = []  # HTTP: one per thread's connection (detached on close)
         self._shared: Any = None  # gRPC: one client for every thread
         self._closed = False
         self._pid = os.getpid()  # the process that owns the shm regions
@@ -155,8 +156,13 @@ class CMGClient:
         client = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = self._connect()
-            # closed with its thread: short-lived threads must not pile up open connections
-            weakref.finalize(threading.current_thread(), self._forget, client)
+            # closed with its thread: short-lived threads must not pile up open connections. By
+            # weak references: a bound method held this client (and its shm regions) alive as
+            # long as the thread that used it, the main thread for ever.
+            done = weakref.finalize(threading.current_thread(), _forget_connection, weakref.ref(self),
+                                    weakref.ref(client))
+            with self._made_lock:
+                self._finalizers.append(done)
         return client
 
     def _forget(self, client: Any) -> None:
@@ -490,6 +496,9 @@ class CMGClient:
         self._closed = True
         with self._made_lock:
             made, self._made = self._made, []
+            finalizers, self._finalizers = self._finalizers, []
+        for done in finalizers:  # a long-lived thread must not collect one per closed client
+            done.detach()
         if os.getpid() != self._pid:  # a forked child: the connections are the parent's (a gRPC
             return  # channel's shutdown would be sent on the parent's socket)
         for client in made:  # another thread's HTTP client may refuse: its socket goes with it
@@ -523,6 +532,14 @@ class CMGClient:
 
 
 READY_CHECK = "server readiness check"
+
+
+def _forget_connection(owner: weakref.ref, client: weakref.ref) -> None:
+    """A thread's HTTP connection is closed with the thread, if its CMGClient still lives
+    (a collected one took the connection with it)."""
+    cmg_client, connection = owner(), client()
+    if cmg_client is not None and connection is not None:
+        cmg_client._forget(connection)
 
 
 def _region_unknown(exc: InferError) -> bool:

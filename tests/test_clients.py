@@ -267,6 +267,26 @@ def test_a_forked_child_leaves_the_parents_shm_regions_and_close_waits_for_a_req
     assert not set(names) & _registered(grpc_client)
 
 
+def test_an_unclosed_http_client_is_collected_and_its_regions_go(triton, grpc_client):
+    """The thread's connection finalizer held a bound method: an HTTP client dropped without
+    close() lived (with its /dev/shm regions) as long as the thread that used it, here the
+    main thread, so for ever; gRPC clients were collected."""
+    import gc
+    import weakref
+
+    frame = _frames(grpc_client, 1, seed=14)
+    for shm in (False, True):
+        client = CMGClient(triton.http_url, "http", shm=shm)
+        client.infer(frame)
+        names = [n for n, *_ in client._shm_regions]
+        gone = weakref.ref(client)
+        del client
+        gc.collect()
+        assert gone() is None, f"an unclosed HTTP client (shm={shm}) outlived its last reference"
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+        assert not set(names) & _registered(grpc_client)
+
+
 def test_the_guides_python_example_runs(triton, tiny_data, tmp_path):
     """docs/guide.md's `CMGClient` example, as printed there, against the real server (only
     its URL and folder replaced)."""
