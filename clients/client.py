@@ -483,8 +483,8 @@ class CMGClient:
             locked = self._shm_lock.acquire(timeout=self.timeout_s)
             try:
                 if os.getpid() == self._pid:
-                    for name, handle, _ in self._shm_regions:
-                        self._unregister(name)
+                    self._unregister([name for name, *_ in self._shm_regions])
+                    for _, handle, _ in self._shm_regions:
                         # also when the server is gone: the region is still ours to destroy
                         with contextlib.suppress(Exception):
                             shm.destroy_shared_memory_region(handle)
@@ -505,17 +505,25 @@ class CMGClient:
             with contextlib.suppress(Exception):
                 client.close()
 
-    def _unregister(self, name: str, attempts: int = 3) -> None:
-        """Unregister a region; a busy server gets a few tries, a gone one needs none."""
-        for attempt in range(attempts):
-            try:
-                self._client.unregister_system_shared_memory(name)
-                return
-            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and grpc types
-                if attempt == attempts - 1 or "unavailable" in str(exc).lower():
-                    warnings.warn(f"could not unregister shared memory region {name}: {exc}", stacklevel=3)
-                    return
-                time.sleep(0.2 * (attempt + 1))
+    def _unregister(self, names: list[str], attempts: int = 3) -> None:
+        """Unregister regions within timeout_s each (gRPC's call had no deadline: close() and the
+        exit hook hung for ever on a stopped server). A busy server gets a few tries; a gone
+        one (refused, or no answer in time) none, nor do the regions after it: one timeout."""
+        for i, name in enumerate(names):
+            for attempt in range(attempts):
+                try:
+                    self._call(f"unregistration of /{name}", self._client.unregister_system_shared_memory, name)
+                    break
+                except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and grpc types
+                    gone = isinstance(exc, InferError) and exc.server_gone
+                    if gone or attempt == attempts - 1:
+                        left = names[i:] if gone else [name]
+                        warnings.warn(f"could not unregister shared memory region {', '.join(left)}: {exc}",
+                                      stacklevel=3)
+                        if gone:
+                            return
+                        break
+                    time.sleep(0.2 * (attempt + 1))
 
     def __enter__(self) -> CMGClient:
         return self

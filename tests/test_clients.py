@@ -287,6 +287,53 @@ def test_an_unclosed_http_client_is_collected_and_its_regions_go(triton, grpc_cl
         assert not set(names) & _registered(grpc_client)
 
 
+def test_close_and_the_exit_hook_return_when_the_server_does_not_answer(triton, grpc_client):
+    """Unregistering had no deadline over gRPC: close() of an shm client, and the exit hook of
+    a script that ended without it, hung for ever on a server that does not answer (SIGSTOP).
+    Now one timeout_s, a warning, and the local regions are destroyed all the same."""
+    import signal
+    import threading
+    import warnings
+
+    script = ("import sys\nfrom cmg_clients.client import CMGClient\n"
+              "c = CMGClient(sys.argv[1], shm=True, timeout_s=2)\n"
+              "print(' '.join(n for n, *_ in c._shm_regions), flush=True)\nsys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", script, triton.grpc_url], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    client = CMGClient(triton.grpc_url, shm=True, timeout_s=2)
+    names = [n for n, *_ in client._shm_regions] + child.stdout.readline().split()
+    assert len(names) == 4, names
+    caught: list = []
+
+    def close() -> None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            client.close()
+        caught.extend(str(w.message) for w in seen)
+
+    os.kill(triton.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        closing = threading.Thread(target=close, daemon=True)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "close() hung on a server that does not answer"
+        assert time.monotonic() - t0 < 8
+        assert any("could not unregister" in m for m in caught), caught
+        t0 = time.monotonic()
+        child.stdin.close()  # the script ends without close(): the exit hook closes
+        child.wait(30)
+        assert time.monotonic() - t0 < 10
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names), "the local regions are destroyed"
+    finally:
+        os.kill(triton.pid, signal.SIGCONT)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for name in set(names) & _registered(grpc_client):  # what the stopped server kept
+            grpc_client._client.unregister_system_shared_memory(name)
+
+
 def test_the_guides_python_example_runs(triton, tiny_data, tmp_path):
     """docs/guide.md's `CMGClient` example, as printed there, against the real server (only
     its URL and folder replaced)."""
