@@ -9,6 +9,8 @@ import time
 
 import tritonclient.grpc.aio as aio
 
+from cmg_clients import core
+
 
 class Channel:
     """The current aio client; `reset` swaps in a fresh channel once per failure, not once per frame."""
@@ -26,14 +28,7 @@ class Channel:
 
     def _make(self):
         # Short reconnect backoff inside gRPC too: its default grows to 2 minutes.
-        args = [
-            ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.max_receive_message_length", 2**31 - 1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        return aio.InferenceServerClient(self.url, channel_args=args)
+        return aio.InferenceServerClient(self.url, channel_args=core.grpc_channel_args(aio))
 
     async def reset(self, generation: int) -> None:
         # The old channel is not closed here: closing cancels the calls still on it, and

@@ -88,9 +88,12 @@ class CMGClient:
     Batches are split into chunks of the model's max_batch_size. With `shm=True` the
     tensors travel through system shared memory regions registered with the server
     (same host only) and are unregistered and destroyed on `close()` (or at interpreter
-    exit); after a server restart they are registered again. Inference calls that fail
-    transiently (model reloading, server busy) are retried per `retry`; the start-up
-    handshake is not, so a wrong URL fails at once.
+    exit); after a server restart they are registered again. Inference calls the server
+    answers with "not now" (model loading or unloading, server busy) are retried per
+    `retry`; one it does not answer (`InferError.server_gone`: refused, unreachable, past
+    the deadline) is not, nor is the start-up handshake, so a wrong URL or a down server
+    fails at once (`cmg stream` retries those); the next call reconnects within about a
+    second of the server's return.
 
     One client may be shared by threads: gRPC calls share one channel; HTTP (gevent, which
     cannot switch threads) gets a connection per thread; with `shm=True` requests take
@@ -181,7 +184,8 @@ class CMGClient:
         self._mod = mod
         try:
             if self.protocol == "grpc":
-                client = mod.InferenceServerClient(self.url)
+                # reconnects within about a second of the server's return (`grpc_channel_args`)
+                client = mod.InferenceServerClient(self.url, channel_args=core.grpc_channel_args(mod))
             else:
                 client = mod.InferenceServerClient(
                     self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s

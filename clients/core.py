@@ -91,6 +91,26 @@ def positive_seconds(value: float, what: str = "timeout") -> float:
     return number
 
 
+# -- channels ---------------------------------------------------------------------------
+def grpc_channel_args(mod: Any) -> list[tuple[str, Any]]:
+    """Options for a gRPC channel of `mod` (tritonclient.grpc or its aio module): tritonclient's
+    own (message size, keepalive: `channel_args` replaces them) and a short reconnect backoff.
+    gRPC's own grows to 2 minutes, and channels with the same options share it: a client (and a
+    fresh one in the same process) answered "Connection refused" for ~20 s after its server was back."""
+    keep = mod.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", mod.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", mod.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
 # -- requests ---------------------------------------------------------------------------
 def threshold_values(n: int, value: float) -> np.ndarray:
     """THRESHOLD for a batch of `n`: the same finite value per item."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -332,6 +333,58 @@ def test_close_and_the_exit_hook_return_when_the_server_does_not_answer(triton, 
             child.wait()
         for name in set(names) & _registered(grpc_client):  # what the stopped server kept
             grpc_client._client.unregister_system_shared_memory(name)
+
+
+def test_a_grpc_client_answers_again_within_seconds_of_its_servers_return(triton, grpc_client):
+    """gRPC's reconnect backoff (growing to 2 minutes, shared by the process's channels with
+    the same options) kept a client answering "Connection refused" for ~20 s after its
+    server was back. While the port takes connections and drops them (a server not there
+    yet: each try is seen, so the gaps do not depend on when the server returns), the
+    client's channel tries again at least once a second (1, 1.6, 2.6, 4.1 s ... before);
+    then the real server is back on the same ports and the same client answers at once."""
+    import socket
+    import threading
+
+    frame = _frames(grpc_client, 1, seed=15)
+    with CMGClient(triton.grpc_url, timeout_s=5) as client:
+        want = client.infer(frame)
+        triton.kill()
+        tries: list[float] = []
+        try:
+            with socket.socket() as port:
+                port.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                port.bind((triton.address, triton.grpc_port))
+                port.listen(16)
+
+                def drop() -> None:
+                    with contextlib.suppress(OSError):  # the listening socket closed: done
+                        while True:
+                            conn, _ = port.accept()
+                            tries.append(time.monotonic())
+                            conn.close()
+
+                threading.Thread(target=drop, daemon=True).start()
+                until = time.monotonic() + 8
+                while time.monotonic() < until:
+                    with pytest.raises(InferError):
+                        client.infer(frame)
+                    time.sleep(0.2)
+                port.shutdown(socket.SHUT_RDWR)
+        finally:
+            triton.start()  # same ports
+        gaps = np.diff(tries)
+        assert len(tries) >= 4 and gaps.max() < 1.5, f"connection tries {len(tries)}, gaps {gaps.round(2)} s"
+        back = time.monotonic()
+        while True:
+            try:
+                got = client.infer(frame)
+                break
+            except InferError:
+                if time.monotonic() - back > 60:
+                    raise
+                time.sleep(0.1)
+        assert time.monotonic() - back < 3, f"answered {time.monotonic() - back:.1f} s after the server was back"
+    _assert_same(want, got)
 
 
 def test_the_guides_python_example_runs(triton, tiny_data, tmp_path):
