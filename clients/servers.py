@@ -77,10 +77,10 @@ class ServerPool:
         stands (also when the config cannot be read now: it was flagged at `sent`)."""
         cal = server.calibrated
         if cal is None or not cal.known(version):
-            client = server.channel.client
+            channel = server.channel  # its client read at each call: a replaced one is closed after a deadline
             try:
-                cfg = (await client.get_model_config(self.model, client_timeout=self.timeout_s)).config
-                ready = (await client.get_model_metadata(self.model, client_timeout=self.timeout_s)).versions
+                cfg = (await channel.client.get_model_config(self.model, client_timeout=self.timeout_s)).config
+                ready = (await channel.client.get_model_metadata(self.model, client_timeout=self.timeout_s)).versions
                 if cal is None:
                     server.calibrated = cal = mcfg.CalibratedThreshold(cfg, ready)
                 else:
