@@ -250,7 +250,8 @@ class Scorer:
         async def handle(k: int, seq: int, item: SourceItem) -> None:
             base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
             try:
-                frame = await asyncio.to_thread(item.load, self.size)
+                async with pool.decodes:  # a few at a time: a large image's decode holds gigabytes
+                    frame = await asyncio.to_thread(item.load, self.size)
             except Exception as exc:  # noqa: BLE001 - every image problem is this frame's error line
                 failed(k, {**base, "error": _frame_error(exc)})
                 return

@@ -24,6 +24,11 @@ from cmg_clients import core
 from cmg_clients.channel import Channel
 from cmg_clients.client import CMGClient
 
+# Frames of one stream (all its sources) decoded at once: a decode of a 9000 x 9000 float TIFF
+# holds ~1.9 GB, and the window (16 a source) with the thread pool (up to 32) had let 4 and more
+# run at once (7 GB). Decoding is rarely what limits a stream: the server is.
+DECODES = 2
+
 
 @dataclass(eq=False)
 class Server:
@@ -50,6 +55,7 @@ class ServerPool:
             raise CMGError(f"--url given twice: {', '.join(normalized)}")
         self.model, self.timeout_s, self.probe_s = model, timeout_s, probe_s
         self.servers = [Server(u, Channel(u, timeout_s)) for u in normalized]
+        self.decodes = asyncio.Semaphore(DECODES)  # shared by the stream's sources, as the pool is
 
     @property
     def multi(self) -> bool:

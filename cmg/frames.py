@@ -77,8 +77,22 @@ def _array_to_uint8(arr: np.ndarray, what: str, wide_ints: int = 255, scale: flo
             scale = 255.0 if hi <= 1.0 else 1.0
         if hi * scale > 255.0:
             raise FrameError(f"{what}: floating-point pixels up to {hi:g} in a 0..1 batch")
-        return np.rint(arr.astype(np.float64) * scale).astype(np.uint8)
+        return _scaled(arr, scale)
     raise FrameError(f"{what}: pixels of dtype {arr.dtype} are not an image")
+
+
+_SLICE = 1 << 18  # pixels a float64 temporary holds at once (2 MB)
+
+
+def _scaled(arr: np.ndarray, scale: float) -> np.ndarray:
+    """rint(arr x scale) as uint8, in float64 (in float32, 128 values of 0..1 round to the
+    other side of .5), a slice at a time: on the whole array at once its temporaries held 16
+    bytes a pixel (~1.9 GB for one 9000 x 9000 float TIFF, several decoded at once)."""
+    flat = arr.reshape(-1)
+    out = np.empty(flat.shape, np.uint8)
+    for i in range(0, flat.size, _SLICE):
+        out[i : i + _SLICE] = np.rint(flat[i : i + _SLICE].astype(np.float64) * scale)
+    return out.reshape(arr.shape)
 
 
 def to_rgb8(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:

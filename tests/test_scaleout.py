@@ -97,6 +97,48 @@ def test_a_down_servers_old_channels_are_closed_not_kept():
     assert max(kept) <= 6, (kept, reconnects)
 
 
+def test_a_stream_decodes_a_few_frames_at_a_time(tmp_path):
+    """Frames were decoded as many at once as the window and the thread pool allowed (up to
+    32, across sources): a 9000 x 9000 float TIFF costs ~1.9 GB a decode, 7 GB for four."""
+    import asyncio
+
+    from cmg.frames import FrameError
+    from cmg_clients.scorer import Progress, Scorer, StreamSummary
+    from cmg_clients.servers import DECODES
+
+    running, most, lock = 0, 0, threading.Lock()
+
+    def load(size: tuple[int, int]):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        raise FrameError("unreadable")  # an error line: no server needed
+
+    async def stream(n: int) -> list[dict]:
+        pool = ServerPool([f"127.0.0.1:{free_port()}"], C.CMG, 1.0)
+        lines: list[dict] = []
+        runs = []
+        try:
+            for name in ("a", "b"):  # two sources share the pool's decodes
+                opts = StreamOptions(url=pool.servers[0].url, source=name, out=tmp_path / f"{name}.jsonl",
+                                     window=16)
+                scorer = Scorer(opts, pool, (8, 8), StreamSummary(out=str(opts.out)))
+                jobs = [(i, SourceItem(f"{name}{i}", name, load)) for i in range(n)]
+                runs.append(scorer.run(jobs, lines.append, None, Progress(n, 0, False)))
+            await asyncio.gather(*runs)
+        finally:
+            await pool.close()
+        return lines
+
+    lines = asyncio.run(stream(12))
+    assert len(lines) == 24 and all(line["error"] == "unreadable" for line in lines)
+    assert most <= DECODES == 2, most
+
+
 # -- real servers -----------------------------------------------------------------------
 def _unloadable_run(run: Path, dst: Path) -> Path:
     """A copy of `run` whose scorer graph holds an operator no runtime has (a custom domain):
