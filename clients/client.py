@@ -572,17 +572,37 @@ def glob_files(pattern: str) -> list[Path]:
 
 
 def _walk_glob(pattern: str) -> list[str]:
-    """What glob's `**` matches, found by a folder walk that reads each real folder once:
-    glob follows folder links into their loops (two links back to a parent: exponentially
-    many paths, `cmg infer` hung expanding them; one: the same frame scored 41 times)."""
+    """What glob's `**` matches, found by a folder walk that never follows a link back up its
+    own path (glob did: two links back to a parent were exponentially many paths, and `cmg
+    infer` hung expanding them; one named the same frame 41 times), enters only folders that
+    can still lead to a match (from the literal folders the pattern starts with: a missing
+    one is no match, not a walk of the whole disk), and names each file once (a folder
+    reached by two links: the first path in sorted order)."""
     parts = Path(pattern).parts
-    stop = parts.index("**")
-    n = max((k for k in range(stop + 1) if k == 0 or os.path.isdir(os.path.join(*parts[:k]))), default=0)
+    n = 0  # leading folders taken as written: no pattern characters, or a folder of that name
+    while n < len(parts) and parts[n] != "**" and (
+            not is_pattern(parts[n]) or os.path.isdir(os.path.join(*parts[:n + 1]))):
+        n += 1
     base, rest = (os.path.join(*parts[:n]) if n else "."), parts[n:]
-    out = []
-    for folder, dirs, files in walk_once(base):
+    if not os.path.isdir(base):
+        return []
+    out: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    ancestors = {base: (os.path.realpath(base),)}  # each folder's real path and its parents'
+    for folder, dirs, files in os.walk(base, followlinks=True):
         rel = Path(os.path.relpath(folder, base)).parts if folder != base else ()
-        out += [os.path.join(*parts[:n], *rel, name) for name in (*dirs, *files) if _parts_match(rest, (*rel, name))]
+        chain = ancestors.pop(folder)
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, d))
+            if real not in chain and _parts_match(rest, (*rel, d), prefix=True):
+                ancestors[os.path.join(folder, d)] = (*chain, real)
+                keep.append(d)
+        dirs[:] = keep
+        for name in sorted(files):
+            if _parts_match(rest, (*rel, name)) and (chain[-1], name) not in seen:
+                seen.add((chain[-1], name))
+                out.append(os.path.join(*parts[:n], *rel, name))
     return out
 
 
@@ -602,16 +622,19 @@ def walk_once(base: str | Path, keep: Callable[[str], bool] = lambda name: True)
         yield folder, dirs, files
 
 
-def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...]) -> bool:
+def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...], prefix: bool = False) -> bool:
     """glob's rules per path part: `**` is any number of visible folders, a hidden name is
-    matched only by a pattern part that starts with a dot."""
+    matched only by a pattern part that starts with a dot. `prefix`: whether `names` (a
+    folder) can still lead to a match."""
+    if not names:
+        return prefix or not pattern or pattern == ("**",)
     if not pattern:
-        return not names
+        return False
     if pattern[0] == "**":
-        return any(_parts_match(pattern[1:], names[i:]) for i in range(len(names) + 1)
-                   if all(visible(Path(name)) for name in names[:i]))
-    return (bool(names) and (visible(Path(names[0])) or pattern[0].startswith("."))
-            and fnmatch.fnmatchcase(names[0], pattern[0]) and _parts_match(pattern[1:], names[1:]))
+        return ((visible(Path(names[0])) and _parts_match(pattern, names[1:], prefix))
+                or _parts_match(pattern[1:], names, prefix))
+    return ((visible(Path(names[0])) or pattern[0].startswith(".")) and fnmatch.fnmatchcase(names[0], pattern[0])
+            and _parts_match(pattern[1:], names[1:], prefix))
 
 
 def _literal_folders(pattern: str) -> str:

@@ -621,3 +621,25 @@ def test_grpcs_own_deadline_words_get_the_busy_hint(capsys):
 
     OutageNotice("cam1", every=10.0, clock=lambda: 0.0).failed("a:1", 1, 1, 3, "Deadline Exceeded")
     assert "busy rather than down" in capsys.readouterr().err
+
+
+def test_a_recursive_glob_walks_only_where_it_can_match_and_keeps_a_links_own_matches(tmp_path, monkeypatch):
+    """A missing leading folder is no match at once (it had walked the working folder, or the
+    whole disk for `/missing/**`, and `cmg stream --source cam1='DIR/**/*.png'` asked that of
+    `cam1=DIR`); a folder reached by a link that is no loop keeps the matches only its link's
+    path makes (`**/latest/*.png`)."""
+    import os
+
+    from cmg_clients.client import glob_files
+
+    cam = tmp_path / "cams" / "cam1"
+    _write_frames(cam / "2024-05-01", 1)
+    (cam / "latest").symlink_to("2024-05-01")
+    monkeypatch.chdir(tmp_path)
+    assert [p.as_posix() for p in glob_files("cams/**/latest/*.png")] == ["cams/cam1/latest/f0000.png"]
+    assert [p.as_posix() for p in glob_files("cams/**/*.png")] == ["cams/cam1/2024-05-01/f0000.png"]  # once
+    walked: list[str] = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, **kw: walked.append(str(top)) or real_walk(top, **kw))
+    for pattern in ("/missing_zz/**/*.png", "missing/**/*.png", f"cam1={tmp_path}/cams/**/*.png"):
+        assert glob_files(pattern) == [] and walked == [], pattern
