@@ -299,6 +299,23 @@ def test_the_grid_teacher_pools_any_frame_side_to_its_grid(size):
     assert teacher.visual(torch.zeros(1, 3, size, size)).shape == (1, teacher.visual.head[-1].out_features)
 
 
+@pytest.mark.parametrize("size", [64, 144, 224, 256])
+def test_the_grid_teacher_pools_as_before_where_that_worked(size):
+    """Runs trained at these sizes load with the pooling they were trained with (windows and
+    stride side // 4): a teacher rebuilt from its config must embed as it did."""
+    import torch
+    import torch.nn.functional as F
+
+    from cmg.config import TeacherConfig
+    from cmg_train.teacher.model import build_teacher
+
+    visual = build_teacher(TeacherConfig(source="backbone", pool="grid"), size, load_weights=False).visual
+    x = torch.randn(1, 3, size, size)
+    (f,) = visual.backbone(x * visual.scale + visual.shift)
+    old = max(1, f.shape[-1] // 4)
+    assert torch.equal(visual.pooled(x), F.avg_pool2d(f, old).flatten(1))
+
+
 @pytest.mark.parametrize("option", ["--max-batch", "--version"])
 def test_counts_on_the_command_line_fit_what_triton_reads(option, capsys):
     """`--max-batch 3000000000` failed only in the ModelConfig write, and a 20-digit `--version`

@@ -125,11 +125,12 @@ class BackboneTower(FrozenBackboneTower):
         self._attach_backbone(backbone.variant, image_size // self.downsample, [max(taps)], mean, std, load_weights)
         side = self.backbone.blocks[-1].out_size
         self.grid = min(self.GRID, side)
-        # Static pooling (ONNX cannot export adaptive pooling here) that gives grid x grid cells for
-        # any side: windows of `step` apart, the last ending at the edge (they overlap where the
-        # side is no multiple of the grid: a 96 px frame's side 6 failed with a shape error).
+        # Static pooling (ONNX cannot export adaptive pooling here): windows of `step`, as many as
+        # the grid. Where side // step is more than the grid (a 96 px frame's side 6: a shape
+        # error in the first step), the windows widen to reach the edge and overlap; elsewhere
+        # they are what runs trained before were (a 224 px frame's side 14: 3 wide, 3 apart).
         self.step = side // self.grid
-        self.pool = side - (self.grid - 1) * self.step
+        self.pool = self.step if side // self.step == self.grid else side - (self.grid - 1) * self.step
         width = self.backbone.channels[-1] * self.grid * self.grid
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
 
