@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cmg import model_config as mcfg
-from cmg.argtypes import nonnegative_int, positive_int
+from cmg.argtypes import nonnegative_int, triton_count
 from cmg.checksum import file_sha256
 from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
@@ -358,10 +358,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=cfgmod.TARGETS, default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="repository folder (default model_repository/)")
     parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="onnxruntime target: instance kind")
-    parser.add_argument("--max-batch", type=positive_int, default=None)
-    parser.add_argument("--opt-batch", type=positive_int, default=None)
-    parser.add_argument("--instances", type=positive_int, default=None, help="instances per model")
-    parser.add_argument("--version", type=positive_int, default=1, help="model version dir to write")
+    parser.add_argument("--max-batch", type=triton_count, default=None)
+    parser.add_argument("--opt-batch", type=triton_count, default=None)
+    parser.add_argument("--instances", type=triton_count, default=None, help="instances per model")
+    parser.add_argument("--version", type=triton_count, default=1, help="model version dir to write")
     parser.add_argument("--cpu-threads", type=nonnegative_int, default=0,
                         help="cpu target and onnxruntime --kind cpu: ONNX Runtime threads per instance "
                              "(0 = cores // instances for the fused "

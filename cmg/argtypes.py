@@ -38,26 +38,27 @@ def positive_float(text: str) -> float:
     return value
 
 
-INT32_MAX = 2**31 - 1  # what every count here fits in: Triton's config fields and protobuf refused more, late
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (a warm-up: none is allowed, an infinite one never ends)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+INT32_MAX = 2**31 - 1  # what Triton's config fields and versions take: protobuf refused more, late
 
 
 def positive_int(text: str) -> int:
-    """An integer 1 ... INT32_MAX (`--max-batch 3000000000` had failed only in the ModelConfig
-    write, `--version 99999999999999999999` crashed tritonserver at start)."""
+    """An integer >= 1."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= INT32_MAX:
-        raise argparse.ArgumentTypeError(f"must be >= 1 and <= {INT32_MAX}, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def triton_count(text: str) -> int:
+    """A count Triton's config or a model version holds, 1 ... INT32_MAX (`--max-batch
+    3000000000` had failed only in the ModelConfig write, a 20-digit `--version` crashed
+    tritonserver at start)."""
+    value = positive_int(text)
+    if value > INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {INT32_MAX}, got {text!r}")
     return value
 
 

@@ -273,8 +273,6 @@ _NOT_READ: tuple[tuple[str, tuple[str, ...], Callable[[Config], bool], str], ...
      "scratch tower's)"),
     ("teacher", ("hidden", "pool"), lambda c: c.teacher.source == "scratch",
      "teacher.source scratch (they are the backbone teacher's)"),
-    ("cmle", ("k", "reg", "lam", "text_encoder", "min_unique_captions"), lambda c: not c.cmle.enabled,
-     "cmle.enabled false (the global head trains on its one-class objective alone)"),
 )
 
 
@@ -316,6 +314,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_VAL_FRACTION = 0.9  # held-out share of train/good a new config may ask for
+
+
 def load_config(path: str | Path) -> Config:
     """Load a YAML config; a missing or malformed file raises with the path named."""
     path = Path(path)
@@ -348,6 +349,10 @@ def load_config(path: str | Path) -> Config:
     if cfg.serving.opt_batch > cfg.serving.max_batch:
         raise ValueError(f"config {path}: serving.opt_batch {cfg.serving.opt_batch} is above serving.max_batch "
                          f"{cfg.serving.max_batch}")
+    if cfg.data.val_fraction > MAX_VAL_FRACTION:  # a new config's: a saved run of 0.95 still loads
+        raise ValueError(f"config {path}: data.val_fraction {cfg.data.val_fraction} holds out more than "
+                         f"{MAX_VAL_FRACTION:g} of the training images (just below 1 it hung the search for the "
+                         "training-image minimum)")
     if cfg.local.model == "unet" and cfg.local.pool % 2 == 0:  # the filter is centred: an even one adds a row
         raise ValueError(f"config {path}: local.pool {cfg.local.pool} must be odd (the U-Net's mean filter is "
                          "centred on each pixel; an even one made the served map a row and a column larger than "

@@ -54,7 +54,7 @@ RANGES: dict[str, Range] = {
     "reg": (0, None, True, False),
     "lam": (0, None, False, False),
     "min_unique_captions": (2, None, False, False),
-    "val_fraction": (0, 0.9, True, False),  # just below 1 hung the training-image minimum's search
+    "val_fraction": (0, 1, True, True),
     "alpha": (0, 1, True, False),
     "rho": (0, 1, True, False),
     "fpr": (0, 1, True, True),
