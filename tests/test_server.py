@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -980,13 +981,13 @@ def test_a_ctrl_c_at_exit_while_servers_stop_is_silent(toy_repo, monkeypatch):
 
     monkeypatch.setattr(srv, "is_running", interrupted)
     monkeypatch.setattr(srv, "cleanup", interrupted)
-    server_mod._LIVE.add(srv)
+    # this server alone: the hook stops every live one, and the session's shared server is one
+    monkeypatch.setattr(server_mod, "_LIVE", weakref.WeakSet([srv]))
     try:
         server_mod._stop_live_servers()
         srv.__del__()
     except KeyboardInterrupt:  # (left to pytest, it ends the whole session)
         pytest.fail("a Ctrl-C left an exit hook")
     finally:
-        server_mod._LIVE.discard(srv)
         monkeypatch.undo()
         srv.cleanup()
