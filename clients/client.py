@@ -164,8 +164,8 @@ class CMGClient:
             # long as the thread that used it, the main thread for ever.
             done = weakref.finalize(threading.current_thread(), _forget_connection, weakref.ref(self),
                                     weakref.ref(client))
-            with self._made_lock:
-                self._finalizers.append(done)
+            with self._made_lock:  # those of ended threads have run: dropped, or a thread per request piles them up
+                self._finalizers = [f for f in self._finalizers if f.alive] + [done]
         return client
 
     def _forget(self, client: Any) -> None:

@@ -106,7 +106,8 @@ def grpc_channel_args(mod: Any) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        # not grpc.min_reconnect_backoff_ms: gRPC core reads it as each attempt's minimum connect
+        # timeout (20 s by default), and 100 ms gave no slow link or loaded host time to connect
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -25,9 +26,10 @@ from cmg_clients.channel import Channel
 from cmg_clients.client import CMGClient
 
 # Frames of one stream (all its sources) decoded at once: a decode of a 9000 x 9000 float TIFF
-# holds ~1.9 GB, and the window (16 a source) with the thread pool (up to 32) had let 4 and more
-# run at once (7 GB). Decoding is rarely what limits a stream: the server is.
-DECODES = 2
+# held ~1.9 GB, and the window (16 a source) with the thread pool (up to 32) had let 4 and more
+# run at once (7 GB). Half the cores, 2 to 8: decoding (outside the GIL) keeps up with several
+# cameras of large frames and a fast config, and at most 8 of the largest frames are in memory.
+DECODES = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(eq=False)

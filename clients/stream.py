@@ -198,11 +198,13 @@ def run_stream(opts: StreamOptions, summary: StreamSummary | None = None) -> Str
 async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSummary]]) -> dict[str, dict]:
     """Every source at once, each with its own window, ordering and resume, over one pool."""
     first = jobs[0][0]
-    core.positive_seconds(first.timeout_s, "--timeout")
+    for opts, _ in jobs:
+        core.positive_seconds(opts.timeout_s, "--timeout")
     for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
         if opts.frames is None:
             opts.frames = open_source(opts.source, opts.max_pixels)
-    pool = ServerPool(urls, first.model, first.timeout_s)
+    # the longest deadline of the sources: a replaced channel is closed once its calls are past it
+    pool = ServerPool(urls, first.model, max(o.timeout_s for o, _ in jobs))
     try:
         size = pool.handshake()
         pool.start_probes()

@@ -473,7 +473,7 @@ def test_a_slow_points_rate_is_not_rounded_to_its_few_requests_and_skips_cold_re
 
     point = run_threads(call, 1, 8, Window(warmup_s=0.0, window_s=0.2, min_requests=3, max_window_s=10.0))
     true = 8 / float(np.median(latencies[1:]))  # one worker, back to back: batch / latency
-    assert abs(point.throughput / true - 1) < 0.05, (point.throughput, true)
+    assert abs(point.throughput / true - 1) < 0.1, (point.throughput, true)
     assert point.p99_ms < 500 and point.requests >= 3
 
 
@@ -495,3 +495,21 @@ def test_a_zero_warm_up_is_allowed_in_peer_as_in_sweep():
     parser = argparse.ArgumentParser()
     peer.add_arguments(parser)
     assert parser.parse_args(["--data", "d", "--out", "o", "--warmup", "0"]).warmup == 0.0
+
+
+def test_a_window_that_opens_mid_request_counts_that_request_by_its_share():
+    """The warm-up ends mid-request (1.5 requests long) and the window closes on the answer
+    that reaches `min_requests`: whole answers over that window read +33% (2 answers in 1.5
+    requests' time); each request's share inside it reads the true rate."""
+    from cmg_bench.loadgen import Window, run_threads
+
+    latencies: list[float] = []
+
+    def call(i: int) -> None:
+        t = time.perf_counter()
+        time.sleep(0.2)
+        latencies.append(time.perf_counter() - t)
+
+    point = run_threads(call, 1, 8, Window(warmup_s=0.3, window_s=0.05, min_requests=2, max_window_s=10.0))
+    true = 8 / float(np.median(latencies))
+    assert abs(point.throughput / true - 1) < 0.15, (point.throughput, true)
