@@ -16,6 +16,7 @@ threshold_optional_in).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import importlib.metadata
@@ -37,7 +38,7 @@ from cmg.checksum import file_sha256
 from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
-from cmg.files import staged_folder
+from cmg.files import can_stage_beside, staged_folder
 from cmg.locks import OutputLock
 from cmg_build import config as cfgmod
 from cmg_build import k8s, opcheck
@@ -215,14 +216,24 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     final = given.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()
-    # Written into a copy beside OUT and swapped in whole: written in place, an interrupted build
-    # left two runs' models in OUT (cmg and cmg_exact answering differently), and it served.
+    # Written into a copy beside OUT and put into OUT entry by entry, build_report.json last:
+    # written in place, an interrupted build left two runs' models in OUT (cmg and cmg_exact
+    # answering differently), and it served. OUT stays the same folder (a container that
+    # mounts it sees the new models). Where nothing can be written beside OUT (a mount point,
+    # a read-only parent) the build writes in place, as it did, and says so.
+    beside = can_stage_beside(final)
+    if not beside:
+        print(f"cmg build: {given} is a mount point or its parent is read-only: building in place (a build "
+              "stopped midway can leave it part old, part new: build again)", file=sys.stderr)
+        final.mkdir(exist_ok=True)
+        (final / "build_report.json").unlink(missing_ok=True)  # a finished build's mark goes first
     lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
                       "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
-    with lock:
-        for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):  # a killed build's (the lock is ours)
-            shutil.rmtree(stale, ignore_errors=True)
-        with staged_folder(final, copy=True) as out:
+    with lock if beside else contextlib.nullcontext():
+        for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*") if beside else ():
+            shutil.rmtree(stale, ignore_errors=True)  # a killed build's (the lock is ours)
+        with staged_folder(final, copy=True, keep_folder="build_report.json") if beside else (
+                contextlib.nullcontext(final)) as out:
             specs = contract.models
             report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
                             "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,

@@ -41,6 +41,14 @@ def positive_float(text: str) -> float:
 INT32_MAX = 2**31 - 1  # what Triton's config fields and versions take: protobuf refused more, late
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (a warm-up: none is allowed, an infinite one never ends)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     try:

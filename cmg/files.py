@@ -52,41 +52,106 @@ def keep_mode(path: Path, tmp: Path) -> None:
         os.chmod(tmp, stat.S_IMODE(mode))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                                               rename_exchange) == 0
+
+
+def _remove_old(path: Path) -> None:
+    """Remove what a swap left of the old folder, as far as it goes: the new one is in place
+    (a Ctrl-C here had reported a finished write as interrupted; the next writer's sweep
+    removes a leftover)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` (an export, a repository) at `out` in one step: an atomic
-    exchange of the two folders (Linux renameat2 RENAME_EXCHANGE) when `out` exists, then the
-    old one goes; a plain rename when it does not. A kill at any point leaves the old or the
-    new folder at `out`, never a mix (and at worst a stray hidden `.OUT.tmp-*` beside it)."""
+    """Put the finished folder `tmp` (an export) at `out` in one step: an atomic exchange of
+    the two folders when `out` exists, then the old one goes; a plain rename when it does not.
+    A kill at any point leaves the old or the new folder at `out`, never a mix (and at worst a
+    stray hidden `.OUT.tmp-*` beside it)."""
     if not out.exists():
         os.replace(tmp, out)
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out),
-                                           rename_exchange) == 0:
-        shutil.rmtree(tmp)  # now holds the old folder
+    if _exchange(tmp, out):
+        _remove_old(tmp)  # now holds the old folder
         return
     old = out.with_name(f".{out.name}.old-{os.getpid()}")  # no exchange here: two renames
     os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_old(old)
+
+
+def _stamps(folder: Path) -> dict[str, tuple]:
+    """Each entry's modification times and sizes, a folder's of everything in it (a file
+    rewritten in place changes its own time, not its folder's); links not followed."""
+    def stamp(path: str) -> tuple:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return (st.st_mtime_ns, st.st_size)
+        return tuple(sorted((os.path.relpath(os.path.join(root, name), path), stamp(os.path.join(root, name)))
+                            for root, dirs, files in os.walk(path) for name in files + dirs
+                            if not os.path.isdir(os.path.join(root, name)) or os.path.islink(os.path.join(root, name))))
+    return {name: stamp(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def swap_entries(stage: Path, out: Path, last: str, copied: dict[str, tuple] | None = None) -> None:
+    """Put each entry of `stage` into `out` in one step each (an exchange, or a rename where
+    `out` has none), `last` last; `out` itself stays the same folder, so a server that mounts
+    or watches it sees its models change, not its folder replaced and emptied. Entries as they
+    were `copied` from `out` (the writer did not touch them) stay as `out` has them now (a
+    server may have rewritten its admin key meanwhile). A kill between two entries can leave
+    those two of different writes: a window of microseconds, not the whole write's. `stage`
+    then holds the old entries."""
+    copied, now = copied or {}, _stamps(stage)
+    for name in sorted(now, key=lambda n: (n == last, n)):
+        if copied.get(name) == now[name]:
+            continue
+        new, old = stage / name, out / name
+        if not (old.exists() or old.is_symlink()):
+            os.replace(new, old)
+        elif not _exchange(new, old):  # no exchange here: the old entry aside, then the new one in
+            aside = stage / f".old-{name}"
+            os.replace(old, aside)
+            os.replace(new, old)
+
+
+def can_stage_beside(out: Path) -> bool:
+    """Whether a folder for `out` can be written beside it and renamed into it: the parent
+    writable and, where `out` exists, on its file system (not so for a mount point such as
+    a container's volume)."""
+    parent = out.parent
+    if not os.access(parent, os.W_OK):
+        return False
+    return not out.exists() or os.stat(out).st_dev == os.stat(parent).st_dev
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, copy: bool = False) -> Iterator[Path]:
+def staged_folder(out: Path, copy: bool = False, keep_folder: str | None = None) -> Iterator[Path]:
     """A hidden folder beside `out` to write into (`copy`: starting as a copy of `out`, where it
-    exists), put in its place whole (swap_in) when the block ends and removed when it raises:
-    a failed or interrupted writer never leaves its folder half-written over a good one."""
+    exists), put in its place when the block ends and removed when it raises: a failed or
+    interrupted writer never leaves its folder half-written over a good one. Whole (swap_in),
+    or with `keep_folder` (the name of the entry that marks a finished write, put in last)
+    entry by entry into the same `out` folder (swap_entries)."""
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    if copy and out.is_dir():
-        shutil.copytree(out, stage, symlinks=True)
-    else:
-        stage.mkdir()
+    copied: dict[str, tuple] = {}
     try:
+        shutil.rmtree(stage, ignore_errors=True)
+        if copy and out.is_dir():
+            shutil.copytree(out, stage, symlinks=True)  # times kept: what the writer leaves alone is known
+            copied = _stamps(stage)
+        else:
+            stage.mkdir()
         yield stage
-        swap_in(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    if keep_folder is not None and out.is_dir():
+        swap_entries(stage, out, keep_folder, copied)
+        _remove_old(stage)
+    else:
+        swap_in(stage, out)

@@ -321,6 +321,29 @@ def test_an_interrupted_build_leaves_the_repository_as_it_was(toy_run, tmp_path,
     assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
 
 
+def test_a_build_keeps_the_repository_folder_and_what_a_server_wrote_into_it_meanwhile(toy_run, tmp_path,
+                                                                                         monkeypatch):
+    """OUT is the same folder after a build (a container that mounts it, or a server that polls
+    it, sees the new models; a folder swapped in whole left the mount on the old, emptied
+    one), and a file a server writes into OUT while the build runs (its admin key) stays."""
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    (repo / ".cmg-admin-key").write_text("old key\n")
+    inode = repo.stat().st_ino
+    fused = repository._fused_cmg
+
+    def server_writes_meanwhile(*args, **kwargs):
+        (repo / ".cmg-admin-key").write_text("new key\n")
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "_fused_cmg", server_writes_meanwhile)
+    other = tmp_path / "other"
+    write_toy_export(other / "onnx", CONTRACT, threshold=0.7)
+    repository.build(other, "cpu", repo)
+    assert repo.stat().st_ino == inode and (repo / ".cmg-admin-key").read_text() == "new key\n"
+    assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_killed_builds_leftover_is_removed_by_the_next_build(toy_run, tmp_path):
     """A SIGKILLed build leaves its hidden copy beside OUT (no handler runs); under OUT's lock
     every such copy is a dead build's."""

@@ -953,19 +953,26 @@ def test_a_repository_at_a_path_with_spaces_and_accents_is_served(toy_repo, tmp_
 def test_a_ctrl_c_while_the_server_stops_still_reaps_its_group_and_goes_on(toy_repo):
     """Ctrl-C (again) while stop() waited for a slow server left it and its stubs running:
     now the group is killed and reaped, and the interrupt goes on (it is not swallowed)."""
-    import threading
-
     srv = TritonServer(toy_repo).start(timeout=180)
     pgid = srv.pid
     os.kill(pgid, signal.SIGSTOP)  # a server slow to stop: SIGTERM waits while it is stopped
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    proc, real_wait = srv._proc, srv._proc.wait
+
+    def ctrl_c_while_waiting(timeout=None):
+        """The Ctrl-C, raised where stop() waits (a real SIGINT reaches only the main thread, and
+        pytest-xdist runs tests in another)."""
+        if timeout == 60:
+            time.sleep(1)
+            raise KeyboardInterrupt
+        return real_wait(timeout=timeout)
+
+    proc.wait = ctrl_c_while_waiting
     try:
         with pytest.raises(KeyboardInterrupt):
             srv.stop(timeout=60)
         assert _wait_gone(pgid, timeout=5) == []
     finally:
-        timer.cancel()
+        proc.wait = real_wait
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         srv.cleanup()
