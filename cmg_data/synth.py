@@ -782,7 +782,7 @@ def _write_line(out: Path, p: Preset, preset: str, seed: int, clutter: bool, cat
     info = {"preset": preset, "seed": seed, "clutter": clutter, "category": category,
             "image_size": p.image_size, "counts": counts}
     write_atomic(out / "synth.json", json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: the folder is whole
-    (out / INCOMPLETE).unlink()
+    (out / INCOMPLETE).unlink(missing_ok=True)  # gone already: the data set is whole all the same
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -361,7 +361,7 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
         _wait(lambda: ready() == {(C.CMG, "2")}, 60, "version 2 does not serve alone after the interrupt")
         # One deploy per repository at a time: a second is refused, naming the first.
         with OutputLock(repo, folder=True), pytest.raises(
-                CMGError, match=f"being deployed to by another `cmg deploy` \\(pid {os.getpid()}"):
+                CMGError, match=f"being written by another `cmg deploy` or `cmg build` \\(pid {os.getpid()}"):
             deploy(tiny_run, repo, server.grpc_url)
         # A deploy SIGKILLed at its check (no undo runs: its staged configs, version 5, the fused
         # graphs it loaded and its record stay): the next deploy undoes it first, on disk and
