@@ -171,7 +171,8 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
           precision: str = "fp32", cpu_cmg: str = CPU_CMG[0], data: Path | None = None) -> dict:
     """Write the repository; returns the build report. Raises CMGError (after writing
     configs, ONNX files and trtexec.sh) when the tensorrt target cannot build engines.
-    OUT changes whole or not at all: the build writes into a copy beside it and swaps it in.
+    OUT changes whole or not at all: the build writes into a copy beside it and puts each
+    changed entry into OUT, the report last (in place where nothing can be staged beside it).
     precision int8: the scorer and encoder graphs are static Q/DQ int8 (build/quantize.py),
     calibrated on the normal training frames of the run's folder, or of `data`.
     cpu_cmg (cpu target): "fused" (default) serves `cmg` as one graph in one Python-backend
@@ -221,18 +222,22 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     # answering differently), and it served. OUT stays the same folder (a container that
     # mounts it sees the new models). Where nothing can be written beside OUT (a mount point,
     # a read-only parent) the build writes in place, as it did, and says so.
-    beside = can_stage_beside(final)
-    if not beside:
-        print(f"cmg build: {given} is a mount point or its parent is read-only: building in place (a build "
-              "stopped midway can leave it part old, part new: build again)", file=sys.stderr)
-        final.mkdir(exist_ok=True)
-        (final / "build_report.json").unlink(missing_ok=True)  # a finished build's mark goes first
     lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
                       "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
-    with lock if beside else contextlib.nullcontext():
-        for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*") if beside else ():
-            shutil.rmtree(stale, ignore_errors=True)  # a killed build's (the lock is ours)
-        with staged_folder(final, copy=True, keep_folder="build_report.json") if beside else (
+    lockable = os.access(final.parent, os.W_OK)  # the lock is a file beside OUT
+    with lock if lockable else contextlib.nullcontext():
+        beside = can_stage_beside(final)
+        if beside:
+            for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed build's (the lock is ours)
+        else:
+            print(f"cmg build: nothing can be written beside {given} and renamed into it (a mount point, or a "
+                  "read-only folder): building in place (a build stopped midway can leave it part old, part new: "
+                  f"build again){'' if lockable else '; without a lock (another build or deploy is not refused)'}",
+                  file=sys.stderr)
+            final.mkdir(exist_ok=True)
+            (final / "build_report.json").unlink(missing_ok=True)  # a finished build's mark goes first
+        with staged_folder(final, copy=True, keep_folder=(*ENSEMBLES, "build_report.json")) if beside else (
                 contextlib.nullcontext(final)) as out:
             specs = contract.models
             report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,

@@ -29,7 +29,7 @@ from cmg_clients.client import CMGClient
 # held ~1.9 GB, and the window (16 a source) with the thread pool (up to 32) had let 4 and more
 # run at once (7 GB). Half the cores, 2 to 8: decoding (outside the GIL) keeps up with several
 # cameras of large frames and a fast config, and at most 8 of the largest frames are in memory.
-DECODES = max(2, min(8, (os.cpu_count() or 2) // 2))
+DECODES = max(2, min(8, len(os.sched_getaffinity(0)) // 2))  # the cores this process may use (a container's)
 
 
 @dataclass(eq=False)

@@ -7,7 +7,7 @@ import ctypes
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cmg.errors import naming
@@ -62,11 +62,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_old(path: Path) -> None:
-    """Remove what a swap left of the old folder, as far as it goes: the new one is in place
-    (a Ctrl-C here had reported a finished write as interrupted; the next writer's sweep
-    removes a leftover)."""
-    with contextlib.suppress(KeyboardInterrupt):
+    """Remove what a swap left of the old folder; an interrupt meanwhile is raised once it is
+    removed (the new folder is in place either way)."""
+    try:
         shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def swap_in(tmp: Path, out: Path) -> None:
@@ -99,43 +101,80 @@ def _stamps(folder: Path) -> dict[str, tuple]:
     return {name: stamp(os.path.join(folder, name)) for name in os.listdir(folder)}
 
 
-def swap_entries(stage: Path, out: Path, last: str, copied: dict[str, tuple] | None = None) -> None:
+def swap_entries(stage: Path, out: Path, last: Sequence[str], copied: dict[str, tuple] | None = None) -> None:
     """Put each entry of `stage` into `out` in one step each (an exchange, or a rename where
-    `out` has none), `last` last; `out` itself stays the same folder, so a server that mounts
-    or watches it sees its models change, not its folder replaced and emptied. Entries as they
-    were `copied` from `out` (the writer did not touch them) stay as `out` has them now (a
-    server may have rewritten its admin key meanwhile). A kill between two entries can leave
-    those two of different writes: a window of microseconds, not the whole write's. `stage`
-    then holds the old entries."""
+    `out` has none), the names in `last` last and in that order (the ensembles after their
+    steps, the finished-write mark at the very end, and that mark taken out of `out` first);
+    `out` itself stays the same folder, so a server that mounts or watches it sees its models
+    change, not its folder replaced and emptied. Entries as they were `copied` from `out` (the
+    writer did not touch them) stay as `out` has them now (a server may have rewritten its
+    admin key meanwhile). A failure or an interrupt midway puts back what was put in (each
+    exchange undone) and raises; only a kill (SIGKILL) between two steps can leave entries of
+    two writes, and then without the mark. `stage` then holds the old entries."""
     copied, now = copied or {}, _stamps(stage)
-    for name in sorted(now, key=lambda n: (n == last, n)):
-        if copied.get(name) == now[name]:
-            continue
-        new, old = stage / name, out / name
-        if not (old.exists() or old.is_symlink()):
-            os.replace(new, old)
-        elif not _exchange(new, old):  # no exchange here: the old entry aside, then the new one in
-            aside = stage / f".old-{name}"
-            os.replace(old, aside)
-            os.replace(new, old)
+    order = [n for n in sorted(now) if n not in last] + [n for n in last if n in now]
+    done: list[tuple[str, str]] = []  # (name, how) to undo
+    mark = out / last[-1]
+    try:
+        if mark.exists() and copied.get(last[-1]) != now.get(last[-1], copied.get(last[-1])):  # a new mark comes
+            os.replace(mark, stage / f".old-{last[-1]}")
+            done.append((last[-1], "marked"))
+        for name in order:
+            if copied.get(name) == now[name]:
+                continue
+            new, old = stage / name, out / name
+            if not (old.exists() or old.is_symlink()):
+                os.replace(new, old)
+                done.append((name, "added"))
+            elif _exchange(new, old):
+                done.append((name, "exchanged"))
+            else:  # no exchange here: the old entry aside, then the new one in
+                os.replace(old, stage / f".old-{name}")
+                done.append((name, "aside"))
+                os.replace(new, old)
+                done[-1] = (name, "replaced")
+    except BaseException:
+        for name, how in reversed(done):
+            with contextlib.suppress(OSError):
+                if how == "exchanged":
+                    _exchange(stage / name, out / name)
+                elif how == "added":
+                    os.replace(out / name, stage / name)
+                elif how == "replaced":
+                    os.replace(out / name, stage / name)
+                    os.replace(stage / f".old-{name}", out / name)
+                else:  # "aside", "marked"
+                    os.replace(stage / f".old-{name}", out / name)
+        raise
 
 
 def can_stage_beside(out: Path) -> bool:
-    """Whether a folder for `out` can be written beside it and renamed into it: the parent
-    writable and, where `out` exists, on its file system (not so for a mount point such as
-    a container's volume)."""
+    """Whether a folder for `out` can be written beside it and its entries renamed into it:
+    tried with an empty folder (a mount point, even of the same file system, refuses the
+    rename; a read-only parent or `out` refuses the folder)."""
     parent = out.parent
     if not os.access(parent, os.W_OK):
         return False
-    return not out.exists() or os.stat(out).st_dev == os.stat(parent).st_dev
+    if not out.exists():
+        return True
+    probe = parent / f".{out.name}.probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        os.rename(probe, out / probe.name)
+        (out / probe.name).rmdir()
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+        return False
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, copy: bool = False, keep_folder: str | None = None) -> Iterator[Path]:
+def staged_folder(out: Path, copy: bool = False, keep_folder: Sequence[str] | None = None) -> Iterator[Path]:
     """A hidden folder beside `out` to write into (`copy`: starting as a copy of `out`, where it
     exists), put in its place when the block ends and removed when it raises: a failed or
     interrupted writer never leaves its folder half-written over a good one. Whole (swap_in),
-    or with `keep_folder` (the name of the entry that marks a finished write, put in last)
+    or with `keep_folder` (the names put in last, the last the mark of a finished write)
     entry by entry into the same `out` folder (swap_entries)."""
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     copied: dict[str, tuple] = {}

@@ -316,7 +316,7 @@ def test_an_interrupted_build_leaves_the_repository_as_it_was(toy_run, tmp_path,
     assert _tree(repo) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     monkeypatch.undo()
-    report = repository.build(other, "cpu", repo, version=2)  # and a build that ends replaces it whole
+    report = repository.build(other, "cpu", repo, version=2)  # and a build that ends puts its models in
     assert report["threshold"] == pytest.approx(0.7) and (repo / ".cmg-admin-key").read_text() == "key\n"
     assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
 
@@ -344,6 +344,75 @@ def test_a_build_keeps_the_repository_folder_and_what_a_server_wrote_into_it_mea
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_build_failing_while_it_puts_its_models_in_puts_the_old_ones_back(toy_run, tmp_path, monkeypatch):
+    """The entries go in one by one, steps before ensembles, the report last and the old report
+    out first; a failure among them (a model folder that is its own mount: EBUSY) had left the
+    first new models beside the old ones under the old build's report."""
+    from cmg import files
+
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    before = _tree(repo)
+    other = tmp_path / "other"
+    write_toy_export(other / "onnx", CONTRACT, threshold=0.7)
+    order: list[str] = []
+    exchange = files._exchange
+
+    def busy_encoder(a: Path, b: Path) -> bool:
+        order.append(b.name)
+        if b.name == "cmle_encoder":
+            raise OSError(16, "Device or resource busy", str(b))
+        return exchange(a, b)
+
+    monkeypatch.setattr(files, "_exchange", busy_encoder)
+    with pytest.raises(OSError, match="busy"):
+        repository.build(other, "cpu", repo)
+    assert _tree(repo) == before  # every entry put in was put back, the report too
+    assert order[:2] == ["cmer_scorer", "cmer_teacher"] and "cmg" not in order  # steps first: the ensembles wait
+    monkeypatch.undo()
+    order.clear()
+    monkeypatch.setattr(files, "_exchange", lambda a, b: order.append(b.name) or exchange(a, b))
+    repository.build(other, "cpu", repo)
+    assert order.index("cmle_encoder") < order.index("cmg") < order.index("cmg_exact")
+    assert "build_report.json" not in order  # the old one went out first: the new one is a plain rename
+    assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
+
+
+def test_a_build_that_cannot_stage_beside_its_repository_builds_in_place_and_says_so(toy_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """OUT a mount point (even of the same file system: the rename is refused) or its parent
+    read-only: the build writes in place as it did, its report gone first, and says so."""
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    monkeypatch.setattr(repository, "can_stage_beside", lambda out: False)
+    other = tmp_path / "other"
+    write_toy_export(other / "onnx", CONTRACT, threshold=0.7)
+    repository.build(other, "cpu", repo)
+    assert "building in place" in capsys.readouterr().err
+    assert json.loads((repo / "build_report.json").read_text())["threshold"] == pytest.approx(0.7)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo.tmp")]
+
+
+def test_staging_beside_a_folder_is_tried_not_guessed(tmp_path, monkeypatch):
+    """A bind mount shares its file system's device number, yet refuses the rename: the check
+    renames an empty folder into OUT (and removes it) rather than compare devices."""
+    import errno
+    import os
+
+    from cmg import files
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    assert files.can_stage_beside(out) and sorted(tmp_path.iterdir()) == [out] and not list(out.iterdir())
+    real = os.rename
+
+    def cross_device(a, b):
+        if Path(b).parent == out:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b)
+
+    monkeypatch.setattr(files.os, "rename", cross_device)
+    assert not files.can_stage_beside(out) and sorted(tmp_path.iterdir()) == [out]
+
+
 def test_a_killed_builds_leftover_is_removed_by_the_next_build(toy_run, tmp_path):
     """A SIGKILLed build leaves its hidden copy beside OUT (no handler runs); under OUT's lock
     every such copy is a dead build's."""
@@ -354,8 +423,8 @@ def test_a_killed_builds_leftover_is_removed_by_the_next_build(toy_run, tmp_path
 
 
 def test_a_build_into_the_working_folder_leaves_the_process_in_the_new_one(toy_run, tmp_path, monkeypatch):
-    """`--out .` is swapped in whole like any OUT: the working folder (the old one) is gone
-    after it, and a relative path (--k8s ../k8s) must still find its way."""
+    """`--out .`: the model folders are exchanged like any OUT's (the working folder, an old one,
+    is gone after it), and a relative path (--k8s ../k8s) must still find its way."""
     _, repo = _build(toy_run, tmp_path, "cpu")
     (repo / "cmg").mkdir(exist_ok=True)
     monkeypatch.chdir(repo / "cmg")

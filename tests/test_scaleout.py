@@ -136,7 +136,7 @@ def test_a_stream_decodes_a_few_frames_at_a_time(tmp_path):
 
     lines = asyncio.run(stream(12))
     assert len(lines) == 24 and all(line["error"] == "unreadable" for line in lines)
-    assert most <= DECODES == 2, most
+    assert most <= DECODES <= 8, most
 
 
 # -- real servers -----------------------------------------------------------------------
