@@ -46,7 +46,7 @@ from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
 from cmg.files import write_atomic
 from cmg.locks import OutputLock
-from cmg_build.repository import build, file_checksums, int8_on_cuda
+from cmg_build.repository import DEPLOY_RECORD, build, file_checksums, int8_on_cuda
 from cmg_build.server import ADMIN_KEY_FILE, admin_headers
 from cmg_clients import core
 from cmg_clients.client import CMGClient
@@ -122,7 +122,7 @@ def _infer(client, name: str, version: int, cfg, frame: np.ndarray) -> str:
     return str(result.get_response().model_version)
 
 
-RECOVERY = ".cmg-deploy.json"  # in the repository while a deploy has it staged: what undoes it
+RECOVERY = DEPLOY_RECORD  # in the repository while a deploy has it staged: what undoes it (a build refuses it)
 
 
 def _with_served_settings(served_text: str, staged_text: str) -> str:

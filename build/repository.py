@@ -165,6 +165,9 @@ def _script_path(path: Path, out: Path) -> str:
     return os.path.relpath(path, out.resolve()) if path.is_relative_to(out.resolve()) else str(path)
 
 
+DEPLOY_RECORD = ".cmg-deploy.json"  # in a repository while a deploy has it staged: what undoes it (build/deploy.py)
+
+
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
@@ -213,6 +216,9 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     given = Path(out)
     if given.exists() and not given.is_dir():
         raise CMGError(f"--out {given} is a file, not a folder")
+    if (given / DEPLOY_RECORD).is_file():  # its undo would put the old build's configs over this one's
+        raise CMGError(f"--out {given}: an interrupted `cmg deploy` left it staged ({given / DEPLOY_RECORD}): run "
+                       "the same `cmg deploy` again to undo it (it undoes before it deploys), then build")
     # resolved: `--out .` has a name, and `--out current` -> repos/v3 replaces the folder it names (the link stays)
     final = given.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -430,3 +430,18 @@ def test_a_build_into_the_working_folder_leaves_the_process_in_the_new_one(toy_r
     monkeypatch.chdir(repo / "cmg")
     repository.build(toy_run, "cpu", Path(".."))
     assert Path("config.pbtxt").is_file() and Path("../build_report.json").is_file()
+
+
+def test_a_build_over_an_interrupted_deploy_is_refused_until_the_deploy_is_undone(toy_run, tmp_path):
+    """A deploy stopped midway leaves its record (the configs it replaced) and its staged
+    version folders: a build over it kept both, and the next deploy's undo put the old
+    build's configs over the new build's models (and the staged folders, a higher version,
+    would serve as the latest)."""
+    from cmg_build.deploy import RECOVERY
+
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    (repo / RECOVERY).write_text('{"new": 2, "originals": {}, "live": []}')
+    before = _tree(repo)
+    with pytest.raises(CMGError, match=r"an interrupted `cmg deploy` left it staged .*run the same `cmg deploy` again"):
+        repository.build(toy_run, "cpu", repo)
+    assert _tree(repo) == before
