@@ -740,14 +740,8 @@ class TritonServer:
         """This start ended in SIGABRT after gRPC's event engine logged an epoll_wait error: a
         fault of tritonserver 2.51's gRPC on a busy machine (a CI run's server died so at
         start, once in about a thousand), not of the repository; worth one more start."""
-        if self._proc is None or self._proc.returncode != -signal.SIGABRT:
-            return False
-        try:
-            with open(self.log_file, "rb") as f:
-                f.seek(self._log_start)
-                return b"epoll_wait error" in f.read()
-        except OSError:
-            return False
+        return (self._proc is not None and self._proc.returncode == -signal.SIGABRT
+                and "epoll_wait error" in self._this_start_log())
 
     def _wait_ready(self, timeout: float) -> TritonServer:
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -579,10 +579,7 @@ def _walk_glob(pattern: str) -> list[str]:
     one is no match, not a walk of the whole disk), and names each file once (a folder
     reached by two links: the first path in sorted order)."""
     parts = Path(pattern).parts
-    n = 0  # leading folders taken as written: no pattern characters, or a folder of that name
-    while n < len(parts) and parts[n] != "**" and (
-            not is_pattern(parts[n]) or os.path.isdir(os.path.join(*parts[:n + 1]))):
-        n += 1
+    n = _literal_prefix(parts, parts.index("**"))
     base, rest = (os.path.join(*parts[:n]) if n else "."), parts[n:]
     if not os.path.isdir(base):
         return []
@@ -606,22 +603,6 @@ def _walk_glob(pattern: str) -> list[str]:
     return out
 
 
-def walk_once(base: str | Path, keep: Callable[[str], bool] = lambda name: True) -> Iterator[
-        tuple[str, list[str], list[str]]]:
-    """os.walk following folder links, each real folder once (no loops), into the subfolders
-    `keep` accepts, in sorted order: which path reaches a folder linked twice is the first in
-    sorted order, every run."""
-    seen: set[str] = set()
-    for folder, dirs, files in os.walk(base, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if keep(d))
-        yield folder, dirs, files
-
-
 def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...], prefix: bool = False) -> bool:
     """glob's rules per path part: `**` is any number of visible folders, a hidden name is
     matched only by a pattern part that starts with a dot. `prefix`: whether `names` (a
@@ -637,15 +618,21 @@ def _parts_match(pattern: tuple[str, ...], names: tuple[str, ...], prefix: bool 
             and _parts_match(pattern[1:], names[1:], prefix))
 
 
+def _literal_prefix(parts: tuple[str, ...], stop: int) -> int:
+    """How many of the first `stop` parts are folders as written: no pattern characters, or a
+    folder of that name (`cam [1]` is that folder, not the pattern `cam 1`)."""
+    n = 0
+    while n < stop and (not is_pattern(parts[n]) or os.path.isdir(os.path.join(*parts[:n + 1]))):
+        n += 1
+    return n
+
+
 def _literal_folders(pattern: str) -> str:
-    """The pattern with its leading folders that exist as written taken literally: a folder
-    named `cam [1]` is that folder, not the pattern `cam 1`."""
+    """The pattern with its leading folders that exist as written taken literally (escaped)."""
     parts = Path(pattern).parts
-    for n in range(len(parts) - 1, 0, -1):
-        head = os.path.join(*parts[:n])
-        if is_pattern(head) and os.path.isdir(head):
-            return os.path.join(glob.escape(head), *parts[n:])
-    return pattern
+    n = _literal_prefix(parts, len(parts) - 1)
+    head = os.path.join(*parts[:n]) if n else ""
+    return os.path.join(glob.escape(head), *parts[n:]) if is_pattern(head) else pattern
 
 
 def no_match(pattern: str | Path) -> CMGError:
@@ -673,9 +660,17 @@ def iter_image_paths(paths: Iterable[str | Path]) -> list[Path]:
         if not p.is_dir():
             out.append(p)
             continue
-        # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
-        found = [Path(folder, f) for folder, _, files in walk_once(p, lambda d: visible(Path(d)))
-                 for f in files if image_name(Path(f))]
+        found, seen = [], set()
+        for folder, dirs, files in os.walk(p, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            # sorted: which path reaches a folder linked twice is the first in sorted order, every run;
+            # hidden names skipped: macOS copies add an AppleDouble `._NAME.png` (no image) beside every file
+            dirs[:] = sorted(d for d in dirs if visible(Path(d)))
+            found += [Path(folder, f) for f in files if image_name(Path(f))]
         out.extend(sorted(found))
     return out
 
