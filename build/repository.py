@@ -27,6 +27,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -168,6 +169,33 @@ def _script_path(path: Path, out: Path) -> str:
 DEPLOY_RECORD = ".cmg-deploy.json"  # in a repository while a deploy has it staged: what undoes it (build/deploy.py)
 
 
+@contextlib.contextmanager
+def _writing(final: Path, given: Path) -> Iterator[Path]:
+    """The folder a build writes OUT's content into, under OUT's lock: a copy beside OUT, put
+    into OUT entry by entry when the build ends, the ensembles after their steps and
+    build_report.json last (written in place, an interrupted build left two runs' models in
+    OUT, cmg and cmg_exact answering differently, and it served). OUT stays the same folder (a
+    container that mounts it sees the new models). Where nothing can be written beside OUT (a
+    mount point, a read-only folder) OUT itself, as before, said."""
+    lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
+                      "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
+    lockable = os.access(final.parent, os.W_OK)  # the lock is a file beside OUT
+    with lock if lockable else contextlib.nullcontext():
+        if not can_stage_beside(final):
+            print(f"cmg build: nothing can be written beside {given} and renamed into it (a mount point, or a "
+                  "read-only folder): building in place (a build stopped midway can leave it part old, part new: "
+                  f"build again){'' if lockable else '; without a lock (another build or deploy is not refused)'}",
+                  file=sys.stderr)
+            final.mkdir(exist_ok=True)
+            (final / "build_report.json").unlink(missing_ok=True)  # a finished build's mark goes first
+            yield final
+            return
+        for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed build's (the lock is ours)
+        with staged_folder(final, copy=True, keep_folder=(*ENSEMBLES, "build_report.json")) as out:
+            yield out
+
+
 def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int | None = None,
           opt_batch: int | None = None, instances: int | None = None, version: int = 1,
           cpu_threads: int = 0, timing_cache: Path | None = None, skip_engines: bool = False,
@@ -223,120 +251,99 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     final = given.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()
-    # Written into a copy beside OUT and put into OUT entry by entry, build_report.json last:
-    # written in place, an interrupted build left two runs' models in OUT (cmg and cmg_exact
-    # answering differently), and it served. OUT stays the same folder (a container that
-    # mounts it sees the new models). Where nothing can be written beside OUT (a mount point,
-    # a read-only parent) the build writes in place, as it did, and says so.
-    lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
-                      "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
-    lockable = os.access(final.parent, os.W_OK)  # the lock is a file beside OUT
-    with lock if lockable else contextlib.nullcontext():
-        beside = can_stage_beside(final)
-        if beside:
-            for stale in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a killed build's (the lock is ours)
-        else:
-            print(f"cmg build: nothing can be written beside {given} and renamed into it (a mount point, or a "
-                  "read-only folder): building in place (a build stopped midway can leave it part old, part new: "
-                  f"build again){'' if lockable else '; without a lock (another build or deploy is not refused)'}",
-                  file=sys.stderr)
-            final.mkdir(exist_ok=True)
-            (final / "build_report.json").unlink(missing_ok=True)  # a finished build's mark goes first
-        with staged_folder(final, copy=True, keep_folder=(*ENSEMBLES, "build_report.json")) if beside else (
-                contextlib.nullcontext(final)) as out:
-            specs = contract.models
-            report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
-                            "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
-                            "max_batch": serving.max_batch, "opt_batch": serving.opt_batch,
-                            "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
-                            "models": {}, "files": {}, "trtexec": []}
+    with _writing(final, given) as out:
+        specs = contract.models
+        report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
+                        "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
+                        "max_batch": serving.max_batch, "opt_batch": serving.opt_batch,
+                        "serving": serving.__dict__, "versions": versions(), "parity": meta.get("parity", {}),
+                        "models": {}, "files": {}, "trtexec": []}
 
-            sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
-            scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
-            report["precision"] = {"precision": precision}
-            if precision == "int8":
+        sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
+        scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
+        report["precision"] = {"precision": precision}
+        if precision == "int8":
 
-                int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
-                report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
-                sources.update(int8)
+            int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
+            report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
+            sources.update(int8)
 
-            # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
-            table = opcheck.load_table()
-            op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
-            report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
-            if target == "tensorrt" and any(op_problems.values()):
-                lines = [p for ps in op_problems.values() for p in ps]
-                raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
+        # TensorRT readiness is checked for every target (recorded), enforced for tensorrt.
+        table = opcheck.load_table()
+        op_problems = {m: opcheck.check_file(sources[m], table) for m in ONNX_MODELS}
+        report["tensorrt_readiness"] = {"table": table.source, "problems": op_problems}
+        if target == "tensorrt" and any(op_problems.values()):
+            lines = [p for ps in op_problems.values() for p in ps]
+            raise CMGError(f"graphs not TensorRT-ready ({len(lines)} problems): " + "; ".join(lines[:5]))
 
-            cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
-            if cache.resolve().is_relative_to(final.resolve()):  # OUT's own is replaced: its copy's is updated
-                cache = out / cache.resolve().relative_to(final.resolve())
-            engines: list[tuple[str, Path, Path, dict, bool]] = []
-            int8_models = set(report["precision"].get("models", ()))
-            for name in ONNX_MODELS:
-                spec = specs[name]
-                model_dir = out / name
-                vdir = model_dir / str(version)
-                if vdir.exists():
-                    shutil.rmtree(vdir)
-                vdir.mkdir(parents=True)
-                src = sources[name]
-                onnx_dst = vdir / "model.onnx"
-                if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
-                    strip_threshold_initializer(src, onnx_dst)
-                else:
-                    shutil.copyfile(src, onnx_dst)
-                if target == "cpu":
-                    shutil.copyfile(MODEL_PY, vdir / "model.py")
-                cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
-                path = mcfg.write(cfg, model_dir)
-                cfgmod.validate_config(path, spec, onnx_dst)
-                if target == "tensorrt":
-                    inputs = {t.name: t.dims for t in spec.inputs}
-                    plan = vdir / "model.plan"
-                    engines.append((name, onnx_dst, plan, inputs, name in int8_models))
-                    report["trtexec"].append(
-                        _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
-                                 _script_path(cache, out), name in int8_models))
-                report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
-
-            scratch.cleanup()
-            fused = target == "cpu" and cpu_cmg == "fused"
-            report["cpu_cmg"] = cpu_cmg if target == "cpu" else None
-            if fused:
-                report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
-            for name in ENSEMBLES:
-                if fused and name == CMG:
-                    continue
-                cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
-                path = mcfg.write(cfg, out / name)
-                cfgmod.validate_config(path, specs[name])
-                (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
-                report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
-                                          "steps": [s.model_name for s in cfg.ensemble_scheduling.step]}
-
-            missing = None
+        cache = Path(timing_cache) if timing_cache else out / "trt_timing.cache"
+        if cache.resolve().is_relative_to(final.resolve()):  # OUT's own is replaced: its copy's is updated
+            cache = out / cache.resolve().relative_to(final.resolve())
+        engines: list[tuple[str, Path, Path, dict, bool]] = []
+        int8_models = set(report["precision"].get("models", ()))
+        for name in ONNX_MODELS:
+            spec = specs[name]
+            model_dir = out / name
+            vdir = model_dir / str(version)
+            if vdir.exists():
+                shutil.rmtree(vdir)
+            vdir.mkdir(parents=True)
+            src = sources[name]
+            onnx_dst = vdir / "model.onnx"
+            if name == CMLE_ENCODER and not cfgmod.threshold_optional_in(target):
+                strip_threshold_initializer(src, onnx_dst)
+            else:
+                shutil.copyfile(src, onnx_dst)
+            if target == "cpu":
+                shutil.copyfile(MODEL_PY, vdir / "model.py")
+            cfg = cfgmod.model_config(spec, target, serving, kind, threshold, cpu_threads)
+            path = mcfg.write(cfg, model_dir)
+            cfgmod.validate_config(path, spec, onnx_dst)
             if target == "tensorrt":
-                script = out / "trtexec.sh"
-                script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
-                                  "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
-                                  f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
-                                  "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
-                                  "set -euo pipefail\ncd -- \"$(dirname -- \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
-                script.chmod(0o755)
+                inputs = {t.name: t.dims for t in spec.inputs}
+                plan = vdir / "model.plan"
+                engines.append((name, onnx_dst, plan, inputs, name in int8_models))
+                report["trtexec"].append(
+                    _trtexec(onnx_dst.relative_to(out), plan.relative_to(out), inputs, serving,
+                             _script_path(cache, out), name in int8_models))
+            report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
-                missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
-                if missing is None:
-                    report["engines"] = {}
-                    for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
-                        report["engines"][name] = trtmod.build_engine(
-                            onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
-                            int8=int8)
-                report["engines_missing"] = missing
+        scratch.cleanup()
+        fused = target == "cpu" and cpu_cmg == "fused"
+        report["cpu_cmg"] = cpu_cmg if target == "cpu" else None
+        if fused:
+            report["models"][CMG] = _fused_cmg(out, version, specs[CMG], serving, kind, threshold, cpu_threads)
+        for name in ENSEMBLES:
+            if fused and name == CMG:
+                continue
+            cfg = cfgmod.model_config(specs[name], target, serving, kind, threshold)
+            path = mcfg.write(cfg, out / name)
+            cfgmod.validate_config(path, specs[name])
+            (out / name / str(version)).mkdir(exist_ok=True)  # Triton wants a version dir for ensembles too
+            report["models"][name] = {"config": str(path.relative_to(out)), "platform": "ensemble",
+                                      "steps": [s.model_name for s in cfg.ensemble_scheduling.step]}
 
-            report["files"] = file_checksums(out)
-            (out / "build_report.json").write_text(json.dumps(report, indent=2))
+        missing = None
+        if target == "tensorrt":
+            script = out / "trtexec.sh"
+            script.write_text("#!/usr/bin/env bash\n# Builds the same engines as `cmg build --target tensorrt`.\n"
+                              "# A plan loads only in the TensorRT version that built it: run this in the TensorRT\n"
+                              f"# container of the serving image's release ({TRT_IMAGE} for {k8s.TRITON_IMAGE}),\n"
+                              "# e.g. docker run --gpus all -v \"$PWD\":/repo -w /repo IMAGE bash trtexec.sh\n"
+                              "set -euo pipefail\ncd -- \"$(dirname -- \"$0\")\"\n" + "\n".join(report["trtexec"]) + "\n")
+            script.chmod(0o755)
+
+            missing = "engine build skipped (--skip-engines)" if skip_engines else trtmod.missing_prerequisites()
+            if missing is None:
+                report["engines"] = {}
+                for name, onnx_path, plan, inputs, int8 in tqdm(engines, desc="TensorRT engines", unit="engine"):
+                    report["engines"][name] = trtmod.build_engine(
+                        onnx_path, plan, inputs, serving.max_batch, serving.opt_batch, serving.workspace_mb, cache,
+                        int8=int8)
+            report["engines_missing"] = missing
+
+        report["files"] = file_checksums(out)
+        (out / "build_report.json").write_text(json.dumps(report, indent=2))
     if cwd.is_relative_to(final):  # the working folder was the old OUT's (now gone): the same path in the new one
         os.chdir(cwd)
     if missing is not None and not skip_engines:

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cmg.errors import CMGError
-from cmg.frames import FrameError, load_frame, opened_image, to_rgb8, upright
+from cmg.frames import load_frame, opened_image, to_rgb8, upright
 
 # one list for training folders and the clients' folder walk: a line whose camera writes .webp
 # trains on the same files it streams
@@ -155,11 +155,8 @@ def _load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     datasets ship read alike: 0/255 (MVTec AD), 0/1, 16-bit, palette label masks, colour
     masks; two levels split at the lower, a soft mask at half its range; then resized with
     NEAREST (interpolation must not invent labels)."""
-    try:
-        with opened_image(path, "mask", fix=" (downscale the mask)") as img:
-            levels = _mask_levels(upright(img), path).astype(np.float64)  # as its image is read
-    except FrameError as exc:
-        raise CMGError(str(exc)) from exc
+    with opened_image(path, "mask", fix=" (downscale the mask)") as img:  # its problems: a CMGError naming it
+        levels = _mask_levels(upright(img), path).astype(np.float64)  # as its image is read
     found = np.unique(levels)
     if found.size == 1:
         marked = levels > 0  # all background, or all defect

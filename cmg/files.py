@@ -114,11 +114,11 @@ def swap_entries(stage: Path, out: Path, last: Sequence[str], copied: dict[str, 
     copied, now = copied or {}, _stamps(stage)
     order = [n for n in sorted(now) if n not in last] + [n for n in last if n in now]
     done: list[tuple[str, str]] = []  # (name, how) to undo
-    mark = out / last[-1]
+    mark = last[-1]
     try:
-        if mark.exists() and copied.get(last[-1]) != now.get(last[-1], copied.get(last[-1])):  # a new mark comes
-            os.replace(mark, stage / f".old-{last[-1]}")
-            done.append((last[-1], "marked"))
+        if (out / mark).exists() and mark in now and copied.get(mark) != now[mark]:  # a new mark comes
+            os.replace(out / mark, stage / f".old-{mark}")
+            done.append((mark, "marked"))
         for name in order:
             if copied.get(name) == now[name]:
                 continue

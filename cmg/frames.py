@@ -208,8 +208,8 @@ def opened_image(source: str | Path | bytes, kind: str = "image", max_pixels: in
     """An image file (or encoded bytes), decoded once its declared size is checked against
     `max_pixels` (Pillow's limit by default); every problem with it a FrameError naming the
     `kind` and the file, errors of the `with` body's decoding included. One rule for frames
-    and ground-truth masks (a mask's 30000 x 30000
-    header had been an internal error with no file named, a 12000 x 9000 one 2.3 GB)."""
+    and ground-truth masks (a mask's 30000 x 30000 header had been an internal error with no
+    file named, a 12000 x 9000 one 2.3 GB)."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if limit < 1:
