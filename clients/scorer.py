@@ -80,6 +80,9 @@ class StreamOptions:
         return core.RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
 
 
+BEHIND_SAID_S = 0.5  # a paced stream this late or later says so in its summary
+
+
 @dataclass
 class StreamSummary:
     out: str
@@ -98,6 +101,7 @@ class StreamSummary:
     p50_ms: float | None = None
     p99_ms: float | None = None
     aborted: str | None = None
+    behind_s: float = 0.0  # paced (--fps): how late the latest frame was sent against its schedule, at worst
 
     def line(self) -> str:
         lat = "n/a" if self.p50_ms is None else f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
@@ -108,6 +112,8 @@ class StreamSummary:
             + (f", {self.skipped} already in {self.out}" if self.skipped else "")
             + (f", {self.fixed} of {self.rescored} earlier errors now scored" if self.rescored else "")
             + (f"; {self.errors_in_out} error lines in {self.out}" if self.errors_in_out else "")
+            + (f"; sent up to {self.behind_s:.1f} s behind the --fps schedule (the servers answer slower: "
+               "frames waited before the latencies start)" if self.behind_s >= BEHIND_SAID_S else "")
             + (f"; ABORTED: {self.aborted}" if self.aborted else "")
         )
 
@@ -353,6 +359,8 @@ class Scorer:
                     wait = t_begin + k / fps - time.perf_counter()
                     if wait > 0:
                         await asyncio.sleep(wait)
+                    else:  # the servers answer slower than --fps asks: said, as latencies start at the send
+                        summary.behind_s = max(summary.behind_s, -wait)
                 task = asyncio.create_task(handle(k, seq, item), name=f"frame {seq} ({item.frame_id})")
                 tasks.add(task)
                 task.add_done_callback(on_done)

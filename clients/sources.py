@@ -3,6 +3,7 @@ in memory, each a Source of lazily read frames in a fixed order (seq = position)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,23 @@ import numpy as np
 
 from cmg.argtypes import MAX_SEED
 from cmg.errors import CMGError
-from cmg.frames import DEFAULT_MAX_PIXELS, batch_scale, frame_on_scale, load_frame, to_frame
+from cmg.frames import (
+    DEFAULT_MAX_PIXELS,
+    FrameError,
+    batch_scale,
+    frame_on_scale,
+    load_frame,
+    to_frame,
+)
 from cmg_clients.client import glob_files, is_pattern, iter_image_paths, no_match
 from cmg_data import synth
 
-VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".y4m",
+              ".flv", ".wmv", ".3gp", ".ogv"}
+# Containers whose header counts the frames stored (the others' count OpenCV estimates from
+# the duration, so only a shortfall beyond that estimate's error says the file was cut).
+EXACT_COUNT_EXTS = {".mp4", ".mov", ".m4v", ".avi", ".3gp"}
+MAX_UNREADABLE_RUN = 50  # reads in a row that give no frame: the end of the file
 Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
 
 
@@ -95,23 +108,43 @@ class VideoSource(Source):
         return cap
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
+        """Every frame position the file has: a decoded frame, or an error line where OpenCV
+        could not decode one (a damaged file said, not ended short with exit 0)."""
         cap = self._open()
         try:
-            index = 0
-            while True:
-                if index < start:  # skip without decoding
-                    if not cap.grab():
-                        return
-                    index += 1
-                    continue
-                ok, bgr = cap.read()
+            declared = int(cap.get(self.cv2.CAP_PROP_FRAME_COUNT))
+            index, failed = 0, 0  # failed: reads that gave nothing since the last frame
+            while failed < MAX_UNREADABLE_RUN:
+                ok, bgr = cap.read() if index + failed >= start else (cap.grab(), None)
                 if not ok:
-                    return
-                rgb = np.ascontiguousarray(bgr[..., ::-1])
-                yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
+                    failed += 1
+                    continue
+                for seq in range(index, index + failed):  # a frame came after them: they were damaged, not the end
+                    if seq >= start:
+                        yield self._error(seq, "could not be decoded (a damaged file; OpenCV numbers the frames after "
+                                               "it as it decodes them, so their ids may be shifted)")
+                index += failed
+                failed = 0
+                if index >= start:
+                    rgb = np.ascontiguousarray(bgr[..., ::-1])
+                    yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
                 index += 1
+            short = declared - index
+            if short > 0 and (self.path.suffix.lower() in EXACT_COUNT_EXTS or short > max(2, declared // 20)):
+                for seq in range(max(index, start), declared):
+                    yield self._error(seq, f"was not decoded: the file ends after {index} of the {declared} frames its "
+                                           "header declares (truncated or damaged)")
         finally:
             cap.release()
+
+    def _error(self, seq: int, why: str) -> SourceItem:
+        """A frame position without a frame: its line says why, the stream goes on."""
+        message = f"video {self.path}: frame {seq} {why}"
+
+        def load(size: tuple[int, int]) -> np.ndarray:
+            raise FrameError(message)
+
+        return SourceItem(f"{self.path.name}#{seq}", str(self.path), load)
 
 
 def parse_synth(spec: str) -> dict:
@@ -192,6 +225,9 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """SRC (folder, glob, video file, a single image, synth:PRESET) -> Source."""
     if spec.startswith("synth:"):
         return SynthSource(spec)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", spec) and not Path(spec).exists():
+        raise CMGError(f"source {spec}: URLs (rtsp://, http://) and camera devices are not read; record the camera "
+                       "to a file and stream that, or score its frames from your own code (CMGClient)")
     path = Path(spec)
     if path.is_file() and path.suffix.lower() not in VIDEO_EXTS:  # a name with [ ] is that file, not a glob
         return FileSource([path], path.parent, max_pixels)
@@ -206,7 +242,16 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
         paths = glob_files(spec)
         if not paths:
             raise no_match(spec)
+        videos = [p.name for p in paths if p.suffix.lower() in VIDEO_EXTS]
+        if videos:
+            raise CMGError(f"glob {spec} matches video files ({', '.join(videos[:3])}{', ...' if len(videos) > 3 else ''}): "
+                           "give each video as a --source of its own")
         return FileSource(paths, None, max_pixels)
+    if not path.exists():
+        raise CMGError(f"source {spec}: no such file or folder")
+    if not path.is_file():
+        raise CMGError(f"source {spec}: not a regular file (camera devices and pipes are not read; record the camera "
+                       "to a file and stream that)")
     raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
 
 

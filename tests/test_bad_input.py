@@ -102,7 +102,7 @@ CASES: list[Case] = [
     ("stream", lambda f: ["--source", str(f["root"]), "--out", str(f["root"] / "o2.jsonl"),
                           "--backoff-max", "nan"], "finite"),
     ("stream", lambda f: ["--source", str(f["root"] / "nothing"), "--out", str(f["root"] / "o3.jsonl")],
-     "not a folder"),
+     "no such file or folder"),
     ("stream", lambda f: ["--source", "synth:huge", "--out", str(f["root"] / "o3.jsonl")], "unknown preset"),
     ("stream", lambda f: ["--source", "synth:tiny?n=-1", "--out", str(f["root"] / "o3.jsonl")], "n must be"),
     ("stream", lambda f: ["--source", "synth:tiny?fps=0", "--out", str(f["root"] / "o3.jsonl")], "fps must be"),

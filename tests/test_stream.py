@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,75 @@ def test_a_video_is_checked_when_opened_before_any_output(tmp_path):
     for path in (garbage, empty):
         with pytest.raises(CMGError, match="video"):
             open_source(str(path))
+
+
+def _video(path: Path, fourcc: str, n: int) -> bytes:
+    """A video of n noise frames (noise: every frame its own, so a lost one shows)."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (64, 48))
+    for _ in range(n):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    return path.read_bytes()
+
+
+def _loads(items) -> list[str | None]:
+    """Each item's error (None where it gives a frame)."""
+    said = []
+    for item in items:
+        try:
+            item.load((16, 16))
+            said.append(None)
+        except CMGError as exc:
+            said.append(str(exc))
+    return said
+
+
+def test_a_damaged_or_cut_video_gives_an_error_line_per_frame_it_lost(tmp_path):
+    """A read that failed mid-file ended the stream there with exit 0 (frames after it never
+    scored), and a cut file streamed its first half as if that were all."""
+    data = _video(tmp_path / "line.mp4", "mp4v", 60)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096:])
+    said = _loads(open_source(str(damaged)).items())
+    lost = [i for i, e in enumerate(said) if e]
+    assert len(said) == 60 and 0 < len(lost) < 30 and max(lost) < 59, said  # frames after the damage come
+    assert "could not be decoded" in said[lost[0]] and f"frame {lost[0]}" in said[lost[0]]
+
+    data = _video(tmp_path / "line.avi", "MJPG", 60)
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    source = open_source(str(cut))
+    items = list(source.items())
+    said = _loads(items)
+    assert len(said) == 60 and said[0] is None and said[-1] and "of the 60 frames its header declares" in said[-1]
+    assert [i.frame_id for i in items] == [f"cut.avi#{i}" for i in range(60)]
+    resumed = list(source.items(25))  # resume: the same frame ids from 25 on, lost ones included
+    assert [i.frame_id for i in resumed] == [f"cut.avi#{i}" for i in range(25, 60)] and _loads(resumed) == said[25:]
+
+
+def test_video_suffixes_urls_and_missing_sources_are_named(tmp_path):
+    """A .ts recording was read as one unreadable image; a glob of videos gave an image error
+    per video; an rtsp:// URL with ? got a glob error; a mistyped file no 'not found'."""
+    data = _video(tmp_path / "cam.avi", "MJPG", 3)
+    (tmp_path / "cam.ts").write_bytes(data)
+    assert len(list(open_source(str(tmp_path / "cam.ts")).items())) == 3
+    for spec, said in [("rtsp://10.0.0.9/stream?channel=1", "URLs (rtsp://, http://) and camera devices are not read"),
+                       (str(tmp_path / "*.ts"), "matches video files (cam.ts): give each video as a --source"),
+                       (str(tmp_path / "missing.mp4"), "no such file or folder"),
+                       ("/dev/null", "not a regular file")]:
+        with pytest.raises(CMGError, match=re.escape(said)):
+            open_source(spec)
+
+
+def test_a_paced_stream_that_falls_behind_says_so():
+    """--fps above what the servers answer: latencies start at the send, so frames that waited
+    for their send did not show anywhere."""
+    from cmg_clients.scorer import StreamSummary
+
+    assert "behind the --fps schedule" in StreamSummary(out="o", behind_s=11.8).line()
+    assert "behind" not in StreamSummary(out="o", behind_s=0.1).line()
 
 
 def test_synth_parameters_given_twice_or_a_seed_out_of_range_are_refused():
@@ -574,6 +644,9 @@ def test_stream_video_source(triton, tmp_path):
     summary = run_stream(_opts(triton, path, out))
     lines = _lines(out)
     assert summary.results == 7 and [r["frame_id"] for r in lines] == [f"line.avi#{i}" for i in range(7)]
+    assert summary.behind_s == 0.0  # unpaced: no schedule to fall behind
+    paced = run_stream(_opts(triton, path, tmp_path / "paced.jsonl", fps=1e6, window=1))
+    assert paced.results == 7 and paced.behind_s > 0  # one frame at a time cannot keep a microsecond apart
 
 
 def test_a_resumed_source_is_the_same_source_however_its_path_is_written(tmp_path, monkeypatch):
