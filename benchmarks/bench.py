@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from cmg.errors import CMGError
+from cmg.locks import OutputLock
 
 # sub-verb -> (module, one-line help)
 SUBVERBS: dict[str, tuple[str, str]] = {
@@ -61,4 +62,11 @@ def run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         raise CMGError(f"--out {out} is a file, not a folder")
-    return int(importlib.import_module(args._bench_module).run(args) or 0)
+    if out is None:
+        return int(importlib.import_module(args._bench_module).run(args) or 0)
+    # One measurement per --out at a time: two had rebuilt each other's repositories under
+    # running servers, each measured on a machine the other loaded, and one result was kept.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, folder=True, refusal=f"--out {out} is being written by another `cmg bench` (pid {{pid}}, "
+                    "lock {lock}): one measurement at a time (and two on one machine measure each other)"):
+        return int(importlib.import_module(args._bench_module).run(args) or 0)

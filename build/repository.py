@@ -342,6 +342,11 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                         int8=int8)
             report["engines_missing"] = missing
 
+        dropped = _drop_other_versions(out, list(report["models"]), version)
+        if dropped:
+            print(f"cmg build: removed version folder(s) {', '.join(dropped)} (a `cmg deploy`'s or another "
+                  f"build's): Triton serves a model's highest version, which would have hidden this build's "
+                  f"version {version}", file=sys.stderr)
         report["files"] = file_checksums(out)
         (out / "build_report.json").write_text(json.dumps(report, indent=2))
     if cwd.is_relative_to(final):  # the working folder was the old OUT's (now gone): the same path in the new one
@@ -351,6 +356,18 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                        "(run it on a host with TensorRT 10 and a GPU; --skip-engines asks for just that, "
                        "exit 0, with --k8s manifests)")
     return report
+
+
+def _drop_other_versions(out: Path, names: list[str], version: int) -> list[str]:
+    """Remove every numeric version folder but `version` of the models this build wrote (a
+    deploy's version 2 left in OUT kept serving the deployed run over a rebuild's version 1)."""
+    dropped = []
+    for name in names:
+        for entry in sorted((out / name).iterdir()):
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) != version:
+                shutil.rmtree(entry)
+                dropped.append(f"{name}/{entry.name}")
+    return dropped
 
 
 def _fused_cmg(out: Path, version: int, spec, serving: ServingConfig, kind: str, threshold: float,

@@ -41,6 +41,7 @@ from cmg.endpoints import (
     is_loopback,
 )
 from cmg.errors import CMGError
+from cmg.locks import reading
 
 
 def _pytriton_root() -> Path | None:
@@ -704,20 +705,24 @@ class TritonServer:
         cmd = self.command()
         _, env = find_tritonserver()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in (1, 2):
-            self._launch(cmd, env)
-            try:
-                return self._wait_ready(timeout)
-            except CMGError:
-                if attempt == 1 and self._aborted_in_grpc_poller():
-                    print("tritonserver aborted in gRPC's poller while starting (epoll_wait: Bad file descriptor, "
-                          "an upstream fault seen on busy machines): starting it again", file=sys.stderr)
-                    continue
-                raise
-            except BaseException:  # Ctrl-C or SIGTERM while starting: the server goes too
-                if self.is_running():
-                    self.stop(timeout=10)
-                raise
+        # The models load under a reader's lock on the repository: a `cmg build` swapping its
+        # entries meanwhile had this server load one run's scorer beside another's encoder.
+        with reading(self.repository, refusal=f"repository {self.repository} is being written by `cmg build` or "
+                     "`cmg deploy` (pid {pid}, lock {lock}): start the server when it ends"):
+            for attempt in (1, 2):
+                self._launch(cmd, env)
+                try:
+                    return self._wait_ready(timeout)
+                except CMGError:
+                    if attempt == 1 and self._aborted_in_grpc_poller():
+                        print("tritonserver aborted in gRPC's poller while starting (epoll_wait: Bad file descriptor, "
+                              "an upstream fault seen on busy machines): starting it again", file=sys.stderr)
+                        continue
+                    raise
+                except BaseException:  # Ctrl-C or SIGTERM while starting: the server goes too
+                    if self.is_running():
+                        self.stop(timeout=10)
+                    raise
         raise AssertionError("unreachable")
 
     def _launch(self, cmd: list[str], env: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from cmg import contract as C
 from cmg.argtypes import positive_float, positive_int, threshold_float
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
+from cmg.locks import OutputLock
 from cmg_clients import core
 from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
 from cmg_clients.overlay import check_overlay_dir, overlay_into
@@ -58,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
     paths = iter_image_paths(args.inputs)
     if not paths:
         raise CMGError(f"no images found in {' '.join(map(str, args.inputs))}")
+    if args.overlays is None or not os.access(args.overlays.resolve().parent, os.W_OK):
+        return _infer(args, url, protocol, paths)
+    # Two at once into one --overlays had left each line naming the other run's picture.
+    with OutputLock(args.overlays, folder=True, refusal=f"--overlays {args.overlays} is being written by another "
+                    "`cmg infer` (pid {pid}, lock {lock}): one at a time, or another --overlays folder"):
+        return _infer(args, url, protocol, paths)
+
+
+def _infer(args: argparse.Namespace, url: str, protocol: str, paths: list[Path]) -> int:
     failed = 0
     overlays = overlay_paths(args.overlays, paths) if args.overlays is not None else {}
     retry = core.RetryPolicy(max_retries=args.retries, backoff_s=0.2, backoff_max_s=2.0)

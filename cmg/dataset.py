@@ -27,6 +27,8 @@ from cmg.frames import load_frame, opened_image, to_rgb8, upright
 # trains on the same files it streams
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 SPLITS = ("train", "test")
+# `cmg data synth` marks a folder it is writing (or was stopped writing) with this file
+SYNTH_INCOMPLETE = "synth.incomplete"
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,9 @@ def check_training_folder(root: str | Path, image_size: int, need_captions: bool
         raise CMGError(f"dataset folder not found: {root}")
     if not root.is_dir():
         raise CMGError(f"dataset {root} is a file, not a folder")
+    if (root / SYNTH_INCOMPLETE).exists():
+        raise CMGError(f"dataset {root} is not finished: `cmg data synth` is writing it, or was stopped "
+                       f"({SYNTH_INCOMPLETE}); run it again")
     good = root / "train" / "good"
     if not good.is_dir():
         raise CMGError(f"dataset {root}: missing folder {good} (expected the MVTec layout train/good/*.png)")

@@ -8,6 +8,7 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cmg.errors import CMGError
@@ -30,18 +31,20 @@ class OutputLock:
     never opened through a symbolic link.
     """
 
-    def __init__(self, out: Path, folder: bool = False, refusal: str | None = None) -> None:
+    def __init__(self, out: Path, folder: bool = False, refusal: str | None = None, shared: bool = False) -> None:
         """`refusal`: the error when another process holds it, formatted with {pid} and {lock}
-        (default: OUT is being written by another process)."""
+        (default: OUT is being written by another process). `shared`: a reader's lock, which
+        any number of readers hold together and a writer's (exclusive) one refuses."""
         self.out = out = Path(out)
-        self.refusal = refusal
+        self.refusal, self.shared = refusal, shared
+        real = out.resolve()  # a link to OUT, `./OUT/` or `x/../OUT` is OUT, with OUT's lock
         if not folder and out.exists() and not out.is_file():
-            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+            key = hashlib.sha256(str(real).encode()).hexdigest()[:16]
             self.path = private_lock_dir() / f"{key}.lock"
         elif folder:  # not `.NAME.lock`: the name filelock users (our tests too) give their own locks
-            self.path = out.with_name(f".{out.name}.cmg-lock")
+            self.path = real.with_name(f".{real.name}.cmg-lock")
         else:
-            self.path = out.with_name(f".{out.name}.lock")
+            self.path = real.with_name(f".{real.name}.lock")
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
@@ -58,7 +61,7 @@ class OutputLock:
                 raise CMGError(f"lock file {self.path} is a symbolic link: a lock is never taken through "
                                "one (remove it if you made it)") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
@@ -71,18 +74,29 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                if not self.shared:  # readers leave it empty: no writer to name while they hold it
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self._fd = fd
                 return self
             os.close(fd)
 
     def release(self) -> None:
-        """Remove the lock file while still holding it, then let go."""
+        """Remove the lock file while still holding it, then let go (a reader only when it is
+        the last: an exclusive lock taken at once says so)."""
+        import fcntl
+
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        last = True
+        if self.shared:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                last = False
+        if last:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
 
@@ -108,3 +122,26 @@ def private_lock_dir() -> Path:
                        "open to other accounts): remove it, and it is made again, or set TMPDIR to a folder "
                        "of your own")
     return locks
+
+
+@contextlib.contextmanager
+def reading(folder: Path, refusal: str) -> Iterator[None]:
+    """A reader's lock on `folder` (shared with other readers, refused while a writer holds
+    it) for as long as it reads; where no lock file can be made beside it (a read-only
+    mount) it reads without one, as any reader could; a folder that is not there has none
+    (the reader says so, and no folder is made for its lock)."""
+    if not Path(folder).is_dir():
+        yield
+        return
+    lock: OutputLock | None = OutputLock(folder, folder=True, refusal=refusal, shared=True)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -13,8 +13,10 @@ one difference: a defect's effect is exactly its mask, and `--no-clutter` is a c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,8 +27,10 @@ from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from cmg.argtypes import MAX_SEED, seed_int
+from cmg.dataset import SYNTH_INCOMPLETE
 from cmg.errors import CMGError
 from cmg.files import write_atomic
+from cmg.locks import OutputLock
 
 CATEGORIES: tuple[str, ...] = ("hex_nut", "washer", "screw", "gear", "bottle_cap")
 DEFECTS: tuple[str, ...] = ("scratch", "hole", "stain", "deformation")
@@ -683,7 +687,7 @@ def _png(array: np.ndarray, path: Path) -> None:
 # synth.json marks a whole folder (written last); INCOMPLETE one this generator is writing or
 # clearing (there from before the first image until after synth.json): a SIGKILLed run's folder,
 # which every rerun had refused ("holds no synth.json"), `cmg demo --fresh` too.
-INCOMPLETE = "synth.incomplete"
+INCOMPLETE = SYNTH_INCOMPLETE
 # synth.json first, INCOMPLETE last: a kill while clearing had left synth.json over no images,
 # which `cmg demo` trusted
 _OWNED = ("synth.json", "train", "test", "ground_truth", "masks", "captions.jsonl", "meta.jsonl", INCOMPLETE)
@@ -739,14 +743,20 @@ def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = T
         raise CMGError(f"--seed must be 0 ... {MAX_SEED}, got {seed}")
     out = Path(out)
     created = not out.exists()
-    _prepare(out)
-    try:
-        _write_line(out, p, preset, seed, clutter, category, counts, progress)
-    except BaseException:  # Ctrl-C, a full disk: a half-written folder would block the next run
-        _clear(out)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    out.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the folder
+    # One writer, and no `cmg train` reading it meanwhile (two had left a folder of neither's
+    # images; a training had read one seed's captions with another's frames).
+    lock = OutputLock(out, folder=True, refusal=f"--out {out} is in use: another `cmg data synth` writes it (pid "
+                      "{pid}) or a `cmg train` reads it (lock {lock}); wait for it to end")
+    with lock if os.access(out.parent, os.W_OK) else contextlib.nullcontext():
+        _prepare(out)
+        try:
+            _write_line(out, p, preset, seed, clutter, category, counts, progress)
+        except BaseException:  # Ctrl-C, a full disk: a half-written folder would block the next run
+            _clear(out)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     return out
 
 

@@ -14,6 +14,7 @@ Ablation rows share the run's teacher, CMER scorer, seed, data and training budg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
 from cmg.files import write_atomic
+from cmg.locks import OutputLock, reading
 from cmg_train.checkpoint import Run, load_run, run_mismatch
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
@@ -582,6 +584,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Each run read under a reader's lock (a training replacing it meanwhile had put its new
+    checkpoint's hash on the old one's scores, reused by every later eval) and its report
+    written under its own (two evals of one run had left one data's json over the other's
+    pictures)."""
+    with contextlib.ExitStack() as held:
+        for path in args.run:
+            held.enter_context(reading(Path(path), refusal=f"--run {path} is being trained (`cmg train`, pid "
+                                       "{pid}, lock {lock}): evaluate it when the training ends"))
+        for path in dict.fromkeys(Path(p).resolve() for p in args.run if Path(p).is_dir()):  # a run given twice is said below
+            held.enter_context(OutputLock(path / "eval", folder=True, refusal=(
+                f"{path / 'eval'} is being written by another `cmg eval` (pid {{pid}}, lock {{lock}}): "
+                "one at a time; wait for it to end")))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.run]
     for r in runs[1:]:  # medians over seeds of one config: another config's run is no seed of it
         why = run_mismatch(r, dataclasses.replace(runs[0].cfg, seed=r.cfg.seed), runs[0].metrics.get("data"))

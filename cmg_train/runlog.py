@@ -60,7 +60,8 @@ def run_folder(out: Path) -> Iterator[Path]:
     created = [d for d in (out, *out.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the run
     try:
-        with OutputLock(out, folder=True):
+        with OutputLock(out, folder=True, refusal=f"--out {out} is in use: another `cmg train` writes it (pid "
+                        "{pid}) or a `cmg eval` reads it (lock {lock}); wait for it to end"):
             out.mkdir(exist_ok=True)
             for stale in out.glob(PARTIAL_LOG + "*"):  # a killed training's (the lock says none runs)
                 stale.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config, unread_settings
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError
+from cmg.locks import reading
 from cmg_train.backbone import check_backbones
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
@@ -283,27 +284,32 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     t0 = time.perf_counter()
     data = Path(data).resolve()
     check_backbones(cfg.backbone)
-    check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
-                          min_unique_captions=unique_captions_needed(cfg.cmle),
-                          min_images=min_training_images(cfg.data.val_fraction),
-                          why_min=f"{MIN_SCORER_IMAGES} to train the CMER scorer on, the rest held out "
-                                  f"by data.val_fraction {cfg.data.val_fraction}", progress=progress)
-    ds = MVTecFolder(data)
-    samples = ds.samples("train")
-    captions = [s.caption for s in samples]
-    tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
-    tr_captions = [captions[i] for i in tr.tolist()]
-    graph = None
-    if cfg.cmle.enabled:
-        # The folder check counted every training image; CMLE learns from the split without the
-        # held-out normals, which can have fewer: fail on it now, not after minutes of training.
-        check_captions(tr_captions, cfg.cmle, held_out=len(va))
-        if cfg.cmle.text_encoder != "teacher":  # MiniLM's reading of them, checked now too
-            graph = build_caption_graph(tr_captions, cfg.cmle)
-    log = functools.partial(append_jsonl, log_path)
-    torch.manual_seed(cfg.seed)
-    size = (cfg.data.image_size, cfg.data.image_size)
-    frames = torch.from_numpy(ds.frames(samples, size, progress=progress))
+    # Read under a reader's lock on DATA: a `cmg data synth` rewriting it meanwhile had given
+    # this training one seed's captions and another's frames, exit 0.
+    with reading(data, refusal=f"--data {data} is being written by `cmg data synth` (pid {{pid}}, lock {{lock}}): "
+                 "wait for it to end"):
+        check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
+                              min_unique_captions=unique_captions_needed(cfg.cmle),
+                              min_images=min_training_images(cfg.data.val_fraction),
+                              why_min=f"{MIN_SCORER_IMAGES} to train the CMER scorer on, the rest held out "
+                                      f"by data.val_fraction {cfg.data.val_fraction}", progress=progress)
+        ds = MVTecFolder(data)
+        samples = ds.samples("train")
+        captions = [s.caption for s in samples]
+        tr, va = split_train_val(len(samples), cfg.data.val_fraction, cfg.seed)
+        tr_captions = [captions[i] for i in tr.tolist()]
+        graph = None
+        if cfg.cmle.enabled:
+            # The folder check counted every training image; CMLE learns from the split without the
+            # held-out normals, which can have fewer: fail on it now, not after minutes of training.
+            check_captions(tr_captions, cfg.cmle, held_out=len(va))
+            if cfg.cmle.text_encoder != "teacher":  # MiniLM's reading of them, checked now too
+                graph = build_caption_graph(tr_captions, cfg.cmle)
+        log = functools.partial(append_jsonl, log_path)
+        torch.manual_seed(cfg.seed)
+        size = (cfg.data.image_size, cfg.data.image_size)
+        frames = torch.from_numpy(ds.frames(samples, size, progress=progress))
+        parts = _part_clutter(ds, [samples[i] for i in va.tolist()], size)  # the metrics' masks: read now too
     timings: dict[str, float] = {}
 
     def stage(i: int, what: str) -> None:  # the stages in order, with the time so far: no bar spans them all
@@ -325,7 +331,6 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     scorer, scorer_metrics = train_scorer(cfg, teacher, frames[tr], relevance[tr], progress, log)
     one_pass = ScorerGraph(teacher.preprocess, scorer).eval()
     (scores,) = batched(one_pass, frames, progress=progress, desc="keep-masks")
-    parts = _part_clutter(ds, [samples[i] for i in va.tolist()], size)
     unique = sorted(set(captions))
     caption_bank = teacher.encode_text(unique)
     exact = OcclusionTeacher(teacher, caption_bank, cfg.grid).eval()

@@ -445,3 +445,15 @@ def test_a_build_over_an_interrupted_deploy_is_refused_until_the_deploy_is_undon
     with pytest.raises(CMGError, match=r"an interrupted `cmg deploy` left it staged .*run the same `cmg deploy` again"):
         repository.build(toy_run, "cpu", repo)
     assert _tree(repo) == before
+
+
+def test_a_rebuild_removes_the_versions_a_deploy_left(toy_run, tmp_path, capsys):
+    """`cmg deploy` leaves version 2 in the repository; a later build wrote version 1 beside
+    it, and Triton (highest version) went on serving the deployed run."""
+    _, repo = _build(toy_run, tmp_path, "cpu")
+    for name in ("cmer_scorer", "cmle_encoder", "cmg"):
+        (repo / name / "2").mkdir()
+        (repo / name / "2" / "model.onnx").write_text("the deployed run's")
+    _build(toy_run, tmp_path, "cpu")
+    assert {p.name for p in repo.rglob("*") if p.is_dir() and p.name.isdigit()} == {"1"}
+    assert "removed version folder(s) cmer_scorer/2" in capsys.readouterr().err

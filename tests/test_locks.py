@@ -112,3 +112,39 @@ def test_a_lock_folder_that_is_a_file_is_refused(tmp_path, monkeypatch):
     folder.chmod(0o600)
     with pytest.raises(CMGError, match="not this account's own folder"):
         private_lock_dir()
+
+
+def test_a_link_or_another_spelling_of_an_output_takes_the_outputs_own_lock(tmp_path):
+    """The lock was named after OUT as typed: a second `cmg stream --out link.jsonl` (a link to
+    the file being written) or `cmg train --out runlink` wrote beside the first, torn lines and
+    a removed run folder."""
+    (tmp_path / "line.jsonl").write_text("")
+    (tmp_path / "link.jsonl").symlink_to("line.jsonl")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "runlink").symlink_to("run")
+    for out, other, folder in [("line.jsonl", "link.jsonl", False), ("run", "runlink", True),
+                               ("run", "sub/../run", True)]:
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with OutputLock(tmp_path / out, folder=folder), pytest.raises(CMGError, match="being written"):
+            OutputLock(tmp_path / other, folder=folder).acquire()
+
+
+def test_readers_share_a_lock_that_a_writer_refuses_and_the_last_reader_removes(tmp_path):
+    """`cmg train` reading a data folder, `cmg eval` a run, a server loading a repository:
+    any number at once, none while `cmg data synth`, `cmg train` or `cmg build` writes it."""
+    from cmg.locks import reading
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with reading(data, refusal="written by {pid}"), reading(data, refusal="written by {pid}"):
+        with pytest.raises(CMGError, match="being written by another process"):
+            OutputLock(data, folder=True).acquire()
+        lock_file = tmp_path / ".data.cmg-lock"
+        assert lock_file.exists()
+    assert not lock_file.exists()  # the last reader out removes it
+    with OutputLock(data, folder=True), pytest.raises(CMGError, match=f"written by {os.getpid()}"), \
+            reading(data, refusal="written by {pid}"):
+        pass
+    with reading(tmp_path / "missing", refusal="-"):  # nothing to read: no lock, and no folder made for one
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -75,7 +75,7 @@ def test_sources(tmp_path):
     (tmp_path / "d" / "f0009.png").unlink()
     (tmp_path / "d" / "f0000.png").rename(tmp_path / "d" / "f0000.jfif")  # a suffix the pattern spells
     assert [Path(i.frame_id).name for i in open_source(str(tmp_path / "d" / "*.jfif")).items()] == ["f0000.jfif"]
-    with pytest.raises(CMGError, match="not a folder"):
+    with pytest.raises(CMGError, match="no such file or folder"):
         open_source(str(tmp_path / "nothing"))
     assert parse_synth("synth:tiny?fps=5&seed=3&n=10") == {"preset": "tiny", "fps": 5.0, "seed": 3, "n": 10}
     with pytest.raises(CMGError, match="unknown parameter"):

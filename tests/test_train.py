@@ -131,7 +131,7 @@ def test_one_training_per_run_folder_and_only_into_a_run_or_empty_folder(tmp_pat
     from cmg_train.runlog import run_folder
 
     run = tmp_path / "run"
-    with OutputLock(run, folder=True), pytest.raises(CMGError, match="being written by another process"), \
+    with OutputLock(run, folder=True), pytest.raises(CMGError, match="another `cmg train` writes it"), \
             run_folder(run):
         pass
     assert not run.exists()
