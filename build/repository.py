@@ -251,7 +251,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     final = given.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()
-    with _writing(final, given) as out:
+    with _writing(final, given) as out, contextlib.ExitStack() as scratch:
         specs = contract.models
         report: dict = {"target": target, "kind": "gpu" if target == "tensorrt" else kind, "version": version,
                         "run": str(Path(run).resolve()), "contract": contract.to_dict(), "threshold": threshold,
@@ -260,11 +260,10 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                         "models": {}, "files": {}, "trtexec": []}
 
         sources = {m: onnx_dir / meta["models"][m]["file"] for m in ONNX_MODELS}
-        scratch = tempfile.TemporaryDirectory(prefix="cmg-int8-")
         report["precision"] = {"precision": precision}
-        if precision == "int8":
-
-            int8 = {m: Path(scratch.name) / f"{m}.int8.onnx" for m in QUANTIZED}
+        if precision == "int8":  # the quantized graphs' folder goes however the build ends (a failed one's had stayed)
+            folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="cmg-int8-")))
+            int8 = {m: folder / f"{m}.int8.onnx" for m in QUANTIZED}
             report["precision"] = quantize_graphs(run, sources, int8, contract, target=target, data=data)
             sources.update(int8)
 
@@ -308,7 +307,6 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                              _script_path(cache, out), name in int8_models))
             report["models"][name] = {"config": str(path.relative_to(out)), "platform": cfg.platform or cfg.backend}
 
-        scratch.cleanup()
         fused = target == "cpu" and cpu_cmg == "fused"
         report["cpu_cmg"] = cpu_cmg if target == "cpu" else None
         if fused:

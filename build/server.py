@@ -175,7 +175,10 @@ def sweep_stale_work_dirs() -> list[Path]:
     removed: list[Path] = []
     if not Path("/proc/self/stat").exists():  # no way to tell a live owner from a dead one
         return removed
-    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+    # /tmp too: where TMPDIR is no place for the stubs (a space in it) the work folder is there
+    folders = [f for base in dict.fromkeys([Path(tempfile.gettempdir()), Path("/tmp")])
+               for f in base.glob(f"{WORK_PREFIX}*")]
+    for folder in folders:
         owner = folder / OWNER_FILE
         try:
             text = owner.read_text()
@@ -192,7 +195,23 @@ def sweep_stale_work_dirs() -> list[Path]:
         if not _owner_alive(f"{pid} {started}"):
             region.unlink(missing_ok=True)
             removed.append(region)
-    return removed + sweep_orphaned_triton_regions()
+    return removed + sweep_orphaned_triton_regions() + sweep_orphaned_python_envs()
+
+
+PYTHON_ENV_BASE = Path("/tmp")  # the Python backend's own folder per server, at a fixed place
+
+
+def sweep_orphaned_python_envs(min_age_s: float = 86400) -> list[Path]:
+    """The Python backend makes /tmp/python_env_XXXXXX at each start and removes it only when
+    it shuts down cleanly: every server killed (or stopped while starting) left one, 190 in
+    this project's /tmp. Empty ones untouched for a day go (rmdir: never anything inside)."""
+    removed = []
+    for folder in PYTHON_ENV_BASE.glob("python_env_*"):
+        if _age_s(folder) > min_age_s:
+            with contextlib.suppress(OSError):  # not empty, or gone meanwhile: left as it is
+                folder.rmdir()
+                removed.append(folder)
+    return removed
 
 
 KEPT_LOG_DAYS = 7  # how long a failed start's log stays in its temporary folder

@@ -129,3 +129,14 @@ def triton(cpu_repo, tmp_path_factory):
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _triton_alive(request):
+    """The shared server up again before each test that uses it: a test that failed between
+    killing it and starting it again had failed every later test on its worker as well
+    ("unreachable"), hiding its own cause among them."""
+    if "triton" in request.fixturenames:
+        server = request.getfixturevalue("triton")
+        if not server.is_running():
+            server.start()

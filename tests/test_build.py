@@ -457,3 +457,18 @@ def test_a_rebuild_removes_the_versions_a_deploy_left(toy_run, tmp_path, capsys)
     _build(toy_run, tmp_path, "cpu")
     assert {p.name for p in repo.rglob("*") if p.is_dir() and p.name.isdigit()} == {"1"}
     assert "removed version folder(s) cmer_scorer/2" in capsys.readouterr().err
+
+
+def test_a_failed_int8_build_leaves_no_scratch_folder(toy_run, tmp_path, monkeypatch):
+    """The quantized graphs' temporary folder went only when the build succeeded."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CMGError) as failed:
+        repository.build(toy_run, "cpu", tmp_path / "repo", precision="int8", data=tmp_path / "empty")
+    # while the error is held (its frames keep the folder's object alive: a process that ends
+    # with os._exit, as a pytest-xdist worker does, never ran its finalizer)
+    assert failed.value and [p.name for p in scratch.iterdir() if p.name.startswith("cmg-int8-")] == []

@@ -7,6 +7,10 @@ console process is exercised by test_bad_input.test_console_script_exit_status a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from cmg_app.cli import VERBS, main
@@ -90,3 +94,15 @@ def test_a_ctrl_c_while_a_verbs_module_loads_is_one_line_and_exit_130(tmp_path, 
         code = "a traceback"
     assert code == 130
     assert capsys.readouterr().err == "cmg train: interrupted\n"
+
+
+def test_an_error_is_one_line_whatever_home_is(tmp_path):
+    """Where HOME could not be written (a container's non-root user, HOME=/), ONNX Runtime's
+    telemetry printed a coloured warning before the one-line error (CI=true had hidden it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "ORT_DISABLE_TELEMETRY")}
+    env["HOME"] = "/sys/nohome"
+    done = subprocess.run([sys.executable, "-m", "cmg_app.cli", "build", "--run", str(tmp_path / "norun"),
+                           "--target", "cpu", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"cmg build: error: run folder {tmp_path / 'norun'} does not exist"], done.stderr

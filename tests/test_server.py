@@ -874,6 +874,34 @@ def test_a_failed_starts_kept_log_goes_after_a_week(tmp_path, monkeypatch):
     assert recent.exists() and other.exists()
 
 
+def test_a_dead_owners_work_folder_in_tmp_goes_whatever_tmpdir_is(tmp_path, monkeypatch):
+    """Where TMPDIR is no place for the stubs (a space in it) a server's work folder is in
+    /tmp, which the sweep did not look at: a killed owner's stayed."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "sp ace"))
+    folder = Path(tempfile.mkdtemp(prefix=server_mod.WORK_PREFIX, dir="/tmp"))
+    (folder / server_mod.OWNER_FILE).write_text("999999999 1\n")  # no such process
+    try:
+        assert folder in server_mod.sweep_stale_work_dirs() and not folder.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_python_backend_folders_of_killed_servers_go_when_empty_and_a_day_old(tmp_path, monkeypatch):
+    """The Python backend's /tmp/python_env_XXXXXX stays after every server that did not shut
+    down cleanly (190 of them here); an empty one a day old goes, anything else stays."""
+    monkeypatch.setattr(server_mod, "PYTHON_ENV_BASE", tmp_path)
+    old, full, recent = (tmp_path / f"python_env_{name}" for name in ("old", "full", "recent"))
+    for folder in (old, full, recent):
+        folder.mkdir()
+    (full / "env").write_text("x")
+    for folder in (old, full):
+        os.utime(folder, (time.time() - 90000, time.time() - 90000))
+    assert server_mod.sweep_orphaned_python_envs() == [old]
+    assert not old.exists() and full.exists() and recent.exists()
+
+
 def test_orphaned_default_named_regions_go_and_mapped_or_recent_ones_stay(tmp_path):
     """Python-backend regions with Triton's default name (servers SIGKILLed elsewhere, or by
     this project before it named its own) go when no process maps them and they are old."""

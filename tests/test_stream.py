@@ -535,10 +535,12 @@ def test_stream_aborts_when_server_stays_away_then_resumes(triton, tmp_path):
                                    backoff_s=0.05, backoff_max_s=0.1, timeout_s=2))
     finally:
         killer.join()
-    assert aborted.aborted and "failed 3 times" in aborted.aborted
-    head = _lines(out)
-    assert 10 <= len(head) < n and [r["seq"] for r in head] == list(range(len(head)))
-    triton.start()
+    try:
+        assert aborted.aborted and "failed 3 times" in aborted.aborted
+        head = _lines(out)
+        assert 10 <= len(head) < n and [r["seq"] for r in head] == list(range(len(head)))
+    finally:
+        triton.start()
     done = run_stream(_opts(triton, tmp_path / "src", out, resume=True))
     lines = _lines(out)
     assert done.aborted is None and done.skipped == len(head)
