@@ -244,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL output, one line per frame; with several --source a folder (NAME.jsonl each)")
     parser.add_argument("--model", default=C.CMG, choices=list(C.ENSEMBLES), help="ensemble to call")
     parser.add_argument("--fps", type=positive_float, default=None,
-                        help="frame rate to send at (default: as fast as possible)")
+                        help="frame rate to send at (default: a synth: source's own ?fps=, else as fast as possible)")
     parser.add_argument("--window", type=positive_int, default=16,
                         help="frames in flight, not yet written (default 16)")
     parser.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per request (default 10)")
