@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fnmatch
+import functools
 import glob
 import os
+import queue
 import threading
 import time
 import uuid
@@ -95,9 +97,10 @@ class CMGClient:
     fails at once (`cmg stream` retries those); the next call reconnects within about a
     second of the server's return.
 
-    One client may be shared by threads: gRPC calls share one channel; HTTP (gevent, which
-    cannot switch threads) gets a connection per thread; with `shm=True` requests take
-    turns, since the regions hold one request at a time.
+    One client may be shared by threads: gRPC calls share one channel; HTTP calls (gevent,
+    which cannot switch threads) run on up to HTTP_THREADS threads the client owns, each
+    with its own connection; with `shm=True` requests take turns, since the regions hold one
+    request at a time.
     """
 
     def __init__(
@@ -114,11 +117,8 @@ class CMGClient:
         self._shm_regions: list[tuple[str, Any, int]] = []  # (name, handle, bytes)
         self._shm_layout: dict[str, Any] | None = None
         self._shm_lock = threading.Lock()
-        self._local = threading.local()  # HTTP: this thread's tritonclient
-        self._made: list[Any] = []  # every tritonclient made (closed on close())
-        self._made_lock = threading.Lock()
-        self._finalizers: list[weakref.finalize] = []  # HTTP: one per thread's connection (detached on close)
-        self._shared: Any = None  # gRPC: one client for every thread
+        self._shared: Any = None  # gRPC: one client for every thread; HTTP: the client's threads (_HTTPThreads)
+        self._stop_threads: Callable[[], Any] = lambda: None  # HTTP: ends them (also when collected unclosed)
         self._closed = False
         self._pid = os.getpid()  # the process that owns the shm regions
         if protocol not in PROTOCOLS:
@@ -132,6 +132,13 @@ class CMGClient:
         self.retries = 0  # transient failures retried so far
         if protocol == "grpc":
             self._shared = self._connect()
+        else:
+            import tritonclient.http as mod  # heavy (gevent): only --protocol http needs it
+
+            self._mod = mod
+            self._shared = _HTTPThreads(functools.partial(_http_connection, self.url, self.timeout_s))
+            self._stop_threads = weakref.finalize(self, self._shared.close, self.timeout_s)
+            self._stop_threads.atexit = False  # the exit hook's close() still unregisters shm regions through them
         try:
             self._check_ready()
             metadata, config = self._read_model()
@@ -151,50 +158,20 @@ class CMGClient:
     # -- connection -------------------------------------------------------------------
     @property
     def _client(self) -> Any:
-        """The tritonclient for this thread (gRPC: the shared one)."""
+        """The tritonclient (HTTP: one whose calls run on the client's threads)."""
         if self._closed:
             raise CMGError(f"the client for {self.url} is closed")
-        if self._shared is not None:
-            return self._shared
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self._connect()
-            # closed with its thread: short-lived threads must not pile up open connections. By
-            # weak references: a bound method held this client (and its shm regions) alive as
-            # long as the thread that used it, the main thread for ever.
-            done = weakref.finalize(threading.current_thread(), _forget_connection, weakref.ref(self),
-                                    weakref.ref(client))
-            with self._made_lock:  # those of ended threads have run: dropped, or a thread per request piles them up
-                self._finalizers = [f for f in self._finalizers if f.alive] + [done]
-        return client
-
-    def _forget(self, client: Any) -> None:
-        with self._made_lock:
-            if client not in self._made:
-                return
-            self._made.remove(client)
-        with contextlib.suppress(Exception):
-            client.close()
+        return self._shared
 
     def _connect(self):
-        if self.protocol == "grpc":
-            import tritonclient.grpc as mod  # loaded anyway: cmg.model_config imports its protobufs
-        else:
-            import tritonclient.http as mod  # heavy (gevent): only --protocol http needs it
+        import tritonclient.grpc as mod  # loaded anyway: cmg.model_config imports its protobufs
+
         self._mod = mod
         try:
-            if self.protocol == "grpc":
-                # reconnects within about a second of the server's return (`grpc_channel_args`)
-                client = mod.InferenceServerClient(self.url, channel_args=core.grpc_channel_args(mod))
-            else:
-                client = mod.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
-                )
+            # reconnects within about a second of the server's return (`grpc_channel_args`)
+            return mod.InferenceServerClient(self.url, channel_args=core.grpc_channel_args(mod))
         except Exception as exc:  # bad URL syntax
-            raise CMGError(f"cannot create a {self.protocol} client for {self.url}: {exc}") from exc
-        with self._made_lock:
-            self._made.append(client)
-        return client
+            raise CMGError(f"cannot create a grpc client for {self.url}: {exc}") from exc
 
     def _where(self) -> str:
         return f"Triton server at {self.url} ({self.protocol})"
@@ -206,6 +183,8 @@ class CMGClient:
             kwargs.setdefault("client_timeout", self.timeout_s)
         try:
             return fn(*args, **kwargs)
+        except CMGError:
+            raise  # said already (an HTTP connection that cannot be made: a bad URL)
         except InferenceServerException as exc:
             failure = core.classify(exc)
             if failure.kind == core.DEADLINE:
@@ -498,16 +477,12 @@ class CMGClient:
                     self._shm_lock.release()
         _LIVE_SHM.discard(self)
         self._closed = True
-        with self._made_lock:
-            made, self._made = self._made, []
-            finalizers, self._finalizers = self._finalizers, []
-        for done in finalizers:  # a long-lived thread must not collect one per closed client
-            done.detach()
         if os.getpid() != self._pid:  # a forked child: the connections are the parent's (a gRPC
             return  # channel's shutdown would be sent on the parent's socket)
-        for client in made:  # another thread's HTTP client may refuse: its socket goes with it
+        self._stop_threads()
+        if self.protocol == "grpc" and self._shared is not None:
             with contextlib.suppress(Exception):
-                client.close()
+                self._shared.close()
 
     def _unregister(self, names: list[str], attempts: int = 3) -> None:
         """Unregister regions within timeout_s each (gRPC's call had no deadline: close() and the
@@ -546,12 +521,88 @@ class CMGClient:
 READY_CHECK = "server readiness check"
 
 
-def _forget_connection(owner: weakref.ref, client: weakref.ref) -> None:
-    """A thread's HTTP connection is closed with the thread, if its CMGClient still lives
-    (a collected one took the connection with it)."""
-    cmg_client, connection = owner(), client()
-    if cmg_client is not None and connection is not None:
-        cmg_client._forget(connection)
+HTTP_THREADS = 8  # at most this many HTTP calls of one client at once (more callers wait their turn)
+
+
+def _http_connection(url: str, timeout_s: float) -> Any:
+    import tritonclient.http as mod  # heavy (gevent): only --protocol http needs it
+
+    try:
+        return mod.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    except Exception as exc:  # bad URL syntax
+        raise CMGError(f"cannot create a http client for {url}: {exc}") from exc
+
+
+class _HTTPThreads:
+    """A tritonclient.http client whose calls run on threads it owns, each with its own
+    connection, started as calls overlap (at most HTTP_THREADS). gevent cannot switch
+    threads, so each connection stays on one thread; a connection per calling thread left
+    every ended thread's gevent hub behind (an epoll and an eventfd, a resolver thread): a
+    thread per request ran out of file descriptors. Holds no reference to its CMGClient
+    (an unclosed one is collected, and ends these threads)."""
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0  # calls given and not yet answered
+        self._pid = os.getpid()
+        self._closed = False
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        return functools.partial(self._run, method)
+
+    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        done, answer = threading.Event(), []
+        with self._lock:
+            if self._closed:  # a call that began before close(): no thread started that nothing ends
+                raise CMGError("the HTTP client is closed")
+            if os.getpid() != self._pid:  # a forked child: the parent's threads are not here
+                self._jobs, self._threads, self._busy, self._pid = queue.SimpleQueue(), [], 0, os.getpid()
+            self._busy += 1
+            if self._busy > len(self._threads) and len(self._threads) < HTTP_THREADS:
+                thread = threading.Thread(target=self._work, name=f"cmg-http-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self._jobs.put((method, args, kwargs, answer, done))
+        done.wait()
+        ok, value = answer[0]
+        if not ok:
+            raise value
+        return value
+
+    def _work(self) -> None:
+        import gevent
+
+        connection = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                method, args, kwargs, answer, done = job
+                try:
+                    connection = connection or self._connect()
+                    answer.append((True, getattr(connection, method)(*args, **kwargs)))
+                except BaseException as exc:  # noqa: BLE001 - the caller's to raise (gevent.Timeout too)
+                    answer.append((False, exc))
+                with self._lock:
+                    self._busy -= 1
+                done.set()
+        finally:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.close()
+            gevent.get_hub().destroy(destroy_loop=True)  # in its own thread: its epoll, eventfd and threads go
+
+    def close(self, timeout_s: float) -> None:
+        """End the threads once their calls are answered (each waited for up to timeout_s)."""
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+            for _ in threads:
+                self._jobs.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():  # collected unclosed, by one of its own threads
+                thread.join(timeout_s)
 
 
 def _region_unknown(exc: InferError) -> bool:

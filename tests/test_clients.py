@@ -185,6 +185,31 @@ def test_one_client_shared_by_threads(triton, grpc_client, protocol, shm):
         assert got[t] == pytest.approx([want[t]] * 6, abs=1e-5), (t, got[t])
 
 
+def test_an_http_client_used_by_a_thread_per_request_keeps_its_descriptors_and_threads(triton, grpc_client):
+    """A connection per calling thread left each ended thread's gevent hub behind (an epoll
+    and an eventfd, a resolver thread), after close() too: a thread per request ran out of
+    file descriptors. The client's own threads make its HTTP calls, and close() ends them."""
+    import gc
+    import threading
+
+    def fds_and_threads() -> tuple[int, int]:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+    frame = _frames(grpc_client, 1, seed=15)
+    before = fds_and_threads()
+    with CMGClient(triton.http_url, "http") as client:
+        client.infer_arrays(frame)
+        for _ in range(60):
+            worker = threading.Thread(target=client.infer_arrays, args=(frame,))
+            worker.start()
+            worker.join(60)
+        fds, threads = fds_and_threads()
+        assert fds <= before[0] + 6 and threads <= before[1] + 3, (before, (fds, threads))
+    after = fds_and_threads()
+    assert after[0] <= before[0] and after[1] <= before[1], ("close() left threads or descriptors", before, after)
+
+
 @pytest.mark.slow
 def test_shm_client_outlives_a_server_restart_and_dead_clients_regions_go(cpu_repo, tmp_path):
     """A restarted server forgets registrations: the client registers its regions again.
