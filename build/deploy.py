@@ -13,7 +13,9 @@ re-reads its composing models from the repository, so every step goes through th
      (Triton swaps a reloaded model only once the new one is ready); one inference must
      be answered by ensemble version NEW;
   4. retire: the configs as built (latest version only, steps on the latest) are written
-     back and the ensembles loaded once more: OLD versions unload.
+     back and the ensembles loaded once more: OLD versions unload. The version folders
+     below OLD are removed (OLD stays for a rollback): each deploy had added a full model
+     set for good.
 
 The cpu target's fused `cmg` (one Python-backend model, build/fuse.py) is an entry like an
 ensemble: at stage it is pinned to OLD while the graphs it fuses (cmer_scorer, cmle_encoder)
@@ -46,7 +48,13 @@ from cmg.contract import CMG, ENSEMBLES
 from cmg.errors import CMGError
 from cmg.files import write_atomic
 from cmg.locks import OutputLock
-from cmg_build.repository import DEPLOY_RECORD, build, file_checksums, int8_on_cuda
+from cmg_build.repository import (
+    DEPLOY_RECORD,
+    build,
+    drop_other_versions,
+    file_checksums,
+    int8_on_cuda,
+)
 from cmg_build.server import ADMIN_KEY_FILE, admin_headers
 from cmg_clients import core
 from cmg_clients.client import CMGClient
@@ -390,6 +398,12 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     # 4. retire (the new run's configs: the same as the old but for the threshold)
     for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
+    # NEW and the version it replaced stay (NEW is the highest on disk, so the next deploy's
+    # number is still above every one taken); before the report, which lists the files
+    dropped = drop_other_versions(repo, list(configs), {old, new})
+    if dropped:
+        print(f"cmg deploy: removed version folder(s) {', '.join(dropped)} (the repository keeps version {new} "
+              f"and version {old}, which it replaced)", file=sys.stderr)
     # The report says what the repository serves now (the engine runner and the bench read its
     # version and threshold): the new build's, with the deploys so far
     history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]

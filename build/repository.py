@@ -340,7 +340,7 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
                         int8=int8)
             report["engines_missing"] = missing
 
-        dropped = _drop_other_versions(out, list(report["models"]), version)
+        dropped = drop_other_versions(out, list(report["models"]), {version})
         if dropped:
             print(f"cmg build: removed version folder(s) {', '.join(dropped)} (a `cmg deploy`'s or another "
                   f"build's): Triton serves a model's highest version, which would have hidden this build's "
@@ -356,13 +356,14 @@ def build(run: Path, target: str, out: Path, kind: str = "cpu", max_batch: int |
     return report
 
 
-def _drop_other_versions(out: Path, names: list[str], version: int) -> list[str]:
-    """Remove every numeric version folder but `version` of the models this build wrote (a
-    deploy's version 2 left in OUT kept serving the deployed run over a rebuild's version 1)."""
+def drop_other_versions(out: Path, names: list[str], keep: set[int]) -> list[str]:
+    """Remove every numeric version folder but those in `keep` of the models `names`: a build
+    keeps its own (a deploy's version 2 left in OUT kept serving the deployed run over a
+    rebuild's version 1), a deploy the new version and the one it replaced."""
     dropped = []
     for name in names:
         for entry in sorted((out / name).iterdir()):
-            if entry.is_dir() and entry.name.isdigit() and int(entry.name) != version:
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) not in keep:
                 shutil.rmtree(entry)
                 dropped.append(f"{name}/{entry.name}")
     return dropped

@@ -407,6 +407,33 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_deploys_keep_the_new_version_and_the_one_it_replaced(tiny_run, cpu_repo, tmp_path, capsys):
+    """Each deploy had left its full model set on disk for good (4 deploys: 21 MB -> 101 MB,
+    versions 1 to 5 of every model, one of them served): now older versions go, and the
+    next number is still above every one taken."""
+    from cmg_build.deploy import deploy
+
+    repo = tmp_path / "repo"
+    shutil.copytree(cpu_repo, repo)
+    models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+
+    def on_disk() -> dict[str, set[str]]:
+        return {name: {p.name for p in (repo / name).iterdir() if p.name.isdigit()} for name in models}
+
+    server = _server(repo, tmp_path / "s.log", model_control_mode="explicit", load_models=[C.CMG]).start()
+    try:
+        for new in (2, 3, 4):
+            done = deploy(tiny_run, repo, server.grpc_url)
+            assert (done["old_version"], done["new_version"]) == (new - 1, new)
+            assert on_disk() == {name: {str(new - 1), str(new)} for name in models}, on_disk()
+        assert f"removed version folder(s) {models[0]}/2" in capsys.readouterr().err
+        report = json.loads((repo / "build_report.json").read_text())
+        assert not [f for f in report["files"] if f.split("/")[1:2] == ["2"]], "the report lists removed files"
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.slow
 def test_deploy_keeps_every_loaded_ensemble_at_one_version(tiny_run, cpu_repo, tmp_path, monkeypatch):
     """With cmg_exact loaded beside cmg, loading a step made Triton reload cmg_exact with the
     config it had last loaded ("latest"), not the pinned one on disk: for seconds it answered as
