@@ -20,7 +20,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ from cmg_clients.core import (  # noqa: F401 - re-exported: the client's public 
 )
 
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
-SHM_PREFIX = "cmg_"  # every region this client registers is named cmg_<pid>_<tag>_{in,out}
+SHM_PREFIX = "cmg_"  # every region this client registers is named cmg_<pid>_<tag>_held_{in,out}
+HELD = "_held_"  # in the names of regions whose owner holds a lock on their file (older clients' have none)
+SHM_DIR = Path("/dev/shm")
 _LIVE_SHM: weakref.WeakSet = weakref.WeakSet()  # shm clients not closed yet (closed at exit)
 
 
@@ -117,6 +119,7 @@ class CMGClient:
         self._shm_regions: list[tuple[str, Any, int]] = []  # (name, handle, bytes)
         self._shm_layout: dict[str, Any] | None = None
         self._shm_lock = threading.Lock()
+        self._shm_held: list[int] = []  # a shared lock on each region's file, held while this process lives
         self._shared: Any = None  # gRPC: one client for every thread; HTTP: the client's threads (_HTTPThreads)
         self._stop_threads: Callable[[], Any] = lambda: None  # HTTP: ends them (also when collected unclosed)
         self._closed = False
@@ -394,12 +397,13 @@ class CMGClient:
         self._drop_stale_regions()
         tag = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
         for kind, nbytes in (("in", image_bytes + thr_bytes), ("out", offset)):
-            name = f"{tag}_{kind}"
+            name = f"{tag}{HELD}{kind}"
             try:
                 handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
             except Exception as exc:
                 raise CMGError(f"cannot create shared memory region /{name} ({nbytes} bytes): {exc}") from exc
             self._shm_regions.append((name, handle, nbytes))
+            self._shm_held.append(_hold(SHM_DIR / name))
         _LIVE_SHM.add(self)
         self._register_shm()
         self._shm_layout = {"tag": tag, "in": in_layout, "out": out_layout}
@@ -411,20 +415,31 @@ class CMGClient:
                        name, f"/{name}", nbytes)
 
     def _drop_stale_regions(self) -> None:
-        """Unregister regions of clients that died without close(): named like ours, their
-        /dev/shm file already gone (unlinked), so no live client can be using them."""
+        """Unregister and remove regions of clients that died without close(): named like ours,
+        their /dev/shm file gone (unlinked), or left with no lock on it (its owner process is
+        dead, whatever killed it: a SIGKILL of its process group also kills the resource
+        tracker that would have unlinked the file, and the server kept it registered and
+        mapped). A live owner's lock keeps its regions, in any pid namespace."""
         try:
             status = self._call("shared memory status", self._client.get_system_shared_memory_status,
                                 **({"as_json": True} if self.protocol == "grpc" else {}))
         except InferError:
             return
         regions = status.get("regions", {}).values() if isinstance(status, dict) else status
+        registered = {}
         for region in regions:
             name, key = str(region.get("name", "")), str(region.get("key", ""))
-            if name.startswith(SHM_PREFIX) and key and not Path("/dev/shm", key.lstrip("/")).exists():
-                with contextlib.suppress(InferError):
-                    self._call(f"unregistration of the stale region {name}",
-                               self._client.unregister_system_shared_memory, name)
+            if name.startswith(SHM_PREFIX) and key:
+                registered[SHM_DIR / key.lstrip("/")] = name
+        for path in [*(p for p in registered if not p.exists()), *SHM_DIR.glob(f"{SHM_PREFIX}*{HELD}*")]:
+            with _abandoned(path) as dead:
+                if not dead:
+                    continue
+                if path in registered:
+                    with contextlib.suppress(InferError):
+                        self._call(f"unregistration of the stale region {registered[path]}",
+                                   self._client.unregister_system_shared_memory, registered[path])
+                path.unlink(missing_ok=True)
 
     def _infer_shm(self, frames, thr, inputs, outputs) -> tuple[dict[str, np.ndarray], str | None]:
         import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
@@ -472,6 +487,9 @@ class CMGClient:
                         with contextlib.suppress(Exception):
                             shm.destroy_shared_memory_region(handle)
                 self._shm_regions = []
+                for fd in self._shm_held:  # (in a forked child, the parent's lock stays: it has its own fd)
+                    os.close(fd)
+                self._shm_held = []
             finally:
                 if locked:
                     self._shm_lock.release()
@@ -603,6 +621,50 @@ class _HTTPThreads:
         for thread in threads:
             if thread is not threading.current_thread():  # collected unclosed, by one of its own threads
                 thread.join(timeout_s)
+
+
+def _hold(path: Path) -> int:
+    """A shared lock on a region's file, held by this process until close() or its death (the
+    kernel drops it however the process dies): what tells other clients the owner is alive.
+    A region another client's sweep removed before the lock was taken is refused."""
+    import fcntl  # POSIX-only, as system shared memory is
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise CMGError(f"shared memory region {path} was removed while it was being made: try again")
+    return fd
+
+
+@contextlib.contextmanager
+def _abandoned(path: Path) -> Iterator[bool]:
+    """Whether a region's file was left by a dead owner: gone, or free of its owner's lock (asked
+    only of regions whose name says they are held: an older client holds none). While the body
+    runs the lock is ours, so a client making a region of that name cannot take it meanwhile."""
+    import fcntl  # POSIX-only, as system shared memory is
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    except OSError:  # another account's: not ours to judge
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _region_unknown(exc: InferError) -> bool:

@@ -253,6 +253,33 @@ def test_shm_client_outlives_a_server_restart_and_dead_clients_regions_go(cpu_re
         server.cleanup()
 
 
+def test_a_shm_client_killed_with_its_process_group_leaves_no_region(triton, grpc_client):
+    """kill -9 of a client's process group also kills multiprocessing's resource tracker, which
+    would have unlinked its /dev/shm files: they stayed, registered and mapped by the server,
+    and the next shm client (which dropped only regions whose file was gone) kept them. Now
+    the next one removes a dead owner's regions and leaves a live one's (another process's)."""
+    import signal
+
+    script = ("import sys, time\nimport numpy as np\nfrom cmg_clients.client import CMGClient\n"
+              "c = CMGClient(sys.argv[1], shm=True)\nc.infer(np.zeros((1, *c.size, 3), np.uint8))\n"
+              "print(' '.join(n for n, *_ in c._shm_regions), flush=True)\ntime.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script, triton.grpc_url], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        names = set(owner.stdout.readline().split())
+        assert len(names) == 2 and names <= _registered(grpc_client)
+        with CMGClient(triton.grpc_url, shm=True):  # its owner lives: its regions stay
+            assert names <= _registered(grpc_client) and all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)  # the client and its resource tracker
+        owner.wait(30)
+    assert names <= _registered(grpc_client) and all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    with CMGClient(triton.grpc_url, shm=True) as fresh:
+        _assert_same(grpc_client.infer(_frames(grpc_client, 2)), fresh.infer(_frames(grpc_client, 2)))
+        assert not names & _registered(grpc_client), "a dead owner's regions still registered"
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names), "a dead owner's files still there"
+
+
 def test_a_forked_child_leaves_the_parents_shm_regions_and_close_waits_for_a_request(triton, grpc_client):
     """A pre-forking server's worker inherited the exit hook and the client: its exit (or its
     close()) unregistered and deleted the regions its parent still used. And close() from
