@@ -218,7 +218,8 @@ def deploy(run: Path, repository: Path, url: str, data: Path | None = None) -> d
         raise CMGError(f"{repo / 'build_report.json'} not found: --repository must be a folder written by `cmg build`")
     # resolved: `--repository .` or a link to it is the same repository, with the same lock
     lock = OutputLock(repo.resolve(), folder=True, refusal=f"{repo} is being written by another `cmg deploy` or "
-                      "`cmg build` (pid {pid}, lock {lock}): one at a time; wait for it to end")
+                      "`cmg build` (pid {pid}), or a server is loading it (lock {lock}): one at a time; wait for "
+                      "it to end")
     with lock:
         return _deploy(run, repo, url, data)
 

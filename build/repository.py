@@ -40,7 +40,7 @@ from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg.files import can_stage_beside, staged_folder
-from cmg.locks import OutputLock
+from cmg.locks import RUN_BEING_TRAINED, OutputLock, reading
 from cmg_build import config as cfgmod
 from cmg_build import k8s, opcheck
 from cmg_build import tensorrt as trtmod
@@ -178,7 +178,8 @@ def _writing(final: Path, given: Path) -> Iterator[Path]:
     container that mounts it sees the new models). Where nothing can be written beside OUT (a
     mount point, a read-only folder) OUT itself, as before, said."""
     lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
-                      "`cmg deploy` (pid {pid}, lock {lock}): one at a time; wait for it to end")
+                      "`cmg deploy` (pid {pid}), or a server is loading it (lock {lock}): one at a time; wait for "
+                      "it to end")
     lockable = os.access(final.parent, os.W_OK)  # the lock is a file beside OUT
     with lock if lockable else contextlib.nullcontext():
         if not can_stage_beside(final):
@@ -454,9 +455,10 @@ def run(args: argparse.Namespace) -> int:
         raise CMGError(f"--max-replicas {max_replicas} is below --replicas {args.replicas}")
     if args.k8s is not None:  # before the build: a bad DIR must not cost one
         k8s.check_out(args.k8s, [args.run, args.out])
-    report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
-                   args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
-                   args.precision, args.cpu_cmg, args.data)
+    with reading(Path(args.run), refusal=RUN_BEING_TRAINED.format(run=args.run)):  # a training replaces its export
+        report = build(args.run, args.target, args.out, args.kind, args.max_batch, args.opt_batch,
+                       args.instances, args.version, args.cpu_threads, args.timing_cache, args.skip_engines,
+                       args.precision, args.cpu_cmg, args.data)
     precision = report["precision"]
     int8 = (f"; int8 {', '.join(precision['models'])}, calibrated on {precision['calibration_images']} normal "
             "training images" if precision.get("precision") == "int8" else "")

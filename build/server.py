@@ -204,8 +204,11 @@ PYTHON_ENV_BASE = Path("/tmp")  # the Python backend's own folder per server, at
 def sweep_orphaned_python_envs(min_age_s: float = 86400) -> list[Path]:
     """The Python backend makes /tmp/python_env_XXXXXX at each start and removes it only when
     it shuts down cleanly: every server killed (or stopped while starting) left one, 190 in
-    this project's /tmp. Empty ones untouched for a day go (rmdir: never anything inside)."""
-    removed = []
+    this project's /tmp. Empty ones untouched for a day go (rmdir: never anything inside),
+    while no tritonserver runs here: a live one's folder looks the same."""
+    removed: list[Path] = []
+    if _tritonserver_running():
+        return removed
     for folder in PYTHON_ENV_BASE.glob("python_env_*"):
         if _age_s(folder) > min_age_s:
             with contextlib.suppress(OSError):  # not empty, or gone meanwhile: left as it is
@@ -243,6 +246,18 @@ def sweep_orphaned_triton_regions(min_age_s: float = 3600) -> list[Path]:
             region.unlink(missing_ok=True)
             removed.append(region)
     return removed
+
+
+def _tritonserver_running() -> bool:
+    """Some process here is a tritonserver (or /proc cannot tell: then say yes)."""
+    try:
+        for comm in Path("/proc").glob("[0-9]*/comm"):
+            with contextlib.suppress(OSError):
+                if comm.read_text().strip() == "tritonserver":
+                    return True
+    except OSError:
+        return True
+    return False
 
 
 def _age_s(path: Path) -> float:

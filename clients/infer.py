@@ -9,6 +9,7 @@ both read every answer and notice the failures. A server that does not answer at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     paths = iter_image_paths(args.inputs)
     if not paths:
         raise CMGError(f"no images found in {' '.join(map(str, args.inputs))}")
+    if args.overlays is not None:  # made now (as writing the first overlay would), so that its lock has a place
+        with contextlib.suppress(OSError):
+            args.overlays.resolve().parent.mkdir(parents=True, exist_ok=True)
     if args.overlays is None or not os.access(args.overlays.resolve().parent, os.W_OK):
         return _infer(args, url, protocol, paths)
     # Two at once into one --overlays had left each line naming the other run's picture.

@@ -73,6 +73,7 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
     old file or the new one."""
     if not new:
         return
+    out = out.resolve()  # a link to the file stays a link (replaced, it had split the file's lock in two)
     tmp = out.with_name(out.name + ".rewrite.tmp")
     with out.open("rb") as src, tmp.open("wb") as dst:
         keep_mode(out, tmp)  # before the lines are written

@@ -10,7 +10,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -102,6 +102,7 @@ class StreamSummary:
     p99_ms: float | None = None
     aborted: str | None = None
     behind_s: float = 0.0  # paced (--fps): how late the latest frame was sent against its schedule, at worst
+    warnings: list[str] = field(default_factory=list)  # the source's (a video shorter than its header says)
 
     def line(self) -> str:
         lat = "n/a" if self.p50_ms is None else f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
@@ -112,8 +113,9 @@ class StreamSummary:
             + (f", {self.skipped} already in {self.out}" if self.skipped else "")
             + (f", {self.fixed} of {self.rescored} earlier errors now scored" if self.rescored else "")
             + (f"; {self.errors_in_out} error lines in {self.out}" if self.errors_in_out else "")
-            + (f"; sent up to {self.behind_s:.1f} s behind the --fps schedule (the servers answer slower: "
-               "frames waited before the latencies start)" if self.behind_s >= BEHIND_SAID_S else "")
+            + (f"; sent up to {self.behind_s:.1f} s behind the --fps schedule (frames could not be read and "
+               "scored that fast: they waited before their latencies start)" if self.behind_s >= BEHIND_SAID_S else "")
+            + "".join(f"; WARNING: {w}" for w in self.warnings)
             + (f"; ABORTED: {self.aborted}" if self.aborted else "")
         )
 

@@ -26,9 +26,6 @@ from cmg_data import synth
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".y4m",
               ".flv", ".wmv", ".3gp", ".ogv"}
-# Containers whose header counts the frames stored (the others' count OpenCV estimates from
-# the duration, so only a shortfall beyond that estimate's error says the file was cut).
-EXACT_COUNT_EXTS = {".mp4", ".mov", ".m4v", ".avi", ".3gp"}
 MAX_UNREADABLE_RUN = 50  # reads in a row that give no frame: the end of the file
 Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
 
@@ -50,6 +47,11 @@ class Source:
 
     count: int | None = None  # None: unknown or endless
     fps: float | None = None  # the source's own rate, if it has one
+
+    @property
+    def warnings(self) -> list[str]:
+        """What reading it found short of an error line (a video shorter than its header says)."""
+        return self.__dict__.setdefault("_warnings", [])
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         raise NotImplementedError
@@ -129,11 +131,12 @@ class VideoSource(Source):
                     rgb = np.ascontiguousarray(bgr[..., ::-1])
                     yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
                 index += 1
-            short = declared - index
-            if short > 0 and (self.path.suffix.lower() in EXACT_COUNT_EXTS or short > max(2, declared // 20)):
-                for seq in range(max(index, start), declared):
-                    yield self._error(seq, f"was not decoded: the file ends after {index} of the {declared} frames its "
-                                           "header declares (truncated or damaged)")
+            if declared - index > max(2, declared // 20):
+                # Said, not error lines: the header's count is a hint (an .mp4 an edit list trims,
+                # a clip cut without re-encoding, counts frames it never shows; .mkv and the
+                # like estimate it from the duration), so a short file may be whole.
+                self.warnings.append(f"video {self.path}: {index} frames decoded of the {declared} its header "
+                                     "declares (a truncated or damaged file? or frames an edit list hides)")
         finally:
             cap.release()
 

@@ -96,7 +96,7 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
         min(source.count, opts.limit) if source.count is not None else opts.limit)
 
     with contextlib.suppress(FileNotFoundError):  # a rewrite killed before its rename
-        opts.out.with_name(opts.out.name + ".rewrite.tmp").unlink()
+        opts.out.resolve().with_name(opts.out.resolve().name + ".rewrite.tmp").unlink()
     found = scan_existing(opts.out) if opts.resume else Existing()
     start = found.count
     summary.skipped = start
@@ -173,6 +173,7 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
             p50, p99 = scorer.latencies.percentiles([50, 99])
             summary.p50_ms, summary.p99_ms = float(p50), float(p99)
         summary.errors_in_out = len(found.errors) - summary.fixed + summary.errors
+        summary.warnings = list(source.warnings)
         if scorer.fatal:
             summary.aborted = scorer.fatal[0]
 

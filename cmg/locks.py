@@ -8,10 +8,16 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from cmg.errors import CMGError
+
+READER_PATIENCE_S = 0.5  # how long a reader retries a refused shared lock before it believes it
+# A run folder's readers (eval, export, build) say this when `cmg train` holds it
+RUN_BEING_TRAINED = ("--run {run} is being trained (`cmg train`, pid {{pid}}, lock {{lock}}): use it when the "
+                     "training ends")
 
 
 class OutputLock:
@@ -52,23 +58,26 @@ class OutputLock:
         import fcntl  # POSIX-only: the module stays importable where fcntl is missing
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A reader may meet the last reader's release, which holds the lock alone for a moment
+        # to remove the file: it tries again for a while before it calls that a writer.
+        patience = time.monotonic() + (READER_PATIENCE_S if self.shared else 0.0)
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raise CMGError(f"lock file {self.path} is a symbolic link: a lock is never taken through "
-                               "one (remove it if you made it)") from None
+            fd = self._open()
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                if time.monotonic() < patience:
+                    time.sleep(0.01)
+                    continue
                 if self.refusal:  # replace, not format: a path may hold braces
                     raise CMGError(self.refusal.replace("{pid}", holder).replace("{lock}", str(self.path))) from None
                 raise CMGError(f"--out {self.out} is being written by another process (pid {holder}, lock "
                                f"{self.path}): one writer at a time; wait for it to end or choose another --out") from None
+            except OSError:  # no locks on this file system (NFS without lockd): said by the caller
+                os.close(fd)
+                raise
             try:  # the holder before us may have removed the file between our open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -80,6 +89,23 @@ class OutputLock:
                 self._fd = fd
                 return self
             os.close(fd)
+
+    def _open(self) -> int:
+        """The lock file, never through a link; a reader opens it read-only (another account's
+        writer made it 0644) and makes it only where it is not there."""
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            if self.shared:
+                try:
+                    return os.open(self.path, os.O_RDONLY | flags)
+                except FileNotFoundError:
+                    return os.open(self.path, os.O_RDONLY | os.O_CREAT | flags, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CMGError(f"lock file {self.path} is a symbolic link: a lock is never taken through "
+                           "one (remove it if you made it)") from None
 
     def release(self) -> None:
         """Remove the lock file while still holding it, then let go (a reader only when it is
@@ -136,9 +162,7 @@ def reading(folder: Path, refusal: str) -> Iterator[None]:
     lock: OutputLock | None = OutputLock(folder, folder=True, refusal=refusal, shared=True)
     try:
         lock.acquire()
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
+    except OSError:  # a read-only mount, no room for the file, no locks there: read as any reader could
         lock = None
     try:
         yield

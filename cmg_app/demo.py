@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config
+from cmg.dataset import SYNTH_INCOMPLETE
 from cmg.errors import CMGError
 from cmg_build.repository import build
 from cmg_build.server import TritonServer
@@ -62,7 +63,8 @@ def demo(workdir: Path, config: str = "tiny", seed: int | None = None, fresh: bo
     t = _stage(f"synthesize {cfg.data.preset} data -> {data}")
     made = json.loads((data / "synth.json").read_text()) if (data / "synth.json").is_file() else None
     wanted = {"preset": cfg.data.preset, "seed": seed, "category": cfg.data.category}
-    new_data = fresh or made is None or any(made.get(k) != v for k, v in wanted.items())
+    new_data = (fresh or made is None or (data / SYNTH_INCOMPLETE).exists()  # a synth killed just before its end
+                or any(made.get(k) != v for k, v in wanted.items()))
     if new_data:
         synthesize(data, preset=cfg.data.preset, seed=seed, category=cfg.data.category, progress=progress)
     else:

@@ -31,7 +31,7 @@ from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
 from cmg.files import write_atomic
-from cmg.locks import OutputLock, reading
+from cmg.locks import RUN_BEING_TRAINED, OutputLock, reading
 from cmg_train.checkpoint import Run, load_run, run_mismatch
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
@@ -590,9 +590,10 @@ def run(args: argparse.Namespace) -> int:
     pictures)."""
     with contextlib.ExitStack() as held:
         for path in args.run:
-            held.enter_context(reading(Path(path), refusal=f"--run {path} is being trained (`cmg train`, pid "
-                                       "{pid}, lock {lock}): evaluate it when the training ends"))
+            held.enter_context(reading(Path(path), refusal=RUN_BEING_TRAINED.format(run=path)))
         for path in dict.fromkeys(Path(p).resolve() for p in args.run if Path(p).is_dir()):  # a run given twice is said below
+            if not os.access(path, os.W_OK):  # a read-only run: its cached report is read, or it says why not
+                continue
             held.enter_context(OutputLock(path / "eval", folder=True, refusal=(
                 f"{path / 'eval'} is being written by another `cmg eval` (pid {{pid}}, lock {{lock}}): "
                 "one at a time; wait for it to end")))
@@ -620,17 +621,19 @@ def _run(args: argparse.Namespace) -> int:
     test: TestSet | None = None
     fingerprint = None
     reports = []
-    for r in runs:
-        report = None if args.recompute else cached_report(r, data, args.ablation)
-        if report is not None:
-            print(f"{r.path}: the report of this data, unchanged since it was scored, from {r.path / 'eval'} "
-                  "(--recompute scores again)", file=sys.stderr)
-        else:
-            if test is None:  # the fingerprint before the frames are read: an edit meanwhile makes it stale
-                fingerprint = test_split_fingerprint(data)
-                test = TestSet(data, r.cfg.data.image_size, not args.no_progress)
-            report = evaluate(r, data, args.ablation, not args.no_progress, test, fingerprint)
-        reports.append(report)
+    with reading(Path(data), refusal=f"--data {data} is being written by `cmg data synth` (pid {{pid}}, lock "
+                 "{lock}): evaluate when it ends"):
+        for r in runs:
+            report = None if args.recompute else cached_report(r, data, args.ablation)
+            if report is not None:
+                print(f"{r.path}: the report of this data, unchanged since it was scored, from {r.path / 'eval'} "
+                      "(--recompute scores again)", file=sys.stderr)
+            else:
+                if test is None:  # the fingerprint before the frames are read: an edit meanwhile makes it stale
+                    fingerprint = test_split_fingerprint(data)
+                    test = TestSet(data, r.cfg.data.image_size, not args.no_progress)
+                report = evaluate(r, data, args.ablation, not args.no_progress, test, fingerprint)
+            reports.append(report)
     if len(reports) == 1:
         print(markdown_table(reports[0]["rows"], reports[0].get("defects")) + threshold_table(reports)
               + alpha_table(reports), end="")

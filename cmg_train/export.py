@@ -29,6 +29,7 @@ from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder
 from cmg.errors import CMGError, naming
 from cmg.files import staged_folder
+from cmg.locks import RUN_BEING_TRAINED, reading
 from cmg_train.checkpoint import Run, load_run
 
 OPSET = 17
@@ -263,7 +264,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.out, args.data)
+    with reading(Path(args.run), refusal=RUN_BEING_TRAINED.format(run=args.run)):  # a training replaces the checkpoint
+        report = export_run(args.run, args.out, args.data)
     out = args.out or args.run / "onnx"
     print(json.dumps({"onnx": str(out), "parity": report["parity"]}))
     print(parity_verdict(report["parity"], out), file=sys.stderr)

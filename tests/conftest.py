@@ -136,7 +136,9 @@ def _triton_alive(request):
     """The shared server up again before each test that uses it: a test that failed between
     killing it and starting it again had failed every later test on its worker as well
     ("unreachable"), hiding its own cause among them."""
-    if "triton" in request.fixturenames:
-        server = request.getfixturevalue("triton")
-        if not server.is_running():
-            server.start()
+    server = request.getfixturevalue("triton") if "triton" in request.fixturenames else None
+    if server is not None and not server.is_running():
+        server.start()
+    yield
+    if server is not None and not server.is_running():  # after too: a module's fixtures come before
+        server.start()

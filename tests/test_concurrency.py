@@ -50,14 +50,16 @@ def test_training_refuses_a_folder_synth_is_writing_or_left_unfinished(tmp_path)
         check_training_folder(data, 64)
 
 
-def test_eval_waits_for_no_training_and_is_one_writer_per_run(tmp_path, capsys):
+def test_eval_export_and_build_wait_for_no_training_and_one_eval_per_run(tmp_path, capsys):
     """An eval while `cmg train` replaced the run put the new checkpoint's hash on the old one's
     scores, which every later eval reused; two evals of one run left one data's json over the
     other's pictures."""
     run = tmp_path / "run"
     run.mkdir()
-    with OutputLock(run, folder=True):  # a training writing it
-        assert "is being trained (`cmg train`" in _exit_2(["eval", "--run", str(run)], capsys)
+    with OutputLock(run, folder=True):  # a training writing it: eval, export and build wait for it
+        for verb in (["eval", "--run", str(run)], ["export", "--run", str(run)],
+                     ["build", "--run", str(run), "--target", "cpu", "--out", str(tmp_path / "repo")]):
+            assert "is being trained (`cmg train`" in _exit_2(verb, capsys), verb
     with OutputLock(run / "eval", folder=True):
         assert "being written by another `cmg eval`" in _exit_2(["eval", "--run", str(run)], capsys)
     from cmg_train.runlog import run_folder

@@ -82,3 +82,24 @@ def test_the_demo_trains_again_over_a_run_it_cannot_read(tmp_path, monkeypatch, 
     said = capsys.readouterr().out
     assert ("training again" in said) == (checkpoint is not None)
     assert checkpoint is None or "checkpoint" in said.split("training again")[0].lower()
+
+
+def test_the_demo_makes_its_data_again_over_a_synth_killed_at_its_end(tmp_path, monkeypatch):
+    """Killed between writing synth.json and removing synth.incomplete, the data was reused
+    and the training refused it ('not finished') on every demo until --fresh."""
+    from cmg.dataset import SYNTH_INCOMPLETE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "synth.json").write_text(json.dumps({"preset": "tiny", "seed": 0, "category": "hex_nut"}))
+    (data / SYNTH_INCOMPLETE).touch()
+    made = []
+
+    def synthesize(out, **_kwargs):
+        made.append(out)
+        raise KeyboardInterrupt  # enough: the demo chose to make the data again
+
+    monkeypatch.setattr(demo_mod, "synthesize", synthesize)
+    with pytest.raises(KeyboardInterrupt):
+        demo_mod.demo(tmp_path, progress=False)
+    assert made == [data]

@@ -892,6 +892,7 @@ def test_python_backend_folders_of_killed_servers_go_when_empty_and_a_day_old(tm
     """The Python backend's /tmp/python_env_XXXXXX stays after every server that did not shut
     down cleanly (190 of them here); an empty one a day old goes, anything else stays."""
     monkeypatch.setattr(server_mod, "PYTHON_ENV_BASE", tmp_path)
+    monkeypatch.setattr(server_mod, "_tritonserver_running", lambda: False)  # another worker's may run
     old, full, recent = (tmp_path / f"python_env_{name}" for name in ("old", "full", "recent"))
     for folder in (old, full, recent):
         folder.mkdir()
@@ -900,6 +901,9 @@ def test_python_backend_folders_of_killed_servers_go_when_empty_and_a_day_old(tm
         os.utime(folder, (time.time() - 90000, time.time() - 90000))
     assert server_mod.sweep_orphaned_python_envs() == [old]
     assert not old.exists() and full.exists() and recent.exists()
+    os.utime(recent, (time.time() - 90000, time.time() - 90000))
+    monkeypatch.setattr(server_mod, "_tritonserver_running", lambda: True)  # a live server's looks the same
+    assert server_mod.sweep_orphaned_python_envs() == [] and recent.exists()
 
 
 def test_orphaned_default_named_regions_go_and_mapped_or_recent_ones_stay(tmp_path):

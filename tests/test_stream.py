@@ -179,27 +179,50 @@ def _loads(items) -> list[str | None]:
     return said
 
 
-def test_a_damaged_or_cut_video_gives_an_error_line_per_frame_it_lost(tmp_path):
+def test_a_damaged_video_gives_an_error_line_per_frame_it_lost_and_a_short_one_a_warning(tmp_path):
     """A read that failed mid-file ended the stream there with exit 0 (frames after it never
-    scored), and a cut file streamed its first half as if that were all."""
+    scored); a cut file streamed its first half as if that were all. A file shorter than its
+    header says is a warning, not error lines: an .mp4 an edit list trims is whole."""
+    from cmg_clients.scorer import StreamSummary
+
     data = _video(tmp_path / "line.mp4", "mp4v", 60)
     damaged = tmp_path / "damaged.mp4"
     damaged.write_bytes(data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096:])
-    said = _loads(open_source(str(damaged)).items())
+    source = open_source(str(damaged))
+    said = _loads(source.items())
     lost = [i for i, e in enumerate(said) if e]
     assert len(said) == 60 and 0 < len(lost) < 30 and max(lost) < 59, said  # frames after the damage come
     assert "could not be decoded" in said[lost[0]] and f"frame {lost[0]}" in said[lost[0]]
+    resumed = list(source.items(lost[0] - 1))  # resume: the same frame ids, lost ones included
+    assert [i.frame_id for i in resumed] == [f"damaged.mp4#{i}" for i in range(lost[0] - 1, 60)]
+    assert _loads(resumed) == said[lost[0] - 1:]
 
     data = _video(tmp_path / "line.avi", "MJPG", 60)
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[: len(data) // 2])
     source = open_source(str(cut))
-    items = list(source.items())
-    said = _loads(items)
-    assert len(said) == 60 and said[0] is None and said[-1] and "of the 60 frames its header declares" in said[-1]
-    assert [i.frame_id for i in items] == [f"cut.avi#{i}" for i in range(60)]
-    resumed = list(source.items(25))  # resume: the same frame ids from 25 on, lost ones included
-    assert [i.frame_id for i in resumed] == [f"cut.avi#{i}" for i in range(25, 60)] and _loads(resumed) == said[25:]
+    said = _loads(source.items())
+    assert 20 < len(said) < 40 and not any(said) and source.warnings == [
+        f"video {cut}: {len(said)} frames decoded of the 60 its header declares (a truncated or damaged file? "
+        "or frames an edit list hides)"]
+    assert "WARNING: video" in StreamSummary(out="o", warnings=source.warnings).line()
+
+
+def test_retry_errors_rewrites_a_linked_output_through_its_link(tmp_path):
+    """--retry-errors replaced a linked --out by a regular file: a later stream on the link
+    then took a lock of its own beside the first's, both appending to one file."""
+    from cmg.locks import OutputLock
+    from cmg_clients.output import replace_lines
+
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"seq": 0, "frame_id": "a", "error": "x"}\n{"seq": 1, "frame_id": "b"}\n')
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real.name)
+    replace_lines(link, {0: {"seq": 0, "frame_id": "a", "score": 1.0}})
+    assert link.is_symlink() and [json.loads(s)["frame_id"] for s in real.read_text().splitlines()] == ["a", "b"]
+    assert "score" in _lines(real)[0]
+    with OutputLock(real), pytest.raises(CMGError, match="being written"):
+        OutputLock(link).acquire()
 
 
 def test_video_suffixes_urls_and_missing_sources_are_named(tmp_path):
