@@ -13,9 +13,8 @@ re-reads its composing models from the repository, so every step goes through th
      (Triton swaps a reloaded model only once the new one is ready); one inference must
      be answered by ensemble version NEW;
   4. retire: the configs as built (latest version only, steps on the latest) are written
-     back and the ensembles loaded once more: OLD versions unload. The version folders
-     below OLD are removed (OLD stays for a rollback): each deploy had added a full model
-     set for good.
+     back and the ensembles loaded once more: OLD versions unload. Then the version folders
+     below OLD are removed, best effort (each deploy had added a full model set for good).
 
 The cpu target's fused `cmg` (one Python-backend model, build/fuse.py) is an entry like an
 ensemble: at stage it is pinned to OLD while the graphs it fuses (cmer_scorer, cmle_encoder)
@@ -399,18 +398,26 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     # 4. retire (the new run's configs: the same as the old but for the threshold)
     for name, text in staged_texts.items():
         (repo / name / "config.pbtxt").write_text(text)
-    # NEW and the version it replaced stay (NEW is the highest on disk, so the next deploy's
-    # number is still above every one taken); before the report, which lists the files
-    dropped = drop_other_versions(repo, list(configs), {old, new})
-    if dropped:
-        print(f"cmg deploy: removed version folder(s) {', '.join(dropped)} (the repository keeps version {new} "
-              f"and version {old}, which it replaced)", file=sys.stderr)
     # The report says what the repository serves now (the engine runner and the bench read its
     # version and threshold): the new build's, with the deploys so far
     history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]
-    write_atomic(report_path, json.dumps(staged_report | {"deployed": history, "files": file_checksums(repo)},
-                                          indent=2))
+    report = staged_report | {"deployed": history}
+    write_atomic(report_path, json.dumps(report | {"files": file_checksums(repo)}, indent=2))
     _forget(repo)  # the repository now holds the new run as built: nothing to undo
+    # Then, done deploying, the older versions' folders go: NEW and the version it replaced
+    # stay (NEW is the highest on disk, so the next number is still above every one taken).
+    # Best effort: a failure here must not make a deploy that switched look interrupted.
+    try:
+        dropped = drop_other_versions(repo, list(configs), {old, new})
+    except OSError as exc:
+        dropped = None
+        print(f"cmg deploy: version {new} serves; removing older version folders failed ({exc}): the next "
+              "deploy tries again", file=sys.stderr)
+    if dropped:
+        print(f"cmg deploy: removed version folder(s) {', '.join(dropped)} (the repository keeps version {new} "
+              f"and version {old}, which it replaced)", file=sys.stderr)
+    if dropped != []:  # the report lists the files the repository holds
+        write_atomic(report_path, json.dumps(report | {"files": file_checksums(repo)}, indent=2))
     try:
         load_all()
         release()

@@ -475,6 +475,11 @@ class CMGClient:
         connections are left to the parent."""
         if getattr(self, "_closed", True):
             return
+        if self._shm_regions and self.protocol == "http" and self._shared.closed and os.getpid() == self._pid:
+            # Collected in a reference cycle, whose finalizer ended the HTTP threads first: threads
+            # of its own for the unregistration (without, the regions stayed registered)
+            self._shared = _HTTPThreads(functools.partial(_http_connection, self.url, self.timeout_s))
+            self._stop_threads = functools.partial(self._shared.close, self.timeout_s)
         if self._shm_regions:
             import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
@@ -561,12 +566,18 @@ class _HTTPThreads:
 
     def __init__(self, connect: Callable[[], Any]) -> None:
         self._connect = connect
+        self._closed = False
+        self._after_fork()
+        _HTTP_POOLS.add(self)
+
+    def _after_fork(self) -> None:
+        """Fresh state (also in a forked child: the parent's threads are not there, and a fork
+        while a call held the lock left it locked there for good)."""
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._busy = 0  # calls given and not yet answered
         self._pid = os.getpid()
-        self._closed = False
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         return functools.partial(self._run, method)
@@ -576,8 +587,6 @@ class _HTTPThreads:
         with self._lock:
             if self._closed:  # a call that began before close(): no thread started that nothing ends
                 raise CMGError("the HTTP client is closed")
-            if os.getpid() != self._pid:  # a forked child: the parent's threads are not here
-                self._jobs, self._threads, self._busy, self._pid = queue.SimpleQueue(), [], 0, os.getpid()
             self._busy += 1
             if self._busy > len(self._threads) and len(self._threads) < HTTP_THREADS:
                 thread = threading.Thread(target=self._work, name=f"cmg-http-{len(self._threads)}", daemon=True)
@@ -605,11 +614,21 @@ class _HTTPThreads:
                 with self._lock:
                     self._busy -= 1
                 done.set()
+                # nothing of the call kept while idle: a failed call's traceback holds its
+                # CMGClient, which would then never be collected (nor end these threads)
+                job = method = args = kwargs = answer = done = None
         finally:
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.close()
-            gevent.get_hub().destroy(destroy_loop=True)  # in its own thread: its epoll, eventfd and threads go
+            from gevent import monkey
+
+            if not monkey.is_module_patched("threading"):  # patched, this "thread" is a greenlet on the app's hub
+                gevent.get_hub().destroy(destroy_loop=True)  # in its own thread: its epoll, eventfd and threads go
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self, timeout_s: float) -> None:
         """End the threads once their calls are answered (each waited for up to timeout_s)."""
@@ -621,6 +640,11 @@ class _HTTPThreads:
         for thread in threads:
             if thread is not threading.current_thread():  # collected unclosed, by one of its own threads
                 thread.join(timeout_s)
+
+
+_HTTP_POOLS: weakref.WeakSet[_HTTPThreads] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [pool._after_fork() for pool in list(_HTTP_POOLS)])
 
 
 def _hold(path: Path) -> int:
@@ -641,6 +665,9 @@ def _hold(path: Path) -> int:
     return fd
 
 
+SHM_MAKING_S = 10.0  # a held region's file younger than this is still being made: not judged
+
+
 @contextlib.contextmanager
 def _abandoned(path: Path) -> Iterator[bool]:
     """Whether a region's file was left by a dead owner: gone, or free of its owner's lock (asked
@@ -657,6 +684,9 @@ def _abandoned(path: Path) -> Iterator[bool]:
         yield False
         return
     try:
+        if time.time() - os.fstat(fd).st_ctime < SHM_MAKING_S:  # its maker may not have locked it yet
+            yield False
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

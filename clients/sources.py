@@ -26,6 +26,7 @@ from cmg_data import synth
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".y4m",
               ".flv", ".wmv", ".3gp", ".ogv"}
+COUNTED_EXTS = {".mp4", ".mov", ".m4v", ".avi", ".3gp"}  # their header counts the frames stored (others estimate)
 MAX_UNREADABLE_RUN = 50  # reads in a row that give no frame: the end of the file
 Loader = Callable[[tuple[int, int]], np.ndarray]  # (height, width) -> UINT8 frame
 
@@ -131,7 +132,7 @@ class VideoSource(Source):
                     rgb = np.ascontiguousarray(bgr[..., ::-1])
                     yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
                 index += 1
-            if declared - index > max(2, declared // 20):
+            if declared - index > (2 if self.path.suffix.lower() in COUNTED_EXTS else max(2, declared // 20)):
                 # Said, not error lines: the header's count is a hint (an .mp4 an edit list trims,
                 # a clip cut without re-encoding, counts frames it never shows; .mkv and the
                 # like estimate it from the duration), so a short file may be whole.

@@ -206,8 +206,25 @@ def test_an_http_client_used_by_a_thread_per_request_keeps_its_descriptors_and_t
             worker.join(60)
         fds, threads = fds_and_threads()
         assert fds <= before[0] + 6 and threads <= before[1] + 3, (before, (fds, threads))
+    deadline = time.monotonic() + 5  # a joined thread leaves /proc/self/task a moment later
     after = fds_and_threads()
+    while (after[0] > before[0] or after[1] > before[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = fds_and_threads()
     assert after[0] <= before[0] and after[1] <= before[1], ("close() left threads or descriptors", before, after)
+
+
+def test_a_forked_child_gets_its_own_http_threads_even_mid_call():
+    """A fork while an HTTP call held the client's lock (a pre-forking server, multiprocessing)
+    left the lock held in the child: its first HTTP call hung for ever."""
+    from cmg_clients.client import _HTTPThreads
+
+    pool = _HTTPThreads(lambda: None)
+    with pool._lock:  # a call starting its thread, in another thread of the parent
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if pool._lock.acquire(timeout=2) and not pool._threads else 1)
+    assert os.waitpid(pid, 0)[1] == 0
 
 
 @pytest.mark.slow
@@ -253,13 +270,16 @@ def test_shm_client_outlives_a_server_restart_and_dead_clients_regions_go(cpu_re
         server.cleanup()
 
 
-def test_a_shm_client_killed_with_its_process_group_leaves_no_region(triton, grpc_client):
+def test_a_shm_client_killed_with_its_process_group_leaves_no_region(triton, grpc_client, monkeypatch):
     """kill -9 of a client's process group also kills multiprocessing's resource tracker, which
     would have unlinked its /dev/shm files: they stayed, registered and mapped by the server,
     and the next shm client (which dropped only regions whose file was gone) kept them. Now
     the next one removes a dead owner's regions and leaves a live one's (another process's)."""
     import signal
 
+    from cmg_clients import client as client_mod
+
+    monkeypatch.setattr(client_mod, "SHM_MAKING_S", 0.0)  # judged by their lock alone, however young
     script = ("import sys, time\nimport numpy as np\nfrom cmg_clients.client import CMGClient\n"
               "c = CMGClient(sys.argv[1], shm=True)\nc.infer(np.zeros((1, *c.size, 3), np.uint8))\n"
               "print(' '.join(n for n, *_ in c._shm_regions), flush=True)\ntime.sleep(600)\n")
@@ -328,9 +348,12 @@ def test_an_unclosed_http_client_is_collected_and_its_regions_go(triton, grpc_cl
     import weakref
 
     frame = _frames(grpc_client, 1, seed=14)
-    for shm in (False, True):
+    for shm, fail in ((False, False), (True, False), (True, True)):
         client = CMGClient(triton.http_url, "http", shm=shm)
         client.infer(frame)
+        if fail:  # an idle HTTP thread kept its last call's error, whose traceback held the client
+            with pytest.raises(InferError):
+                client._call("a missing model's metadata", client._client.get_model_metadata, "no_such_model")
         names = [n for n, *_ in client._shm_regions]
         gone = weakref.ref(client)
         del client

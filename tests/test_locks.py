@@ -122,7 +122,9 @@ def test_a_link_or_another_spelling_of_an_output_takes_the_outputs_own_lock(tmp_
     (tmp_path / "link.jsonl").symlink_to("line.jsonl")
     (tmp_path / "run").mkdir()
     (tmp_path / "runlink").symlink_to("run")
-    for out, other, folder in [("line.jsonl", "link.jsonl", False), ("run", "runlink", True)]:
+    (tmp_path / "sub").mkdir()
+    for out, other, folder in [("line.jsonl", "link.jsonl", False), ("run", "runlink", True),
+                               ("run", "sub/../run", True)]:  # (the last held before too: the kernel resolves ..)
         with OutputLock(tmp_path / out, folder=folder), pytest.raises(CMGError, match="being written"):
             OutputLock(tmp_path / other, folder=folder).acquire()
 

@@ -407,7 +407,7 @@ def test_deploy_mid_stream(tiny_run, cpu_repo, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_deploys_keep_the_new_version_and_the_one_it_replaced(tiny_run, cpu_repo, tmp_path, capsys):
+def test_deploys_keep_the_new_version_and_the_one_it_replaced(tiny_run, cpu_repo, tmp_path, capsys, monkeypatch):
     """Each deploy had left its full model set on disk for good (4 deploys: 21 MB -> 101 MB,
     versions 1 to 5 of every model, one of them served): now older versions go, and the
     next number is still above every one taken."""
@@ -429,6 +429,16 @@ def test_deploys_keep_the_new_version_and_the_one_it_replaced(tiny_run, cpu_repo
         assert f"removed version folder(s) {models[0]}/2" in capsys.readouterr().err
         report = json.loads((repo / "build_report.json").read_text())
         assert not [f for f in report["files"] if f.split("/")[1:2] == ["2"]], "the report lists removed files"
+        from cmg_build import deploy as deploy_mod
+        from cmg_build.repository import DEPLOY_RECORD
+
+        def refused(*_args, **_kwargs):
+            raise PermissionError(13, "Permission denied", str(repo / models[0] / "3"))
+
+        monkeypatch.setattr(deploy_mod, "drop_other_versions", refused)  # a failure after the switch: the
+        assert deploy(tiny_run, repo, server.grpc_url)["new_version"] == 5  # deploy is done all the same
+        assert not (repo / DEPLOY_RECORD).exists() and "removing older version folders failed" in capsys.readouterr().err
+        assert json.loads((repo / "build_report.json").read_text())["deployed"][-1]["version"] == 5
     finally:
         server.cleanup()
 
