@@ -475,37 +475,38 @@ class CMGClient:
         connections are left to the parent."""
         if getattr(self, "_closed", True):
             return
-        if self._shm_regions and self.protocol == "http" and self._shared.closed and os.getpid() == self._pid:
-            # Collected in a reference cycle, whose finalizer ended the HTTP threads first: threads
-            # of its own for the unregistration (without, the regions stayed registered)
-            self._shared = _HTTPThreads(functools.partial(_http_connection, self.url, self.timeout_s))
-            self._stop_threads = functools.partial(self._shared.close, self.timeout_s)
-        if self._shm_regions:
-            import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
+        try:
+            if self._shm_regions and self.protocol == "http" and self._shared.closed and os.getpid() == self._pid:
+                # Collected in a reference cycle, whose finalizer ended the HTTP threads first: threads
+                # of its own for the unregistration (without, the regions stayed registered)
+                self._shared = _HTTPThreads(functools.partial(_http_connection, self.url, self.timeout_s))
+                self._stop_threads = functools.partial(self._shared.close, self.timeout_s)
+            if self._shm_regions:
+                import tritonclient.utils.shared_memory as shm  # only --shm uses system shared memory
 
-            locked = self._shm_lock.acquire(timeout=self.timeout_s)
-            try:
-                if os.getpid() == self._pid:
-                    self._unregister([name for name, *_ in self._shm_regions])
-                    for _, handle, _ in self._shm_regions:
-                        # also when the server is gone: the region is still ours to destroy
-                        with contextlib.suppress(Exception):
-                            shm.destroy_shared_memory_region(handle)
-                self._shm_regions = []
-                for fd in self._shm_held:  # (in a forked child, the parent's lock stays: it has its own fd)
-                    os.close(fd)
-                self._shm_held = []
-            finally:
-                if locked:
-                    self._shm_lock.release()
-        _LIVE_SHM.discard(self)
-        self._closed = True
-        if os.getpid() != self._pid:  # a forked child: the connections are the parent's (a gRPC
-            return  # channel's shutdown would be sent on the parent's socket)
-        self._stop_threads()
-        if self.protocol == "grpc" and self._shared is not None:
-            with contextlib.suppress(Exception):
-                self._shared.close()
+                locked = self._shm_lock.acquire(timeout=self.timeout_s)
+                try:
+                    if os.getpid() == self._pid:
+                        self._unregister([name for name, *_ in self._shm_regions])
+                        for _, handle, _ in self._shm_regions:
+                            # also when the server is gone: the region is still ours to destroy
+                            with contextlib.suppress(Exception):
+                                shm.destroy_shared_memory_region(handle)
+                    self._shm_regions = []
+                    for fd in self._shm_held:  # (in a forked child, the parent's lock stays: it has its own fd)
+                        os.close(fd)
+                    self._shm_held = []
+                finally:
+                    if locked:
+                        self._shm_lock.release()
+        finally:  # the threads end however the unregistration ended (one made just above too)
+            _LIVE_SHM.discard(self)
+            self._closed = True
+            if os.getpid() == self._pid:  # a forked child: the connections are the parent's (a gRPC
+                self._stop_threads()  # channel's shutdown would be sent on the parent's socket)
+                if self.protocol == "grpc" and self._shared is not None:
+                    with contextlib.suppress(Exception):
+                        self._shared.close()
 
     def _unregister(self, names: list[str], attempts: int = 3) -> None:
         """Unregister regions within timeout_s each (gRPC's call had no deadline: close() and the
@@ -584,6 +585,10 @@ class _HTTPThreads:
 
     def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         done, answer = threading.Event(), []
+        if self._pid != os.getpid():  # forked without Python's fork hooks (uWSGI forks in C)
+            with _FORK_RESET:
+                if self._pid != os.getpid():
+                    self._after_fork()
         with self._lock:
             if self._closed:  # a call that began before close(): no thread started that nothing ends
                 raise CMGError("the HTTP client is closed")
@@ -601,7 +606,9 @@ class _HTTPThreads:
 
     def _work(self) -> None:
         import gevent
+        from gevent import monkey
 
+        greenlet = monkey.is_module_patched("threading")  # then this "thread" runs on the app's own hub
         connection = None
         try:
             while (job := self._jobs.get()) is not None:
@@ -613,17 +620,18 @@ class _HTTPThreads:
                     answer.append((False, exc))
                 with self._lock:
                     self._busy -= 1
-                done.set()
-                # nothing of the call kept while idle: a failed call's traceback holds its
-                # CMGClient, which would then never be collected (nor end these threads)
+                # nothing of the call kept while idle, from before the caller wakes: a failed
+                # call's traceback holds its CMGClient, which would never be collected (nor end
+                # these threads)
+                finished = done
                 job = method = args = kwargs = answer = done = None
+                finished.set()
+                finished = None
         finally:
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.close()
-            from gevent import monkey
-
-            if not monkey.is_module_patched("threading"):  # patched, this "thread" is a greenlet on the app's hub
+            if not greenlet:
                 gevent.get_hub().destroy(destroy_loop=True)  # in its own thread: its epoll, eventfd and threads go
 
     @property
@@ -643,8 +651,18 @@ class _HTTPThreads:
 
 
 _HTTP_POOLS: weakref.WeakSet[_HTTPThreads] = weakref.WeakSet()
+_FORK_RESET = threading.Lock()  # a pool's state made again in a child forked without the hooks below
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_RESET
+    _FORK_RESET = threading.Lock()
+    for pool in list(_HTTP_POOLS):
+        pool._after_fork()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: [pool._after_fork() for pool in list(_HTTP_POOLS)])
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _hold(path: Path) -> int:

@@ -132,10 +132,7 @@ class VideoSource(Source):
                     rgb = np.ascontiguousarray(bgr[..., ::-1])
                     yield SourceItem(f"{self.path.name}#{index}", str(self.path), lambda size, a=rgb: to_frame(a, size))
                 index += 1
-            if declared - index > (2 if self.path.suffix.lower() in COUNTED_EXTS else max(2, declared // 20)):
-                # Said, not error lines: the header's count is a hint (an .mp4 an edit list trims,
-                # a clip cut without re-encoding, counts frames it never shows; .mkv and the
-                # like estimate it from the duration), so a short file may be whole.
+            if ends_short(self.path, declared, index):
                 self.warnings.append(f"video {self.path}: {index} frames decoded of the {declared} its header "
                                      "declares (a truncated or damaged file? or frames an edit list hides)")
         finally:
@@ -149,6 +146,14 @@ class VideoSource(Source):
             raise FrameError(message)
 
         return SourceItem(f"{self.path.name}#{seq}", str(self.path), load)
+
+
+def ends_short(path: Path, declared: int, decoded: int) -> bool:
+    """A video that ends short enough of its header's count to say so. Said, not error lines:
+    the count is a hint (an .mp4 an edit list trims, a clip cut without re-encoding, counts
+    frames it never shows, so such a file warns though whole; .mkv and the like estimate it
+    from the duration, so only 5% short is said there)."""
+    return declared - decoded > (2 if path.suffix.lower() in COUNTED_EXTS else max(2, declared // 20))
 
 
 def parse_synth(spec: str) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -225,6 +226,46 @@ def test_a_forked_child_gets_its_own_http_threads_even_mid_call():
         if pid == 0:
             os._exit(0 if pool._lock.acquire(timeout=2) and not pool._threads else 1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_a_child_forked_without_pythons_hooks_gets_its_own_http_threads():
+    """uWSGI forks its workers in C, without Python's fork hooks: a client made in the master
+    had a thread the worker does not have, and the worker's first HTTP call waited for ever."""
+    import ctypes
+
+    from cmg_clients.client import _HTTPThreads
+
+    class Echo:
+        def echo(self, value):
+            return value
+
+        def close(self):
+            pass
+
+    pool = _HTTPThreads(Echo)
+    assert pool.echo(1) == 1  # the parent's thread
+    pid = ctypes.CDLL(None).fork()
+    if pid == 0:
+        done = threading.Event()
+        threading.Thread(target=lambda: (pool.echo(2), done.set()), daemon=True).start()
+        os._exit(0 if done.wait(5) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    pool.close(5)
+
+
+def test_a_shm_region_is_judged_only_once_its_maker_could_lock_it(tmp_path, monkeypatch):
+    """A region file a starting client has made but not yet locked looked abandoned to another
+    client's sweep, which removed it under its maker."""
+    from cmg_clients import client as client_mod
+
+    region = tmp_path / "cmg_1_x_held_in"
+    region.write_bytes(b"")
+    with client_mod._abandoned(region) as dead:
+        assert not dead  # just made
+    now = time.time()
+    monkeypatch.setattr(client_mod.time, "time", lambda: now + client_mod.SHM_MAKING_S + 1)
+    with client_mod._abandoned(region) as dead:
+        assert dead  # unlocked, and old enough to have been locked
 
 
 @pytest.mark.slow

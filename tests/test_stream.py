@@ -225,6 +225,15 @@ def test_retry_errors_rewrites_a_linked_output_through_its_link(tmp_path):
         OutputLock(link).acquire()
 
 
+def test_a_short_video_is_said_by_its_containers_kind_of_count():
+    """Containers that count their frames warn 3 short; those whose count is estimated from
+    the duration only past 5% (a whole .mkv may be a frame or two off)."""
+    from cmg_clients.sources import ends_short
+
+    assert ends_short(Path("a.mp4"), 100, 97) and not ends_short(Path("a.mp4"), 100, 98)
+    assert not ends_short(Path("a.mkv"), 100, 97) and ends_short(Path("a.MKV"), 100, 94)
+
+
 def test_video_suffixes_urls_and_missing_sources_are_named(tmp_path):
     """A .ts recording was read as one unreadable image; a glob of videos gave an image error
     per video; an rtsp:// URL with ? got a glob error; a mistyped file no 'not found'."""
