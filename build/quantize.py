@@ -34,6 +34,7 @@ import numpy as np
 from cmg import contract as C
 from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError
+from cmg.locks import reading
 from cmg.quiet import quiet_logs
 
 PRECISIONS = ("fp32", "int8")
@@ -50,12 +51,14 @@ def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION
     `limit`, evenly spread)."""
 
     data = resolve_data(Path(run), data)
-    folder = MVTecFolder(data)
-    samples = [s for s in folder.samples("train") if s.label == 0]
-    if not samples:
-        raise CMGError(f"{data}: no normal training images to calibrate int8 scales on")
-    pick = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
-    return folder.frames([samples[i] for i in pick], (contract.height, contract.width))
+    with reading(data, refusal=f"{data} is being written by `cmg data synth` (pid {{pid}}, lock {{lock}}): "
+                 "calibrate when it ends"):  # a synth rewriting it meanwhile: frames of two data sets
+        folder = MVTecFolder(data)
+        samples = [s for s in folder.samples("train") if s.label == 0]
+        if not samples:
+            raise CMGError(f"{data}: no normal training images to calibrate int8 scales on")
+        pick = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
+        return folder.frames([samples[i] for i in pick], (contract.height, contract.width))
 
 
 def _reader(feeds: list[dict[str, np.ndarray]]):

@@ -644,11 +644,15 @@ def _run(args: argparse.Namespace) -> int:
     agg = aggregate(reports)
     out = args.out or runs[0].path.parent / "eval_seeds"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(json.dumps(agg, indent=2))
     text = markdown_table(agg["rows"], reports[0].get("defects")) + threshold_table(reports) + alpha_table(reports)
-    (out / "seeds.md").write_text(text)
-    if agg["alpha_sweep"]:
-        alpha_plot([rep["alpha_sweep"] for rep in reports], reports[0].get("alpha"), out / "alpha.png",
-                   f"{agg['config']}: keep-mask threshold, {len(reports)} seeds")
+    # one seeds table per folder at a time (two had left one's json beside the other's table)
+    with OutputLock(out, folder=True, refusal=f"{out} is being written by another `cmg eval` (pid {{pid}}, lock "
+                    "{lock}): one seeds table at a time") if os.access(out.resolve().parent, os.W_OK) \
+            else contextlib.nullcontext():
+        (out / "seeds.json").write_text(json.dumps(agg, indent=2))
+        (out / "seeds.md").write_text(text)
+        if agg["alpha_sweep"]:
+            alpha_plot([rep["alpha_sweep"] for rep in reports], reports[0].get("alpha"), out / "alpha.png",
+                       f"{agg['config']}: keep-mask threshold, {len(reports)} seeds")
     print(text, end="")
     return 0

@@ -92,3 +92,13 @@ def test_infer_overlays_and_bench_out_are_one_writer_each(tmp_path, capsys):
     with OutputLock(out, folder=True):
         last = _exit_2(["bench", "sweep", "--run", str(tmp_path / "run"), "--out", str(out)], capsys)
         assert "being written by another `cmg bench`" in last
+
+
+def test_int8_calibration_reads_its_data_under_a_readers_lock(tmp_path):
+    """`cmg build --precision int8` read the calibration frames while a synth could rewrite the
+    folder (frames of two data sets)."""
+    from cmg_build.quantize import calibration_frames
+
+    data = _mini(tmp_path / "d")
+    with OutputLock(data, folder=True), pytest.raises(CMGError, match="is being written by `cmg data synth`"):
+        calibration_frames(tmp_path / "run", None, data=data)
