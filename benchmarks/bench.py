@@ -9,13 +9,11 @@ inside functions), except one whose third-party dependency is not installed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import os
 import sys
 
 from cmg.errors import CMGError
-from cmg.locks import OutputLock
+from cmg.locks import writing
 
 # sub-verb -> (module, one-line help)
 SUBVERBS: dict[str, tuple[str, str]] = {
@@ -64,13 +62,10 @@ def run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         raise CMGError(f"--out {out} is a file, not a folder")
-    if out is not None:
-        with contextlib.suppress(OSError):  # a read-only parent: --out itself may still be writable (a mount)
-            out.parent.mkdir(parents=True, exist_ok=True)
-    if out is None or not os.access(out.resolve().parent, os.W_OK):
+    if out is None:
         return int(importlib.import_module(args._bench_module).run(args) or 0)
     # One measurement per --out at a time: two had rebuilt each other's repositories under
     # running servers, each measured on a machine the other loaded, and one result was kept.
-    with OutputLock(out, folder=True, refusal=f"--out {out} is being written by another `cmg bench` (pid {{pid}}, "
-                    "lock {lock}): one measurement at a time (and two on one machine measure each other)"):
+    with writing(out, refusal=f"--out {out} is being written by another `cmg bench` (pid {{pid}}, lock {{lock}}): "
+                 "one measurement at a time (and two on one machine measure each other)"):
         return int(importlib.import_module(args._bench_module).run(args) or 0)

@@ -402,7 +402,8 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     # version and threshold): the new build's, with the deploys so far
     history = [*built.get("deployed", []), {"version": new, "run": str(run), "replaced_version": old}]
     report = staged_report | {"deployed": history}
-    write_atomic(report_path, json.dumps(report | {"files": file_checksums(repo)}, indent=2))
+    files = file_checksums(repo)
+    write_atomic(report_path, json.dumps(report | {"files": files}, indent=2))
     _forget(repo)  # the repository now holds the new run as built: nothing to undo
     # Then, done deploying, the older versions' folders go: NEW and the version it replaced
     # stay (NEW is the highest on disk, so the next number is still above every one taken).
@@ -416,8 +417,10 @@ def _deploy(run: Path, repo: Path, url: str, data: Path | None) -> dict:
     if dropped:
         print(f"cmg deploy: removed version folder(s) {', '.join(dropped)} (the repository keeps version {new} "
               f"and version {old}, which it replaced)", file=sys.stderr)
-    if dropped != []:  # the report lists the files the repository holds
-        write_atomic(report_path, json.dumps(report | {"files": file_checksums(repo)}, indent=2))
+    if dropped != []:  # the report lists the files the repository holds: those left, not hashed again
+        files = file_checksums(repo) if dropped is None else {
+            f: digest for f, digest in files.items() if "/".join(Path(f).parts[:2]) not in dropped}
+        write_atomic(report_path, json.dumps(report | {"files": files}, indent=2))
     try:
         load_all()
         release()

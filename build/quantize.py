@@ -34,7 +34,7 @@ import numpy as np
 from cmg import contract as C
 from cmg.dataset import MVTecFolder, resolve_data
 from cmg.errors import CMGError
-from cmg.locks import reading
+from cmg.locks import DATA_BEING_WRITTEN, reading
 from cmg.quiet import quiet_logs
 
 PRECISIONS = ("fp32", "int8")
@@ -51,8 +51,7 @@ def calibration_frames(run: Path, contract: C.Contract, limit: int = CALIBRATION
     `limit`, evenly spread)."""
 
     data = resolve_data(Path(run), data)
-    with reading(data, refusal=f"{data} is being written by `cmg data synth` (pid {{pid}}, lock {{lock}}): "
-                 "calibrate when it ends"):  # a synth rewriting it meanwhile: frames of two data sets
+    with reading(data, refusal=DATA_BEING_WRITTEN.format(data=data)):  # a synth meanwhile: two data sets' frames
         folder = MVTecFolder(data)
         samples = [s for s in folder.samples("train") if s.label == 0]
         if not samples:

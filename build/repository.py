@@ -40,7 +40,7 @@ from cmg.config import ServingConfig
 from cmg.contract import CMG, CMLE_ENCODER, ENSEMBLES, ONNX_MODELS, THRESHOLD, Contract
 from cmg.errors import CMGError
 from cmg.files import can_stage_beside, staged_folder
-from cmg.locks import RUN_BEING_TRAINED, OutputLock, reading
+from cmg.locks import RUN_BEING_TRAINED, reading, writing
 from cmg_build import config as cfgmod
 from cmg_build import k8s, opcheck
 from cmg_build import tensorrt as trtmod
@@ -177,11 +177,8 @@ def _writing(final: Path, given: Path) -> Iterator[Path]:
     OUT, cmg and cmg_exact answering differently, and it served). OUT stays the same folder (a
     container that mounts it sees the new models). Where nothing can be written beside OUT (a
     mount point, a read-only folder) OUT itself, as before, said."""
-    lock = OutputLock(final, folder=True, refusal=f"--out {given} is being written by another `cmg build` or "
-                      "`cmg deploy` (pid {pid}), or a server is loading it (lock {lock}): one at a time; wait for "
-                      "it to end")
-    lockable = os.access(final.parent, os.W_OK)  # the lock is a file beside OUT
-    with lock if lockable else contextlib.nullcontext():
+    with writing(final, refusal=f"--out {given} is being written by another `cmg build` or `cmg deploy` (pid "
+                 "{pid}), or a server is loading it (lock {lock}): one at a time; wait for it to end") as lockable:
         if not can_stage_beside(final):
             print(f"cmg build: nothing can be written beside {given} and renamed into it (a mount point, or a "
                   "read-only folder): building in place (a build stopped midway can leave it part old, part new: "

@@ -9,10 +9,8 @@ both read every answer and notice the failures. A server that does not answer at
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from cmg import contract as C
 from cmg.argtypes import positive_float, positive_int, threshold_float
 from cmg.errors import CMGError
 from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
-from cmg.locks import OutputLock
+from cmg.locks import writing
 from cmg_clients import core
 from cmg_clients.client import CMGClient, InferError, iter_image_paths, results_from_arrays
 from cmg_clients.overlay import check_overlay_dir, overlay_into
@@ -61,14 +59,11 @@ def run(args: argparse.Namespace) -> int:
     paths = iter_image_paths(args.inputs)
     if not paths:
         raise CMGError(f"no images found in {' '.join(map(str, args.inputs))}")
-    if args.overlays is not None:  # made now (as writing the first overlay would), so that its lock has a place
-        with contextlib.suppress(OSError):
-            args.overlays.resolve().parent.mkdir(parents=True, exist_ok=True)
-    if args.overlays is None or not os.access(args.overlays.resolve().parent, os.W_OK):
+    if args.overlays is None:
         return _infer(args, url, protocol, paths)
     # Two at once into one --overlays had left each line naming the other run's picture.
-    with OutputLock(args.overlays, folder=True, refusal=f"--overlays {args.overlays} is being written by another "
-                    "`cmg infer` (pid {pid}, lock {lock}): one at a time, or another --overlays folder"):
+    with writing(args.overlays, refusal=f"--overlays {args.overlays} is being written by another `cmg infer` (pid "
+                 "{pid}, lock {lock}): one at a time, or another --overlays folder"):
         return _infer(args, url, protocol, paths)
 
 

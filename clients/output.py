@@ -67,6 +67,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def rewrite_tmp(out: Path) -> Path:
+    """The file `replace_lines` writes before its rename: beside the file a link names."""
+    real = out.resolve()
+    return real.with_name(real.name + ".rewrite.tmp")
+
+
 def replace_lines(out: Path, new: dict[int, dict]) -> None:
     """Rewrite OUT with the lines of `new` (by seq) in place of the old ones, atomically:
     a temporary file next to OUT, fsync, rename. Killed at any point, OUT is either the
@@ -74,7 +80,7 @@ def replace_lines(out: Path, new: dict[int, dict]) -> None:
     if not new:
         return
     out = out.resolve()  # a link to the file stays a link (replaced, it had split the file's lock in two)
-    tmp = out.with_name(out.name + ".rewrite.tmp")
+    tmp = rewrite_tmp(out)
     with out.open("rb") as src, tmp.open("wb") as dst:
         keep_mode(out, tmp)  # before the lines are written
         for seq, line in enumerate(src):

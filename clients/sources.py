@@ -258,9 +258,8 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
         return FileSource(paths, None, max_pixels)
     if not path.exists():
         raise CMGError(f"source {spec}: no such file or folder")
-    if not path.is_file():
-        raise CMGError(f"source {spec}: not a regular file (camera devices and pipes are not read; record the camera "
-                       "to a file and stream that)")
-    raise CMGError(f"source {spec}: not a folder, glob, video file or synth:PRESET")
+    # every file, folder and pattern is taken above: what is left is no regular file
+    raise CMGError(f"source {spec}: not a regular file (camera devices and pipes are not read; record the camera "
+                   "to a file and stream that)")
 
 

@@ -35,6 +35,7 @@ from cmg_clients.output import (
     check_out_path,
     looks_like_stream_output,
     replace_lines,
+    rewrite_tmp,
     same_source,
     scan_existing,
 )
@@ -96,7 +97,7 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
         min(source.count, opts.limit) if source.count is not None else opts.limit)
 
     with contextlib.suppress(FileNotFoundError):  # a rewrite killed before its rename
-        opts.out.resolve().with_name(opts.out.resolve().name + ".rewrite.tmp").unlink()
+        rewrite_tmp(opts.out).unlink()
     found = scan_existing(opts.out) if opts.resume else Existing()
     start = found.count
     summary.skipped = start

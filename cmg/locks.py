@@ -15,9 +15,12 @@ from pathlib import Path
 from cmg.errors import CMGError
 
 READER_PATIENCE_S = 0.5  # how long a reader retries a refused shared lock before it believes it
-# A run folder's readers (eval, export, build) say this when `cmg train` holds it
+# A run folder's readers (eval, export, build) say this when `cmg train` holds it, and a data
+# folder's (train, eval, int8 calibration) when `cmg data synth` does
 RUN_BEING_TRAINED = ("--run {run} is being trained (`cmg train`, pid {{pid}}, lock {{lock}}): use it when the "
                      "training ends")
+DATA_BEING_WRITTEN = ("data folder {data} is being written by `cmg data synth` (pid {{pid}}, lock {{lock}}): use "
+                      "it when that ends")
 
 
 class OutputLock:
@@ -148,6 +151,22 @@ def private_lock_dir() -> Path:
                        "open to other accounts): remove it, and it is made again, or set TMPDIR to a folder "
                        "of your own")
     return locks
+
+
+@contextlib.contextmanager
+def writing(out: Path, refusal: str) -> Iterator[bool]:
+    """A writer's lock on the folder `out` (refused, naming its holder, while another writer
+    or a reader holds it) wherever one can be made: its lock file sits beside OUT, so where
+    that folder cannot be written (a read-only parent, OUT a mount point) it writes without
+    one and yields False, for the caller to say so."""
+    lock = OutputLock(out, folder=True, refusal=refusal)
+    with contextlib.suppress(OSError):  # made now, as writing OUT would make it
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(lock.path.parent, os.W_OK):
+        yield False
+        return
+    with lock:
+        yield True
 
 
 @contextlib.contextmanager

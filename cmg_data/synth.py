@@ -13,10 +13,8 @@ one difference: a defect's effect is exactly its mask, and `--no-clutter` is a c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from cmg.argtypes import MAX_SEED, seed_int
 from cmg.dataset import SYNTH_INCOMPLETE
 from cmg.errors import CMGError
 from cmg.files import write_atomic
-from cmg.locks import OutputLock
+from cmg.locks import writing
 
 CATEGORIES: tuple[str, ...] = ("hex_nut", "washer", "screw", "gear", "bottle_cap")
 DEFECTS: tuple[str, ...] = ("scratch", "hole", "stain", "deformation")
@@ -746,9 +744,8 @@ def synthesize(out: Path, preset: str = "tiny", seed: int = 0, clutter: bool = T
     out.parent.mkdir(parents=True, exist_ok=True)  # the lock file sits beside the folder
     # One writer, and no `cmg train` reading it meanwhile (two had left a folder of neither's
     # images; a training had read one seed's captions with another's frames).
-    lock = OutputLock(out, folder=True, refusal=f"--out {out} is in use: another `cmg data synth` writes it (pid "
-                      "{pid}) or a `cmg train` reads it (lock {lock}); wait for it to end")
-    with lock if os.access(out.parent, os.W_OK) else contextlib.nullcontext():
+    with writing(out, refusal=f"--out {out} is in use: another `cmg data synth` writes it (pid {{pid}}) or a "
+                 "`cmg train` reads it (lock {lock}); wait for it to end"):
         _prepare(out)
         try:
             _write_line(out, p, preset, seed, clutter, category, counts, progress)

@@ -31,7 +31,7 @@ from cmg.checksum import file_sha256
 from cmg.dataset import MVTecFolder, nested_images, visible
 from cmg.errors import CMGError
 from cmg.files import write_atomic
-from cmg.locks import RUN_BEING_TRAINED, OutputLock, reading
+from cmg.locks import DATA_BEING_WRITTEN, RUN_BEING_TRAINED, reading, writing
 from cmg_train.checkpoint import Run, load_run, run_mismatch
 from cmg_train.cmer.model import keep_mask_cfg
 from cmg_train.cmer.report import defect_coverage, false_alarm_peaks
@@ -592,11 +592,9 @@ def run(args: argparse.Namespace) -> int:
         for path in args.run:
             held.enter_context(reading(Path(path), refusal=RUN_BEING_TRAINED.format(run=path)))
         for path in dict.fromkeys(Path(p).resolve() for p in args.run if Path(p).is_dir()):  # a run given twice is said below
-            if not os.access(path, os.W_OK):  # a read-only run: its cached report is read, or it says why not
-                continue
-            held.enter_context(OutputLock(path / "eval", folder=True, refusal=(
-                f"{path / 'eval'} is being written by another `cmg eval` (pid {{pid}}, lock {{lock}}): "
-                "one at a time; wait for it to end")))
+            # (a read-only run has none: its cached report is read, or it says why not)
+            held.enter_context(writing(path / "eval", refusal=f"{path / 'eval'} is being written by another `cmg eval` "
+                                       "(pid {pid}, lock {lock}): one at a time; wait for it to end"))
         return _run(args)
 
 
@@ -621,8 +619,7 @@ def _run(args: argparse.Namespace) -> int:
     test: TestSet | None = None
     fingerprint = None
     reports = []
-    with reading(Path(data), refusal=f"--data {data} is being written by `cmg data synth` (pid {{pid}}, lock "
-                 "{lock}): evaluate when it ends"):
+    with reading(Path(data), refusal=DATA_BEING_WRITTEN.format(data=data)):
         for r in runs:
             report = None if args.recompute else cached_report(r, data, args.ablation)
             if report is not None:
@@ -646,9 +643,8 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_table(agg["rows"], reports[0].get("defects")) + threshold_table(reports) + alpha_table(reports)
     # one seeds table per folder at a time (two had left one's json beside the other's table)
-    with OutputLock(out, folder=True, refusal=f"{out} is being written by another `cmg eval` (pid {{pid}}, lock "
-                    "{lock}): one seeds table at a time") if os.access(out.resolve().parent, os.W_OK) \
-            else contextlib.nullcontext():
+    with writing(out, refusal=f"{out} is being written by another `cmg eval` (pid {{pid}}, lock {{lock}}): one "
+                 "seeds table at a time"):
         (out / "seeds.json").write_text(json.dumps(agg, indent=2))
         (out / "seeds.md").write_text(text)
         if agg["alpha_sweep"]:

@@ -29,7 +29,7 @@ from cmg.argtypes import seed_int
 from cmg.config import Config, load_config, resolve_config, unread_settings
 from cmg.dataset import MVTecFolder, check_training_folder
 from cmg.errors import CMGError
-from cmg.locks import reading
+from cmg.locks import DATA_BEING_WRITTEN, reading
 from cmg_train.backbone import check_backbones
 from cmg_train.checkpoint import save_run
 from cmg_train.cmer.fit import MIN_IMAGES as MIN_SCORER_IMAGES
@@ -286,8 +286,7 @@ def _train_run(cfg: Config, data: Path, out: Path, progress: bool, log_path: Pat
     check_backbones(cfg.backbone)
     # Read under a reader's lock on DATA: a `cmg data synth` rewriting it meanwhile had given
     # this training one seed's captions and another's frames, exit 0.
-    with reading(data, refusal=f"--data {data} is being written by `cmg data synth` (pid {{pid}}, lock {{lock}}): "
-                 "wait for it to end"):
+    with reading(data, refusal=DATA_BEING_WRITTEN.format(data=data)):
         check_training_folder(data, cfg.data.image_size, need_captions=cfg.cmle.enabled,
                               min_unique_captions=unique_captions_needed(cfg.cmle),
                               min_images=min_training_images(cfg.data.val_fraction),
