@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cmg.errors import CMGError, check_parent_folders
 from cmg_clients.client import glob_files, is_pattern
-from cmg_clients.sources import VIDEO_EXTS, parse_synth
+from cmg_clients.sources import VIDEO_EXTS, is_live, live_name, parse_synth
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -24,6 +24,8 @@ def source_name(spec: str) -> tuple[str, str]:
     if spec.startswith("synth:"):
         o = parse_synth(spec)
         base = f"synth_{o['preset']}_seed{o['seed']}"
+    elif is_live(spec):
+        base = live_name(spec)
     else:
         path = Path(spec.rstrip("/"))
         base = path.stem if path.suffix.lower() in VIDEO_EXTS else path.name

@@ -4,6 +4,7 @@ window of requests over the server pool, retried within the budget, delivered in
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 import time
@@ -24,7 +25,7 @@ from cmg.frames import DEFAULT_MAX_PIXELS, FrameError
 from cmg_clients import core
 from cmg_clients.overlay import overlay_into, stream_overlay_name
 from cmg_clients.servers import ServerPool
-from cmg_clients.sources import Source, SourceItem
+from cmg_clients.sources import LiveOptions, Source, SourceItem, redact
 
 
 class StreamObserver(Protocol):
@@ -67,13 +68,14 @@ class StreamOptions:
     metrics_url: str | list[str] | None = None  # Triton's Prometheus endpoint(s) for the page, summed (default: URL's host:8002)
     name: str | None = None  # the camera's NAME (from NAME=SRC) when several sources stream
     overlays: Path | None = None  # an overlay PNG per flagged frame here (its line names it)
+    live: LiveOptions | None = None  # a camera's reopen tries and timeouts (default LiveOptions())
 
     @property
     def source_name(self) -> str:
         """The camera's name on the page and in the observer's calls."""
         if self.name:
             return self.name
-        return getattr(self.frames, "label", self.source) if self.frames is not None else self.source
+        return getattr(self.frames, "label", self.source) if self.frames is not None else redact(self.source)
 
     @property
     def retry(self) -> core.RetryPolicy:
@@ -229,7 +231,9 @@ class Scorer:
         self.outage = OutageNotice(opts.name)  # the camera name only where several stream
 
     async def run(self, jobs: Iterable[tuple[int, SourceItem]], sink: Callable[[dict], None],
-                  fps: float | None, progress: Progress) -> None:
+                  fps: float | None, progress: Progress, pull_in_thread: bool = False) -> None:
+        """`pull_in_thread`: reading the next job blocks (a video decodes, a camera waits for its
+        next frame), so it is read on a worker thread while the answers keep coming in."""
         opts, pool, summary = self.opts, self.pool, self.summary
         window = asyncio.Semaphore(max(1, opts.window))
         pending: dict[int, dict] = {}
@@ -351,10 +355,9 @@ class Scorer:
                 window.release()  # wake the producer so it sees the failure instead of waiting forever
 
         try:
-            for k, (seq, item) in enumerate(jobs):
-                if self.fatal:
-                    break
-                await window.acquire()
+            it = iter(jobs)
+            for k in itertools.count():
+                await window.acquire()  # before the next frame is read: a camera's is then the freshest
                 if self.fatal:
                     break
                 if fps:
@@ -363,6 +366,11 @@ class Scorer:
                         await asyncio.sleep(wait)
                     else:  # the servers answer slower than --fps asks: said, as latencies start at the send
                         summary.behind_s = max(summary.behind_s, -wait)
+                job = await asyncio.to_thread(next, it, None) if pull_in_thread else next(it, None)
+                if job is None:
+                    window.release()
+                    break
+                seq, item = job
                 task = asyncio.create_task(handle(k, seq, item), name=f"frame {seq} ({item.frame_id})")
                 tasks.add(task)
                 task.add_done_callback(on_done)

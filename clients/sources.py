@@ -1,13 +1,17 @@
-"""Where `cmg stream`'s frames come from: a folder, a glob, a video, synth:PRESET or frames
-in memory, each a Source of lazily read frames in a fixed order (seq = position)."""
+"""Where `cmg stream`'s frames come from: a folder, a glob, a video, synth:PRESET, frames in
+memory (each a Source of lazily read frames in a fixed order, seq = position), or a camera."""
 
 from __future__ import annotations
 
+import collections
+import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -48,6 +52,9 @@ class Source:
 
     count: int | None = None  # None: unknown or endless
     fps: float | None = None  # the source's own rate, if it has one
+    replayable = True  # a frame can be read again (resume checks, --retry-errors); not a camera's
+    reads_in_thread = False  # reading the next item blocks (decodes, waits for a camera): off the event loop
+    failure: str | None = None  # why it ended before its end (a camera lost for good): the stream aborts
 
     @property
     def warnings(self) -> list[str]:
@@ -56,6 +63,9 @@ class Source:
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what reading holds (a camera's thread and connection)."""
 
     def pick(self, seqs: Iterable[int]) -> Iterator[tuple[int, SourceItem]]:
         """(seq, item) for the wanted seqs, in order (generic: read through)."""
@@ -88,13 +98,25 @@ class FileSource(Source):
         return ((s, self._item(self.paths[s])) for s in sorted(set(seqs)) if 0 <= s < len(self.paths))
 
 
+def opencv(what: object):
+    """cv2, or an error naming the source that needs it (the optional 'video' extra). OpenCV's and
+    FFmpeg's own log lines are off unless asked for: a camera's reopen tries would print them
+    on every try, and what failed is said in our own messages (set OPENCV_LOG_LEVEL=INFO and
+    OPENCV_FFMPEG_LOGLEVEL=32 to see them)."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    try:
+        import cv2
+    except ImportError as exc:
+        raise CMGError(f"{what}: video and camera sources need OpenCV (pip install 'cmg-triton[video]')") from exc
+    return cv2
+
+
 class VideoSource(Source):
+    reads_in_thread = True  # a frame is decoded as the next item is read
+
     def __init__(self, path: Path) -> None:
-        try:
-            import cv2  # optional 'video' extra: only video sources need OpenCV
-        except ImportError as exc:
-            raise CMGError(f"{path}: video sources need OpenCV (pip install 'cmg-triton[video]')") from exc
-        self.cv2, self.path = cv2, path
+        self.cv2, self.path = opencv(path), path
         # Checked now, before any output is opened: a file OpenCV cannot read, or one without
         # a frame, is refused like an empty folder.
         cap = self._open()
@@ -230,13 +252,217 @@ class ArraySource(Source):
                              lambda size, a=self.frames[i % n]: to_frame(frame_on_scale(a, self.scale), size))
 
 
-def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
-    """SRC (folder, glob, video file, a single image, synth:PRESET) -> Source."""
+# -- cameras ------------------------------------------------------------------------------
+# Live sources for `cmg stream`: a network camera (rtsp://, http://, tcp://, udp://, rtmp://,
+# srt://) or a camera on this machine (/dev/videoN, camera:N), read by OpenCV (FFmpeg, V4L2).
+#
+# A camera sends at its own rate whether the scorer is ready or not, so it is read on a thread
+# of its own (a blocking read on the event loop would hold up every gRPC answer) into a small
+# buffer. When the servers score slower than the camera sends, the oldest frame waiting is
+# dropped: latency and memory stay bounded, and every dropped frame is counted, said in the
+# summary and visible as a gap in the frame ids. A stream that stops (a switch reboots, the
+# camera restarts, the server closes the connection) is opened again with a backoff, and the
+# frame numbers go on; its outages are said too. Nothing here can be read twice: `--resume`
+# appends new frames, and `--retry-errors` is refused.
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp", "srt")
+_CAMERA = re.compile(r"camera:(\d+)|/dev/video(\d+)")
+BUFFER_FRAMES = 32  # read, not yet sent: about a second of a 30 fps camera before the oldest is dropped
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """How hard a live source tries: reopening a lost stream, and how long a silent one is waited for."""
+
+    reconnects: int = 30  # reopen tries in a row before the stream ends (-1: forever)
+    backoff_max_s: float = 5.0  # longest wait between tries (they start at 0.5 s and double)
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 5.0  # a stream silent this long is lost (FFmpeg's own wait is forever)
+    buffer: int = BUFFER_FRAMES
+
+
+def is_live(spec: str) -> bool:
+    """A camera: a URL of a streaming scheme, /dev/videoN or camera:N."""
+    scheme = spec.partition("://")[0].lower() if "://" in spec else ""
+    return scheme in LIVE_SCHEMES or _CAMERA.fullmatch(spec) is not None
+
+
+def redact(spec: str) -> str:
+    """The URL without its password: it goes into every output line, log and message."""
+    parts = urlsplit(spec)
+    if parts.password is None:
+        return spec
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def live_name(spec: str) -> str:
+    """A short name for ids and file names: the camera's index, or the URL's host and last path part."""
+    m = _CAMERA.fullmatch(spec)
+    if m:
+        return f"camera{m.group(1) or m.group(2)}"
+    parts = urlsplit(spec)
+    tail = parts.path.rstrip("/").rpartition("/")[2]
+    return "_".join(p for p in (parts.hostname or "", tail) if p) or parts.scheme
+
+
+class LiveSource(Source):
+    """Frames as a camera sends them, numbered in the order read (`NAME#N`), each line with the
+    wall-clock time it was read (`captured_at`, seconds since the epoch)."""
+
+    replayable = False
+    reads_in_thread = True
+
+    def __init__(self, spec: str, options: LiveOptions | None = None) -> None:
+        self.cv2 = opencv(spec)
+        self.spec, self.options = spec, options or LiveOptions()
+        self.label, self.name = redact(spec), live_name(spec)
+        m = _CAMERA.fullmatch(spec)
+        self.device = int(m.group(1) or m.group(2)) if m else None
+        self._cond = threading.Condition()
+        self._frames: collections.deque[tuple[int, np.ndarray, float, float | None]] = collections.deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._done = False
+        self.dropped = 0
+        self.outages: list[tuple[int, float]] = []  # (frames read before it, seconds without frames)
+        # Opened now, before any output is opened: a wrong address fails like a missing file.
+        self._cap = self._open()
+        if self._cap is None:
+            raise CMGError(f"live source {self.label}: cannot be opened (wrong address, camera unreachable or "
+                           f"busy, or no stream OpenCV's FFmpeg can read within {self.options.open_timeout_s:g} s)")
+        ok, bgr = self._cap.read()
+        if not ok:
+            self._cap.release()
+            raise CMGError(f"live source {self.label}: opened, but no frame came within "
+                           f"{self.options.read_timeout_s:g} s")
+        self._first = bgr
+        camera_fps = self._cap.get(self.cv2.CAP_PROP_FPS)
+        self.camera_fps = float(camera_fps) if np.isfinite(camera_fps) and camera_fps > 0 else None
+
+    def _open(self):
+        """A capture that is open, or None."""
+        cv2, o = self.cv2, self.options
+        if self.device is not None:
+            cap = cv2.VideoCapture(self.device)
+        else:
+            cap = cv2.VideoCapture(self.spec, cv2.CAP_FFMPEG, [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(o.open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(o.read_timeout_s * 1000)])
+        if cap.isOpened():
+            return cap
+        cap.release()
+        return None
+
+    # -- the reading thread ------------------------------------------------------------------
+    def _put(self, n: int, bgr: np.ndarray, after_outage_s: float | None) -> None:
+        rgb = np.ascontiguousarray(bgr[..., ::-1])
+        with self._cond:
+            if len(self._frames) >= max(1, self.options.buffer):
+                self._frames.popleft()
+                self.dropped += 1
+            self._frames.append((n, rgb, time.time(), after_outage_s))
+            self._cond.notify()
+
+    def _read(self) -> None:
+        cap, bgr, n, after = self._cap, self._first, self._number_from, None
+        self._first = None
+        try:
+            while not self._stop.is_set():
+                if bgr is not None:
+                    self._put(n, bgr, after)
+                    n, bgr, after = n + 1, None, None
+                ok, frame = cap.read()
+                if ok:
+                    bgr = frame
+                    continue
+                cap.release()
+                cap, bgr, after = self._reopen(n)
+                if cap is None:
+                    return
+        finally:
+            if cap is not None:
+                cap.release()
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _reopen(self, n: int):
+        """(capture, its first frame, seconds without frames) once the stream is back; (None, ...)
+        when the tries are spent or the source is closed."""
+        o, lost = self.options, time.monotonic()
+        tries = 0
+        while not self._stop.is_set():
+            if 0 <= o.reconnects <= tries:
+                self.failure = (f"live source {self.label} lost after frame {n - 1}; not back after "
+                                f"{tries} tries in {time.monotonic() - lost:.0f} s (--reconnects)")
+                return None, None, None
+            tries += 1
+            if self._stop.wait(min(o.backoff_max_s, 0.5 * 2 ** (tries - 1))):
+                break
+            cap = self._open()
+            if cap is None:
+                continue
+            ok, frame = cap.read()
+            if ok:
+                gap = time.monotonic() - lost
+                self.outages.append((n, gap))
+                return cap, frame, round(gap, 3)
+            cap.release()
+        return None, None, None
+
+    # -- Source ------------------------------------------------------------------------------
+    def items(self, start: int = 0) -> Iterator[SourceItem]:
+        """Frames as they come, numbered from `start` (a camera has nothing to skip), until the
+        source is closed or lost for good."""
+        if self._thread is not None:
+            raise CMGError(f"live source {self.label} is read once")
+        self._number_from = start
+        self._thread = threading.Thread(target=self._read, name=f"live {self.name}", daemon=True)
+        self._thread.start()
+        while True:
+            with self._cond:
+                while not self._frames and not self._done and not self._stop.is_set():
+                    self._cond.wait(0.1)
+                if not self._frames:
+                    return
+                n, rgb, captured, after = self._frames.popleft()
+            extra = {"captured_at": round(captured, 3)}
+            if after is not None:
+                extra["after_outage_s"] = after
+            yield SourceItem(f"{self.name}#{n}", self.label, lambda size, a=rgb: to_frame(a, size), extra)
+
+    @property
+    def warnings(self) -> list[str]:
+        said = []
+        if self.dropped:
+            said.append(f"live source {self.label}: {self.dropped} frames dropped unsent (the servers scored "
+                        "slower than the camera sent, or --fps is below its rate; the frame ids show the gaps)")
+        if self.outages:
+            gaps = ", ".join(f"after frame {n - 1} for {s:.1f} s" for n, s in self.outages[:5])
+            times = "once" if len(self.outages) == 1 else f"{len(self.outages)} times"
+            said.append(f"live source {self.label}: lost {times} and reopened "
+                        f"({gaps}{', ...' if len(self.outages) > 5 else ''})")
+        return said
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a read stalled in FFmpeg ends at its timeout, on its own
+        elif self._cap is not None:
+            self._cap.release()
+
+
+def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS, live: LiveOptions | None = None) -> Source:
+    """SRC (folder, glob, video file, a single image, synth:PRESET, a camera's URL or device) -> Source."""
     if spec.startswith("synth:"):
         return SynthSource(spec)
+    if is_live(spec) and not Path(spec).is_file():
+        return LiveSource(spec, live)
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", spec) and not Path(spec).exists():
-        raise CMGError(f"source {spec}: URLs (rtsp://, http://) and camera devices are not read; record the camera "
-                       "to a file and stream that, or score its frames from your own code (CMGClient)")
+        raise CMGError(f"source {redact(spec)}: not a scheme a camera streams over (read: "
+                       f"{', '.join(s + '://' for s in LIVE_SCHEMES)}, /dev/videoN and camera:N)")
     path = Path(spec)
     if path.is_file() and path.suffix.lower() not in VIDEO_EXTS:  # a name with [ ] is that file, not a glob
         return FileSource([path], path.parent, max_pixels)
@@ -259,7 +485,6 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     if not path.exists():
         raise CMGError(f"source {spec}: no such file or folder")
     # every file, folder and pattern is taken above: what is left is no regular file
-    raise CMGError(f"source {spec}: not a regular file (camera devices and pipes are not read; record the camera "
-                   "to a file and stream that)")
+    raise CMGError(f"source {spec}: not a regular file (pipes are not read; a camera is /dev/videoN or camera:N)")
 
 

@@ -1,4 +1,5 @@
-"""`cmg stream`: the factory-line client. Every frame gets exactly one JSON line, in order.
+"""`cmg stream`: the factory-line client. Every frame gets exactly one JSON line, in order
+(a camera's frames dropped while the servers were behind get none: they are counted).
 
 Async gRPC with a bounded window of frames not yet written. A request that fails for a
 reason outside the frame (server stopping or gone, model unloading or reloading, server
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ from cmg_clients.overlay import check_overlay_dir, claim_overlay_dir
 from cmg_clients.planning import plan_sources, source_name
 from cmg_clients.scorer import Progress, Scorer, StreamOptions, StreamSummary
 from cmg_clients.servers import ServerPool
-from cmg_clients.sources import Source, SourceItem, open_source
+from cmg_clients.sources import LiveOptions, Source, SourceItem, open_source, redact
 
 
 async def _stream(opts: StreamOptions, summary: StreamSummary, pool: ServerPool | None = None,
@@ -72,7 +74,15 @@ async def _stream_locked(opts: StreamOptions, summary: StreamSummary, pool: Serv
             raise CMGError(f"--out {opts.out} exists and is not a cmg stream output (its first line is not a "
                            "JSON line with seq 0): choose another file, or --overwrite to replace it")
         raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
-    source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels)
+    source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels, opts.live)
+    try:
+        await _stream_source(opts, summary, source, pool, size, own_pool, url)
+    finally:  # a camera's thread and connection
+        source.close()
+
+
+async def _stream_source(opts: StreamOptions, summary: StreamSummary, source: Source, pool: ServerPool | None,
+                         size: tuple[int, int] | None, own_pool: bool, url: str) -> None:
     if own_pool:
         # Synchronous handshake: fails fast with a clear message if the server or model is
         # wrong, and gives the frame size without a run folder.
@@ -101,7 +111,14 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
     found = scan_existing(opts.out) if opts.resume else Existing()
     start = found.count
     summary.skipped = start
-    if start:  # OUT must have come from this source: check its last line's frame
+    if opts.retry_errors and found.errors and not source.replayable:
+        raise CMGError(f"{opts.out}: --retry-errors re-scores earlier frames, and the live source "
+                       f"{redact(opts.source)} cannot send them again; resume without it")
+    if start and not source.replayable:  # a camera: new frames are appended after OUT's last line
+        if found.last_source is not None and found.last_source != getattr(source, "label", opts.source):
+            raise CMGError(f"{opts.out}: its lines come from source {found.last_source!r}; resume with the "
+                           "source that wrote it, or choose another --out")
+    elif start:  # OUT must have come from this source: check its last line's frame
         item = next(source.items(start - 1), None)
         if item is None:
             wrote = f" (the last from {found.last_source!r})" if found.last_source is not None else ""
@@ -161,8 +178,8 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
                     opts.on_line(line)
 
             count = max(0, (opts.limit if opts.limit is not None else 1 << 62) - start)
-            jobs = enumerate(itertools.islice(source.items(start), count), start)
-            await scorer.run(jobs, write, fps, progress)
+            jobs = enumerate(itertools.islice(source.items(_first_item(source, start, found)), count), start)
+            await scorer.run(jobs, write, fps, progress, source.reads_in_thread)
     finally:
         if out is not None:
             with naming(opts.out):  # what a full disk refused is flushed again here, and fails again
@@ -177,6 +194,17 @@ async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Sour
         summary.warnings = list(source.warnings)
         if scorer.fatal:
             summary.aborted = scorer.fatal[0]
+        elif source.failure:
+            summary.aborted = source.failure
+
+
+def _first_item(source: Source, start: int, found: Existing) -> int:
+    """Where the source's items begin: after OUT's lines; for a camera, whose frames are numbered
+    as read, after the number in OUT's last frame id, so a resumed file has no id twice."""
+    if source.replayable or found.last_id is None:
+        return start
+    m = re.search(r"#(\d+)$", found.last_id)
+    return max(start, int(m.group(1)) + 1) if m else start
 
 
 def run_stream(opts: StreamOptions, summary: StreamSummary | None = None) -> StreamSummary:
@@ -204,7 +232,7 @@ async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSum
         core.positive_seconds(opts.timeout_s, "--timeout")
     for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
         if opts.frames is None:
-            opts.frames = open_source(opts.source, opts.max_pixels)
+            opts.frames = open_source(opts.source, opts.max_pixels, opts.live)
     # the longest deadline of the sources: a replaced channel is closed once its calls are past it
     pool = ServerPool(urls, first.model, max(o.timeout_s for o, _ in jobs))
     try:
@@ -240,7 +268,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each frame goes to the one with the fewest frames in flight, a failed one's frames "
                         "to the others")
     parser.add_argument("--source", action="append", required=True,
-                        help="folder, glob, video file (OpenCV) or synth:PRESET[?fps=..&seed=..&n=..]; "
+                        help="folder, glob, video file, camera (rtsp://, http://, tcp://, udp://, rtmp://, srt:// "
+                        "URL, /dev/videoN or camera:N; OpenCV) or synth:PRESET[?fps=..&seed=..&n=..]; "
                         "repeat for several cameras, optionally as NAME=SRC")
     parser.add_argument("--out", required=True, type=Path,
                         help="JSONL output, one line per frame; with several --source a folder (NAME.jsonl each)")
@@ -258,7 +287,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=retries_int, default=30,
                         help="tries per frame while the server is away before giving up (-1: forever)")
     parser.add_argument("--backoff-max", type=positive_float, default=5.0,
-                        help="longest wait between retries (s)")
+                        help="longest wait between retries (s), and between a camera's reopen tries")
+    parser.add_argument("--reconnects", type=retries_int, default=30,
+                        help="tries in a row to reopen a camera whose stream stopped before the stream "
+                             "ends (-1: forever; default 30)")
     parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
@@ -287,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
             window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
             overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
             backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
+            live=LiveOptions(reconnects=args.reconnects, backoff_max_s=args.backoff_max),
             progress=False if args.no_progress else progress, dashboard=args.dashboard,
             metrics_url=args.metrics_url, name=name,
             overlays=None if args.overlays is None else args.overlays / out.stem,  # one folder per OUT

@@ -236,11 +236,11 @@ def test_a_short_video_is_said_by_its_containers_kind_of_count():
 
 def test_video_suffixes_urls_and_missing_sources_are_named(tmp_path):
     """A .ts recording was read as one unreadable image; a glob of videos gave an image error
-    per video; an rtsp:// URL with ? got a glob error; a mistyped file no 'not found'."""
+    per video; a URL with ? got a glob error; a mistyped file no 'not found'."""
     data = _video(tmp_path / "cam.avi", "MJPG", 3)
     (tmp_path / "cam.ts").write_bytes(data)
     assert len(list(open_source(str(tmp_path / "cam.ts")).items())) == 3
-    for spec, said in [("rtsp://10.0.0.9/stream?channel=1", "URLs (rtsp://, http://) and camera devices are not read"),
+    for spec, said in [("ftp://10.0.0.9/stream?channel=1", "not a scheme a camera streams over"),
                        (str(tmp_path / "*.ts"), "matches video files (cam.ts): give each video as a --source"),
                        (str(tmp_path / "missing.mp4"), "no such file or folder"),
                        ("/dev/null", "not a regular file")]:

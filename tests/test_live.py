@@ -1,0 +1,223 @@
+"""Cameras as `cmg stream` sources: a real MJPEG-over-HTTP camera (as IP cameras serve it) read
+by OpenCV's FFmpeg, which stops, stalls, comes back, or sends faster than it is read."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from cmg.errors import CMGError  # noqa: E402
+from cmg_clients.planning import source_name  # noqa: E402
+from cmg_clients.scorer import StreamSummary  # noqa: E402
+from cmg_clients.sources import LiveOptions, LiveSource, is_live, open_source, redact  # noqa: E402
+from cmg_clients.stream import StreamOptions, run_stream  # noqa: E402
+
+QUICK = LiveOptions(reconnects=20, backoff_max_s=0.2, open_timeout_s=2.0, read_timeout_s=1.0)
+
+
+class Camera:
+    """An MJPEG camera on 127.0.0.1: frame i is grey level i % 250 (its number, read back
+    from the pixels); `stall` keeps the connection open and sends nothing."""
+
+    def __init__(self, fps: float = 50.0, size: int = 32) -> None:
+        self.fps, self.size, self.stall, self.sent = fps, size, False, 0
+        self.server: ThreadingHTTPServer | None = None
+        self.port = 0
+
+    def start(self) -> Camera:
+        cam = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    while cam.server is not None:
+                        if cam.stall:
+                            time.sleep(0.05)
+                            continue
+                        img = np.full((cam.size, cam.size, 3), cam.sent % 250, np.uint8)
+                        jpg = cv2.imencode(".jpg", img)[1].tobytes()
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(jpg) + jpg + b"\r\n")
+                        cam.sent += 1
+                        time.sleep(1.0 / cam.fps)
+                except OSError:  # the reader went away
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/cam.mjpg"
+
+
+@pytest.fixture
+def camera() -> Iterator[Camera]:
+    cam = Camera().start()
+    yield cam
+    cam.stop()
+
+
+def _level(item) -> int:
+    return int(item.load((8, 8)).mean().round())
+
+
+def test_camera_specs_are_named_without_their_password():
+    assert is_live("rtsp://10.0.0.9/stream?channel=1") and is_live("camera:0") and is_live("/dev/video2")
+    assert not is_live("cam.mp4") and not is_live("synth:tiny") and not is_live("ftp://host/x")
+    assert redact("rtsp://admin:s3cret@10.0.0.9:554/live") == "rtsp://admin:***@10.0.0.9:554/live"
+    assert redact("rtsp://10.0.0.9/live") == "rtsp://10.0.0.9/live"
+    assert source_name("rtsp://admin:s3cret@10.0.0.9:554/h264/ch1") == ("10.0.0.9_ch1", "rtsp://admin:s3cret@10.0.0.9:554/h264/ch1")
+    assert source_name("line2=rtsp://10.0.0.9/x?a=b")[0] == "line2"
+    assert source_name("camera:1")[0] == "camera1"
+    assert StreamOptions(url="u", source="rtsp://a:s3cret@h/x", out=Path("o")).source_name == "rtsp://a:***@h/x"
+
+
+def test_a_camera_that_cannot_be_opened_is_refused_before_any_output(tmp_path):
+    with pytest.raises(CMGError, match=r"live source http://u:\*\*\*@127\.0\.0\.1:9/x: cannot be opened") as exc:
+        open_source("http://u:s3cret@127.0.0.1:9/x", live=QUICK)
+    assert "s3cret" not in str(exc.value)
+    with pytest.raises(CMGError, match="live source camera:97: cannot be opened"):
+        open_source("camera:97", live=QUICK)
+    with pytest.raises(CMGError, match=r"not a scheme a camera streams over \(read: rtsp://"):
+        open_source("ftp://u:s3cret@host/x")
+
+
+def test_frames_come_in_order_with_their_time_and_close_stops_the_reader(camera):
+    source = open_source(camera.url, live=QUICK)
+    assert isinstance(source, LiveSource) and source.count is None and source.fps is None
+    items = []
+    for item in source.items(0):
+        items.append(item)
+        if len(items) == 10:
+            break
+    assert [i.frame_id for i in items] == [f"127.0.0.1_cam.mjpg#{n}" for n in range(10)]
+    levels = [_level(i) for i in items]
+    assert levels == sorted(levels) and len(set(levels)) == 10  # the camera's own order, each frame once
+    times = [i.extra["captured_at"] for i in items]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 5
+    assert all(i.source == camera.url for i in items)
+    t0 = time.monotonic()
+    source.close()
+    assert time.monotonic() - t0 < 1.5 and not source._thread.is_alive()
+    assert source.warnings == [] and source.failure is None
+
+
+def test_a_camera_that_stops_or_stalls_is_reopened_and_its_numbers_go_on(camera):
+    source = open_source(camera.url, live=QUICK)
+    got = []
+    try:
+        for item in source.items(0):
+            got.append(item)
+            if len(got) == 5:  # the camera restarts: the connection is closed, the port opens again
+                camera.stop()
+                time.sleep(0.5)
+                camera.start()
+            if len(got) == 15:  # it stalls with the connection open: read past the read timeout
+                camera.stall = True
+                threading.Timer(1.5, setattr, (camera, "stall", False)).start()
+            if len(got) == 25:
+                break
+    finally:
+        source.close()
+    assert [i.frame_id.rpartition("#")[2] for i in got] == [str(n) for n in range(25)]
+    back = [i for i in got if "after_outage_s" in i.extra]
+    assert len(back) == 2 and all(i.extra["after_outage_s"] >= 0.5 for i in back)
+    assert len(source.outages) == 2 and source.failure is None
+    assert re.search(r"lost 2 times and reopened \(after frame \d+ for \d+\.\d s, after frame \d+ for", source.warnings[0])
+
+
+def test_a_camera_gone_for_good_ends_the_source_with_its_reason(camera):
+    source = open_source(camera.url, live=LiveOptions(reconnects=2, backoff_max_s=0.1, open_timeout_s=1.0,
+                                                         read_timeout_s=1.0))
+    got = []
+    for item in source.items(0):
+        got.append(item)
+        if len(got) == 3:
+            camera.stop()
+    source.close()
+    assert len(got) >= 3
+    assert re.fullmatch(rf"live source {re.escape(camera.url)} lost after frame {len(got) - 1}; not back after 2 "
+                        r"tries in \d+ s \(--reconnects\)", source.failure)
+
+
+def test_a_reader_slower_than_the_camera_drops_the_oldest_frames_and_says_so(camera):
+    source = open_source(camera.url, live=LiveOptions(buffer=2, read_timeout_s=1.0))
+    got = []
+    try:
+        for item in source.items(0):
+            got.append(int(item.frame_id.rpartition("#")[2]))
+            time.sleep(0.1)  # 10 frames/s read, 50 sent
+            if len(got) == 8:
+                break
+    finally:
+        source.close()
+    assert got == sorted(got) and got[-1] - got[0] > 20  # the freshest frames, with the gaps in their ids
+    assert source.dropped >= 20
+    assert f"{source.dropped} frames dropped unsent" in source.warnings[0]
+
+
+@pytest.mark.slow
+def test_stream_scores_a_camera_and_resume_appends_without_repeating_an_id(triton, camera, tmp_path):
+    out = tmp_path / "cam.jsonl"
+    opts = dict(url=triton.grpc_url, source=camera.url, out=out, progress=False, live=QUICK)
+    first = run_stream(StreamOptions(**opts, limit=12))
+    lines = [json.loads(s) for s in out.read_text().splitlines()]
+    assert first.frames == first.results == 12 and first.aborted is None
+    assert [x["seq"] for x in lines] == list(range(12)) and all("score" in x and "captured_at" in x for x in lines)
+    second = run_stream(StreamOptions(**opts, limit=20, resume=True))
+    lines = [json.loads(s) for s in out.read_text().splitlines()]
+    assert second.skipped == 12 and second.frames == 8
+    assert [x["seq"] for x in lines] == list(range(20))
+    numbers = [int(x["frame_id"].rpartition("#")[2]) for x in lines]
+    assert numbers == sorted(set(numbers))  # the resumed run numbers after the last id: none twice
+    with pytest.raises(CMGError, match="cannot send them again"):
+        with out.open("a") as fh:
+            fh.write(json.dumps({"seq": 20, "frame_id": "x#99", "source": camera.url, "error": "e"}) + "\n")
+        run_stream(StreamOptions(**opts, resume=True, retry_errors=True))
+    other = Camera().start()
+    try:
+        with pytest.raises(CMGError, match="its lines come from source"):
+            run_stream(StreamOptions(**{**opts, "source": other.url}, resume=True, limit=30))
+    finally:
+        other.stop()
+
+
+@pytest.mark.slow
+def test_a_camera_lost_for_good_aborts_the_stream_with_every_line_kept(triton, camera, tmp_path):
+    out = tmp_path / "cam.jsonl"
+    summary = StreamSummary(out=str(out))
+    threading.Timer(1.0, camera.stop).start()
+    run_stream(StreamOptions(url=triton.grpc_url, source=camera.url, out=out, progress=False,
+                             live=LiveOptions(reconnects=2, backoff_max_s=0.1, open_timeout_s=1.0,
+                                              read_timeout_s=1.0)), summary)
+    lines = out.read_text().splitlines()
+    assert summary.frames == len(lines) > 5 and summary.results == summary.frames
+    assert summary.aborted is not None and "not back after 2 tries" in summary.aborted
+    assert "ABORTED: live source" in summary.line()
