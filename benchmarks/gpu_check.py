@@ -187,7 +187,7 @@ def check_accuracy(run_dir: Path, data: Path, device: str, batch: int = 16) -> d
     run = load_run(run_dir)
     # Frames and labels only, read as `cmg eval` reads them: the GPU machine has no sklearn,
     # scipy or matplotlib (what cmg_train.evaluate imports), and the carry has no room for them
-    folder = MVTecFolder(data)
+    folder = MVTecFolder(data, need_train=False)  # gpu_prepare.sh carries test/ and ground_truth/ only
     samples = folder.samples("test")
     size = (run.contract.height, run.contract.width)
     test = SimpleNamespace(frames=torch.from_numpy(folder.frames(samples, size, progress=False)),

@@ -15,6 +15,10 @@
 # torch.json, accuracy.json, trt.json. Exits non-zero when a step failed; a step that cannot run
 # (TensorRT absent) is recorded as SKIPPED with the reason, never left out.
 # CMG_GPU_CHECK_DEVICE=cpu runs the same script on a CPU-only host (the test suite does).
+# The lent machine has no TensorRT, and TensorRT's wheels do not fit the 64 MiB carry: there
+# the TensorRT steps are SKIPPED, and the engines are checked only where TensorRT is installed
+# (the NGC TensorRT or Triton container: `cmg build --target tensorrt`, `trtexec.sh`). On CPU
+# every graph passes the TensorRT 10 op check (`build/opcheck.py`) in the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

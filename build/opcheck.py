@@ -14,6 +14,7 @@ from pathlib import Path
 
 TOPK_MAX_K = 3840
 UINT8 = 2
+DEQUANTIZABLE = {3, 17, 18, 19, 20, 22}  # INT8, the four FP8 kinds, INT4 (onnx.TensorProto)
 STANDARD_DOMAINS = ("", "ai.onnx")
 TABLE_PATH = Path(__file__).with_name("onnx_ops_trt10.tsv")
 
@@ -102,6 +103,7 @@ def check_model(model, table: OpTable | None = None, name: str = "graph") -> lis
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(graph.input) + list(graph.output)}
     graph_outputs = {t.name for t in graph.output}
+    initializer_types = {t.name: t.data_type for t in graph.initializer}
     consts = _const_values(graph)
 
     def walk(g, prefix: str) -> None:
@@ -153,6 +155,18 @@ def check_model(model, table: OpTable | None = None, name: str = "graph") -> lis
                 problems.append(f"{name}: {label}: ReduceMean axes '{node.input[1]}' must be an initializer")
         elif op == "NonZero":
             problems.append(f"{name}: {label}: NonZero has a data-dependent output shape (not engine-friendly)")
+        elif op == "DequantizeLinear":
+            kind = types.get(node.input[0]) or initializer_types.get(node.input[0])
+            if kind is not None and kind not in DEQUANTIZABLE:
+                problems.append(f"{name}: {label}: DequantizeLinear of a {onnx.TensorProto.DataType.Name(kind)} tensor "
+                                f"'{node.input[0]}'; TensorRT's parser dequantizes INT8 (FP8, INT4) only")
+        elif op == "If":
+            ranks = [[len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
+                      for o in branch.output] for branch in (_attr(node, "then_branch"), _attr(node, "else_branch"))
+                     if branch is not None]
+            if len(ranks) == 2 and any(a is not None and b is not None and a != b for a, b in zip(*ranks, strict=False)):
+                problems.append(f"{name}: {label}: If whose branches return different ranks {ranks[0]} / "
+                                f"{ranks[1]}; TensorRT needs the same rank from both")
 
     walk(graph, "")
     return problems

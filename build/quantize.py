@@ -113,7 +113,11 @@ def quantize_file(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], reci
                         activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
                         per_channel=True, reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES),
                         nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+                        # TensorRT: biases stay float. An INT32 bias through DequantizeLinear is
+                        # ONNX Runtime's form (its QLinearConv fusion wants it), which TensorRT's
+                        # parser refuses: it dequantizes INT8 (and FP8, INT4) only
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                       "QuantizeBias": recipe != "tensorrt"})
     onnx.checker.check_model(onnx.load(str(dst)))
     return len(keep_float)
 

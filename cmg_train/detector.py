@@ -184,7 +184,9 @@ class CMGDetector(nn.Module):
         if self.map_blur is not None:  # the map a person reads: smoothed, as PatchCore's is (the score
             # is not), and still zero where the keep-mask discarded the pixels
             amap = self.map_blur(amap) * upsample_keep(r.keep, amap.shape[-2:])
-        amap = amap.squeeze(1)
+        # [:, 0], not squeeze(1): the exporter writes squeeze of a dim it cannot prove is 1 as an If
+        # whose branches return rank 3 and rank 4, which TensorRT's parser refuses
+        amap = amap[:, 0]
         return DetectorOutput(score, score > threshold, amap, r.keep.to(torch.uint8), r.z)
 
     def forward(self, frames: Tensor, patch_scores: Tensor, threshold: Tensor) -> DetectorOutput:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,9 +98,12 @@ def test_gpu_check_script_dry_run_on_cpu(tiny_run, tiny_data, tmp_path):
     """The real script end to end with the CPU switch: it trains nothing, skips what this host
     lacks with the reason, and leaves at most 8 files (what comes back from the lent machine)."""
     out = tmp_path / "gpu_out"
+    data = tmp_path / "carried"  # what gpu_prepare.sh carries: the test split and its masks, no train/
+    for part in ("test", "ground_truth"):
+        shutil.copytree(tiny_data / part, data / part)
     env = {**os.environ, "OUT": str(out), "VENV": sys.prefix, "CMG_GPU_CARRY": str(tmp_path / "no_carry"),
            "CMG_GPU_CHECK_DEVICE": "cpu", "CMG_GPU_CHECK_ITERS": "3", "CMG_GPU_CHECK_BATCHES": "1,2",
-           "CMG_GPU_CHECK_DATA": str(tiny_data)}
+           "CMG_GPU_CHECK_DATA": str(data)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tiny_run)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

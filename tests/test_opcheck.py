@@ -93,3 +93,35 @@ def test_cast_from_uint8_input_is_fine(op):
     m = _model([helper.make_node(op, ["img"], ["y"], to=TensorProto.FLOAT)],
                [_vi("img", TensorProto.UINT8, ["batch", 3])], [_vi("y", TensorProto.FLOAT, ["batch", 3])])
     assert opcheck.check_model(m) == []
+
+
+def test_a_dequantized_int32_bias_is_named_and_int8_passes():
+    """ONNX Runtime's quantize_static writes a bias as INT32 -> DequantizeLinear by default;
+    TensorRT's parser dequantizes INT8 (FP8, INT4) only (the tensorrt recipe keeps biases float)."""
+    def dq(kind, array):
+        inits = [helper.make_tensor("w", kind, [4], array), helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])]
+        return _model([helper.make_node("DequantizeLinear", ["w", "s"], ["y"], name="bias_dq")], [],
+                      [_vi("y", TensorProto.FLOAT, [4])], inits)
+
+    problems = opcheck.check_model(dq(TensorProto.INT32, [1, 2, 3, 4]))
+    assert any("bias_dq" in p and "INT32" in p for p in problems), problems
+    assert opcheck.check_model(dq(TensorProto.INT8, [1, 2, 3, 4])) == []
+
+
+def test_an_if_whose_branches_return_different_ranks_is_named():
+    """torch's exporter writes `squeeze(1)` of a dim it cannot prove is 1 as such an If
+    (then Squeeze, rank 3; else Identity, rank 4), which TensorRT's parser refuses."""
+    def branch(node, rank):
+        return helper.make_graph([node], "b", [], [_vi(node.output[0], TensorProto.FLOAT, [2] * rank)])
+
+    cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    for else_rank, bad in ((4, True), (3, False)):
+        els = (helper.make_node("Identity", ["x"], ["e"]) if else_rank == 4
+               else helper.make_node("Squeeze", ["x", "ax"], ["e"]))
+        node = helper.make_node("If", ["c"], ["y"], name="maybe_squeeze",
+                                then_branch=branch(helper.make_node("Squeeze", ["x", "ax"], ["t"]), 3),
+                                else_branch=branch(els, else_rank))
+        m = _model([node], [_vi("x", TensorProto.FLOAT, [2, 1, 2, 2])], [_vi("y", TensorProto.FLOAT, None)],
+                   [cond, helper.make_tensor("ax", TensorProto.INT64, [1], [1])])
+        problems = opcheck.check_model(m)
+        assert any("maybe_squeeze" in p and "different ranks [3] / [4]" in p for p in problems) == bad, problems
