@@ -2,9 +2,14 @@
 
 `cmg build ... --k8s DIR` writes `DIR/triton.yaml` (Deployment, Service, HorizontalPodAutoscaler)
 and `DIR/prometheus-adapter-rules.yaml` (the rule that turns Triton's queue-time counters
-into the per-pod metric the autoscaler reads). The repository comes from a volume (a
-PersistentVolumeClaim holding what `cmg build` wrote; any volume type works the same):
-the official image already has the ONNX Runtime and TensorRT backends, so the
+into the per-pod metric the autoscaler reads). The repository comes from a volume: a
+PersistentVolumeClaim that every node can mount (ReadOnlyMany or ReadWriteMany: a
+ReadWriteOnce volume attaches to one node, and replicas elsewhere never start), holding the
+folder `cmg build` wrote, mounted by its name (`subPath`: the volume's root may hold ext4's
+`lost+found`, which Triton in mode none tries to load as a model and then exits). The build's
+id in the pod template makes a new build roll every pod; Triton in mode none never reads the
+repository again, so without it old pods keep serving the old run beside new pods serving
+the new one. The official image already has the ONNX Runtime and TensorRT backends, so the
 `onnxruntime` and `tensorrt` targets serve there as built; the `cpu` target's Python
 backend would also need ONNX Runtime installed in the image.
 
@@ -14,6 +19,8 @@ no cluster has run them here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from cmg.errors import CMGError
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version served here
 QUEUE_METRIC = "triton_queue_time_us"  # per pod, from the adapter rule below
+RATE_WINDOW = "2m"  # rate() needs two scrapes in its window: Prometheus and its chart scrape every minute
 
 
 @dataclass
@@ -38,6 +46,13 @@ class K8sOptions:
     queue_time_us: int = 20000  # scale out above this average queue time per request
     memory_limit: str = "8Gi"  # twice the request: cmg_exact's teacher grows to about 3 GB under load
     shm: str = "1Gi"  # /dev/shm (the Python backend's tensors; Kubernetes' default is 64 MiB)
+    sub_path: str = "model_repository"  # the repository's folder on the claim (`cmg build --out`'s name)
+    build_id: str = ""  # the repository's files' hash: a new build changes the pod template, so it rolls
+
+
+def build_id(files: dict[str, str]) -> str:
+    """A repository's files (the build report's path -> sha256) as one short id."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def manifests(opts: K8sOptions) -> list[dict]:
@@ -60,20 +75,20 @@ def manifests(opts: K8sOptions) -> list[dict]:
         "startupProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5,
                          "failureThreshold": 60},
         "resources": resources,
-        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "subPath": opts.sub_path, "readOnly": True},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": opts.name, "labels": labels},
-        "spec": {
-            "replicas": opts.replicas,
+        "spec": {  # no `replicas`: the autoscaler owns it (from --replicas up); a re-apply would reset it
             "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(DEFAULT_METRICS_PORT),
-                    "prometheus.io/path": "/metrics"}},
+                    "prometheus.io/path": "/metrics",
+                    **({"cmg-triton/build": opts.build_id} if opts.build_id else {})}},
                 "spec": {
                     "terminationGracePeriodSeconds": 40,
                     "containers": [container],
@@ -105,15 +120,15 @@ def manifests(opts: K8sOptions) -> list[dict]:
 
 
 def adapter_rules(namespace: str = "monitoring") -> dict:
-    """prometheus-adapter ConfigMap: the queue time a frame waits over the last minute, per pod:
+    """prometheus-adapter ConfigMap: the queue time a frame waits over the last RATE_WINDOW, per pod:
     every model's `nv_inference_queue_duration_us` over the requests to the ensembles clients
     call (`cmg`, `cmg_exact`) only. Triton counts a
     success for the ensemble and for each step it runs (measured: 19 `cmg`, 19 and 20 for its
     two steps), and the ensemble's own queue time is nearly nil (35 us against 29 ms in its
     steps): over every model's successes the mean came out a third of a frame's wait."""
-    query = ("sum(rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>) / "
+    query = (f"sum(rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[{RATE_WINDOW}])) by (<<.GroupBy>>) / "
              f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=~\"{'|'.join(ENSEMBLES)}\"}}"
-             "[1m])) by (<<.GroupBy>>), 1e-9)")
+             f"[{RATE_WINDOW}])) by (<<.GroupBy>>), 1e-9)")
     rules = (
         "rules:\n"
         "- seriesQuery: 'nv_inference_queue_duration_us{namespace!=\"\",pod!=\"\"}'\n"
@@ -128,7 +143,9 @@ def adapter_rules(namespace: str = "monitoring") -> dict:
 
 MARK = "# Written by `cmg build --k8s` (build/k8s.py); written again by the next one.\n"
 ADAPTER_NOTE = ("# This ConfigMap is prometheus-adapter's whole config.yaml: applied over an adapter that has\n"
-                "# rules of its own, it replaces them. There, add the rule under `rules:` to its config instead.\n")
+                "# rules of its own, it replaces them. There, add the rule under `rules:` to its config instead.\n"
+                "# The adapter reads it only when it starts: `kubectl -n monitoring rollout restart\n"
+                "# deploy/prometheus-adapter` after applying it.\n")
 FILES = ("triton.yaml", "prometheus-adapter-rules.yaml")
 
 

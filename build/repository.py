@@ -470,9 +470,11 @@ def run(args: argparse.Namespace) -> int:
               "TensorRT 10 and a GPU")
     if args.k8s is not None:
         gpus = 1 if report["kind"] == "gpu" else 0
-        paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, max_replicas=max_replicas, gpus=gpus))
-        print(f"Kubernetes manifests: {', '.join(map(str, paths))} (put {args.out} on the volume "
-              f"'{k8s.K8sOptions.claim}')")
+        folder = Path(args.out).resolve().name
+        paths = k8s.write(args.k8s, k8s.K8sOptions(replicas=args.replicas, max_replicas=max_replicas, gpus=gpus,
+                                                   sub_path=folder, build_id=k8s.build_id(report["files"])))
+        print(f"Kubernetes manifests: {', '.join(map(str, paths))} (copy {args.out} to the volume "
+              f"'{k8s.K8sOptions.claim}' as its folder '{folder}'; a new build goes into a new folder)")
         if report["target"] == "cpu":  # the stock image has the Python backend but not onnxruntime for it
             print(f"note: the cpu target's models run ONNX Runtime inside Triton's Python backend, which "
                   f"{k8s.TRITON_IMAGE} lacks: build an image FROM it with `pip install onnxruntime`, or build with "

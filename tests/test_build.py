@@ -28,7 +28,7 @@ from cmg.contract import (
 )
 from cmg.errors import CMGError
 from cmg_build import config as cfgmod
-from cmg_build import repository
+from cmg_build import k8s, repository
 from cmg_build.tensorrt import missing_prerequisites
 
 CONTRACT = Contract(32, 32, 4, 8)
@@ -142,6 +142,12 @@ def test_skip_engines_is_a_success_that_writes_the_manifests_too(toy_run, tmp_pa
     docs = list(yaml.safe_load_all((tmp_path / "k8s" / "triton.yaml").read_text()))
     assert docs[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert docs[2]["spec"]["minReplicas"] == 9 and docs[2]["spec"]["maxReplicas"] == 9  # the default ceiling
+    # the repository is mounted as its folder on the volume, and the pod template names the build
+    template = docs[0]["spec"]["template"]
+    assert template["spec"]["containers"][0]["volumeMounts"][0]["subPath"] == "r"
+    report = json.loads((tmp_path / "r" / "build_report.json").read_text())
+    assert template["metadata"]["annotations"]["cmg-triton/build"] == k8s.build_id(report["files"])
+    assert "as its folder 'r'" in res.stdout
 
 
 def test_manifests_for_the_cpu_target_say_what_the_stock_image_lacks(toy_run, tmp_path):

@@ -13,7 +13,7 @@ K8S_VERSION = "1.30"
 
 
 def _docs(folder) -> list[dict]:
-    paths = k8s.write(folder, k8s.K8sOptions(replicas=3, gpus=1))
+    paths = k8s.write(folder, k8s.K8sOptions(replicas=3, gpus=1, sub_path="repo_v7", build_id="0123abcd"))
     return [d for p in paths for d in yaml.safe_load_all(p.read_text())]
 
 
@@ -24,7 +24,13 @@ def test_manifests_validate_against_the_api_schemas(tmp_path):
         kv.validate(doc, K8S_VERSION, strict=True)
     deployment, service, hpa, _ = docs
     spec = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert deployment["spec"]["replicas"] == 3 and spec["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert spec["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    # The autoscaler owns the count (a re-apply of `replicas` would reset it under load), from 3 up.
+    assert "replicas" not in deployment["spec"] and hpa["spec"]["minReplicas"] == 3
+    # The repository's own folder, not the volume's root (ext4's lost+found there stops Triton in
+    # mode none), and the build's id in the pod template (a new build rolls every pod).
+    assert {"name": "models", "mountPath": "/models", "subPath": "repo_v7", "readOnly": True} in spec["volumeMounts"]
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["cmg-triton/build"] == "0123abcd"
     assert spec["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert spec["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     # memory bounded (twice the request), a GPU where asked, /dev/shm larger than Kubernetes' 64 MiB
@@ -44,7 +50,7 @@ def test_the_validator_refuses_a_broken_manifest(tmp_path):
     with pytest.raises(kv.ValidationError):
         kv.validate(hpa, K8S_VERSION, strict=True)
     deployment = _docs(tmp_path)[0]
-    deployment["spec"]["replicas"] = "two"
+    deployment["spec"]["minReadySeconds"] = "two"
     with pytest.raises(kv.ValidationError):
         kv.validate(deployment, K8S_VERSION, strict=True)
 
@@ -92,3 +98,13 @@ def test_the_queue_metric_counts_each_frame_once():
     assert "nv_inference_queue_duration_us{<<.LabelMatchers>>}" in numerator and "model=" not in numerator
     # both ensembles clients call (`--model cmg_exact` too): traffic to either has a denominator
     assert 'nv_inference_request_success{<<.LabelMatchers>>,model=~"cmg|cmg_exact"}' in denominator
+
+
+def test_the_adapter_rate_window_holds_two_scrapes_and_the_build_id_follows_the_files():
+    """rate() over one scrape interval (Prometheus' default 1m) returns nothing: the HPA's metric
+    never appears. Two builds with one file changed get two ids."""
+    rules = k8s.adapter_rules()["data"]["config.yaml"]
+    assert rules.count(f"[{k8s.RATE_WINDOW}]") == 2 and k8s.RATE_WINDOW == "2m" and "[1m]" not in rules
+    files = {"cmg/config.pbtxt": "a" * 64, "cmle_encoder/1/model.onnx": "b" * 64}
+    assert k8s.build_id(files) == k8s.build_id(dict(reversed(files.items())))
+    assert k8s.build_id(files) != k8s.build_id({**files, "cmle_encoder/1/model.onnx": "c" * 64})
