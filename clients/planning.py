@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cmg.errors import CMGError, check_parent_folders
 from cmg_clients.client import glob_files, is_pattern
-from cmg_clients.sources import VIDEO_EXTS, is_live, live_name, parse_synth
+from cmg_clients.sources import VIDEO_EXTS, is_live, live_name, parse_synth, redact
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -41,8 +41,8 @@ def plan_sources(specs: list[str], out_dir: Path) -> list[tuple[str, str, Path]]
     for spec in specs:
         name, src = source_name(spec)
         if name in seen:
-            raise CMGError(f"sources {seen[name]!r} and {spec!r} would both write {name}.jsonl: "
-                           f"name them, e.g. --source cam1={src}")
+            raise CMGError(f"sources {redact(seen[name])!r} and {redact(spec)!r} would both write {name}.jsonl: "
+                           f"name them, e.g. --source cam1={redact(src)}")
         seen[name] = spec
         plan.append((name, src, out_dir / f"{name}.jsonl"))
     return plan

@@ -11,6 +11,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -261,6 +262,8 @@ class Scorer:
 
         async def handle(k: int, seq: int, item: SourceItem) -> None:
             base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
+            if "captured_at" in base:  # a camera's frame: how long it waited in the buffer before its send
+                base["queued_ms"] = round(max(0.0, time.time() - base["captured_at"]) * 1000.0, 1)
             try:
                 async with pool.decodes:  # a few at a time: a large image's decode holds gigabytes
                     frame = await asyncio.to_thread(item.load, self.size)
@@ -354,23 +357,27 @@ class Scorer:
                 self.fatal.append(str(exc) if isinstance(exc, _Fatal) else f"{type(exc).__name__}: {exc}")
                 window.release()  # wake the producer so it sees the failure instead of waiting forever
 
+        # A source that blocks gets a reading thread of its own: on the shared pool, a few silent
+        # cameras would hold every worker and stall the other cameras' frame loads.
+        reader = ThreadPoolExecutor(1, thread_name_prefix="cmg-source") if pull_in_thread else None
+        loop = asyncio.get_running_loop()
         try:
             it = iter(jobs)
             for k in itertools.count():
-                await window.acquire()  # before the next frame is read: a camera's is then the freshest
+                await window.acquire()  # before the next frame is read: a camera's waits in its own buffer
                 if self.fatal:
                     break
+                job = await loop.run_in_executor(reader, next, it, None) if reader else next(it, None)
+                if job is None:
+                    window.release()
+                    break
+                seq, item = job
                 if fps:
                     wait = t_begin + k / fps - time.perf_counter()
                     if wait > 0:
                         await asyncio.sleep(wait)
                     else:  # the servers answer slower than --fps asks: said, as latencies start at the send
                         summary.behind_s = max(summary.behind_s, -wait)
-                job = await asyncio.to_thread(next, it, None) if pull_in_thread else next(it, None)
-                if job is None:
-                    window.release()
-                    break
-                seq, item = job
                 task = asyncio.create_task(handle(k, seq, item), name=f"frame {seq} ({item.frame_id})")
                 tasks.add(task)
                 task.add_done_callback(on_done)
@@ -382,6 +389,8 @@ class Scorer:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if reader is not None:  # a read in flight ends on its own (the source is closed next)
+                reader.shutdown(wait=False)
 
     async def _overlay(self, line: dict, frame: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """A flagged frame's overlay PNG, named in its line (`overlay_into`), off the event loop."""

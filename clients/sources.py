@@ -6,12 +6,13 @@ from __future__ import annotations
 import collections
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -103,12 +104,14 @@ def opencv(what: object):
     FFmpeg's own log lines are off unless asked for: a camera's reopen tries would print them
     on every try, and what failed is said in our own messages (set OPENCV_LOG_LEVEL=INFO and
     OPENCV_FFMPEG_LOGLEVEL=32 to see them)."""
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    asked = "OPENCV_LOG_LEVEL" in os.environ
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     try:
         import cv2
     except ImportError as exc:
         raise CMGError(f"{what}: video and camera sources need OpenCV (pip install 'cmg-triton[video]')") from exc
+    if not asked:  # also when something imported cv2 before: its level is read at import
+        cv2.setLogLevel(2)  # LOG_LEVEL_ERROR
     return cv2
 
 
@@ -253,31 +256,39 @@ class ArraySource(Source):
 
 
 # -- cameras ------------------------------------------------------------------------------
-# Live sources for `cmg stream`: a network camera (rtsp://, http://, tcp://, udp://, rtmp://,
-# srt://) or a camera on this machine (/dev/videoN, camera:N), read by OpenCV (FFmpeg, V4L2).
+# A network camera (rtsp://, http://, tcp://, udp://, rtmp://, srt://) or a camera on this
+# machine (/dev/videoN, camera:N), read by OpenCV (FFmpeg, V4L2).
 #
-# A camera sends at its own rate whether the scorer is ready or not, so it is read on a thread
-# of its own (a blocking read on the event loop would hold up every gRPC answer) into a small
-# buffer. When the servers score slower than the camera sends, the oldest frame waiting is
-# dropped: latency and memory stay bounded, and every dropped frame is counted, said in the
-# summary and visible as a gap in the frame ids. A stream that stops (a switch reboots, the
-# camera restarts, the server closes the connection) is opened again with a backoff, and the
-# frame numbers go on; its outages are said too. Nothing here can be read twice: `--resume`
-# appends new frames, and `--retry-errors` is refused.
+# A camera sends at its own rate whether the scorer is ready or not, so it is read from the
+# moment it is opened, on a thread of its own, into a small buffer (the scorer takes frames
+# from it on a worker thread of its own too: one silent camera must not hold up another's).
+# When the servers score slower than the camera sends, the oldest frame waiting is dropped:
+# latency and memory stay bounded, every dropped frame is counted and said, the frame ids show
+# the gaps, and each line says how long its frame waited (`queued_ms`). `--fps` samples the
+# camera as it is read rather than pacing the sends. A stream that stops (a switch reboots, the
+# camera restarts, the server closes the connection, it stalls) is opened again with a
+# backoff, and the frame numbers go on; its outages are said too. Nothing here can be read
+# twice: `--resume` appends new frames, and `--retry-errors` is refused.
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp", "srt")
 _CAMERA = re.compile(r"camera:(\d+)|/dev/video(\d+)")
-BUFFER_FRAMES = 32  # read, not yet sent: about a second of a 30 fps camera before the oldest is dropped
+_USERINFO = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")  # ://user:password@ -> ://user:***@
+_SECRET_PARAM = re.compile(r"([?&;](?:pwd|password|passwd|pass|token|auth|key|secret|signature|sig)=)[^&;#\s]*",
+                           re.IGNORECASE)
+BUFFER_FRAMES = 8  # read, not yet sent: a quarter second of a 30 fps camera before the oldest is dropped
+BAD_READS = 5  # reads in a row that fail at once (a damaged frame) before the stream counts as lost
 
 
 @dataclass(frozen=True)
 class LiveOptions:
-    """How hard a live source tries: reopening a lost stream, and how long a silent one is waited for."""
+    """How a live source is read: reopening a lost stream, how long a silent one is waited for,
+    the buffer, and the rate it is sampled at (None: every frame)."""
 
     reconnects: int = 30  # reopen tries in a row before the stream ends (-1: forever)
-    backoff_max_s: float = 5.0  # longest wait between tries (they start at 0.5 s and double)
+    backoff_max_s: float = 5.0  # longest wait between tries (the first is at once, then 0.5 s, doubling)
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0  # a stream silent this long is lost (FFmpeg's own wait is forever)
     buffer: int = BUFFER_FRAMES
+    fps: float | None = None  # keep one frame per 1/fps s of the camera's time (--fps)
 
 
 def is_live(spec: str) -> bool:
@@ -286,23 +297,24 @@ def is_live(spec: str) -> bool:
     return scheme in LIVE_SCHEMES or _CAMERA.fullmatch(spec) is not None
 
 
-def redact(spec: str) -> str:
-    """The URL without its password: it goes into every output line, log and message."""
-    parts = urlsplit(spec)
-    if parts.password is None:
-        return spec
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+def redact(text: str) -> str:
+    """`text` without the passwords a camera URL in it may hold (user:password@, and query
+    values such as pwd= or token=): it goes into every output line, log and message."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
 
 
 def live_name(spec: str) -> str:
-    """A short name for ids and file names: the camera's index, or the URL's host and last path part."""
+    """A short name for ids and file names: the camera's index, or the URL's host, port, last
+    path part and query values (two channels of one recorder differ only there), no secrets."""
     m = _CAMERA.fullmatch(spec)
     if m:
         return f"camera{m.group(1) or m.group(2)}"
-    parts = urlsplit(spec)
-    tail = parts.path.rstrip("/").rpartition("/")[2]
-    return "_".join(p for p in (parts.hostname or "", tail) if p) or parts.scheme
+    rest = redact(spec).partition("://")[2]
+    host_port, _, path = rest.rpartition("@")[2].partition("/")
+    path, _, query = path.partition("?")
+    values = [v for k, _, v in (p.partition("=") for p in re.split(r"[&;]", query) if p) if v and v != "***"]
+    parts = [host_port.replace(":", "_"), path.rstrip("/").rpartition("/")[2], *values]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_.") or "camera"
 
 
 class LiveSource(Source):
@@ -313,7 +325,7 @@ class LiveSource(Source):
     reads_in_thread = True
 
     def __init__(self, spec: str, options: LiveOptions | None = None) -> None:
-        self.cv2 = opencv(spec)
+        self.cv2 = opencv(redact(spec))
         self.spec, self.options = spec, options or LiveOptions()
         self.label, self.name = redact(spec), live_name(spec)
         m = _CAMERA.fullmatch(spec)
@@ -321,29 +333,41 @@ class LiveSource(Source):
         self._cond = threading.Condition()
         self._frames: collections.deque[tuple[int, np.ndarray, float, float | None]] = collections.deque()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._done = False
+        self._offset: int | None = None  # where items() numbers from (set when it is first read)
+        self._taken = False
         self.dropped = 0
         self.outages: list[tuple[int, float]] = []  # (frames read before it, seconds without frames)
         # Opened now, before any output is opened: a wrong address fails like a missing file.
-        self._cap = self._open()
-        if self._cap is None:
-            raise CMGError(f"live source {self.label}: cannot be opened (wrong address, camera unreachable or "
-                           f"busy, or no stream OpenCV's FFmpeg can read within {self.options.open_timeout_s:g} s)")
-        ok, bgr = self._cap.read()
+        how = ("cannot be opened (no such device, or busy)" if self.device is not None else
+               f"cannot be opened (wrong address, camera unreachable or busy, or no stream OpenCV's FFmpeg can "
+               f"read within {self.options.open_timeout_s:g} s)")
+        cap = self._open()
+        if cap is None:
+            raise CMGError(f"live source {self.label}: {how}")
+        declared = cap.get(self.cv2.CAP_PROP_FRAME_COUNT)
+        if self.device is None and np.isfinite(declared) and declared > 0:
+            cap.release()
+            raise CMGError(f"live source {self.label}: a recorded video ({int(declared)} frames), not a camera's "
+                           "stream: download it and stream the file (a file is read whole, at its own pace)")
+        ok, bgr = cap.read()
         if not ok:
-            self._cap.release()
+            cap.release()
             raise CMGError(f"live source {self.label}: opened, but no frame came within "
-                           f"{self.options.read_timeout_s:g} s")
-        self._first = bgr
-        camera_fps = self._cap.get(self.cv2.CAP_PROP_FPS)
+                           f"{self.options.read_timeout_s:g} s (--camera-timeout)")
+        camera_fps = cap.get(self.cv2.CAP_PROP_FPS)
         self.camera_fps = float(camera_fps) if np.isfinite(camera_fps) and camera_fps > 0 else None
+        # Read from now on: what the camera sends while the servers are greeted is the buffer's,
+        # and each frame's time is when it was read, not when the scorer got to it.
+        self._thread = threading.Thread(target=self._read, args=(cap, bgr, time.time()), name=f"live {self.name}",
+                                        daemon=True)
+        self._thread.start()
 
     def _open(self):
         """A capture that is open, or None."""
         cv2, o = self.cv2, self.options
-        if self.device is not None:
-            cap = cv2.VideoCapture(self.device)
+        if self.device is not None:  # V4L2 by name on Linux: OpenCV's other backends say their own errors
+            cap = cv2.VideoCapture(self.device, cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY)
         else:
             cap = cv2.VideoCapture(self.spec, cv2.CAP_FFMPEG, [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(o.open_timeout_s * 1000),
@@ -354,31 +378,51 @@ class LiveSource(Source):
         return None
 
     # -- the reading thread ------------------------------------------------------------------
-    def _put(self, n: int, bgr: np.ndarray, after_outage_s: float | None) -> None:
+    def _keep(self, captured: float, due: float | None) -> tuple[bool, float | None]:
+        """--fps: (keep this frame?, when the next one is due), one frame per 1/fps s of reading
+        time; a frame a quarter step early counts as on time."""
+        if self.options.fps is None:
+            return True, None
+        step = 1.0 / self.options.fps
+        if due is not None and captured < due - 0.25 * step:
+            return False, due
+        # the schedule goes on from this frame's slot, or from the frame itself after a gap
+        return True, (due + step) if due is not None and captured - due < step else captured + step
+
+    def _put(self, n: int, bgr: np.ndarray, captured: float, after_outage_s: float | None) -> None:
         rgb = np.ascontiguousarray(bgr[..., ::-1])
         with self._cond:
             if len(self._frames) >= max(1, self.options.buffer):
                 self._frames.popleft()
                 self.dropped += 1
-            self._frames.append((n, rgb, time.time(), after_outage_s))
+            self._frames.append((n, rgb, captured, after_outage_s))
             self._cond.notify()
 
-    def _read(self) -> None:
-        cap, bgr, n, after = self._cap, self._first, self._number_from, None
-        self._first = None
+    def _read(self, cap, bgr, captured: float) -> None:
+        n, after, due, bad = 0, None, None, 0
         try:
             while not self._stop.is_set():
                 if bgr is not None:
-                    self._put(n, bgr, after)
-                    n, bgr, after = n + 1, None, None
+                    keep, due = self._keep(captured, due)
+                    if keep:
+                        self._put(n, bgr, captured, after)
+                        n, after = n + 1, None
+                    bgr = None
+                t0 = time.monotonic()
                 ok, frame = cap.read()
                 if ok:
-                    bgr = frame
+                    bgr, captured, bad = frame, time.time(), 0
+                    continue
+                bad += 1
+                if time.monotonic() - t0 < 0.5 and bad < BAD_READS:  # a frame it could not decode: read on
                     continue
                 cap.release()
                 cap, bgr, after = self._reopen(n)
                 if cap is None:
                     return
+                captured, bad = time.time(), 0
+        except Exception as exc:  # noqa: BLE001 - said as the stream's end, not a thread's traceback
+            self.failure = f"live source {self.label}: reading failed after frame {n - 1}: {type(exc).__name__}: {exc}"
         finally:
             if cap is not None:
                 cap.release()
@@ -393,12 +437,12 @@ class LiveSource(Source):
         tries = 0
         while not self._stop.is_set():
             if 0 <= o.reconnects <= tries:
-                self.failure = (f"live source {self.label} lost after frame {n - 1}; not back after "
+                self.failure = (f"live source {self.label} lost after frame {self._number(n - 1)}; not back after "
                                 f"{tries} tries in {time.monotonic() - lost:.0f} s (--reconnects)")
                 return None, None, None
-            tries += 1
-            if self._stop.wait(min(o.backoff_max_s, 0.5 * 2 ** (tries - 1))):
+            if tries and self._stop.wait(min(o.backoff_max_s, 0.5 * 2 ** (tries - 1))):
                 break
+            tries += 1
             cap = self._open()
             if cap is None:
                 continue
@@ -410,15 +454,17 @@ class LiveSource(Source):
             cap.release()
         return None, None, None
 
+    def _number(self, n: int) -> int:
+        """The id's number of the n-th frame read (items() may number from a resumed file's next)."""
+        return n + (self._offset or 0)
+
     # -- Source ------------------------------------------------------------------------------
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         """Frames as they come, numbered from `start` (a camera has nothing to skip), until the
         source is closed or lost for good."""
-        if self._thread is not None:
+        if self._taken:
             raise CMGError(f"live source {self.label} is read once")
-        self._number_from = start
-        self._thread = threading.Thread(target=self._read, name=f"live {self.name}", daemon=True)
-        self._thread.start()
+        self._taken, self._offset = True, start
         while True:
             with self._cond:
                 while not self._frames and not self._done and not self._stop.is_set():
@@ -429,29 +475,28 @@ class LiveSource(Source):
             extra = {"captured_at": round(captured, 3)}
             if after is not None:
                 extra["after_outage_s"] = after
-            yield SourceItem(f"{self.name}#{n}", self.label, lambda size, a=rgb: to_frame(a, size), extra)
+            yield SourceItem(f"{self.name}#{n + start}", self.label, lambda size, a=rgb: to_frame(a, size), extra)
 
     @property
     def warnings(self) -> list[str]:
         said = []
         if self.dropped:
             said.append(f"live source {self.label}: {self.dropped} frames dropped unsent (the servers scored "
-                        "slower than the camera sent, or --fps is below its rate; the frame ids show the gaps)")
+                        "slower than the camera sent; the frame ids show the gaps)")
         if self.outages:
-            gaps = ", ".join(f"after frame {n - 1} for {s:.1f} s" for n, s in self.outages[:5])
             times = "once" if len(self.outages) == 1 else f"{len(self.outages)} times"
+            gaps = ", ".join(f"after frame {self._number(n - 1)} for {s:.1f} s" for n, s in self.outages[:5])
             said.append(f"live source {self.label}: lost {times} and reopened "
                         f"({gaps}{', ...' if len(self.outages) > 5 else ''})")
         return said
 
     def close(self) -> None:
+        """Stop reading; the thread lets go of the camera when its current read returns (at most
+        the read timeout: not waited for here, so many cameras close at once)."""
         self._stop.set()
         with self._cond:
+            self._frames.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)  # a read stalled in FFmpeg ends at its timeout, on its own
-        elif self._cap is not None:
-            self._cap.release()
 
 
 def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS, live: LiveOptions | None = None) -> Source:
@@ -483,8 +528,8 @@ def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS, live: LiveOptio
                            "give each video as a --source of its own")
         return FileSource(paths, None, max_pixels)
     if not path.exists():
-        raise CMGError(f"source {spec}: no such file or folder")
+        raise CMGError(f"source {redact(spec)}: no such file or folder")
     # every file, folder and pattern is taken above: what is left is no regular file
-    raise CMGError(f"source {spec}: not a regular file (pipes are not read; a camera is /dev/videoN or camera:N)")
+    raise CMGError(f"source {redact(spec)}: not a regular file (pipes are not read; a camera is /dev/videoN or camera:N)")
 
 

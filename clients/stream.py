@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -48,6 +49,12 @@ from cmg_clients.servers import ServerPool
 from cmg_clients.sources import LiveOptions, Source, SourceItem, open_source, redact
 
 
+def _open(opts: StreamOptions) -> Source:
+    """OPTS's source; a camera is sampled at --fps as it is read (pacing its sends would only
+    send older frames, and in a burst after an outage)."""
+    return open_source(opts.source, opts.max_pixels, dataclasses.replace(opts.live or LiveOptions(), fps=opts.fps))
+
+
 async def _stream(opts: StreamOptions, summary: StreamSummary, pool: ServerPool | None = None,
                   size: tuple[int, int] | None = None) -> None:
     """One source into one file. `pool` (with the frame `size` from its handshake) is
@@ -74,7 +81,7 @@ async def _stream_locked(opts: StreamOptions, summary: StreamSummary, pool: Serv
             raise CMGError(f"--out {opts.out} exists and is not a cmg stream output (its first line is not a "
                            "JSON line with seq 0): choose another file, or --overwrite to replace it")
         raise CMGError(f"{opts.out} already has results: pass --resume to continue it or --overwrite")
-    source = opts.frames if opts.frames is not None else open_source(opts.source, opts.max_pixels, opts.live)
+    source = opts.frames if opts.frames is not None else _open(opts)
     try:
         await _stream_source(opts, summary, source, pool, size, own_pool, url)
     finally:  # a camera's thread and connection
@@ -102,7 +109,7 @@ async def _stream_source(opts: StreamOptions, summary: StreamSummary, source: So
 
 async def _stream_into(opts: StreamOptions, summary: StreamSummary, source: Source, pool: ServerPool,
                        size: tuple[int, int]) -> None:
-    fps = opts.fps if opts.fps is not None else source.fps
+    fps = None if not source.replayable else opts.fps if opts.fps is not None else source.fps  # a camera paces itself
     total = source.count if opts.limit is None else (
         min(source.count, opts.limit) if source.count is not None else opts.limit)
 
@@ -232,7 +239,7 @@ async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSum
         core.positive_seconds(opts.timeout_s, "--timeout")
     for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
         if opts.frames is None:
-            opts.frames = open_source(opts.source, opts.max_pixels, opts.live)
+            opts.frames = _open(opts)
     # the longest deadline of the sources: a replaced channel is closed once its calls are past it
     pool = ServerPool(urls, first.model, max(o.timeout_s for o, _ in jobs))
     try:
@@ -291,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconnects", type=retries_int, default=30,
                         help="tries in a row to reopen a camera whose stream stopped before the stream "
                              "ends (-1: forever; default 30)")
+    parser.add_argument("--camera-timeout", type=positive_float, default=LiveOptions.read_timeout_s,
+                        help="seconds a camera may send nothing before it is reopened; also how long its "
+                             "first frame is waited for (default %(default)s; raise it for a triggered camera)")
     parser.add_argument("--threshold", type=threshold_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse image files declaring more pixels (default {DEFAULT_MAX_PIXELS})")
@@ -319,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
             window=args.window, timeout_s=args.timeout, resume=args.resume, retry_errors=args.retry_errors,
             overwrite=args.overwrite, limit=args.limit, max_retries=args.max_retries,
             backoff_max_s=args.backoff_max, threshold=args.threshold, max_pixels=args.max_pixels,
-            live=LiveOptions(reconnects=args.reconnects, backoff_max_s=args.backoff_max),
+            live=LiveOptions(reconnects=args.reconnects, backoff_max_s=args.backoff_max,
+                             read_timeout_s=args.camera_timeout),
             progress=False if args.no_progress else progress, dashboard=args.dashboard,
             metrics_url=args.metrics_url, name=name,
             overlays=None if args.overlays is None else args.overlays / out.stem,  # one folder per OUT

@@ -3,12 +3,13 @@ by OpenCV's FFmpeg, which stops, stalls, comes back, or sends faster than it is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from cmg.errors import CMGError  # noqa: E402
-from cmg_clients.planning import source_name  # noqa: E402
+from cmg_clients.planning import plan_sources, source_name  # noqa: E402
 from cmg_clients.scorer import StreamSummary  # noqa: E402
 from cmg_clients.sources import LiveOptions, LiveSource, is_live, open_source, redact  # noqa: E402
 from cmg_clients.stream import StreamOptions, run_stream  # noqa: E402
@@ -29,8 +30,9 @@ class Camera:
     """An MJPEG camera on 127.0.0.1: frame i is grey level i % 250 (its number, read back
     from the pixels); `stall` keeps the connection open and sends nothing."""
 
-    def __init__(self, fps: float = 50.0, size: int = 32) -> None:
+    def __init__(self, fps: float = 50.0, size: int = 32, corrupt_every: int = 0) -> None:
         self.fps, self.size, self.stall, self.sent = fps, size, False, 0
+        self.corrupt_every = corrupt_every  # every n-th JPEG cut short (a damaged frame)
         self.server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -49,6 +51,8 @@ class Camera:
                             continue
                         img = np.full((cam.size, cam.size, 3), cam.sent % 250, np.uint8)
                         jpg = cv2.imencode(".jpg", img)[1].tobytes()
+                        if cam.corrupt_every and cam.sent % cam.corrupt_every == cam.corrupt_every - 1:
+                            jpg = jpg[: len(jpg) // 3]
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
                                          % len(jpg) + jpg + b"\r\n")
                         cam.sent += 1
@@ -84,6 +88,11 @@ def camera() -> Iterator[Camera]:
     cam.stop()
 
 
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def _level(item) -> int:
     return int(item.load((8, 8)).mean().round())
 
@@ -93,7 +102,12 @@ def test_camera_specs_are_named_without_their_password():
     assert not is_live("cam.mp4") and not is_live("synth:tiny") and not is_live("ftp://host/x")
     assert redact("rtsp://admin:s3cret@10.0.0.9:554/live") == "rtsp://admin:***@10.0.0.9:554/live"
     assert redact("rtsp://10.0.0.9/live") == "rtsp://10.0.0.9/live"
-    assert source_name("rtsp://admin:s3cret@10.0.0.9:554/h264/ch1") == ("10.0.0.9_ch1", "rtsp://admin:s3cret@10.0.0.9:554/h264/ch1")
+    assert source_name("rtsp://admin:s3cret@10.0.0.9:554/h264/ch1") == ("10.0.0.9_554_ch1", "rtsp://admin:s3cret@10.0.0.9:554/h264/ch1")
+    # query secrets (Foscam-style), and two channels of one recorder get two names
+    assert redact("http://h/videostream.cgi?user=admin&pwd=s3cret&token=t0k") == "http://h/videostream.cgi?user=admin&pwd=***&token=***"
+    dahua = "rtsp://admin:s3cret@10.0.0.9:554/cam/realmonitor?channel={}&subtype=0"
+    assert source_name(dahua.format(1))[0] == "10.0.0.9_554_realmonitor_1_0" != source_name(dahua.format(2))[0]
+    assert redact("rtsp://admin:pw@[fe80::1/live") == "rtsp://admin:***@[fe80::1/live"  # no URL parser to raise
     assert source_name("line2=rtsp://10.0.0.9/x?a=b")[0] == "line2"
     assert source_name("camera:1")[0] == "camera1"
     assert StreamOptions(url="u", source="rtsp://a:s3cret@h/x", out=Path("o")).source_name == "rtsp://a:***@h/x"
@@ -107,6 +121,13 @@ def test_a_camera_that_cannot_be_opened_is_refused_before_any_output(tmp_path):
         open_source("camera:97", live=QUICK)
     with pytest.raises(CMGError, match=r"not a scheme a camera streams over \(read: rtsp://"):
         open_source("ftp://u:s3cret@host/x")
+    for spec in ("cam 1=rtsp://admin:s3cret@10.0.0.9/live", "ftp://u:s3cret@host/x"):  # a mistyped NAME=
+        with pytest.raises(CMGError) as exc:
+            open_source(spec)
+        assert "s3cret" not in str(exc.value)
+    with pytest.raises(CMGError) as exc:  # two sources that would share a file
+        plan_sources(["rtsp://admin:s3cret@10.0.0.9/live", "rtsp://admin:s3cret@10.0.0.9/live"], tmp_path / "o")
+    assert "would both write 10.0.0.9_live.jsonl" in str(exc.value) and "s3cret" not in str(exc.value)
 
 
 def test_frames_come_in_order_with_their_time_and_close_stops_the_reader(camera):
@@ -117,7 +138,7 @@ def test_frames_come_in_order_with_their_time_and_close_stops_the_reader(camera)
         items.append(item)
         if len(items) == 10:
             break
-    assert [i.frame_id for i in items] == [f"127.0.0.1_cam.mjpg#{n}" for n in range(10)]
+    assert [i.frame_id for i in items] == [f"127.0.0.1_{camera.port}_cam.mjpg#{n}" for n in range(10)]
     levels = [_level(i) for i in items]
     assert levels == sorted(levels) and len(set(levels)) == 10  # the camera's own order, each frame once
     times = [i.extra["captured_at"] for i in items]
@@ -125,8 +146,83 @@ def test_frames_come_in_order_with_their_time_and_close_stops_the_reader(camera)
     assert all(i.source == camera.url for i in items)
     t0 = time.monotonic()
     source.close()
+    source._thread.join(2.0)
     assert time.monotonic() - t0 < 1.5 and not source._thread.is_alive()
     assert source.warnings == [] and source.failure is None
+
+
+def test_a_camera_is_read_from_when_it_is_opened_with_each_frames_own_time(camera):
+    """The frames sent while the servers are greeted are the buffer's, stamped when read: the
+    first frame was read at open but stamped when the scorer took it, 3 s late."""
+    source = open_source(camera.url, live=LiveOptions(buffer=64, read_timeout_s=1.0))
+    opened = time.time()
+    time.sleep(1.0)
+    try:
+        first = list(itertools.islice(source.items(0), 10))
+    finally:
+        source.close()
+    times = [i.extra["captured_at"] for i in first]
+    assert abs(times[0] - opened) < 0.3  # read then, 1 s before it was taken
+    assert 0.1 < times[-1] - times[0] < 0.5 and source.dropped == 0  # 10 frames of a 50 frames/s camera
+    small = open_source(camera.url, live=LiveOptions(buffer=4, read_timeout_s=1.0))
+    time.sleep(1.0)
+    small.close()
+    assert small.dropped > 20  # what a 4-frame buffer could not hold meanwhile: counted
+
+
+def test_fps_samples_the_camera_and_a_damaged_frame_is_not_an_outage(camera):
+    """--fps keeps one frame per 1/fps s as the camera is read (nothing dropped, nothing
+    queued); a JPEG cut short is skipped, not a reason to reopen the stream."""
+    camera.corrupt_every = 10
+    source = open_source(camera.url, live=LiveOptions(fps=10.0, read_timeout_s=1.0))
+    got = []
+    try:
+        for item in source.items(0):
+            got.append(item.extra["captured_at"])
+            if len(got) == 12:
+                break
+    finally:
+        source.close()
+    gaps = np.diff(got)
+    assert 0.07 < np.median(gaps) < 0.13, gaps  # 10 frames/s of a 50 frames/s camera
+    assert source.dropped == 0 and source.outages == [] and source.warnings == []
+
+
+def test_a_video_file_over_http_is_refused_as_not_a_camera(tmp_path):
+    """Read as a camera, its end was an outage: replayed forever, most frames dropped."""
+    import functools
+
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
+    for i in range(20):
+        writer.write(np.full((32, 32, 3), i * 10, np.uint8))
+    writer.release()
+    handler = functools.partial(_QuietFiles, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CMGError, match=r"a recorded video \(20 frames\), not a camera's stream: download it"):
+            open_source(f"http://127.0.0.1:{server.server_address[1]}/clip.avi", live=QUICK)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_reader_that_fails_ends_the_source_with_its_reason(camera, monkeypatch):
+    source = open_source(camera.url, live=QUICK)
+    calls = []
+
+    def fail(*args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise MemoryError("no room for the frame")
+        return LiveSource._put(source, *args)
+
+    monkeypatch.setattr(source, "_put", fail)
+    got = list(source.items(0))  # ends: no endless wait for frames that will not come
+    source.close()
+    assert got and len(calls) == 4
+    assert source.failure is not None and "reading failed after frame" in source.failure
+    assert "MemoryError: no room for the frame" in source.failure
 
 
 def test_a_camera_that_stops_or_stalls_is_reopened_and_its_numbers_go_on(camera):
@@ -190,7 +286,8 @@ def test_stream_scores_a_camera_and_resume_appends_without_repeating_an_id(trito
     first = run_stream(StreamOptions(**opts, limit=12))
     lines = [json.loads(s) for s in out.read_text().splitlines()]
     assert first.frames == first.results == 12 and first.aborted is None
-    assert [x["seq"] for x in lines] == list(range(12)) and all("score" in x and "captured_at" in x for x in lines)
+    assert [x["seq"] for x in lines] == list(range(12))
+    assert all("score" in x and "captured_at" in x and x["queued_ms"] >= 0 for x in lines)
     second = run_stream(StreamOptions(**opts, limit=20, resume=True))
     lines = [json.loads(s) for s in out.read_text().splitlines()]
     assert second.skipped == 12 and second.frames == 8
@@ -221,3 +318,34 @@ def test_a_camera_lost_for_good_aborts_the_stream_with_every_line_kept(triton, c
     assert summary.frames == len(lines) > 5 and summary.results == summary.frames
     assert summary.aborted is not None and "not back after 2 tries" in summary.aborted
     assert "ABORTED: live source" in summary.line()
+
+
+@pytest.mark.slow
+def test_silent_cameras_do_not_hold_up_the_others(triton, tmp_path):
+    """Six of seven cameras stall: each waits for its next frame on a thread of its own. On the
+    shared worker pool (6 threads on 2 cores) they had held every thread, and the seventh
+    camera's frames could not be loaded: no line for 14 s, 170 frames dropped."""
+    from cmg_clients.stream import run_streams
+
+    cams = [Camera(fps=10).start() for _ in range(7)]
+
+    def stall_the_others(line: dict) -> None:  # once the seventh camera streams: the others go silent for 4 s
+        if line["seq"] == 5:
+            for c in cams[:6]:
+                c.stall = True
+            threading.Timer(4.0, lambda: [setattr(c, "stall", False) for c in cams[:6]]).start()
+
+    try:
+        live = LiveOptions(read_timeout_s=20.0)
+        options = [StreamOptions(url=triton.grpc_url, source=c.url, out=tmp_path / f"c{i}.jsonl", progress=False,
+                                 live=live, limit=80 if i < 6 else 70, name=f"c{i}",
+                                 on_line=stall_the_others if i == 6 else None) for i, c in enumerate(cams)]
+        summaries, _ = run_streams([triton.grpc_url], options)
+    finally:
+        for c in cams:
+            c.stop()
+    healthy = [json.loads(s) for s in (tmp_path / "c6.jsonl").read_text().splitlines()]
+    assert len(healthy) == 70 and summaries[6].aborted is None
+    sent = np.array([x["captured_at"] + x["queued_ms"] / 1000 for x in healthy])
+    assert np.diff(sent).max() < 1.0, np.diff(sent)  # sent as it came, through the others' stall
+    assert summaries[6].warnings == []  # nothing dropped
