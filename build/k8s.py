@@ -32,7 +32,7 @@ from cmg.errors import CMGError
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version served here
 QUEUE_METRIC = "triton_queue_time_us"  # per pod, from the adapter rule below
-RATE_WINDOW = "2m"  # rate() needs two scrapes in its window: Prometheus and its chart scrape every minute
+RATE_WINDOW = "4m"  # 4 scrapes at the common 1-minute interval: rate() needs 2, and one may be late or lost
 
 
 @dataclass

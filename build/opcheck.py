@@ -14,7 +14,7 @@ from pathlib import Path
 
 TOPK_MAX_K = 3840
 UINT8 = 2
-DEQUANTIZABLE = {3, 17, 18, 19, 20, 22}  # INT8, the four FP8 kinds, INT4 (onnx.TensorProto)
+DEQUANTIZABLE = {3, 17, 22}  # INT8, FP8 (E4M3FN, TensorRT's one FP8), INT4 (onnx.TensorProto)
 STANDARD_DOMAINS = ("", "ai.onnx")
 TABLE_PATH = Path(__file__).with_name("onnx_ops_trt10.tsv")
 

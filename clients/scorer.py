@@ -262,8 +262,6 @@ class Scorer:
 
         async def handle(k: int, seq: int, item: SourceItem) -> None:
             base = {"seq": seq, "frame_id": item.frame_id, "source": item.source, **item.extra}
-            if "captured_at" in base:  # a camera's frame: how long it waited in the buffer before its send
-                base["queued_ms"] = round(max(0.0, time.time() - base["captured_at"]) * 1000.0, 1)
             try:
                 async with pool.decodes:  # a few at a time: a large image's decode holds gigabytes
                     frame = await asyncio.to_thread(item.load, self.size)
@@ -277,6 +275,8 @@ class Scorer:
             attempt = rescores = 0
             server = avoid = None
             t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
+            if "captured_at" in base:  # a camera's frame: how long it waited (buffer, decode queue) before its send
+                base["queued_ms"] = round(max(0.0, time.time() - base["captured_at"]) * 1000.0, 1)
             while True:
                 server = pool.pick(avoid=avoid)
                 # (a resend's threshold is the answering version's: `resend_with` made it the server's own)

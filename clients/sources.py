@@ -3,12 +3,15 @@ memory (each a Source of lazily read frames in a fixed order, seq = position), o
 
 from __future__ import annotations
 
+import atexit
 import collections
+import hashlib
 import os
 import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,11 +274,14 @@ class ArraySource(Source):
 # twice: `--resume` appends new frames, and `--retry-errors` is refused.
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp", "srt")
 _CAMERA = re.compile(r"camera:(\d+)|/dev/video(\d+)")
-_USERINFO = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")  # ://user:password@ -> ://user:***@
-_SECRET_PARAM = re.compile(r"([?&;](?:pwd|password|passwd|pass|token|auth|key|secret|signature|sig)=)[^&;#\s]*",
+# ://user:password@host: the password runs to the authority's last @ (FFmpeg splits there, so
+# a password with an @ in it works as typed); the authority ends at the first / ? or #
+_USERINFO = re.compile(r"(://[^/?#@:\s]*):[^/?#\s]*@")
+# a query value whose key names a secret (pwd, passphrase, access_token, apikey, X-Amz-Signature ...)
+_SECRET_PARAM = re.compile(r"([?&;][^=&;#\s]*(?:pass|pwd|token|key|secret|sig|auth|cred)[^=&;#\s]*=)[^&;#\s]*",
                            re.IGNORECASE)
 BUFFER_FRAMES = 8  # read, not yet sent: a quarter second of a 30 fps camera before the oldest is dropped
-BAD_READS = 5  # reads in a row that fail at once (a damaged frame) before the stream counts as lost
+BAD_READS = 5  # reads in a row that fail before the read timeout (damaged frames) before it counts as lost
 
 
 @dataclass(frozen=True)
@@ -305,16 +311,20 @@ def redact(text: str) -> str:
 
 def live_name(spec: str) -> str:
     """A short name for ids and file names: the camera's index, or the URL's host, port, last
-    path part and query values (two channels of one recorder differ only there), no secrets."""
+    path part and a hash of its query (two channels of one recorder differ only there)."""
     m = _CAMERA.fullmatch(spec)
     if m:
         return f"camera{m.group(1) or m.group(2)}"
-    rest = redact(spec).partition("://")[2]
-    host_port, _, path = rest.rpartition("@")[2].partition("/")
-    path, _, query = path.partition("?")
-    values = [v for k, _, v in (p.partition("=") for p in re.split(r"[&;]", query) if p) if v and v != "***"]
-    parts = [host_port.replace(":", "_"), path.rstrip("/").rpartition("/")[2], *values]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_.") or "camera"
+    rest = spec.partition("://")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    rest = rest[len(authority):]
+    host_port = authority.rpartition("@")[2]
+    path, _, query = rest.partition("#")[0].partition("?")
+    # the query only as a short hash: its values may be secrets, and two channels differ there
+    parts = [host_port.replace(":", "_"), path.rstrip("/").rpartition("/")[2],
+             hashlib.sha256(query.encode()).hexdigest()[:6] if query else ""]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_.") or "camera"
+    return name[:80]
 
 
 class LiveSource(Source):
@@ -336,8 +346,12 @@ class LiveSource(Source):
         self._done = False
         self._offset: int | None = None  # where items() numbers from (set when it is first read)
         self._taken = False
-        self.dropped = 0
-        self.outages: list[tuple[int, float]] = []  # (frames read before it, seconds without frames)
+        self.dropped = 0  # by the buffer, all told
+        self._dropped_first: int | None = None  # ... when the first frame was taken
+        self._dropped_sent = 0  # ... between the first frame taken and the last (the gaps in the lines' ids)
+        self.outage_count = 0
+        self.outages: list[tuple[int, float]] = []  # the first 5: (frames read before it, seconds without frames)
+        self._tries, self._back_at = 0, float("-inf")  # the last reopen's tries, and when it came back
         # Opened now, before any output is opened: a wrong address fails like a missing file.
         how = ("cannot be opened (no such device, or busy)" if self.device is not None else
                f"cannot be opened (wrong address, camera unreachable or busy, or no stream OpenCV's FFmpeg can "
@@ -353,14 +367,15 @@ class LiveSource(Source):
         ok, bgr = cap.read()
         if not ok:
             cap.release()
-            raise CMGError(f"live source {self.label}: opened, but no frame came within "
-                           f"{self.options.read_timeout_s:g} s (--camera-timeout)")
+            waited = (f"{self.options.read_timeout_s:g} s (--camera-timeout)" if self.device is None
+                      else "V4L2's wait (OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT, 10 s unless set)")
+            raise CMGError(f"live source {self.label}: opened, but no frame came within {waited}")
         camera_fps = cap.get(self.cv2.CAP_PROP_FPS)
         self.camera_fps = float(camera_fps) if np.isfinite(camera_fps) and camera_fps > 0 else None
         # Read from now on: what the camera sends while the servers are greeted is the buffer's,
         # and each frame's time is when it was read, not when the scorer got to it.
-        self._thread = threading.Thread(target=self._read, args=(cap, bgr, time.time()), name=f"live {self.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(cap, bgr), name=f"live {self.name}", daemon=True)
+        _READERS.add(self)
         self._thread.start()
 
     def _open(self):
@@ -378,16 +393,17 @@ class LiveSource(Source):
         return None
 
     # -- the reading thread ------------------------------------------------------------------
-    def _keep(self, captured: float, due: float | None) -> tuple[bool, float | None]:
+    def _keep(self, read_at: float, due: float | None) -> tuple[bool, float | None]:
         """--fps: (keep this frame?, when the next one is due), one frame per 1/fps s of reading
-        time; a frame a quarter step early counts as on time."""
+        time (monotonic: a clock step must not silence the camera); a quarter step early counts
+        as on time."""
         if self.options.fps is None:
             return True, None
         step = 1.0 / self.options.fps
-        if due is not None and captured < due - 0.25 * step:
+        if due is not None and read_at < due - 0.25 * step:
             return False, due
         # the schedule goes on from this frame's slot, or from the frame itself after a gap
-        return True, (due + step) if due is not None and captured - due < step else captured + step
+        return True, (due + step) if due is not None and read_at - due < step else read_at + step
 
     def _put(self, n: int, bgr: np.ndarray, captured: float, after_outage_s: float | None) -> None:
         rgb = np.ascontiguousarray(bgr[..., ::-1])
@@ -398,12 +414,14 @@ class LiveSource(Source):
             self._frames.append((n, rgb, captured, after_outage_s))
             self._cond.notify()
 
-    def _read(self, cap, bgr, captured: float) -> None:
+    def _read(self, cap, bgr) -> None:
         n, after, due, bad = 0, None, None, 0
+        captured, read_at = time.time(), time.monotonic()
+        stalled = 0.8 * self.options.read_timeout_s  # a failed read this slow is a silent stream, not a bad frame
         try:
             while not self._stop.is_set():
                 if bgr is not None:
-                    keep, due = self._keep(captured, due)
+                    keep, due = self._keep(read_at, due)
                     if keep:
                         self._put(n, bgr, captured, after)
                         n, after = n + 1, None
@@ -411,18 +429,19 @@ class LiveSource(Source):
                 t0 = time.monotonic()
                 ok, frame = cap.read()
                 if ok:
-                    bgr, captured, bad = frame, time.time(), 0
+                    bgr, captured, read_at, bad = frame, time.time(), time.monotonic(), 0
                     continue
                 bad += 1
-                if time.monotonic() - t0 < 0.5 and bad < BAD_READS:  # a frame it could not decode: read on
+                if time.monotonic() - t0 < stalled and bad < BAD_READS:  # a frame it could not decode: read on
                     continue
                 cap.release()
                 cap, bgr, after = self._reopen(n)
                 if cap is None:
                     return
-                captured, bad = time.time(), 0
+                captured, read_at, bad = time.time(), time.monotonic(), 0
         except Exception as exc:  # noqa: BLE001 - said as the stream's end, not a thread's traceback
-            self.failure = f"live source {self.label}: reading failed after frame {n - 1}: {type(exc).__name__}: {exc}"
+            self.failure = (f"live source {self.label}: reading failed after frame {self._number(n - 1)}: "
+                            f"{type(exc).__name__}: {exc}")
         finally:
             if cap is not None:
                 cap.release()
@@ -432,9 +451,11 @@ class LiveSource(Source):
 
     def _reopen(self, n: int):
         """(capture, its first frame, seconds without frames) once the stream is back; (None, ...)
-        when the tries are spent or the source is closed."""
+        when the tries are spent or the source is closed. A stream that dies again soon after a
+        reopen goes on with the backoff it had (a one-frame URL would be asked a thousand times
+        a second)."""
         o, lost = self.options, time.monotonic()
-        tries = 0
+        tries = self._tries if lost - self._back_at < 5.0 else 0
         while not self._stop.is_set():
             if 0 <= o.reconnects <= tries:
                 self.failure = (f"live source {self.label} lost after frame {self._number(n - 1)}; not back after "
@@ -449,7 +470,10 @@ class LiveSource(Source):
             ok, frame = cap.read()
             if ok:
                 gap = time.monotonic() - lost
-                self.outages.append((n, gap))
+                self._tries, self._back_at = tries, time.monotonic()
+                self.outage_count += 1
+                if len(self.outages) < 5:
+                    self.outages.append((n, gap))
                 return cap, frame, round(gap, 3)
             cap.release()
         return None, None, None
@@ -472,6 +496,9 @@ class LiveSource(Source):
                 if not self._frames:
                     return
                 n, rgb, captured, after = self._frames.popleft()
+                if self._dropped_first is None:  # drops before the first frame taken are nobody's gap either
+                    self._dropped_first = self.dropped
+                self._dropped_sent = self.dropped - self._dropped_first  # nor those after the last one
             extra = {"captured_at": round(captured, 3)}
             if after is not None:
                 extra["after_outage_s"] = after
@@ -480,23 +507,39 @@ class LiveSource(Source):
     @property
     def warnings(self) -> list[str]:
         said = []
-        if self.dropped:
-            said.append(f"live source {self.label}: {self.dropped} frames dropped unsent (the servers scored "
+        if self._dropped_sent:
+            said.append(f"live source {self.label}: {self._dropped_sent} frames dropped unsent (the servers scored "
                         "slower than the camera sent; the frame ids show the gaps)")
-        if self.outages:
-            times = "once" if len(self.outages) == 1 else f"{len(self.outages)} times"
-            gaps = ", ".join(f"after frame {self._number(n - 1)} for {s:.1f} s" for n, s in self.outages[:5])
+        if self.outage_count:
+            times = "once" if self.outage_count == 1 else f"{self.outage_count} times"
+            gaps = ", ".join(f"after frame {self._number(n - 1)} for {s:.1f} s" for n, s in self.outages)
             said.append(f"live source {self.label}: lost {times} and reopened "
-                        f"({gaps}{', ...' if len(self.outages) > 5 else ''})")
+                        f"({gaps}{', ...' if self.outage_count > len(self.outages) else ''})")
         return said
 
     def close(self) -> None:
-        """Stop reading; the thread lets go of the camera when its current read returns (at most
-        the read timeout: not waited for here, so many cameras close at once)."""
+        """Stop reading; the thread lets go of the camera when its current read returns (not
+        waited for here, so many cameras close at once; at exit, `_join_readers` waits)."""
         self._stop.set()
         with self._cond:
             self._frames.clear()
             self._cond.notify_all()
+
+
+_READERS: weakref.WeakSet[LiveSource] = weakref.WeakSet()
+
+
+@atexit.register
+def _join_readers() -> None:
+    """Before the interpreter tears down: a reader thread that came back from OpenCV's C++ read
+    while it did was killed there and aborted the process (SIGABRT, exit 134) after the stream
+    had ended well. Every reader is stopped, then each joined against one deadline."""
+    readers = list(_READERS)
+    for source in readers:
+        source.close()
+    deadline = time.monotonic() + max((r.options.read_timeout_s for r in readers), default=0.0) + 1.0
+    for source in readers:
+        source._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS, live: LiveOptions | None = None) -> Source:

@@ -237,17 +237,23 @@ async def _stream_all(urls: list[str], jobs: list[tuple[StreamOptions, StreamSum
     first = jobs[0][0]
     for opts, _ in jobs:
         core.positive_seconds(opts.timeout_s, "--timeout")
-    for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
-        if opts.frames is None:
-            opts.frames = _open(opts)
-    # the longest deadline of the sources: a replaced channel is closed once its calls are past it
-    pool = ServerPool(urls, first.model, max(o.timeout_s for o, _ in jobs))
+    opened = []
     try:
-        size = pool.handshake()
-        pool.start_probes()
-        await asyncio.gather(*(_stream(opts, summary, pool, size) for opts, summary in jobs))
-    finally:
-        await pool.close()
+        for opts, _ in jobs:  # every source is opened before any frame is sent: a bad one fails fast
+            if opts.frames is None:
+                opts.frames = _open(opts)
+                opened.append(opts.frames)
+        # the longest deadline of the sources: a replaced channel is closed once its calls are past it
+        pool = ServerPool(urls, first.model, max(o.timeout_s for o, _ in jobs))
+        try:
+            size = pool.handshake()
+            pool.start_probes()
+            await asyncio.gather(*(_stream(opts, summary, pool, size) for opts, summary in jobs))
+        finally:
+            await pool.close()
+    finally:  # also those a failure kept from their stream (a camera reads until closed)
+        for source in opened:
+            source.close()
     return pool.stats()
 
 
@@ -282,7 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL output, one line per frame; with several --source a folder (NAME.jsonl each)")
     parser.add_argument("--model", default=C.CMG, choices=list(C.ENSEMBLES), help="ensemble to call")
     parser.add_argument("--fps", type=positive_float, default=None,
-                        help="frame rate to send at (default: a synth: source's own ?fps=, else as fast as possible)")
+                        help="frame rate to send at (default: a synth: source's own ?fps=, else as fast as possible); "
+                             "a camera is sampled at this rate as it is read")
     parser.add_argument("--window", type=positive_int, default=16,
                         help="frames in flight, not yet written (default 16)")
     parser.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per request (default 10)")

@@ -104,7 +104,7 @@ def test_the_adapter_rate_window_holds_two_scrapes_and_the_build_id_follows_the_
     """rate() over one scrape interval (Prometheus' default 1m) returns nothing: the HPA's metric
     never appears. Two builds with one file changed get two ids."""
     rules = k8s.adapter_rules()["data"]["config.yaml"]
-    assert rules.count(f"[{k8s.RATE_WINDOW}]") == 2 and k8s.RATE_WINDOW == "2m" and "[1m]" not in rules
+    assert rules.count(f"[{k8s.RATE_WINDOW}]") == 2 and k8s.RATE_WINDOW == "4m" and "[1m]" not in rules
     files = {"cmg/config.pbtxt": "a" * 64, "cmle_encoder/1/model.onnx": "b" * 64}
     assert k8s.build_id(files) == k8s.build_id(dict(reversed(files.items())))
     assert k8s.build_id(files) != k8s.build_id({**files, "cmle_encoder/1/model.onnx": "c" * 64})
