@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import errno
+import functools
 import importlib.util
 import itertools
 import json
@@ -136,16 +136,17 @@ def python_backend_dir(work_dir: Path) -> Path | None:
 # - normal exit, an exception, Ctrl-C, SIGTERM (cmg_app.cli turns SIGTERM into
 #   KeyboardInterrupt so `finally` blocks run): the caller's cleanup(), and an atexit hook
 #   for any server still registered here (e.g. interrupted while it was starting);
-# - SIGKILL of the parent (nothing of it runs): Linux's PR_SET_PDEATHSIG, set in the child
-#   before exec, sends the server SIGTERM when its parent dies; it stops its Python stubs
-#   and exits (--exit-timeout-secs 10). Its work folder is removed by the next server
+# - SIGKILL of the parent (nothing of it runs): Linux's PR_SET_PDEATHSIG, set by util-linux's
+#   `setpriv --pdeathsig` just before it execs the server, sends the server SIGTERM when its
+#   parent dies; it stops its Python stubs and exits (--exit-timeout-secs 10). Not a
+#   preexec_fn: that makes the child of a threaded process run the interpreter's at-fork
+#   hooks before exec (filelock's segfaulted there in a CI run, and the server never started). Its work folder is removed by the next server
 #   started here (`sweep_stale_work_dirs`: the folder names its owner's pid).
 # The server runs in its own process group (start_new_session), so the caller's terminal
 # signals reach it once, and stop()/kill() end the server with its stubs.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 WORK_PREFIX = "cmg-triton-"
 OWNER_FILE = "owner"
-PR_SET_PDEATHSIG = 1
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -390,23 +391,17 @@ def _shm_advice() -> str:
             "its tensors there: stop other servers or give the container more (docker run --shm-size=1g)")
 
 
-def _prctl():
-    """libc's prctl, looked up in the parent: the child between fork and exec must not import
-    or load anything (another thread may hold the import lock at fork time)."""
-    if sys.platform != "linux":
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv where it can set the parent-death signal (2.33 and later), else None."""
+    exe = shutil.which("setpriv") if sys.platform == "linux" else None
+    if exe is None:
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+        shown = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _die_with_parent(parent: int, prctl) -> None:
-    """preexec_fn of the server (runs in the child, before exec): SIGTERM when the parent
-    dies (Linux prctl PR_SET_PDEATHSIG); exit at once if the parent has already died."""
-    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
+    return exe if "--pdeathsig" in shown else None
 
 
 @atexit.register
@@ -765,13 +760,11 @@ class TritonServer:
         # Own session: signals to the caller's terminal do not reach the server twice,
         # and kill() can end the server together with its Python stubs. The death signal
         # follows the thread that forks: only the main thread (which lives as long as the
-        # process) sets it; a server started from another thread relies on the atexit hook.
-        parent, prctl = os.getpid(), _prctl()
-        main = threading.current_thread() is threading.main_thread()
+        # process) asks for it; a server started from another thread relies on the atexit hook.
+        setpriv = _setpriv() if threading.current_thread() is threading.main_thread() else None
         self._proc = subprocess.Popen(
-            cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
-            cwd=self._work, start_new_session=True,
-            preexec_fn=(lambda: _die_with_parent(parent, prctl)) if main and prctl is not None else None,
+            [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd,
+            stdout=self._log_handle, stderr=subprocess.STDOUT, env=env, cwd=self._work, start_new_session=True,
         )
         _LIVE.add(self)
 

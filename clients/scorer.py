@@ -275,8 +275,8 @@ class Scorer:
             attempt = rescores = 0
             server = avoid = None
             t_first = time.perf_counter()  # latency_ms counts from here: retries are waiting too
-            if "captured_at" in base:  # a camera's frame: how long it waited (buffer, decode queue) before its send
-                base["queued_ms"] = round(max(0.0, time.time() - base["captured_at"]) * 1000.0, 1)
+            if item.read_at is not None:  # a camera's frame: how long it waited (buffer, decode queue) before its send
+                base["queued_ms"] = round((time.monotonic() - item.read_at) * 1000.0, 1)
             while True:
                 server = pool.pick(avoid=avoid)
                 # (a resend's threshold is the answering version's: `resend_with` made it the server's own)

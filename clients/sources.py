@@ -47,6 +47,7 @@ class SourceItem:
     source: str
     load: Loader
     extra: dict = field(default_factory=dict)  # e.g. the synthetic scene's label
+    read_at: float | None = None  # a camera's frame: when it was read (monotonic), for the line's queued_ms
 
 
 # -- sources ------------------------------------------------------------------------------
@@ -276,9 +277,10 @@ LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp",
 _CAMERA = re.compile(r"camera:(\d+)|/dev/video(\d+)")
 # ://user:password@host: the password runs to the authority's last @ (FFmpeg splits there, so
 # a password with an @ in it works as typed); the authority ends at the first / ? or #
-_USERINFO = re.compile(r"(://[^/?#@:\s]*):[^/?#\s]*@")
-# a query value whose key names a secret (pwd, passphrase, access_token, apikey, X-Amz-Signature ...)
-_SECRET_PARAM = re.compile(r"([?&;][^=&;#\s]*(?:pass|pwd|token|key|secret|sig|auth|cred)[^=&;#\s]*=)[^&;#\s]*",
+_USERINFO = re.compile(r"(://[^/?#:\s]*):[^/?#\s]*@")
+# a query value whose key names a secret (pwd, pw, loginpas, passphrase, access_token, apikey,
+# X-Amz-Signature ..., and the bare p= of some camera CGIs)
+_SECRET_PARAM = re.compile(r"([?&;](?:[^=&;#\s]*(?:pas|pw|token|key|secret|sig|auth|cred)[^=&;#\s]*|p)=)[^&;#\s]*",
                            re.IGNORECASE)
 BUFFER_FRAMES = 8  # read, not yet sent: a quarter second of a 30 fps camera before the oldest is dropped
 BAD_READS = 5  # reads in a row that fail before the read timeout (damaged frames) before it counts as lost
@@ -320,11 +322,11 @@ def live_name(spec: str) -> str:
     rest = rest[len(authority):]
     host_port = authority.rpartition("@")[2]
     path, _, query = rest.partition("#")[0].partition("?")
-    # the query only as a short hash: its values may be secrets, and two channels differ there
-    parts = [host_port.replace(":", "_"), path.rstrip("/").rpartition("/")[2],
-             hashlib.sha256(query.encode()).hexdigest()[:6] if query else ""]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_.") or "camera"
-    return name[:80]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host_port.replace(':', '_')}_{path.rstrip('/').rpartition('/')[2]}")
+    name = name.strip("_.")[:72] or "camera"
+    # the query only as a short hash of its redacted form (a hash of a secret can be searched
+    # for): two channels of one recorder differ there
+    return f"{name}_{hashlib.sha256(redact('?' + query).encode()).hexdigest()[:6]}" if query else name
 
 
 class LiveSource(Source):
@@ -341,7 +343,7 @@ class LiveSource(Source):
         m = _CAMERA.fullmatch(spec)
         self.device = int(m.group(1) or m.group(2)) if m else None
         self._cond = threading.Condition()
-        self._frames: collections.deque[tuple[int, np.ndarray, float, float | None]] = collections.deque()
+        self._frames: collections.deque[tuple[int, np.ndarray, float, float, float | None]] = collections.deque()
         self._stop = threading.Event()
         self._done = False
         self._offset: int | None = None  # where items() numbers from (set when it is first read)
@@ -351,7 +353,7 @@ class LiveSource(Source):
         self._dropped_sent = 0  # ... between the first frame taken and the last (the gaps in the lines' ids)
         self.outage_count = 0
         self.outages: list[tuple[int, float]] = []  # the first 5: (frames read before it, seconds without frames)
-        self._tries, self._back_at = 0, float("-inf")  # the last reopen's tries, and when it came back
+        self._step, self._back_at = 0, float("-inf")  # the last reopen's backoff step, and when it came back
         # Opened now, before any output is opened: a wrong address fails like a missing file.
         how = ("cannot be opened (no such device, or busy)" if self.device is not None else
                f"cannot be opened (wrong address, camera unreachable or busy, or no stream OpenCV's FFmpeg can "
@@ -405,13 +407,13 @@ class LiveSource(Source):
         # the schedule goes on from this frame's slot, or from the frame itself after a gap
         return True, (due + step) if due is not None and read_at - due < step else read_at + step
 
-    def _put(self, n: int, bgr: np.ndarray, captured: float, after_outage_s: float | None) -> None:
+    def _put(self, n: int, bgr: np.ndarray, captured: float, read_at: float, after_outage_s: float | None) -> None:
         rgb = np.ascontiguousarray(bgr[..., ::-1])
         with self._cond:
             if len(self._frames) >= max(1, self.options.buffer):
                 self._frames.popleft()
                 self.dropped += 1
-            self._frames.append((n, rgb, captured, after_outage_s))
+            self._frames.append((n, rgb, captured, read_at, after_outage_s))
             self._cond.notify()
 
     def _read(self, cap, bgr) -> None:
@@ -423,7 +425,7 @@ class LiveSource(Source):
                 if bgr is not None:
                     keep, due = self._keep(read_at, due)
                     if keep:
-                        self._put(n, bgr, captured, after)
+                        self._put(n, bgr, captured, read_at, after)
                         n, after = n + 1, None
                     bgr = None
                 t0 = time.monotonic()
@@ -451,26 +453,29 @@ class LiveSource(Source):
 
     def _reopen(self, n: int):
         """(capture, its first frame, seconds without frames) once the stream is back; (None, ...)
-        when the tries are spent or the source is closed. A stream that dies again soon after a
-        reopen goes on with the backoff it had (a one-frame URL would be asked a thousand times
-        a second)."""
+        when `--reconnects` tries are spent or the source is closed. The first try is at once; a
+        stream that dies again within 5 s of coming back goes on with the backoff it had (a
+        one-frame URL would be asked a thousand times a second), its tries counted afresh."""
         o, lost = self.options, time.monotonic()
-        tries = self._tries if lost - self._back_at < 5.0 else 0
+        tries, step = 0, (self._step if lost - self._back_at < 5.0 else 0)
         while not self._stop.is_set():
             if 0 <= o.reconnects <= tries:
                 self.failure = (f"live source {self.label} lost after frame {self._number(n - 1)}; not back after "
                                 f"{tries} tries in {time.monotonic() - lost:.0f} s (--reconnects)")
                 return None, None, None
-            if tries and self._stop.wait(min(o.backoff_max_s, 0.5 * 2 ** (tries - 1))):
+            if step and self._stop.wait(min(o.backoff_max_s, 0.5 * 2 ** (step - 1))):
                 break
-            tries += 1
+            tries, step = tries + 1, step + 1
             cap = self._open()
             if cap is None:
                 continue
+            if self._stop.is_set():  # closed during the open: no read that could outlive the interpreter
+                cap.release()
+                break
             ok, frame = cap.read()
             if ok:
                 gap = time.monotonic() - lost
-                self._tries, self._back_at = tries, time.monotonic()
+                self._step, self._back_at = step, time.monotonic()
                 self.outage_count += 1
                 if len(self.outages) < 5:
                     self.outages.append((n, gap))
@@ -495,14 +500,15 @@ class LiveSource(Source):
                     self._cond.wait(0.1)
                 if not self._frames:
                     return
-                n, rgb, captured, after = self._frames.popleft()
+                n, rgb, captured, read_at, after = self._frames.popleft()
                 if self._dropped_first is None:  # drops before the first frame taken are nobody's gap either
                     self._dropped_first = self.dropped
                 self._dropped_sent = self.dropped - self._dropped_first  # nor those after the last one
             extra = {"captured_at": round(captured, 3)}
             if after is not None:
                 extra["after_outage_s"] = after
-            yield SourceItem(f"{self.name}#{n + start}", self.label, lambda size, a=rgb: to_frame(a, size), extra)
+            yield SourceItem(f"{self.name}#{n + start}", self.label, lambda size, a=rgb: to_frame(a, size), extra,
+                             read_at)
 
     @property
     def warnings(self) -> list[str]:
@@ -537,9 +543,20 @@ def _join_readers() -> None:
     readers = list(_READERS)
     for source in readers:
         source.close()
-    deadline = time.monotonic() + max((r.options.read_timeout_s for r in readers), default=0.0) + 1.0
+    if not any(r._thread.is_alive() for r in readers):
+        return
+    # a reader may be in a reopen's open and then its first read, which nothing interrupts;
+    # a device's read waits V4L2's own 10 s
+    longest = max(r.options.open_timeout_s + max(r.options.read_timeout_s, 10.0 if r.device is not None else 0.0)
+                  for r in readers)
+    deadline = time.monotonic() + longest + 1.0
     for source in readers:
-        source._thread.join(max(0.0, deadline - time.monotonic()))
+        source._thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+    if any(r._thread.is_alive() for r in readers):
+        print(f"cmg: waiting up to {longest + 1:.0f} s for cameras to let go of their connections",
+              file=sys.stderr)
+        for source in readers:
+            source._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def open_source(spec: str, max_pixels: int = DEFAULT_MAX_PIXELS, live: LiveOptions | None = None) -> Source:

@@ -106,6 +106,8 @@ def test_a_dequantized_int32_bias_is_named_and_int8_passes():
     problems = opcheck.check_model(dq(TensorProto.INT32, [1, 2, 3, 4]))
     assert any("bias_dq" in p and "INT32" in p for p in problems), problems
     assert opcheck.check_model(dq(TensorProto.INT8, [1, 2, 3, 4])) == []
+    # TensorRT's one FP8 is E4M3FN: an E5M2 tensor is named too
+    assert any("FLOAT8E5M2" in p for p in opcheck.check_model(dq(TensorProto.FLOAT8E5M2, [1, 2, 3, 4])))
 
 
 def test_an_if_whose_branches_return_different_ranks_is_named():
