@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -445,8 +446,29 @@ def stub_safe(path: Path | str) -> bool:
     return bool(_STUB_SAFE.fullmatch(str(path)))
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the OS gives outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A free TCP port on the loopback interface (the OS picks it)."""
+    """A free TCP port on the loopback interface, below the range the OS gives outgoing
+    connections: a port the OS picks (bind to 0) lies in that range, so any client connecting
+    anywhere could take it as its local port before the server binds it ("Socket already in
+    use", seen in a CI run). Checked by binding it; the OS's pick when none is found."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(64):
+        port = pick.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])

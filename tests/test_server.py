@@ -1063,3 +1063,13 @@ def test_a_start_that_aborts_in_grpcs_poller_is_tried_once_more(toy_repo, tmp_pa
         assert len(tries.read_text().split()) == 1
     finally:
         other.cleanup()
+
+
+def test_free_ports_lie_below_the_range_outgoing_connections_take():
+    """The OS's own pick (bind to 0) is in the ephemeral range: a client's connection could take
+    it as its local port before the server bound it ("Socket already in use" in a CI run)."""
+    from cmg_build.server import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < _ephemeral_low() for p in ports), ports
+    assert len(ports) > 10  # spread, so two workers rarely pick one
