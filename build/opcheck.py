@@ -70,6 +70,12 @@ def _attr(node, name: str, default=None):
     return default
 
 
+def _rank(value_info) -> int | None:
+    """A tensor's declared rank, None where its shape is not declared."""
+    t = value_info.type.tensor_type
+    return len(t.shape.dim) if t.HasField("shape") else None
+
+
 def _node_label(node) -> str:
     return f"node '{node.name or '(unnamed)'}' ({node.op_type})"
 
@@ -160,13 +166,11 @@ def check_model(model, table: OpTable | None = None, name: str = "graph") -> lis
             if kind is not None and kind not in DEQUANTIZABLE:
                 problems.append(f"{name}: {label}: DequantizeLinear of a {onnx.TensorProto.DataType.Name(kind)} tensor "
                                 f"'{node.input[0]}'; TensorRT's parser dequantizes INT8 (FP8, INT4) only")
-        elif op == "If":
-            ranks = [[len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
-                      for o in branch.output] for branch in (_attr(node, "then_branch"), _attr(node, "else_branch"))
-                     if branch is not None]
-            if len(ranks) == 2 and any(a is not None and b is not None and a != b for a, b in zip(*ranks, strict=False)):
-                problems.append(f"{name}: {label}: If whose branches return different ranks {ranks[0]} / "
-                                f"{ranks[1]}; TensorRT needs the same rank from both")
+        elif op == "If":  # both branches are required attributes, with one output per If output
+            then, other = ([_rank(o) for o in _attr(node, b).output] for b in ("then_branch", "else_branch"))
+            if any(a is not None and b is not None and a != b for a, b in zip(then, other, strict=False)):
+                problems.append(f"{name}: {label}: If whose branches return different ranks {then} / "
+                                f"{other}; TensorRT needs the same rank from both")
 
     walk(graph, "")
     return problems

@@ -141,8 +141,9 @@ def python_backend_dir(work_dir: Path) -> Path | None:
 #   `setpriv --pdeathsig` just before it execs the server, sends the server SIGTERM when its
 #   parent dies; it stops its Python stubs and exits (--exit-timeout-secs 10). Not a
 #   preexec_fn: that makes the child of a threaded process run the interpreter's at-fork
-#   hooks before exec (filelock's segfaulted there in a CI run, and the server never started). Its work folder is removed by the next server
-#   started here (`sweep_stale_work_dirs`: the folder names its owner's pid).
+#   hooks before exec (filelock's segfaulted there in a CI run, and the server never
+#   started). Its work folder is removed by the next server started here
+#   (`sweep_stale_work_dirs`: the folder names its owner's pid).
 # The server runs in its own process group (start_new_session), so the caller's terminal
 # signals reach it once, and stop()/kill() end the server with its stubs.
 _LIVE: weakref.WeakSet = weakref.WeakSet()

@@ -337,9 +337,9 @@ class LiveSource(Source):
     reads_in_thread = True
 
     def __init__(self, spec: str, options: LiveOptions | None = None) -> None:
-        self.cv2 = opencv(redact(spec))
         self.spec, self.options = spec, options or LiveOptions()
         self.label, self.name = redact(spec), live_name(spec)
+        self.cv2 = opencv(self.label)
         m = _CAMERA.fullmatch(spec)
         self.device = int(m.group(1) or m.group(2)) if m else None
         self._cond = threading.Condition()
@@ -347,7 +347,6 @@ class LiveSource(Source):
         self._stop = threading.Event()
         self._done = False
         self._offset: int | None = None  # where items() numbers from (set when it is first read)
-        self._taken = False
         self.dropped = 0  # by the buffer, all told
         self._dropped_first: int | None = None  # ... when the first frame was taken
         self._dropped_sent = 0  # ... between the first frame taken and the last (the gaps in the lines' ids)
@@ -372,8 +371,6 @@ class LiveSource(Source):
             waited = (f"{self.options.read_timeout_s:g} s (--camera-timeout)" if self.device is None
                       else "V4L2's wait (OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT, 10 s unless set)")
             raise CMGError(f"live source {self.label}: opened, but no frame came within {waited}")
-        camera_fps = cap.get(self.cv2.CAP_PROP_FPS)
-        self.camera_fps = float(camera_fps) if np.isfinite(camera_fps) and camera_fps > 0 else None
         # Read from now on: what the camera sends while the servers are greeted is the buffer's,
         # and each frame's time is when it was read, not when the scorer got to it.
         self._thread = threading.Thread(target=self._read, args=(cap, bgr), name=f"live {self.name}", daemon=True)
@@ -491,9 +488,9 @@ class LiveSource(Source):
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         """Frames as they come, numbered from `start` (a camera has nothing to skip), until the
         source is closed or lost for good."""
-        if self._taken:
+        if self._offset is not None:
             raise CMGError(f"live source {self.label} is read once")
-        self._taken, self._offset = True, start
+        self._offset = start
         while True:
             with self._cond:
                 while not self._frames and not self._done and not self._stop.is_set():
